@@ -1,0 +1,32 @@
+// Causal multi-head attention with grouped-query heads (query head h reads key/value head
+// h / (num_heads / num_kv_heads)), softmax(q·kᵀ/sqrt(head_dim))·v within each sequence.
+#pragma once
+
+#include <cstdint>
+
+namespace lomo::cpu {
+
+struct AttentionShape {
+  int64_t batch = 0;
+  int64_t seq_len = 0;
+  int64_t num_heads = 0;
+  int64_t num_kv_heads = 0;
+  int64_t head_dim = 0;
+};
+
+// q, out: [batch·seq_len, num_heads·head_dim]; k, v: [batch·seq_len, num_kv_heads·head_dim].
+// probs: [batch, num_heads, seq_len, seq_len] receives the attention probabilities (zeros above
+// the diagonal), which the backward pass needs.
+void attention_forward(float* out, float* probs, const float* q, const float* k, const float* v,
+                       const AttentionShape& shape);
+
+// Size in floats of the scratch attention_backward needs: one seq_len² tile per thread.
+int64_t attention_backward_scratch_floats(const AttentionShape& shape);
+
+// Overwrites dq, dk, dv (shapes of q, k, v) with the gradients; probs and the inputs are kept
+// intact so that backward can run twice over one forward.
+void attention_backward(float* dq, float* dk, float* dv, float* scratch, const float* dout,
+                        const float* probs, const float* q, const float* k, const float* v,
+                        const AttentionShape& shape);
+
+}  // namespace lomo::cpu

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs every system package lomo needs to build and test, from Debian 12 packages.
+# Idempotent: packages already present are left alone, so a second run costs only the check.
+set -euo pipefail
+
+packages=(
+  build-essential cmake ninja-build ccache pkg-config
+  libgtest-dev libgmock-dev
+  libopenblas-openmp-dev   # OpenMP flavour: BLAS threads cooperate with our own OpenMP loops
+  nlohmann-json3-dev
+  clang libclang-rt-14-dev # libFuzzer for the parser fuzz targets
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "setup: all ${#packages[@]} packages present"
+  exit 0
+fi
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+echo "setup: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"

@@ -1,0 +1,405 @@
+#include "worker/engine/llama_model.h"
+
+#include <algorithm>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "kernels/cpu/attention.h"
+#include "kernels/cpu/cross_entropy.h"
+#include "kernels/cpu/embedding.h"
+#include "kernels/cpu/matmul.h"
+#include "kernels/cpu/rmsnorm.h"
+#include "kernels/cpu/swiglu.h"
+
+namespace lomo {
+
+// What one decoder layer's backward needs from its forward (all kActivations).
+struct LlamaModel::LayerActivations {
+  Buffer h1, rstd1;           // input RMSNorm output and its 1/rms
+  Buffer q, k, v;             // projections, q and k after rotary embedding
+  Buffer probs;               // attention probabilities [B, heads, T, T]
+  Buffer attn_out;            // attention output before o_proj
+  Buffer x_mid;               // residual stream between attention and MLP
+  Buffer h2, rstd2;           // post-attention RMSNorm output and its 1/rms
+  Buffer gate, up, act;       // MLP projections and silu(gate)∘up
+};
+
+struct LlamaModel::Activations {
+  int64_t batch_size = 0, seq_len = 0;
+  std::vector<int32_t> input_ids, targets, positions;
+  Buffer residual;  // layer inputs: [layers + 1, B·T, hidden]; entry L feeds the final norm
+  std::vector<LayerActivations> layers;  // one per layer, or a single reused set when checkpointing
+  Buffer final_normed, final_rstd;
+  Buffer logits, logsumexp;
+  double loss_sum = 0.0;
+  int64_t counted_tokens = 0;
+};
+
+// Backward temporaries (kWorkspace) and the gradient buffers (kGradients).
+struct LlamaModel::Workspace {
+  Buffer d_residual, d_normed, d_attn_out, dq, dk, dv, d_act, d_gate, d_up, attention_scratch;
+  Buffer gradient;                  // the one reusable gradient buffer: largest tensor's size
+  Buffer tied_embedding_gradient;   // tied embeddings only: lives from LM head to embedding
+};
+
+namespace {
+
+float* f32(Buffer& buffer) { return buffer.as<float>(); }
+
+}  // namespace
+
+LlamaModel::LlamaModel(LlamaWeights& weights, MemoryAccountant& accountant, ModelOptions options)
+    : weights_(weights), accountant_(accountant), options_(options) {}
+
+LlamaModel::~LlamaModel() = default;
+
+const float* LlamaModel::weight_f32(const Parameter& parameter) {
+  if (parameter.dtype == DType::kF32) return parameter.storage.as<float>();
+  if (weight_scratch_.empty()) {
+    weight_scratch_ = float_buffer(accountant_, MemoryKind::kWorkspace,
+                                   static_cast<size_t>(weights_.largest_parameter_numel()));
+  }
+  convert_to_float(parameter.dtype, parameter.storage.data(), f32(weight_scratch_),
+                   static_cast<size_t>(parameter.numel()));
+  return f32(weight_scratch_);
+}
+
+void LlamaModel::validate(const TokenBatch& batch) const {
+  const LlamaConfig& config = weights_.config();
+  if (batch.batch_size <= 0 || batch.seq_len <= 0) {
+    throw std::invalid_argument("batch: batch_size and seq_len must be positive (got " +
+                                std::to_string(batch.batch_size) + " x " +
+                                std::to_string(batch.seq_len) + ")");
+  }
+  const size_t tokens = static_cast<size_t>(batch.batch_size * batch.seq_len);
+  if (batch.input_ids.size() != tokens || batch.targets.size() != tokens ||
+      (!batch.positions.empty() && batch.positions.size() != tokens)) {
+    throw std::invalid_argument("batch: input_ids, targets and positions must each hold " +
+                                std::to_string(tokens) + " entries");
+  }
+  for (size_t i = 0; i < tokens; ++i) {
+    const int32_t id = batch.input_ids[i], target = batch.targets[i];
+    if (id < 0 || id >= config.vocab_size) {
+      throw std::invalid_argument("batch: input_ids[" + std::to_string(i) + "] = " +
+                                  std::to_string(id) + " is outside the vocabulary of " +
+                                  std::to_string(config.vocab_size));
+    }
+    if (target != cpu::kIgnoreIndex && (target < 0 || target >= config.vocab_size)) {
+      throw std::invalid_argument("batch: targets[" + std::to_string(i) + "] = " +
+                                  std::to_string(target) + " is neither a token id nor -100");
+    }
+    if (!batch.positions.empty() &&
+        (batch.positions[i] < 0 || batch.positions[i] >= config.max_position_embeddings)) {
+      throw std::invalid_argument("batch: positions[" + std::to_string(i) + "] = " +
+                                  std::to_string(batch.positions[i]) +
+                                  " is outside [0, max_position_embeddings)");
+    }
+  }
+  if (batch.positions.empty() && batch.seq_len > config.max_position_embeddings) {
+    throw std::invalid_argument("batch: seq_len " + std::to_string(batch.seq_len) +
+                                " exceeds max_position_embeddings " +
+                                std::to_string(config.max_position_embeddings));
+  }
+}
+
+void LlamaModel::prepare_forward_buffers(int64_t batch_size, int64_t seq_len) {
+  if (activations_ && activations_->batch_size == batch_size && activations_->seq_len == seq_len) {
+    return;
+  }
+  workspace_.reset();  // sized for the old shape
+  activations_.reset();
+  const LlamaConfig& c = weights_.config();
+  const size_t rows = static_cast<size_t>(batch_size * seq_len);
+  const size_t hidden = static_cast<size_t>(c.hidden_size);
+  const size_t q_width = static_cast<size_t>(c.num_attention_heads * c.head_dim);
+  const size_t kv_width = static_cast<size_t>(c.num_key_value_heads * c.head_dim);
+  const size_t inter = static_cast<size_t>(c.intermediate_size);
+  const size_t probs = static_cast<size_t>(batch_size * c.num_attention_heads) *
+                       static_cast<size_t>(seq_len * seq_len);
+  auto activation = [&](size_t floats) {
+    return float_buffer(accountant_, MemoryKind::kActivations, floats);
+  };
+
+  auto acts = std::make_unique<Activations>();
+  acts->batch_size = batch_size;
+  acts->seq_len = seq_len;
+  acts->residual = activation((static_cast<size_t>(c.num_hidden_layers) + 1) * rows * hidden);
+  const int64_t layer_sets = options_.activation_checkpointing ? 1 : c.num_hidden_layers;
+  acts->layers.resize(static_cast<size_t>(layer_sets));
+  for (LayerActivations& layer : acts->layers) {
+    layer.h1 = activation(rows * hidden);
+    layer.rstd1 = activation(rows);
+    layer.q = activation(rows * q_width);
+    layer.k = activation(rows * kv_width);
+    layer.v = activation(rows * kv_width);
+    layer.probs = activation(probs);
+    layer.attn_out = activation(rows * q_width);
+    layer.x_mid = activation(rows * hidden);
+    layer.h2 = activation(rows * hidden);
+    layer.rstd2 = activation(rows);
+    layer.gate = activation(rows * inter);
+    layer.up = activation(rows * inter);
+    layer.act = activation(rows * inter);
+  }
+  acts->final_normed = activation(rows * hidden);
+  acts->final_rstd = activation(rows);
+  acts->logits = activation(rows * static_cast<size_t>(c.vocab_size));
+  acts->logsumexp = activation(rows);
+  activations_ = std::move(acts);
+}
+
+void LlamaModel::prepare_backward_buffers() {
+  if (workspace_) return;
+  const LlamaConfig& c = weights_.config();
+  const size_t rows = static_cast<size_t>(activations_->batch_size * activations_->seq_len);
+  const size_t hidden = static_cast<size_t>(c.hidden_size);
+  const size_t q_width = static_cast<size_t>(c.num_attention_heads * c.head_dim);
+  const size_t kv_width = static_cast<size_t>(c.num_key_value_heads * c.head_dim);
+  const size_t inter = static_cast<size_t>(c.intermediate_size);
+  auto scratch = [&](size_t floats) {
+    return float_buffer(accountant_, MemoryKind::kWorkspace, floats);
+  };
+  auto ws = std::make_unique<Workspace>();
+  ws->d_residual = scratch(rows * hidden);
+  ws->d_normed = scratch(rows * hidden);
+  ws->d_attn_out = scratch(rows * q_width);
+  ws->dq = scratch(rows * q_width);
+  ws->dk = scratch(rows * kv_width);
+  ws->dv = scratch(rows * kv_width);
+  ws->d_act = scratch(rows * inter);
+  ws->d_gate = scratch(rows * inter);
+  ws->d_up = scratch(rows * inter);
+  ws->attention_scratch = scratch(static_cast<size_t>(cpu::attention_backward_scratch_floats(
+      attention_shape(activations_->batch_size, activations_->seq_len))));
+  ws->gradient = float_buffer(accountant_, MemoryKind::kGradients,
+                              static_cast<size_t>(weights_.largest_parameter_numel()));
+  if (c.tie_word_embeddings) {
+    ws->tied_embedding_gradient =
+        float_buffer(accountant_, MemoryKind::kGradients,
+                     static_cast<size_t>(weights_.embed_tokens().numel()));
+  }
+  workspace_ = std::move(ws);
+}
+
+cpu::AttentionShape LlamaModel::attention_shape(int64_t batch_size, int64_t seq_len) const {
+  const LlamaConfig& c = weights_.config();
+  return cpu::AttentionShape{batch_size, seq_len, c.num_attention_heads, c.num_key_value_heads,
+                             c.head_dim};
+}
+
+void LlamaModel::ensure_rope_table(int64_t max_position) {
+  if (rope_table_.max_position >= max_position) return;
+  const LlamaConfig& c = weights_.config();
+  cpu::RopeFrequencyScaling scaling;
+  if (c.rope_scaling.type == RopeScaling::Type::kLlama3) {
+    scaling.factor = c.rope_scaling.factor;
+    scaling.low_freq_factor = c.rope_scaling.low_freq_factor;
+    scaling.high_freq_factor = c.rope_scaling.high_freq_factor;
+    scaling.original_max_position_embeddings =
+        static_cast<double>(c.rope_scaling.original_max_position_embeddings);
+  }
+  rope_table_ = cpu::rope_table(cpu::rope_inverse_frequencies(c.head_dim, c.rope_theta, scaling),
+                                max_position);
+}
+
+ForwardResult LlamaModel::forward(const TokenBatch& batch) {
+  validate(batch);
+  prepare_forward_buffers(batch.batch_size, batch.seq_len);
+  const LlamaConfig& c = weights_.config();
+  Activations& acts = *activations_;
+  const int64_t rows = batch.batch_size * batch.seq_len;
+  const int64_t hidden = c.hidden_size;
+
+  acts.input_ids = batch.input_ids;
+  acts.targets = batch.targets;
+  acts.positions = batch.positions;
+  if (acts.positions.empty()) {
+    acts.positions.resize(static_cast<size_t>(rows));
+    for (int64_t i = 0; i < rows; ++i) {
+      acts.positions[static_cast<size_t>(i)] = static_cast<int32_t>(i % batch.seq_len);
+    }
+  }
+  ensure_rope_table(*std::max_element(acts.positions.begin(), acts.positions.end()) + 1);
+
+  float* residual = f32(acts.residual);
+  cpu::embedding_forward(residual, acts.input_ids.data(), weight_f32(weights_.embed_tokens()), rows,
+                         hidden);
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    LayerActivations& layer = acts.layers[options_.activation_checkpointing ? 0 : l];
+    layer_forward(l, residual + l * rows * hidden, layer, residual + (l + 1) * rows * hidden);
+  }
+  cpu::rmsnorm_forward(f32(acts.final_normed), f32(acts.final_rstd),
+                       residual + c.num_hidden_layers * rows * hidden,
+                       weight_f32(weights_.final_norm()), rows, hidden,
+                       static_cast<float>(c.rms_norm_eps));
+  cpu::matmul_forward(f32(acts.logits), f32(acts.final_normed), weight_f32(weights_.lm_head()),
+                      rows, c.vocab_size, hidden);
+  logits_valid_ = true;
+  acts.loss_sum = cpu::cross_entropy_forward(f32(acts.logsumexp), f32(acts.logits),
+                                             acts.targets.data(), rows, c.vocab_size);
+  acts.counted_tokens = std::count_if(acts.targets.begin(), acts.targets.end(),
+                                      [](int32_t t) { return t != cpu::kIgnoreIndex; });
+  has_forward_ = true;
+  ForwardResult result;
+  result.counted_tokens = acts.counted_tokens;
+  result.loss = acts.counted_tokens > 0 ? acts.loss_sum / acts.counted_tokens : 0.0;
+  return result;
+}
+
+void LlamaModel::layer_forward(int64_t l, const float* x_in, LayerActivations& a, float* x_out) {
+  const LlamaConfig& c = weights_.config();
+  const LlamaLayerWeights w = weights_.layer(l);
+  const int64_t rows = activations_->batch_size * activations_->seq_len;
+  const int64_t hidden = c.hidden_size, inter = c.intermediate_size;
+  const int64_t q_width = c.num_attention_heads * c.head_dim;
+  const int64_t kv_width = c.num_key_value_heads * c.head_dim;
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  const int32_t* positions = activations_->positions.data();
+
+  cpu::rmsnorm_forward(f32(a.h1), f32(a.rstd1), x_in, weight_f32(*w.input_norm), rows, hidden, eps);
+  cpu::matmul_forward(f32(a.q), f32(a.h1), weight_f32(*w.q_proj), rows, q_width, hidden);
+  cpu::matmul_forward(f32(a.k), f32(a.h1), weight_f32(*w.k_proj), rows, kv_width, hidden);
+  cpu::matmul_forward(f32(a.v), f32(a.h1), weight_f32(*w.v_proj), rows, kv_width, hidden);
+  cpu::rope_forward(f32(a.q), positions, rope_table_, rows, c.num_attention_heads);
+  cpu::rope_forward(f32(a.k), positions, rope_table_, rows, c.num_key_value_heads);
+  cpu::attention_forward(f32(a.attn_out), f32(a.probs), f32(a.q), f32(a.k), f32(a.v),
+                         attention_shape(activations_->batch_size, activations_->seq_len));
+  std::memcpy(f32(a.x_mid), x_in, static_cast<size_t>(rows * hidden) * sizeof(float));
+  cpu::matmul_forward(f32(a.x_mid), f32(a.attn_out), weight_f32(*w.o_proj), rows, hidden, q_width,
+                      /*accumulate=*/true);
+
+  cpu::rmsnorm_forward(f32(a.h2), f32(a.rstd2), f32(a.x_mid), weight_f32(*w.post_attention_norm),
+                       rows, hidden, eps);
+  cpu::matmul_forward(f32(a.gate), f32(a.h2), weight_f32(*w.gate_proj), rows, inter, hidden);
+  cpu::matmul_forward(f32(a.up), f32(a.h2), weight_f32(*w.up_proj), rows, inter, hidden);
+  cpu::swiglu_forward(f32(a.act), f32(a.gate), f32(a.up), rows * inter);
+  if (x_out == nullptr) return;
+  std::memcpy(x_out, f32(a.x_mid), static_cast<size_t>(rows * hidden) * sizeof(float));
+  cpu::matmul_forward(x_out, f32(a.act), weight_f32(*w.down_proj), rows, hidden, inter,
+                      /*accumulate=*/true);
+}
+
+const float* LlamaModel::logits() const {
+  if (!has_forward_ || !logits_valid_) {
+    throw std::logic_error("LlamaModel::logits: no forward since the last backward");
+  }
+  return f32(activations_->logits);
+}
+
+void LlamaModel::backward(GradientSink& sink, float loss_scale) {
+  if (!has_forward_) throw std::logic_error("LlamaModel::backward called before forward");
+  prepare_backward_buffers();
+  const LlamaConfig& c = weights_.config();
+  Activations& acts = *activations_;
+  Workspace& ws = *workspace_;
+  const int64_t rows = acts.batch_size * acts.seq_len;
+  const int64_t hidden = c.hidden_size;
+  float* residual = f32(acts.residual);
+  float* gradient = f32(ws.gradient);
+
+  // The previous backward turned the logits into their gradient; recompute them (one matmul).
+  if (!logits_valid_) {
+    cpu::matmul_forward(f32(acts.logits), f32(acts.final_normed), weight_f32(weights_.lm_head()),
+                        rows, c.vocab_size, hidden);
+  }
+  const float scale =
+      acts.counted_tokens > 0 ? loss_scale / static_cast<float>(acts.counted_tokens) : 0.0f;
+  float* dlogits = f32(acts.logits);  // in place: the logits are not needed again
+  cpu::cross_entropy_backward(dlogits, dlogits, f32(acts.logsumexp), acts.targets.data(), rows,
+                              c.vocab_size, scale);
+  logits_valid_ = false;
+
+  // LM head: input gradient first (it reads the old weight), then the weight gradient.
+  Parameter& head = weights_.lm_head();
+  cpu::matmul_backward_input(f32(ws.d_normed), dlogits, weight_f32(head), rows, c.vocab_size,
+                             hidden);
+  float* head_gradient = c.tie_word_embeddings ? f32(ws.tied_embedding_gradient) : gradient;
+  cpu::matmul_backward_weight(head_gradient, dlogits, f32(acts.final_normed), rows, c.vocab_size,
+                              hidden);
+  if (!c.tie_word_embeddings) sink.consume(head, gradient);
+
+  float* d_residual = f32(ws.d_residual);
+  std::memset(d_residual, 0, static_cast<size_t>(rows * hidden) * sizeof(float));
+  cpu::rmsnorm_backward(d_residual, gradient, f32(ws.d_normed),
+                        residual + c.num_hidden_layers * rows * hidden,
+                        weight_f32(weights_.final_norm()), f32(acts.final_rstd), rows, hidden);
+  sink.consume(weights_.final_norm(), gradient);
+
+  for (int64_t l = c.num_hidden_layers - 1; l >= 0; --l) {
+    const float* x_in = residual + l * rows * hidden;
+    LayerActivations& layer = acts.layers[options_.activation_checkpointing ? 0 : l];
+    if (options_.activation_checkpointing) layer_forward(l, x_in, layer, nullptr);
+    layer_backward(l, sink, x_in, layer, d_residual);
+  }
+
+  // Embedding: the tied gradient already holds the LM head's share; this is its last use.
+  Parameter& embedding = weights_.embed_tokens();
+  float* embedding_gradient = c.tie_word_embeddings ? f32(ws.tied_embedding_gradient) : gradient;
+  if (!c.tie_word_embeddings) {
+    std::memset(embedding_gradient, 0, static_cast<size_t>(embedding.numel()) * sizeof(float));
+  }
+  cpu::embedding_backward(embedding_gradient, d_residual, acts.input_ids.data(), rows, hidden);
+  sink.consume(embedding, embedding_gradient);
+}
+
+void LlamaModel::layer_backward(int64_t l, GradientSink& sink, const float* x_in,
+                                LayerActivations& a, float* d_residual) {
+  const LlamaConfig& c = weights_.config();
+  const LlamaLayerWeights w = weights_.layer(l);
+  Workspace& ws = *workspace_;
+  const int64_t rows = activations_->batch_size * activations_->seq_len;
+  const int64_t hidden = c.hidden_size, inter = c.intermediate_size;
+  const int64_t q_width = c.num_attention_heads * c.head_dim;
+  const int64_t kv_width = c.num_key_value_heads * c.head_dim;
+  const int32_t* positions = activations_->positions.data();
+  float* gradient = f32(ws.gradient);
+  float* d_normed = f32(ws.d_normed);
+
+  // MLP. For every projection: input gradient with the old weight, then the weight's gradient,
+  // then the sink (which may update the weight).
+  cpu::matmul_backward_input(f32(ws.d_act), d_residual, weight_f32(*w.down_proj), rows, hidden,
+                             inter);
+  cpu::matmul_backward_weight(gradient, d_residual, f32(a.act), rows, hidden, inter);
+  sink.consume(*w.down_proj, gradient);
+  cpu::swiglu_backward(f32(ws.d_gate), f32(ws.d_up), f32(ws.d_act), f32(a.gate), f32(a.up),
+                       rows * inter);
+  cpu::matmul_backward_input(d_normed, f32(ws.d_gate), weight_f32(*w.gate_proj), rows, inter,
+                             hidden);
+  cpu::matmul_backward_input(d_normed, f32(ws.d_up), weight_f32(*w.up_proj), rows, inter, hidden,
+                             /*accumulate=*/true);
+  cpu::matmul_backward_weight(gradient, f32(ws.d_gate), f32(a.h2), rows, inter, hidden);
+  sink.consume(*w.gate_proj, gradient);
+  cpu::matmul_backward_weight(gradient, f32(ws.d_up), f32(a.h2), rows, inter, hidden);
+  sink.consume(*w.up_proj, gradient);
+  cpu::rmsnorm_backward(d_residual, gradient, d_normed, f32(a.x_mid),
+                        weight_f32(*w.post_attention_norm), f32(a.rstd2), rows, hidden);
+  sink.consume(*w.post_attention_norm, gradient);
+
+  // Attention.
+  cpu::matmul_backward_input(f32(ws.d_attn_out), d_residual, weight_f32(*w.o_proj), rows, hidden,
+                             q_width);
+  cpu::matmul_backward_weight(gradient, d_residual, f32(a.attn_out), rows, hidden, q_width);
+  sink.consume(*w.o_proj, gradient);
+  cpu::attention_backward(f32(ws.dq), f32(ws.dk), f32(ws.dv), f32(ws.attention_scratch),
+                          f32(ws.d_attn_out), f32(a.probs), f32(a.q), f32(a.k), f32(a.v),
+                          attention_shape(activations_->batch_size, activations_->seq_len));
+  cpu::rope_backward(f32(ws.dq), positions, rope_table_, rows, c.num_attention_heads);
+  cpu::rope_backward(f32(ws.dk), positions, rope_table_, rows, c.num_key_value_heads);
+  cpu::matmul_backward_input(d_normed, f32(ws.dq), weight_f32(*w.q_proj), rows, q_width, hidden);
+  cpu::matmul_backward_input(d_normed, f32(ws.dk), weight_f32(*w.k_proj), rows, kv_width, hidden,
+                             /*accumulate=*/true);
+  cpu::matmul_backward_input(d_normed, f32(ws.dv), weight_f32(*w.v_proj), rows, kv_width, hidden,
+                             /*accumulate=*/true);
+  cpu::matmul_backward_weight(gradient, f32(ws.dq), f32(a.h1), rows, q_width, hidden);
+  sink.consume(*w.q_proj, gradient);
+  cpu::matmul_backward_weight(gradient, f32(ws.dk), f32(a.h1), rows, kv_width, hidden);
+  sink.consume(*w.k_proj, gradient);
+  cpu::matmul_backward_weight(gradient, f32(ws.dv), f32(a.h1), rows, kv_width, hidden);
+  sink.consume(*w.v_proj, gradient);
+  cpu::rmsnorm_backward(d_residual, gradient, d_normed, x_in, weight_f32(*w.input_norm),
+                        f32(a.rstd1), rows, hidden);
+  sink.consume(*w.input_norm, gradient);
+}
+
+}  // namespace lomo

@@ -1,0 +1,91 @@
+// Forward and backward of a LLaMA model on the CPU, with accountable activation memory and
+// per-parameter gradient delivery to a GradientSink.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "kernels/cpu/attention.h"
+#include "kernels/cpu/rope.h"
+#include "worker/engine/gradient_sink.h"
+#include "worker/engine/llama_weights.h"
+#include "worker/engine/memory.h"
+
+namespace lomo {
+
+// A batch of token rows. targets[i] is the token that should follow input_ids[i] (the caller shifts;
+// kIgnoreIndex = −100 excludes a position from the loss). positions may be empty (0..seq_len−1 in
+// every row) or hold one position per token.
+struct TokenBatch {
+  int64_t batch_size = 0;
+  int64_t seq_len = 0;
+  std::vector<int32_t> input_ids;
+  std::vector<int32_t> targets;
+  std::vector<int32_t> positions;
+};
+
+struct ModelOptions {
+  // Keep only each decoder layer's input during forward and recompute the layer in backward.
+  bool activation_checkpointing = false;
+};
+
+struct ForwardResult {
+  double loss = 0.0;            // mean cross-entropy over counted tokens (0 when none)
+  int64_t counted_tokens = 0;   // targets that are not kIgnoreIndex
+};
+
+class LlamaModel {
+ public:
+  // `weights` and `accountant` must outlive the model.
+  LlamaModel(LlamaWeights& weights, MemoryAccountant& accountant, ModelOptions options = {});
+  ~LlamaModel();
+  LlamaModel(const LlamaModel&) = delete;
+  LlamaModel& operator=(const LlamaModel&) = delete;
+
+  // Runs forward and keeps what backward needs. Throws std::invalid_argument for a malformed batch
+  // (sizes, token ids outside the vocabulary, positions beyond max_position_embeddings).
+  ForwardResult forward(const TokenBatch& batch);
+
+  // Backward of the last forward's mean loss, multiplied by `loss_scale`. Each parameter's
+  // gradient goes to `sink` once, in reverse order of use, the tied embedding/LM head after its
+  // last use. Backward leaves the saved activations intact, so it may run twice over one forward
+  // (two-pass clipping: a norm-only pass, then an updating pass).
+  void backward(GradientSink& sink, float loss_scale = 1.0f);
+
+  // Logits [batch·seq_len, vocab] of the last forward; valid until backward runs.
+  const float* logits() const;
+
+  const ModelOptions& options() const { return options_; }
+  LlamaWeights& weights() { return weights_; }
+
+ private:
+  struct Activations;
+  struct LayerActivations;
+  struct Workspace;
+
+  void validate(const TokenBatch& batch) const;
+  void prepare_forward_buffers(int64_t batch_size, int64_t seq_len);
+  void prepare_backward_buffers();
+  // x_out may be null when recomputing for backward, which needs everything but the output.
+  void layer_forward(int64_t layer, const float* x_in, LayerActivations& acts, float* x_out);
+  void layer_backward(int64_t layer, GradientSink& sink, const float* x_in, LayerActivations& acts,
+                      float* d_residual);
+  // fp32 view of a parameter: its storage when fp32, else a converted copy in workspace that is
+  // valid until the next call.
+  const float* weight_f32(const Parameter& parameter);
+  cpu::AttentionShape attention_shape(int64_t batch_size, int64_t seq_len) const;
+  void ensure_rope_table(int64_t max_position);
+
+  LlamaWeights& weights_;
+  MemoryAccountant& accountant_;
+  ModelOptions options_;
+  cpu::RopeTable rope_table_;
+  std::unique_ptr<Activations> activations_;
+  std::unique_ptr<Workspace> workspace_;
+  Buffer weight_scratch_;  // fp32 copy of one non-fp32 weight (kWorkspace)
+  bool has_forward_ = false;
+  bool logits_valid_ = false;
+};
+
+}  // namespace lomo

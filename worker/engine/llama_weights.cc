@@ -1,0 +1,124 @@
+#include "worker/engine/llama_weights.h"
+
+#include <algorithm>
+#include <cmath>
+#include <sstream>
+#include <stdexcept>
+
+namespace lomo {
+namespace {
+
+// splitmix64: a counter-based hash, so initialisation is identical whatever the thread count.
+uint64_t mix(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+double unit_uniform(uint64_t bits) { return (static_cast<double>(bits >> 11) + 0.5) * 0x1.0p-53; }
+
+}  // namespace
+
+int64_t Parameter::numel() const {
+  int64_t count = 1;
+  for (int64_t extent : shape) count *= extent;
+  return count;
+}
+
+std::string Parameter::shape_string() const {
+  std::ostringstream out;
+  out << "[";
+  for (size_t i = 0; i < shape.size(); ++i) out << (i ? ", " : "") << shape[i];
+  out << "]";
+  return out.str();
+}
+
+LlamaWeights::LlamaWeights(const LlamaConfig& config, DType storage, MemoryAccountant& accountant)
+    : config_(config), storage_dtype_(storage) {
+  config_.validate();
+  const int64_t hidden = config.hidden_size;
+  const int64_t q_width = config.num_attention_heads * config.head_dim;
+  const int64_t kv_width = config.num_key_value_heads * config.head_dim;
+  auto add = [&](std::string name, std::vector<int64_t> shape, bool is_norm = false) {
+    Parameter p;
+    p.name = std::move(name);
+    p.shape = std::move(shape);
+    p.dtype = storage;
+    p.is_norm_weight = is_norm;
+    p.storage = Buffer(accountant, MemoryKind::kParameters, p.size_bytes());
+    parameters_.push_back(std::move(p));
+  };
+  add("model.embed_tokens.weight", {config.vocab_size, hidden});
+  for (int64_t i = 0; i < config.num_hidden_layers; ++i) {
+    const std::string prefix = "model.layers." + std::to_string(i) + ".";
+    add(prefix + "input_layernorm.weight", {hidden}, true);
+    add(prefix + "self_attn.q_proj.weight", {q_width, hidden});
+    add(prefix + "self_attn.k_proj.weight", {kv_width, hidden});
+    add(prefix + "self_attn.v_proj.weight", {kv_width, hidden});
+    add(prefix + "self_attn.o_proj.weight", {hidden, q_width});
+    add(prefix + "post_attention_layernorm.weight", {hidden}, true);
+    add(prefix + "mlp.gate_proj.weight", {config.intermediate_size, hidden});
+    add(prefix + "mlp.up_proj.weight", {config.intermediate_size, hidden});
+    add(prefix + "mlp.down_proj.weight", {hidden, config.intermediate_size});
+  }
+  final_norm_index_ = parameters_.size();
+  add("model.norm.weight", {hidden}, true);
+  if (!config.tie_word_embeddings) add("lm_head.weight", {config.vocab_size, hidden});
+}
+
+Parameter* LlamaWeights::find(const std::string& name) {
+  for (Parameter& p : parameters_) {
+    if (p.name == name) return &p;
+  }
+  return nullptr;
+}
+
+Parameter& LlamaWeights::lm_head() {
+  return config_.tie_word_embeddings ? parameters_[0] : parameters_.back();
+}
+
+LlamaLayerWeights LlamaWeights::layer(int64_t index) {
+  if (index < 0 || index >= config_.num_hidden_layers) {
+    throw std::out_of_range("layer index " + std::to_string(index) + " out of range");
+  }
+  Parameter* base = &parameters_[1 + static_cast<size_t>(index) * 9];
+  return LlamaLayerWeights{base,     base + 1, base + 2, base + 3, base + 4,
+                           base + 5, base + 6, base + 7, base + 8};
+}
+
+int64_t LlamaWeights::parameter_count() const {
+  int64_t total = 0;
+  for (const Parameter& p : parameters_) total += p.numel();
+  return total;
+}
+
+int64_t LlamaWeights::largest_parameter_numel() const {
+  int64_t largest = 0;
+  for (const Parameter& p : parameters_) largest = std::max(largest, p.numel());
+  return largest;
+}
+
+void LlamaWeights::init_random(uint64_t seed, float stddev) {
+  for (size_t t = 0; t < parameters_.size(); ++t) {
+    Parameter& p = parameters_[t];
+    const int64_t count = p.numel();
+    std::vector<float> values(static_cast<size_t>(count));
+    const uint64_t stream = mix(seed ^ mix(t + 1));
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < count; ++i) {
+      if (p.is_norm_weight) {
+        values[static_cast<size_t>(i)] = 1.0f;
+        continue;
+      }
+      // Box-Muller on two hashed uniforms.
+      const uint64_t r = mix(stream + 2 * static_cast<uint64_t>(i));
+      const double u1 = unit_uniform(r), u2 = unit_uniform(mix(r));
+      const double normal = std::sqrt(-2.0 * std::log(u1)) * std::cos(2.0 * M_PI * u2);
+      values[static_cast<size_t>(i)] = static_cast<float>(normal * stddev);
+    }
+    convert_from_float(p.dtype, values.data(), p.storage.data(), values.size());
+  }
+}
+
+}  // namespace lomo
