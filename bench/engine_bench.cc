@@ -1,0 +1,143 @@
+// Forward+backward throughput and peak memory of the CPU engine on the reference config, read
+// against this machine's own sgemm rate. Prints figures; asserts nothing (see docs/PERFORMANCE.md).
+//
+//   engine_bench [--steps N] [--batch B] [--seq T] [--layers L]
+#include <omp.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "kernels/cpu/matmul.h"
+#include "worker/engine/llama_model.h"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+// Best-of-several GFLOP/s of y = x·Wᵀ at one shape, all threads.
+double sgemm_gflops(int64_t m, int64_t n, int64_t k) {
+  std::vector<float> x(static_cast<size_t>(m * k), 0.5f), w(static_cast<size_t>(n * k), 0.25f),
+      y(static_cast<size_t>(m * n));
+  double best = 0.0;
+  for (int repeat = 0; repeat < 5; ++repeat) {
+    const auto start = Clock::now();
+    lomo::cpu::matmul_forward(y.data(), x.data(), w.data(), m, n, k);
+    best = std::max(best, 2.0 * m * n * k / seconds_since(start) / 1e9);
+  }
+  return best;
+}
+
+// Consumes each gradient the way a norm-only pass would, so no work is optimised away.
+class SquaredNormSink : public lomo::GradientSink {
+ public:
+  void consume(lomo::Parameter& parameter, float* gradient) override {
+    double sum = 0.0;
+    const int64_t n = parameter.numel();
+#pragma omp parallel for reduction(+ : sum) schedule(static)
+    for (int64_t i = 0; i < n; ++i) sum += static_cast<double>(gradient[i]) * gradient[i];
+    total += sum;
+  }
+  double total = 0.0;
+};
+
+struct Args {
+  int steps = 3;
+  int64_t batch = 4, seq = 256, layers = 8;
+};
+
+Args parse_args(int argc, char** argv) {
+  Args args;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string flag = argv[i];
+    const long value = std::strtol(argv[i + 1], nullptr, 10);
+    if (flag == "--steps") args.steps = static_cast<int>(value);
+    else if (flag == "--batch") args.batch = value;
+    else if (flag == "--seq") args.seq = value;
+    else if (flag == "--layers") args.layers = value;
+    else {
+      std::fprintf(stderr, "unknown flag %s\n", flag.c_str());
+      std::exit(2);
+    }
+  }
+  return args;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const Args args = parse_args(argc, argv);
+  lomo::LlamaConfig config;
+  config.vocab_size = 32000;
+  config.hidden_size = 512;
+  config.intermediate_size = 1376;
+  config.num_hidden_layers = args.layers;
+  config.num_attention_heads = 8;
+  config.num_key_value_heads = 8;
+  config.head_dim = 64;
+  config.max_position_embeddings = 2048;
+  config.tie_word_embeddings = false;
+
+  std::printf("threads: %d\n", omp_get_max_threads());
+  const double square = sgemm_gflops(2048, 2048, 2048);
+  std::printf("sgemm 2048^3: %.1f GFLOP/s  (roofline used below)\n", square);
+  const int64_t rows = args.batch * args.seq;
+  std::printf("sgemm model shapes: qkvo %.1f, mlp-up %.1f, mlp-down %.1f, lm-head %.1f GFLOP/s\n",
+              sgemm_gflops(rows, 512, 512), sgemm_gflops(rows, 1376, 512),
+              sgemm_gflops(rows, 512, 1376), sgemm_gflops(rows, 32000, 512));
+
+  for (bool checkpointing : {false, true}) {
+    lomo::MemoryAccountant accountant;
+    lomo::LlamaWeights weights(config, lomo::DType::kF32, accountant);
+    weights.init_random(1, 0.02f);
+    lomo::LlamaModel model(weights, accountant, {checkpointing});
+    lomo::TokenBatch batch;
+    batch.batch_size = args.batch;
+    batch.seq_len = args.seq;
+    uint32_t state = 42;
+    for (int64_t i = 0; i < rows; ++i) {
+      state = state * 1664525u + 1013904223u;
+      batch.input_ids.push_back(static_cast<int32_t>(state % 32000));
+    }
+    batch.targets.assign(batch.input_ids.begin() + 1, batch.input_ids.end());
+    batch.targets.push_back(-100);
+
+    SquaredNormSink sink;
+    model.forward(batch);  // warm-up: first touch of every buffer
+    model.backward(sink);
+    double forward_seconds = 0.0, total_seconds = 0.0, loss = 0.0;
+    for (int step = 0; step < args.steps; ++step) {
+      const auto start = Clock::now();
+      loss = model.forward(batch).loss;
+      forward_seconds += seconds_since(start);
+      model.backward(sink);
+      total_seconds += seconds_since(start);
+    }
+    const double per_step = total_seconds / args.steps;
+    const double params = static_cast<double>(weights.parameter_count());
+    const double attention_flops = 12.0 * args.layers * args.batch * config.num_attention_heads *
+                                   static_cast<double>(args.seq * args.seq) * config.head_dim;
+    const double roofline_flops = 6.0 * params * rows + attention_flops;
+    const double achieved = roofline_flops / per_step / 1e9;
+    std::printf("\n== forward+backward, activation checkpointing %s ==\n",
+                checkpointing ? "ON" : "OFF");
+    std::printf("params %.2fM, batch %lld x %lld, loss %.4f\n", params / 1e6,
+                static_cast<long long>(args.batch), static_cast<long long>(args.seq), loss);
+    std::printf("step %.3f s (forward %.3f s), %.0f tokens/s\n", per_step,
+                forward_seconds / args.steps, rows / per_step);
+    std::printf("model FLOPs/step %.1f G (6*P*tokens %.1f G + attention %.1f G): %.1f GFLOP/s = "
+                "%.1f%% of sgemm roofline\n",
+                roofline_flops / 1e9, 6.0 * params * rows / 1e9, attention_flops / 1e9, achieved,
+                100.0 * achieved / square);
+    std::printf("peak memory by kind:\n%s", accountant.report().to_string().c_str());
+  }
+  return 0;
+}
