@@ -6,6 +6,7 @@
 #include <cstring>
 #include <limits>
 
+#include "kernels/cpu/fast_exp.h"
 #include "kernels/cpu/matmul.h"
 
 namespace lomo::cpu {
@@ -43,13 +44,16 @@ void attention_forward(float* out, float* probs, const float* q, const float* k,
     for (int64_t i = 0; i < T; ++i) {
       float* row = p + i * T;
       float max_score = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : max_score)
       for (int64_t j = 0; j <= i; ++j) max_score = std::fmax(max_score, row[j]);
       float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
       for (int64_t j = 0; j <= i; ++j) {
-        row[j] = std::exp(row[j] - max_score);
+        row[j] = fast_exp(row[j] - max_score);
         sum += row[j];
       }
       const float inverse = 1.0f / sum;
+#pragma omp simd
       for (int64_t j = 0; j <= i; ++j) row[j] *= inverse;
       for (int64_t j = i + 1; j < T; ++j) row[j] = 0.0f;
     }
@@ -89,7 +93,9 @@ void attention_backward(float* dq, float* dk, float* dv, float* scratch, const f
         const float* prow = p + i * T;
         float* row = ds + i * T;
         float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
         for (int64_t j = 0; j <= i; ++j) dot += prow[j] * row[j];
+#pragma omp simd
         for (int64_t j = 0; j <= i; ++j) row[j] = prow[j] * (row[j] - dot);
         for (int64_t j = i + 1; j < T; ++j) row[j] = 0.0f;
       }
