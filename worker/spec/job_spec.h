@@ -1,0 +1,158 @@
+// The one job spec (DESIGN.md, "One job spec"): what `lomo-worker train JOB.yaml`, `lomoctl submit`,
+// local mode and the REST API (as JSON, which YAML parses too) all accept. Every field has a
+// default except model.path and data.train; unknown keys and invalid values are rejected with the
+// field's path ("optimizer.lr: must be positive, got -1").
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace lomo {
+
+// A spec that cannot run. what() starts with the source name and the field path
+// ("job.yaml: optimizer.lr: must be > 0, got -1 (line 7)"). field() is empty when the problem is
+// the text as a whole (YAML syntax, a file that cannot be read, the top level not being a map).
+class JobSpecError : public std::invalid_argument {
+ public:
+  JobSpecError(std::string source, std::string field, const std::string& message)
+      : std::invalid_argument(source + ": " + (field.empty() ? "" : field + ": ") + message),
+        field_(std::move(field)) {}
+  const std::string& field() const { return field_; }
+
+ private:
+  std::string field_;
+};
+
+struct ModelSpec {
+  std::string path;  // Hugging Face checkpoint directory (config.json + safetensors)
+
+  bool operator==(const ModelSpec&) const = default;
+};
+
+struct TokenizerSpec {
+  // "bytes": UTF-8 bytes are the token ids (the model needs vocab_size >= 256).
+  // "auto": tokenizer.json or tokenizer.model from `path` (default: the model directory).
+  std::string kind = "bytes";
+  std::string path;
+
+  bool operator==(const TokenizerSpec&) const = default;
+};
+
+struct DataSpec {
+  std::string format = "text";  // only "text" (raw text files) until the data formats land
+  std::vector<std::string> train;
+  std::vector<std::string> eval;  // empty: evaluation uses nothing and is skipped
+  int64_t max_length = 512;       // tokens per training row
+
+  bool operator==(const DataSpec&) const = default;
+};
+
+struct LossScaleSpec {
+  double initial = 65536.0;  // 2^16
+  int64_t growth_interval = 1000;
+  double factor = 2.0;
+  double min = 1.0;
+
+  bool operator==(const LossScaleSpec&) const = default;
+};
+
+struct AdaLomoSpec {
+  double eps1 = 1e-30;  // added to g² before the second-moment average
+  double eps2 = 1e-3;   // floor of RMS(θ) in the relative step
+  double clip_threshold = 1.0;
+  double decay_rate = -0.8;  // β_t = 1 − t^decay_rate
+
+  bool operator==(const AdaLomoSpec&) const = default;
+};
+
+struct OptimizerSpec {
+  std::string name = "lomo";  // lomo | adalomo | sgd | adamw
+  double lr = 1e-3;
+  std::string schedule = "constant";  // constant | linear | cosine (decay to 0 at the last step)
+  int64_t warmup_steps = 0;           // at most one of warmup_steps / warmup_ratio is set
+  double warmup_ratio = 0.0;
+  double weight_decay = 0.0;
+  bool weight_decay_on_norms = false;  // norm weights (and biases) are excluded by default
+  std::optional<double> clip_grad_norm;
+  std::optional<double> clip_grad_value;
+  bool stochastic_rounding = false;  // bf16 storage only
+  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;  // adamw
+  AdaLomoSpec adalomo;
+
+  bool operator==(const OptimizerSpec&) const = default;
+};
+
+struct PrecisionSpec {
+  std::string dtype = "fp32";  // fp32 | bf16 | fp16 (storage; arithmetic is fp32)
+  LossScaleSpec loss_scale;    // used with fp16 only
+
+  bool operator==(const PrecisionSpec&) const = default;
+};
+
+struct TrainingSpec {
+  int64_t batch_size = 4;
+  std::optional<int64_t> steps;   // exactly one of steps / epochs
+  std::optional<int64_t> epochs;
+  int64_t gradient_accumulation_steps = 1;  // anything else is rejected: see job_spec.cc
+  bool activation_checkpointing = false;
+  uint64_t seed = 1;
+  int64_t eval_every = 0;        // 0: only at the end (when eval data exists)
+  int64_t eval_batches = 8;
+  int64_t checkpoint_every = 0;  // 0: only at the end
+  int64_t log_every = 10;
+
+  bool operator==(const TrainingSpec&) const = default;
+};
+
+struct OutputSpec {
+  std::string dir = "out/run";
+
+  bool operator==(const OutputSpec&) const = default;
+};
+
+struct ResourcesSpec {
+  int64_t world_size = 1;
+  std::string device = "cpu";  // cpu | cuda
+  int64_t retries = 0;
+
+  bool operator==(const ResourcesSpec&) const = default;
+};
+
+struct JobSpec {
+  std::string name;
+  int64_t priority = 0;
+  ModelSpec model;
+  TokenizerSpec tokenizer;
+  DataSpec data;
+  OptimizerSpec optimizer;
+  PrecisionSpec precision;
+  TrainingSpec training;
+  OutputSpec output;
+  ResourcesSpec resources;
+
+  bool operator==(const JobSpec&) const = default;
+};
+
+// Parses YAML (or JSON) text, one document, UTF-8; `source` names it in errors. Absent keys and
+// sections keep their defaults; null means "unset" for the optional fields and "empty" for
+// sections and data.eval. Throws JobSpecError for the first problem found; never anything else.
+JobSpec parse_job_spec(const std::string& text, const std::string& source);
+// Reads and parses a file; errors name `path` as their source. Throws JobSpecError.
+JobSpec load_job_spec(const std::string& path);
+// Applies one "a.b.c=value" override (lomoctl --set): the value is parsed as YAML ("3e-4",
+// "[a.txt, b.txt]", "null"), and the whole result is validated as parse_job_spec would. Naming a
+// section ("optimizer.adalomo={eps1: 1e-29}") replaces it: its unnamed fields take their
+// defaults. On error `spec` is unchanged. Because each override is validated on its own, a switch
+// that passes through an invalid state (warmup_steps to warmup_ratio) must clear the old field
+// first. Throws JobSpecError.
+void apply_job_spec_override(JobSpec& spec, const std::string& assignment);
+// Canonical YAML with every field in declaration order (unset optionals as null), so that
+// parse_job_spec(job_spec_to_yaml(s), ...) == s for every spec parse_job_spec returns. Strings
+// that are not valid UTF-8 (which parse never returns) come out with U+FFFD in their place.
+std::string job_spec_to_yaml(const JobSpec& spec);
+
+}  // namespace lomo
