@@ -1,5 +1,7 @@
 #include "worker/engine/llama_weights.h"
 
+#include "worker/engine/counter_hash.h"
+
 #include <algorithm>
 #include <cmath>
 #include <sstream>
@@ -7,14 +9,6 @@
 
 namespace lomo {
 namespace {
-
-// splitmix64: a counter-based hash, so initialisation is identical whatever the thread count.
-uint64_t mix(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
 
 double unit_uniform(uint64_t bits) { return (static_cast<double>(bits >> 11) + 0.5) * 0x1.0p-53; }
 
@@ -104,7 +98,7 @@ void LlamaWeights::init_random(uint64_t seed, float stddev) {
     Parameter& p = parameters_[t];
     const int64_t count = p.numel();
     std::vector<float> values(static_cast<size_t>(count));
-    const uint64_t stream = mix(seed ^ mix(t + 1));
+    const uint64_t stream = mix_bits(seed ^ mix_bits(t + 1));
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < count; ++i) {
       if (p.is_norm_weight) {
@@ -112,8 +106,8 @@ void LlamaWeights::init_random(uint64_t seed, float stddev) {
         continue;
       }
       // Box-Muller on two hashed uniforms.
-      const uint64_t r = mix(stream + 2 * static_cast<uint64_t>(i));
-      const double u1 = unit_uniform(r), u2 = unit_uniform(mix(r));
+      const uint64_t r = mix_bits(stream + 2 * static_cast<uint64_t>(i));
+      const double u1 = unit_uniform(r), u2 = unit_uniform(mix_bits(r));
       const double normal = std::sqrt(-2.0 * std::log(u1)) * std::cos(2.0 * M_PI * u2);
       values[static_cast<size_t>(i)] = static_cast<float>(normal * stddev);
     }
