@@ -1,7 +1,7 @@
 // Forward+backward throughput and peak memory of the CPU engine on the reference config, read
 // against this machine's own sgemm rate. Prints figures; asserts nothing (see docs/PERFORMANCE.md).
 //
-//   engine_bench [--steps N] [--batch B] [--seq T] [--layers L]
+//   engine_bench [--steps N] [--batch B] [--seq T] [--layers L] [--checkpointing off|on|both]
 #include <omp.h>
 
 #include <algorithm>
@@ -50,6 +50,7 @@ class SquaredNormSink : public lomo::GradientSink {
 };
 
 struct Args {
+  std::string checkpointing = "both";  // off | on | both
   int steps = 3;
   int64_t batch = 4, seq = 256, layers = 8;
 };
@@ -59,7 +60,8 @@ Args parse_args(int argc, char** argv) {
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string flag = argv[i];
     const long value = std::strtol(argv[i + 1], nullptr, 10);
-    if (flag == "--steps") args.steps = static_cast<int>(value);
+    if (flag == "--checkpointing") args.checkpointing = argv[i + 1];
+    else if (flag == "--steps") args.steps = static_cast<int>(value);
     else if (flag == "--batch") args.batch = value;
     else if (flag == "--seq") args.seq = value;
     else if (flag == "--layers") args.layers = value;
@@ -95,6 +97,7 @@ int main(int argc, char** argv) {
               sgemm_gflops(rows, 512, 1376), sgemm_gflops(rows, 32000, 512));
 
   for (bool checkpointing : {false, true}) {
+    if (args.checkpointing != "both" && (args.checkpointing == "on") != checkpointing) continue;
     lomo::MemoryAccountant accountant;
     lomo::LlamaWeights weights(config, lomo::DType::kF32, accountant);
     weights.init_random(1, 0.02f);

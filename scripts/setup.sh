@@ -8,6 +8,8 @@ packages=(
   libgtest-dev libgmock-dev
   libopenblas-openmp-dev   # OpenMP flavour: BLAS threads cooperate with our own OpenMP loops
   nlohmann-json3-dev
+  libyaml-cpp-dev          # job spec YAML (0.7 on Debian 12)
+  libsentencepiece-dev     # SentencePiece tokenizer.model (LLaMA-1/2, Mistral)
   clang libclang-rt-14-dev # libFuzzer for the parser fuzz targets
 )
 

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <optional>
 
+#include "worker/engine/counter_hash.h"
 #include "worker/engine/llama_weights.h"
 #include "worker/optim/communicator.h"
 
@@ -53,13 +54,6 @@ struct WriteBack {
   int64_t step = 0;
   int64_t tensor_index = 0;
 };
-
-inline uint64_t mix_bits(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
 
 inline uint16_t float_to_bf16_stochastic(float value, uint64_t random) {
   if (!std::isfinite(value)) return float_to_bf16(value);

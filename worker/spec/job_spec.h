@@ -1,6 +1,6 @@
-// The one job spec (DESIGN.md, "One job spec"): what `lomo-worker train JOB.yaml`, `lomoctl submit`,
-// local mode and the REST API (as JSON, which YAML parses too) all accept. Every field has a
-// default except model.path and data.train; unknown keys and invalid values are rejected with the
+// The one job spec (DESIGN.md, "One job spec"): what `lomo-worker train JOB.yaml`, `lomoctl
+// submit`, local mode and the REST API (as JSON, which YAML parses too) all accept. Every field has
+// a default except model.path and data.train; unknown keys and invalid values are rejected with the
 // field's path ("optimizer.lr: must be positive, got -1").
 #pragma once
 
@@ -79,7 +79,7 @@ struct OptimizerSpec {
   bool weight_decay_on_norms = false;  // norm weights (and biases) are excluded by default
   std::optional<double> clip_grad_norm;
   std::optional<double> clip_grad_value;
-  bool stochastic_rounding = false;  // bf16 storage only
+  bool stochastic_rounding = false;               // bf16 storage only
   double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;  // adamw
   AdaLomoSpec adalomo;
 
@@ -95,12 +95,12 @@ struct PrecisionSpec {
 
 struct TrainingSpec {
   int64_t batch_size = 4;
-  std::optional<int64_t> steps;   // exactly one of steps / epochs
+  std::optional<int64_t> steps;  // exactly one of steps / epochs
   std::optional<int64_t> epochs;
   int64_t gradient_accumulation_steps = 1;  // anything else is rejected: see job_spec.cc
   bool activation_checkpointing = false;
   uint64_t seed = 1;
-  int64_t eval_every = 0;        // 0: only at the end (when eval data exists)
+  int64_t eval_every = 0;  // 0: only at the end (when eval data exists)
   int64_t eval_batches = 8;
   int64_t checkpoint_every = 0;  // 0: only at the end
   int64_t log_every = 10;
@@ -146,10 +146,12 @@ JobSpec load_job_spec(const std::string& path);
 // Applies one "a.b.c=value" override (lomoctl --set): the value is parsed as YAML ("3e-4",
 // "[a.txt, b.txt]", "null"), and the whole result is validated as parse_job_spec would. Naming a
 // section ("optimizer.adalomo={eps1: 1e-29}") replaces it: its unnamed fields take their
-// defaults. On error `spec` is unchanged. Because each override is validated on its own, a switch
-// that passes through an invalid state (warmup_steps to warmup_ratio) must clear the old field
-// first. Throws JobSpecError.
+// defaults. On error `spec` is unchanged. Throws JobSpecError.
 void apply_job_spec_override(JobSpec& spec, const std::string& assignment);
+// Applies several overrides in order and validates once, at the end: switching from
+// training.steps to training.epochs passes through "both" or "neither", which a single override
+// would reject. Each value is still type-checked as it is applied. On error `spec` is unchanged.
+void apply_job_spec_overrides(JobSpec& spec, const std::vector<std::string>& assignments);
 // Canonical YAML with every field in declaration order (unset optionals as null), so that
 // parse_job_spec(job_spec_to_yaml(s), ...) == s for every spec parse_job_spec returns. Strings
 // that are not valid UTF-8 (which parse never returns) come out with U+FFFD in their place.

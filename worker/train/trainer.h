@@ -1,0 +1,69 @@
+// One training job from a JobSpec, start to finish: load the model (or the latest checkpoint of an
+// earlier attempt), train for the spec's steps with its optimizer, evaluate, checkpoint, and report
+// progress. Usable without any daemon: `lomo-worker train JOB.yaml` is this class plus a terminal.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <optional>
+#include <string>
+
+#include "worker/engine/memory.h"
+#include "worker/spec/job_spec.h"
+
+namespace lomo {
+
+struct TrainingMetrics {
+  int64_t step = 0;
+  int64_t total_steps = 0;
+  double loss = 0.0;
+  double lr = 0.0;
+  double grad_norm = 0.0;
+  double loss_scale = 1.0;
+  bool skipped = false;
+  double tokens_per_second = 0.0;
+  double elapsed_seconds = 0.0;
+  MemoryReport memory;
+};
+
+struct EvalMetrics {
+  int64_t step = 0;
+  double loss = 0.0;
+  double perplexity = 0.0;
+  int64_t tokens = 0;
+};
+
+struct TrainerHooks {
+  std::function<void(const TrainingMetrics&)> on_step;
+  std::function<void(const EvalMetrics&)> on_eval;
+  std::function<void(const std::filesystem::path&, int64_t step)> on_checkpoint;  // committed
+  std::function<void(const std::string&)> on_log;
+};
+
+struct TrainerOptions {
+  bool resume = true;  // continue from the latest committed checkpoint in output.dir if present
+  // Set from another thread or a signal handler: the trainer finishes the current step, writes a
+  // checkpoint, and returns with `stopped`.
+  const std::atomic<bool>* stop_requested = nullptr;
+};
+
+struct TrainResult {
+  int64_t steps_done = 0;
+  int64_t total_steps = 0;
+  bool stopped = false;  // stop_requested ended the run early (after a checkpoint)
+  std::optional<EvalMetrics> final_eval;
+  std::filesystem::path last_checkpoint;
+  MemoryReport memory;
+};
+
+// Checkpoints live in <output.dir>/checkpoints/step-NNNNNNNN/, written under a temporary name and
+// renamed when complete; <output.dir>/checkpoints/latest names the newest committed one.
+std::optional<std::filesystem::path> latest_checkpoint(const std::filesystem::path& output_dir);
+
+// Throws JobSpecError / CheckpointError / std::runtime_error with context for anything that stops
+// the job (bad data, a model that does not fit the spec, a non-finite gradient...).
+TrainResult train(const JobSpec& spec, const TrainerOptions& options, const TrainerHooks& hooks);
+
+}  // namespace lomo
