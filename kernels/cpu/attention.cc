@@ -28,7 +28,7 @@ HeadView head_view(const AttentionShape& s, int64_t b, int64_t h) {
 }  // namespace
 
 void attention_forward(float* out, float* probs, const float* q, const float* k, const float* v,
-                       const AttentionShape& s) {
+                       const int32_t* first_key, const AttentionShape& s) {
   const int64_t T = s.seq_len;
   const float scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
   // One (sequence, head) per iteration; BLAS runs single-threaded inside the parallel region.
@@ -41,20 +41,23 @@ void attention_forward(float* out, float* probs, const float* q, const float* k,
     // halve these FLOPs; it is a later optimisation.
     gemm(false, true, T, T, s.head_dim, scale, q + view.q_offset, view.q_stride, k + view.kv_offset,
          view.kv_stride, 0.0f, p, T);
+    const int32_t* starts = first_key == nullptr ? nullptr : first_key + b * T;
     for (int64_t i = 0; i < T; ++i) {
       float* row = p + i * T;
+      const int64_t start = starts == nullptr ? 0 : starts[i];
+      for (int64_t j = 0; j < start; ++j) row[j] = 0.0f;
       float max_score = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : max_score)
-      for (int64_t j = 0; j <= i; ++j) max_score = std::fmax(max_score, row[j]);
+      for (int64_t j = start; j <= i; ++j) max_score = std::fmax(max_score, row[j]);
       float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j <= i; ++j) {
+      for (int64_t j = start; j <= i; ++j) {
         row[j] = fast_exp(row[j] - max_score);
         sum += row[j];
       }
       const float inverse = 1.0f / sum;
 #pragma omp simd
-      for (int64_t j = 0; j <= i; ++j) row[j] *= inverse;
+      for (int64_t j = start; j <= i; ++j) row[j] *= inverse;
       for (int64_t j = i + 1; j < T; ++j) row[j] = 0.0f;
     }
     gemm(false, false, T, s.head_dim, T, 1.0f, p, T, v + view.kv_offset, view.kv_stride, 0.0f,
@@ -92,6 +95,7 @@ void attention_backward(float* dq, float* dk, float* dv, float* scratch, const f
       for (int64_t i = 0; i < T; ++i) {
         const float* prow = p + i * T;
         float* row = ds + i * T;
+        // Probabilities outside [first key, i] are exactly 0, so their dS is 0 too.
         float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
         for (int64_t j = 0; j <= i; ++j) dot += prow[j] * row[j];

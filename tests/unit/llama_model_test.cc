@@ -22,6 +22,7 @@ struct Variant {
   int64_t kv_heads;
   bool checkpointing;
   bool llama3_rope;
+  bool packed = false;
 };
 
 void PrintTo(const Variant& v, std::ostream* os) { *os << v.name; }
@@ -49,15 +50,18 @@ LlamaConfig tiny_config(const Variant& v) {
   return c;
 }
 
-TokenBatch tiny_batch(bool explicit_positions) {
+TokenBatch tiny_batch(bool explicit_positions, bool packed = false) {
   TokenBatch batch;
   batch.batch_size = 2;
   batch.seq_len = 5;
   batch.input_ids = {1, 5, 7, 2, 12, 0, 3, 3, 9, 11};
   batch.targets = {5, 7, -100, 12, 4, 3, 3, 9, -100, 6};
   if (explicit_positions) batch.positions = {3, 4, 5, 6, 7, 0, 1, 2, 3, 4};
+  if (packed) batch.segment_ids = {0, 0, 1, 1, 1, 4, 5, 5, 5, 6};  // 3 samples in row 2
   return batch;
 }
+
+TokenBatch tiny_batch(const Variant& v) { return tiny_batch(v.llama3_rope, v.packed); }
 
 // Copies every gradient and records the delivery order and the gradient memory in use.
 class RecordingSink : public GradientSink {
@@ -86,7 +90,7 @@ TEST_P(LlamaModelTest, LogitsAndLossMatchFloat64Reference) {
   LlamaWeights weights(tiny_config(v), DType::kF32, accountant);
   weights.init_random(7, 0.5f);
   LlamaModel model(weights, accountant, {v.checkpointing});
-  const TokenBatch batch = tiny_batch(v.llama3_rope);
+  const TokenBatch batch = tiny_batch(v);
 
   const ForwardResult result = model.forward(batch);
   Tensor64 reference_logits;
@@ -111,7 +115,7 @@ TEST_P(LlamaModelTest, GradientsMatchFloat64FiniteDifferences) {
   LlamaWeights weights(tiny_config(v), DType::kF32, accountant);
   weights.init_random(11, 0.5f);
   LlamaModel model(weights, accountant, {v.checkpointing});
-  const TokenBatch batch = tiny_batch(v.llama3_rope);
+  const TokenBatch batch = tiny_batch(v);
   RecordingSink sink(accountant);
   model.forward(batch);
   model.backward(sink);
@@ -176,7 +180,7 @@ TEST_P(LlamaModelTest, SecondBackwardOverOneForwardGivesIdenticalGradients) {
   weights.init_random(5, 0.5f);
   LlamaModel model(weights, accountant, {v.checkpointing});
   RecordingSink first(accountant), second(accountant);
-  model.forward(tiny_batch(v.llama3_rope));
+  model.forward(tiny_batch(v));
   model.backward(first);
   model.backward(second);
   EXPECT_EQ(first.gradients, second.gradients);
@@ -189,7 +193,9 @@ INSTANTIATE_TEST_SUITE_P(
                       Variant{"TiedGroupedQuery", true, 2, false, false},
                       Variant{"TiedGroupedQueryCheckpointed", true, 2, true, false},
                       Variant{"MultiQueryLlama3Rope", false, 1, false, true},
-                      Variant{"MultiQueryLlama3RopeCheckpointed", false, 1, true, true}),
+                      Variant{"MultiQueryLlama3RopeCheckpointed", false, 1, true, true},
+                      Variant{"PackedSamples", false, 2, false, false, true},
+                      Variant{"PackedSamplesTiedCheckpointed", true, 2, true, false, true}),
     [](const ::testing::TestParamInfo<Variant>& info) { return info.param.name; });
 
 TEST(LlamaModelCheckpointing, GradientsAreBitIdenticalWithAndWithoutCheckpointing) {
@@ -206,6 +212,56 @@ TEST(LlamaModelCheckpointing, GradientsAreBitIdenticalWithAndWithoutCheckpointin
   model_plain.backward(plain);
   model_checkpointed.backward(checkpointed);
   EXPECT_EQ(plain.gradients, checkpointed.gradients);
+}
+
+// Through the model's outputs, not the mask: every logit of a packed row equals the logit of the
+// same sample run on its own row.
+TEST(LlamaModelPacking, PackedSamplesSeeNothingOfEachOther) {
+  Variant v{"", false, 2, false, false};
+  MemoryAccountant accountant;
+  LlamaWeights weights(tiny_config(v), DType::kF32, accountant);
+  weights.init_random(21, 0.5f);
+  LlamaModel model(weights, accountant);
+  const std::vector<std::vector<int32_t>> samples = {{4, 8, 1}, {9, 9, 2, 6, 11}, {3, 12}};
+  TokenBatch packed;
+  packed.batch_size = 1;
+  packed.seq_len = 10;
+  for (size_t s = 0; s < samples.size(); ++s) {
+    for (int32_t id : samples[s]) {
+      packed.input_ids.push_back(id);
+      packed.targets.push_back((id + 1) % 13);
+      packed.segment_ids.push_back(static_cast<int32_t>(s));
+    }
+  }
+  model.forward(packed);
+  const std::vector<float> packed_logits(model.logits(), model.logits() + 10 * 13);
+  size_t offset = 0;
+  for (const auto& sample : samples) {
+    TokenBatch alone;
+    alone.batch_size = 1;
+    alone.seq_len = static_cast<int64_t>(sample.size());
+    alone.input_ids = sample;
+    for (int32_t id : sample) alone.targets.push_back((id + 1) % 13);
+    model.forward(alone);
+    for (size_t i = 0; i < sample.size() * 13; ++i) {
+      // Same arithmetic on fewer rows; BLAS blocking may differ: fp32 tolerance.
+      ASSERT_NEAR(packed_logits[offset * 13 + i], model.logits()[i],
+                  1e-5f * (1.0f + std::abs(model.logits()[i])))
+          << "sample starting at " << offset;
+    }
+    offset += sample.size();
+  }
+}
+
+TEST(LlamaModelPacking, SamplesMustBeContiguous) {
+  Variant v{"", false, 2, false, false};
+  MemoryAccountant accountant;
+  LlamaWeights weights(tiny_config(v), DType::kF32, accountant);
+  weights.init_random(1, 0.5f);
+  LlamaModel model(weights, accountant);
+  TokenBatch batch = tiny_batch(false, true);
+  batch.segment_ids[4] = 0;  // row 1: 0 0 1 1 0
+  EXPECT_THROW(model.forward(batch), std::invalid_argument);
 }
 
 TEST(LlamaModelStorage, Bf16StorageComputesWithTheRoundedWeights) {

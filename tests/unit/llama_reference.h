@@ -99,9 +99,20 @@ inline double reference_loss(const LlamaConfig& c, const std::map<std::string, T
   const size_t nkv = static_cast<size_t>(c.num_key_value_heads);
   const size_t d = static_cast<size_t>(c.head_dim), I = static_cast<size_t>(c.intermediate_size);
   const size_t V = static_cast<size_t>(c.vocab_size);
+  // Packed samples: a token attends to keys of its own sample only, and positions count from the
+  // sample's first token.
+  auto same_sample = [&](size_t a, size_t b) {
+    return batch.segment_ids.empty() || batch.segment_ids[a] == batch.segment_ids[b];
+  };
   std::vector<int32_t> positions = batch.positions;
-  if (positions.empty())
-    for (size_t r = 0; r < rows; ++r) positions.push_back(static_cast<int32_t>(r % T));
+  if (positions.empty()) {
+    for (size_t r = 0; r < rows; ++r) {
+      size_t start = r - r % T;
+      for (size_t u = r - r % T; u < r; ++u)
+        if (!same_sample(u, r)) start = u + 1;
+      positions.push_back(static_cast<int32_t>(r - start));
+    }
+  }
 
   Tensor64 x(rows * H);
   const Tensor64& embed = p.at("model.embed_tokens.weight");
@@ -124,6 +135,10 @@ inline double reference_loss(const LlamaConfig& c, const std::map<std::string, T
           std::vector<double> score(i + 1);
           double max_score = -1e300;
           for (size_t j = 0; j <= i; ++j) {
+            if (!same_sample(b * T + j, b * T + i)) {
+              score[j] = -1e300;  // exp underflows to exactly 0
+              continue;
+            }
             double dot = 0.0;
             for (size_t e = 0; e < d; ++e)
               dot += q[((b * T + i) * nh + head) * d + e] * k[((b * T + j) * nkv + kv_head) * d + e];

@@ -28,6 +28,7 @@ struct LlamaModel::LayerActivations {
 struct LlamaModel::Activations {
   int64_t batch_size = 0, seq_len = 0;
   std::vector<int32_t> input_ids, targets, positions;
+  std::vector<int32_t> first_key;  // packed batches: first attendable position of each token's row
   Buffer residual;  // layer inputs: [layers + 1, B·T, hidden]; entry L feeds the final norm
   std::vector<LayerActivations> layers;  // one per layer, or a single reused set when checkpointing
   Buffer final_normed, final_rstd;
@@ -74,9 +75,27 @@ void LlamaModel::validate(const TokenBatch& batch) const {
   }
   const size_t tokens = static_cast<size_t>(batch.batch_size * batch.seq_len);
   if (batch.input_ids.size() != tokens || batch.targets.size() != tokens ||
-      (!batch.positions.empty() && batch.positions.size() != tokens)) {
-    throw std::invalid_argument("batch: input_ids, targets and positions must each hold " +
-                                std::to_string(tokens) + " entries");
+      (!batch.positions.empty() && batch.positions.size() != tokens) ||
+      (!batch.segment_ids.empty() && batch.segment_ids.size() != tokens)) {
+    throw std::invalid_argument("batch: input_ids, targets, positions and segment_ids must each "
+                                "hold " + std::to_string(tokens) + " entries");
+  }
+  if (!batch.segment_ids.empty()) {
+    for (int64_t r = 0; r < batch.batch_size; ++r) {
+      const int32_t* row = batch.segment_ids.data() + r * batch.seq_len;
+      for (int64_t t = 1; t < batch.seq_len; ++t) {
+        if (row[t] == row[t - 1]) continue;
+        for (int64_t u = 0; u < t; ++u) {
+          if (row[u] == row[t]) {
+            throw std::invalid_argument("batch: segment_ids[" +
+                                        std::to_string(r * batch.seq_len + t) + "] = " +
+                                        std::to_string(row[t]) +
+                                        " resumes a sample after another one: samples must be "
+                                        "contiguous");
+          }
+        }
+      }
+    }
   }
   for (size_t i = 0; i < tokens; ++i) {
     const int32_t id = batch.input_ids[i], target = batch.targets[i];
@@ -214,10 +233,21 @@ ForwardResult LlamaModel::forward(const TokenBatch& batch) {
   acts.input_ids = batch.input_ids;
   acts.targets = batch.targets;
   acts.positions = batch.positions;
+  acts.first_key.clear();
+  if (!batch.segment_ids.empty()) {
+    acts.first_key.resize(static_cast<size_t>(rows));
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t t = i % batch.seq_len;
+      const bool starts_sample = t == 0 || batch.segment_ids[i] != batch.segment_ids[i - 1];
+      acts.first_key[i] = starts_sample ? static_cast<int32_t>(t) : acts.first_key[i - 1];
+    }
+  }
   if (acts.positions.empty()) {
     acts.positions.resize(static_cast<size_t>(rows));
     for (int64_t i = 0; i < rows; ++i) {
-      acts.positions[static_cast<size_t>(i)] = static_cast<int32_t>(i % batch.seq_len);
+      const int64_t t = i % batch.seq_len;
+      const int64_t start = acts.first_key.empty() ? 0 : acts.first_key[i];
+      acts.positions[static_cast<size_t>(i)] = static_cast<int32_t>(t - start);
     }
   }
   ensure_rope_table(*std::max_element(acts.positions.begin(), acts.positions.end()) + 1);
@@ -264,6 +294,8 @@ void LlamaModel::layer_forward(int64_t l, const float* x_in, LayerActivations& a
   cpu::rope_forward(f32(a.q), positions, rope_table_, rows, c.num_attention_heads);
   cpu::rope_forward(f32(a.k), positions, rope_table_, rows, c.num_key_value_heads);
   cpu::attention_forward(f32(a.attn_out), f32(a.probs), f32(a.q), f32(a.k), f32(a.v),
+                         activations_->first_key.empty() ? nullptr
+                                                         : activations_->first_key.data(),
                          attention_shape(activations_->batch_size, activations_->seq_len));
   std::memcpy(f32(a.x_mid), x_in, static_cast<size_t>(rows * hidden) * sizeof(float));
   cpu::matmul_forward(f32(a.x_mid), f32(a.attn_out), weight_f32(*w.o_proj), rows, hidden, q_width,

@@ -15,14 +15,17 @@
 namespace lomo {
 
 // A batch of token rows. targets[i] is the token that should follow input_ids[i] (the caller shifts;
-// kIgnoreIndex = −100 excludes a position from the loss). positions may be empty (0..seq_len−1 in
-// every row) or hold one position per token.
+// kIgnoreIndex = −100 excludes a position from the loss).
+// segment_ids (optional) packs several samples into one row: tokens with the same id form one
+// contiguous sample, and attention never crosses samples. positions may be empty (0, 1, ... from
+// the start of each row, or of each sample when packed) or hold one position per token.
 struct TokenBatch {
   int64_t batch_size = 0;
   int64_t seq_len = 0;
   std::vector<int32_t> input_ids;
   std::vector<int32_t> targets;
   std::vector<int32_t> positions;
+  std::vector<int32_t> segment_ids;
 };
 
 struct ModelOptions {
