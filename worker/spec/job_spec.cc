@@ -247,7 +247,7 @@ class Section {
     std::string_view text = node->Scalar();
     if (text[0] == '+') text.remove_prefix(1);
     const auto result = std::from_chars(text.data(), text.data() + text.size(), out);
-    if (result.ec != std::errc()) {
+    if (result.ec != std::errc() || result.ptr != text.data() + text.size()) {
       context_.fail(field, "out of range (at most 18446744073709551615), got " + describe(*node));
     }
   }
@@ -349,7 +349,7 @@ class Section {
     if (text[0] == '+') text.remove_prefix(1);
     int64_t value = 0;
     const auto result = std::from_chars(text.data(), text.data() + text.size(), value);
-    if (result.ec != std::errc()) {
+    if (result.ec != std::errc() || result.ptr != text.data() + text.size()) {
       context_.fail(field, "out of the 64-bit integer range, got " + describe(node));
     }
     return value;
@@ -367,7 +367,8 @@ class Section {
     double value = 0;
     const auto result = std::from_chars(text.data(), text.data() + text.size(), value);
     // from_chars reports overflow and underflow alike; both mean the number is not usable.
-    if (result.ec != std::errc() || !std::isfinite(value)) {
+    if (result.ec != std::errc() || result.ptr != text.data() + text.size() ||
+        !std::isfinite(value)) {
       context_.fail(field, "out of the double-precision range, got " + describe(node));
     }
     return value;
