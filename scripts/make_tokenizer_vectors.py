@@ -1,0 +1,431 @@
+#!/usr/bin/env python3
+"""Builds the byte-level BPE test tokenizers and their parity vectors with Hugging Face
+`tokenizers`, the reference lomo's C++ BPE (worker/data/bpe_tokenizer.cc) must agree with.
+
+Writes, for each style (llama3_style, gpt2_style, qwen2_style):
+    tests/data/tokenizers/<style>/tokenizer.json         trained here on a small multilingual text
+    tests/data/tokenizers/<style>/tokenizer_config.json  BOS/EOS/pad as a model directory has them
+    tests/data/tokenizers/<style>/vectors.json           [{text, ids[, decoded]}] from tokenizers
+and small seed inputs for the fuzz target in tests/fuzz/corpus/tokenizer_json_fuzz/.
+
+Run once with the repository's virtual environment and commit the output:
+    .venv/bin/python scripts/make_tokenizer_vectors.py
+Training and encoding are deterministic, so a re-run with the same `tokenizers` version
+reproduces the files.
+"""
+import json
+import pathlib
+import random
+import sys
+
+import tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DATA = ROOT / "tests" / "data" / "tokenizers"
+FUZZ_CORPUS = ROOT / "tests" / "fuzz" / "corpus" / "tokenizer_json_fuzz"
+
+GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+                  r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
+                 r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+# The training text: several scripts, digits, code and whitespace, so that merges exist for all.
+CORPUS = """\
+The quick brown fox jumps over the lazy dog. It's 2024, and we're testing tokenizers; they'll
+see numbers like 3.14159, 1,000,000 and 42 -- or 0x1F600. Don't panic! She'd said: "I've got it."
+Le cœur a ses raisons que la raison ne connaît point. Où est la bibliothèque ? Ça va très bien.
+Ich möchte ein Stück Käse, bitte. Grüße aus Zürich und München! Straße, Fußgänger, Äpfel.
+¿Dónde está el baño? El niño comió piña y jalapeño. São Paulo é uma cidade enorme.
+Съешь же ещё этих мягких французских булок, да выпей чаю. Привет, мир!
+Ελληνικά: Ξεσκεπάζω την ψυχοφθόρα βδελυγμία. Καλημέρα κόσμε.
+中文测试：我们正在训练一个分词器。你好，世界！今天天气很好。
+日本語のテキストです。こんにちは、世界。カタカナとひらがなと漢字。
+한국어 텍스트입니다. 안녕하세요, 세계! 감사합니다.
+हिन्दी में लिखा गया वाक्य। नमस्ते दुनिया।
+مرحبا بالعالم. هذه جملة باللغة العربية ١٢٣ ٤٥٦.
+שלום עולם. זהו משפט בעברית.
+Emoji: 😀 😃 👍🏽 ❤️ 🇫🇷 👨‍👩‍👧 🚀 ✨ — and symbols ©®™ § ¶ † ‡ • … ‰ € £ ¥ ½ ² ³.
+def fibonacci(n):
+    if n < 2:
+        return n
+    return fibonacci(n - 1) + fibonacci(n - 2)
+
+for (int i = 0; i < 10; ++i) { printf("%d\\n", i * i); }
+\t\tIndented with tabs\r\nWindows line end\r\n
+Mixed   spaces    and\t\ttabs   and
+
+
+blank lines.
+12345678901234567890 9876543210 000 007 1e-5 -273.15 +49 30% $19.99
+"""
+
+
+def training_lines():
+    return CORPUS.splitlines(keepends=True) * 3
+
+
+def train(pattern, vocab_size, ignore_merges, add_prefix_space, special_tokens=()):
+    """A byte-level BPE: `pattern` None means ByteLevel's own GPT-2 split (use_regex)."""
+    tok = Tokenizer(models.BPE(ignore_merges=ignore_merges))
+    if pattern is None:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space,
+                                                     use_regex=True)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, use_regex=False),
+        ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=1,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=list(special_tokens), show_progress=False)
+    tok.train_from_iterator(training_lines(), trainer=trainer)
+    return tok
+
+
+def with_extra_vocab(tok, words):
+    """Adds whole-word tokens that no merge produces: with ignore_merges, encode must still pick
+    them for exactly that word."""
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    byte_char = bytes_to_unicode()
+    for word in words:
+        token = "".join(byte_char[b] for b in word.encode("utf-8"))
+        vocab.setdefault(token, len(vocab))
+    return Tokenizer.from_str(json.dumps(spec))
+
+
+def bytes_to_unicode():
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def legacy_merges(tok):
+    """The same tokenizer with merges spelled "a b" (older tokenizer.json files)."""
+    spec = json.loads(tok.to_str())
+    spec["model"]["merges"] = [" ".join(pair) for pair in spec["model"]["merges"]]
+    return Tokenizer.from_str(json.dumps(spec))
+
+
+# ---------------------------------------------------------------------------------------------
+# Test texts.
+
+COMMON_TEXTS = [
+    "",
+    "Hello, world!",
+    "Hello world",
+    " leading space",
+    "trailing space ",
+    "  two leading spaces",
+    "tabs\there\t\tand\t",
+    "new\nlines\n\n\nmany",
+    "\r\n windows \r\n",
+    "mixed \t \n \r\n  end  ",
+    "   ",
+    " ",
+    "\n",
+    "\t",
+    "\n\n\n\n\n\n\n\n\n\n",
+    " " * 20,
+    "a" + " " * 7 + "b",
+    "a  b   c    d",
+    "x \n y",
+    "word\n  indented",
+    "end with newline\n",
+    "\u00a0nbsp\u00a0",
+    "\u3000ideographic\u3000space",
+    "line\u2028separator",
+    "x\u0085y",
+    "\x0b\x0cvertical",
+    "\x00nul and \x7f del and \x1b[0m",
+    # digits
+    "1",
+    "12",
+    "123",
+    "1234",
+    "12345678901234567890",
+    "3.14159",
+    "1,000,000",
+    "a1b22c333d4444e55555",
+    " 2024",
+    "x 123 y",
+    "٣٤٥٦٧",
+    "१२३४",
+    "①②③④",
+    "Ⅻ and ⅷ",
+    "²³½7",
+    "0x1F600",
+    # contractions
+    "I'm",
+    "don't",
+    "they're",
+    "we've",
+    "she'll",
+    "he'd",
+    "it's",
+    "IT'S",
+    "DON'T",
+    "They'Re WE'VE",
+    "'s",
+    "'",
+    "''",
+    "''s",
+    "rock 'n' roll",
+    "'ſ and 'ſt",
+    "'ß",
+    "O'Neil y'all",
+    " 's",
+    "'sup",
+    "I'M SHE'LL HE'D",
+    # punctuation and code
+    "!!!",
+    "...",
+    "—–-",
+    "(a) [b] {c}",
+    "<html><body>",
+    "def f(x): return x**2",
+    "#include <stdio.h>",
+    "a.b.c",
+    "?!\n",
+    "!!!\n\n",
+    " ...\r\n",
+    "foo()\n\n\tbar();\r\n",
+    "'''docstring'''",
+    # Unicode
+    "café",
+    "naïve",
+    "Zürich",
+    "São Paulo",
+    "Ελληνικά",
+    "Русский текст",
+    "中文测试",
+    "日本語のテキスト",
+    "한국어 텍스트",
+    "हिन्दी",
+    "e\u0301",
+    "a\u0300\u0301\u0302",
+    "\u0301start",
+    "עברית",
+    "العربية",
+    "مرحبا بالعالم",
+    "abc עברית 123 العربية",
+    "😀",
+    "👍🏽",
+    "👨‍👩‍👧",
+    "🇫🇷",
+    "I ❤ NY",
+    "\U0001F600\U0001F601 x",
+    "\u200b zero width",
+    "\ufeffBOM",
+    "ﬁ ligature",
+    "ǅ Lt",
+    "ᾈ",
+    "𝔘𝔫𝔦𝔠𝔬𝔡𝔢",
+    "\U00010000 \U0010FFFD",
+    "Ａ full width",
+]
+
+
+def special_texts(specials):
+    a, b = specials[0], specials[-1]
+    return [
+        a,
+        a + "Hello" + b,
+        "x" + b + "y",
+        b + b,
+        " " + b + " ",
+        "  " + b + "\n\n" + a,
+        b[:-1],
+        b[:-2] + " " + b[-2:],
+        "text " + a + " more " + b + " end",
+    ]
+
+
+def random_texts(rng, specials, count):
+    pools = [
+        list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"),
+        list("0123456789"),
+        [" ", " ", " ", "  ", "\t", "\n", "\r\n", "\n\n", "\u00a0", "\u3000"],
+        list("!\"#$%&()*+,-./:;<=>?@[\\]^_`{|}~"),
+        ["'", "'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "'S", "'LL", "'ſ"],
+        list("éèêëàâäôöûüçñßøåæœ"),
+        list("中文日本語한국어"),
+        list("абвгдежзийклмнопрстуфхцчшщыэюя"),
+        list("αβγδεζηθικλμ"),
+        list("שלוםمرحبا"),
+        ["\u0301", "\u0308", "\u093f", "\u094d"],
+        list("٣٤۵१२①Ⅻ²"),
+        ["😀", "👍🏽", "🚀", "❤️", "🇫🇷", "👨‍👩‍👧"],
+        list(specials),
+        ["hello", " world", "the", " The", "tokenizer", " 2024", "ing"],
+    ]
+    texts = []
+    for _ in range(count):
+        pieces = [rng.choice(rng.choice(pools)) for _ in range(rng.randint(1, 24))]
+        texts.append("".join(pieces))
+    return texts
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def write_json(path, value):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, ensure_ascii=False, separators=(",", ":")) + "\n",
+                    encoding="utf-8")
+
+
+def write_vectors(path, tok, texts):
+    lines = []
+    for text in texts:
+        ids = tok.encode(text, add_special_tokens=False).ids
+        vector = {"text": text, "ids": ids}
+        # Byte-level BPE decodes back to the text, except where an lstrip/rstrip added token
+        # absorbed the whitespace beside it: then the vector records what decode gives.
+        decoded = tok.decode(ids, skip_special_tokens=False)
+        if decoded != text:
+            vector["decoded"] = decoded
+        lines.append(json.dumps(vector, ensure_ascii=False, separators=(",", ":")))
+    header = json.dumps({
+        "generator": "scripts/make_tokenizer_vectors.py",
+        "tokenizers_version": tokenizers.__version__,
+        "python_version": sys.version.split()[0],
+    }, separators=(",", ":"))
+    path.write_text(header[:-1] + ',"vectors":[\n' + ",\n".join(lines) + "\n]}\n",
+                    encoding="utf-8")
+
+
+def save_style(name, tok, config, texts):
+    """Writes the tokenizer compactly, then reloads that file so the vectors come from exactly
+    what is committed."""
+    out = DATA / name
+    write_json(out / "tokenizer.json", json.loads(tok.to_str()))
+    reloaded = Tokenizer.from_file(str(out / "tokenizer.json"))
+    write_json(out / "tokenizer_config.json", config)
+    write_vectors(out / "vectors.json", reloaded, texts)
+    sizes = sum(p.stat().st_size for p in out.iterdir())
+    print("%s: %d vectors, vocab %d, %d bytes" % (name, len(texts),
+                                                 reloaded.get_vocab_size(), sizes))
+
+
+def llama3_style():
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                "<|end_header_id|>", "<|eot_id|>"]
+    tok = train(LLAMA3_PATTERN, 1000, ignore_merges=True, add_prefix_space=False)
+    tok = with_extra_vocab(tok, [" zzqx", "qqqq"])
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    # A non-special added token, matched after the special ones (normalized=True).
+    tok.add_tokens([AddedToken("<think>", special=False, normalized=True)])
+    chat = ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nWhat's 12345 + 678?"
+            "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n<think>easy</think>"
+            "13023<|eot_id|>")
+    texts = (COMMON_TEXTS + special_texts(specials) +
+             [chat, " zzqx", "zzqx", " zzqxy", "qqqq", "qqqqq", "<think> x </think>"] +
+             random_texts(random.Random(3), specials + ["<think>"], 150))
+    config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "pad_token": None,
+              "tokenizer_class": "PreTrainedTokenizerFast"}
+    save_style("llama3_style", tok, config, texts)
+
+
+def gpt2_style():
+    tok = train(None, 1000, ignore_merges=False, add_prefix_space=False,
+                special_tokens=["<|endoftext|>"])
+    # lstrip takes the whitespace before the token with it, rstrip the whitespace after.
+    tok.add_special_tokens([AddedToken("<mask>", special=True, lstrip=True, normalized=False)])
+    tok.add_tokens([AddedToken("[SEP]", special=False, rstrip=True, normalized=True),
+                    AddedToken("[SEP][SEP]", special=False, normalized=True)])
+    tok = legacy_merges(tok)
+    specials = ["<|endoftext|>", "<mask>"]
+    texts = (COMMON_TEXTS + special_texts(specials) + [
+        "hello   <mask> world", "<mask>", "  <mask>  ", "a\t\n <mask>\n", "x[SEP]  y",
+        "[SEP][SEP][SEP]", "[SEP] \n [SEP]", "a <mask>[SEP]   <mask> b", "[SEP]<mask>",
+    ] + random_texts(random.Random(2), specials + ["[SEP]"], 150))
+    config = {
+        "bos_token": {"content": "<|endoftext|>", "lstrip": False, "normalized": True,
+                      "rstrip": False, "single_word": False, "__type": "AddedToken"},
+        "eos_token": {"content": "<|endoftext|>", "lstrip": False, "normalized": True,
+                      "rstrip": False, "single_word": False, "__type": "AddedToken"},
+        "tokenizer_class": "GPT2Tokenizer",
+    }
+    save_style("gpt2_style", tok, config, texts)
+
+
+def qwen2_style():
+    # add_prefix_space=True is not Qwen2's setting; it is here to exercise that option.
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = train(QWEN2_PATTERN, 600, ignore_merges=False, add_prefix_space=True)
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    texts = (COMMON_TEXTS + special_texts(specials) +
+             ["<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\n2+2=?<|im_end|>"]
+             + random_texts(random.Random(1), specials, 100))
+    config = {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
+    save_style("qwen2_style", tok, config, texts)
+
+
+def fuzz_seeds():
+    """Small tokenizer.json inputs for the fuzz target: tiny vocabularies (the byte alphabet and
+    a few merges) in each supported shape, and broken variants of them."""
+    FUZZ_CORPUS.mkdir(parents=True, exist_ok=True)
+    tiny_llama3 = train(LLAMA3_PATTERN, 290, ignore_merges=True, add_prefix_space=False)
+    tiny_llama3.add_special_tokens([AddedToken("<|eot_id|>", special=True, normalized=False)])
+    tiny_gpt2 = train(None, 280, ignore_merges=False, add_prefix_space=False,
+                      special_tokens=["<|endoftext|>"])
+    tiny_gpt2.add_tokens([AddedToken("[SEP]", special=False, lstrip=True, rstrip=True)])
+    tiny_gpt2 = legacy_merges(tiny_gpt2)
+    tiny_qwen2 = train(QWEN2_PATTERN, 270, ignore_merges=False, add_prefix_space=True)
+    seeds = {
+        "valid_llama3.json": json.loads(tiny_llama3.to_str()),
+        "valid_gpt2_legacy_merges.json": json.loads(tiny_gpt2.to_str()),
+        "valid_qwen2_prefix_space.json": json.loads(tiny_qwen2.to_str()),
+    }
+    base = json.loads(tiny_llama3.to_str())
+
+    def variant(change):
+        spec = json.loads(json.dumps(base))
+        change(spec)
+        return spec
+
+    seeds["invalid_normalizer_nfc.json"] = variant(
+        lambda s: s.__setitem__("normalizer", {"type": "NFC"}))
+    seeds["invalid_model_wordpiece.json"] = variant(
+        lambda s: s["model"].__setitem__("type", "WordPiece"))
+    seeds["invalid_pattern.json"] = variant(
+        lambda s: s["pre_tokenizer"]["pretokenizers"][0]["pattern"].__setitem__("Regex", r"\w+"))
+    seeds["invalid_merge_unknown_token.json"] = variant(
+        lambda s: s["model"]["merges"].append(["zz", "top"]))
+    seeds["invalid_byte_fallback.json"] = variant(
+        lambda s: s["model"].__setitem__("byte_fallback", True))
+    for name, spec in seeds.items():
+        write_json(FUZZ_CORPUS / name, spec)
+    # Two malformed-JSON inputs, and vocab/merges with unusual entries.
+    (FUZZ_CORPUS / "invalid_truncated.json").write_text(
+        json.dumps(base, separators=(",", ":"))[:300], encoding="utf-8")
+    (FUZZ_CORPUS / "minimal.json").write_text(
+        '{"model":{"type":"BPE","vocab":{"a":0,"b":1,"ab":2,"\\u0120":3},"merges":["a b"],'
+        '"unk_token":"a","fuse_unk":true},'
+        '"pre_tokenizer":{"type":"ByteLevel","add_prefix_space":true},'
+        '"decoder":{"type":"ByteLevel"},'
+        '"added_tokens":[{"id":4,"content":"<s>","special":true,"lstrip":true,"rstrip":true}]}\n',
+        encoding="utf-8")
+    print("fuzz corpus: %d files" % len(list(FUZZ_CORPUS.iterdir())))
+
+
+def main():
+    print("tokenizers %s, Python %s" % (tokenizers.__version__, sys.version.split()[0]))
+    llama3_style()
+    gpt2_style()
+    qwen2_style()
+    fuzz_seeds()
+
+
+if __name__ == "__main__":
+    main()

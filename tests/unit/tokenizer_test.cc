@@ -1,0 +1,507 @@
+#include "worker/data/tokenizer.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "worker/data/bpe_tokenizer.h"
+#include "worker/data/sentencepiece_tokenizer.h"
+#include "worker/data/split_pattern.h"
+#include "worker/data/unicode_text.h"
+
+namespace lomo {
+namespace {
+
+using nlohmann::json;
+using ::testing::AllOf;
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+
+namespace fs = std::filesystem;
+
+const fs::path kTokenizerData = fs::path(LOMO_TEST_DATA_DIR) / "tokenizers";
+const fs::path kLlama2Model = LOMO_LLAMA2_TOKENIZER_MODEL;
+
+std::string read_text(const fs::path& path) {
+  std::ifstream file(path, std::ios::binary);
+  if (!file) throw std::runtime_error("cannot open " + path.string());
+  std::ostringstream text;
+  text << file.rdbuf();
+  return text.str();
+}
+
+void write_text(const fs::path& path, const std::string& text) {
+  std::ofstream(path, std::ios::binary) << text;
+}
+
+// A fresh directory under the system temp dir, removed at the end of the test.
+class TempDir {
+ public:
+  TempDir() {
+    path_ = fs::temp_directory_path() /
+            ("lomo_tokenizer_test_" + std::to_string(::getpid()) + "_" + std::to_string(next_++));
+    fs::remove_all(path_);
+    fs::create_directories(path_);
+  }
+  ~TempDir() { fs::remove_all(path_); }
+  const fs::path& path() const { return path_; }
+
+ private:
+  static inline int next_ = 0;
+  fs::path path_;
+};
+
+// Runs `load` and returns the message of the exception of type E it throws; fails if it throws
+// nothing or something else.
+template <typename E>
+std::string error_of(const std::function<void()>& load) {
+  try {
+    load();
+  } catch (const E& error) {
+    return error.what();
+  } catch (const std::exception& error) {
+    ADD_FAILURE() << "wrong exception type: " << error.what();
+    return {};
+  }
+  ADD_FAILURE() << "no exception";
+  return {};
+}
+
+std::string escaped(const std::string& text) { return json(text).dump(); }
+
+// ---------------------------------------------------------------------------------------------
+// Parity with Hugging Face tokenizers on the committed vectors
+// (scripts/make_tokenizer_vectors.py).
+
+class BpeParityTest : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(BpeParityTest, EveryVectorEncodesToTheLibrarysIdsAndDecodesBack) {
+  const fs::path dir = kTokenizerData / GetParam();
+  const std::unique_ptr<Tokenizer> tokenizer = load_tokenizer(dir);
+  const json vectors = json::parse(read_text(dir / "vectors.json"));
+  ASSERT_GT(vectors.at("vectors").size(), 100u);
+  size_t mismatches = 0;
+  for (const json& vector : vectors.at("vectors")) {
+    const std::string text = vector.at("text").get<std::string>();
+    const std::vector<int32_t> expected = vector.at("ids").get<std::vector<int32_t>>();
+    const std::vector<int32_t> ids = tokenizer->encode(text);
+    if (ids != expected) ++mismatches;
+    EXPECT_EQ(ids, expected) << "text " << escaped(text);
+    // Decoding returns the text, except where an lstrip/rstrip token absorbed whitespace.
+    const std::string decoded = vector.value("decoded", text);
+    EXPECT_EQ(tokenizer->decode(expected), decoded) << "ids of " << escaped(text);
+    if (mismatches > 20) FAIL() << "stopping after 20 mismatches";
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Styles, BpeParityTest,
+                         ::testing::Values("llama3_style", "gpt2_style", "qwen2_style"));
+
+TEST(BpeTokenizerTest, SpecialTokenIdsComeFromTokenizerConfig) {
+  // llama3_style: strings; gpt2_style: {"content": ...} objects; qwen2_style: null BOS.
+  const auto llama3 = load_tokenizer(kTokenizerData / "llama3_style");
+  EXPECT_EQ(llama3->bos_id(), 1002);  // <|begin_of_text|>
+  EXPECT_EQ(llama3->eos_id(), 1006);  // <|eot_id|>
+  EXPECT_EQ(llama3->pad_id(), std::nullopt);
+  EXPECT_EQ(llama3->token_to_id("<|eot_id|>"), 1006);
+  EXPECT_EQ(llama3->token_to_id("<think>"), 1007);
+  EXPECT_EQ(llama3->token_to_id("Hello"), std::nullopt);
+  EXPECT_EQ(llama3->vocab_size(), 1008);
+
+  const auto gpt2 = load_tokenizer(kTokenizerData / "gpt2_style");
+  EXPECT_EQ(gpt2->bos_id(), 0);  // <|endoftext|>, also in model.vocab
+  EXPECT_EQ(gpt2->eos_id(), 0);
+  EXPECT_EQ(gpt2->vocab_size(), 1003);
+
+  const auto qwen2 = load_tokenizer(kTokenizerData / "qwen2_style");
+  EXPECT_EQ(qwen2->bos_id(), std::nullopt);
+  EXPECT_EQ(qwen2->eos_id(), 602);  // <|im_end|>
+  EXPECT_EQ(qwen2->pad_id(), 600);  // <|endoftext|>
+}
+
+TEST(BpeTokenizerTest, SpecialTokensInTheMiddleOfTextAreSingleIds) {
+  const auto tokenizer = load_tokenizer(kTokenizerData / "llama3_style");
+  const std::vector<int32_t> ids = tokenizer->encode("a<|eot_id|>b");
+  ASSERT_EQ(ids.size(), 3u);
+  EXPECT_EQ(ids[1], 1006);
+  EXPECT_EQ(tokenizer->decode(ids), "a<|eot_id|>b");
+}
+
+TEST(BpeTokenizerTest, IdsWithoutATokenDecodeToNothing) {
+  const auto tokenizer = load_tokenizer(kTokenizerData / "llama3_style");
+  std::vector<int32_t> ids = tokenizer->encode("Hello");
+  ids.insert(ids.begin(), -1);
+  ids.push_back(1 << 30);
+  EXPECT_EQ(tokenizer->decode(ids), "Hello");
+}
+
+TEST(BpeTokenizerTest, InvalidUtf8IsEncodedByteByByteAndDecodedAsReplacementCharacters) {
+  // The tokenizers library refuses such text; lomo keeps every byte as a byte token.
+  const auto tokenizer = load_tokenizer(kTokenizerData / "llama3_style");
+  const std::vector<int32_t> ids = tokenizer->encode("a\xff\xfe b\xe2\x82");
+  EXPECT_FALSE(ids.empty());
+  EXPECT_EQ(tokenizer->decode(ids), "a\xEF\xBF\xBD\xEF\xBF\xBD b\xEF\xBF\xBD");
+}
+
+TEST(BpeTokenizerTest, ConcurrentEncodesAgree) {
+  const auto tokenizer = load_tokenizer(kTokenizerData / "gpt2_style");
+  const std::string text = "Concurrent encoding, 12345 times: ça marche! 中文 😀\n";
+  const std::vector<int32_t> expected = tokenizer->encode(text);
+  std::vector<std::thread> threads;
+  std::vector<int> agreed(4, 0);
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < 200; ++i) agreed[t] += tokenizer->encode(text) == expected;
+    });
+  }
+  for (std::thread& thread : threads) thread.join();
+  EXPECT_THAT(agreed, ElementsAre(200, 200, 200, 200));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Split patterns and UTF-8 helpers.
+
+std::vector<std::string_view> split(SplitPattern pattern, std::string_view text) {
+  std::vector<std::string_view> pieces;
+  split_with_pattern(pattern, text, pieces);
+  return pieces;
+}
+
+TEST(SplitPatternTest, Llama3SplitsDigitsInThreesAndQwen2OneByOne) {
+  EXPECT_THAT(split(SplitPattern::kLlama3, "1234567"), ElementsAre("123", "456", "7"));
+  EXPECT_THAT(split(SplitPattern::kQwen2, "123"), ElementsAre("1", "2", "3"));
+  EXPECT_THAT(split(SplitPattern::kGpt2, "x 1234567"), ElementsAre("x", " 1234567"));
+}
+
+TEST(SplitPatternTest, WhitespaceBeforeAWordLeavesItsLastSpaceToTheWord) {
+  EXPECT_THAT(split(SplitPattern::kGpt2, "a   b"), ElementsAre("a", "  ", " b"));
+  EXPECT_THAT(split(SplitPattern::kLlama3, "a  \n\n  b"), ElementsAre("a", "  \n\n", " ", " b"));
+  EXPECT_THAT(split(SplitPattern::kLlama3, "x\t\tfoo  "), ElementsAre("x", "\t", "\tfoo", "  "));
+}
+
+TEST(SplitPatternTest, Llama3ContractionsIgnoreCaseIncludingLongS) {
+  // Oniguruma's case folding maps U+017F (ſ) to 's'; the tokenizers library agrees.
+  EXPECT_THAT(split(SplitPattern::kLlama3, "IT'S 'ſx"), ElementsAre("IT", "'S", " '", "ſx"));
+  EXPECT_THAT(split(SplitPattern::kLlama3, "'ſx"), ElementsAre("'ſ", "x"));
+  EXPECT_THAT(split(SplitPattern::kGpt2, "IT'S it's"), ElementsAre("IT", "'", "S", " it", "'s"));
+}
+
+TEST(SplitPatternTest, KnowsExactlyTheThreePatterns) {
+  for (const SplitPattern pattern :
+       {SplitPattern::kGpt2, SplitPattern::kLlama3, SplitPattern::kQwen2}) {
+    EXPECT_EQ(find_split_pattern(split_pattern_regex(pattern)), pattern);
+  }
+  EXPECT_EQ(find_split_pattern(R"(\w+|[^\w\s]+)"), std::nullopt);
+}
+
+TEST(Utf8Test, LossyDecodingReplacesEachMaximalIllFormedSubpart) {
+  // The cases follow Rust's String::from_utf8_lossy, which the tokenizers library's decoder uses.
+  EXPECT_EQ(utf8_lossy("ok \xC3\xA9"), "ok \xC3\xA9");
+  EXPECT_EQ(utf8_lossy("\xE2\x82"), "\xEF\xBF\xBD");                              // truncated: one
+  EXPECT_EQ(utf8_lossy("\xE2\x82x"), "\xEF\xBF\xBDx");                            // cut short: one
+  EXPECT_EQ(utf8_lossy("\xF0\x80\x80"), "\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD");  // overlong
+  EXPECT_EQ(utf8_lossy("\xED\xA0\x80"), "\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD");  // surrogate
+  EXPECT_EQ(utf8_lossy("\xC0\xAF"), "\xEF\xBF\xBD\xEF\xBF\xBD");
+}
+
+TEST(Utf8Test, CharacterClassesFollowOniguruma) {
+  EXPECT_EQ(char_class('a'), CharClass::kLetter);
+  EXPECT_EQ(char_class(0x4E2D), CharClass::kLetter);  // 中
+  EXPECT_EQ(char_class(0x0663), CharClass::kNumber);  // ٣
+  EXPECT_EQ(char_class(0x2167), CharClass::kNumber);  // Ⅷ (Nl)
+  EXPECT_EQ(char_class(0x00B2), CharClass::kNumber);  // ² (No)
+  EXPECT_EQ(char_class(0x0085), CharClass::kSpace);   // NEL
+  EXPECT_EQ(char_class(0x3000), CharClass::kSpace);
+  EXPECT_EQ(char_class(0x200B), CharClass::kOther);  // zero width space is Cf, not \s
+  EXPECT_EQ(char_class(0x0301), CharClass::kOther);  // combining acute (Mn)
+  EXPECT_EQ(char_class(0x1F600), CharClass::kOther);
+  EXPECT_EQ(char_class(kInvalidCodePoint), CharClass::kOther);
+}
+
+// ---------------------------------------------------------------------------------------------
+// SentencePiece: the Llama 2 tokenizer.
+
+class SentencePieceTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ASSERT_TRUE(fs::exists(kLlama2Model))
+        << kLlama2Model << " is missing: the shared data directory belongs beside the clone";
+    tokenizer_ = SentencePieceTokenizer::load(kLlama2Model);
+  }
+  std::unique_ptr<SentencePieceTokenizer> tokenizer_;
+};
+
+TEST_F(SentencePieceTest, EncodesLikeTheSentencePieceLibrary) {
+  // Expected ids from the sentencepiece Python package 0.2.3 on the same file. Note the leading
+  // "▁" (add_dummy_prefix): "Hello" is "▁Hello" (15043), and " leading" gets "▁" + "▁leading".
+  const std::vector<std::pair<std::string, std::vector<int32_t>>> cases = {
+      {"Hello", {15043}},
+      {"Hello world", {15043, 3186}},
+      {"Hello, world! It's 2024.",
+       {15043, 29892, 3186, 29991, 739, 29915, 29879, 29871, 29906, 29900, 29906, 29946, 29889}},
+      {" leading space", {29871, 8236, 2913}},
+      {"The quick brown fox jumps over the lazy dog.",
+       {450, 4996, 17354, 1701, 29916, 432, 17204, 975, 278, 17366, 11203, 29889}},
+      {"café naïve Zürich", {274, 28059, 1055, 30085, 345, 24931}},
+      {"中文测试", {29871, 30275, 30333, 31851, 31787}},
+      {"😀", {29871, 243, 162, 155, 131}},  // byte fallback
+      {"  two\n\nlines\ttab", {259, 1023, 13, 13, 9012, 12, 3891}},
+      {"12345", {29871, 29896, 29906, 29941, 29946, 29945}},
+      {"<s>", {529, 29879, 29958}},  // not special in text
+      {"", {}},
+  };
+  for (const auto& [text, ids] : cases) {
+    EXPECT_EQ(tokenizer_->encode(text), ids) << escaped(text);
+    EXPECT_EQ(tokenizer_->decode(ids), text) << escaped(text);
+  }
+}
+
+TEST_F(SentencePieceTest, KnowsItsSpecialTokens) {
+  EXPECT_EQ(tokenizer_->vocab_size(), 32000);
+  EXPECT_EQ(tokenizer_->bos_id(), 1);
+  EXPECT_EQ(tokenizer_->eos_id(), 2);
+  EXPECT_EQ(tokenizer_->pad_id(), std::nullopt);
+  EXPECT_EQ(tokenizer_->token_to_id("<unk>"), 0);
+  EXPECT_EQ(tokenizer_->token_to_id("</s>"), 2);
+  EXPECT_EQ(tokenizer_->token_to_id("▁Hello"), 15043);
+  EXPECT_EQ(tokenizer_->token_to_id("no-such-piece"), std::nullopt);
+  // Control tokens decode to nothing; unknown ids are skipped.
+  EXPECT_EQ(tokenizer_->decode(std::vector<int32_t>{1, 15043, 2, -5, 32000}), "Hello");
+}
+
+TEST(LoadTokenizerTest, PicksTokenizerModelWithoutTokenizerJsonAndReadsItsConfig) {
+  TempDir dir;
+  fs::create_symlink(fs::absolute(kLlama2Model), dir.path() / "tokenizer.model");
+  write_text(dir.path() / "tokenizer_config.json",
+             R"({"bos_token": {"content": "<s>", "__type": "AddedToken"}, "eos_token": "</s>",
+                 "pad_token": "<unk>"})");
+  const auto tokenizer = load_tokenizer(dir.path());
+  EXPECT_EQ(tokenizer->encode("Hello"), std::vector<int32_t>{15043});
+  EXPECT_EQ(tokenizer->bos_id(), 1);
+  EXPECT_EQ(tokenizer->eos_id(), 2);
+  EXPECT_EQ(tokenizer->pad_id(), 0);
+}
+
+TEST(LoadTokenizerTest, PrefersTokenizerModelOverASentencePieceStyleTokenizerJson) {
+  // What Hugging Face's Llama 2 directories hold beside tokenizer.model (abridged).
+  TempDir dir;
+  fs::create_symlink(fs::absolute(kLlama2Model), dir.path() / "tokenizer.model");
+  write_text(dir.path() / "tokenizer.json", R"({"version": "1.0", "normalizer": {"type":
+      "Sequence", "normalizers": [{"type": "Prepend", "prepend": "▁"}]}, "pre_tokenizer": null,
+      "model": {"type": "BPE", "byte_fallback": true, "vocab": {}, "merges": []},
+      "decoder": {"type": "Sequence", "decoders": []}})");
+  EXPECT_EQ(load_tokenizer(dir.path())->encode("Hello"), std::vector<int32_t>{15043});
+
+  // A byte-level tokenizer.json wins over a tokenizer.model beside it.
+  fs::copy_file(kTokenizerData / "llama3_style" / "tokenizer.json", dir.path() / "tokenizer.json",
+                fs::copy_options::overwrite_existing);
+  EXPECT_EQ(load_tokenizer(dir.path())->vocab_size(), 1008);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Special token ids from config.json and tokenizer_config.json.
+
+class SpecialIdsTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    fs::copy_file(kTokenizerData / "llama3_style" / "tokenizer.json",
+                  dir_.path() / "tokenizer.json");
+  }
+  TempDir dir_;
+};
+
+TEST_F(SpecialIdsTest, ConfigJsonGivesIdsAndTheFirstOfAnEosList) {
+  write_text(dir_.path() / "config.json",
+             R"({"bos_token_id": 1002, "eos_token_id": [1003, 1006], "pad_token_id": -1})");
+  const auto tokenizer = load_tokenizer(dir_.path());
+  EXPECT_EQ(tokenizer->bos_id(), 1002);
+  EXPECT_EQ(tokenizer->eos_id(), 1003);
+  EXPECT_EQ(tokenizer->pad_id(), std::nullopt);  // negative: none
+}
+
+TEST_F(SpecialIdsTest, TokenizerConfigTakesPrecedenceOverConfigJson) {
+  // Llama 3.1 Instruct: config.json lists <|end_of_text|> first, the tokenizer ends turns with
+  // <|eot_id|>; transformers' tokenizer (and lomo) take tokenizer_config.json's.
+  write_text(dir_.path() / "config.json", R"({"bos_token_id": 1002, "eos_token_id": [1003]})");
+  write_text(dir_.path() / "tokenizer_config.json", R"({"eos_token": "<|eot_id|>"})");
+  const auto tokenizer = load_tokenizer(dir_.path());
+  EXPECT_EQ(tokenizer->bos_id(), 1002);
+  EXPECT_EQ(tokenizer->eos_id(), 1006);
+}
+
+TEST_F(SpecialIdsTest, NullInTokenizerConfigMeansNoneWhateverConfigJsonSays) {
+  // Qwen2's files: bos_token null, yet config.json names a bos_token_id.
+  write_text(dir_.path() / "config.json", R"({"bos_token_id": 1003, "eos_token_id": 1006})");
+  write_text(dir_.path() / "tokenizer_config.json", R"({"bos_token": null})");
+  const auto tokenizer = load_tokenizer(dir_.path());
+  EXPECT_EQ(tokenizer->bos_id(), std::nullopt);
+  EXPECT_EQ(tokenizer->eos_id(), 1006);
+}
+
+TEST_F(SpecialIdsTest, WithoutConfigFilesThereAreNone) {
+  const auto tokenizer = load_tokenizer(dir_.path());
+  EXPECT_EQ(tokenizer->bos_id(), std::nullopt);
+  EXPECT_EQ(tokenizer->eos_id(), std::nullopt);
+}
+
+TEST_F(SpecialIdsTest, BadValuesAreErrorsNamingFileAndField) {
+  write_text(dir_.path() / "config.json", R"({"eos_token_id": 5000})");
+  EXPECT_THAT(error_of<std::invalid_argument>([&] { load_tokenizer(dir_.path()); }),
+              AllOf(HasSubstr("config.json"), HasSubstr("eos_token_id"), HasSubstr("5000")));
+  write_text(dir_.path() / "config.json", R"({"bos_token_id": "1"})");
+  EXPECT_THAT(error_of<std::invalid_argument>([&] { load_tokenizer(dir_.path()); }),
+              AllOf(HasSubstr("config.json"), HasSubstr("bos_token_id")));
+  write_text(dir_.path() / "config.json", "{");
+  EXPECT_THAT(error_of<std::invalid_argument>([&] { load_tokenizer(dir_.path()); }),
+              AllOf(HasSubstr("config.json"), HasSubstr("not valid JSON")));
+  fs::remove(dir_.path() / "config.json");
+
+  write_text(dir_.path() / "tokenizer_config.json", R"({"eos_token": "<|no_such|>"})");
+  EXPECT_THAT(
+      error_of<std::invalid_argument>([&] { load_tokenizer(dir_.path()); }),
+      AllOf(HasSubstr("tokenizer_config.json"), HasSubstr("eos_token"), HasSubstr("<|no_such|>")));
+  write_text(dir_.path() / "tokenizer_config.json", R"({"pad_token": {"text": "x"}})");
+  EXPECT_THAT(
+      error_of<std::invalid_argument>([&] { load_tokenizer(dir_.path()); }),
+      AllOf(HasSubstr("tokenizer_config.json"), HasSubstr("pad_token"), HasSubstr("content")));
+  write_text(dir_.path() / "tokenizer_config.json", R"({"bos_token": 7})");
+  EXPECT_THAT(error_of<std::invalid_argument>([&] { load_tokenizer(dir_.path()); }),
+              AllOf(HasSubstr("tokenizer_config.json"), HasSubstr("bos_token")));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Malformed and unsupported files.
+
+TEST(LoadTokenizerTest, MissingDirectoryOrFilesAreRuntimeErrors) {
+  EXPECT_THAT(error_of<std::runtime_error>([] { load_tokenizer("/nonexistent/model"); }),
+              AllOf(HasSubstr("/nonexistent/model"), HasSubstr("not a directory")));
+  TempDir dir;
+  EXPECT_THAT(error_of<std::runtime_error>([&] { load_tokenizer(dir.path()); }),
+              AllOf(HasSubstr(dir.path().string()), HasSubstr("tokenizer.json"),
+                    HasSubstr("tokenizer.model")));
+  EXPECT_THAT(error_of<std::runtime_error>([&] { BpeTokenizer::load(dir.path() / "x.json"); }),
+              HasSubstr("x.json"));
+}
+
+TEST(LoadTokenizerTest, CorruptTokenizerModelNamesTheFile) {
+  TempDir dir;
+  write_text(dir.path() / "tokenizer.model", "this is not a protobuf");
+  EXPECT_THAT(error_of<std::invalid_argument>([&] { load_tokenizer(dir.path()); }),
+              AllOf(HasSubstr("tokenizer.model"), HasSubstr("not a SentencePiece model")));
+}
+
+TEST(LoadTokenizerTest, InvalidTokenizerJsonNamesTheFile) {
+  TempDir dir;
+  write_text(dir.path() / "tokenizer.json", R"({"model": {"type": "BPE", )");
+  EXPECT_THAT(error_of<std::invalid_argument>([&] { load_tokenizer(dir.path()); }),
+              AllOf(HasSubstr("tokenizer.json"), HasSubstr("not valid JSON")));
+}
+
+// Each case edits the llama3_style tokenizer.json and expects from_json to reject it with a
+// message naming the field (and the offending value where there is one).
+class MalformedTokenizerJsonTest : public ::testing::Test {
+ protected:
+  static json base() {
+    return json::parse(read_text(kTokenizerData / "llama3_style" / "tokenizer.json"));
+  }
+  static std::string rejection(const json& spec) {
+    return error_of<std::invalid_argument>(
+        [&] { BpeTokenizer::from_json(spec.dump(), "dir/tokenizer.json"); });
+  }
+};
+
+TEST_F(MalformedTokenizerJsonTest, TheUnmodifiedBaseLoads) {
+  EXPECT_NO_THROW(BpeTokenizer::from_json(base().dump(), "base"));
+}
+
+TEST_F(MalformedTokenizerJsonTest, UnsupportedModelType) {
+  json spec = base();
+  spec["model"]["type"] = "WordPiece";
+  EXPECT_THAT(rejection(spec), AllOf(HasSubstr("dir/tokenizer.json"), HasSubstr("model.type"),
+                                     HasSubstr("WordPiece")));
+  spec["model"].erase("type");
+  EXPECT_THAT(rejection(spec), AllOf(HasSubstr("model.type"), HasSubstr("missing")));
+  spec.erase("model");
+  EXPECT_THAT(rejection(spec), AllOf(HasSubstr("model"), HasSubstr("missing")));
+}
+
+TEST_F(MalformedTokenizerJsonTest, UnsupportedSplitPatternIsNamed) {
+  json spec = base();
+  spec["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = R"(\w+|\s+)";
+  EXPECT_THAT(rejection(spec),
+              AllOf(HasSubstr("pre_tokenizer.pretokenizers[0].pattern.Regex"),
+                    HasSubstr(R"(\w+|\s+)"), HasSubstr("unsupported split pattern")));
+  spec = base();
+  spec["pre_tokenizer"]["pretokenizers"][0]["pattern"] = {{"String", " "}};
+  EXPECT_THAT(rejection(spec), HasSubstr("pattern.String"));
+  spec = base();
+  spec["pre_tokenizer"]["pretokenizers"][0]["behavior"] = "Removed";
+  EXPECT_THAT(rejection(spec), AllOf(HasSubstr("behavior"), HasSubstr("Removed")));
+}
+
+TEST_F(MalformedTokenizerJsonTest, PreTokenizerMustEndInByteLevel) {
+  json spec = base();
+  spec["pre_tokenizer"] = {{"type", "Whitespace"}};
+  EXPECT_THAT(rejection(spec), AllOf(HasSubstr("pre_tokenizer.type"), HasSubstr("Whitespace")));
+  spec = base();
+  spec["pre_tokenizer"] = spec["pre_tokenizer"]["pretokenizers"][0];
+  EXPECT_THAT(rejection(spec), AllOf(HasSubstr("pre_tokenizer"), HasSubstr("ByteLevel")));
+  spec = base();
+  spec["pre_tokenizer"] = nullptr;
+  EXPECT_THAT(rejection(spec), HasSubstr("pre_tokenizer"));
+}
+
+TEST_F(MalformedTokenizerJsonTest, MergeReferencingAnUnknownTokenIsNamed) {
+  json spec = base();
+  spec["model"]["merges"].push_back({"zz", "top"});
+  const size_t index = spec["model"]["merges"].size() - 1;
+  EXPECT_THAT(rejection(spec),
+              AllOf(HasSubstr("model.merges[" + std::to_string(index) + "]"), HasSubstr("\"zz\"")));
+  spec = base();
+  spec["model"]["merges"] = {"a b c"};
+  EXPECT_THAT(rejection(spec), AllOf(HasSubstr("model.merges[0]"), HasSubstr("a b c")));
+  spec["model"]["merges"] = {"Ġ t", json::array({"Ġ", "t"})};
+  EXPECT_THAT(rejection(spec), HasSubstr("model.merges[1]"));
+}
+
+TEST_F(MalformedTokenizerJsonTest, UnsupportedFeaturesAreNamed) {
+  const std::vector<std::pair<std::function<void(json&)>, std::string>> cases = {
+      {[](json& s) {
+         s["normalizer"] = {{"type", "NFC"}};
+       },
+       "normalizer"},
+      {[](json& s) { s["model"]["byte_fallback"] = true; }, "model.byte_fallback"},
+      {[](json& s) { s["model"]["dropout"] = 0.1; }, "model.dropout"},
+      {[](json& s) { s["model"]["continuing_subword_prefix"] = "##"; },
+       "model.continuing_subword_prefix"},
+      {[](json& s) { s["model"]["unk_token"] = "<unk>"; }, "model.unk_token"},
+      {[](json& s) {
+         s["decoder"] = {{"type", "Metaspace"}};
+       },
+       "decoder.type"},
+      {[](json& s) { s["added_tokens"][0]["single_word"] = true; }, "added_tokens[0].single_word"},
+      {[](json& s) { s["added_tokens"][0]["id"] = 5; }, "added_tokens[0].id"},
+      {[](json& s) { s["model"]["vocab"]["extra"] = 0; }, "model.vocab"},
+      {[](json& s) { s["model"]["vocab"]["extra"] = -3; }, "model.vocab[\"extra\"]"},
+      {[](json& s) { s["version"] = "2.0"; }, "version"},
+  };
+  for (const auto& [change, field] : cases) {
+    json spec = base();
+    change(spec);
+    EXPECT_THAT(rejection(spec), AllOf(HasSubstr("dir/tokenizer.json: "), HasSubstr(field)))
+        << field;
+  }
+}
+
+}  // namespace
+}  // namespace lomo

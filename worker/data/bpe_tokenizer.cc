@@ -1,0 +1,818 @@
+#include "worker/data/bpe_tokenizer.h"
+
+#include <algorithm>
+#include <array>
+#include <fstream>
+#include <functional>
+#include <limits>
+#include <nlohmann/json.hpp>
+#include <queue>
+#include <sstream>
+#include <stdexcept>
+#include <unordered_map>
+#include <utility>
+
+#include "worker/data/split_pattern.h"
+#include "worker/data/unicode_text.h"
+
+namespace lomo {
+namespace {
+
+using nlohmann::json;
+
+// ---------------------------------------------------------------------------------------------
+// GPT-2's byte-to-unicode table: every byte becomes a printable character, so that a byte-level
+// token is a readable string. Printable Latin-1 bytes map to themselves, the other 68 bytes to
+// U+0100 onwards in byte order.
+
+struct ByteLevelAlphabet {
+  std::array<uint32_t, 256> char_of_byte{};
+  std::array<int16_t, 512> byte_of_char{};  // -1: not a byte-level character
+};
+
+constexpr ByteLevelAlphabet make_byte_level_alphabet() {
+  ByteLevelAlphabet alphabet;
+  for (int16_t& b : alphabet.byte_of_char) b = -1;
+  uint32_t next = 256;
+  for (uint32_t b = 0; b < 256; ++b) {
+    const bool printable = (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || b >= 0xAE;
+    const uint32_t c = printable ? b : next++;
+    alphabet.char_of_byte[b] = c;
+    alphabet.byte_of_char[c] = static_cast<int16_t>(b);
+  }
+  return alphabet;
+}
+constexpr ByteLevelAlphabet kByteLevel = make_byte_level_alphabet();
+
+// The bytes a token made of byte-level characters stands for; nullopt if any character is not
+// one (added tokens such as "<|eot_id|>" are, by luck of printable ASCII; others need not be).
+std::optional<std::string> byte_level_decode(std::string_view token) {
+  std::string bytes;
+  for (size_t at = 0; at < token.size();) {
+    const Utf8Char c = decode_utf8(token, at);
+    if (c.code_point >= kByteLevel.byte_of_char.size() ||
+        kByteLevel.byte_of_char[c.code_point] < 0) {
+      return std::nullopt;
+    }
+    bytes += static_cast<char>(kByteLevel.byte_of_char[c.code_point]);
+    at += c.length;
+  }
+  return bytes;
+}
+
+// Hash maps keyed by std::string that string_views can look up without a copy.
+struct StringHash {
+  using is_transparent = void;
+  size_t operator()(std::string_view s) const { return std::hash<std::string_view>{}(s); }
+};
+using StringMap = std::unordered_map<std::string, int32_t, StringHash, std::equal_to<>>;
+
+// A leftmost-longest matcher over a set of strings: a byte trie walked from each position.
+class TokenMatcher {
+ public:
+  void add(std::string_view content, int32_t id) {
+    uint32_t node = 0;
+    for (const char ch : content) {
+      const auto byte = static_cast<uint8_t>(ch);
+      uint32_t child = 0;
+      for (const auto& [b, index] : nodes_[node].children) {
+        if (b == byte) child = index;
+      }
+      if (child == 0) {
+        child = static_cast<uint32_t>(nodes_.size());
+        nodes_[node].children.emplace_back(byte, child);
+        nodes_.emplace_back();
+      }
+      node = child;
+    }
+    nodes_[node].id = id;
+    first_byte_[static_cast<uint8_t>(content[0])] = true;
+  }
+
+  bool empty() const { return nodes_.size() == 1; }
+
+  // The longest string starting at text[at]: its id and length; length 0 when none matches.
+  std::pair<int32_t, size_t> longest_at(std::string_view text, size_t at) const {
+    std::pair<int32_t, size_t> best{-1, 0};
+    if (!first_byte_[static_cast<uint8_t>(text[at])]) return best;
+    uint32_t node = 0;
+    for (size_t i = at; i < text.size(); ++i) {
+      const auto byte = static_cast<uint8_t>(text[i]);
+      uint32_t child = 0;
+      for (const auto& [b, index] : nodes_[node].children) {
+        if (b == byte) child = index;
+      }
+      if (child == 0) break;
+      node = child;
+      if (nodes_[node].id >= 0) best = {nodes_[node].id, i + 1 - at};
+    }
+    return best;
+  }
+
+ private:
+  struct Node {
+    std::vector<std::pair<uint8_t, uint32_t>> children;  // (byte, node index); few per node
+    int32_t id = -1;
+  };
+  std::vector<Node> nodes_ = std::vector<Node>(1);
+  std::array<bool, 256> first_byte_{};
+};
+
+struct AddedToken {
+  std::string content;
+  int32_t id = 0;
+  bool special = false;
+  bool normalized = true;
+  bool lstrip = false;
+  bool rstrip = false;
+};
+
+// One step of the pre-tokenizer: a Split by a pattern, or the final ByteLevel.
+struct PreTokenizerStep {
+  std::optional<SplitPattern> split;  // set for Split steps
+  bool add_prefix_space = false;      // ByteLevel only
+  bool use_regex = false;             // ByteLevel only: also split by the GPT-2 pattern
+};
+
+struct MergeRule {
+  uint32_t rank;
+  int32_t new_id;
+};
+
+uint64_t pair_key(int32_t left, int32_t right) {
+  return (static_cast<uint64_t>(static_cast<uint32_t>(left)) << 32) | static_cast<uint32_t>(right);
+}
+
+}  // namespace
+
+struct BpeTokenizer::Model {
+  // The model vocabulary by token text (byte-level characters).
+  StringMap vocab;
+  // The model vocabulary by raw bytes, for tokens made only of byte-level characters: pre-tokenized
+  // text is looked up here without mapping it to characters first.
+  StringMap vocab_by_bytes;
+  std::array<int32_t, 256> byte_ids{};             // the token of each single byte, or -1
+  std::unordered_map<uint64_t, MergeRule> merges;  // pair_key(left, right) -> rule
+  std::optional<int32_t> unk_id;
+  bool fuse_unk = false;
+  bool ignore_merges = false;
+
+  std::vector<PreTokenizerStep> pre_tokenizer;
+
+  std::unordered_map<int32_t, AddedToken> added_by_id;
+  StringMap added_by_content;
+  TokenMatcher raw_matcher;         // normalized=false tokens: matched first
+  TokenMatcher normalized_matcher;  // normalized=true tokens: matched in what is left
+
+  std::unordered_map<int32_t, std::string> token_of_id;  // added tokens take precedence
+  std::unordered_map<int32_t, std::string> bytes_of_id;  // what the ByteLevel decoder makes of it
+  int64_t vocab_size = 0;
+};
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Parsing tokenizer.json. Every error names the file and the field (a JSON path).
+
+class Parser {
+ public:
+  explicit Parser(std::string source) : source_(std::move(source)) {}
+
+  std::unique_ptr<BpeTokenizer::Model> parse(std::string_view json_text) {
+    json root;
+    try {
+      root = json::parse(json_text.begin(), json_text.end());
+    } catch (const json::exception& error) {
+      throw std::invalid_argument(source_ + ": not valid JSON: " + error.what());
+    }
+    if (!root.is_object()) fail("(root)", "expected an object, found " + type_of(root));
+    auto model = std::make_unique<BpeTokenizer::Model>();
+    if (const json* version = member(root, "version")) {
+      if (!version->is_string() || version->get<std::string>() != "1.0") {
+        fail("version", "unsupported version " + version->dump() + " (expected \"1.0\")");
+      }
+    }
+    if (const json* normalizer = member(root, "normalizer"); normalizer && !normalizer->is_null()) {
+      fail("normalizer", "unsupported normalizer " + describe_type(*normalizer) +
+                             " (lomo supports tokenizers without one)");
+    }
+    parse_model(required(root, "model", "model"), *model);
+    parse_pre_tokenizer(required(root, "pre_tokenizer", "pre_tokenizer"), *model);
+    parse_decoder(required(root, "decoder", "decoder"));
+    if (const json* added = member(root, "added_tokens"); added && !added->is_null()) {
+      parse_added_tokens(*added, *model);
+    }
+    build_decoding(*model);
+    return model;
+  }
+
+ private:
+  [[noreturn]] void fail(const std::string& field, const std::string& what) const {
+    throw std::invalid_argument(source_ + ": " + field + ": " + what);
+  }
+
+  static std::string type_of(const json& value) { return value.type_name(); }
+
+  // "\"NFC\"" for {"type": "NFC", ...}, else the JSON type.
+  static std::string describe_type(const json& value) {
+    if (value.is_object()) {
+      if (const json* type = member(value, "type"); type && type->is_string()) return type->dump();
+    }
+    return type_of(value);
+  }
+
+  static const json* member(const json& object, const char* key) {
+    const auto it = object.find(key);
+    return it == object.end() ? nullptr : &*it;
+  }
+
+  const json& required(const json& object, const char* key, const std::string& field) const {
+    const json* value = member(object, key);
+    if (value == nullptr) fail(field, "missing");
+    return *value;
+  }
+
+  const json& required_object(const json& object, const char* key, const std::string& field) const {
+    const json& value = required(object, key, field);
+    if (!value.is_object()) fail(field, "expected an object, found " + type_of(value));
+    return value;
+  }
+
+  // A bool that may be absent or null (nullopt then).
+  std::optional<bool> optional_bool(const json& object, const char* key,
+                                    const std::string& field) const {
+    const json* value = member(object, key);
+    if (value == nullptr || value->is_null()) return std::nullopt;
+    if (!value->is_boolean()) fail(field, "expected true or false, found " + type_of(*value));
+    return value->get<bool>();
+  }
+
+  std::optional<std::string> optional_string(const json& object, const char* key,
+                                             const std::string& field) const {
+    const json* value = member(object, key);
+    if (value == nullptr || value->is_null()) return std::nullopt;
+    if (!value->is_string()) fail(field, "expected a string, found " + type_of(*value));
+    return value->get<std::string>();
+  }
+
+  std::string required_string(const json& object, const char* key, const std::string& field) const {
+    std::optional<std::string> value = optional_string(object, key, field);
+    if (!value) fail(field, "missing");
+    return *value;
+  }
+
+  int32_t token_id(const json& value, const std::string& field) const {
+    // nlohmann stores every non-negative integer as unsigned.
+    if (!value.is_number_unsigned()) {
+      fail(field, "expected a token id (an integer >= 0), found " + value.dump());
+    }
+    const uint64_t id = value.get<uint64_t>();
+    if (id > static_cast<uint64_t>(std::numeric_limits<int32_t>::max())) {
+      fail(field, "token id " + std::to_string(id) + " does not fit in int32");
+    }
+    return static_cast<int32_t>(id);
+  }
+
+  void parse_model(const json& model_json, BpeTokenizer::Model& model) const {
+    if (!model_json.is_object()) fail("model", "expected an object, found " + type_of(model_json));
+    const std::optional<std::string> type = optional_string(model_json, "type", "model.type");
+    if (!type) fail("model.type", "missing (lomo supports \"BPE\")");
+    if (*type != "BPE") {
+      fail("model.type", "unsupported model type \"" + *type + "\" (lomo supports \"BPE\")");
+    }
+
+    if (const json* dropout = member(model_json, "dropout"); dropout && !dropout->is_null()) {
+      if (!dropout->is_number() || dropout->get<double>() != 0.0) {
+        fail("model.dropout", "BPE dropout " + dropout->dump() +
+                                  " is not supported (lomo tokenizes deterministically)");
+      }
+    }
+    if (optional_bool(model_json, "byte_fallback", "model.byte_fallback").value_or(false)) {
+      fail("model.byte_fallback", "byte_fallback is not supported for byte-level BPE");
+    }
+    for (const char* key : {"continuing_subword_prefix", "end_of_word_suffix"}) {
+      const std::string field = std::string("model.") + key;
+      if (!optional_string(model_json, key, field).value_or("").empty()) {
+        fail(field, "not supported by lomo's byte-level BPE");
+      }
+    }
+    model.fuse_unk = optional_bool(model_json, "fuse_unk", "model.fuse_unk").value_or(false);
+    model.ignore_merges =
+        optional_bool(model_json, "ignore_merges", "model.ignore_merges").value_or(false);
+
+    const json& vocab = required_object(model_json, "vocab", "model.vocab");
+    model.vocab.reserve(vocab.size());
+    std::unordered_map<int32_t, const std::string*> token_of_id;
+    token_of_id.reserve(vocab.size());
+    for (const auto& [token, id_json] : vocab.items()) {
+      const int32_t id = token_id(id_json, "model.vocab[\"" + token + "\"]");
+      const auto [it, inserted] = model.vocab.emplace(token, id);
+      const auto [other, fresh] = token_of_id.emplace(id, &it->first);
+      if (!fresh) {
+        fail("model.vocab", "tokens \"" + *other->second + "\" and \"" + token + "\" share id " +
+                                std::to_string(id));
+      }
+      model.vocab_size = std::max<int64_t>(model.vocab_size, int64_t{id} + 1);
+      if (std::optional<std::string> bytes = byte_level_decode(token)) {
+        model.vocab_by_bytes.emplace(std::move(*bytes), id);
+      }
+    }
+    for (int b = 0; b < 256; ++b) {
+      const auto it = model.vocab_by_bytes.find(std::string(1, static_cast<char>(b)));
+      model.byte_ids[static_cast<size_t>(b)] = it == model.vocab_by_bytes.end() ? -1 : it->second;
+    }
+
+    if (const std::optional<std::string> unk =
+            optional_string(model_json, "unk_token", "model.unk_token")) {
+      // The tokenizers library reports a missing unk token only when it first needs it; a file
+      // that names one it does not have is broken either way.
+      const auto it = model.vocab.find(*unk);
+      if (it == model.vocab.end()) {
+        fail("model.unk_token", "\"" + *unk + "\" is not in model.vocab");
+      }
+      model.unk_id = it->second;
+    }
+    parse_merges(required(model_json, "merges", "model.merges"), model);
+  }
+
+  void parse_merges(const json& merges, BpeTokenizer::Model& model) const {
+    if (!merges.is_array()) fail("model.merges", "expected an array, found " + type_of(merges));
+    // Two spellings: ["a", "b"] pairs, or legacy "a b" strings (where lines starting with
+    // "#version" are skipped and do not count towards ranks). One file uses one of them.
+    const bool legacy = !merges.empty() && merges.front().is_string();
+    model.merges.reserve(merges.size());
+    uint32_t rank = 0;
+    for (size_t i = 0; i < merges.size(); ++i) {
+      const json& merge = merges[i];
+      const std::string field = "model.merges[" + std::to_string(i) + "]";
+      std::string left;
+      std::string right;
+      if (legacy) {
+        if (!merge.is_string()) {
+          fail(field, "expected a string like the first merge, found " + type_of(merge));
+        }
+        const std::string& line = merge.get_ref<const std::string&>();
+        if (line.starts_with("#version")) continue;
+        const size_t space = line.find(' ');
+        if (space == std::string::npos || line.find(' ', space + 1) != std::string::npos) {
+          fail(field, "\"" + line + "\" is not two tokens separated by one space");
+        }
+        left = line.substr(0, space);
+        right = line.substr(space + 1);
+      } else {
+        if (!merge.is_array() || merge.size() != 2 || !merge[0].is_string() ||
+            !merge[1].is_string()) {
+          fail(field, "expected a pair of token strings, found " + merge.dump());
+        }
+        left = merge[0].get<std::string>();
+        right = merge[1].get<std::string>();
+      }
+      const int32_t left_id = vocab_id(model, left, field);
+      const int32_t right_id = vocab_id(model, right, field);
+      const int32_t new_id = vocab_id(model, left + right, field);
+      // As in the tokenizers library, a pair listed twice keeps its last rank.
+      model.merges.insert_or_assign(pair_key(left_id, right_id), MergeRule{rank, new_id});
+      ++rank;
+    }
+  }
+
+  int32_t vocab_id(const BpeTokenizer::Model& model, const std::string& token,
+                   const std::string& field) const {
+    const auto it = model.vocab.find(token);
+    if (it == model.vocab.end()) fail(field, "token \"" + token + "\" is not in model.vocab");
+    return it->second;
+  }
+
+  void parse_pre_tokenizer(const json& pre_tokenizer, BpeTokenizer::Model& model) const {
+    if (!pre_tokenizer.is_object()) {
+      fail("pre_tokenizer",
+           "expected a ByteLevel pre-tokenizer (or a Sequence ending in one), found " +
+               type_of(pre_tokenizer));
+    }
+    const std::string type = required_string(pre_tokenizer, "type", "pre_tokenizer.type");
+    if (type == "Sequence") {
+      const json& steps = required(pre_tokenizer, "pretokenizers", "pre_tokenizer.pretokenizers");
+      if (!steps.is_array()) {
+        fail("pre_tokenizer.pretokenizers", "expected an array, found " + type_of(steps));
+      }
+      for (size_t i = 0; i < steps.size(); ++i) {
+        model.pre_tokenizer.push_back(parse_pre_tokenizer_step(
+            steps[i], "pre_tokenizer.pretokenizers[" + std::to_string(i) + "]"));
+      }
+    } else {
+      model.pre_tokenizer.push_back(parse_pre_tokenizer_step(pre_tokenizer, "pre_tokenizer"));
+    }
+    // Byte-level BPE needs the ByteLevel step exactly once, last: before it, splits see the text;
+    // after it they would see byte-level characters.
+    for (size_t i = 0; i < model.pre_tokenizer.size(); ++i) {
+      const bool is_byte_level = !model.pre_tokenizer[i].split;
+      const bool is_last = i + 1 == model.pre_tokenizer.size();
+      if (is_byte_level != is_last) {
+        fail("pre_tokenizer", "lomo supports Split steps followed by one ByteLevel step, last");
+      }
+    }
+    if (model.pre_tokenizer.empty()) {
+      fail("pre_tokenizer", "an empty Sequence has no ByteLevel step");
+    }
+  }
+
+  PreTokenizerStep parse_pre_tokenizer_step(const json& step, const std::string& field) const {
+    if (!step.is_object()) fail(field, "expected an object, found " + type_of(step));
+    const std::string type = required_string(step, "type", field + ".type");
+    PreTokenizerStep out;
+    if (type == "ByteLevel") {
+      const std::optional<bool> prefix =
+          optional_bool(step, "add_prefix_space", field + ".add_prefix_space");
+      if (!prefix) fail(field + ".add_prefix_space", "missing");
+      out.add_prefix_space = *prefix;
+      out.use_regex = optional_bool(step, "use_regex", field + ".use_regex").value_or(true);
+      return out;
+    }
+    if (type != "Split") {
+      fail(field + ".type", "unsupported pre-tokenizer \"" + type +
+                                "\" (lomo supports ByteLevel, or a Sequence of Split steps and "
+                                "ByteLevel)");
+    }
+    const json& pattern = required_object(step, "pattern", field + ".pattern");
+    if (member(pattern, "String")) {
+      fail(field + ".pattern.String", "string patterns are not supported (only known Regex ones)");
+    }
+    const std::string regex = required_string(pattern, "Regex", field + ".pattern.Regex");
+    out.split = find_split_pattern(regex);
+    if (!out.split) {
+      fail(field + ".pattern.Regex",
+           "unsupported split pattern \"" + regex +
+               "\" (lomo implements the GPT-2, Llama 3 and Qwen2 patterns)");
+    }
+    const std::string behavior = required_string(step, "behavior", field + ".behavior");
+    if (behavior != "Isolated") {
+      fail(field + ".behavior",
+           "unsupported split behavior \"" + behavior + "\" (lomo supports Isolated)");
+    }
+    if (optional_bool(step, "invert", field + ".invert").value_or(false)) {
+      fail(field + ".invert", "inverted splits are not supported");
+    }
+    return out;
+  }
+
+  void parse_decoder(const json& decoder) const {
+    if (!decoder.is_object()) {
+      fail("decoder", "expected a ByteLevel decoder, found " + type_of(decoder));
+    }
+    const std::string type = required_string(decoder, "type", "decoder.type");
+    if (type != "ByteLevel") {
+      fail("decoder.type", "unsupported decoder \"" + type + "\" (lomo supports ByteLevel)");
+    }
+  }
+
+  // Ids as the tokenizers library assigns them when it loads the file (AddedVocabulary::
+  // add_tokens): a token already in the model vocabulary keeps that id, a repeated one its first
+  // id, any other takes the next id after the model vocabulary. The library only warns when the
+  // file says otherwise; lomo refuses such a file rather than guess which id the model was
+  // trained with.
+  void parse_added_tokens(const json& tokens, BpeTokenizer::Model& model) const {
+    if (!tokens.is_array()) fail("added_tokens", "expected an array, found " + type_of(tokens));
+    auto next_id = static_cast<int64_t>(model.vocab.size());
+    for (size_t i = 0; i < tokens.size(); ++i) {
+      const json& token = tokens[i];
+      const std::string field = "added_tokens[" + std::to_string(i) + "]";
+      if (!token.is_object()) fail(field, "expected an object, found " + type_of(token));
+      AddedToken added;
+      added.content = required_string(token, "content", field + ".content");
+      const int32_t file_id = token_id(required(token, "id", field + ".id"), field + ".id");
+      if (optional_bool(token, "single_word", field + ".single_word").value_or(false)) {
+        fail(field + ".single_word", "single_word added tokens are not supported");
+      }
+      added.special = optional_bool(token, "special", field + ".special").value_or(false);
+      added.normalized =
+          optional_bool(token, "normalized", field + ".normalized").value_or(!added.special);
+      added.lstrip = optional_bool(token, "lstrip", field + ".lstrip").value_or(false);
+      added.rstrip = optional_bool(token, "rstrip", field + ".rstrip").value_or(false);
+      if (added.content.empty()) continue;  // the library ignores empty tokens
+
+      int64_t id;
+      if (const auto it = model.added_by_content.find(added.content);
+          it != model.added_by_content.end()) {
+        id = it->second;
+      } else if (const auto in_vocab = model.vocab.find(added.content);
+                 in_vocab != model.vocab.end()) {
+        id = in_vocab->second;
+      } else {
+        id = next_id++;
+      }
+      if (id != file_id) {
+        fail(field + ".id", "\"" + added.content + "\" has id " + std::to_string(file_id) +
+                                " but the tokenizers library would give it id " +
+                                std::to_string(id) +
+                                " (added tokens not in model.vocab must follow it in order)");
+      }
+      added.id = file_id;
+      model.added_by_content.insert_or_assign(added.content, file_id);
+      model.vocab_size = std::max<int64_t>(model.vocab_size, int64_t{file_id} + 1);
+      // A repeated token replaces the earlier one's options, as in the library.
+      model.added_by_id.insert_or_assign(file_id, std::move(added));
+    }
+    for (const auto& [id, added] : model.added_by_id) {
+      (added.normalized ? model.normalized_matcher : model.raw_matcher).add(added.content, id);
+    }
+  }
+
+  static void build_decoding(BpeTokenizer::Model& model) {
+    model.token_of_id.reserve(model.vocab.size() + model.added_by_id.size());
+    for (const auto& [token, id] : model.vocab) model.token_of_id.emplace(id, token);
+    for (const auto& [id, added] : model.added_by_id) {
+      model.token_of_id.insert_or_assign(id, added.content);
+    }
+    // The ByteLevel decoder turns a token into bytes when all its characters are byte-level
+    // ones, and keeps its UTF-8 text otherwise.
+    model.bytes_of_id.reserve(model.token_of_id.size());
+    for (const auto& [id, token] : model.token_of_id) {
+      model.bytes_of_id.emplace(id, byte_level_decode(token).value_or(token));
+    }
+  }
+
+  std::string source_;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Encoding.
+
+// Scratch buffers reused across the words of one encode call.
+struct Scratch {
+  struct Symbol {
+    int32_t id;
+    int32_t prev;
+    int32_t next;
+    uint32_t length;  // bytes; 0 marks a symbol merged into its left neighbour
+  };
+  struct Merge {
+    uint32_t rank;
+    uint32_t pos;
+    int32_t new_id;
+  };
+  // Lowest rank first, then leftmost: the order of the tokenizers library's merge queue.
+  struct LaterMerge {
+    bool operator()(const Merge& a, const Merge& b) const {
+      return a.rank != b.rank ? a.rank > b.rank : a.pos > b.pos;
+    }
+  };
+  std::vector<Symbol> symbols;
+  std::priority_queue<Merge, std::vector<Merge>, LaterMerge> queue;
+  std::vector<std::string_view> pieces;
+  std::vector<std::string_view> next_pieces;
+  std::vector<std::string_view> words;
+  std::string prefixed;
+};
+
+class Encoder {
+ public:
+  Encoder(const BpeTokenizer::Model& model, std::vector<int32_t>& ids) : model_(model), ids_(ids) {}
+
+  void encode(std::string_view text) {
+    if (text.empty()) return;
+    // Added tokens come out first: those matched on the raw text, then, in the gaps, those
+    // matched on normalized text (the same text here, as lomo supports no normalizer).
+    split_added(text, model_.raw_matcher, [this](std::string_view gap) {
+      split_added(gap, model_.normalized_matcher,
+                  [this](std::string_view segment) { encode_segment(segment); });
+    });
+  }
+
+ private:
+  // Emits the added tokens `matcher` finds in `text` and hands the text between them to `gap`,
+  // following AddedVocabulary::find_matches: leftmost-longest matches, lstrip/rstrip widen a
+  // match over adjacent whitespace, and the search resumes at the end of the match proper (so a
+  // later match may overlap what rstrip took; the library then behaves as reproduced here).
+  template <typename Gap>
+  void split_added(std::string_view text, const TokenMatcher& matcher, const Gap& gap) {
+    if (matcher.empty()) {
+      gap(text);
+      return;
+    }
+    size_t start_offset = 0;
+    size_t at = 0;
+    while (at < text.size()) {
+      const auto [id, length] = matcher.longest_at(text, at);
+      if (length == 0) {
+        ++at;
+        continue;
+      }
+      const AddedToken& token = model_.added_by_id.at(id);
+      size_t start = at;
+      size_t stop = at + length;
+      if (token.lstrip) {
+        start = std::max(start_of_trailing_space(text.substr(0, start)), start_offset);
+      }
+      if (token.rstrip) stop += leading_space_length(text.substr(stop));
+      if (start_offset < start) gap(text.substr(start_offset, start - start_offset));
+      // lstrip never reaches back over what an earlier rstrip took, which can leave a match with
+      // nothing: the library then drops the token (and, where the span is inverted, panics).
+      if (start < stop) ids_.push_back(id);
+      start_offset = stop;
+      at += length;
+    }
+    if (start_offset < text.size()) gap(text.substr(start_offset));
+  }
+
+  static size_t start_of_trailing_space(std::string_view text) {
+    // Walk back over whole characters: find the start of each, then test it.
+    size_t start = text.size();
+    while (start > 0) {
+      size_t char_start = start - 1;
+      while (char_start > 0 && start - char_start < 4 &&
+             (static_cast<uint8_t>(text[char_start]) & 0xC0) == 0x80) {
+        --char_start;
+      }
+      const Utf8Char c = decode_utf8(text, char_start);
+      if (char_start + c.length != start || !is_white_space(c.code_point)) break;
+      start = char_start;
+    }
+    return start;
+  }
+
+  static size_t leading_space_length(std::string_view text) {
+    size_t at = 0;
+    while (at < text.size()) {
+      const Utf8Char c = decode_utf8(text, at);
+      if (!is_white_space(c.code_point)) break;
+      at += c.length;
+    }
+    return at;
+  }
+
+  void encode_segment(std::string_view segment) {
+    std::vector<std::string_view>& pieces = scratch_.pieces;
+    pieces.assign(1, segment);
+    const PreTokenizerStep& byte_level = model_.pre_tokenizer.back();
+    for (size_t s = 0; s + 1 < model_.pre_tokenizer.size(); ++s) {
+      scratch_.next_pieces.clear();
+      for (const std::string_view piece : pieces) {
+        split_with_pattern(*model_.pre_tokenizer[s].split, piece, scratch_.next_pieces);
+      }
+      pieces.swap(scratch_.next_pieces);
+    }
+    for (const std::string_view piece : pieces) {
+      std::string_view text = piece;
+      if (byte_level.add_prefix_space && text.front() != ' ') {
+        scratch_.prefixed.assign(1, ' ');
+        scratch_.prefixed.append(text);
+        text = scratch_.prefixed;
+      }
+      if (byte_level.use_regex) {
+        scratch_.words.clear();
+        split_with_pattern(SplitPattern::kGpt2, text, scratch_.words);
+        for (const std::string_view word : scratch_.words) encode_word(word);
+      } else {
+        encode_word(text);
+      }
+    }
+  }
+
+  // BPE over the bytes of one pre-tokenized word (BPE::merge_word and Word::merge_all).
+  void encode_word(std::string_view word) {
+    if (model_.ignore_merges || word.size() == 1) {
+      // A single byte gains nothing from merging; with ignore_merges a whole word in the
+      // vocabulary is taken as it is.
+      if (const auto it = model_.vocab_by_bytes.find(word); it != model_.vocab_by_bytes.end()) {
+        ids_.push_back(it->second);
+        return;
+      }
+    }
+    if (word.size() > static_cast<size_t>(std::numeric_limits<int32_t>::max())) {
+      // Symbols are linked by int32 indices; no real text has a 2 GB word.
+      throw std::length_error("byte-level BPE: a pre-tokenized word of " +
+                              std::to_string(word.size()) + " bytes is too long");
+    }
+    auto& symbols = scratch_.symbols;
+    symbols.clear();
+    const auto add = [&symbols](int32_t id, uint32_t length) {
+      const auto index = static_cast<int32_t>(symbols.size());
+      if (!symbols.empty()) symbols.back().next = index;
+      symbols.push_back({id, index - 1, -1, length});
+    };
+    // Bytes without a token become the unknown token (consecutive ones fused into one with
+    // fuse_unk), or are dropped when the model has none.
+    int32_t pending_unk = -1;  // an unknown token not yet added, so that fuse_unk can grow it
+    uint32_t pending_length = 0;
+    for (const char ch : word) {
+      const int32_t id = model_.byte_ids[static_cast<uint8_t>(ch)];
+      if (id >= 0) {
+        if (pending_unk >= 0) add(pending_unk, pending_length);
+        pending_unk = -1;
+        add(id, 1);
+      } else if (model_.unk_id) {
+        if (pending_unk >= 0 && model_.fuse_unk) {
+          pending_length += 1;
+        } else {
+          if (pending_unk >= 0) add(pending_unk, pending_length);
+          pending_unk = *model_.unk_id;
+          pending_length = 1;
+        }
+      }
+    }
+    if (pending_unk >= 0) add(pending_unk, pending_length);
+
+    auto& queue = scratch_.queue;
+    const auto rule = [this](int32_t left, int32_t right) -> const MergeRule* {
+      const auto it = model_.merges.find(pair_key(left, right));
+      return it == model_.merges.end() ? nullptr : &it->second;
+    };
+    for (size_t i = 0; i + 1 < symbols.size(); ++i) {
+      if (const MergeRule* r = rule(symbols[i].id, symbols[i + 1].id)) {
+        queue.push({r->rank, static_cast<uint32_t>(i), r->new_id});
+      }
+    }
+    while (!queue.empty()) {
+      const Scratch::Merge top = queue.top();
+      queue.pop();
+      Scratch::Symbol& left = symbols[top.pos];
+      if (left.length == 0 || left.next < 0) continue;
+      const Scratch::Symbol right = symbols[static_cast<size_t>(left.next)];
+      // A queued merge is stale when its pair has changed since; the library tells by the merged
+      // id alone, and so must this to agree with it.
+      const MergeRule* current = rule(left.id, right.id);
+      if (current == nullptr || current->new_id != top.new_id) continue;
+      symbols[static_cast<size_t>(left.next)].length = 0;
+      left.id = top.new_id;
+      left.length += right.length;
+      left.next = right.next;
+      if (right.next >= 0) {
+        symbols[static_cast<size_t>(right.next)].prev = static_cast<int32_t>(top.pos);
+      }
+      if (left.prev >= 0) {
+        if (const MergeRule* r = rule(symbols[static_cast<size_t>(left.prev)].id, left.id)) {
+          queue.push({r->rank, static_cast<uint32_t>(left.prev), r->new_id});
+        }
+      }
+      if (left.next >= 0) {
+        if (const MergeRule* r = rule(left.id, symbols[static_cast<size_t>(left.next)].id)) {
+          queue.push({r->rank, top.pos, r->new_id});
+        }
+      }
+    }
+    for (const Scratch::Symbol& symbol : symbols) {
+      if (symbol.length != 0) ids_.push_back(symbol.id);
+    }
+  }
+
+  const BpeTokenizer::Model& model_;
+  std::vector<int32_t>& ids_;
+  Scratch scratch_;
+};
+
+std::string read_file(const std::filesystem::path& path) {
+  std::ifstream file(path, std::ios::binary);
+  if (!file) throw std::runtime_error(path.string() + ": cannot open");
+  std::ostringstream text;
+  text << file.rdbuf();
+  if (file.bad()) throw std::runtime_error(path.string() + ": read failed");
+  return std::move(text).str();
+}
+
+}  // namespace
+
+BpeTokenizer::BpeTokenizer(std::unique_ptr<const Model> model) : model_(std::move(model)) {}
+BpeTokenizer::~BpeTokenizer() = default;
+
+std::unique_ptr<BpeTokenizer> BpeTokenizer::from_json(std::string_view json_text,
+                                                      const std::string& source) {
+  return std::unique_ptr<BpeTokenizer>(new BpeTokenizer(Parser(source).parse(json_text)));
+}
+
+std::unique_ptr<BpeTokenizer> BpeTokenizer::load(const std::filesystem::path& path) {
+  return from_json(read_file(path), path.string());
+}
+
+std::vector<int32_t> BpeTokenizer::encode(std::string_view text) const {
+  std::vector<int32_t> ids;
+  ids.reserve(text.size() / 3 + 1);
+  Encoder(*model_, ids).encode(text);
+  return ids;
+}
+
+std::string BpeTokenizer::decode(std::span<const int32_t> ids) const {
+  std::string bytes;
+  for (const int32_t id : ids) {
+    const auto it = model_->bytes_of_id.find(id);
+    if (it != model_->bytes_of_id.end()) bytes += it->second;
+  }
+  return utf8_lossy(bytes);
+}
+
+int64_t BpeTokenizer::vocab_size() const { return model_->vocab_size; }
+
+std::optional<int32_t> BpeTokenizer::token_to_id(std::string_view token) const {
+  if (const auto it = model_->added_by_content.find(token); it != model_->added_by_content.end()) {
+    return it->second;
+  }
+  if (const auto it = model_->vocab.find(token); it != model_->vocab.end()) return it->second;
+  return std::nullopt;
+}
+
+std::optional<std::string> BpeTokenizer::id_to_token(int32_t id) const {
+  const auto it = model_->token_of_id.find(id);
+  if (it == model_->token_of_id.end()) return std::nullopt;
+  return it->second;
+}
+
+}  // namespace lomo

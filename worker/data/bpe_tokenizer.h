@@ -1,0 +1,62 @@
+// Byte-level BPE from a Hugging Face tokenizer.json (LLaMA-3, Qwen2, GPT-2 style), implemented
+// here and checked against the `tokenizers` library on committed vectors (tests/data/tokenizers).
+//
+// What is supported, exactly as the tokenizers library does it:
+//   - model: type "BPE", vocab, merges as "a b" strings or ["a", "b"] pairs (merges apply by rank,
+//     lowest first, leftmost on ties), ignore_merges, unk_token and fuse_unk;
+//   - pre_tokenizer: ByteLevel (use_regex: the GPT-2 pattern; add_prefix_space), or a Sequence of
+//     Split steps (behavior Isolated, a known regex: see split_pattern.h) followed by ByteLevel;
+//   - added_tokens (special or not) matched in the text before pre-tokenisation, leftmost-longest,
+//     with lstrip/rstrip; tokens with normalized=false first, then those with normalized=true;
+//   - decoder: ByteLevel.
+// Everything else (a normalizer, byte_fallback, dropout, another model or pre-tokenizer or
+// pattern, single_word added tokens, ...) is rejected with an error naming the field.
+// post_processor is ignored (encode adds no BOS/EOS), as are truncation and padding (callers cut
+// and pad).
+//
+// Text that is not valid UTF-8 (which the tokenizers library refuses) is encoded byte by byte:
+// each ill-formed byte is a one-byte character of class "other", so it survives as a byte token.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "worker/data/tokenizer.h"
+
+namespace lomo {
+
+class BpeTokenizer final : public Tokenizer {
+ public:
+  // Parses tokenizer.json text. `source` names the file in messages. Throws std::invalid_argument
+  // (naming source and field) for malformed JSON and for anything unsupported; nothing else.
+  static std::unique_ptr<BpeTokenizer> from_json(std::string_view json_text,
+                                                 const std::string& source);
+  // Reads and parses a tokenizer.json file; std::runtime_error if it cannot be read.
+  static std::unique_ptr<BpeTokenizer> load(const std::filesystem::path& path);
+
+  ~BpeTokenizer() override;
+
+  // Throws only std::length_error, for a single pre-tokenized word over 2 GB.
+  std::vector<int32_t> encode(std::string_view text) const override;
+  std::string decode(std::span<const int32_t> ids) const override;
+  int64_t vocab_size() const override;
+  std::optional<int32_t> token_to_id(std::string_view token) const override;
+
+  // The token's text as tokenizer.json spells it (byte-level characters: "Ġthe" for " the").
+  std::optional<std::string> id_to_token(int32_t id) const;
+
+  struct Model;  // the parsed tokenizer.json; defined in bpe_tokenizer.cc
+
+ private:
+  explicit BpeTokenizer(std::unique_ptr<const Model> model);
+
+  std::unique_ptr<const Model> model_;
+};
+
+}  // namespace lomo

@@ -1,0 +1,79 @@
+// Tokenizers loaded from a model directory: text to token ids and back.
+//
+// Two implementations sit behind one interface: byte-level BPE from a Hugging Face
+// tokenizer.json (LLaMA-3, Qwen2, GPT-2 style; bpe_tokenizer.h) and SentencePiece from
+// tokenizer.model (LLaMA-1/2, Mistral; sentencepiece_tokenizer.h).
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace lomo {
+
+// Ids of the tokens a training pipeline places itself; absent when the model has none.
+struct SpecialTokenIds {
+  std::optional<int32_t> bos;
+  std::optional<int32_t> eos;
+  std::optional<int32_t> pad;
+};
+
+// Immutable after loading: every const method may be called from several threads at once.
+class Tokenizer {
+ public:
+  virtual ~Tokenizer() = default;
+
+  // Token ids of `text`, without BOS or EOS (callers add them). Deterministic. Text that is not
+  // valid UTF-8 is accepted; see the implementation for how its bytes are treated.
+  virtual std::vector<int32_t> encode(std::string_view text) const = 0;
+
+  // The text of `ids`, special tokens included (for logs and samples). Ids with no token
+  // (negative, >= vocab_size(), or unused) contribute nothing; byte sequences that do not form
+  // UTF-8 become U+FFFD, so the result is always valid UTF-8.
+  virtual std::string decode(std::span<const int32_t> ids) const = 0;
+
+  // One more than the largest token id: the embedding rows the model needs at least.
+  virtual int64_t vocab_size() const = 0;
+
+  // The id of a token given by its text, e.g. "<|eot_id|>" or "</s>"; nullopt if there is none.
+  virtual std::optional<int32_t> token_to_id(std::string_view token) const = 0;
+
+  std::optional<int32_t> bos_id() const { return special_ids_.bos; }
+  std::optional<int32_t> eos_id() const { return special_ids_.eos; }
+  std::optional<int32_t> pad_id() const { return special_ids_.pad; }
+  const SpecialTokenIds& special_token_ids() const { return special_ids_; }
+
+  // Replaces the special token ids. Throws std::invalid_argument if an id is outside
+  // [0, vocab_size()).
+  void set_special_token_ids(const SpecialTokenIds& ids);
+
+ private:
+  SpecialTokenIds special_ids_;
+};
+
+// Loads the tokenizer of a Hugging Face model directory: tokenizer.json (byte-level BPE) when
+// present, else tokenizer.model (SentencePiece); where both are present and tokenizer.json is not
+// byte-level (Llama 2 and Mistral directories hold tokenizer.model and a SentencePiece-style
+// conversion of it), tokenizer.model. Special token ids come, in this order of
+// precedence, from tokenizer_config.json (bos_token / eos_token / pad_token: a token string or an
+// object with "content"; null means none), config.json (bos_token_id / eos_token_id /
+// pad_token_id: an integer or a list of integers, of which the first counts; negative means none,
+// null means unspecified), and the tokenizer itself (SentencePiece's own BOS/EOS/pad ids).
+//
+// Throws std::runtime_error when no tokenizer file exists or a file cannot be read, and
+// std::invalid_argument for a malformed or unsupported file; both name the file and, where there
+// is one, the field.
+std::unique_ptr<Tokenizer> load_tokenizer(const std::filesystem::path& model_dir);
+
+// The special token ids that tokenizer_config.json and config.json in `model_dir` give for
+// `tokenizer` (either file may be absent), falling back to `tokenizer`'s current ids. Errors as
+// load_tokenizer.
+SpecialTokenIds read_special_token_ids(const std::filesystem::path& model_dir,
+                                       const Tokenizer& tokenizer);
+
+}  // namespace lomo
