@@ -443,6 +443,8 @@ struct Rejection {
   std::string message;  // a part of what()
 };
 
+void PrintTo(const Rejection& r, std::ostream* os) { *os << r.field; }
+
 class JobSpecRejectionTest : public ::testing::TestWithParam<Rejection> {};
 
 TEST_P(JobSpecRejectionTest, NamesTheField) {
