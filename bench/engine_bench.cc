@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/reference_workload.h"
 #include "kernels/cpu/matmul.h"
 #include "worker/engine/llama_model.h"
 
@@ -60,11 +61,16 @@ Args parse_args(int argc, char** argv) {
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string flag = argv[i];
     const long value = std::strtol(argv[i + 1], nullptr, 10);
-    if (flag == "--checkpointing") args.checkpointing = argv[i + 1];
-    else if (flag == "--steps") args.steps = static_cast<int>(value);
-    else if (flag == "--batch") args.batch = value;
-    else if (flag == "--seq") args.seq = value;
-    else if (flag == "--layers") args.layers = value;
+    if (flag == "--checkpointing")
+      args.checkpointing = argv[i + 1];
+    else if (flag == "--steps")
+      args.steps = static_cast<int>(value);
+    else if (flag == "--batch")
+      args.batch = value;
+    else if (flag == "--seq")
+      args.seq = value;
+    else if (flag == "--layers")
+      args.layers = value;
     else {
       std::fprintf(stderr, "unknown flag %s\n", flag.c_str());
       std::exit(2);
@@ -77,16 +83,7 @@ Args parse_args(int argc, char** argv) {
 
 int main(int argc, char** argv) {
   const Args args = parse_args(argc, argv);
-  lomo::LlamaConfig config;
-  config.vocab_size = 32000;
-  config.hidden_size = 512;
-  config.intermediate_size = 1376;
-  config.num_hidden_layers = args.layers;
-  config.num_attention_heads = 8;
-  config.num_key_value_heads = 8;
-  config.head_dim = 64;
-  config.max_position_embeddings = 2048;
-  config.tie_word_embeddings = false;
+  const lomo::LlamaConfig config = lomo::bench::reference_config(args.layers);
 
   std::printf("threads: %d\n", omp_get_max_threads());
   const double square = sgemm_gflops(2048, 2048, 2048);
@@ -102,16 +99,8 @@ int main(int argc, char** argv) {
     lomo::LlamaWeights weights(config, lomo::DType::kF32, accountant);
     weights.init_random(1, 0.02f);
     lomo::LlamaModel model(weights, accountant, {checkpointing});
-    lomo::TokenBatch batch;
-    batch.batch_size = args.batch;
-    batch.seq_len = args.seq;
-    uint32_t state = 42;
-    for (int64_t i = 0; i < rows; ++i) {
-      state = state * 1664525u + 1013904223u;
-      batch.input_ids.push_back(static_cast<int32_t>(state % 32000));
-    }
-    batch.targets.assign(batch.input_ids.begin() + 1, batch.input_ids.end());
-    batch.targets.push_back(-100);
+    const lomo::TokenBatch batch =
+        lomo::bench::random_batch(args.batch, args.seq, config.vocab_size);
 
     SquaredNormSink sink;
     model.forward(batch);  // warm-up: first touch of every buffer
@@ -136,18 +125,20 @@ int main(int argc, char** argv) {
                 static_cast<long long>(args.batch), static_cast<long long>(args.seq), loss);
     std::printf("step %.3f s (forward %.3f s), %.0f tokens/s\n", per_step,
                 forward_seconds / args.steps, rows / per_step);
-    std::printf("model FLOPs/step %.1f G (6*P*tokens %.1f G + attention %.1f G): %.1f GFLOP/s = "
-                "%.1f%% of sgemm roofline\n",
-                roofline_flops / 1e9, 6.0 * params * rows / 1e9, attention_flops / 1e9, achieved,
-                100.0 * achieved / square);
+    std::printf(
+        "model FLOPs/step %.1f G (6*P*tokens %.1f G + attention %.1f G): %.1f GFLOP/s = "
+        "%.1f%% of sgemm roofline\n",
+        roofline_flops / 1e9, 6.0 * params * rows / 1e9, attention_flops / 1e9, achieved,
+        100.0 * achieved / square);
     // The formula above counts the input embedding as matmul work (6·P includes it) although a
     // lookup does none; the executed matmul FLOPs leave it out and read as BLAS efficiency.
     const double embedding_params = static_cast<double>(weights.embed_tokens().numel());
     const double executed_flops = 6.0 * (params - embedding_params) * rows + attention_flops;
-    std::printf("executed matmul FLOPs/step %.1f G (embedding excluded): %.1f GFLOP/s = %.1f%% of "
-                "sgemm\n",
-                executed_flops / 1e9, executed_flops / per_step / 1e9,
-                100.0 * executed_flops / per_step / 1e9 / square);
+    std::printf(
+        "executed matmul FLOPs/step %.1f G (embedding excluded): %.1f GFLOP/s = %.1f%% of "
+        "sgemm\n",
+        executed_flops / 1e9, executed_flops / per_step / 1e9,
+        100.0 * executed_flops / per_step / 1e9 / square);
     std::printf("peak memory by kind:\n%s", accountant.report().to_string().c_str());
   }
   return 0;

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/reference_workload.h"
 #include "worker/engine/llama_model.h"
 #include "worker/optim/optimizer.h"
 
@@ -36,22 +37,16 @@ int main(int argc, char** argv) {
   int64_t layers = 8;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string flag = argv[i];
-    if (flag == "--steps") steps = std::atoi(argv[i + 1]);
-    else if (flag == "--layers") layers = std::atoll(argv[i + 1]);
+    if (flag == "--steps")
+      steps = std::atoi(argv[i + 1]);
+    else if (flag == "--layers")
+      layers = std::atoll(argv[i + 1]);
     else {
       std::fprintf(stderr, "unknown flag %s\n", flag.c_str());
       return 2;
     }
   }
-  lomo::LlamaConfig config;
-  config.vocab_size = 32000;
-  config.hidden_size = 512;
-  config.intermediate_size = 1376;
-  config.num_hidden_layers = layers;
-  config.num_attention_heads = 8;
-  config.num_key_value_heads = 8;
-  config.head_dim = 64;
-  config.max_position_embeddings = 2048;
+  const lomo::LlamaConfig config = lomo::bench::reference_config(layers);
 
   using Kind = lomo::OptimizerOptions::Kind;
   std::vector<Row> rows;
@@ -69,19 +64,10 @@ int main(int argc, char** argv) {
   add("AdaLomo", Kind::kAdaLomo, false);
 
   const int64_t batch_size = 4, seq_len = 256, tokens = batch_size * seq_len;
-  lomo::TokenBatch batch;
-  batch.batch_size = batch_size;
-  batch.seq_len = seq_len;
-  uint32_t state = 42;
-  for (int64_t i = 0; i < tokens; ++i) {
-    state = state * 1664525u + 1013904223u;
-    batch.input_ids.push_back(static_cast<int32_t>(state % 32000));
-  }
-  batch.targets.assign(batch.input_ids.begin() + 1, batch.input_ids.end());
-  batch.targets.push_back(-100);
+  const lomo::TokenBatch batch = lomo::bench::random_batch(batch_size, seq_len, config.vocab_size);
 
-  std::printf("%-30s %-5s %9s %9s %9s %9s %9s %9s %9s\n", "optimizer", "ckpt", "tokens/s",
-              "params", "grads", "opt.state", "activ.", "workspace", "total");
+  std::printf("%-30s %-5s %9s %9s %9s %9s %9s %9s %9s\n", "optimizer", "ckpt", "tokens/s", "params",
+              "grads", "opt.state", "activ.", "workspace", "total");
   std::printf("%-30s %-5s %9s %9s %9s %9s %9s %9s %9s\n", "", "", "", "MiB", "MiB", "MiB", "MiB",
               "MiB", "MiB (peak)");
   for (bool checkpointing : {false, true}) {

@@ -62,7 +62,8 @@ class StateTensors {
   }
   std::vector<SafetensorsTensorView> views() const {
     std::vector<SafetensorsTensorView> views;
-    for (const Entry& e : entries_) views.push_back({e.name, DType::kF32, e.shape, e.buffer.data()});
+    for (const Entry& e : entries_)
+      views.push_back({e.name, DType::kF32, e.shape, e.buffer.data()});
     return views;
   }
   void load(const SafetensorsFile& file) {
@@ -99,9 +100,8 @@ struct CommonState {
 
 void save_common(const std::filesystem::path& file, const OptimizerOptions& options,
                  const CommonState& common, const StateTensors& tensors) {
-  std::map<std::string, std::string> metadata{
-      {"lomo_optimizer", optimizer_kind_name(options.kind)},
-      {"updates", std::to_string(common.updates)}};
+  std::map<std::string, std::string> metadata{{"lomo_optimizer", optimizer_kind_name(options.kind)},
+                                              {"updates", std::to_string(common.updates)}};
   if (common.scaler) {
     metadata["loss_scale"] = exact(common.scaler->state().scale);
     metadata["loss_scale_clean_steps"] = std::to_string(common.scaler->state().clean_steps);
@@ -164,8 +164,8 @@ class LomoRule : public UpdateRule {
   void apply(Parameter& parameter, float* gradient, double lr, int64_t,
              const WriteBack& write_back) override {
     const float step = static_cast<float>(lr);
-    const float keep = decays(options_, parameter) ? static_cast<float>(1.0 - lr * options_.weight_decay)
-                                                   : 1.0f;
+    const float keep =
+        decays(options_, parameter) ? static_cast<float>(1.0 - lr * options_.weight_decay) : 1.0f;
     update_parameter(parameter, write_back,
                      [=](int64_t i, float value) { return value * keep - step * gradient[i]; });
   }
@@ -249,7 +249,8 @@ class AdaLomoRule : public UpdateRule {
       double* mine = partial.data() + static_cast<size_t>(omp_get_thread_num()) * cols;
 #pragma omp for schedule(static)
       for (int64_t r = 0; r < rows; ++r) {
-        for (int64_t c = 0; c < cols; ++c) mine[c] += double(g[r * cols + c]) * g[r * cols + c] + eps1;
+        for (int64_t c = 0; c < cols; ++c)
+          mine[c] += double(g[r * cols + c]) * g[r * cols + c] + eps1;
       }
     }
     for (int64_t c = 0; c < cols; ++c) {
@@ -279,7 +280,11 @@ class FusedUpdateSink : public GradientSink {
  public:
   FusedUpdateSink(UpdateRule& rule, const LlamaWeights& weights, const GradientPreparation& prep,
                   double lr, int64_t update, WriteBack write_back)
-      : rule_(rule), weights_(weights), prep_(prep), lr_(lr), update_(update),
+      : rule_(rule),
+        weights_(weights),
+        prep_(prep),
+        lr_(lr),
+        update_(update),
         write_back_(write_back) {}
   void consume(Parameter& parameter, float* gradient) override {
     const double sum = prepare_gradient(parameter, gradient, prep_);
@@ -326,17 +331,52 @@ NormCheck check_norm(double sum_squares, const std::string& first_non_finite,
                                  first_non_finite + "; no parameter was updated");
   }
   if (options.clip_grad_norm) {
-    check.coefficient = static_cast<float>(std::min(1.0, *options.clip_grad_norm / (check.norm + 1e-6)));
+    check.coefficient =
+        static_cast<float>(std::min(1.0, *options.clip_grad_norm / (check.norm + 1e-6)));
   }
   return check;
 }
 
-class FusedOptimizer : public Optimizer {
+// What both families share: options, weights, state tensors, update count and loss scaler, and
+// the state file they go to.
+class OptimizerBase : public Optimizer {
+ public:
+  OptimizerBase(const OptimizerOptions& options, LlamaWeights& weights,
+                MemoryAccountant& accountant, Communicator* communicator)
+      : options_(options), weights_(weights), communicator_(communicator), state_(accountant) {
+    if (options.loss_scaling) common_.scaler.emplace(*options.loss_scaling);
+  }
+  void save_state(const std::filesystem::path& file) const override {
+    save_common(file, options_, common_, state_);
+  }
+  void load_state(const std::filesystem::path& file) override {
+    load_common(file, options_, common_, state_);
+  }
+  const OptimizerOptions& options() const override { return options_; }
+
+ protected:
+  // The preparation every gradient of this step gets; the clip coefficient is set later.
+  GradientPreparation preparation(double scale) const {
+    GradientPreparation prep;
+    prep.communicator = communicator_;
+    prep.inverse_loss_scale = static_cast<float>(1.0 / scale);
+    if (options_.clip_grad_value) prep.clip_value = static_cast<float>(*options_.clip_grad_value);
+    return prep;
+  }
+  double loss_scale() const { return common_.scaler ? common_.scaler->scale() : 1.0; }
+
+  OptimizerOptions options_;
+  LlamaWeights& weights_;
+  Communicator* communicator_;
+  StateTensors state_;
+  CommonState common_;
+};
+
+class FusedOptimizer : public OptimizerBase {
  public:
   FusedOptimizer(const OptimizerOptions& options, LlamaWeights& weights,
                  MemoryAccountant& accountant, Communicator* communicator)
-      : options_(options), weights_(weights), communicator_(communicator), state_(accountant) {
-    if (options.loss_scaling) common_.scaler.emplace(*options.loss_scaling);
+      : OptimizerBase(options, weights, accountant, communicator) {
     if (options.kind == Kind::kAdaLomo) {
       rule_ = std::make_unique<AdaLomoRule>(options_, weights, state_);
     } else {
@@ -346,12 +386,9 @@ class FusedOptimizer : public Optimizer {
 
   StepResult step(LlamaModel& model, int64_t step, double lr) override {
     StepResult result;
-    const double scale = common_.scaler ? common_.scaler->scale() : 1.0;
+    const double scale = loss_scale();
     result.loss_scale = scale;
-    GradientPreparation prep;
-    prep.communicator = communicator_;
-    prep.inverse_loss_scale = static_cast<float>(1.0 / scale);
-    if (options_.clip_grad_value) prep.clip_value = static_cast<float>(*options_.clip_grad_value);
+    GradientPreparation prep = preparation(scale);
     // The norm must be known before the first update when clipping by it, and overflow must be
     // known before the first update when loss scaling: both cost a second backward.
     const bool norm_pass = options_.clip_grad_norm.has_value() || common_.scaler.has_value();
@@ -376,20 +413,7 @@ class FusedOptimizer : public Optimizer {
     return result;
   }
 
-  void save_state(const std::filesystem::path& file) const override {
-    save_common(file, options_, common_, state_);
-  }
-  void load_state(const std::filesystem::path& file) override {
-    load_common(file, options_, common_, state_);
-  }
-  const OptimizerOptions& options() const override { return options_; }
-
  private:
-  OptimizerOptions options_;
-  LlamaWeights& weights_;
-  Communicator* communicator_;
-  StateTensors state_;
-  CommonState common_;
   std::unique_ptr<UpdateRule> rule_;
 };
 
@@ -401,7 +425,7 @@ class CopySink : public GradientSink {
       : weights_(weights), gradients_(gradients) {}
   void consume(Parameter& parameter, float* gradient) override {
     std::memcpy(gradients_[static_cast<size_t>(index_of(weights_, parameter))].data(), gradient,
-                parameter.size_bytes() / dtype_size(parameter.dtype) * sizeof(float));
+                static_cast<size_t>(parameter.numel()) * sizeof(float));
   }
 
  private:
@@ -409,13 +433,11 @@ class CopySink : public GradientSink {
   std::vector<Buffer>& gradients_;
 };
 
-class MaterializedOptimizer : public Optimizer {
+class MaterializedOptimizer : public OptimizerBase {
  public:
   MaterializedOptimizer(const OptimizerOptions& options, LlamaWeights& weights,
                         MemoryAccountant& accountant, Communicator* communicator)
-      : options_(options), weights_(weights), accountant_(accountant),
-        communicator_(communicator), state_(accountant) {
-    if (options.loss_scaling) common_.scaler.emplace(*options.loss_scaling);
+      : OptimizerBase(options, weights, accountant, communicator), accountant_(accountant) {
     if (options.kind == Kind::kAdamW) {
       for (const Parameter& p : weights.parameters()) {
         exp_avg_.push_back(state_.add(p, "exp_avg", p.shape));
@@ -428,20 +450,17 @@ class MaterializedOptimizer : public Optimizer {
     if (gradients_.empty()) {
       // Like PyTorch's .grad: allocated at the first backward and kept for the whole run.
       for (const Parameter& p : weights_.parameters()) {
-        gradients_.push_back(float_buffer(accountant_, MemoryKind::kGradients,
-                                          static_cast<size_t>(p.numel())));
+        gradients_.push_back(
+            float_buffer(accountant_, MemoryKind::kGradients, static_cast<size_t>(p.numel())));
       }
     }
     StepResult result;
-    const double scale = common_.scaler ? common_.scaler->scale() : 1.0;
+    const double scale = loss_scale();
     result.loss_scale = scale;
     CopySink copy(weights_, gradients_);
     model.backward(copy, static_cast<float>(scale));
 
-    GradientPreparation prep;
-    prep.communicator = communicator_;
-    prep.inverse_loss_scale = static_cast<float>(1.0 / scale);
-    if (options_.clip_grad_value) prep.clip_value = static_cast<float>(*options_.clip_grad_value);
+    GradientPreparation prep = preparation(scale);
     double sum_squares = 0.0;
     std::string first_non_finite;
     auto& parameters = weights_.parameters();
@@ -477,14 +496,6 @@ class MaterializedOptimizer : public Optimizer {
     return result;
   }
 
-  void save_state(const std::filesystem::path& file) const override {
-    save_common(file, options_, common_, state_);
-  }
-  void load_state(const std::filesystem::path& file) override {
-    load_common(file, options_, common_, state_);
-  }
-  const OptimizerOptions& options() const override { return options_; }
-
  private:
   void adamw_update(Parameter& p, const float* g, float* m, float* v, double lr, float keep,
                     const WriteBack& write_back) {
@@ -501,12 +512,7 @@ class MaterializedOptimizer : public Optimizer {
     });
   }
 
-  OptimizerOptions options_;
-  LlamaWeights& weights_;
   MemoryAccountant& accountant_;
-  Communicator* communicator_;
-  StateTensors state_;
-  CommonState common_;
   std::vector<Buffer> gradients_;
   std::vector<float*> exp_avg_, exp_avg_sq_;
 };
