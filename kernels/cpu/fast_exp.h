@@ -14,8 +14,7 @@ namespace lomo::cpu {
 inline float fast_exp(float x) {
   x = std::clamp(x, -87.3f, 88.7f);
   // floor(x·log2e + 0.5) by truncation of a positive number: the clamp keeps x·log2e > −127.
-  const float n =
-      static_cast<float>(static_cast<int32_t>(x * 1.44269504088896341f + 128.5f) - 128);
+  const float n = static_cast<float>(static_cast<int32_t>(x * 1.44269504088896341f + 128.5f) - 128);
   const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;

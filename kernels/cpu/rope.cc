@@ -12,12 +12,12 @@ std::vector<float> rope_inverse_frequencies(int64_t head_dim, double theta,
   for (int64_t i = 0; i < half; ++i) {
     // Hugging Face evaluates this in fp32: base ** (arange(0, dim, 2).float() / dim).
     const float exponent = static_cast<float>(2 * i) / static_cast<float>(head_dim);
-    inv_freq[static_cast<size_t>(i)] =
-        1.0f / std::pow(static_cast<float>(theta), exponent);
+    inv_freq[static_cast<size_t>(i)] = 1.0f / std::pow(static_cast<float>(theta), exponent);
   }
   if (scaling.factor <= 0.0) return inv_freq;
   // Llama 3: long wavelengths are slowed by `factor`, short ones kept, the band between blended.
-  const double low_freq_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor;
+  const double low_freq_wavelen =
+      scaling.original_max_position_embeddings / scaling.low_freq_factor;
   const double high_freq_wavelen =
       scaling.original_max_position_embeddings / scaling.high_freq_factor;
   for (float& f : inv_freq) {
@@ -25,9 +25,9 @@ std::vector<float> rope_inverse_frequencies(int64_t head_dim, double theta,
     if (wavelen > low_freq_wavelen) {
       f = static_cast<float>(f / scaling.factor);
     } else if (wavelen >= high_freq_wavelen) {
-      const double smooth = (scaling.original_max_position_embeddings / wavelen -
-                             scaling.low_freq_factor) /
-                            (scaling.high_freq_factor - scaling.low_freq_factor);
+      const double smooth =
+          (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) /
+          (scaling.high_freq_factor - scaling.low_freq_factor);
       f = static_cast<float>((1.0 - smooth) * f / scaling.factor + smooth * f);
     }
   }

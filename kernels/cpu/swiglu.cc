@@ -47,9 +47,8 @@ void swiglu_backward_range(float* __restrict dgate, float* __restrict dup,
 }  // namespace
 
 void swiglu_forward(float* out, const float* gate, const float* up, int64_t count) {
-  for_each_thread_range(count, [&](int64_t begin, int64_t end) {
-    swiglu_forward_range(out, gate, up, begin, end);
-  });
+  for_each_thread_range(
+      count, [&](int64_t begin, int64_t end) { swiglu_forward_range(out, gate, up, begin, end); });
 }
 
 void swiglu_backward(float* dgate, float* dup, const float* dout, const float* gate,

@@ -3,8 +3,8 @@
 namespace lomo::cuda {
 
 void throw_cuda_error(cudaError_t status, const char* expression, const char* file, int line) {
-  throw CudaError(std::string(file) + ":" + std::to_string(line) + ": " + expression + " failed: " +
-                  cudaGetErrorName(status) + " (" + cudaGetErrorString(status) + ")");
+  throw CudaError(std::string(file) + ":" + std::to_string(line) + ": " + expression +
+                  " failed: " + cudaGetErrorName(status) + " (" + cudaGetErrorString(status) + ")");
 }
 
 int device_count() {

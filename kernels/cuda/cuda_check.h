@@ -20,10 +20,10 @@ int device_count();
 
 }  // namespace lomo::cuda
 
-#define LOMO_CUDA_CHECK(expression)                                                     \
-  do {                                                                                  \
-    const cudaError_t lomo_status_ = (expression);                                      \
-    if (lomo_status_ != cudaSuccess) {                                                  \
-      ::lomo::cuda::throw_cuda_error(lomo_status_, #expression, __FILE__, __LINE__);    \
-    }                                                                                   \
+#define LOMO_CUDA_CHECK(expression)                                                  \
+  do {                                                                               \
+    const cudaError_t lomo_status_ = (expression);                                   \
+    if (lomo_status_ != cudaSuccess) {                                               \
+      ::lomo::cuda::throw_cuda_error(lomo_status_, #expression, __FILE__, __LINE__); \
+    }                                                                                \
   } while (0)

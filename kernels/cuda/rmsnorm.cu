@@ -7,13 +7,15 @@ namespace {
 constexpr int kBlock = 256;
 
 __device__ float block_sum(float value, float* shared) {
-  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_down_sync(0xffffffffu, value, offset);
+  for (int offset = 16; offset > 0; offset /= 2)
+    value += __shfl_down_sync(0xffffffffu, value, offset);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   if (lane == 0) shared[warp] = value;
   __syncthreads();
   value = threadIdx.x < blockDim.x / 32 ? shared[threadIdx.x] : 0.0f;
   if (warp == 0) {
-    for (int offset = 16; offset > 0; offset /= 2) value += __shfl_down_sync(0xffffffffu, value, offset);
+    for (int offset = 16; offset > 0; offset /= 2)
+      value += __shfl_down_sync(0xffffffffu, value, offset);
   }
   if (threadIdx.x == 0) shared[0] = value;
   __syncthreads();
@@ -56,7 +58,8 @@ __global__ void rmsnorm_backward_weight_kernel(float* dweight, const float* dout
   const int64_t column = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (column >= dim) return;
   float total = 0.0f;
-  for (int64_t r = 0; r < rows; ++r) total += dout[r * dim + column] * x[r * dim + column] * rstd[r];
+  for (int64_t r = 0; r < rows; ++r)
+    total += dout[r * dim + column] * x[r * dim + column] * rstd[r];
   dweight[column] = total;
 }
 

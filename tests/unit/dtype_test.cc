@@ -58,10 +58,16 @@ TEST(Fp16, MatchesExhaustiveNearestForRandomFloats) {
     if (!std::isfinite(value) || std::abs(value) >= 65504.0f) continue;
     const uint16_t got = float_to_fp16(value);
     const double error = std::abs(static_cast<double>(fp16_to_float(got)) - value);
-    const double down = std::abs(static_cast<double>(fp16_to_float(static_cast<uint16_t>(got - 1))) - value);
-    const double up = std::abs(static_cast<double>(fp16_to_float(static_cast<uint16_t>(got + 1))) - value);
-    if ((got & 0x7fffu) != 0) { ASSERT_LE(error, down) << value; }
-    if ((got & 0x7fffu) < 0x7bffu) { ASSERT_LE(error, up) << value; }
+    const double down =
+        std::abs(static_cast<double>(fp16_to_float(static_cast<uint16_t>(got - 1))) - value);
+    const double up =
+        std::abs(static_cast<double>(fp16_to_float(static_cast<uint16_t>(got + 1))) - value);
+    if ((got & 0x7fffu) != 0) {
+      ASSERT_LE(error, down) << value;
+    }
+    if ((got & 0x7fffu) < 0x7bffu) {
+      ASSERT_LE(error, up) << value;
+    }
   }
 }
 

@@ -37,8 +37,10 @@ TokenBatch batch_from(const nlohmann::json& expected) {
 class GradientCapture : public GradientSink {
  public:
   void consume(Parameter& parameter, float* gradient) override {
-    for (int64_t i = 0; i < parameter.numel(); ++i) norm_squared += double(gradient[i]) * gradient[i];
-    first_values[parameter.name].assign(gradient, gradient + std::min<int64_t>(5, parameter.numel()));
+    for (int64_t i = 0; i < parameter.numel(); ++i)
+      norm_squared += double(gradient[i]) * gradient[i];
+    first_values[parameter.name].assign(gradient,
+                                        gradient + std::min<int64_t>(5, parameter.numel()));
   }
   double norm_squared = 0.0;
   std::map<std::string, std::vector<float>> first_values;
@@ -49,7 +51,9 @@ struct ParityCase {
   DType storage;
 };
 
-void PrintTo(const ParityCase& c, std::ostream* os) { *os << c.variant << "/" << dtype_name(c.storage); }
+void PrintTo(const ParityCase& c, std::ostream* os) {
+  *os << c.variant << "/" << dtype_name(c.storage);
+}
 
 class HfParityTest : public ::testing::TestWithParam<ParityCase> {};
 
@@ -68,8 +72,8 @@ TEST_P(HfParityTest, LogitsLossAndGradientsMatchTransformers) {
   const std::vector<double> logits = expected["logits"];
   double max_logit = 0.0;
   for (double l : logits) max_logit = std::max(max_logit, std::abs(l));
-  ASSERT_EQ(logits.size(), static_cast<size_t>(batch.batch_size * batch.seq_len *
-                                               weights.config().vocab_size));
+  ASSERT_EQ(logits.size(),
+            static_cast<size_t>(batch.batch_size * batch.seq_len * weights.config().vocab_size));
   for (size_t i = 0; i < logits.size(); ++i) {
     ASSERT_NEAR(model.logits()[i], logits[i], 1e-5 * max_logit) << "logit " << i;
   }
@@ -86,7 +90,8 @@ TEST_P(HfParityTest, LogitsLossAndGradientsMatchTransformers) {
     // fp32 backward on both sides, different orders; 1e-4 of the entries' scale, as in the
     // finite-difference test.
     for (size_t i = 0; i < want.size(); ++i) {
-      EXPECT_NEAR(capture.first_values[name][i], want[i], 1e-4 * scale + 1e-7) << name << "[" << i << "]";
+      EXPECT_NEAR(capture.first_values[name][i], want[i], 1e-4 * scale + 1e-7)
+          << name << "[" << i << "]";
     }
   }
 }

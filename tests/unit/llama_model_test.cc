@@ -1,4 +1,6 @@
 // The engine's forward and backward against the float64 reference in llama_reference.h.
+#include "worker/engine/llama_model.h"
+
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -9,7 +11,6 @@
 #include <vector>
 
 #include "tests/unit/llama_reference.h"
-#include "worker/engine/llama_model.h"
 
 namespace lomo {
 namespace {
@@ -94,9 +95,8 @@ TEST_P(LlamaModelTest, LogitsAndLossMatchFloat64Reference) {
 
   const ForwardResult result = model.forward(batch);
   Tensor64 reference_logits;
-  const double reference =
-      testing::reference_loss(weights.config(), testing::widen_parameters(weights), batch,
-                              &reference_logits);
+  const double reference = testing::reference_loss(
+      weights.config(), testing::widen_parameters(weights), batch, &reference_logits);
   // fp32 forward against float64: ~1e-6 relative error from rounding; 1e-5 leaves margin.
   EXPECT_NEAR(result.loss, reference, 1e-5 * std::abs(reference));
   EXPECT_EQ(result.counted_tokens, 8);
@@ -163,10 +163,10 @@ TEST_P(LlamaModelTest, EachGradientIsDeliveredOnceInReverseOrderWithOneBuffer) {
   const auto first_layer0 = std::find_if(sink.order.begin(), sink.order.end(), [](auto& n) {
     return n.rfind("model.layers.0.", 0) == 0;
   });
-  EXPECT_TRUE(std::none_of(first_layer0, sink.order.end(), [](auto& n) {
-    return n.rfind("model.layers.1.", 0) == 0;
-  }));
-  // One buffer of the largest tensor, plus the tied embedding's own while it waits for its last use.
+  EXPECT_TRUE(std::none_of(first_layer0, sink.order.end(),
+                           [](auto& n) { return n.rfind("model.layers.1.", 0) == 0; }));
+  // One buffer of the largest tensor, plus the tied embedding's own while it waits for its last
+  // use.
   const uint64_t largest = static_cast<uint64_t>(weights.largest_parameter_numel()) * 4;
   const uint64_t tied = v.tied ? static_cast<uint64_t>(weights.embed_tokens().numel()) * 4 : 0;
   EXPECT_EQ(sink.peak_gradient_bytes, largest + tied);

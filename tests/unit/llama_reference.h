@@ -46,7 +46,8 @@ inline Tensor64 reference_rmsnorm(const Tensor64& x, const Tensor64& w, size_t r
     double mean_square = 0.0;
     for (size_t i = 0; i < dim; ++i) mean_square += x[r * dim + i] * x[r * dim + i];
     mean_square /= static_cast<double>(dim);
-    for (size_t i = 0; i < dim; ++i) y[r * dim + i] = w[i] * x[r * dim + i] / std::sqrt(mean_square + eps);
+    for (size_t i = 0; i < dim; ++i)
+      y[r * dim + i] = w[i] * x[r * dim + i] / std::sqrt(mean_square + eps);
   }
   return y;
 }
@@ -55,7 +56,8 @@ inline std::vector<double> reference_inverse_frequencies(const LlamaConfig& c) {
   const size_t half = static_cast<size_t>(c.head_dim / 2);
   std::vector<double> inv(half);
   for (size_t i = 0; i < half; ++i) {
-    inv[i] = std::pow(c.rope_theta, -2.0 * static_cast<double>(i) / static_cast<double>(c.head_dim));
+    inv[i] =
+        std::pow(c.rope_theta, -2.0 * static_cast<double>(i) / static_cast<double>(c.head_dim));
     if (c.rope_scaling.type != RopeScaling::Type::kLlama3) continue;
     const RopeScaling& s = c.rope_scaling;
     const double wavelength = 2 * std::numbers::pi / inv[i];
@@ -64,8 +66,8 @@ inline std::vector<double> reference_inverse_frequencies(const LlamaConfig& c) {
     if (wavelength > old / s.low_freq_factor) {
       inv[i] /= s.factor;  // low frequency: slowed
     } else {
-      const double smooth = (old / wavelength - s.low_freq_factor) /
-                            (s.high_freq_factor - s.low_freq_factor);
+      const double smooth =
+          (old / wavelength - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
       inv[i] = (1 - smooth) * inv[i] / s.factor + smooth * inv[i];
     }
   }
@@ -117,11 +119,13 @@ inline double reference_loss(const LlamaConfig& c, const std::map<std::string, T
   Tensor64 x(rows * H);
   const Tensor64& embed = p.at("model.embed_tokens.weight");
   for (size_t r = 0; r < rows; ++r)
-    for (size_t i = 0; i < H; ++i) x[r * H + i] = embed[static_cast<size_t>(batch.input_ids[r]) * H + i];
+    for (size_t i = 0; i < H; ++i)
+      x[r * H + i] = embed[static_cast<size_t>(batch.input_ids[r]) * H + i];
 
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     const std::string pre = "model.layers." + std::to_string(l) + ".";
-    Tensor64 h = reference_rmsnorm(x, p.at(pre + "input_layernorm.weight"), rows, H, c.rms_norm_eps);
+    Tensor64 h =
+        reference_rmsnorm(x, p.at(pre + "input_layernorm.weight"), rows, H, c.rms_norm_eps);
     Tensor64 q = reference_linear(h, p.at(pre + "self_attn.q_proj.weight"), rows, H, nh * d);
     Tensor64 k = reference_linear(h, p.at(pre + "self_attn.k_proj.weight"), rows, H, nkv * d);
     Tensor64 v = reference_linear(h, p.at(pre + "self_attn.v_proj.weight"), rows, H, nkv * d);
@@ -141,7 +145,8 @@ inline double reference_loss(const LlamaConfig& c, const std::map<std::string, T
             }
             double dot = 0.0;
             for (size_t e = 0; e < d; ++e)
-              dot += q[((b * T + i) * nh + head) * d + e] * k[((b * T + j) * nkv + kv_head) * d + e];
+              dot +=
+                  q[((b * T + i) * nh + head) * d + e] * k[((b * T + j) * nkv + kv_head) * d + e];
             score[j] = dot / std::sqrt(static_cast<double>(d));
             max_score = std::max(max_score, score[j]);
           }
@@ -155,7 +160,8 @@ inline double reference_loss(const LlamaConfig& c, const std::map<std::string, T
       }
     Tensor64 o = reference_linear(attn, p.at(pre + "self_attn.o_proj.weight"), rows, nh * d, H);
     for (size_t i = 0; i < x.size(); ++i) x[i] += o[i];
-    h = reference_rmsnorm(x, p.at(pre + "post_attention_layernorm.weight"), rows, H, c.rms_norm_eps);
+    h = reference_rmsnorm(x, p.at(pre + "post_attention_layernorm.weight"), rows, H,
+                          c.rms_norm_eps);
     Tensor64 gate = reference_linear(h, p.at(pre + "mlp.gate_proj.weight"), rows, H, I);
     Tensor64 up = reference_linear(h, p.at(pre + "mlp.up_proj.weight"), rows, H, I);
     for (size_t i = 0; i < gate.size(); ++i) gate[i] = gate[i] / (1 + std::exp(-gate[i])) * up[i];

@@ -192,12 +192,14 @@ class ReferenceAdaLomo {
         c.resize(cols, 0.0);
         for (size_t i = 0; i < rows; ++i) {
           double mean = 0;
-          for (size_t j = 0; j < cols; ++j) mean += double(g[i * cols + j]) * g[i * cols + j] + 1e-30;
+          for (size_t j = 0; j < cols; ++j)
+            mean += double(g[i * cols + j]) * g[i * cols + j] + 1e-30;
           r[i] = beta * r[i] + (1 - beta) * mean / cols;
         }
         for (size_t j = 0; j < cols; ++j) {
           double mean = 0;
-          for (size_t i = 0; i < rows; ++i) mean += double(g[i * cols + j]) * g[i * cols + j] + 1e-30;
+          for (size_t i = 0; i < rows; ++i)
+            mean += double(g[i * cols + j]) * g[i * cols + j] + 1e-30;
           c[j] = beta * c[j] + (1 - beta) * mean / rows;
         }
         double r_mean = 0;
@@ -223,7 +225,8 @@ class ReferenceAdaLomo {
       const double normaliser = std::max(1.0, std::sqrt(u_square / n) / 1.0);
       const double alpha = lr_ * std::max(1e-3, std::sqrt(p_square / n));
       const double keep = p.is_norm_weight ? 1.0 : 1.0 - alpha * weight_decay_;
-      for (size_t i = 0; i < n; ++i) w[i] = static_cast<float>(w[i] * keep - alpha * u[i] / normaliser);
+      for (size_t i = 0; i < n; ++i)
+        w[i] = static_cast<float>(w[i] * keep - alpha * u[i] / normaliser);
     }
   }
 
@@ -267,7 +270,8 @@ TEST(AdaLomoOptimizer, MatchesAStraightforwardReferenceOverSeveralSteps) {
 }
 
 TEST(LossScaler, OverflowSkipsAndHalvesThenGrowsAfterTheWindow) {
-  DynamicLossScaler scaler({/*initial=*/1024.0, /*growth_interval=*/3, /*factor=*/2.0, /*min=*/256.0});
+  DynamicLossScaler scaler(
+      {/*initial=*/1024.0, /*growth_interval=*/3, /*factor=*/2.0, /*min=*/256.0});
   EXPECT_TRUE(scaler.update(true));
   EXPECT_EQ(scaler.scale(), 512.0);
   EXPECT_TRUE(scaler.update(true));
@@ -358,7 +362,8 @@ TEST(StochasticRounding, RoundsUpWithProbabilityEqualToTheDiscardedFraction) {
   int up = 0;
   const int draws = 20000;
   for (int i = 0; i < draws; ++i) {
-    const uint16_t bits = float_to_bf16_stochastic(value, mix_bits(1234 + static_cast<uint64_t>(i)));
+    const uint16_t bits =
+        float_to_bf16_stochastic(value, mix_bits(1234 + static_cast<uint64_t>(i)));
     const float rounded = bf16_to_float(bits);
     ASSERT_TRUE(rounded == 1.0f || rounded == 1.0f + 0x1p-7f) << rounded;
     up += rounded > 1.0f;
@@ -397,7 +402,8 @@ TEST(StochasticRounding, Bf16UpdatesBelowHalfAnUlpAreNotAllLost) {
     for (size_t i = 0; i < now.size(); ++i) {
       if (std::abs(old[i]) <= 0.5f || lr * std::abs(full.grads[p.name][i]) >= 0x1p-9) continue;
       ++eligible;
-      expected_changes += lr * std::abs(full.grads[p.name][i]) / (std::abs(old[i]) >= 1.0f ? 0x1p-7 : 0x1p-8);
+      expected_changes +=
+          lr * std::abs(full.grads[p.name][i]) / (std::abs(old[i]) >= 1.0f ? 0x1p-7 : 0x1p-8);
       changed_nearest += plain_now[i] != old[i];
       changed_stochastic += now[i] != old[i];
     }

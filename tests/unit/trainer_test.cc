@@ -41,10 +41,12 @@ struct Workspace {
     LlamaWeights weights(c, DType::kF32, accountant);
     weights.init_random(2, 0.05f);
     save_llama_checkpoint(weights, root / "model");
-    std::ofstream(root / "train.txt") << std::string(
-        "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "
-        "How vexingly quick daft zebras jump! Sphinx of black quartz, judge my vow. ") + 
-        std::string(600, 'a');
+    std::ofstream(root / "train.txt")
+        << std::string(
+               "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor "
+               "jugs. "
+               "How vexingly quick daft zebras jump! Sphinx of black quartz, judge my vow. ") +
+               std::string(600, 'a');
     std::ofstream(root / "eval.txt") << "The five boxing wizards jump quickly over the lazy dog.";
   }
 
@@ -83,7 +85,8 @@ struct ResumeCase {
 };
 
 void PrintTo(const ResumeCase& c, std::ostream* os) {
-  *os << c.optimizer << "/" << c.dtype << (c.clip ? "/clip" : "") << (c.checkpointing ? "/ckpt" : "");
+  *os << c.optimizer << "/" << c.dtype << (c.clip ? "/clip" : "")
+      << (c.checkpointing ? "/ckpt" : "");
 }
 
 class ResumeTest : public ::testing::TestWithParam<ResumeCase> {};

@@ -58,8 +58,8 @@ float fp16_to_float(uint16_t bits) {
   if (exponent == 0) {
     magnitude = std::ldexp(static_cast<float>(mantissa), -24);  // zero or subnormal
   } else if (exponent == 31) {
-    magnitude = mantissa ? std::numeric_limits<float>::quiet_NaN()
-                         : std::numeric_limits<float>::infinity();
+    magnitude =
+        mantissa ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity();
   } else {
     magnitude = std::ldexp(static_cast<float>(mantissa | 0x400u), exponent - 25);
   }
@@ -82,7 +82,8 @@ uint16_t float_to_fp16(float value) {
   const uint32_t remainder = mantissa & ((1u << shift) - 1);
   uint32_t result = mantissa >> shift;
   if (remainder > half_ulp || (remainder == half_ulp && (result & 1u))) ++result;
-  if (exponent < -14) return sign | static_cast<uint16_t>(result);  // subnormal (may round up to normal)
+  if (exponent < -14)
+    return sign | static_cast<uint16_t>(result);  // subnormal (may round up to normal)
   // Normal: result holds the implicit bit; a carry into bit 11 bumps the exponent correctly.
   return sign | static_cast<uint16_t>(((exponent + 15) << 10) + (result - 0x400u));
 }

@@ -17,7 +17,8 @@ size_t dtype_size(DType dtype);
 std::string_view dtype_name(DType dtype);
 // Parses a safetensors dtype name; returns false for anything lomo cannot store.
 bool parse_dtype(std::string_view name, DType* out);
-// Parses a user-facing name ("fp32", "float32", "bf16", "bfloat16", "fp16", "float16"); throws on others.
+// Parses a user-facing name ("fp32", "float32", "bf16", "bfloat16", "fp16", "float16"); throws on
+// others.
 DType dtype_from_user_string(std::string_view name);
 
 inline float bf16_to_float(uint16_t bits) {
@@ -30,7 +31,8 @@ inline float bf16_to_float(uint16_t bits) {
 inline uint16_t float_to_bf16(float value) {
   uint32_t bits;
   std::memcpy(&bits, &value, sizeof(bits));
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);  // quiet NaN
+  if ((bits & 0x7fffffffu) > 0x7f800000u)
+    return static_cast<uint16_t>((bits >> 16) | 0x40u);  // quiet NaN
   // Round to nearest, ties to even: add 0x7fff plus the lowest kept bit, then truncate.
   uint32_t rounding_bias = 0x7fffu + ((bits >> 16) & 1u);
   return static_cast<uint16_t>((bits + rounding_bias) >> 16);

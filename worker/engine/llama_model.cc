@@ -16,13 +16,13 @@ namespace lomo {
 
 // What one decoder layer's backward needs from its forward (all kActivations).
 struct LlamaModel::LayerActivations {
-  Buffer h1, rstd1;           // input RMSNorm output and its 1/rms
-  Buffer q, k, v;             // projections, q and k after rotary embedding
-  Buffer probs;               // attention probabilities [B, heads, T, T]
-  Buffer attn_out;            // attention output before o_proj
-  Buffer x_mid;               // residual stream between attention and MLP
-  Buffer h2, rstd2;           // post-attention RMSNorm output and its 1/rms
-  Buffer gate, up, act;       // MLP projections and silu(gate)∘up
+  Buffer h1, rstd1;      // input RMSNorm output and its 1/rms
+  Buffer q, k, v;        // projections, q and k after rotary embedding
+  Buffer probs;          // attention probabilities [B, heads, T, T]
+  Buffer attn_out;       // attention output before o_proj
+  Buffer x_mid;          // residual stream between attention and MLP
+  Buffer h2, rstd2;      // post-attention RMSNorm output and its 1/rms
+  Buffer gate, up, act;  // MLP projections and silu(gate)∘up
 };
 
 struct LlamaModel::Activations {
@@ -40,8 +40,8 @@ struct LlamaModel::Activations {
 // Backward temporaries (kWorkspace) and the gradient buffers (kGradients).
 struct LlamaModel::Workspace {
   Buffer d_residual, d_normed, d_attn_out, dq, dk, dv, d_act, d_gate, d_up, attention_scratch;
-  Buffer gradient;                  // the one reusable gradient buffer: largest tensor's size
-  Buffer tied_embedding_gradient;   // tied embeddings only: lives from LM head to embedding
+  Buffer gradient;                 // the one reusable gradient buffer: largest tensor's size
+  Buffer tied_embedding_gradient;  // tied embeddings only: lives from LM head to embedding
 };
 
 namespace {
@@ -77,8 +77,10 @@ void LlamaModel::validate(const TokenBatch& batch) const {
   if (batch.input_ids.size() != tokens || batch.targets.size() != tokens ||
       (!batch.positions.empty() && batch.positions.size() != tokens) ||
       (!batch.segment_ids.empty() && batch.segment_ids.size() != tokens)) {
-    throw std::invalid_argument("batch: input_ids, targets, positions and segment_ids must each "
-                                "hold " + std::to_string(tokens) + " entries");
+    throw std::invalid_argument(
+        "batch: input_ids, targets, positions and segment_ids must each "
+        "hold " +
+        std::to_string(tokens) + " entries");
   }
   if (!batch.segment_ids.empty()) {
     for (int64_t r = 0; r < batch.batch_size; ++r) {
@@ -88,8 +90,8 @@ void LlamaModel::validate(const TokenBatch& batch) const {
         for (int64_t u = 0; u < t; ++u) {
           if (row[u] == row[t]) {
             throw std::invalid_argument("batch: segment_ids[" +
-                                        std::to_string(r * batch.seq_len + t) + "] = " +
-                                        std::to_string(row[t]) +
+                                        std::to_string(r * batch.seq_len + t) +
+                                        "] = " + std::to_string(row[t]) +
                                         " resumes a sample after another one: samples must be "
                                         "contiguous");
           }
@@ -100,8 +102,8 @@ void LlamaModel::validate(const TokenBatch& batch) const {
   for (size_t i = 0; i < tokens; ++i) {
     const int32_t id = batch.input_ids[i], target = batch.targets[i];
     if (id < 0 || id >= config.vocab_size) {
-      throw std::invalid_argument("batch: input_ids[" + std::to_string(i) + "] = " +
-                                  std::to_string(id) + " is outside the vocabulary of " +
+      throw std::invalid_argument("batch: input_ids[" + std::to_string(i) +
+                                  "] = " + std::to_string(id) + " is outside the vocabulary of " +
                                   std::to_string(config.vocab_size));
     }
     if (target != cpu::kIgnoreIndex && (target < 0 || target >= config.vocab_size)) {
@@ -110,8 +112,8 @@ void LlamaModel::validate(const TokenBatch& batch) const {
     }
     if (!batch.positions.empty() &&
         (batch.positions[i] < 0 || batch.positions[i] >= config.max_position_embeddings)) {
-      throw std::invalid_argument("batch: positions[" + std::to_string(i) + "] = " +
-                                  std::to_string(batch.positions[i]) +
+      throw std::invalid_argument("batch: positions[" + std::to_string(i) +
+                                  "] = " + std::to_string(batch.positions[i]) +
                                   " is outside [0, max_position_embeddings)");
     }
   }
@@ -194,9 +196,8 @@ void LlamaModel::prepare_backward_buffers() {
   ws->gradient = float_buffer(accountant_, MemoryKind::kGradients,
                               static_cast<size_t>(weights_.largest_parameter_numel()));
   if (c.tie_word_embeddings) {
-    ws->tied_embedding_gradient =
-        float_buffer(accountant_, MemoryKind::kGradients,
-                     static_cast<size_t>(weights_.embed_tokens().numel()));
+    ws->tied_embedding_gradient = float_buffer(
+        accountant_, MemoryKind::kGradients, static_cast<size_t>(weights_.embed_tokens().numel()));
   }
   workspace_ = std::move(ws);
 }
@@ -259,10 +260,9 @@ ForwardResult LlamaModel::forward(const TokenBatch& batch) {
     LayerActivations& layer = acts.layers[options_.activation_checkpointing ? 0 : l];
     layer_forward(l, residual + l * rows * hidden, layer, residual + (l + 1) * rows * hidden);
   }
-  cpu::rmsnorm_forward(f32(acts.final_normed), f32(acts.final_rstd),
-                       residual + c.num_hidden_layers * rows * hidden,
-                       weight_f32(weights_.final_norm()), rows, hidden,
-                       static_cast<float>(c.rms_norm_eps));
+  cpu::rmsnorm_forward(
+      f32(acts.final_normed), f32(acts.final_rstd), residual + c.num_hidden_layers * rows * hidden,
+      weight_f32(weights_.final_norm()), rows, hidden, static_cast<float>(c.rms_norm_eps));
   cpu::matmul_forward(f32(acts.logits), f32(acts.final_normed), weight_f32(weights_.lm_head()),
                       rows, c.vocab_size, hidden);
   logits_valid_ = true;
@@ -294,8 +294,7 @@ void LlamaModel::layer_forward(int64_t l, const float* x_in, LayerActivations& a
   cpu::rope_forward(f32(a.q), positions, rope_table_, rows, c.num_attention_heads);
   cpu::rope_forward(f32(a.k), positions, rope_table_, rows, c.num_key_value_heads);
   cpu::attention_forward(f32(a.attn_out), f32(a.probs), f32(a.q), f32(a.k), f32(a.v),
-                         activations_->first_key.empty() ? nullptr
-                                                         : activations_->first_key.data(),
+                         activations_->first_key.empty() ? nullptr : activations_->first_key.data(),
                          attention_shape(activations_->batch_size, activations_->seq_len));
   std::memcpy(f32(a.x_mid), x_in, static_cast<size_t>(rows * hidden) * sizeof(float));
   cpu::matmul_forward(f32(a.x_mid), f32(a.attn_out), weight_f32(*w.o_proj), rows, hidden, q_width,

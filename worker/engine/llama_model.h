@@ -14,11 +14,11 @@
 
 namespace lomo {
 
-// A batch of token rows. targets[i] is the token that should follow input_ids[i] (the caller shifts;
-// kIgnoreIndex = −100 excludes a position from the loss).
-// segment_ids (optional) packs several samples into one row: tokens with the same id form one
-// contiguous sample, and attention never crosses samples. positions may be empty (0, 1, ... from
-// the start of each row, or of each sample when packed) or hold one position per token.
+// A batch of token rows. targets[i] is the token that should follow input_ids[i] (the caller
+// shifts; kIgnoreIndex = −100 excludes a position from the loss). segment_ids (optional) packs
+// several samples into one row: tokens with the same id form one contiguous sample, and attention
+// never crosses samples. positions may be empty (0, 1, ... from the start of each row, or of each
+// sample when packed) or hold one position per token.
 struct TokenBatch {
   int64_t batch_size = 0;
   int64_t seq_len = 0;
@@ -34,8 +34,8 @@ struct ModelOptions {
 };
 
 struct ForwardResult {
-  double loss = 0.0;            // mean cross-entropy over counted tokens (0 when none)
-  int64_t counted_tokens = 0;   // targets that are not kIgnoreIndex
+  double loss = 0.0;           // mean cross-entropy over counted tokens (0 when none)
+  int64_t counted_tokens = 0;  // targets that are not kIgnoreIndex
 };
 
 class LlamaModel {

@@ -1,11 +1,11 @@
 #include "worker/engine/llama_weights.h"
 
-#include "worker/engine/counter_hash.h"
-
 #include <algorithm>
 #include <cmath>
 #include <sstream>
 #include <stdexcept>
+
+#include "worker/engine/counter_hash.h"
 
 namespace lomo {
 namespace {

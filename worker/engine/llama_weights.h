@@ -1,4 +1,5 @@
-// The parameters of a LLaMA model: one accountable buffer per Hugging Face tensor, in storage dtype.
+// The parameters of a LLaMA model: one accountable buffer per Hugging Face tensor, in storage
+// dtype.
 #pragma once
 
 #include <cstdint>

@@ -40,8 +40,8 @@ std::string MemoryReport::to_json() const {
   std::ostringstream out;
   out << "{";
   for (size_t k = 0; k < kMemoryKindCount; ++k) {
-    out << "\"" << memory_kind_name(static_cast<MemoryKind>(k)) << "\":{\"current\":"
-        << current_bytes[k] << ",\"peak\":" << peak_bytes[k] << "},";
+    out << "\"" << memory_kind_name(static_cast<MemoryKind>(k))
+        << "\":{\"current\":" << current_bytes[k] << ",\"peak\":" << peak_bytes[k] << "},";
   }
   out << "\"total\":{\"current\":" << current_total_bytes << ",\"peak\":" << peak_total_bytes
       << "}}";

@@ -1,5 +1,6 @@
 // Accountable memory: every large buffer is a Buffer drawn against a MemoryAccountant, which knows
-// current and peak bytes per kind. This is how lomo proves its memory claims (DESIGN.md, "The LOMO step").
+// current and peak bytes per kind. This is how lomo proves its memory claims (DESIGN.md, "The LOMO
+// step").
 #pragma once
 
 #include <array>

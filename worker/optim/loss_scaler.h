@@ -1,6 +1,7 @@
 // Dynamic loss scaling for fp16 (DESIGN.md, "The LOMO step", item 5): start at `initial`, multiply
 // by `factor` after `growth_interval` consecutive clean steps, divide by it (not below `min`) and
-// skip the step on overflow. Unlike the reference implementation's refactored scaler, it grows back.
+// skip the step on overflow. Unlike the reference implementation's refactored scaler, it grows
+// back.
 #pragma once
 
 #include <cstdint>

@@ -21,9 +21,8 @@ LrSchedule LrSchedule::make(const std::string& kind_name, double peak_lr, int64_
   }
   s.peak_lr = peak_lr;
   s.total_steps = std::max<int64_t>(1, total_steps);
-  s.warmup_steps = warmup_steps > 0
-                       ? warmup_steps
-                       : static_cast<int64_t>(std::ceil(warmup_ratio * s.total_steps));
+  s.warmup_steps = warmup_steps > 0 ? warmup_steps
+                                    : static_cast<int64_t>(std::ceil(warmup_ratio * s.total_steps));
   return s;
 }
 

@@ -26,8 +26,8 @@ struct OptimizerOptions {
   std::optional<double> clip_grad_value;
   double weight_decay = 0.0;
   bool weight_decay_on_norms = false;
-  bool stochastic_rounding = false;  // bf16 storage only
-  uint64_t seed = 0;                 // stochastic rounding stream
+  bool stochastic_rounding = false;               // bf16 storage only
+  uint64_t seed = 0;                              // stochastic rounding stream
   double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;  // AdamW
   double adalomo_eps1 = 1e-30, adalomo_eps2 = 1e-3, adalomo_clip_threshold = 1.0,
          adalomo_decay_rate = -0.8;
@@ -66,7 +66,6 @@ class Optimizer {
 
 // `weights`, `accountant` and `communicator` (may be null) must outlive the optimizer.
 std::unique_ptr<Optimizer> make_optimizer(const OptimizerOptions& options, LlamaWeights& weights,
-                                          MemoryAccountant& accountant,
-                                          Communicator* communicator);
+                                          MemoryAccountant& accountant, Communicator* communicator);
 
 }  // namespace lomo

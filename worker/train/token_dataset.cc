@@ -15,8 +15,8 @@ TokenDataset::TokenDataset(std::vector<int32_t> tokens, int64_t row_length, uint
   row_count_ = tokens_.empty() ? 0 : (static_cast<int64_t>(tokens_.size()) - 1) / row_length;
   if (row_count_ < 1) {
     throw std::invalid_argument(std::to_string(tokens_.size()) +
-                                " tokens are too few for one row of " +
-                                std::to_string(row_length) + " (+1) tokens");
+                                " tokens are too few for one row of " + std::to_string(row_length) +
+                                " (+1) tokens");
   }
 }
 
@@ -68,7 +68,8 @@ void TokenDataset::restore(const DatasetCursor& cursor) {
   if (cursor.epoch < 0 || cursor.offset < 0 || cursor.offset > row_count_) {
     throw std::invalid_argument("data cursor (epoch " + std::to_string(cursor.epoch) + ", offset " +
                                 std::to_string(cursor.offset) + ") does not fit a dataset of " +
-                                std::to_string(row_count_) + " rows: the data changed since the "
+                                std::to_string(row_count_) +
+                                " rows: the data changed since the "
                                 "checkpoint");
   }
   cursor_ = cursor;
