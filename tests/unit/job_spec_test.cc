@@ -31,12 +31,19 @@ tokenizer:
   kind: auto
   path: /models/llama-7b/tokenizer.model
 data:
-  format: text
+  format: chat
   train:
-    - data/a.txt
-    - data/b.txt
-  eval: data/eval.txt
+    - data/a.jsonl
+    - data/b.jsonl
+  eval: data/eval.jsonl
+  eval_format: multiple_choice
   max_length: 2048
+  chat_template: llama-3
+  train_on_prompt: true
+  packing: true
+  shuffle: false
+  token_dtype: uint32
+  on_bad_record: skip
 optimizer:
   name: adalomo
   lr: 5.0e-4
@@ -86,8 +93,10 @@ constexpr const char* kFullJson = R"({
   "name": "llama-7b-alpaca", "priority": -3,
   "model": {"path": "/models/llama-7b"},
   "tokenizer": {"kind": "auto", "path": "/models/llama-7b/tokenizer.model"},
-  "data": {"format": "text", "train": ["data/a.txt", "data/b.txt"], "eval": ["data/eval.txt"],
-           "max_length": 2048},
+  "data": {"format": "chat", "train": ["data/a.jsonl", "data/b.jsonl"],
+           "eval": ["data/eval.jsonl"], "eval_format": "multiple_choice", "max_length": 2048,
+           "chat_template": "llama-3", "train_on_prompt": true, "packing": true, "shuffle": false,
+           "token_dtype": "uint32", "on_bad_record": "skip"},
   "optimizer": {"name": "adalomo", "lr": 5.0e-4, "schedule": "cosine", "warmup_steps": 0,
                 "warmup_ratio": 0.03, "weight_decay": 0.01, "weight_decay_on_norms": true,
                 "clip_grad_norm": 1.0, "clip_grad_value": 5, "stochastic_rounding": true,
@@ -157,10 +166,17 @@ TEST(JobSpecTest, FullExampleParsesToEveryValue) {
   EXPECT_EQ(spec.model.path, "/models/llama-7b");
   EXPECT_EQ(spec.tokenizer.kind, "auto");
   EXPECT_EQ(spec.tokenizer.path, "/models/llama-7b/tokenizer.model");
-  EXPECT_EQ(spec.data.format, "text");
-  EXPECT_THAT(spec.data.train, ElementsAre("data/a.txt", "data/b.txt"));
-  EXPECT_THAT(spec.data.eval, ElementsAre("data/eval.txt"));  // one string: a one-element list
+  EXPECT_EQ(spec.data.format, "chat");
+  EXPECT_THAT(spec.data.train, ElementsAre("data/a.jsonl", "data/b.jsonl"));
+  EXPECT_THAT(spec.data.eval, ElementsAre("data/eval.jsonl"));  // one string: a one-element list
+  EXPECT_EQ(spec.data.eval_format, "multiple_choice");
   EXPECT_EQ(spec.data.max_length, 2048);
+  EXPECT_EQ(spec.data.chat_template, "llama-3");
+  EXPECT_TRUE(spec.data.train_on_prompt);
+  EXPECT_TRUE(spec.data.packing);
+  EXPECT_FALSE(spec.data.shuffle);
+  EXPECT_EQ(spec.data.token_dtype, "uint32");
+  EXPECT_EQ(spec.data.on_bad_record, "skip");
   const OptimizerSpec& o = spec.optimizer;
   EXPECT_EQ(o.name, "adalomo");
   // Decimal text parses to the nearest double, so exact equality with the same literal holds.
@@ -214,6 +230,14 @@ TEST(JobSpecTest, AbsentFieldsTakeTheDeclaredDefaults) {
   EXPECT_EQ(spec.precision.loss_scale.initial, 65536.0);
   EXPECT_EQ(spec.training.gradient_accumulation_steps, 1);
   EXPECT_TRUE(spec.data.eval.empty());
+  EXPECT_EQ(spec.data.format, "text");
+  EXPECT_EQ(spec.data.eval_format, std::nullopt);
+  EXPECT_EQ(spec.data.chat_template, std::nullopt);
+  EXPECT_FALSE(spec.data.train_on_prompt);
+  EXPECT_FALSE(spec.data.packing);
+  EXPECT_TRUE(spec.data.shuffle);
+  EXPECT_EQ(spec.data.token_dtype, "uint16");
+  EXPECT_EQ(spec.data.on_bad_record, "fail");
 }
 
 TEST(JobSpecTest, JsonFormParsesLikeYaml) {
@@ -266,6 +290,10 @@ TEST(JobSpecTest, RoundTripsThroughCanonicalYaml) {
                        "[y]",         " padded ",   "tab\there",  "line\nbreak",
                        "caf\xc3\xa9", "\"quoted\"", "back\\slash"};
   tricky.data.eval = {"yes", "0x10", "1e3"};
+  tricky.data.format = "chat";
+  tricky.data.chat_template = "chatml";
+  tricky.data.eval_format = "multiple_choice";
+  tricky.tokenizer.kind = "auto";
   tricky.output.dir = "'single'";
   tricky.optimizer.lr = 0.1;
   tricky.optimizer.eps = 1.0 / 3.0;
@@ -291,6 +319,11 @@ TEST(JobSpecTest, CanonicalYamlNamesEveryFieldAndNullForUnset) {
         "  max_length: 512", "  lr: 0.001", "  clip_grad_norm: null", "    eps1: 1e-30",
         "    decay_rate: -0.8", "    initial: 65536", "  steps: 10", "  epochs: null", "  seed: 1",
         "  dir: out/run", "  device: cpu", "  retries: 0"}) {
+    EXPECT_THAT(yaml, HasSubstr(std::string(line) + "\n"));
+  }
+  for (const char* line :
+       {"  eval_format: null", "  chat_template: null", "  train_on_prompt: false",
+        "  packing: false", "  shuffle: true", "  token_dtype: uint16", "  on_bad_record: fail"}) {
     EXPECT_THAT(yaml, HasSubstr(std::string(line) + "\n"));
   }
 }
@@ -381,6 +414,21 @@ TEST(JobSpecTest, ExampleFilesParse) {
       }
     }
   }
+}
+
+TEST(JobSpecTest, EveryExampleParsesAndNamesDataThatExists) {
+  int examples = 0;
+  for (const auto& entry : fs::directory_iterator(fs::path(LOMO_SOURCE_DIR) / "examples")) {
+    if (entry.path().extension() != ".yaml") continue;
+    ++examples;
+    const JobSpec spec = load_job_spec(entry.path().string());
+    for (const auto* list : {&spec.data.train, &spec.data.eval}) {
+      for (const std::string& path : *list) {
+        EXPECT_TRUE(fs::exists(fs::path(LOMO_SOURCE_DIR) / path)) << entry.path() << ": " << path;
+      }
+    }
+  }
+  EXPECT_GE(examples, 4);
 }
 
 TEST(JobSpecTest, LoadNamesTheFileInErrors) {
@@ -515,8 +563,39 @@ const Rejection kRejections[] = {
     {"ModelPathEmpty", s({{"model", "{path: ''}"}}), "model.path", "required"},
     {"TokenizerKindUnknown", s({{"tokenizer", "{kind: sentencepiece}"}}), "tokenizer.kind",
      "must be one of bytes, auto; got \"sentencepiece\""},
-    {"DataFormatNotText", s({{"data", "{format: jsonl, train: [a.txt]}"}}), "data.format",
-     "must be \"text\""},
+    {"DataFormatUnknown", s({{"data", "{format: jsonl, train: [a.txt]}"}}), "data.format",
+     "must be one of text, jsonl_text, alpaca, prompt_completion, chat, tokens; got \"jsonl\""},
+    {"DataFormatEvalOnly", s({{"data", "{format: multiple_choice, train: [a.jsonl]}"}}),
+     "data.format", "multiple_choice is an evaluation format"},
+    {"DataEvalFormatUnknown", s({{"data", "{train: [a.txt], eval_format: choices}"}}),
+     "data.eval_format", "must be one of text, jsonl_text"},
+    {"DataChatWithoutTemplate", s({{"data", "{format: chat, train: [a.jsonl]}"}}),
+     "data.chat_template", "required for format chat: one of llama-2, llama-3, chatml"},
+    {"DataEvalChatWithoutTemplate",
+     s({{"data", "{format: jsonl_text, eval_format: chat, train: [a.jsonl]}"}}),
+     "data.chat_template", "required for format chat"},
+    {"DataChatTemplateUnknown",
+     s({{"data", "{format: chat, chat_template: vicuna, train: [a.jsonl]}"}}), "data.chat_template",
+     "must be one of llama-2, llama-3, chatml; got \"vicuna\""},
+    {"DataChatTemplateWithoutChat",
+     s({{"data", "{format: alpaca, chat_template: chatml, train: [a.jsonl]}"}}),
+     "data.chat_template", "only used with data.format (or data.eval_format) chat"},
+    {"DataChatTemplateIsNotAString",
+     s({{"data", "{format: chat, chat_template: [chatml], train: [a.jsonl]}"}}),
+     "data.chat_template", "expected a string, got a list"},
+    {"DataChatWithBytes", s({{"data", "{format: chat, chat_template: chatml, train: [a.jsonl]}"}}),
+     "tokenizer.kind", "bytes has no special tokens"},
+    {"DataTrainOnPromptWithoutPrompt",
+     s({{"data", "{format: jsonl_text, train_on_prompt: true, train: [a.jsonl]}"}}),
+     "data.train_on_prompt", "only used with formats alpaca, prompt_completion and chat"},
+    {"DataPackingOfAStream", s({{"data", "{format: tokens, packing: true, train: [a.bin]}"}}),
+     "data.packing", "already fills every row"},
+    {"DataPackingIsNotABool", s({{"data", "{format: alpaca, packing: 1, train: [a.jsonl]}"}}),
+     "data.packing", "expected true or false"},
+    {"DataTokenDtypeUnknown", s({{"data", "{format: tokens, token_dtype: int32, train: [a]}"}}),
+     "data.token_dtype", "must be one of uint16, uint32; got \"int32\""},
+    {"DataOnBadRecordUnknown", s({{"data", "{on_bad_record: ignore, train: [a]}"}}),
+     "data.on_bad_record", "must be one of fail, skip; got \"ignore\""},
     {"DataTrainMissing", s({{"data", "{eval: [b.txt]}"}}), "data.train", "required"},
     {"DataMissing", s({{"data", ""}}), "data.train", "required"},
     {"DataTrainEmptyList", s({{"data", "{train: []}"}}), "data.train", "required"},

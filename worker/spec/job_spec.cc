@@ -262,6 +262,12 @@ class Section {
     out = node->IsNull() ? std::nullopt : std::optional<int64_t>(as_int64(path(key), *node));
   }
 
+  void read(std::string_view key, std::optional<std::string>& out) {
+    const YAML::Node* node = find(key);
+    if (node == nullptr) return;
+    out = node->IsNull() ? std::nullopt : std::optional<std::string>(as_string(path(key), *node));
+  }
+
   void read(std::string_view key, std::optional<double>& out) {
     const YAML::Node* node = find(key);
     if (node == nullptr) return;
@@ -394,11 +400,20 @@ JobSpec read_spec(Context& context, const YAML::Node& root) {
   tokenizer.read("kind", spec.tokenizer.kind);
   tokenizer.read("path", spec.tokenizer.path);
 
-  Section data = top.section("data", {"format", "train", "eval", "max_length"});
+  Section data = top.section(
+      "data", {"format", "train", "eval", "eval_format", "max_length", "chat_template",
+               "train_on_prompt", "packing", "shuffle", "token_dtype", "on_bad_record"});
   data.read("format", spec.data.format);
   data.read("train", spec.data.train);
   data.read("eval", spec.data.eval);
+  data.read("eval_format", spec.data.eval_format);
   data.read("max_length", spec.data.max_length);
+  data.read("chat_template", spec.data.chat_template);
+  data.read("train_on_prompt", spec.data.train_on_prompt);
+  data.read("packing", spec.data.packing);
+  data.read("shuffle", spec.data.shuffle);
+  data.read("token_dtype", spec.data.token_dtype);
+  data.read("on_bad_record", spec.data.on_bad_record);
 
   OptimizerSpec& o = spec.optimizer;
   Section optimizer = top.section(
@@ -496,10 +511,13 @@ void validate(const Context& c, const JobSpec& spec) {
   one_of(c, "tokenizer.kind", spec.tokenizer.kind, {"bytes", "auto"});
 
   const DataSpec& d = spec.data;
-  if (d.format != "text") {
+  if (d.format == "multiple_choice") {
     c.fail("data.format",
-           "must be \"text\" (raw text files, the only format so far); got " + in_quotes(d.format));
+           "multiple_choice is an evaluation format: set data.eval_format: multiple_choice and "
+           "train on another format");
   }
+  one_of(c, "data.format", d.format,
+         {"text", "jsonl_text", "alpaca", "prompt_completion", "chat", "tokens"});
   if (d.train.empty()) c.fail("data.train", "required: a non-empty list of training files");
   for (const auto& [list, paths] : {std::pair{"data.train", &d.train}, {"data.eval", &d.eval}}) {
     for (size_t i = 0; i < paths->size(); ++i) {
@@ -508,8 +526,43 @@ void validate(const Context& c, const JobSpec& spec) {
       }
     }
   }
+  if (d.eval_format) {
+    one_of(
+        c, "data.eval_format", *d.eval_format,
+        {"text", "jsonl_text", "alpaca", "prompt_completion", "chat", "tokens", "multiple_choice"});
+  }
   // A training row needs at least one input token and the token that follows it.
   at_least(c, "data.max_length", d.max_length, 2);
+  const bool chat = d.format == "chat" || d.eval_format == "chat";
+  if (d.chat_template) {
+    one_of(c, "data.chat_template", *d.chat_template, {"llama-2", "llama-3", "chatml"});
+    if (!chat) {
+      c.fail("data.chat_template",
+             "only used with data.format (or data.eval_format) chat; got format " +
+                 in_quotes(d.format));
+    }
+  } else if (chat) {
+    c.fail("data.chat_template", "required for format chat: one of llama-2, llama-3, chatml");
+  }
+  if (chat && spec.tokenizer.kind == "bytes") {
+    c.fail("tokenizer.kind",
+           "bytes has no special tokens, which chat templates need: use auto with a model "
+           "directory that holds tokenizer files");
+  }
+  const bool has_prompt =
+      d.format == "alpaca" || d.format == "prompt_completion" || d.format == "chat";
+  if (d.train_on_prompt && !has_prompt) {
+    c.fail("data.train_on_prompt",
+           "only used with formats alpaca, prompt_completion and chat; format " +
+               in_quotes(d.format) + " trains on every token");
+  }
+  if (d.packing && (d.format == "text" || d.format == "tokens")) {
+    c.fail("data.packing", "format " + in_quotes(d.format) +
+                               " already fills every row from one token stream; packing applies "
+                               "to the JSONL formats");
+  }
+  one_of(c, "data.token_dtype", d.token_dtype, {"uint16", "uint32"});
+  one_of(c, "data.on_bad_record", d.on_bad_record, {"fail", "skip"});
 
   const OptimizerSpec& o = spec.optimizer;
   one_of(c, "optimizer.name", o.name, {"lomo", "adalomo", "sgd", "adamw"});
@@ -691,6 +744,10 @@ YAML::Node optional_number(const std::optional<T>& value) {
   return YAML::Node(std::to_string(*value));
 }
 
+YAML::Node optional_string(const std::optional<std::string>& value) {
+  return value ? YAML::Node(*value) : YAML::Node(YAML::NodeType::Null);
+}
+
 // Every field, in declaration order, numbers as their shortest exact text (the node holds strings
 // so that yaml-cpp's own float formatting, which rounds to a fixed precision, never applies).
 YAML::Node to_node(const JobSpec& spec) {
@@ -707,7 +764,14 @@ YAML::Node to_node(const JobSpec& spec) {
   data["format"] = spec.data.format;
   data["train"] = string_list(spec.data.train);
   data["eval"] = string_list(spec.data.eval);
+  data["eval_format"] = optional_string(spec.data.eval_format);
   data["max_length"] = std::to_string(spec.data.max_length);
+  data["chat_template"] = optional_string(spec.data.chat_template);
+  data["train_on_prompt"] = bool_text(spec.data.train_on_prompt);
+  data["packing"] = bool_text(spec.data.packing);
+  data["shuffle"] = bool_text(spec.data.shuffle);
+  data["token_dtype"] = spec.data.token_dtype;
+  data["on_bad_record"] = spec.data.on_bad_record;
   root["data"] = data;
 
   const OptimizerSpec& o = spec.optimizer;

@@ -42,11 +42,27 @@ struct TokenizerSpec {
   bool operator==(const TokenizerSpec&) const = default;
 };
 
+// Formats (worker/data/sample_loader.h and jsonl_record.h say exactly how each becomes rows):
+//   text               plain text files, concatenated into one token stream cut into full rows
+//   jsonl_text         JSONL {"text"}: one sample per record, every token trained on
+//   alpaca             JSONL {"instruction", "input", "output"}: Stanford Alpaca prompt
+//   prompt_completion  JSONL {"prompt", "completion"}
+//   chat               JSONL {"messages": [{"role", "content"}]} with data.chat_template
+//   tokens             binary little-endian token ids (data.token_dtype), cut into full rows
+//   multiple_choice    JSONL {"context", "choices", "label"}: evaluation only (accuracy)
+// alpaca, prompt_completion and chat train on the response only unless train_on_prompt.
 struct DataSpec {
-  std::string format = "text";  // only "text" (raw text files) until the data formats land
+  std::string format = "text";
   std::vector<std::string> train;
-  std::vector<std::string> eval;  // empty: evaluation uses nothing and is skipped
-  int64_t max_length = 512;       // tokens per training row
+  std::vector<std::string> eval;             // empty: evaluation uses nothing and is skipped
+  std::optional<std::string> eval_format;    // unset: data.format
+  int64_t max_length = 512;                  // input positions per training row
+  std::optional<std::string> chat_template;  // llama-2 | llama-3 | chatml (format chat only)
+  bool train_on_prompt = false;        // alpaca, prompt_completion, chat: also train on the prompt
+  bool packing = false;                // several samples per row, attention kept inside each
+  bool shuffle = true;                 // visit training samples in a seeded order per epoch
+  std::string token_dtype = "uint16";  // uint16 | uint32 (format tokens)
+  std::string on_bad_record = "fail";  // fail | skip (skipped records are counted in metrics)
 
   bool operator==(const DataSpec&) const = default;
 };

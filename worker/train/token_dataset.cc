@@ -1,75 +1,248 @@
 #include "worker/train/token_dataset.h"
 
+#include <algorithm>
 #include <numeric>
 #include <stdexcept>
 #include <string>
 
+#include "kernels/cpu/cross_entropy.h"
 #include "worker/engine/counter_hash.h"
 
 namespace lomo {
+namespace {
 
-TokenDataset::TokenDataset(std::vector<int32_t> tokens, int64_t row_length, uint64_t seed,
-                           bool shuffle)
-    : tokens_(std::move(tokens)), row_length_(row_length), seed_(seed), shuffle_(shuffle) {
+// Fisher-Yates over all N samples, seeded by (seed, epoch); the identity without shuffle. Every
+// rank computes the same permutation and takes its own stride of it.
+std::vector<int64_t> permutation(int64_t n, uint64_t seed, bool shuffle, int64_t epoch) {
+  std::vector<int64_t> order(static_cast<size_t>(n));
+  std::iota(order.begin(), order.end(), 0);
+  if (shuffle) {
+    uint64_t state = mix_bits(seed ^ mix_bits(static_cast<uint64_t>(epoch) + 1));
+    for (int64_t i = n - 1; i > 0; --i) {
+      state = mix_bits(state);
+      std::swap(order[static_cast<size_t>(i)],
+                order[static_cast<size_t>(state % static_cast<uint64_t>(i + 1))]);
+    }
+  }
+  return order;
+}
+
+SampleStore stream_store(const std::vector<int32_t>& tokens, int64_t row_length) {
   if (row_length < 1) throw std::invalid_argument("row length must be positive");
-  row_count_ = tokens_.empty() ? 0 : (static_cast<int64_t>(tokens_.size()) - 1) / row_length;
-  if (row_count_ < 1) {
-    throw std::invalid_argument(std::to_string(tokens_.size()) +
+  SampleStore store;
+  if (store.add_stream_rows(tokens, row_length) == 0) {
+    throw std::invalid_argument(std::to_string(tokens.size()) +
                                 " tokens are too few for one row of " + std::to_string(row_length) +
                                 " (+1) tokens");
   }
+  return store;
 }
 
-const std::vector<int64_t>& TokenDataset::order_for(int64_t epoch) {
-  if (order_epoch_ == epoch) return order_;
-  order_.resize(static_cast<size_t>(row_count_));
-  std::iota(order_.begin(), order_.end(), 0);
-  if (shuffle_) {
-    uint64_t state = mix_bits(seed_ ^ mix_bits(static_cast<uint64_t>(epoch) + 1));
-    for (int64_t i = row_count_ - 1; i > 0; --i) {
-      state = mix_bits(state);
-      std::swap(order_[static_cast<size_t>(i)],
-                order_[static_cast<size_t>(state % static_cast<uint64_t>(i + 1))]);
+DatasetOptions stream_options(int64_t row_length, uint64_t seed, bool shuffle) {
+  DatasetOptions options;
+  options.max_length = row_length;
+  options.seed = seed;
+  options.shuffle = shuffle;
+  return options;
+}
+
+}  // namespace
+
+TokenDataset::TokenDataset(SampleStore samples, const DatasetOptions& options)
+    : store_(std::move(samples)), options_(options) {
+  if (options.max_length < 1) throw std::invalid_argument("max_length must be positive");
+  if (options.world_size < 1 || options.rank < 0 || options.rank >= options.world_size) {
+    throw std::invalid_argument("rank " + std::to_string(options.rank) + " is outside world size " +
+                                std::to_string(options.world_size));
+  }
+  if (!store_.trainable.empty() && store_.trainable.size() != store_.tokens.size()) {
+    throw std::invalid_argument("sample store: one trainable flag per token expected");
+  }
+  for (const SampleStore::Span& span : store_.samples) {
+    if (span.begin < 0 || span.length < 2 ||
+        span.begin + span.length > static_cast<int64_t>(store_.tokens.size())) {
+      throw std::invalid_argument("sample store: a sample outside the tokens or shorter than 2");
     }
   }
-  order_epoch_ = epoch;
-  return order_;
+  per_rank_ = store_.size() / options.world_size;
+  if (per_rank_ < 1) {
+    throw std::invalid_argument(std::to_string(store_.size()) + " samples are too few for " +
+                                std::to_string(options.world_size) + " data-parallel ranks");
+  }
 }
 
-void TokenDataset::append_row(TokenBatch& batch, int64_t row) const {
-  const int32_t* start = tokens_.data() + row * row_length_;
-  batch.input_ids.insert(batch.input_ids.end(), start, start + row_length_);
-  batch.targets.insert(batch.targets.end(), start + 1, start + row_length_ + 1);
+TokenDataset::TokenDataset(std::vector<int32_t> tokens, int64_t row_length, uint64_t seed,
+                           bool shuffle)
+    : TokenDataset(stream_store(tokens, row_length), stream_options(row_length, seed, shuffle)) {}
+
+int64_t TokenDataset::positions(int64_t sample) const {
+  return std::min(store_.samples[static_cast<size_t>(sample)].length, options_.max_length + 1) - 1;
+}
+
+std::vector<int64_t> TokenDataset::epoch_order(int64_t epoch, int64_t rank) const {
+  const std::vector<int64_t> all =
+      permutation(store_.size(), options_.seed, options_.shuffle, epoch);
+  std::vector<int64_t> order(static_cast<size_t>(per_rank_));
+  for (int64_t j = 0; j < per_rank_; ++j) {
+    order[static_cast<size_t>(j)] = all[static_cast<size_t>(rank + j * options_.world_size)];
+  }
+  return order;
+}
+
+template <typename OrderFor>
+TokenBatch TokenDataset::build(DatasetCursor& cursor, int64_t batch_size, bool stay_in_epoch,
+                               bool packing, OrderFor&& order) const {
+  const int64_t max_length = options_.max_length;
+  std::vector<std::vector<int64_t>> rows;
+  int64_t longest = 0;
+  while (static_cast<int64_t>(rows.size()) < batch_size) {
+    std::vector<int64_t> row;
+    int64_t fill = 0;
+    while (true) {
+      if (cursor.offset == static_cast<int64_t>(order(cursor.epoch).size())) {
+        if (stay_in_epoch) break;
+        ++cursor.epoch;
+        cursor.offset = 0;
+      }
+      const int64_t sample = order(cursor.epoch)[static_cast<size_t>(cursor.offset)];
+      const int64_t p = positions(sample);
+      if (!row.empty() && (!packing || fill + p > max_length)) break;
+      row.push_back(sample);
+      fill += p;
+      ++cursor.offset;
+      if (!packing) break;
+    }
+    if (row.empty()) break;
+    longest = std::max(longest, fill);
+    rows.push_back(std::move(row));
+  }
+
+  TokenBatch batch;
+  batch.batch_size = static_cast<int64_t>(rows.size());
+  batch.seq_len = longest;
+  const size_t cells = static_cast<size_t>(batch.batch_size * batch.seq_len);
+  batch.input_ids.assign(cells, options_.pad_id);
+  batch.targets.assign(cells, cpu::kIgnoreIndex);
+  if (packing) batch.segment_ids.assign(cells, 0);
+  for (size_t r = 0; r < rows.size(); ++r) {
+    size_t at = r * static_cast<size_t>(longest);
+    const size_t row_end = at + static_cast<size_t>(longest);
+    int32_t segment = 0;
+    for (const int64_t sample : rows[r]) {
+      const int64_t begin = store_.samples[static_cast<size_t>(sample)].begin;
+      const int64_t p = positions(sample);
+      for (int64_t i = 0; i < p; ++i, ++at) {
+        batch.input_ids[at] = store_.tokens[static_cast<size_t>(begin + i)];
+        if (store_.is_trainable(begin + i + 1)) {
+          batch.targets[at] = store_.tokens[static_cast<size_t>(begin + i + 1)];
+        }
+        if (packing) batch.segment_ids[at] = segment;
+      }
+      ++segment;
+    }
+    // Padding after the last sample is a segment of its own when packed.
+    if (packing) {
+      std::fill(batch.segment_ids.begin() + static_cast<std::ptrdiff_t>(at),
+                batch.segment_ids.begin() + static_cast<std::ptrdiff_t>(row_end), segment);
+    }
+  }
+  return batch;
 }
 
 TokenBatch TokenDataset::next_batch(int64_t batch_size) {
-  TokenBatch batch;
-  batch.batch_size = batch_size;
-  batch.seq_len = row_length_;
-  for (int64_t i = 0; i < batch_size; ++i) {
-    if (cursor_.offset == row_count_) {
-      ++cursor_.epoch;
-      cursor_.offset = 0;
-    }
-    append_row(batch, order_for(cursor_.epoch)[static_cast<size_t>(cursor_.offset++)]);
+  if (batch_size < 1) throw std::invalid_argument("batch size must be positive");
+  return build(cursor_, batch_size, /*stay_in_epoch=*/false, options_.packing,
+               [this](int64_t epoch) -> const std::vector<int64_t>& {
+                 if (order_epoch_ != epoch) {
+                   order_ = epoch_order(epoch, options_.rank);
+                   order_epoch_ = epoch;
+                 }
+                 return order_;
+               });
+}
+
+std::vector<TokenBatch> TokenDataset::first_batches(int64_t batch_size, int64_t max_batches) const {
+  if (batch_size < 1) throw std::invalid_argument("batch size must be positive");
+  const std::vector<int64_t> order = epoch_order(0, options_.rank);
+  auto order_for = [&](int64_t) -> const std::vector<int64_t>& { return order; };
+  std::vector<TokenBatch> batches;
+  DatasetCursor cursor;
+  while (static_cast<int64_t>(batches.size()) < max_batches) {
+    TokenBatch batch =
+        build(cursor, batch_size, /*stay_in_epoch=*/true, options_.packing, order_for);
+    if (batch.batch_size == 0) break;
+    batches.push_back(std::move(batch));
   }
-  return batch;
+  return batches;
 }
 
 TokenBatch TokenDataset::rows_in_order(int64_t first, int64_t count) const {
-  TokenBatch batch;
-  batch.batch_size = count;
-  batch.seq_len = row_length_;
-  for (int64_t r = first; r < first + count; ++r) append_row(batch, r);
-  return batch;
+  if (first < 0 || count < 1 || first + count > store_.size()) {
+    throw std::invalid_argument("rows_in_order: samples [" + std::to_string(first) + ", " +
+                                std::to_string(first + count) + ") are outside the store");
+  }
+  std::vector<int64_t> order(static_cast<size_t>(count));
+  std::iota(order.begin(), order.end(), first);
+  DatasetCursor cursor;
+  return build(cursor, count, /*stay_in_epoch=*/true, /*packing=*/false,
+               [&](int64_t) -> const std::vector<int64_t>& { return order; });
+}
+
+int64_t TokenDataset::batches_for_epochs(int64_t epochs, int64_t batch_size) const {
+  if (epochs < 1 || batch_size < 1)
+    throw std::invalid_argument("epochs and batch size must be >= 1");
+  auto batches = [&](int64_t rows) { return (rows + batch_size - 1) / batch_size; };
+  if (!options_.packing) return batches(epochs * per_rank_);
+  // Replays the packing of build(), for every rank, over the epochs' orders.
+  const int64_t world = options_.world_size;
+  std::vector<int64_t> rows(static_cast<size_t>(world), 0), fill(static_cast<size_t>(world), 0);
+  std::vector<bool> open(static_cast<size_t>(world), false);
+  for (int64_t e = 0; e < epochs; ++e) {
+    const std::vector<int64_t> all = permutation(store_.size(), options_.seed, options_.shuffle, e);
+    for (int64_t r = 0; r < world; ++r) {
+      const size_t k = static_cast<size_t>(r);
+      for (int64_t j = 0; j < per_rank_; ++j) {
+        const int64_t p = positions(all[static_cast<size_t>(r + j * world)]);
+        if (open[k] && fill[k] + p > options_.max_length) {
+          ++rows[k];
+          fill[k] = 0;
+        }
+        fill[k] += p;
+        open[k] = true;
+      }
+    }
+  }
+  int64_t fewest = -1;
+  for (int64_t r = 0; r < world; ++r) {
+    const int64_t n =
+        batches(rows[static_cast<size_t>(r)] + (open[static_cast<size_t>(r)] ? 1 : 0));
+    fewest = fewest < 0 ? n : std::min(fewest, n);
+  }
+  return fewest;
+}
+
+uint64_t TokenDataset::fingerprint() const {
+  uint64_t h = mix_bits(static_cast<uint64_t>(store_.size()));
+  h = mix_bits(h ^ static_cast<uint64_t>(options_.max_length));
+  h = mix_bits(h ^ (options_.packing ? 1u : 0u));
+  for (int64_t s = 0; s < store_.size(); ++s) {
+    const SampleStore::Span& span = store_.samples[static_cast<size_t>(s)];
+    const int64_t used = positions(s) + 1;
+    h = mix_bits(h ^ static_cast<uint64_t>(used));
+    for (int64_t i = span.begin; i < span.begin + used; ++i) {
+      const uint64_t token = static_cast<uint32_t>(store_.tokens[static_cast<size_t>(i)]);
+      h = mix_bits(h ^ (token << 1 | (store_.is_trainable(i) ? 1u : 0u)));
+    }
+  }
+  return h;
 }
 
 void TokenDataset::restore(const DatasetCursor& cursor) {
-  if (cursor.epoch < 0 || cursor.offset < 0 || cursor.offset > row_count_) {
+  if (cursor.epoch < 0 || cursor.offset < 0 || cursor.offset > per_rank_) {
     throw std::invalid_argument("data cursor (epoch " + std::to_string(cursor.epoch) + ", offset " +
                                 std::to_string(cursor.offset) + ") does not fit a dataset of " +
-                                std::to_string(row_count_) +
-                                " rows: the data changed since the "
+                                std::to_string(per_rank_) +
+                                " samples: the data changed since the "
                                 "checkpoint");
   }
   cursor_ = cursor;

@@ -15,7 +15,9 @@
 #include "worker/engine/llama_model.h"
 #include "worker/optim/lr_schedule.h"
 #include "worker/optim/optimizer.h"
+#include "worker/train/multiple_choice_eval.h"
 #include "worker/train/token_dataset.h"
+#include "worker/train/training_data.h"
 
 namespace lomo {
 namespace fs = std::filesystem;
@@ -27,21 +29,6 @@ constexpr const char* kJobSpecFile = "job.yaml";
 constexpr const char* kMetricsFile = "metrics.jsonl";
 
 using Clock = std::chrono::steady_clock;
-
-// Raw bytes of every file, concatenated: token ids 0-255 for the "bytes" tokenizer.
-std::vector<int32_t> byte_tokens(const std::vector<std::string>& files, const std::string& field) {
-  std::vector<int32_t> tokens;
-  for (size_t i = 0; i < files.size(); ++i) {
-    std::ifstream in(files[i], std::ios::binary);
-    if (!in) {
-      throw JobSpecError("job", field + "[" + std::to_string(i) + "]",
-                         "cannot read '" + files[i] + "': " + std::strerror(errno));
-    }
-    const std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    for (unsigned char b : bytes) tokens.push_back(b);
-  }
-  return tokens;
-}
 
 OptimizerOptions optimizer_options(const JobSpec& spec) {
   const OptimizerSpec& o = spec.optimizer;
@@ -71,13 +58,20 @@ struct TrainerState {
   int64_t step = 0;
   int64_t total_steps = 0;
   DatasetCursor cursor;
+  // TokenDataset::fingerprint() of the training data; absent in states written before it existed.
+  std::optional<uint64_t> data_fingerprint;
 };
 
+std::string hex(uint64_t value) {
+  char text[17];
+  std::snprintf(text, sizeof(text), "%016llx", static_cast<unsigned long long>(value));
+  return text;
+}
+
 nlohmann::json to_json(const TrainerState& s) {
-  return {{"step", s.step},
-          {"total_steps", s.total_steps},
-          {"data_cursor", {{"epoch", s.cursor.epoch}, {"offset", s.cursor.offset}}},
-          {"format", 1}};
+  nlohmann::json cursor = {{"epoch", s.cursor.epoch}, {"offset", s.cursor.offset}};
+  if (s.data_fingerprint) cursor["fingerprint"] = hex(*s.data_fingerprint);
+  return {{"step", s.step}, {"total_steps", s.total_steps}, {"data_cursor", cursor}, {"format", 1}};
 }
 
 TrainerState read_trainer_state(const fs::path& file) {
@@ -90,11 +84,17 @@ TrainerState read_trainer_state(const fs::path& file) {
     s.total_steps = j.at("total_steps").get<int64_t>();
     s.cursor.epoch = j.at("data_cursor").at("epoch").get<int64_t>();
     s.cursor.offset = j.at("data_cursor").at("offset").get<int64_t>();
+    if (const auto it = j.at("data_cursor").find("fingerprint"); it != j.at("data_cursor").end()) {
+      const std::string text = it->get<std::string>();
+      size_t used = 0;
+      s.data_fingerprint = std::stoull(text, &used, 16);
+      if (used != text.size() || text.size() != 16) throw std::out_of_range("bad fingerprint");
+    }
     if (s.step < 0 || s.total_steps < 0) throw std::out_of_range("negative step");
     return s;
   } catch (const nlohmann::json::exception& e) {
     throw CheckpointError(file.string() + ": malformed trainer state: " + e.what());
-  } catch (const std::out_of_range& e) {
+  } catch (const std::logic_error& e) {  // out_of_range, and invalid_argument from stoull
     throw CheckpointError(file.string() + ": malformed trainer state: " + e.what());
   }
 }
@@ -146,15 +146,13 @@ std::ofstream reopen_metrics(const fs::path& file, int64_t step) {
   return std::ofstream(file, std::ios::app);
 }
 
+// The first max_batches batches of the evaluation rows (in file order): mean token loss.
 EvalMetrics evaluate(LlamaModel& model, const TokenDataset& data, int64_t batch_size,
                      int64_t max_batches, int64_t step) {
   double loss_sum = 0.0;
   int64_t tokens = 0;
-  for (int64_t b = 0; b < max_batches; ++b) {
-    const int64_t first = b * batch_size;
-    if (first >= data.row_count()) break;
-    const int64_t count = std::min(batch_size, data.row_count() - first);
-    const ForwardResult r = model.forward(data.rows_in_order(first, count));
+  for (const TokenBatch& batch : data.first_batches(batch_size, max_batches)) {
+    const ForwardResult r = model.forward(batch);
     loss_sum += r.loss * static_cast<double>(r.counted_tokens);
     tokens += r.counted_tokens;
   }
@@ -163,6 +161,29 @@ EvalMetrics evaluate(LlamaModel& model, const TokenDataset& data, int64_t batch_
   m.tokens = tokens;
   m.loss = tokens > 0 ? loss_sum / static_cast<double>(tokens) : 0.0;
   m.perplexity = std::exp(m.loss);
+  return m;
+}
+
+// Multiple-choice accuracy over the first max_batches · batch_size records; the loss is that of
+// the correct candidates' scored tokens.
+EvalMetrics evaluate_choices(LlamaModel& model, const std::vector<MultipleChoiceRecord>& records,
+                             int64_t batch_size, int64_t max_batches, int32_t pad_id,
+                             int64_t step) {
+  // batch_size · max_batches records, without overflowing for large settings.
+  const auto wanted = static_cast<uint64_t>(batch_size);
+  const auto batches = static_cast<uint64_t>(max_batches);
+  const size_t count = batches >= records.size() / wanted + 1
+                           ? records.size()
+                           : static_cast<size_t>(wanted * batches);
+  const MultipleChoiceResult r = score_multiple_choice(
+      model, std::span<const MultipleChoiceRecord>(records.data(), count), batch_size, pad_id);
+  EvalMetrics m;
+  m.step = step;
+  m.tokens = r.scored_tokens;
+  m.loss = r.loss;
+  m.perplexity = std::exp(m.loss);
+  m.accuracy = r.accuracy;
+  m.examples = static_cast<int64_t>(count);
   return m;
 }
 
@@ -198,15 +219,6 @@ TrainResult train(const JobSpec& spec, const TrainerOptions& options, const Trai
   MemoryAccountant accountant;
   const DType dtype = dtype_from_user_string(spec.precision.dtype);
   LlamaWeights weights = load_llama_checkpoint(model_dir, dtype, accountant);
-  if (spec.tokenizer.kind != "bytes") {
-    throw JobSpecError("job", "tokenizer.kind",
-                       "'" + spec.tokenizer.kind + "' is not available in this build yet; use bytes");
-  }
-  if (weights.config().vocab_size < 256) {
-    throw JobSpecError("job", "tokenizer.kind",
-                       "bytes needs a model with vocab_size >= 256; " + model_dir.string() +
-                           " has " + std::to_string(weights.config().vocab_size));
-  }
   if (spec.data.max_length > weights.config().max_position_embeddings) {
     throw JobSpecError("job", "data.max_length",
                        std::to_string(spec.data.max_length) + " exceeds the model's "
@@ -214,22 +226,22 @@ TrainResult train(const JobSpec& spec, const TrainerOptions& options, const Trai
                            std::to_string(weights.config().max_position_embeddings));
   }
 
-  auto dataset = [&](const std::vector<std::string>& files, const std::string& field, bool shuffle) {
-    try {
-      return TokenDataset(byte_tokens(files, field), spec.data.max_length, spec.training.seed,
-                          shuffle);
-    } catch (const std::invalid_argument& e) {
-      throw JobSpecError("job", field, std::string(e.what()) + " (data.max_length)");
-    }
+  // One data-parallel rank for now; the dataset shards by (rank, world_size) when that changes.
+  TrainingData data = load_training_data(spec, weights.config());
+  TokenDataset& train_data = *data.train;
+  auto report_skips = [&](const LoadReport& report, const std::string& list) {
+    if (report.skipped == 0) return;
+    std::string line = list + ": skipped " + std::to_string(report.skipped) + " bad record(s)";
+    for (const std::string& example : report.skipped_examples) line += "\n  " + example;
+    log(line);
   };
-  TokenDataset train_data = dataset(spec.data.train, "data.train", /*shuffle=*/true);
-  std::optional<TokenDataset> eval_data;
-  if (!spec.data.eval.empty()) eval_data.emplace(dataset(spec.data.eval, "data.eval", false));
+  report_skips(data.train_report, "data.train");
+  report_skips(data.eval_report, "data.eval");
+  const int64_t skipped_records = data.train_report.skipped;
   const int64_t batch_size = spec.training.batch_size;
   const int64_t total_steps =
       spec.training.steps ? *spec.training.steps
-                          : *spec.training.epochs *
-                                ((train_data.row_count() + batch_size - 1) / batch_size);
+                          : train_data.batches_for_epochs(*spec.training.epochs, batch_size);
 
   LlamaModel model(weights, accountant, {spec.training.activation_checkpointing});
   LocalCommunicator communicator;
@@ -241,6 +253,7 @@ TrainResult train(const JobSpec& spec, const TrainerOptions& options, const Trai
 
   TrainerState state;
   state.total_steps = total_steps;
+  const uint64_t data_fingerprint = train_data.fingerprint();
   TrainResult result;
   result.total_steps = total_steps;
   if (resume_from) {
@@ -251,8 +264,17 @@ TrainResult train(const JobSpec& spec, const TrainerOptions& options, const Trai
                             std::to_string(total_steps) +
                             " (steps, epochs, batch size or data changed); use a new output.dir");
     }
+    if (state.data_fingerprint && *state.data_fingerprint != data_fingerprint) {
+      throw CheckpointError((*resume_from / kTrainerStateFile).string() +
+                            ": the training data (files, format, max_length or packing) changed "
+                            "since this checkpoint; use a new output.dir");
+    }
     optimizer->load_state(*resume_from / kOptimizerStateFile);
-    train_data.restore(state.cursor);
+    try {
+      train_data.restore(state.cursor);
+    } catch (const std::invalid_argument& e) {
+      throw CheckpointError((*resume_from / kTrainerStateFile).string() + ": " + e.what());
+    }
     result.last_checkpoint = *resume_from;
     log("resuming from " + resume_from->string() + " at step " + std::to_string(state.step));
   }
@@ -260,18 +282,26 @@ TrainResult train(const JobSpec& spec, const TrainerOptions& options, const Trai
 
   auto checkpoint = [&]() {
     state.cursor = train_data.cursor();
+    state.data_fingerprint = data_fingerprint;
     result.last_checkpoint = write_checkpoint(output_dir, spec, weights, *optimizer, state);
     log("checkpoint " + result.last_checkpoint.string());
     if (hooks.on_checkpoint) hooks.on_checkpoint(result.last_checkpoint, state.step);
   };
   auto run_eval = [&]() {
-    if (!eval_data) return;
+    if (!data.eval && data.eval_choices.empty()) return;
     const EvalMetrics m =
-        evaluate(model, *eval_data, batch_size, spec.training.eval_batches, state.step);
-    metrics << nlohmann::json{{"step", m.step}, {"eval_loss", m.loss},
-                              {"eval_perplexity", m.perplexity}, {"eval_tokens", m.tokens}}
-                   .dump()
-            << "\n" << std::flush;
+        data.eval ? evaluate(model, *data.eval, batch_size, spec.training.eval_batches, state.step)
+                  : evaluate_choices(model, data.eval_choices, batch_size,
+                                     spec.training.eval_batches, data.pad_id, state.step);
+    nlohmann::json line = {{"step", m.step},
+                           {"eval_loss", m.loss},
+                           {"eval_perplexity", m.perplexity},
+                           {"eval_tokens", m.tokens}};
+    if (m.accuracy) {
+      line["eval_accuracy"] = *m.accuracy;
+      line["eval_examples"] = m.examples;
+    }
+    metrics << line.dump() << "\n" << std::flush;
     result.final_eval = m;
     if (hooks.on_eval) hooks.on_eval(m);
   };
@@ -296,7 +326,8 @@ TrainResult train(const JobSpec& spec, const TrainerOptions& options, const Trai
     m.grad_norm = step.grad_norm;
     m.loss_scale = step.loss_scale;
     m.skipped = step.skipped;
-    m.tokens_per_second = static_cast<double>(batch_size * spec.data.max_length) / step_seconds;
+    m.skipped_records = skipped_records;
+    m.tokens_per_second = static_cast<double>(batch.batch_size * batch.seq_len) / step_seconds;
     m.elapsed_seconds = std::chrono::duration<double>(Clock::now() - start).count();
     m.memory = accountant.report();
     metrics << nlohmann::json{{"step", m.step},
@@ -305,6 +336,7 @@ TrainResult train(const JobSpec& spec, const TrainerOptions& options, const Trai
                               {"grad_norm", m.grad_norm},
                               {"loss_scale", m.loss_scale},
                               {"skipped", m.skipped},
+                              {"skipped_records", m.skipped_records},
                               {"tokens_per_second", m.tokens_per_second},
                               {"memory", memory_json(m.memory)}}
                    .dump()

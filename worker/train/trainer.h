@@ -23,7 +23,8 @@ struct TrainingMetrics {
   double grad_norm = 0.0;
   double loss_scale = 1.0;
   bool skipped = false;
-  double tokens_per_second = 0.0;
+  int64_t skipped_records = 0;  // bad training records skipped at load (data.on_bad_record: skip)
+  double tokens_per_second = 0.0;  // input positions (padding included) per second of the step
   double elapsed_seconds = 0.0;
   MemoryReport memory;
 };
@@ -33,6 +34,11 @@ struct EvalMetrics {
   double loss = 0.0;
   double perplexity = 0.0;
   int64_t tokens = 0;
+  // data.eval_format multiple_choice: the fraction of records whose highest-likelihood candidate
+  // is the labelled one, over `examples` records; loss and tokens then cover the correct
+  // candidates' scored tokens.
+  std::optional<double> accuracy;
+  int64_t examples = 0;
 };
 
 struct TrainerHooks {

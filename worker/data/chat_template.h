@@ -1,0 +1,113 @@
+// Prompt templates: how a conversation, an Alpaca record or a prompt/completion pair becomes one
+// token sequence with a trainable mask.
+//
+// Rules shared by every template:
+//   - A template's special tokens are placed by id (Tokenizer::token_to_id), never by encoding
+//     their text; a tokenizer without one of them is refused when the template is set up.
+//   - Every piece of text is encoded on its own (Tokenizer::encode), so the boundary between a
+//     prompt and its response is always a token boundary. (Encoding the rendered text in one go,
+//     as Hugging Face's apply_chat_template does, can differ where a merge would cross a piece
+//     boundary.) Note that BPE tokenizers match their added tokens inside text: content that
+//     spells "<|eot_id|>" becomes that token, as it does in Hugging Face's tokenizers.
+//   - "Trainable" below means the token is a training target; with train_on_prompt every token
+//     is (the first one is still never a target: nothing predicts it).
+//
+// Chat templates. Roles are system, user and assistant. Trainable: the assistant's content and
+// the token that ends its turn; headers, role names, system and user turns are not.
+//   llama-3 (Meta Llama 3 Instruct):
+//       <|begin_of_text|> then per message
+//       <|start_header_id|> "role" <|end_header_id|> "\n\n" "content"* <|eot_id|>
+//     where "content"* is the content with surrounding whitespace removed (the template's trim).
+//     Any order of roles. Trainable for assistant messages: content and <|eot_id|>.
+//   chatml (Qwen, OpenAI ChatML):
+//       per message  <|im_start|> "role\n" "content" <|im_end|> "\n"
+//     No BOS. Any order of roles. Trainable for assistant messages: content and <|im_end|> (not
+//     the "\n" after it).
+//   llama-2 (Meta Llama 2 Chat, as Meta's reference chat_completion tokenizes it):
+//       per user turn   <s> "[INST] " [sys] "user*" " [/INST]"
+//       its answer      " assistant* " </s>
+//     with [sys] = "<<SYS>>\n" system* "\n<</SYS>>\n\n" in the first turn when the conversation
+//     starts with a system message, * meaning whitespace-stripped, and <s>, </s> the tokens of
+//     those names. An optional leading system message, then user and assistant alternating,
+//     starting with user. Trainable: the answer text and </s>. With a SentencePiece tokenizer the
+//     answer's leading space is left to SentencePiece's dummy prefix (encoding "answer " gives
+//     "▁answer ▁", as Meta's joint encoding does); other tokenizers encode " answer ".
+//
+// Alpaca (Stanford Alpaca's prompts; "input" absent or empty selects the second):
+//     BOS? "Below is an instruction that describes a task, paired with an input that provides
+//     further context. Write a response that appropriately completes the request.\n\n
+//     ### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n" "output" EOS?
+//   or "Below is an instruction that describes a task. Write a response that appropriately
+//     completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n" "output" EOS?
+//   Trainable: output and EOS. BOS? / EOS? are the tokenizer's, when it has them.
+// Prompt/completion: BOS? "prompt" "completion" EOS?; trainable: completion and EOS.
+// Plain text: BOS? "text" EOS?; everything trainable.
+// Multiple-choice candidate: BOS? "context" "candidate" EOS?; trainable (scored): the candidate
+//   and EOS. Put any separating space in the context or the candidate yourself.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "worker/data/data_format.h"
+#include "worker/data/token_sample.h"
+#include "worker/data/tokenizer.h"
+
+namespace lomo {
+
+enum class ChatRole { kSystem, kUser, kAssistant };
+
+struct ChatMessage {
+  ChatRole role;
+  std::string_view content;
+};
+
+// Appends encoded text and special tokens to one sample, each with its trainable flag.
+class SampleBuilder {
+ public:
+  // `tokenizer` must outlive the builder. With train_on_prompt every token is trainable.
+  SampleBuilder(const Tokenizer& tokenizer, bool train_on_prompt);
+
+  void token(int32_t id, bool response);
+  void text(std::string_view text, bool response);
+  void bos();  // the tokenizer's BOS, if any (never trainable unless train_on_prompt)
+  void eos();  // the tokenizer's EOS, if any (trainable: it ends a response)
+  TokenSample take() { return std::move(sample_); }
+
+ private:
+  const Tokenizer& tokenizer_;
+  bool train_on_prompt_;
+  TokenSample sample_;
+};
+
+// A chat template with its special token ids resolved for one tokenizer.
+class ChatFormatter {
+ public:
+  // Throws std::invalid_argument ("chat template llama-3 needs the token <|eot_id|>, which the
+  // tokenizer does not have") when the tokenizer lacks one of the template's tokens.
+  ChatFormatter(ChatTemplate chat_template, const Tokenizer& tokenizer);
+
+  // The conversation as a sample (see the file comment). Throws RecordError (field
+  // "messages[i].role") when the roles' order does not fit the template, or "messages" when
+  // the conversation is empty.
+  TokenSample format(std::span<const ChatMessage> messages, bool train_on_prompt) const;
+
+  ChatTemplate chat_template() const { return template_; }
+
+ private:
+  ChatTemplate template_;
+  const Tokenizer& tokenizer_;
+  std::vector<int32_t> special_;  // the template's tokens, in the order the .cc lists them
+  bool sentencepiece_ = false;
+};
+
+// The Stanford Alpaca prompt for an instruction and an optional input ("" for none).
+std::string alpaca_prompt(std::string_view instruction, std::string_view input);
+
+// `text` without leading and trailing Unicode white space (Python's str.strip, Jinja's trim).
+std::string_view strip_white_space(std::string_view text);
+
+}  // namespace lomo
