@@ -14,6 +14,7 @@ packages=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler  # control plane API
   libsqlite3-dev           # coordinator job store
   prometheus-cpp-dev       # /metrics
+  libssl-dev               # SHA-256 of checkpoint files (common/sha256)
   libcpp-httplib-dev       # REST/JSON for dashboards
 )
 

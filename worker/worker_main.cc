@@ -6,9 +6,19 @@
 //       Ctrl-C or SIGTERM finishes the current step, checkpoints, and exits; a second one kills.
 //   lomo-worker init-model DIR [--preset tiny|reference] [--seed N]
 //       Writes a randomly initialised LLaMA in Hugging Face layout (for demos and benchmarks).
+//   lomo-worker serve --coordinator HOST:PORT [--device cpu|N] [--work-dir DIR] ...
+//       The worker daemon: registers the device with the coordinator and runs each assignment as
+//       a `train` child process. It is the lomo-workerd executable beside this one
+//       (worker/daemon/), kept apart because gRPC's libprotobuf and libsentencepiece's bundled
+//       protobuf-lite crash when loaded into one process. SIGTERM stops it gracefully.
+#include <unistd.h>
+
+#include <cerrno>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <filesystem>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -32,7 +42,9 @@ int usage(const std::string& problem) {
   std::cerr << "lomo-worker: " << problem << "\n"
             << "usage:\n"
             << "  lomo-worker train JOB.yaml [--set key=value]... [--restart]\n"
-            << "  lomo-worker init-model DIR [--preset tiny|reference] [--seed N]\n";
+            << "  lomo-worker init-model DIR [--preset tiny|reference] [--seed N]\n"
+            << "  lomo-worker serve --coordinator HOST:PORT [--device cpu|N] [--work-dir DIR]\n"
+            << "                    [--metrics-listen ADDR:PORT] [--worker-id ID]\n";
   return 2;
 }
 
@@ -94,6 +106,27 @@ int train_command(const std::vector<std::string>& args) {
   return 0;
 }
 
+// Replaces this process with lomo-workerd (beside this executable), telling it to run this
+// executable for training. Returns only if that fails.
+int serve_command(const std::vector<std::string>& args) {
+  std::error_code error;
+  const std::filesystem::path self = std::filesystem::read_symlink("/proc/self/exe", error);
+  if (error) {
+    std::cerr << "lomo-worker serve: cannot find its own executable: " << error.message() << "\n";
+    return 1;
+  }
+  const std::filesystem::path daemon = self.parent_path() / "lomo-workerd";
+  std::vector<std::string> daemon_args{daemon.string(), "--trainer", self.string()};
+  daemon_args.insert(daemon_args.end(), args.begin(), args.end());
+  std::vector<char*> argv;
+  for (std::string& a : daemon_args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  ::execv(daemon.c_str(), argv.data());
+  std::cerr << "lomo-worker serve: cannot run " << daemon.string() << ": " << std::strerror(errno)
+            << " (it is built beside lomo-worker: target lomo-workerd)\n";
+  return 1;
+}
+
 int init_model_command(const std::vector<std::string>& args) {
   if (args.empty()) return usage("init-model needs a directory");
   std::string preset = "tiny";
@@ -148,6 +181,7 @@ int main(int argc, char** argv) {
   try {
     if (command == "train") return train_command(args);
     if (command == "init-model") return init_model_command(args);
+    if (command == "serve") return serve_command(args);
     return usage("unknown command '" + command + "'");
   } catch (const std::exception& e) {
     std::cerr << "lomo-worker " << command << ": " << e.what() << "\n";

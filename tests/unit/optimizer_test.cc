@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include <unistd.h>
+
 #include "worker/engine/llama_model.h"
 #include "worker/optim/loss_scaler.h"
 #include "worker/optim/lr_schedule.h"
@@ -335,7 +337,8 @@ TEST(OptimizerState, SavedAndRestoredStateContinuesBitIdentically) {
       first->step(a.model, step, 1e-2);
     }
     const auto state = std::filesystem::path(::testing::TempDir()) /
-                       ("state_" + optimizer_kind_name(kind) + ".safetensors");
+                       ("state_" + std::to_string(::getpid()) + "_" + optimizer_kind_name(kind) +
+                        ".safetensors");
     first->save_state(state);
     // b takes a's weights and optimizer state, then both take step 3.
     for (Parameter& p : b.weights.parameters()) {

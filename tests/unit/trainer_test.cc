@@ -10,6 +10,8 @@
 #include <fstream>
 #include <string>
 
+#include <unistd.h>
+
 #include "worker/engine/checkpoint_io.h"
 #include "worker/train/token_dataset.h"
 
@@ -19,7 +21,9 @@ namespace {
 namespace fs = std::filesystem;
 
 fs::path fresh_dir(const std::string& name) {
-  const fs::path dir = fs::path(::testing::TempDir()) / ("trainer_test_" + name);
+  // The process id keeps concurrent runs of the suite (several build trees) apart.
+  const fs::path dir = fs::path(::testing::TempDir()) /
+                       ("trainer_test_" + std::to_string(::getpid()) + "_" + name);
   fs::remove_all(dir);
   fs::create_directories(dir);
   return dir;

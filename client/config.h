@@ -1,0 +1,39 @@
+// Where lomoctl finds the coordinator: --coordinator, else $LOMO_COORDINATOR, else the config
+// file (~/.config/lomo/lomoctl.yaml, or $XDG_CONFIG_HOME/lomo/lomoctl.yaml), else 127.0.0.1:7070.
+//
+//   # ~/.config/lomo/lomoctl.yaml
+//   coordinator: lomo.example.org:7070
+//   timeout_seconds: 10          # deadline of each call (optional)
+#pragma once
+
+#include <filesystem>
+#include <optional>
+#include <stdexcept>
+#include <string>
+
+namespace lomo::client {
+
+inline constexpr const char* kDefaultCoordinator = "127.0.0.1:7070";
+
+struct LomoctlConfig {
+  std::string coordinator = kDefaultCoordinator;
+  std::string coordinator_source = "default";  // where it came from, for messages
+  double timeout_seconds = 10.0;
+};
+
+class ConfigError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// The config file's path from the environment ($XDG_CONFIG_HOME, else $HOME/.config); nullopt
+// when neither is set.
+std::optional<std::filesystem::path> default_config_path();
+
+// Resolves the settings. `flag` is --coordinator when given; `env` is $LOMO_COORDINATOR (null or
+// empty: unset); `config_file` is read if it exists (a missing file is not an error; a bad one
+// throws ConfigError naming it and the key).
+LomoctlConfig resolve_config(const std::optional<std::string>& flag, const char* env,
+                             const std::optional<std::filesystem::path>& config_file);
+
+}  // namespace lomo::client

@@ -1,0 +1,357 @@
+#include "client/lomo_client.h"
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <thread>
+
+#include "common/sha256.h"
+
+namespace lomo::client {
+namespace {
+
+namespace fs = std::filesystem;
+
+bool contains(const std::string& text, const char* needle) {
+  std::string lower = text;
+  std::transform(lower.begin(), lower.end(), lower.begin(),
+                 [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+  return lower.find(needle) != std::string::npos;
+}
+
+std::string status_code_name(grpc::StatusCode code) {
+  switch (code) {
+    case grpc::StatusCode::OK:
+      return "OK";
+    case grpc::StatusCode::CANCELLED:
+      return "CANCELLED";
+    case grpc::StatusCode::UNKNOWN:
+      return "UNKNOWN";
+    case grpc::StatusCode::INVALID_ARGUMENT:
+      return "INVALID_ARGUMENT";
+    case grpc::StatusCode::DEADLINE_EXCEEDED:
+      return "DEADLINE_EXCEEDED";
+    case grpc::StatusCode::NOT_FOUND:
+      return "NOT_FOUND";
+    case grpc::StatusCode::ALREADY_EXISTS:
+      return "ALREADY_EXISTS";
+    case grpc::StatusCode::PERMISSION_DENIED:
+      return "PERMISSION_DENIED";
+    case grpc::StatusCode::RESOURCE_EXHAUSTED:
+      return "RESOURCE_EXHAUSTED";
+    case grpc::StatusCode::FAILED_PRECONDITION:
+      return "FAILED_PRECONDITION";
+    case grpc::StatusCode::ABORTED:
+      return "ABORTED";
+    case grpc::StatusCode::OUT_OF_RANGE:
+      return "OUT_OF_RANGE";
+    case grpc::StatusCode::UNIMPLEMENTED:
+      return "UNIMPLEMENTED";
+    case grpc::StatusCode::INTERNAL:
+      return "INTERNAL";
+    case grpc::StatusCode::UNAVAILABLE:
+      return "UNAVAILABLE";
+    case grpc::StatusCode::DATA_LOSS:
+      return "DATA_LOSS";
+    case grpc::StatusCode::UNAUTHENTICATED:
+      return "UNAUTHENTICATED";
+    default:
+      return "code " + std::to_string(static_cast<int>(code));
+  }
+}
+
+// A relative path that stays inside the download directory.
+bool safe_relative_path(const std::string& path) {
+  if (path.empty() || path.front() == '/') return false;
+  for (const auto& part : fs::path(path)) {
+    if (part == ".." || part == ".") return false;
+  }
+  return path.find('\0') == std::string::npos;
+}
+
+}  // namespace
+
+std::string describe_status(const grpc::Status& status, const std::string& address) {
+  const std::string& message = status.error_message();
+  switch (status.error_code()) {
+    case grpc::StatusCode::UNAVAILABLE: {
+      std::string why = message;
+      if (contains(message, "connection refused")) {
+        why = "connection refused";
+      } else if (contains(message, "dns") || contains(message, "resolve")) {
+        why = "cannot resolve the host name";
+      } else if (contains(message, "timed out") || contains(message, "timeout")) {
+        why = "connection timed out";
+      } else if (contains(message, "failed to connect")) {
+        why = "cannot connect";
+      } else {
+        return "the coordinator at " + address + " is unavailable: " + message;
+      }
+      return "cannot reach the coordinator at " + address + " (" + why +
+             "); is lomo-coordinator running? set --coordinator or LOMO_COORDINATOR";
+    }
+    case grpc::StatusCode::DEADLINE_EXCEEDED:
+      return "the coordinator at " + address + " did not answer in time (" + message +
+             "); raise --timeout or check that it is not overloaded";
+    case grpc::StatusCode::UNIMPLEMENTED:
+      return "the coordinator at " + address + " does not implement this call (" + message + ")";
+    case grpc::StatusCode::CANCELLED:
+      return "the call to the coordinator at " + address + " was cancelled" +
+             (message.empty() || message == "Cancelled" || message == "CANCELLED"
+                  ? std::string()
+                  : " (" + message + ")");
+    case grpc::StatusCode::NOT_FOUND:
+    case grpc::StatusCode::INVALID_ARGUMENT:
+    case grpc::StatusCode::FAILED_PRECONDITION:
+    case grpc::StatusCode::ALREADY_EXISTS:
+    case grpc::StatusCode::OUT_OF_RANGE:
+      return message.empty() ? "the coordinator rejected the request (" +
+                                   status_code_name(status.error_code()) + ")"
+                             : message;
+    default:
+      return "the coordinator at " + address + " answered " +
+             status_code_name(status.error_code()) + ": " + message;
+  }
+}
+
+Client::Client(ClientOptions options) : options_(std::move(options)) {
+  grpc::ChannelArguments args;
+  args.SetInt(GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, 64 << 20);
+  // Fail fast and report "connection refused" rather than retrying a dead address for seconds.
+  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 200);
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
+  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+  channel_ = grpc::CreateCustomChannel(options_.address, grpc::InsecureChannelCredentials(), args);
+  stub_ = lomo::v1::JobService::NewStub(channel_);
+}
+
+std::unique_ptr<grpc::ClientContext> Client::unary_context() const {
+  auto context = std::make_unique<grpc::ClientContext>();
+  context->set_deadline(std::chrono::system_clock::now() + options_.timeout);
+  return context;
+}
+
+void Client::fail(const grpc::Status& status) const {
+  throw ClientError(status.error_code(), describe_status(status, options_.address));
+}
+
+lomo::v1::Job Client::submit_job(const google::protobuf::Struct& spec) {
+  lomo::v1::SubmitJobRequest request;
+  *request.mutable_spec() = spec;
+  lomo::v1::SubmitJobResponse response;
+  auto context = unary_context();
+  const grpc::Status status = stub_->SubmitJob(context.get(), request, &response);
+  if (!status.ok()) fail(status);
+  return response.job();
+}
+
+lomo::v1::Job Client::get_job(const std::string& job_id) {
+  lomo::v1::GetJobRequest request;
+  request.set_job_id(job_id);
+  lomo::v1::GetJobResponse response;
+  auto context = unary_context();
+  const grpc::Status status = stub_->GetJob(context.get(), request, &response);
+  if (!status.ok()) fail(status);
+  return response.job();
+}
+
+std::vector<lomo::v1::Job> Client::list_jobs(const std::vector<lomo::v1::JobState>& states,
+                                             int limit) {
+  std::vector<lomo::v1::Job> jobs;
+  std::string page_token;
+  do {
+    lomo::v1::ListJobsRequest request;
+    for (auto s : states) request.add_states(s);
+    const int remaining = limit > 0 ? limit - static_cast<int>(jobs.size()) : 1000;
+    request.set_page_size(std::min(remaining, 1000));
+    request.set_page_token(page_token);
+    lomo::v1::ListJobsResponse response;
+    auto context = unary_context();
+    const grpc::Status status = stub_->ListJobs(context.get(), request, &response);
+    if (!status.ok()) fail(status);
+    for (const auto& job : response.jobs()) jobs.push_back(job);
+    page_token = response.next_page_token();
+  } while (!page_token.empty() && (limit <= 0 || static_cast<int>(jobs.size()) < limit));
+  if (limit > 0 && static_cast<int>(jobs.size()) > limit) jobs.resize(static_cast<size_t>(limit));
+  return jobs;
+}
+
+lomo::v1::Job Client::cancel_job(const std::string& job_id) {
+  lomo::v1::CancelJobRequest request;
+  request.set_job_id(job_id);
+  lomo::v1::CancelJobResponse response;
+  auto context = unary_context();
+  const grpc::Status status = stub_->CancelJob(context.get(), request, &response);
+  if (!status.ok()) fail(status);
+  return response.job();
+}
+
+std::vector<lomo::v1::CheckpointInfo> Client::list_checkpoints(const std::string& job_id) {
+  lomo::v1::ListCheckpointsRequest request;
+  request.set_job_id(job_id);
+  lomo::v1::ListCheckpointsResponse response;
+  auto context = unary_context();
+  const grpc::Status status = stub_->ListCheckpoints(context.get(), request, &response);
+  if (!status.ok()) fail(status);
+  return {response.checkpoints().begin(), response.checkpoints().end()};
+}
+
+void Client::track(grpc::ClientContext* context) {
+  std::lock_guard lock(mutex_);
+  if (cancelled_) context->TryCancel();
+  streams_.insert(context);
+}
+
+void Client::untrack(grpc::ClientContext* context) {
+  std::lock_guard lock(mutex_);
+  streams_.erase(context);
+}
+
+bool Client::streams_cancelled() {
+  std::lock_guard lock(mutex_);
+  return cancelled_;
+}
+
+void Client::cancel_streams() {
+  std::lock_guard lock(mutex_);
+  cancelled_ = true;
+  for (auto* context : streams_) context->TryCancel();
+}
+
+void Client::watch_job(const std::string& job_id, int64_t after_sequence, bool follow,
+                       const std::function<bool(const lomo::v1::WatchJobResponse&)>& on_event) {
+  lomo::v1::WatchJobRequest request;
+  request.set_job_id(job_id);
+  request.set_after_sequence(after_sequence);
+  request.set_follow(follow);
+  grpc::ClientContext context;
+  track(&context);
+  auto reader = stub_->WatchJob(&context, request);
+  lomo::v1::WatchJobResponse response;
+  bool stopped_early = false;
+  while (reader->Read(&response)) {
+    if (!on_event(response)) {
+      stopped_early = true;
+      context.TryCancel();
+      break;
+    }
+  }
+  const grpc::Status status = reader->Finish();
+  untrack(&context);
+  if (!status.ok() && !stopped_early) fail(status);
+}
+
+DownloadResult Client::download_checkpoint(
+    const std::string& checkpoint_id, const fs::path& directory,
+    const std::vector<lomo::v1::CheckpointFile>& expected,
+    const std::function<void(const DownloadProgress&)>& progress) {
+  lomo::v1::DownloadCheckpointRequest request;
+  request.set_checkpoint_id(checkpoint_id);
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + options_.download_timeout);
+  track(&context);
+  struct Untrack {
+    Client* client;
+    grpc::ClientContext* context;
+    ~Untrack() { client->untrack(context); }
+  } untrack_guard{this, &context};
+
+  fs::create_directories(directory);
+  auto reader = stub_->DownloadCheckpoint(&context, request);
+  DownloadResult result;
+  lomo::v1::DownloadCheckpointResponse chunk;
+  std::string current_path;
+  std::ofstream out;
+  std::unique_ptr<Sha256> hash;
+  int64_t file_bytes = 0;
+  auto abort_download = [&](const std::string& why) {
+    context.TryCancel();
+    reader->Finish();
+    out.close();
+    if (!current_path.empty()) fs::remove(directory / (current_path + ".partial"));
+    throw ClientError(grpc::StatusCode::DATA_LOSS,
+                      "download of " + checkpoint_id + " failed: " + why);
+  };
+  while (reader->Read(&chunk)) {
+    if (chunk.path() != current_path) {
+      if (!current_path.empty()) abort_download(current_path + " ended without its checksum");
+      if (!safe_relative_path(chunk.path())) {
+        abort_download("the coordinator sent an unsafe file name '" + chunk.path() + "'");
+      }
+      current_path = chunk.path();
+      const fs::path partial = directory / (current_path + ".partial");
+      fs::create_directories(partial.parent_path());
+      out.open(partial, std::ios::binary | std::ios::trunc);
+      if (!out) abort_download(partial.string() + ": " + std::strerror(errno));
+      hash = std::make_unique<Sha256>();
+      file_bytes = 0;
+    }
+    if (chunk.offset() != file_bytes) {
+      abort_download(current_path + ": chunk at offset " + std::to_string(chunk.offset()) +
+                     ", expected " + std::to_string(file_bytes));
+    }
+    out.write(chunk.data().data(), static_cast<std::streamsize>(chunk.data().size()));
+    if (!out) abort_download(current_path + ": write failed: " + std::strerror(errno));
+    hash->update(chunk.data());
+    file_bytes += static_cast<int64_t>(chunk.data().size());
+    result.bytes += static_cast<int64_t>(chunk.data().size());
+    if (progress) progress({current_path, result.bytes});
+    if (chunk.last_chunk_of_file()) {
+      out.close();
+      if (!out) abort_download(current_path + ": write failed: " + std::strerror(errno));
+      const std::string digest = hash->hex_digest();
+      if (digest != chunk.sha256()) {
+        abort_download(current_path + ": SHA-256 mismatch (received " + digest +
+                       ", the coordinator says " + chunk.sha256() + ")");
+      }
+      fs::rename(directory / (current_path + ".partial"), directory / current_path);
+      lomo::v1::CheckpointFile file;
+      file.set_path(current_path);
+      file.set_size_bytes(file_bytes);
+      file.set_sha256(digest);
+      result.files.push_back(file);
+      current_path.clear();
+    }
+  }
+  const grpc::Status status = reader->Finish();
+  if (!status.ok()) {
+    out.close();
+    if (!current_path.empty()) fs::remove(directory / (current_path + ".partial"));
+    fail(status);
+  }
+  if (!current_path.empty()) abort_download(current_path + " was cut short");
+  if (result.files.empty()) abort_download("the coordinator sent no files");
+  if (!expected.empty()) {
+    std::map<std::string, const lomo::v1::CheckpointFile*> received;
+    for (const auto& f : result.files) received[f.path()] = &f;
+    for (const auto& want : expected) {
+      const auto it = received.find(want.path());
+      if (it == received.end()) {
+        throw ClientError(grpc::StatusCode::DATA_LOSS,
+                          "download of " + checkpoint_id + " is missing " + want.path());
+      }
+      if ((!want.sha256().empty() && it->second->sha256() != want.sha256()) ||
+          (want.size_bytes() > 0 && it->second->size_bytes() != want.size_bytes())) {
+        throw ClientError(grpc::StatusCode::DATA_LOSS,
+                          "download of " + checkpoint_id + ": " + want.path() +
+                              " differs from the checkpoint's record (size or SHA-256)");
+      }
+    }
+  }
+  return result;
+}
+
+bool Client::wait_until_reachable(std::chrono::milliseconds timeout) {
+  const auto deadline = std::chrono::system_clock::now() + timeout;
+  while (std::chrono::system_clock::now() < deadline) {
+    if (channel_->WaitForConnected(std::min(
+            deadline, std::chrono::system_clock::now() + std::chrono::milliseconds(250)))) {
+      return true;
+    }
+  }
+  return false;
+}
+
+}  // namespace lomo::client

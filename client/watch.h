@@ -1,0 +1,28 @@
+// `lomoctl watch`: follows a job to its end, showing a one-line progress bar on a terminal (plain
+// lines otherwise, or JSON lines), and resumes after the last event seen when the stream breaks.
+#pragma once
+
+#include <chrono>
+#include <ostream>
+#include <string>
+
+#include "client/lomo_client.h"
+
+namespace lomo::client {
+
+struct WatchOptions {
+  bool tty = false;        // redraw one progress line in place
+  bool json = false;       // one WatchJobResponse per line, as proto JSON
+  bool show_logs = false;  // the worker's log lines too
+  int width = 80;          // terminal columns
+  // How long the coordinator may stay unreachable once the watch has started before giving up.
+  std::chrono::seconds reconnect_window{60};
+};
+
+// Prints the job's events to `out` until it has ended and returns it as it ended. Throws
+// ClientError when the coordinator cannot be reached at the start, stays unreachable past the
+// window, or refuses the watch (unknown job).
+lomo::v1::Job watch_job_to_end(Client& client, const std::string& job_id,
+                               const WatchOptions& options, std::ostream& out);
+
+}  // namespace lomo::client

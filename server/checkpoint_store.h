@@ -1,0 +1,91 @@
+// Checkpoints uploaded by workers, on local disk under <data_dir>/checkpoints:
+//
+//   <job id>/.tmp-step-00000100/<path>   an upload in progress (never listed, removed at startup)
+//   <job id>/step-00000100/<path>        a verified upload, renamed into place
+//
+// Upload protocol (lomo.v1.CheckpointChunk on the worker stream): the files of one checkpoint are
+// sent one after another, each in chunks with contiguous offsets from 0; the last chunk of a file
+// carries the hex SHA-256 of the whole file. A chunk with commit=true ends the upload: every file
+// must be complete and verified. The commit chunk is answered by exactly one CheckpointAck (and
+// nothing else is): committed=true, or committed=false with the first problem found. After a bad
+// chunk the upload's remaining chunks are ignored and its temporary directory is removed at once;
+// the reason waits for the commit. An upload belongs to one connection: if the worker reconnects it
+// starts the step again.
+//
+// This class verifies and places files; the coordinator records the commit in the store, and only
+// a recorded checkpoint is committed (a renamed directory without a record is removed at startup).
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <set>
+#include <string>
+#include <unordered_map>
+
+#include "lomo/v1/jobs.pb.h"
+#include "lomo/v1/workers.pb.h"
+
+namespace lomo::server {
+
+// A complete, verified upload waiting to be published.
+struct VerifiedUpload {
+  std::string job_id;
+  int64_t step = 0;
+  std::filesystem::path temporary_dir;
+  v1::CheckpointInfo info;  // checkpoint_id, step, size_bytes, files; commit_time unset
+};
+
+struct ChunkResult {
+  bool commit = false;  // the chunk was a commit: answer it with one CheckpointAck
+  std::string error;    // why the upload failed (with commit: the ack's error)
+  std::optional<VerifiedUpload> verified;  // with commit and no error
+};
+
+class CheckpointStore {
+ public:
+  // Creates `root` if needed.
+  explicit CheckpointStore(std::filesystem::path root);
+  ~CheckpointStore();
+
+  // "<job id>/step-00000100".
+  static std::string checkpoint_id(const std::string& job_id, int64_t step);
+  std::filesystem::path checkpoint_dir(const std::string& job_id, int64_t step) const;
+
+  // Startup: removes every temporary upload directory and every step directory whose checkpoint
+  // id is not in `committed`. Returns how many directories were removed.
+  int recover(const std::set<std::string>& committed);
+
+  // Handles one chunk from connection `owner`. A non-empty `rejection` (the coordinator's reason
+  // to refuse it, e.g. a stale attempt) fails the upload as a bad chunk would. Never throws for
+  // bad input or I/O errors: they become the upload's error.
+  ChunkResult receive(uint64_t owner, const v1::CheckpointChunk& chunk,
+                      const std::string& rejection);
+
+  // Renames the verified upload to its step directory and makes the rename durable. Returns an
+  // error text ("" on success); the temporary directory is removed either way.
+  std::string publish(const VerifiedUpload& upload);
+  // Removes a published directory whose commit could not be recorded.
+  void unpublish(const std::string& job_id, int64_t step);
+  // Forgets uploads of a connection that closed, or of a job that ended, and removes their files.
+  void discard_owner(uint64_t owner);
+  void discard_job(const std::string& job_id);
+
+  // "" if `path` is a safe relative file path inside a checkpoint, else why not.
+  static std::string check_relative_path(const std::string& path);
+
+ private:
+  struct Upload;
+  void fail(Upload& upload, const std::string& error);
+  ChunkResult receive_locked(Upload& upload, const v1::CheckpointChunk& chunk,
+                             const std::string& rejection);
+
+  std::filesystem::path root_;
+  std::mutex mu_;
+  // By job id and step ("<job>/<step>"); each Upload has its own lock for file I/O.
+  std::unordered_map<std::string, std::shared_ptr<Upload>> uploads_;
+};
+
+}  // namespace lomo::server

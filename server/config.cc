@@ -1,0 +1,231 @@
+#include "server/config.h"
+
+#include <yaml-cpp/yaml.h>
+
+#include <cerrno>
+#include <charconv>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+#include <type_traits>
+
+namespace lomo::server {
+
+const char* const kCoordinatorUsage =
+    "usage: lomo-coordinator [--config FILE] [--grpc-listen HOST:PORT] [--http-listen HOST:PORT]\n"
+    "                        [--data-dir DIR] [--heartbeat-timeout SECONDS]\n"
+    "                        [--heartbeat-interval-ms MS] [--threads N] [--ready-file PATH]\n"
+    "Serves the lomo JobService and WorkerService over gRPC, REST/JSON and /metrics over HTTP.\n"
+    "A port of 0 lets the system choose; --ready-file receives the addresses in use.\n";
+
+namespace {
+
+std::string key_error(const std::string& source, const std::string& key, const std::string& what) {
+  return source + ": " + key + ": " + what;
+}
+
+template <typename T>
+T scalar(const YAML::Node& node, const std::string& source, const std::string& key) {
+  if (!node.IsScalar()) throw ConfigError(key_error(source, key, "expected a single value"));
+  try {
+    return node.as<T>();
+  } catch (const YAML::Exception&) {
+    throw ConfigError(key_error(source, key,
+                                "cannot read \"" + node.Scalar() + "\" as " +
+                                    (std::is_same_v<T, std::string> ? "a string"
+                                     : std::is_floating_point_v<T>  ? "a number"
+                                                                    : "an integer")));
+  }
+}
+
+double parse_double(const std::string& text, const std::string& flag) {
+  double value = 0;
+  const auto result = std::from_chars(text.data(), text.data() + text.size(), value);
+  if (result.ec != std::errc() || result.ptr != text.data() + text.size()) {
+    throw ConfigError(flag + ": expected a number, got \"" + text + "\"");
+  }
+  return value;
+}
+
+int64_t parse_int(const std::string& text, const std::string& flag) {
+  int64_t value = 0;
+  const auto result = std::from_chars(text.data(), text.data() + text.size(), value);
+  if (result.ec != std::errc() || result.ptr != text.data() + text.size()) {
+    throw ConfigError(flag + ": expected an integer, got \"" + text + "\"");
+  }
+  return value;
+}
+
+std::string read_file(const std::string& path) {
+  std::ifstream file(path, std::ios::binary);
+  if (!file) throw ConfigError(path + ": cannot open: " + std::strerror(errno));
+  std::ostringstream text;
+  text << file.rdbuf();
+  return text.str();
+}
+
+}  // namespace
+
+CoordinatorConfig parse_config(const std::string& yaml_text, const std::string& source) {
+  CoordinatorConfig config;
+  YAML::Node root;
+  try {
+    root = YAML::Load(yaml_text);
+  } catch (const YAML::Exception& error) {
+    throw ConfigError(source + ": invalid YAML: " + error.what());
+  }
+  if (root.IsNull()) return config;
+  if (!root.IsMap()) throw ConfigError(source + ": expected a map of settings at the top level");
+  for (const auto& entry : root) {
+    const std::string key = entry.first.as<std::string>();
+    const YAML::Node& value = entry.second;
+    if (key == "listen") {
+      if (!value.IsMap()) throw ConfigError(key_error(source, key, "expected {grpc:, http:}"));
+      for (const auto& listen : value) {
+        const std::string sub = listen.first.as<std::string>();
+        if (sub == "grpc") {
+          config.grpc_listen = scalar<std::string>(listen.second, source, "listen.grpc");
+        } else if (sub == "http") {
+          config.http_listen = listen.second.IsNull()
+                                   ? ""
+                                   : scalar<std::string>(listen.second, source, "listen.http");
+        } else {
+          throw ConfigError(
+              key_error(source, "listen." + sub, "unknown key (expected grpc, http)"));
+        }
+      }
+    } else if (key == "data_dir") {
+      config.data_dir = scalar<std::string>(value, source, key);
+    } else if (key == "heartbeat_interval_ms") {
+      config.heartbeat_interval_ms = scalar<int64_t>(value, source, key);
+    } else if (key == "heartbeat_timeout_seconds") {
+      config.heartbeat_timeout_seconds = scalar<double>(value, source, key);
+    } else if (key == "threads") {
+      config.threads = scalar<int>(value, source, key);
+    } else if (key == "http_threads") {
+      config.http_threads = scalar<int>(value, source, key);
+    } else if (key == "shutdown_grace_seconds") {
+      config.shutdown_grace_seconds = scalar<double>(value, source, key);
+    } else {
+      throw ConfigError(key_error(source, key,
+                                  "unknown key (expected listen, data_dir, heartbeat_interval_ms, "
+                                  "heartbeat_timeout_seconds, threads, http_threads, "
+                                  "shutdown_grace_seconds)"));
+    }
+  }
+  validate_config(config, source);
+  return config;
+}
+
+void validate_config(const CoordinatorConfig& config, const std::string& source) {
+  auto fail = [&](const std::string& key, const std::string& what) {
+    throw ConfigError(key_error(source, key, what));
+  };
+  if (config.grpc_listen.empty()) fail("listen.grpc", "must not be empty");
+  split_host_port(config.grpc_listen, source + ": listen.grpc");
+  if (!config.http_listen.empty()) split_host_port(config.http_listen, source + ": listen.http");
+  if (config.data_dir.empty()) fail("data_dir", "must not be empty");
+  if (!(config.heartbeat_timeout_seconds > 0) || config.heartbeat_timeout_seconds > 86400) {
+    fail("heartbeat_timeout_seconds",
+         "must be in (0, 86400], got " + std::to_string(config.heartbeat_timeout_seconds));
+  }
+  if (config.heartbeat_interval_ms <= 0) {
+    fail("heartbeat_interval_ms",
+         "must be > 0, got " + std::to_string(config.heartbeat_interval_ms));
+  }
+  // A worker must get at least two heartbeats in before it is declared dead.
+  if (static_cast<double>(config.heartbeat_interval_ms) * 2 >
+      config.heartbeat_timeout_seconds * 1000) {
+    fail("heartbeat_interval_ms", "must be at most half of heartbeat_timeout_seconds (" +
+                                      std::to_string(config.heartbeat_interval_ms) + " ms vs " +
+                                      std::to_string(config.heartbeat_timeout_seconds) + " s)");
+  }
+  if (config.threads < 1 || config.threads > 256) {
+    fail("threads", "must be in [1, 256], got " + std::to_string(config.threads));
+  }
+  if (config.http_threads < 1 || config.http_threads > 1024) {
+    fail("http_threads", "must be in [1, 1024], got " + std::to_string(config.http_threads));
+  }
+  if (!(config.shutdown_grace_seconds >= 0)) {
+    fail("shutdown_grace_seconds", "must be >= 0");
+  }
+}
+
+CoordinatorConfig config_from_command_line(const std::vector<std::string>& args, bool* help) {
+  *help = false;
+  // Split "--flag=value" and "--flag value" into pairs first so that --config is applied before
+  // any override regardless of where it appears.
+  std::vector<std::pair<std::string, std::string>> flags;
+  for (size_t i = 0; i < args.size(); ++i) {
+    const std::string& arg = args[i];
+    if (arg == "--help" || arg == "-h") {
+      *help = true;
+      return CoordinatorConfig{};
+    }
+    if (arg.rfind("--", 0) != 0) throw ConfigError("unexpected argument \"" + arg + "\"");
+    const size_t equals = arg.find('=');
+    if (equals != std::string::npos) {
+      flags.emplace_back(arg.substr(0, equals), arg.substr(equals + 1));
+    } else {
+      if (i + 1 >= args.size()) throw ConfigError(arg + ": needs a value");
+      flags.emplace_back(arg, args[++i]);
+    }
+  }
+  CoordinatorConfig config;
+  std::string source = "defaults";
+  for (const auto& [flag, value] : flags) {
+    if (flag == "--config") {
+      config = parse_config(read_file(value), value);
+      source = value;
+    }
+  }
+  bool overridden = false;
+  for (const auto& [flag, value] : flags) {
+    if (flag != "--config" && flag != "--ready-file") overridden = true;
+    if (flag == "--config") {
+      continue;
+    } else if (flag == "--grpc-listen") {
+      config.grpc_listen = value;
+    } else if (flag == "--http-listen") {
+      config.http_listen = value;
+    } else if (flag == "--data-dir") {
+      config.data_dir = value;
+    } else if (flag == "--heartbeat-timeout") {
+      config.heartbeat_timeout_seconds = parse_double(value, flag);
+    } else if (flag == "--heartbeat-interval-ms") {
+      config.heartbeat_interval_ms = parse_int(value, flag);
+    } else if (flag == "--threads") {
+      config.threads = static_cast<int>(parse_int(value, flag));
+    } else if (flag == "--ready-file") {
+      config.ready_file = value;
+    } else {
+      throw ConfigError("unknown flag " + flag);
+    }
+  }
+  validate_config(config, overridden ? source + " with command-line overrides" : source);
+  return config;
+}
+
+HostPort split_host_port(const std::string& address, const std::string& what) {
+  const size_t colon = address.rfind(':');
+  if (colon == std::string::npos || colon + 1 == address.size()) {
+    throw ConfigError(what + ": expected HOST:PORT, got \"" + address + "\"");
+  }
+  HostPort result;
+  result.host = address.substr(0, colon);
+  if (result.host.size() >= 2 && result.host.front() == '[' && result.host.back() == ']') {
+    result.host = result.host.substr(1, result.host.size() - 2);
+  }
+  if (result.host.empty()) result.host = "0.0.0.0";
+  const std::string port = address.substr(colon + 1);
+  int value = -1;
+  const auto parsed = std::from_chars(port.data(), port.data() + port.size(), value);
+  if (parsed.ec != std::errc() || parsed.ptr != port.data() + port.size() || value < 0 ||
+      value > 65535) {
+    throw ConfigError(what + ": invalid port \"" + port + "\" in \"" + address + "\"");
+  }
+  result.port = value;
+  return result;
+}
+
+}  // namespace lomo::server

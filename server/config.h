@@ -1,0 +1,62 @@
+// The coordinator's settings: a YAML file (--config) with command-line overrides on top.
+//
+//   listen:
+//     grpc: 127.0.0.1:7070      # JobService, WorkerService, health, reflection
+//     http: 127.0.0.1:7080      # REST/JSON and /metrics; "" turns it off
+//   data_dir: lomo-data         # SQLite store and checkpoints
+//   heartbeat_interval_ms: 1000 # what workers are told to use
+//   heartbeat_timeout_seconds: 10
+//   threads: 8                  # blocking work: SQLite, checkpoint files
+//   http_threads: 16            # REST connections (an event stream holds one)
+//   shutdown_grace_seconds: 5   # SIGTERM: how long calls in flight may take to finish
+#pragma once
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace lomo::server {
+
+struct CoordinatorConfig {
+  std::string grpc_listen = "127.0.0.1:7070";
+  std::string http_listen = "127.0.0.1:7080";
+  std::string data_dir = "lomo-data";
+  int64_t heartbeat_interval_ms = 1000;
+  double heartbeat_timeout_seconds = 10.0;
+  int threads = 8;
+  int http_threads = 16;
+  double shutdown_grace_seconds = 5.0;
+  // Not in the file: where to write {"grpc": "host:port", "http": "host:port"} once both listen
+  // (ports chosen by the system when the address says :0). Tests and scripts wait for it.
+  std::string ready_file;
+};
+
+// A setting that cannot be used; what() names the source and the key ("coordinator.yaml:
+// heartbeat_timeout_seconds: must be > 0, got -1").
+class ConfigError : public std::invalid_argument {
+ public:
+  using std::invalid_argument::invalid_argument;
+};
+
+// Parses YAML text; unknown keys and invalid values throw ConfigError naming `source`.
+CoordinatorConfig parse_config(const std::string& yaml_text, const std::string& source);
+
+// Reads --config FILE first (if given), then applies --grpc-listen, --http-listen, --data-dir,
+// --heartbeat-timeout SECONDS, --heartbeat-interval-ms MS, --threads N, --ready-file PATH on top.
+// Both "--flag value" and "--flag=value" work. Throws ConfigError; `*help` is set for --help.
+CoordinatorConfig config_from_command_line(const std::vector<std::string>& args, bool* help);
+
+// Checks the values that every source must respect. Throws ConfigError naming `source`.
+void validate_config(const CoordinatorConfig& config, const std::string& source);
+
+extern const char* const kCoordinatorUsage;
+
+// "host:port" (or "[v6]:port") split for listeners that want them apart. Throws ConfigError.
+struct HostPort {
+  std::string host;
+  int port = 0;
+};
+HostPort split_host_port(const std::string& address, const std::string& what);
+
+}  // namespace lomo::server

@@ -1,0 +1,180 @@
+// lomo-coordinator: owns the job store and checkpoints, schedules jobs on workers, serves the
+// gRPC API (JobService, WorkerService, health, reflection) and REST/JSON with /metrics.
+//
+//   lomo-coordinator [--config coordinator.yaml] [--grpc-listen 127.0.0.1:7070]
+//                    [--http-listen 127.0.0.1:7080] [--data-dir DIR] [--heartbeat-timeout S]
+//
+// SIGTERM or SIGINT: stop accepting, let calls in flight finish (shutdown_grace_seconds), exit 0.
+#include <fcntl.h>
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <signal.h>
+#include <sys/file.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "server/checkpoint_store.h"
+#include "server/config.h"
+#include "server/coordinator.h"
+#include "server/executor.h"
+#include "server/in_flight.h"
+#include "server/job_service.h"
+#include "server/log.h"
+#include "server/metrics.h"
+#include "server/rest.h"
+#include "server/store.h"
+#include "server/worker_session.h"
+
+namespace lomo::server {
+namespace {
+
+namespace fs = std::filesystem;
+
+// Checkpoint chunks are up to a few MiB; leave room for a worker that sends larger ones.
+constexpr int kMaxMessageBytes = 64 << 20;
+
+// An exclusive lock on <data_dir>/LOCK for the life of the process: two coordinators on one data
+// directory would corrupt each other's checkpoints. The kernel drops it when the process dies,
+// so a restart after kill -9 is never blocked.
+int lock_data_dir(const fs::path& dir) {
+  const fs::path path = dir / "LOCK";
+  const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd < 0) {
+    throw std::runtime_error("cannot open " + path.string() + ": " + std::strerror(errno));
+  }
+  if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    ::close(fd);
+    throw std::runtime_error("another lomo-coordinator is using " + dir.string());
+  }
+  return fd;
+}
+
+void write_ready_file(const std::string& path, const std::string& grpc_address,
+                      const std::string& http_address) {
+  const std::string temporary = path + ".tmp";
+  {
+    std::ofstream out(temporary, std::ios::trunc);
+    out << nlohmann::json{{"grpc", grpc_address}, {"http", http_address}, {"pid", ::getpid()}}
+               .dump()
+        << "\n";
+    if (!out) throw std::runtime_error("cannot write " + temporary);
+  }
+  fs::rename(temporary, path);
+}
+
+std::string with_port(const std::string& address, int port) {
+  return address.substr(0, address.rfind(':')) + ":" + std::to_string(port);
+}
+
+int run(const CoordinatorConfig& config) {
+  // Block the stop signals in every thread (threads inherit the mask); main waits for them.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGINT);
+  sigaddset(&stop_signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+
+  const fs::path data_dir = config.data_dir;
+  fs::create_directories(data_dir);
+  const int lock_fd = lock_data_dir(data_dir);
+
+  Store store(data_dir / "coordinator.db");
+  CheckpointStore checkpoints(data_dir / "checkpoints");
+  Metrics metrics;
+  Coordinator coordinator(
+      CoordinatorOptions{config.heartbeat_timeout_seconds, config.heartbeat_interval_ms}, store,
+      checkpoints, metrics);
+  coordinator.start();
+  Executor executor(config.threads);
+
+  InFlight in_flight;
+  JobServiceImpl job_service(coordinator, executor, in_flight);
+  WorkerServiceImpl worker_service(coordinator, executor, in_flight);
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  int grpc_port = 0;
+  builder.AddListeningPort(config.grpc_listen, grpc::InsecureServerCredentials(), &grpc_port);
+  builder.RegisterService(&job_service);
+  builder.RegisterService(&worker_service);
+  builder.SetMaxReceiveMessageSize(kMaxMessageBytes);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || grpc_port == 0) {
+    throw std::runtime_error("cannot listen for gRPC on " + config.grpc_listen +
+                             " (in use, or not an address of this host)");
+  }
+  const std::string grpc_address = with_port(config.grpc_listen, grpc_port);
+
+  std::unique_ptr<RestServer> rest;
+  std::string http_address;
+  if (!config.http_listen.empty()) {
+    const HostPort http = split_host_port(config.http_listen, "listen.http");
+    rest = std::make_unique<RestServer>(coordinator, metrics, config.http_threads);
+    http_address = with_port(config.http_listen, rest->bind(http.host, http.port));
+    rest->start();
+  }
+  log_line("serving gRPC on " + grpc_address +
+           (http_address.empty() ? "" : ", HTTP on " + http_address) + "; data in " +
+           data_dir.string());
+  if (!config.ready_file.empty()) write_ready_file(config.ready_file, grpc_address, http_address);
+
+  int signal = 0;
+  sigwait(&stop_signals, &signal);
+  log_line(std::string("received ") + (signal == SIGTERM ? "SIGTERM" : "SIGINT") +
+           "; shutting down");
+
+  // Refuse new work and end the long-lived streams (worker streams, followed watches); let the
+  // calls in flight finish, up to the grace period; then close every connection. gRPC's
+  // Shutdown(deadline) alone would also wait for idle client channels, which may never leave.
+  server->GetHealthCheckService()->SetServingStatus(false);
+  coordinator.begin_shutdown();
+  const auto grace = std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+      std::chrono::duration<double>(config.shutdown_grace_seconds));
+  if (!in_flight.wait_idle(std::chrono::steady_clock::now() + grace)) {
+    log_line("calls still in flight after the grace period; cancelling them");
+  }
+  server->Shutdown(std::chrono::system_clock::now());
+  if (rest) rest->stop();
+  executor.shutdown();
+  coordinator.stop();
+  server->Wait();
+  ::close(lock_fd);
+  log_line("stopped");
+  return 0;
+}
+
+}  // namespace
+}  // namespace lomo::server
+
+int main(int argc, char** argv) {
+  using namespace lomo::server;
+  const std::vector<std::string> args(argv + 1, argv + argc);
+  CoordinatorConfig config;
+  try {
+    bool help = false;
+    config = config_from_command_line(args, &help);
+    if (help) {
+      std::cout << kCoordinatorUsage;
+      return 0;
+    }
+  } catch (const ConfigError& error) {
+    std::cerr << "lomo-coordinator: " << error.what() << "\n" << kCoordinatorUsage;
+    return 2;
+  }
+  try {
+    return run(config);
+  } catch (const std::exception& error) {
+    log_line(std::string("fatal: ") + error.what());
+    return 1;
+  }
+}

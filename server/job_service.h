@@ -1,0 +1,50 @@
+// JobService on gRPC's callback API. SubmitJob and CancelJob run on the Executor (they take the
+// coordinator's lock and write) and finish once their change is durable; the other unary calls
+// read on gRPC's thread. WatchJob streams the stored events after after_sequence,
+// then, with follow, each new event as it is stored, until the job has ended and every event is
+// sent. DownloadCheckpoint streams each file of a committed checkpoint in chunks, with the file's
+// SHA-256 (checked against the recorded one as it is read) on its last chunk.
+#pragma once
+
+#include <grpcpp/grpcpp.h>
+
+#include "lomo/v1/jobs.grpc.pb.h"
+#include "server/coordinator.h"
+#include "server/executor.h"
+#include "server/in_flight.h"
+
+namespace lomo::server {
+
+class JobServiceImpl final : public v1::JobService::CallbackService {
+ public:
+  // Every call is counted in `in_flight` from its start to its end.
+  JobServiceImpl(Coordinator& coordinator, Executor& executor, InFlight& in_flight)
+      : coordinator_(coordinator), executor_(executor), in_flight_(in_flight) {}
+
+  grpc::ServerUnaryReactor* SubmitJob(grpc::CallbackServerContext* context,
+                                      const v1::SubmitJobRequest* request,
+                                      v1::SubmitJobResponse* response) override;
+  grpc::ServerUnaryReactor* GetJob(grpc::CallbackServerContext* context,
+                                   const v1::GetJobRequest* request,
+                                   v1::GetJobResponse* response) override;
+  grpc::ServerUnaryReactor* ListJobs(grpc::CallbackServerContext* context,
+                                     const v1::ListJobsRequest* request,
+                                     v1::ListJobsResponse* response) override;
+  grpc::ServerUnaryReactor* CancelJob(grpc::CallbackServerContext* context,
+                                      const v1::CancelJobRequest* request,
+                                      v1::CancelJobResponse* response) override;
+  grpc::ServerUnaryReactor* ListCheckpoints(grpc::CallbackServerContext* context,
+                                            const v1::ListCheckpointsRequest* request,
+                                            v1::ListCheckpointsResponse* response) override;
+  grpc::ServerWriteReactor<v1::WatchJobResponse>* WatchJob(
+      grpc::CallbackServerContext* context, const v1::WatchJobRequest* request) override;
+  grpc::ServerWriteReactor<v1::DownloadCheckpointResponse>* DownloadCheckpoint(
+      grpc::CallbackServerContext* context, const v1::DownloadCheckpointRequest* request) override;
+
+ private:
+  Coordinator& coordinator_;
+  Executor& executor_;
+  InFlight& in_flight_;
+};
+
+}  // namespace lomo::server

@@ -1,0 +1,570 @@
+#include "server/store.h"
+
+#include <fcntl.h>
+#include <google/protobuf/util/json_util.h>
+#include <google/protobuf/util/time_util.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <charconv>
+#include <cstring>
+#include <future>
+
+#include "server/sqlite.h"
+#include "server/timestamps.h"
+
+namespace lomo::server {
+
+namespace {
+
+using google::protobuf::util::TimeUtil;
+
+// Version 1. Scalar job fields are columns so that the sqlite3 shell can answer questions; the
+// spec is its JSON text; progress and events are serialized lomo.v1 messages (protobuf keeps them
+// readable by every later v1 coordinator).
+constexpr const char* kSchema = R"sql(
+CREATE TABLE IF NOT EXISTS meta (
+  key TEXT PRIMARY KEY,
+  value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+  submit_order INTEGER PRIMARY KEY AUTOINCREMENT,
+  id TEXT NOT NULL UNIQUE,
+  name TEXT NOT NULL,
+  state INTEGER NOT NULL,
+  priority INTEGER NOT NULL,
+  spec_json TEXT NOT NULL,
+  create_time_us INTEGER NOT NULL,
+  start_time_us INTEGER,
+  end_time_us INTEGER,
+  worker_id TEXT NOT NULL,
+  failure_reason TEXT NOT NULL,
+  attempt INTEGER NOT NULL,
+  cancel_requested INTEGER NOT NULL,
+  progress BLOB NOT NULL,
+  last_sequence INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, submit_order);
+CREATE TABLE IF NOT EXISTS job_events (
+  job_id TEXT NOT NULL REFERENCES jobs (id),
+  sequence INTEGER NOT NULL,
+  time_us INTEGER NOT NULL,
+  kind TEXT NOT NULL,
+  event BLOB NOT NULL,
+  PRIMARY KEY (job_id, sequence)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS checkpoints (
+  job_id TEXT NOT NULL REFERENCES jobs (id),
+  step INTEGER NOT NULL,
+  checkpoint_id TEXT NOT NULL UNIQUE,
+  size_bytes INTEGER NOT NULL,
+  commit_time_us INTEGER NOT NULL,
+  info BLOB NOT NULL,
+  PRIMARY KEY (job_id, step)
+) WITHOUT ROWID;
+)sql";
+
+constexpr const char* kJobColumns =
+    "submit_order, id, name, state, priority, spec_json, create_time_us, start_time_us, "
+    "end_time_us, worker_id, failure_reason, attempt, cancel_requested, progress";
+
+int64_t to_micros(const google::protobuf::Timestamp& time) {
+  return TimeUtil::TimestampToMicroseconds(time);
+}
+
+void bind_optional_time(sqlite::Statement& statement, int index, bool has,
+                        const google::protobuf::Timestamp& time) {
+  if (has) {
+    statement.bind(index, to_micros(time));
+  } else {
+    statement.bind_null(index);
+  }
+}
+
+std::string spec_json(const v1::Job& job) {
+  std::string json;
+  const auto status = google::protobuf::util::MessageToJsonString(job.spec(), &json);
+  if (!status.ok())
+    throw StoreError("cannot encode the spec of " + job.id() + ": " +
+                     std::string(status.message()));
+  return json;
+}
+
+// Reads the kJobColumns of the current row.
+JobRecord read_job(const sqlite::Statement& row) {
+  JobRecord record;
+  v1::Job& job = record.job;
+  record.submit_order = row.column_int(0);
+  job.set_id(row.column_text(1));
+  job.set_name(row.column_text(2));
+  job.set_state(static_cast<v1::JobState>(row.column_int(3)));
+  job.set_priority(row.column_int(4));
+  const auto status =
+      google::protobuf::util::JsonStringToMessage(row.column_text(5), job.mutable_spec());
+  if (!status.ok()) {
+    throw StoreError("job " + job.id() +
+                     ": stored spec is not valid JSON: " + std::string(status.message()));
+  }
+  *job.mutable_create_time() = TimeUtil::MicrosecondsToTimestamp(row.column_int(6));
+  if (!row.column_is_null(7)) {
+    *job.mutable_start_time() = TimeUtil::MicrosecondsToTimestamp(row.column_int(7));
+  }
+  if (!row.column_is_null(8)) {
+    *job.mutable_end_time() = TimeUtil::MicrosecondsToTimestamp(row.column_int(8));
+  }
+  job.set_worker_id(row.column_text(9));
+  job.set_failure_reason(row.column_text(10));
+  job.set_attempt(row.column_int(11));
+  record.cancel_requested = row.column_int(12) != 0;
+  if (!job.mutable_progress()->ParseFromString(row.column_blob(13))) {
+    throw StoreError("job " + job.id() + ": stored progress does not parse");
+  }
+  return record;
+}
+
+const char* event_kind(const v1::JobEvent& event) {
+  switch (event.kind_case()) {
+    case v1::JobEvent::kStateChange:
+      return "state_change";
+    case v1::JobEvent::kMetrics:
+      return "metrics";
+    case v1::JobEvent::kEval:
+      return "eval";
+    case v1::JobEvent::kLog:
+      return "log";
+    case v1::JobEvent::kCheckpoint:
+      return "checkpoint";
+    case v1::JobEvent::KIND_NOT_SET:
+      break;
+  }
+  return "unset";
+}
+
+std::string state_list(const std::vector<v1::JobState>& states) {
+  std::string list;
+  for (v1::JobState state : states) {
+    if (!list.empty()) list += ",";
+    list += std::to_string(static_cast<int>(state));
+  }
+  return list;
+}
+
+template <typename F>
+auto guarded(const std::string& what, F&& body) -> decltype(body()) {
+  try {
+    return body();
+  } catch (const sqlite::Error& error) {
+    throw StoreError(what + ": " + error.what());
+  }
+}
+
+}  // namespace
+
+// A reader connection borrowed from the pool for one read; returned on destruction.
+class Store::ReaderLease {
+ public:
+  ReaderLease(const Store& store, std::unique_ptr<sqlite::Connection> connection)
+      : store_(store), connection_(std::move(connection)) {}
+  ~ReaderLease() {
+    if (connection_ == nullptr) return;
+    std::lock_guard lock(store_.readers_mu_);
+    store_.free_readers_.push_back(std::move(connection_));
+    store_.reader_free_.notify_one();
+  }
+  ReaderLease(ReaderLease&&) = default;
+  sqlite::Connection& operator*() const { return *connection_; }
+  sqlite::Connection* operator->() const { return connection_.get(); }
+
+ private:
+  const Store& store_;
+  std::unique_ptr<sqlite::Connection> connection_;
+};
+
+Store::Store(const std::filesystem::path& file, int reader_connections) : file_(file) {
+  guarded("opening " + file.string(), [&] {
+    writer_ = std::make_unique<sqlite::Connection>(file, /*create=*/true);
+    {
+      auto mode = writer_->prepare("PRAGMA journal_mode=WAL");
+      if (!mode->step() || mode->column_text(0) != "wal") {
+        throw StoreError(file.string() + ": SQLite cannot use WAL mode on this file system");
+      }
+    }
+    writer_->exec("PRAGMA foreign_keys=ON");
+    // See the header: commits reach the WAL; the sync thread syncs it. SQLite's automatic
+    // checkpoint (every 1000 WAL pages) stays: it runs inside a commit and syncs, but only there,
+    // with no other writer appending, does a checkpoint finish and let the WAL start over, which
+    // keeps it at a few MiB under a steady stream of writes.
+    writer_->exec("PRAGMA synchronous=NORMAL");
+    sqlite::Transaction transaction(*writer_, sqlite::Transaction::Kind::kWrite);
+    writer_->exec(kSchema);
+    int64_t version = 0;
+    {
+      auto select = writer_->prepare("SELECT value FROM meta WHERE key = 'schema_version'");
+      if (select->step()) version = std::stoll(select->column_text(0));
+    }
+    if (version > kSchemaVersion) {
+      throw StoreError(file.string() + ": schema version " + std::to_string(version) +
+                       " was written by a newer lomo-coordinator (this one reads up to " +
+                       std::to_string(kSchemaVersion) + ")");
+    }
+    if (version < kSchemaVersion) {
+      // Version 0 is a new file; later versions will migrate here, inside this transaction.
+      auto upsert =
+          writer_->prepare("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)");
+      upsert->bind(1, std::to_string(kSchemaVersion));
+      upsert->run();
+    }
+    transaction.commit();
+    // The WAL file exists from the first write on and stays while a connection is open.
+    const std::filesystem::path wal = file.string() + "-wal";
+    wal_fd_ = ::open(wal.c_str(), O_RDWR | O_CLOEXEC);
+    if (wal_fd_ < 0) {
+      throw StoreError("cannot open " + wal.string() + ": " + std::strerror(errno));
+    }
+    // The directory entries of the database and its WAL must survive a power cut as well.
+    const std::filesystem::path dir = std::filesystem::absolute(file).parent_path();
+    const int dir_fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dir_fd >= 0) {
+      ::fsync(dir_fd);
+      ::close(dir_fd);
+    }
+    for (int i = 0; i < reader_connections; ++i) {
+      auto reader = std::make_unique<sqlite::Connection>(file, /*create=*/false);
+      reader->exec("PRAGMA query_only=ON");
+      free_readers_.push_back(std::move(reader));
+    }
+  });
+  sync_thread_ = std::thread([this] { sync_loop(); });
+}
+
+Store::~Store() {
+  if (sync_thread_.joinable()) {
+    {
+      std::lock_guard lock(sync_mu_);
+      sync_stop_ = true;
+      sync_wanted_.notify_all();
+    }
+    sync_thread_.join();  // after a last sync for anyone still waiting
+  }
+  if (wal_fd_ >= 0) ::close(wal_fd_);
+}
+
+void Store::when_durable(std::function<void(const std::string& error)> done) {
+  std::lock_guard lock(sync_mu_);
+  waiters_.push_back(std::move(done));
+  sync_wanted_.notify_one();
+}
+
+void Store::sync_loop() {
+  std::unique_lock lock(sync_mu_);
+  for (;;) {
+    sync_wanted_.wait(lock, [this] { return sync_stop_ || !waiters_.empty(); });
+    if (waiters_.empty()) return;  // stopping, nobody waiting
+    // Every waiter taken here asked after its commit returned, so one sync that starts now
+    // covers them all.
+    std::vector<std::function<void(const std::string&)>> batch;
+    batch.swap(waiters_);
+    lock.unlock();
+    const uint64_t covered = commits_.load();
+    std::string error;
+    if (covered != synced_) {
+      if (::fdatasync(wal_fd_) == 0) {
+        synced_ = covered;
+      } else {
+        error = "cannot sync " + file_.string() + "-wal: " + std::strerror(errno);
+      }
+    }
+    for (const auto& done : batch) done(error);
+    lock.lock();
+  }
+}
+
+void Store::make_durable() {
+  std::promise<std::string> synced;
+  std::future<std::string> result = synced.get_future();
+  when_durable([&synced](const std::string& error) { synced.set_value(error); });
+  const std::string error = result.get();
+  if (!error.empty()) throw StoreError(error);
+}
+
+Store::ReaderLease Store::lease_reader() const {
+  std::unique_lock lock(readers_mu_);
+  reader_free_.wait(lock, [this] { return !free_readers_.empty(); });
+  auto connection = std::move(free_readers_.back());
+  free_readers_.pop_back();
+  return ReaderLease(*this, std::move(connection));
+}
+
+int64_t Store::append_events_locked(const std::string& job_id, std::vector<v1::JobEvent>& events) {
+  int64_t last = 0;
+  {
+    auto bump = writer_->prepare(
+        "UPDATE jobs SET last_sequence = last_sequence + ? WHERE id = ? RETURNING last_sequence");
+    bump->bind(1, static_cast<int64_t>(events.size())).bind(2, job_id);
+    if (!bump->step()) throw StoreError("job " + job_id + " does not exist");
+    last = bump->column_int(0);
+  }
+  int64_t sequence = last - static_cast<int64_t>(events.size());
+  for (v1::JobEvent& event : events) {
+    event.set_sequence(++sequence);
+    if (!event.has_time()) *event.mutable_time() = now_timestamp();
+    auto insert = writer_->prepare(
+        "INSERT INTO job_events (job_id, sequence, time_us, kind, event) VALUES (?, ?, ?, ?, ?)");
+    insert->bind(1, job_id)
+        .bind(2, event.sequence())
+        .bind(3, to_micros(event.time()))
+        .bind(4, std::string_view(event_kind(event)))
+        .bind_blob(5, event.SerializeAsString());
+    insert->run();
+  }
+  return last;
+}
+
+void Store::insert_job(JobRecord& record, std::vector<v1::JobEvent>& events) {
+  const v1::Job& job = record.job;
+  guarded("inserting job " + job.id(), [&] {
+    std::lock_guard lock(writer_mu_);
+    sqlite::Transaction transaction(*writer_, sqlite::Transaction::Kind::kWrite);
+    {
+      auto insert = writer_->prepare(
+          "INSERT INTO jobs (id, name, state, priority, spec_json, create_time_us, start_time_us, "
+          "end_time_us, worker_id, failure_reason, attempt, cancel_requested, progress, "
+          "last_sequence) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0) "
+          "RETURNING submit_order");
+      insert->bind(1, job.id())
+          .bind(2, job.name())
+          .bind(3, static_cast<int64_t>(job.state()))
+          .bind(4, job.priority())
+          .bind(5, spec_json(job))
+          .bind(6, to_micros(job.create_time()));
+      bind_optional_time(*insert, 7, job.has_start_time(), job.start_time());
+      bind_optional_time(*insert, 8, job.has_end_time(), job.end_time());
+      insert->bind(9, job.worker_id())
+          .bind(10, job.failure_reason())
+          .bind(11, job.attempt())
+          .bind(12, static_cast<int64_t>(record.cancel_requested))
+          .bind_blob(13, job.progress().SerializeAsString());
+      if (!insert->step()) throw StoreError("INSERT returned no submit order");
+      record.submit_order = insert->column_int(0);
+    }
+    if (!events.empty()) append_events_locked(job.id(), events);
+    transaction.commit();
+    ++commits_;
+  });
+}
+
+void Store::update_job(const JobRecord& record, std::vector<v1::JobEvent>& events) {
+  const v1::Job& job = record.job;
+  guarded("updating job " + job.id(), [&] {
+    std::lock_guard lock(writer_mu_);
+    sqlite::Transaction transaction(*writer_, sqlite::Transaction::Kind::kWrite);
+    {
+      auto update = writer_->prepare(
+          "UPDATE jobs SET name = ?, state = ?, priority = ?, start_time_us = ?, end_time_us = ?, "
+          "worker_id = ?, failure_reason = ?, attempt = ?, cancel_requested = ?, progress = ? "
+          "WHERE id = ?");
+      update->bind(1, job.name())
+          .bind(2, static_cast<int64_t>(job.state()))
+          .bind(3, job.priority());
+      bind_optional_time(*update, 4, job.has_start_time(), job.start_time());
+      bind_optional_time(*update, 5, job.has_end_time(), job.end_time());
+      update->bind(6, job.worker_id())
+          .bind(7, job.failure_reason())
+          .bind(8, job.attempt())
+          .bind(9, static_cast<int64_t>(record.cancel_requested))
+          .bind_blob(10, job.progress().SerializeAsString())
+          .bind(11, job.id());
+      update->run();
+    }
+    if (writer_->changes() != 1) throw StoreError("job " + job.id() + " does not exist");
+    if (!events.empty()) append_events_locked(job.id(), events);
+    transaction.commit();
+    ++commits_;
+  });
+}
+
+void Store::append_events(const std::string& job_id, std::vector<v1::JobEvent>& events,
+                          const v1::JobProgress* progress) {
+  guarded("appending events to job " + job_id, [&] {
+    std::lock_guard lock(writer_mu_);
+    sqlite::Transaction transaction(*writer_, sqlite::Transaction::Kind::kWrite);
+    if (progress != nullptr) {
+      auto update = writer_->prepare("UPDATE jobs SET progress = ? WHERE id = ?");
+      update->bind_blob(1, progress->SerializeAsString()).bind(2, job_id);
+      update->run();
+    }
+    if (!events.empty()) append_events_locked(job_id, events);
+    transaction.commit();
+    ++commits_;
+  });
+}
+
+void Store::insert_checkpoint(const std::string& job_id, const v1::CheckpointInfo& info,
+                              v1::JobEvent& event) {
+  guarded("recording checkpoint " + info.checkpoint_id(), [&] {
+    std::lock_guard lock(writer_mu_);
+    sqlite::Transaction transaction(*writer_, sqlite::Transaction::Kind::kWrite);
+    {
+      auto insert = writer_->prepare(
+          "INSERT INTO checkpoints (job_id, step, checkpoint_id, size_bytes, commit_time_us, info) "
+          "VALUES (?, ?, ?, ?, ?, ?)");
+      insert->bind(1, job_id)
+          .bind(2, info.step())
+          .bind(3, info.checkpoint_id())
+          .bind(4, info.size_bytes())
+          .bind(5, to_micros(info.commit_time()))
+          .bind_blob(6, info.SerializeAsString());
+      insert->run();
+    }
+    std::vector<v1::JobEvent> events{event};
+    append_events_locked(job_id, events);
+    event = events.front();
+    transaction.commit();
+    ++commits_;
+  });
+}
+
+std::optional<JobRecord> Store::get_job(const std::string& job_id) const {
+  return guarded("reading job " + job_id, [&]() -> std::optional<JobRecord> {
+    ReaderLease reader = lease_reader();
+    auto select = reader->prepare(std::string("SELECT ") + kJobColumns + " FROM jobs WHERE id = ?");
+    select->bind(1, job_id);
+    if (!select->step()) return std::nullopt;
+    return read_job(*select);
+  });
+}
+
+JobPage Store::list_jobs(const std::vector<v1::JobState>& states, int page_size,
+                         const std::string& page_token) const {
+  int64_t before = INT64_MAX;
+  if (!page_token.empty()) {
+    const auto parsed =
+        std::from_chars(page_token.data(), page_token.data() + page_token.size(), before);
+    if (parsed.ec != std::errc() || parsed.ptr != page_token.data() + page_token.size() ||
+        before <= 0) {
+      throw std::invalid_argument("page_token: \"" + page_token.substr(0, 40) +
+                                  "\" is not a next_page_token from ListJobs");
+    }
+  }
+  return guarded("listing jobs", [&] {
+    ReaderLease reader = lease_reader();
+    // The state list is made of enum numbers, never user text; at most 2^6 distinct statements.
+    std::string sql = std::string("SELECT ") + kJobColumns + " FROM jobs WHERE submit_order < ?";
+    if (!states.empty()) sql += " AND state IN (" + state_list(states) + ")";
+    sql += " ORDER BY submit_order DESC LIMIT ?";
+    auto select = reader->prepare(sql);
+    select->bind(1, before).bind(2, static_cast<int64_t>(page_size) + 1);
+    JobPage page;
+    int64_t last_order = 0;
+    while (select->step()) {
+      if (static_cast<int>(page.jobs.size()) == page_size) {
+        page.next_page_token = std::to_string(last_order);
+        break;
+      }
+      JobRecord record = read_job(*select);
+      last_order = record.submit_order;
+      page.jobs.push_back(std::move(record.job));
+    }
+    return page;
+  });
+}
+
+std::vector<JobRecord> Store::jobs_in_states(const std::vector<v1::JobState>& states) const {
+  return guarded("reading jobs by state", [&] {
+    ReaderLease reader = lease_reader();
+    auto select =
+        reader->prepare(std::string("SELECT ") + kJobColumns + " FROM jobs WHERE state IN (" +
+                        state_list(states) + ") ORDER BY submit_order");
+    std::vector<JobRecord> jobs;
+    while (select->step()) jobs.push_back(read_job(*select));
+    return jobs;
+  });
+}
+
+std::optional<EventBatch> Store::events_after(const std::string& job_id, int64_t after_sequence,
+                                              int limit) const {
+  return guarded("reading events of job " + job_id, [&]() -> std::optional<EventBatch> {
+    ReaderLease reader = lease_reader();
+    sqlite::Transaction snapshot(*reader, sqlite::Transaction::Kind::kRead);
+    EventBatch batch;
+    {
+      auto select = reader->prepare(std::string("SELECT ") + kJobColumns +
+                                    ", last_sequence FROM jobs WHERE id = ?");
+      select->bind(1, job_id);
+      if (!select->step()) return std::nullopt;
+      batch.job = read_job(*select);
+      batch.last_sequence = select->column_int(14);
+    }
+    {
+      auto select = reader->prepare(
+          "SELECT event FROM job_events WHERE job_id = ? AND sequence > ? ORDER BY sequence "
+          "LIMIT ?");
+      select->bind(1, job_id).bind(2, after_sequence).bind(3, static_cast<int64_t>(limit));
+      while (select->step()) {
+        v1::JobEvent event;
+        if (!event.ParseFromString(select->column_blob(0))) {
+          throw StoreError("job " + job_id + ": a stored event does not parse");
+        }
+        batch.events.push_back(std::move(event));
+      }
+    }
+    snapshot.commit();
+    return batch;
+  });
+}
+
+std::vector<v1::CheckpointInfo> Store::list_checkpoints(const std::string& job_id) const {
+  return guarded("listing checkpoints of job " + job_id, [&] {
+    ReaderLease reader = lease_reader();
+    auto select = reader->prepare("SELECT info FROM checkpoints WHERE job_id = ? ORDER BY step");
+    select->bind(1, job_id);
+    std::vector<v1::CheckpointInfo> checkpoints;
+    while (select->step()) {
+      v1::CheckpointInfo info;
+      if (!info.ParseFromString(select->column_blob(0))) {
+        throw StoreError("job " + job_id + ": a stored checkpoint record does not parse");
+      }
+      checkpoints.push_back(std::move(info));
+    }
+    return checkpoints;
+  });
+}
+
+std::optional<StoredCheckpoint> Store::get_checkpoint(const std::string& checkpoint_id) const {
+  return guarded("reading checkpoint " + checkpoint_id, [&]() -> std::optional<StoredCheckpoint> {
+    ReaderLease reader = lease_reader();
+    auto select = reader->prepare("SELECT job_id, info FROM checkpoints WHERE checkpoint_id = ?");
+    select->bind(1, checkpoint_id);
+    if (!select->step()) return std::nullopt;
+    StoredCheckpoint checkpoint;
+    checkpoint.job_id = select->column_text(0);
+    if (!checkpoint.info.ParseFromString(select->column_blob(1))) {
+      throw StoreError("checkpoint " + checkpoint_id + ": stored record does not parse");
+    }
+    return checkpoint;
+  });
+}
+
+std::vector<std::string> Store::all_checkpoint_ids() const {
+  return guarded("listing checkpoints", [&] {
+    ReaderLease reader = lease_reader();
+    auto select = reader->prepare("SELECT checkpoint_id FROM checkpoints");
+    std::vector<std::string> ids;
+    while (select->step()) ids.push_back(select->column_text(0));
+    return ids;
+  });
+}
+
+std::map<v1::JobState, int64_t> Store::count_jobs_by_state() const {
+  return guarded("counting jobs", [&] {
+    ReaderLease reader = lease_reader();
+    auto select = reader->prepare("SELECT state, COUNT(*) FROM jobs GROUP BY state");
+    std::map<v1::JobState, int64_t> counts;
+    while (select->step()) {
+      counts[static_cast<v1::JobState>(select->column_int(0))] = select->column_int(1);
+    }
+    return counts;
+  });
+}
+
+}  // namespace lomo::server

@@ -1,0 +1,180 @@
+#include "server/worker_session.h"
+
+#include <utility>
+
+namespace lomo::server {
+
+namespace {
+
+int64_t steady_now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+}  // namespace
+
+WorkerSession::WorkerSession(uint64_t id, Coordinator& coordinator, Executor& executor,
+                             InFlight& in_flight)
+    : id_(id),
+      coordinator_(coordinator),
+      executor_(executor),
+      in_flight_(in_flight),
+      last_heartbeat_ns_(steady_now_ns()) {
+  in_flight_.begin();
+}
+
+void WorkerSession::start() {
+  self_ = shared_from_this();
+  std::lock_guard lock(mu_);
+  StartRead(&incoming_);
+}
+
+std::chrono::steady_clock::time_point WorkerSession::last_heartbeat() const {
+  return std::chrono::steady_clock::time_point(
+      std::chrono::nanoseconds(last_heartbeat_ns_.load(std::memory_order_relaxed)));
+}
+
+void WorkerSession::touch() {
+  last_heartbeat_ns_.store(steady_now_ns(), std::memory_order_relaxed);
+}
+
+bool WorkerSession::send(const v1::CoordinatorMessage& message) {
+  std::lock_guard lock(mu_);
+  if (closing_ || finished_) return false;
+  outgoing_.push_back(message);
+  if (!writing_) {
+    writing_ = true;
+    StartWrite(&outgoing_.front());
+  }
+  return true;
+}
+
+void WorkerSession::close(const grpc::Status& status) {
+  std::lock_guard lock(mu_);
+  if (closing_ || finished_) return;
+  closing_ = true;
+  finish_status_ = status;
+  if (!writing_) {
+    finished_ = true;
+    Finish(status);
+  }
+}
+
+void WorkerSession::OnWriteDone(bool ok) {
+  std::lock_guard lock(mu_);
+  outgoing_.pop_front();
+  writing_ = false;
+  if (!ok) {
+    // The stream is broken; OnDone follows once it is finished.
+    outgoing_.clear();
+    closing_ = true;
+    if (!finished_) {
+      finished_ = true;
+      Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "write to the worker failed"));
+    }
+    return;
+  }
+  if (!outgoing_.empty() && !finished_) {
+    writing_ = true;
+    StartWrite(&outgoing_.front());
+  } else if (closing_ && !finished_) {
+    finished_ = true;
+    Finish(finish_status_);
+  }
+}
+
+void WorkerSession::OnReadDone(bool ok) {
+  if (!ok) {
+    // The worker closed its side, or the connection broke.
+    close(grpc::Status::OK);
+    return;
+  }
+  if (registered_ && incoming_.has_heartbeat()) {
+    touch();
+    const v1::Heartbeat& heartbeat = incoming_.heartbeat();
+    if (heartbeat_seen_ && heartbeat.job_id() == heartbeat_job_ &&
+        heartbeat.attempt() == heartbeat_attempt_) {
+      read_next();  // the common case: nothing changed, nothing to write down
+      return;
+    }
+  }
+  executor_.post(
+      [self = shared_from_this(), message = std::move(incoming_)] { self->handle(message); });
+}
+
+void WorkerSession::handle(const v1::WorkerMessage& message) {
+  {
+    std::lock_guard lock(mu_);
+    if (finished_ || done_) return;
+  }
+  const std::shared_ptr<WorkerSession> self = shared_from_this();
+  if (!registered_) {
+    if (!message.has_register_()) {
+      close(grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                         "the first message on a worker stream must be Register"));
+      return;
+    }
+    touch();
+    const grpc::Status status = coordinator_.on_register(self, message.register_());
+    if (!status.ok()) {
+      close(status);
+      return;
+    }
+    registered_ = true;
+  } else {
+    switch (message.kind_case()) {
+      case v1::WorkerMessage::kRegister:
+        close(grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                           "Register comes once, as the first message of the stream"));
+        return;
+      case v1::WorkerMessage::kHeartbeat:
+        heartbeat_seen_ = true;
+        heartbeat_job_ = message.heartbeat().job_id();
+        heartbeat_attempt_ = message.heartbeat().attempt();
+        coordinator_.on_heartbeat(self, message.heartbeat());
+        break;
+      case v1::WorkerMessage::kStatus:
+        coordinator_.on_status(self, message.status());
+        break;
+      case v1::WorkerMessage::kEvents:
+        coordinator_.on_events(self, message.events());
+        break;
+      case v1::WorkerMessage::kCheckpointChunk:
+        coordinator_.on_checkpoint_chunk(self, message.checkpoint_chunk());
+        break;
+      case v1::WorkerMessage::KIND_NOT_SET:
+        break;  // a newer worker's message kind: nothing to do with it
+    }
+  }
+  read_next();
+}
+
+void WorkerSession::read_next() {
+  std::lock_guard lock(mu_);
+  if (!finished_) StartRead(&incoming_);
+}
+
+void WorkerSession::OnCancel() {
+  close(grpc::Status(grpc::StatusCode::CANCELLED, "the worker stream was cancelled"));
+}
+
+void WorkerSession::OnDone() {
+  {
+    std::lock_guard lock(mu_);
+    done_ = true;
+  }
+  coordinator_.on_disconnect(shared_from_this());
+  in_flight_.end();
+  self_.reset();  // may destroy this; nothing may follow
+}
+
+grpc::ServerBidiReactor<v1::WorkerMessage, v1::CoordinatorMessage>* WorkerServiceImpl::Connect(
+    grpc::CallbackServerContext* /*context*/) {
+  auto session =
+      std::make_shared<WorkerSession>(next_connection_id_++, coordinator_, executor_, in_flight_);
+  session->start();
+  return session.get();
+}
+
+}  // namespace lomo::server

@@ -1,0 +1,334 @@
+// The control plane end to end: lomo-coordinator, `lomo-worker serve` and lomoctl as real
+// processes on loopback, with the tiny model and a few steps so that each test takes seconds.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <signal.h>
+
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <regex>
+#include <thread>
+
+#include "client/local_mode.h"
+#include "client/lomo_client.h"
+#include "tests/integration/test_support.h"
+#include "worker/engine/checkpoint_io.h"
+
+namespace lomo::testing {
+namespace {
+
+namespace fs = std::filesystem;
+using std::chrono::milliseconds;
+using std::chrono::seconds;
+using ::testing::HasSubstr;
+
+const fs::path kWorker = LOMO_WORKER_BIN;
+const fs::path kLomoctl = LOMO_LOMOCTL_BIN;
+const fs::path kCoordinator = LOMO_COORDINATOR_BIN;
+const fs::path kSourceDir = LOMO_SOURCE_DIR;
+// Short enough that a dead worker fails its job within seconds.
+constexpr const char* kHeartbeatTimeoutSeconds = "3";
+// The tiny model on one thread: the suite runs beside other builds and tests on few cores, where
+// OpenMP's spinning threads slow everything down.
+const std::vector<std::string> kEnv{"OMP_NUM_THREADS=1"};
+
+bool terminal(lomo::v1::JobState s) {
+  return s == lomo::v1::JOB_STATE_SUCCEEDED || s == lomo::v1::JOB_STATE_FAILED ||
+         s == lomo::v1::JOB_STATE_CANCELLED;
+}
+
+class ControlPlaneTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    model_ = tiny_model(kWorker);
+    start_coordinator(0);
+    start_worker();
+  }
+
+  void TearDown() override {
+    client_.reset();  // an idle channel would hold the coordinator's graceful shutdown
+    if (worker_ && worker_->running()) worker_->terminate(seconds(20));
+    if (coordinator_ && coordinator_->running()) coordinator_->terminate(seconds(20));
+    if (HasFailure() || std::getenv("LOMO_TEST_VERBOSE") != nullptr) {
+      std::cerr << "coordinator log:\n"
+                << read_file(dir() / "coordinator.log") << "\n"
+                << "worker log:\n"
+                << read_file(dir() / "worker.log") << "\n";
+      if (fs::exists(dir() / "watch.log")) {
+        std::cerr << "watch output:\n" << read_file(dir() / "watch.log") << "\n";
+      }
+    }
+  }
+
+  const fs::path& dir() const { return scratch_.path(); }
+
+  void start_coordinator(int port) {
+    const fs::path ready = dir() / "ready.json";
+    fs::remove(ready);
+    coordinator_ =
+        start_program({kCoordinator.string(), "--data-dir", (dir() / "coordinator").string(),
+                       "--grpc-listen", "127.0.0.1:" + std::to_string(port), "--http-listen",
+                       "127.0.0.1:0", "--ready-file", ready.string(), "--heartbeat-timeout",
+                       kHeartbeatTimeoutSeconds, "--heartbeat-interval-ms", "200"},
+                      dir() / "coordinator.log");
+    std::optional<std::string> address;
+    ASSERT_TRUE(wait_until(
+        [&] { return (address = client::read_ready_address(ready)).has_value(); }, seconds(20)))
+        << read_file(dir() / "coordinator.log");
+    address_ = *address;
+    client::ClientOptions options;
+    options.address = address_;
+    client_ = std::make_unique<client::Client>(options);
+  }
+
+  void start_worker() {
+    worker_ = start_program(
+        {kWorker.string(), "serve", "--coordinator", address_, "--device", "cpu", "--work-dir",
+         (dir() / "worker").string(), "--worker-id", "e2e-worker", "--cancel-grace", "5"},
+        dir() / "worker.log", kEnv);
+  }
+
+  // lomoctl against this coordinator; returns its exit code, output in `*output`.
+  int lomoctl(std::vector<std::string> args, std::string* output,
+              const std::vector<std::string>& env = {},
+              milliseconds timeout = milliseconds(120000)) {
+    args.insert(args.begin(), {kLomoctl.string(), "--coordinator", address_});
+    std::vector<std::string> all_env = kEnv;
+    all_env.insert(all_env.end(), env.begin(), env.end());
+    const ExitStatus status = run_program(args, output, timeout, all_env);
+    return status.signaled ? 128 + status.signal : status.code;
+  }
+
+  std::string submit(int steps, int checkpoint_every,
+                     const std::vector<std::string>& overrides = {}) {
+    const fs::path job = dir() / ("job-" + std::to_string(++jobs_) + ".yaml");
+    std::ofstream(job) << tiny_job_yaml(kSourceDir, model_, steps, checkpoint_every, overrides);
+    std::string output;
+    EXPECT_EQ(lomoctl({"submit", job.string(), "--output", "json"}, &output), 0) << output;
+    const auto json = nlohmann::json::parse(output, nullptr, false);
+    return json.is_object() ? json.value("id", std::string()) : std::string();
+  }
+
+  lomo::v1::Job wait_for(const std::string& job_id,
+                         const std::function<bool(const lomo::v1::Job&)>& condition,
+                         milliseconds timeout) {
+    lomo::v1::Job job;
+    wait_until(
+        [&] {
+          job = client_->get_job(job_id);
+          return condition(job);
+        },
+        timeout);
+    return job;
+  }
+
+  int training_pid() {
+    static const std::regex pattern(R"(training in pid (\d+))");
+    int pid = 0;
+    wait_until(
+        [&] {
+          std::smatch match;
+          const std::string text = read_file(dir() / "worker.log");
+          if (std::regex_search(text, match, pattern)) pid = std::stoi(match[1].str());
+          return pid != 0;
+        },
+        seconds(20));
+    return pid;
+  }
+
+  ScratchDir scratch_{"lomo-control-plane-test"};
+  fs::path model_;
+  std::string address_;
+  std::unique_ptr<ChildProcess> coordinator_;
+  std::unique_ptr<ChildProcess> worker_;
+  std::unique_ptr<client::Client> client_;
+  int jobs_ = 0;
+};
+
+TEST_F(ControlPlaneTest, SubmittedJobSucceedsAndItsDownloadedCheckpointIsTheWorkersByteForByte) {
+  const std::string id = submit(20, 10);
+  ASSERT_FALSE(id.empty());
+  std::string output;
+  EXPECT_EQ(lomoctl({"watch", id}, &output), 0) << output;
+  EXPECT_THAT(output, HasSubstr("job " + id + " SUCCEEDED"));
+  EXPECT_THAT(output, HasSubstr("step 20/20"));
+
+  ASSERT_EQ(lomoctl({"checkpoints", id, "--output", "json"}, &output), 0) << output;
+  const auto checkpoints = nlohmann::json::parse(output)["checkpoints"];
+  ASSERT_EQ(checkpoints.size(), 2u);  // steps 10 and 20
+  const std::string final_id = checkpoints[1]["checkpoint_id"];
+  EXPECT_EQ(final_id, id + "/step-00000020");
+
+  const fs::path downloaded = dir() / "downloaded";
+  ASSERT_EQ(lomoctl({"download", final_id, downloaded.string()}, &output), 0) << output;
+  EXPECT_THAT(output, HasSubstr("SHA-256 verified"));
+  const fs::path worker_copy =
+      dir() / "worker/jobs" / id / "attempt-1/out/checkpoints/step-00000020";
+  size_t files = 0;
+  for (const auto& entry : fs::recursive_directory_iterator(worker_copy)) {
+    if (!entry.is_regular_file()) continue;
+    ++files;
+    const fs::path relative = fs::relative(entry.path(), worker_copy);
+    EXPECT_EQ(read_file(downloaded / relative), read_file(entry.path())) << relative;
+  }
+  EXPECT_GE(files, 4u);
+  size_t downloaded_files = 0;
+  for (const auto& entry : fs::recursive_directory_iterator(downloaded)) {
+    downloaded_files += entry.is_regular_file() ? 1 : 0;
+  }
+  EXPECT_EQ(downloaded_files, files);
+  MemoryAccountant accountant;
+  const LlamaWeights weights = load_llama_checkpoint(downloaded, DType::kF32, accountant);
+  EXPECT_EQ(weights.config().hidden_size, 128);
+
+  // The job's record: progress, logs, and the same answers in JSON.
+  ASSERT_EQ(lomoctl({"get", id, "--output", "json"}, &output), 0) << output;
+  const auto job = nlohmann::json::parse(output);
+  EXPECT_EQ(job["state"], "JOB_STATE_SUCCEEDED");
+  EXPECT_EQ(job["progress"]["step"], "20");  // int64 is a string in proto JSON
+  ASSERT_EQ(lomoctl({"logs", id}, &output), 0) << output;
+  EXPECT_THAT(output, HasSubstr("done: 20 steps"));
+  ASSERT_EQ(lomoctl({"list"}, &output), 0) << output;
+  EXPECT_THAT(output, HasSubstr(id));
+  EXPECT_THAT(output, HasSubstr("SUCCEEDED"));
+}
+
+TEST_F(ControlPlaneTest, CancelMidRunEndsCancelledWithinSeconds) {
+  const std::string id = submit(100000, 0);
+  ASSERT_FALSE(id.empty());
+  const auto running = wait_for(
+      id, [](const auto& j) { return j.progress().step() >= 3 || terminal(j.state()); },
+      seconds(60));
+  ASSERT_EQ(running.state(), lomo::v1::JOB_STATE_RUNNING);
+  const auto start = std::chrono::steady_clock::now();
+  std::string output;
+  ASSERT_EQ(lomoctl({"cancel", id}, &output), 0) << output;
+  EXPECT_EQ(lomoctl({"watch", id}, &output), 2) << output;
+  EXPECT_THAT(output, HasSubstr("CANCELLED"));
+  EXPECT_LT(std::chrono::steady_clock::now() - start, seconds(10));
+}
+
+TEST_F(ControlPlaneTest, AWorkerKilledWithSigkillFailsItsJobWithinTheHeartbeatTimeout) {
+  const std::string id = submit(100000, 0);
+  ASSERT_FALSE(id.empty());
+  const int child = training_pid();
+  ASSERT_GT(child, 0);
+  wait_for(
+      id, [](const auto& j) { return j.progress().step() >= 2; }, seconds(60));
+  worker_->send_signal(SIGKILL);
+  worker_->wait();
+  const auto start = std::chrono::steady_clock::now();
+  const auto job = wait_for(
+      id, [](const auto& j) { return terminal(j.state()); }, seconds(20));
+  EXPECT_EQ(job.state(), lomo::v1::JOB_STATE_FAILED);
+  EXPECT_THAT(job.failure_reason(), HasSubstr("e2e-worker"));
+  EXPECT_LT(std::chrono::steady_clock::now() - start, seconds(3 + 5));
+  // The training child did not outlive its daemon.
+  EXPECT_TRUE(wait_until([&] { return ::kill(child, 0) != 0; }, seconds(5)));
+}
+
+TEST_F(ControlPlaneTest, AChildThatCrashesFailsTheJobWithTheChildsErrorMessage) {
+  const fs::path missing = dir() / "no-such-model";
+  const std::string id = submit(20, 0, {"model.path=" + missing.string()});
+  ASSERT_FALSE(id.empty());
+  std::string output;
+  EXPECT_EQ(lomoctl({"watch", id}, &output), 1) << output;
+  EXPECT_THAT(output, HasSubstr("FAILED"));
+  const auto job = client_->get_job(id);
+  EXPECT_EQ(job.state(), lomo::v1::JOB_STATE_FAILED);
+  EXPECT_THAT(job.failure_reason(), HasSubstr("lomo-worker train:"));
+  EXPECT_THAT(job.failure_reason(), HasSubstr(missing.string()));
+}
+
+TEST_F(ControlPlaneTest, ARejectedSpecIsReportedWithTheFieldItNames) {
+  // lomoctl validates before sending...
+  const fs::path job = dir() / "bad.yaml";
+  std::ofstream(job) << tiny_job_yaml(kSourceDir, model_, 20, 0);
+  std::string output;
+  EXPECT_EQ(lomoctl({"submit", job.string(), "--set", "optimizer.lr=-1"}, &output), 3);
+  EXPECT_THAT(output, HasSubstr("optimizer.lr"));
+  // ...and the coordinator's own rejection reaches the caller in its words.
+  google::protobuf::Struct spec = tiny_job_struct(kSourceDir, model_, 20, 0);
+  (*(*spec.mutable_fields())["training"].mutable_struct_value()->mutable_fields())["batch_size"]
+      .set_number_value(0);
+  try {
+    client_->submit_job(spec);
+    FAIL() << "accepted";
+  } catch (const client::ClientError& e) {
+    EXPECT_EQ(e.code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_THAT(e.what(), HasSubstr("training.batch_size"));
+  }
+}
+
+TEST_F(ControlPlaneTest, WatchResumesAcrossACoordinatorRestart) {
+  // A fixed port, so that the restarted coordinator is where the worker and lomoctl look.
+  worker_->terminate(seconds(20));
+  coordinator_->terminate(seconds(20));
+  const int port = free_port();
+  start_coordinator(port);
+  start_worker();
+  const std::string id = submit(300, 100);
+  ASSERT_FALSE(id.empty());
+  ChildOptions watch;
+  watch.argv = {kLomoctl.string(), "--coordinator", address_, "watch", id};
+  watch.stdout_mode = watch.stderr_mode = ChildOutput::kFile;
+  watch.output_file = dir() / "watch.log";
+  ChildProcess watcher(watch);
+  wait_for(
+      id, [](const auto& j) { return j.progress().step() >= 5; }, seconds(60));
+  coordinator_->terminate(seconds(20));
+  std::this_thread::sleep_for(milliseconds(500));
+  start_coordinator(port);
+  const auto exit = watcher.wait_for(seconds(150));
+  ASSERT_TRUE(exit) << read_file(dir() / "watch.log");
+  EXPECT_EQ(exit->code, 0) << read_file(dir() / "watch.log");
+  const std::string text = read_file(dir() / "watch.log");
+  EXPECT_THAT(text, HasSubstr("reconnecting"));
+  EXPECT_THAT(text, HasSubstr("SUCCEEDED"));
+}
+
+TEST_F(ControlPlaneTest, AnUnreachableCoordinatorGetsAClearMessageWhereverTheAddressCameFrom) {
+  const std::string dead = "127.0.0.1:" + std::to_string(free_port());
+  const std::string expected = "lomoctl: cannot reach the coordinator at " + dead +
+                               " (connection refused); is lomo-coordinator running? set "
+                               "--coordinator or LOMO_COORDINATOR";
+  std::string output;
+  ExitStatus status = run_program({kLomoctl.string(), "--coordinator", dead, "list"}, &output);
+  EXPECT_EQ(status.code, 3);
+  EXPECT_THAT(output, HasSubstr(expected));
+  status = run_program({kLomoctl.string(), "watch", "some-job"}, &output, seconds(30),
+                       {"LOMO_COORDINATOR=" + dead});
+  EXPECT_EQ(status.code, 3);
+  EXPECT_THAT(output, HasSubstr(expected));
+  const fs::path config = dir() / "config";
+  fs::create_directories(config / "lomo");
+  std::ofstream(config / "lomo" / "lomoctl.yaml") << "coordinator: " << dead << "\n";
+  status = run_program({kLomoctl.string(), "get", "some-job"}, &output, seconds(30),
+                       {"XDG_CONFIG_HOME=" + config.string(), "LOMO_COORDINATOR="});
+  EXPECT_EQ(status.code, 3);
+  EXPECT_THAT(output, HasSubstr(expected));
+}
+
+TEST_F(ControlPlaneTest, LocalModeRunsTheExampleToSuccessAndLeavesTheCheckpoint) {
+  // Its own coordinator and worker: the fixture's are not used.
+  const fs::path job = dir() / "local.yaml";
+  std::ofstream(job) << tiny_job_yaml(kSourceDir, model_, 20, 0);
+  const fs::path state = dir() / "local-state";
+  const fs::path out = dir() / "local-out";
+  std::string output;
+  const ExitStatus status =
+      run_program({kLomoctl.string(), "local", job.string(), "--set", "training.steps=12",
+                   "--state-dir", state.string(), "--out", out.string()},
+                  &output, seconds(150), kEnv);
+  EXPECT_EQ(status.code, 0) << output;
+  EXPECT_THAT(output, HasSubstr("SUCCEEDED"));
+  EXPECT_THAT(output, HasSubstr("step-00000012"));
+  MemoryAccountant accountant;
+  EXPECT_NO_THROW(load_llama_checkpoint(out, DType::kF32, accountant)) << output;
+  EXPECT_TRUE(fs::exists(out / "trainer_state.json"));
+  // Both processes are gone.
+  EXPECT_THAT(read_file(state / "worker.log"), HasSubstr("stopped"));
+}
+
+}  // namespace
+}  // namespace lomo::testing

@@ -1,0 +1,167 @@
+// What the coordinator's process tests share: a temporary directory, the real lomo-coordinator
+// binary on free loopback ports, a worker that speaks the worker protocol over a real gRPC stream,
+// and a small HTTP client. Every call has a deadline, so a broken coordinator fails a test rather
+// than hanging it.
+#pragma once
+
+#include <grpcpp/grpcpp.h>
+#include <sys/types.h>
+
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "lomo/v1/jobs.grpc.pb.h"
+#include "lomo/v1/workers.grpc.pb.h"
+
+namespace lomo::server::testing {
+
+using Clock = std::chrono::steady_clock;
+
+// Now plus `seconds`, for ClientContext::set_deadline.
+std::chrono::system_clock::time_point deadline_in(double seconds);
+// Polls `condition` every 20 ms until it holds or `timeout` passes; returns whether it held.
+bool wait_until(const std::function<bool()>& condition, std::chrono::milliseconds timeout);
+std::string read_file(const std::filesystem::path& path);
+
+class TempDir {
+ public:
+  TempDir();
+  ~TempDir();
+  const std::filesystem::path& path() const { return path_; }
+
+ private:
+  std::filesystem::path path_;
+};
+
+struct ProcessOptions {
+  explicit ProcessOptions(std::filesystem::path dir, double timeout_seconds = 2.0)
+      : data_dir(std::move(dir)), heartbeat_timeout_seconds(timeout_seconds) {}
+  std::filesystem::path data_dir;
+  double heartbeat_timeout_seconds;
+  int heartbeat_interval_ms = 200;
+  std::vector<std::string> extra_args;
+};
+
+// The lomo-coordinator binary as a child process, its output in <data_dir>/../coordinator-N.log.
+class CoordinatorProcess {
+ public:
+  // Starts it and waits (up to 20 s) for its ready file. Throws std::runtime_error with the log.
+  explicit CoordinatorProcess(const ProcessOptions& options);
+  ~CoordinatorProcess();  // SIGKILL if still running
+
+  const std::string& grpc_address() const { return grpc_address_; }
+  const std::string& http_host() const { return http_host_; }
+  int http_port() const { return http_port_; }
+  pid_t pid() const { return pid_; }
+  std::string log() const { return read_file(log_path_); }
+
+  // SIGKILL and reap.
+  void kill9();
+  // SIGTERM; waits up to `timeout` for the exit. Returns the exit code, or -1 if it had to be
+  // killed (or died from a signal).
+  int terminate(std::chrono::milliseconds timeout);
+
+  std::shared_ptr<grpc::Channel> channel() const;
+  std::unique_ptr<v1::JobService::Stub> jobs() const;
+
+ private:
+  pid_t pid_ = -1;
+  std::filesystem::path log_path_;
+  std::string grpc_address_;
+  std::string http_host_;
+  int http_port_ = 0;
+};
+
+// A worker on one WorkerService.Connect stream (sync API). A reader thread queues every
+// CoordinatorMessage; the stream has a 120 s deadline.
+class TestWorker {
+ public:
+  explicit TestWorker(std::shared_ptr<grpc::Channel> channel);
+  ~TestWorker();  // cancels the stream
+
+  // Sends Register and waits for Registered. Throws std::runtime_error if none comes in 10 s.
+  v1::Registered register_as(const std::string& worker_id,
+                             v1::DeviceKind kind = v1::DEVICE_KIND_CPU);
+  bool send(const v1::WorkerMessage& message);
+  bool heartbeat(const std::string& job_id = "", int64_t attempt = 0);
+  // A background thread heartbeats every `interval` with whatever set_current() said last.
+  void start_heartbeats(std::chrono::milliseconds interval);
+  void stop_heartbeats();
+  void set_current(const std::string& job_id, int64_t attempt);
+
+  bool report(const std::string& job_id, int64_t attempt, v1::JobState state,
+              const std::string& reason = "");
+  bool send_metrics(const std::string& job_id, int64_t attempt, int64_t step, double loss,
+                    double tokens_per_second);
+  // Sends `files` (path → bytes) in chunks of `chunk_bytes`, then the commit, and waits for the
+  // ack. `corrupt_path`, if set, has one byte flipped in its data but not in its SHA-256.
+  std::optional<v1::CheckpointAck> upload_checkpoint(
+      const std::string& job_id, int64_t attempt, int64_t step,
+      const std::map<std::string, std::string>& files, size_t chunk_bytes = 1000,
+      const std::string& corrupt_path = "");
+
+  // The next message from the coordinator, waiting up to `timeout`.
+  std::optional<v1::CoordinatorMessage> next(std::chrono::milliseconds timeout);
+  // The next message of one kind, skipping others; nullopt after `timeout`.
+  std::optional<v1::CoordinatorMessage> next_of(v1::CoordinatorMessage::KindCase kind,
+                                                std::chrono::milliseconds timeout);
+  std::optional<v1::Assignment> next_assignment(std::chrono::milliseconds timeout);
+
+  // Ends the stream from the worker's side (as a crashed worker would).
+  void disconnect();
+  // Waits until the coordinator ended the stream; its status, or nullopt after `timeout`.
+  std::optional<grpc::Status> wait_closed(std::chrono::milliseconds timeout);
+
+ private:
+  void read_loop();
+
+  std::unique_ptr<v1::WorkerService::Stub> stub_;
+  grpc::ClientContext context_;
+  std::unique_ptr<grpc::ClientReaderWriter<v1::WorkerMessage, v1::CoordinatorMessage>> stream_;
+  std::mutex write_mu_;
+
+  std::mutex mu_;
+  std::condition_variable changed_;
+  std::deque<v1::CoordinatorMessage> inbox_;
+  std::optional<grpc::Status> closed_;
+  std::string current_job_;
+  int64_t current_attempt_ = 0;
+  bool heartbeating_ = false;
+  std::thread reader_;
+  std::thread heartbeater_;
+};
+
+struct HttpResult {
+  int status = 0;  // 0: no response
+  std::string body;
+};
+
+// One request with 10 s timeouts.
+HttpResult http_request(const CoordinatorProcess& coordinator, const std::string& method,
+                        const std::string& path, const std::string& body = "");
+
+// A spec that validates: the job YAML schema as a Struct.
+google::protobuf::Struct valid_spec(const std::string& name = "", int64_t priority = 0,
+                                    const std::string& device = "cpu");
+v1::SubmitJobRequest submit_request(const std::string& name = "", int64_t priority = 0,
+                                    const std::string& device = "cpu");
+
+// Unary JobService calls with a 10 s deadline.
+grpc::Status submit(v1::JobService::Stub& jobs, const v1::SubmitJobRequest& request, v1::Job* job);
+grpc::Status get(v1::JobService::Stub& jobs, const std::string& job_id, v1::Job* job);
+// Every event of a job (WatchJob without follow), oldest first.
+std::vector<v1::JobEvent> all_events(v1::JobService::Stub& jobs, const std::string& job_id);
+// Polls GetJob until the job reaches `state` or `timeout` passes; returns the last job seen.
+v1::Job wait_for_state(v1::JobService::Stub& jobs, const std::string& job_id, v1::JobState state,
+                       std::chrono::milliseconds timeout);
+
+}  // namespace lomo::server::testing

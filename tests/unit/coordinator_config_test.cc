@@ -1,0 +1,111 @@
+// The coordinator's YAML config and command-line overrides.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "server/config.h"
+
+namespace lomo::server {
+namespace {
+
+using ::testing::HasSubstr;
+
+std::string error_of(const std::function<void()>& body) {
+  try {
+    body();
+  } catch (const ConfigError& error) {
+    return error.what();
+  }
+  return "(no error)";
+}
+
+TEST(CoordinatorConfig, ReadsEveryKey) {
+  const CoordinatorConfig config = parse_config(R"(
+listen:
+  grpc: 0.0.0.0:9000
+  http: 127.0.0.1:9001
+data_dir: /var/lib/lomo
+heartbeat_interval_ms: 500
+heartbeat_timeout_seconds: 4.5
+threads: 8
+http_threads: 32
+shutdown_grace_seconds: 2
+)",
+                                                "c.yaml");
+  EXPECT_EQ(config.grpc_listen, "0.0.0.0:9000");
+  EXPECT_EQ(config.http_listen, "127.0.0.1:9001");
+  EXPECT_EQ(config.data_dir, "/var/lib/lomo");
+  EXPECT_EQ(config.heartbeat_interval_ms, 500);
+  EXPECT_DOUBLE_EQ(config.heartbeat_timeout_seconds, 4.5);
+  EXPECT_EQ(config.threads, 8);
+  EXPECT_EQ(config.http_threads, 32);
+  EXPECT_DOUBLE_EQ(config.shutdown_grace_seconds, 2);
+}
+
+TEST(CoordinatorConfig, EmptyFileMeansDefaults) {
+  const CoordinatorConfig config = parse_config("", "c.yaml");
+  EXPECT_EQ(config.grpc_listen, "127.0.0.1:7070");
+  EXPECT_EQ(config.http_listen, "127.0.0.1:7080");
+}
+
+TEST(CoordinatorConfig, ProblemsNameTheSourceAndKey) {
+  EXPECT_THAT(error_of([] { parse_config("heartbeat_timeout: 3", "c.yaml"); }),
+              HasSubstr("c.yaml: heartbeat_timeout: unknown key"));
+  EXPECT_THAT(error_of([] { parse_config("listen: {grpc: a:1, https: b:2}", "c.yaml"); }),
+              HasSubstr("c.yaml: listen.https: unknown key"));
+  EXPECT_THAT(error_of([] { parse_config("heartbeat_timeout_seconds: -1", "c.yaml"); }),
+              HasSubstr("c.yaml: heartbeat_timeout_seconds: must be in (0, 86400]"));
+  EXPECT_THAT(error_of([] { parse_config("threads: many", "c.yaml"); }),
+              HasSubstr("c.yaml: threads: cannot read \"many\" as an integer"));
+  EXPECT_THAT(error_of([] { parse_config("listen: {grpc: nowhere}", "c.yaml"); }),
+              HasSubstr("expected HOST:PORT"));
+  EXPECT_THAT(error_of([] {
+                parse_config("heartbeat_timeout_seconds: 1\nheartbeat_interval_ms: 800", "c.yaml");
+              }),
+              HasSubstr("heartbeat_interval_ms: must be at most half"));
+}
+
+TEST(CoordinatorConfig, CommandLineOverridesTheFile) {
+  char pattern[] = "/tmp/lomo-config-test-XXXXXX";
+  ASSERT_NE(mkdtemp(pattern), nullptr);
+  const std::filesystem::path file = std::filesystem::path(pattern) / "c.yaml";
+  std::ofstream(file) << "data_dir: from-file\nheartbeat_timeout_seconds: 30\n";
+  bool help = false;
+  // The override comes first on the line and still wins.
+  const CoordinatorConfig config =
+      config_from_command_line({"--heartbeat-timeout=3", "--config", file.string(), "--grpc-listen",
+                                "127.0.0.1:0", "--ready-file", "/tmp/ready"},
+                               &help);
+  EXPECT_FALSE(help);
+  EXPECT_EQ(config.data_dir, "from-file");
+  EXPECT_DOUBLE_EQ(config.heartbeat_timeout_seconds, 3);
+  EXPECT_EQ(config.grpc_listen, "127.0.0.1:0");
+  EXPECT_EQ(config.ready_file, "/tmp/ready");
+  std::filesystem::remove_all(pattern);
+
+  EXPECT_THAT(error_of([&] {
+                config_from_command_line({"--bogus", "1"}, &help);
+              }),
+              HasSubstr("unknown flag --bogus"));
+  EXPECT_THAT(error_of([&] { config_from_command_line({"--data-dir"}, &help); }),
+              HasSubstr("--data-dir: needs a value"));
+  EXPECT_THAT(error_of([&] {
+                config_from_command_line({"--heartbeat-timeout", "soon"}, &help);
+              }),
+              HasSubstr("expected a number"));
+  config_from_command_line({"--help"}, &help);
+  EXPECT_TRUE(help);
+}
+
+TEST(CoordinatorConfig, SplitsHostAndPort) {
+  EXPECT_EQ(split_host_port("127.0.0.1:80", "x").port, 80);
+  EXPECT_EQ(split_host_port("[::1]:0", "x").host, "::1");
+  EXPECT_EQ(split_host_port(":7080", "x").host, "0.0.0.0");
+  EXPECT_THAT(error_of([] { split_host_port("h:99999", "x"); }), HasSubstr("invalid port"));
+}
+
+}  // namespace
+}  // namespace lomo::server

@@ -1,0 +1,174 @@
+// lomoctl's pieces (client/): where the coordinator's address comes from, how errors read, the
+// spec as a Struct, argument parsing, and what the progress display shows.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <fstream>
+
+#include "client/commands.h"
+#include "client/config.h"
+#include "client/local_mode.h"
+#include "client/lomo_client.h"
+#include "client/render.h"
+#include "client/spec_struct.h"
+#include "worker/spec/job_spec.h"
+
+namespace lomo::client {
+namespace {
+
+namespace fs = std::filesystem;
+using ::testing::HasSubstr;
+
+struct TempDir {
+  TempDir() {
+    std::string pattern = (fs::temp_directory_path() / "lomoctl-test-XXXXXX").string();
+    path = ::mkdtemp(pattern.data());
+  }
+  ~TempDir() { fs::remove_all(path); }
+  fs::path path;
+};
+
+TEST(LomoctlConfigTest, FlagBeatsEnvironmentBeatsFileBeatsDefault) {
+  TempDir dir;
+  const fs::path file = dir.path / "lomoctl.yaml";
+  EXPECT_EQ(resolve_config(std::nullopt, nullptr, file).coordinator, "127.0.0.1:7070");
+  std::ofstream(file) << "coordinator: file-host:1\ntimeout_seconds: 2.5\n";
+  const LomoctlConfig from_file = resolve_config(std::nullopt, nullptr, file);
+  EXPECT_EQ(from_file.coordinator, "file-host:1");
+  EXPECT_EQ(from_file.coordinator_source, file.string());
+  EXPECT_DOUBLE_EQ(from_file.timeout_seconds, 2.5);
+  EXPECT_EQ(resolve_config(std::nullopt, "env-host:2", file).coordinator, "env-host:2");
+  EXPECT_EQ(resolve_config(std::nullopt, "", file).coordinator, "file-host:1");
+  EXPECT_EQ(resolve_config("flag-host:3", "env-host:2", file).coordinator, "flag-host:3");
+}
+
+TEST(LomoctlConfigTest, AnUnknownKeyIsRejectedNamingTheFile) {
+  TempDir dir;
+  const fs::path file = dir.path / "lomoctl.yaml";
+  std::ofstream(file) << "coordinater: typo:1\n";
+  try {
+    resolve_config(std::nullopt, nullptr, file);
+    FAIL() << "no exception";
+  } catch (const ConfigError& e) {
+    EXPECT_THAT(e.what(), HasSubstr(file.string()));
+    EXPECT_THAT(e.what(), HasSubstr("coordinater: unknown key"));
+  }
+}
+
+TEST(LomoctlErrorsTest, AnUnreachableCoordinatorGetsTheHint) {
+  const grpc::Status refused(grpc::StatusCode::UNAVAILABLE,
+                             "failed to connect to all addresses; last error: UNKNOWN: "
+                             "ipv4:127.0.0.1:7070: Failed to connect to remote host: Connection "
+                             "refused");
+  EXPECT_EQ(describe_status(refused, "127.0.0.1:7070"),
+            "cannot reach the coordinator at 127.0.0.1:7070 (connection refused); is "
+            "lomo-coordinator running? set --coordinator or LOMO_COORDINATOR");
+  const grpc::Status rejected(grpc::StatusCode::INVALID_ARGUMENT,
+                              "job spec: optimizer.lr: must be > 0, got -1");
+  EXPECT_EQ(describe_status(rejected, "x:1"), "job spec: optimizer.lr: must be > 0, got -1");
+}
+
+TEST(LomoctlErrorsTest, ARealClientAgainstAClosedPortFailsFastWithTheHint) {
+  ClientOptions options;
+  options.address = "127.0.0.1:1";  // nothing listens on port 1 without root
+  Client client(options);
+  const auto start = std::chrono::steady_clock::now();
+  try {
+    client.get_job("x");
+    FAIL() << "no exception";
+  } catch (const ClientError& e) {
+    EXPECT_TRUE(e.unreachable());
+    EXPECT_THAT(e.what(), HasSubstr("cannot reach the coordinator at 127.0.0.1:1"));
+  }
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(5));
+}
+
+TEST(SpecStructTest, TheStructParsesBackToTheSameSpec) {
+  JobSpec spec = load_job_spec(std::string(LOMO_SOURCE_DIR) + "/examples/tiny-adalomo.yaml");
+  apply_job_spec_overrides(spec, {"name=007", "training.steps=20", "optimizer.clip_grad_norm=1.5"});
+  const google::protobuf::Struct value = job_spec_to_struct(spec);
+  const auto& fields = value.fields();
+  EXPECT_EQ(fields.at("name").string_value(), "007");  // leading zeros: a string, not 7
+  EXPECT_EQ(fields.at("training").struct_value().fields().at("steps").number_value(), 20);
+  EXPECT_TRUE(fields.at("training").struct_value().fields().at("epochs").has_null_value());
+  EXPECT_TRUE(
+      fields.at("optimizer").struct_value().fields().at("stochastic_rounding").has_bool_value());
+  EXPECT_EQ(parse_job_spec(struct_to_json(value), "round trip"), spec);
+}
+
+TEST(ParseArgsTest, SeparatesPositionalsValuesAndSwitches) {
+  const ParsedArgs args = parse_args({"job.yaml", "--set", "a=1", "--set=b=2", "--watch"}, "submit",
+                                     {"--set"}, {"--watch"});
+  EXPECT_THAT(args.positional, ::testing::ElementsAre("job.yaml"));
+  EXPECT_THAT(args.all("--set"), ::testing::ElementsAre("a=1", "b=2"));
+  EXPECT_TRUE(args.has("--watch"));
+  EXPECT_THROW(parse_args({"--nope"}, "submit", {"--set"}, {}), UsageError);
+  EXPECT_THROW(parse_args({"--set"}, "submit", {"--set"}, {}), UsageError);
+}
+
+TEST(RenderTest, StatesDurationsAndSizes) {
+  EXPECT_EQ(state_name(lomo::v1::JOB_STATE_RUNNING), "RUNNING");
+  EXPECT_EQ(parse_state("succeeded"), lomo::v1::JOB_STATE_SUCCEEDED);
+  EXPECT_EQ(parse_state("JOB_STATE_FAILED"), lomo::v1::JOB_STATE_FAILED);
+  EXPECT_FALSE(parse_state("finished"));
+  EXPECT_EQ(exit_code_for(lomo::v1::JOB_STATE_SUCCEEDED), 0);
+  EXPECT_EQ(exit_code_for(lomo::v1::JOB_STATE_FAILED), 1);
+  EXPECT_EQ(exit_code_for(lomo::v1::JOB_STATE_CANCELLED), 2);
+  EXPECT_EQ(format_duration(42), "42s");
+  EXPECT_EQ(format_duration(187), "3:07");
+  EXPECT_EQ(format_duration(3723), "1:02:03");
+  EXPECT_EQ(format_bytes(812), "812 B");
+  EXPECT_EQ(format_bytes(3 * 1048576 + 209715), "3.2 MiB");
+}
+
+TEST(RenderTest, TheProgressBarShowsStepLossThroughputAndEta) {
+  ProgressTracker tracker;
+  lomo::v1::TrainingMetrics m;
+  m.set_total_steps(20);
+  m.set_step(2);
+  m.set_loss(3.0);
+  m.set_tokens_per_second(1000);
+  tracker.observe(m, 100.0);
+  EXPECT_FALSE(tracker.progress().eta_seconds);  // one point gives no rate
+  m.set_step(10);
+  m.set_loss(2.3456);
+  tracker.observe(m, 108.0);  // 1 s a step, 10 steps left
+  ASSERT_TRUE(tracker.progress().eta_seconds);
+  EXPECT_DOUBLE_EQ(*tracker.progress().eta_seconds, 10.0);
+  const std::string bar = progress_bar_line(tracker.progress(), 100);
+  EXPECT_EQ(bar, "[###############---------------]  10/20  loss 2.3456  1000 tok/s  ETA 10s");
+  EXPECT_LE(progress_bar_line(tracker.progress(), 50).size(), 50u);
+  EXPECT_EQ(progress_plain_line(tracker.progress()),
+            "step 10/20  loss 2.3456  1000 tok/s  ETA 10s");
+}
+
+TEST(LocalModeTest, ReadsTheCoordinatorsReadyFile) {
+  TempDir dir;
+  const fs::path ready = dir.path / "ready";
+  EXPECT_FALSE(read_ready_address(ready));
+  std::ofstream(ready) << R"({"grpc": "127.0.0.1:4242", "htt)";
+  EXPECT_FALSE(read_ready_address(ready));  // still being written
+  std::ofstream(ready) << R"({"grpc": "127.0.0.1:4242", "http": "127.0.0.1:4243"})";
+  EXPECT_EQ(read_ready_address(ready), "127.0.0.1:4242");
+}
+
+TEST(LocalModeTest, FindsProgramsByFlagThenCandidatesAndSaysWhereItLooked) {
+  TempDir dir;
+  const fs::path program = dir.path / "lomo-thing";
+  std::ofstream(program) << "#!/bin/sh\n";
+  fs::permissions(program, fs::perms::owner_all);
+  EXPECT_EQ(find_program("lomo-thing", std::nullopt, "LOMO_TEST_UNSET_VAR", {program}), program);
+  EXPECT_EQ(find_program("lomo-thing", program.string(), "LOMO_TEST_UNSET_VAR", {}), program);
+  try {
+    find_program("lomo-no-such-program", std::nullopt, "LOMO_TEST_UNSET_VAR",
+                 {dir.path / "missing"});
+    FAIL() << "no exception";
+  } catch (const std::runtime_error& e) {
+    EXPECT_THAT(e.what(), HasSubstr((dir.path / "missing").string()));
+    EXPECT_THAT(e.what(), HasSubstr("LOMO_TEST_UNSET_VAR"));
+  }
+}
+
+}  // namespace
+}  // namespace lomo::client

@@ -1,0 +1,437 @@
+// The worker daemon's pieces on their own (worker/daemon/): backoff, outbox, metrics.jsonl tail,
+// device description, attempt directories, the spec of an assignment, the checkpoint uploader.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <fstream>
+#include <functional>
+#include <set>
+#include <thread>
+
+#include "common/sha256.h"
+#include "worker/daemon/assignment_spec.h"
+#include "worker/daemon/backoff.h"
+#include "worker/daemon/checkpoint_uploader.h"
+#include "worker/daemon/device_info.h"
+#include "worker/daemon/job_runner.h"
+#include "worker/daemon/metrics_tail.h"
+#include "worker/daemon/outbox.h"
+#include "worker/daemon/worker_metrics.h"
+
+namespace lomo::daemon {
+namespace {
+
+namespace fs = std::filesystem;
+using std::chrono::milliseconds;
+using ::testing::HasSubstr;
+
+struct TempDir {
+  TempDir() {
+    std::string pattern = (fs::temp_directory_path() / "lomo-daemon-parts-XXXXXX").string();
+    path = ::mkdtemp(pattern.data());
+  }
+  ~TempDir() { fs::remove_all(path); }
+  fs::path path;
+};
+
+// Polls `condition` for up to five seconds.
+bool testing_wait(const std::function<bool()>& condition) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (!condition()) {
+    if (std::chrono::steady_clock::now() > deadline) return false;
+    std::this_thread::sleep_for(milliseconds(5));
+  }
+  return true;
+}
+
+lomo::v1::WorkerMessage log_event(const std::string& text) {
+  lomo::v1::WorkerMessage m;
+  m.mutable_events()->set_job_id("j");
+  m.mutable_events()->add_events()->mutable_log()->set_text(text);
+  return m;
+}
+
+TEST(BackoffTest, GrowsToTheCapWithJitterWithinHalfToFullAndResets) {
+  Backoff backoff(milliseconds(100), milliseconds(1000), 2.0, /*seed=*/7);
+  const int64_t ceilings[] = {100, 200, 400, 800, 1000, 1000};
+  for (int64_t ceiling : ceilings) {
+    const int64_t d = backoff.next().count();
+    EXPECT_GE(d, ceiling / 2);
+    EXPECT_LE(d, ceiling);
+  }
+  backoff.reset();
+  EXPECT_LE(backoff.next().count(), 100);
+}
+
+TEST(BackoffTest, JitterSpreadsWorkersThatStartedTogether) {
+  std::set<int64_t> delays;
+  for (uint64_t seed = 0; seed < 20; ++seed) {
+    Backoff backoff(milliseconds(1000), milliseconds(1000), 2.0, seed);
+    delays.insert(backoff.next().count());
+  }
+  EXPECT_GT(delays.size(), 10u);
+}
+
+TEST(OutboxTest, ReliableMessagesSurviveAReconnectAndConnectionMessagesDoNot) {
+  Outbox outbox;
+  outbox.open_connection(1);
+  outbox.push(log_event("a"));
+  lomo::v1::WorkerMessage chunk;
+  chunk.mutable_checkpoint_chunk()->set_step(5);
+  EXPECT_TRUE(outbox.push_for_connection(chunk, 1));
+  EXPECT_FALSE(outbox.push_for_connection(chunk, 2));  // not the open connection
+  outbox.close_connection();
+  outbox.open_connection(2);
+  auto item = outbox.pop(2, Outbox::Clock::now() + milliseconds(10));
+  ASSERT_TRUE(item);
+  EXPECT_TRUE(item->reliable);
+  EXPECT_EQ(item->message.events().events(0).log().text(), "a");
+  outbox.finish(std::move(*item), /*written=*/true);
+  EXPECT_FALSE(outbox.pop(2, Outbox::Clock::now() + milliseconds(10)));
+  EXPECT_TRUE(outbox.wait_until_delivered(Outbox::Clock::now()));
+}
+
+TEST(OutboxTest, AFailedWriteKeepsTheMessageFirstInLine) {
+  Outbox outbox;
+  outbox.open_connection(1);
+  outbox.push(log_event("first"));
+  outbox.push(log_event("second"));
+  auto item = outbox.pop(1, Outbox::Clock::now());
+  ASSERT_TRUE(item);
+  outbox.finish(std::move(*item), /*written=*/false);
+  EXPECT_EQ(outbox.reliable_pending(), 2u);
+  item = outbox.pop(1, Outbox::Clock::now());
+  EXPECT_EQ(item->message.events().events(0).log().text(), "first");
+}
+
+TEST(OutboxTest, WhenFullItDropsTheOldestEventsButNeverAStatusAndSaysSo) {
+  Outbox::Limits limits;
+  limits.max_reliable_messages = 3;
+  Outbox outbox(limits);
+  lomo::v1::WorkerMessage status;
+  status.mutable_status()->set_state(lomo::v1::JOB_STATE_RUNNING);
+  outbox.push(status);
+  for (int i = 0; i < 5; ++i) outbox.push(log_event(std::to_string(i)));
+  EXPECT_EQ(outbox.dropped_events(), 3);
+  outbox.open_connection(1);
+  auto first = outbox.pop(1, Outbox::Clock::now());
+  EXPECT_TRUE(first->message.has_status());
+  auto next = outbox.pop(1, Outbox::Clock::now());
+  ASSERT_EQ(next->message.events().events_size(), 2);
+  EXPECT_EQ(next->message.events().events(0).log().text(), "3");
+  EXPECT_THAT(next->message.events().events(1).log().text(), HasSubstr("3 events were dropped"));
+}
+
+TEST(OutboxTest, AByteLimitBoundsWhatIsKeptWhileDisconnected) {
+  Outbox::Limits limits;
+  limits.max_reliable_bytes = 1000;
+  Outbox outbox(limits);
+  for (int i = 0; i < 10; ++i) outbox.push(log_event(std::string(300, 'a' + i)));
+  EXPECT_EQ(outbox.reliable_pending(), 3u);  // 3 × ~310 bytes fit in 1000
+  EXPECT_EQ(outbox.dropped_events(), 7);
+  outbox.open_connection(1);
+  auto first = outbox.pop(1, Outbox::Clock::now());
+  EXPECT_EQ(first->message.events().events(0).log().text()[0], 'h');  // the newest three remain
+}
+
+TEST(OutboxTest, ConnectionMessagesApplyBackpressureUntilTheWriterTakesThem) {
+  Outbox::Limits limits;
+  limits.max_connection_bytes = 100;
+  Outbox outbox(limits);
+  outbox.open_connection(1);
+  lomo::v1::WorkerMessage chunk;
+  chunk.mutable_checkpoint_chunk()->set_data(std::string(80, 'x'));
+  ASSERT_TRUE(outbox.push_for_connection(chunk, 1));
+  std::atomic<bool> second_queued{false};
+  std::thread pusher([&] {
+    outbox.push_for_connection(chunk, 1);
+    second_queued = true;
+  });
+  std::this_thread::sleep_for(milliseconds(50));
+  EXPECT_FALSE(second_queued);
+  ASSERT_TRUE(outbox.pop(1, Outbox::Clock::now()));
+  pusher.join();
+  EXPECT_TRUE(second_queued);
+}
+
+TEST(MetricsTailTest, TurnsTrainingAndEvalLinesIntoEvents) {
+  const auto training = metrics_line_to_event(
+      R"({"step":3,"loss":2.5,"lr":0.01,"grad_norm":1.5,"loss_scale":1.0,"skipped":false,)"
+      R"("tokens_per_second":1000.0,"memory":{"total":{"current":10,"peak":20}}})",
+      50);
+  ASSERT_TRUE(training && training->has_metrics());
+  EXPECT_EQ(training->metrics().step(), 3);
+  EXPECT_EQ(training->metrics().total_steps(), 50);
+  EXPECT_DOUBLE_EQ(training->metrics().loss(), 2.5);
+  EXPECT_DOUBLE_EQ(training->metrics().learning_rate(), 0.01);
+  EXPECT_EQ(training->metrics().peak_memory_bytes().at("total"), 20);
+  const auto eval =
+      metrics_line_to_event(R"({"step":50,"eval_loss":3.0,"eval_perplexity":20.1})", 50);
+  ASSERT_TRUE(eval && eval->has_eval());
+  EXPECT_DOUBLE_EQ(eval->eval().perplexity(), 20.1);
+  EXPECT_FALSE(metrics_line_to_event(R"({"step":1,"lo)", 50));
+  EXPECT_FALSE(metrics_line_to_event("[]", 50));
+}
+
+TEST(MetricsTailTest, ReadsCompleteLinesOnlyAndNeverRepeatsAStepWhenTheFileIsRewritten) {
+  TempDir dir;
+  const fs::path file = dir.path / "metrics.jsonl";
+  MetricsTail tail(file);
+  EXPECT_TRUE(tail.poll(10).empty());  // no file yet
+  {
+    std::ofstream out(file);
+    out << R"({"step":1,"loss":1.0})"
+        << "\n"
+        << R"({"step":2,"loss":0.9})"
+        << "\n"
+        << R"({"step":3,"lo)";
+  }
+  auto events = tail.poll(10);
+  ASSERT_EQ(events.size(), 2u);
+  {
+    std::ofstream out(file, std::ios::app);
+    out << R"(ss":0.8})"
+        << "\n";
+  }
+  events = tail.poll(10);
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].metrics().step(), 3);
+  // A resumed trainer replaces the file, keeping the steps up to its checkpoint.
+  {
+    std::ofstream out(dir.path / "replacement");
+    out << R"({"step":1,"loss":1.0})"
+        << "\n"
+        << R"({"step":2,"loss":0.9})"
+        << "\n"
+        << R"({"step":3,"loss":0.8})"
+        << "\n"
+        << R"({"step":4,"loss":0.7})"
+        << "\n";
+  }
+  fs::rename(dir.path / "replacement", file);
+  events = tail.poll(10);
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].metrics().step(), 4);
+}
+
+TEST(DeviceInfoTest, ReadsTheCpuNameAndTotalMemory) {
+  EXPECT_EQ(cpu_model_name("processor\t: 0\nmodel name\t: AMD EPYC 9654 96-Core Processor\n"),
+            "AMD EPYC 9654 96-Core Processor");
+  EXPECT_EQ(cpu_model_name("processor: 0\n"), "");
+  EXPECT_EQ(meminfo_total_bytes("MemTotal:       16384 kB\nMemFree: 1 kB\n"), 16384 * 1024);
+  const Device cpu = detect_device("cpu");
+  EXPECT_EQ(cpu.info.kind(), lomo::v1::DEVICE_KIND_CPU);
+  EXPECT_GT(cpu.info.memory_bytes(), 0);
+  EXPECT_EQ(cpu.short_name, "cpu");
+}
+
+TEST(DeviceInfoTest, RejectsWhatIsNotADevice) {
+  try {
+    detect_device("gpu-please");
+    FAIL() << "no exception";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_THAT(e.what(), HasSubstr("expected cpu or a GPU index"));
+  }
+}
+
+TEST(AssignmentSpecTest, AttemptDirectoriesCannotEscapeTheWorkDirectory) {
+  EXPECT_EQ(attempt_directory("/w", "job-1", 2), fs::path("/w/jobs/job-1/attempt-2"));
+  EXPECT_EQ(attempt_directory("/w", "../../etc", 1), fs::path("/w/jobs/.._.._etc/attempt-1"));
+  EXPECT_EQ(attempt_directory("/w", "..", 1), fs::path("/w/jobs/_../attempt-1"));
+}
+
+TEST(AssignmentSpecTest, ReadsAStructAsTheJobSchemaAndNamesABadField) {
+  google::protobuf::Struct spec;
+  (*(*spec.mutable_fields())["model"].mutable_struct_value()->mutable_fields())["path"]
+      .set_string_value("/models/tiny");
+  auto& data = *(*spec.mutable_fields())["data"].mutable_struct_value()->mutable_fields();
+  data["train"].mutable_list_value()->add_values()->set_string_value("a.txt");
+  (*(*spec.mutable_fields())["training"].mutable_struct_value()->mutable_fields())["steps"]
+      .set_number_value(20);
+  const JobSpec parsed = spec_from_struct(spec, "job j spec");
+  EXPECT_EQ(parsed.model.path, "/models/tiny");
+  EXPECT_EQ(parsed.training.steps, 20);
+  (*(*spec.mutable_fields())["training"].mutable_struct_value()->mutable_fields())["steps"]
+      .set_number_value(-3);
+  try {
+    spec_from_struct(spec, "job j spec");
+    FAIL() << "no exception";
+  } catch (const JobSpecError& e) {
+    EXPECT_EQ(e.field(), "training.steps");
+    EXPECT_THAT(e.what(), HasSubstr("job j spec"));
+  }
+}
+
+TEST(JobRunnerTest, DescribesHowTheTrainingProcessEnded) {
+  EXPECT_EQ(describe_child_end(false, 1, 0), "exited with code 1");
+  EXPECT_EQ(describe_child_end(true, 0, SIGKILL), "killed by SIGKILL (out of memory?)");
+  EXPECT_EQ(describe_child_end(true, 0, SIGSEGV), "killed by SIGSEGV (crashed)");
+}
+
+// A ChunkChannel that collects chunks and can answer commits or drop the connection.
+class FakeChannel : public ChunkChannel {
+ public:
+  uint64_t wait_connected(std::chrono::steady_clock::time_point until) override {
+    std::unique_lock lock(mutex);
+    changed.wait_until(lock, until, [&] { return connected; });
+    return connected ? generation_value : 0;
+  }
+  uint64_t generation() override {
+    std::lock_guard lock(mutex);
+    return connected ? generation_value : 0;
+  }
+  bool send(lomo::v1::WorkerMessage message, uint64_t generation) override {
+    std::lock_guard lock(mutex);
+    if (!connected || generation != generation_value) return false;
+    chunks.push_back(message.checkpoint_chunk());
+    if (drop_after_chunks > 0 && static_cast<int>(chunks.size()) == drop_after_chunks) {
+      connected = false;
+      drop_after_chunks = 0;
+    }
+    changed.notify_all();
+    return true;
+  }
+  void reconnect() {
+    std::lock_guard lock(mutex);
+    ++generation_value;
+    connected = true;
+    changed.notify_all();
+  }
+  size_t commits() {
+    std::lock_guard lock(mutex);
+    size_t n = 0;
+    for (const auto& c : chunks) n += c.commit() ? 1 : 0;
+    return n;
+  }
+
+  std::mutex mutex;
+  std::condition_variable changed;
+  bool connected = true;
+  uint64_t generation_value = 1;
+  int drop_after_chunks = 0;
+  std::vector<lomo::v1::CheckpointChunk> chunks;
+};
+
+lomo::v1::CheckpointAck ack(int64_t step, bool committed, const std::string& error = "") {
+  lomo::v1::CheckpointAck a;
+  a.set_job_id("job");
+  a.set_step(step);
+  a.set_committed(committed);
+  a.set_error(error);
+  return a;
+}
+
+void write_file(const fs::path& file, const std::string& bytes) {
+  fs::create_directories(file.parent_path());
+  std::ofstream(file, std::ios::binary) << bytes;
+}
+
+TEST(CheckpointUploaderTest, SendsEveryFileInBoundedChunksWithItsShaThenCommits) {
+  TempDir dir;
+  const fs::path checkpoint = dir.path / "step-00000007";
+  const std::string big(2500, 'b');
+  write_file(checkpoint / "model.safetensors", big);
+  write_file(checkpoint / "config.json", "{}");
+  write_file(checkpoint / "empty", "");
+  FakeChannel channel;
+  UploaderOptions options;
+  options.chunk_bytes = 1000;
+  CheckpointUploader uploader("job", 3, channel, options);
+  uploader.offer(7, checkpoint);
+  ASSERT_TRUE(testing_wait([&] { return channel.commits() == 1; }));
+  uploader.on_ack(ack(7, true));
+  std::string error;
+  EXPECT_EQ(uploader.wait_idle(std::chrono::steady_clock::now() + std::chrono::seconds(5), &error),
+            CheckpointUploader::Outcome::kDone);
+  EXPECT_EQ(uploader.last_committed_step(), 7);
+
+  std::map<std::string, std::string> files;
+  for (const auto& c : channel.chunks) {
+    EXPECT_EQ(c.job_id(), "job");
+    EXPECT_EQ(c.attempt(), 3);
+    EXPECT_EQ(c.step(), 7);
+    if (c.commit()) continue;
+    EXPECT_LE(c.data().size(), 1000u);
+    EXPECT_EQ(static_cast<size_t>(c.offset()), files[c.path()].size());
+    files[c.path()] += c.data();
+    if (c.last_chunk_of_file()) {
+      EXPECT_EQ(c.sha256(), sha256_hex(files[c.path()]));
+    } else {
+      EXPECT_TRUE(c.sha256().empty());
+    }
+  }
+  EXPECT_EQ(files.size(), 3u);
+  EXPECT_EQ(files["model.safetensors"], big);
+  EXPECT_EQ(files["empty"], "");
+  EXPECT_TRUE(channel.chunks.back().commit());
+}
+
+TEST(CheckpointUploaderTest, ABrokenConnectionRestartsTheUploadFromItsFirstChunk) {
+  TempDir dir;
+  const fs::path checkpoint = dir.path / "step-00000002";
+  write_file(checkpoint / "model.safetensors", std::string(3000, 'm'));
+  FakeChannel channel;
+  channel.drop_after_chunks = 2;
+  UploaderOptions options;
+  options.chunk_bytes = 1000;
+  CheckpointUploader uploader("job", 1, channel, options);
+  uploader.offer(2, checkpoint);
+  ASSERT_TRUE(testing_wait([&] {
+    std::lock_guard lock(channel.mutex);
+    return !channel.connected;
+  }));
+  channel.reconnect();
+  ASSERT_TRUE(testing_wait([&] { return channel.commits() == 1; }));
+  uploader.on_ack(ack(2, true));
+  EXPECT_EQ(uploader.wait_idle(std::chrono::steady_clock::now() + std::chrono::seconds(5), nullptr),
+            CheckpointUploader::Outcome::kDone);
+  // Two chunks on the first connection, then all three again and the commit.
+  ASSERT_EQ(channel.chunks.size(), 6u);
+  EXPECT_EQ(channel.chunks[2].offset(), 0);
+}
+
+TEST(CheckpointUploaderTest, GivesUpAfterRepeatedRejectionsWithTheCoordinatorsReason) {
+  TempDir dir;
+  const fs::path checkpoint = dir.path / "step-00000004";
+  write_file(checkpoint / "config.json", "{}");
+  FakeChannel channel;
+  UploaderOptions options;
+  options.max_rejections = 2;
+  CheckpointUploader uploader("job", 1, channel, options);
+  uploader.offer(4, checkpoint);
+  for (size_t commits = 1; commits <= 2; ++commits) {
+    ASSERT_TRUE(testing_wait([&] { return channel.commits() == commits; }));
+    uploader.on_ack(ack(4, false, "checksum mismatch"));
+  }
+  std::string error;
+  EXPECT_EQ(uploader.wait_idle(std::chrono::steady_clock::now() + std::chrono::seconds(5), &error),
+            CheckpointUploader::Outcome::kFailed);
+  EXPECT_THAT(error, HasSubstr("checksum mismatch"));
+  EXPECT_THAT(error, HasSubstr("step-00000004"));
+}
+
+TEST(WorkerMetricsTest, NamesFollowTheConventions) {
+  WorkerMetrics metrics("");
+  lomo::v1::TrainingMetrics m;
+  m.set_step(1);
+  m.set_loss(2.0);
+  m.set_learning_rate(0.5);
+  m.set_loss_scale(1024);
+  m.set_grad_norm(3.0);
+  m.set_tokens_per_second(1000);
+  (*m.mutable_peak_memory_bytes())["total"] = 4096;
+  metrics.observe_step(m, 500);  // 0.5 s a step
+  metrics.job_finished(lomo::v1::JOB_STATE_CANCELLED);
+  const std::string text = metrics.render();
+  EXPECT_THAT(text, HasSubstr("lomo_worker_step_duration_seconds_bucket{le=\"0.5\"} 1"));
+  EXPECT_THAT(text, HasSubstr("lomo_worker_step_duration_seconds_bucket{le=\"0.25\"} 0"));
+  EXPECT_THAT(text, HasSubstr("lomo_worker_tokens_total 500"));
+  EXPECT_THAT(text, HasSubstr("lomo_worker_loss_scale 1024"));
+  EXPECT_THAT(text, HasSubstr("lomo_worker_device_memory_peak_bytes{kind=\"total\"} 4096"));
+  EXPECT_THAT(text, HasSubstr("lomo_worker_jobs_total{outcome=\"cancelled\"} 1"));
+  EXPECT_EQ(metrics.port(), 0);
+}
+
+}  // namespace
+}  // namespace lomo::daemon

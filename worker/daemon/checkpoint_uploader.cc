@@ -1,0 +1,231 @@
+#include "worker/daemon/checkpoint_uploader.h"
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <stdexcept>
+#include <vector>
+
+#include "common/sha256.h"
+#include "worker/daemon/log.h"
+
+namespace lomo::daemon {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+namespace fs = std::filesystem;
+
+std::string mib(int64_t bytes) {
+  char text[32];
+  std::snprintf(text, sizeof(text), "%.1f MiB", static_cast<double>(bytes) / 1048576.0);
+  return text;
+}
+
+}  // namespace
+
+std::vector<fs::path> checkpoint_files(const fs::path& directory) {
+  std::vector<fs::path> files;
+  for (const auto& entry : fs::recursive_directory_iterator(directory)) {
+    if (entry.is_regular_file()) files.push_back(fs::relative(entry.path(), directory));
+  }
+  std::sort(files.begin(), files.end());
+  return files;
+}
+
+CheckpointUploader::CheckpointUploader(std::string job_id, int64_t attempt, ChunkChannel& channel,
+                                       UploaderOptions options)
+    : job_id_(std::move(job_id)), attempt_(attempt), channel_(channel), options_(options) {
+  thread_ = std::thread([this] { run(); });
+}
+
+CheckpointUploader::~CheckpointUploader() {
+  abandon();
+  if (thread_.joinable()) thread_.join();
+}
+
+void CheckpointUploader::offer(int64_t step, const fs::path& directory) {
+  std::lock_guard lock(mutex_);
+  pending_ = Target{step, directory};
+  changed_.notify_all();
+}
+
+void CheckpointUploader::on_ack(const lomo::v1::CheckpointAck& ack) {
+  if (ack.job_id() != job_id_) return;
+  std::lock_guard lock(mutex_);
+  acks_[ack.step()] = ack;
+  changed_.notify_all();
+}
+
+void CheckpointUploader::abandon() {
+  std::lock_guard lock(mutex_);
+  abandoned_ = true;
+  changed_.notify_all();
+}
+
+bool CheckpointUploader::abandoned() const {
+  std::lock_guard lock(mutex_);
+  return abandoned_;
+}
+
+int64_t CheckpointUploader::last_committed_step() const {
+  std::lock_guard lock(mutex_);
+  return last_committed_step_;
+}
+
+int64_t CheckpointUploader::bytes_sent() const {
+  std::lock_guard lock(mutex_);
+  return bytes_sent_;
+}
+
+CheckpointUploader::Outcome CheckpointUploader::wait_idle(Clock::time_point until,
+                                                          std::string* error) {
+  std::unique_lock lock(mutex_);
+  if (!changed_.wait_until(lock, until, [&] { return (!pending_ && !busy_) || abandoned_; })) {
+    return Outcome::kTimedOut;
+  }
+  if (pending_ || busy_) return Outcome::kTimedOut;  // abandoned with work left
+  if (last_error_) {
+    if (error != nullptr) *error = *last_error_;
+    return Outcome::kFailed;
+  }
+  return Outcome::kDone;
+}
+
+void CheckpointUploader::run() {
+  while (true) {
+    Target target;
+    {
+      std::unique_lock lock(mutex_);
+      changed_.wait(lock, [&] { return pending_.has_value() || abandoned_; });
+      if (abandoned_) return;
+      target = *pending_;
+      pending_.reset();
+      busy_ = true;
+      acks_.erase(target.step);
+    }
+    const std::string name = target.directory.filename().string();
+    std::optional<std::string> failure;
+    bool committed = false;
+    int rejections = 0;
+    while (!committed && !failure && !abandoned()) {
+      const uint64_t generation = channel_.wait_connected(Clock::now() + std::chrono::seconds(1));
+      if (generation == 0) continue;
+      int64_t total_bytes = 0;
+      try {
+        if (!send_checkpoint(target, generation, &total_bytes)) continue;
+      } catch (const std::exception& e) {
+        failure = "checkpoint " + name + " could not be read for upload: " + e.what();
+        break;
+      }
+      const auto ack_until =
+          Clock::now() + options_.ack_timeout + std::chrono::seconds(total_bytes / (100 << 20));
+      const std::optional<lomo::v1::CheckpointAck> ack =
+          wait_ack(target.step, generation, ack_until);
+      if (!ack) {
+        if (abandoned() || channel_.generation() != generation) continue;  // retry on reconnect
+        ++rejections;
+        log_line("checkpoint " + name + ": no answer from the coordinator within the deadline");
+        if (rejections >= options_.max_rejections) {
+          failure = "checkpoint " + name + " upload was never acknowledged by the coordinator";
+        }
+        continue;
+      }
+      if (ack->committed()) {
+        committed = true;
+        log_line("checkpoint " + name + " committed on the coordinator (" + mib(total_bytes) + ")");
+        break;
+      }
+      ++rejections;
+      log_line("checkpoint " + name + " rejected by the coordinator: " + ack->error());
+      if (rejections >= options_.max_rejections) {
+        failure = "checkpoint " + name + " upload rejected by the coordinator: " + ack->error();
+      }
+    }
+    std::lock_guard lock(mutex_);
+    if (committed) {
+      last_committed_step_ = std::max(last_committed_step_, target.step);
+      last_error_.reset();
+    } else if (failure) {
+      last_error_ = *failure;
+    }
+    busy_ = false;
+    changed_.notify_all();
+  }
+}
+
+bool CheckpointUploader::send_checkpoint(const Target& target, uint64_t generation,
+                                         int64_t* total_bytes) {
+  const std::vector<fs::path> files = checkpoint_files(target.directory);
+  int64_t size = 0;
+  for (const fs::path& file : files)
+    size += static_cast<int64_t>(fs::file_size(target.directory / file));
+  log_line("uploading checkpoint " + target.directory.filename().string() + " (" +
+           std::to_string(files.size()) + " files, " + mib(size) + ")");
+  std::vector<char> buffer(options_.chunk_bytes);
+  for (const fs::path& file : files) {
+    const fs::path full = target.directory / file;
+    std::ifstream in(full, std::ios::binary);
+    if (!in) throw std::runtime_error(full.string() + ": " + std::strerror(errno));
+    const int64_t file_size = static_cast<int64_t>(fs::file_size(full));
+    Sha256 hash;
+    int64_t offset = 0;
+    do {
+      if (abandoned()) return false;
+      const int64_t want =
+          std::min<int64_t>(static_cast<int64_t>(buffer.size()), file_size - offset);
+      in.read(buffer.data(), want);
+      if (in.gcount() != want) {
+        throw std::runtime_error(full.string() + ": file ended early (it changed during upload)");
+      }
+      hash.update(buffer.data(), static_cast<size_t>(want));
+      lomo::v1::WorkerMessage message;
+      auto* chunk = message.mutable_checkpoint_chunk();
+      chunk->set_job_id(job_id_);
+      chunk->set_attempt(attempt_);
+      chunk->set_step(target.step);
+      chunk->set_path(file.generic_string());
+      chunk->set_offset(offset);
+      chunk->set_data(buffer.data(), static_cast<size_t>(want));
+      offset += want;
+      if (offset == file_size) {
+        chunk->set_last_chunk_of_file(true);
+        chunk->set_sha256(hash.hex_digest());
+      }
+      if (!channel_.send(std::move(message), generation)) return false;
+      std::lock_guard lock(mutex_);
+      bytes_sent_ += want;
+    } while (offset < file_size);
+  }
+  lomo::v1::WorkerMessage commit;
+  auto* chunk = commit.mutable_checkpoint_chunk();
+  chunk->set_job_id(job_id_);
+  chunk->set_attempt(attempt_);
+  chunk->set_step(target.step);
+  chunk->set_commit(true);
+  if (!channel_.send(std::move(commit), generation)) return false;
+  *total_bytes = size;
+  return true;
+}
+
+std::optional<lomo::v1::CheckpointAck> CheckpointUploader::wait_ack(int64_t step,
+                                                                    uint64_t generation,
+                                                                    Clock::time_point until) {
+  std::unique_lock lock(mutex_);
+  while (true) {
+    const auto it = acks_.find(step);
+    if (it != acks_.end()) {
+      lomo::v1::CheckpointAck ack = it->second;
+      acks_.erase(it);
+      return ack;
+    }
+    if (abandoned_ || Clock::now() >= until) return std::nullopt;
+    lock.unlock();
+    const bool same_connection = channel_.generation() == generation;
+    lock.lock();
+    if (!same_connection) return std::nullopt;
+    changed_.wait_for(lock, std::chrono::milliseconds(200));
+  }
+}
+
+}  // namespace lomo::daemon

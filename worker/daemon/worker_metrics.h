@@ -1,0 +1,63 @@
+// The worker's Prometheus metrics (DESIGN.md, "Observability"): prefix lomo_, base units, counters
+// ending in _total, no per-job or per-step labels. Served on --metrics-listen at /metrics.
+#pragma once
+
+#include <prometheus/counter.h>
+#include <prometheus/exposer.h>
+#include <prometheus/family.h>
+#include <prometheus/gauge.h>
+#include <prometheus/histogram.h>
+#include <prometheus/registry.h>
+
+#include <map>
+#include <memory>
+#include <string>
+
+#include "lomo/v1/jobs.pb.h"
+
+namespace lomo::daemon {
+
+class WorkerMetrics {
+ public:
+  // `listen` ("127.0.0.1:9400", "0.0.0.0:0"): serve /metrics there; empty: keep the metrics
+  // without serving them. Throws std::runtime_error when the address cannot be bound.
+  explicit WorkerMetrics(const std::string& listen);
+
+  // The bound port (0 when not serving): "…:0" picks a free one.
+  int port() const;
+
+  void observe_step(const lomo::v1::TrainingMetrics& metrics, int64_t tokens_per_step);
+  void observe_eval(const lomo::v1::EvalResult& eval);
+  void job_started();
+  void job_finished(lomo::v1::JobState state);
+  void set_connected(bool connected);
+  void connection_established();
+  void checkpoint_bytes_uploaded(int64_t bytes);
+
+  // The text exposition format, as /metrics serves it.
+  std::string render() const;
+
+ private:
+  std::shared_ptr<prometheus::Registry> registry_;
+  std::unique_ptr<prometheus::Exposer> exposer_;
+
+  prometheus::Histogram* step_duration_;
+  prometheus::Counter* steps_;
+  prometheus::Counter* skipped_steps_;
+  prometheus::Counter* tokens_;
+  prometheus::Gauge* loss_;
+  prometheus::Gauge* learning_rate_;
+  prometheus::Gauge* loss_scale_;
+  prometheus::Gauge* grad_norm_;
+  prometheus::Gauge* tokens_per_second_;
+  prometheus::Gauge* eval_loss_;
+  prometheus::Family<prometheus::Gauge>* memory_peak_family_;
+  std::map<std::string, prometheus::Gauge*> memory_peak_;
+  prometheus::Gauge* busy_;
+  prometheus::Family<prometheus::Counter>* jobs_family_;
+  prometheus::Gauge* connected_;
+  prometheus::Counter* connections_;
+  prometheus::Counter* checkpoint_bytes_;
+};
+
+}  // namespace lomo::daemon

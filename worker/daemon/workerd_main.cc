@@ -1,0 +1,10 @@
+// lomo-workerd: the worker daemon. Started as `lomo-worker serve ...` (which executes this file
+// with --trainer naming itself); see serve.h for the options.
+#include <string>
+#include <vector>
+
+#include "worker/daemon/serve.h"
+
+int main(int argc, char** argv) {
+  return lomo::daemon::serve_command(std::vector<std::string>(argv + 1, argv + argc));
+}
