@@ -87,9 +87,14 @@ int train_command(const std::vector<std::string>& args) {
     std::fflush(stdout);
   };
   hooks.on_eval = [](const lomo::EvalMetrics& m) {
-    std::printf("eval at step %lld: loss %.4f  perplexity %.2f  (%lld tokens)\n",
+    std::printf("eval at step %lld: loss %.4f  perplexity %.2f  (%lld tokens)",
                 static_cast<long long>(m.step), m.loss, m.perplexity,
                 static_cast<long long>(m.tokens));
+    if (m.accuracy) {
+      std::printf("  accuracy %.3f (%lld examples)", *m.accuracy,
+                  static_cast<long long>(m.examples));
+    }
+    std::printf("\n");
   };
   std::printf("job %s: %s on %s, output %s\n", spec.name.empty() ? args[0].c_str() : spec.name.c_str(),
               spec.optimizer.name.c_str(), spec.model.path.c_str(), spec.output.dir.c_str());
