@@ -26,6 +26,7 @@
 #include "worker/data/sample_loader.h"
 #include "worker/data/sentencepiece_tokenizer.h"
 #include "worker/data/tokenizer.h"
+#include "worker/engine/counter_hash.h"
 #include "worker/train/token_dataset.h"
 
 namespace {
@@ -48,20 +49,7 @@ struct Args {
 };
 
 // splitmix64, so that the files are the same on every platform.
-class Rng {
- public:
-  explicit Rng(uint64_t seed) : state_(seed) {}
-  uint64_t next() {
-    uint64_t x = (state_ += 0x9e3779b97f4a7c15ull);
-    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-    return x ^ (x >> 31);
-  }
-  size_t below(size_t bound) { return static_cast<size_t>(next() % bound); }
-
- private:
-  uint64_t state_;
-};
+using Rng = lomo::SplitMix64;
 
 // Prose of `words` words: mostly English, some numbers, other scripts, line breaks.
 std::string prose(Rng& rng, size_t words) {

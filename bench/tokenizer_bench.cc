@@ -21,6 +21,7 @@
 
 #include "worker/data/sentencepiece_tokenizer.h"
 #include "worker/data/tokenizer.h"
+#include "worker/engine/counter_hash.h"
 
 namespace {
 
@@ -34,20 +35,7 @@ struct Args {
 };
 
 // splitmix64, so that the text is the same on every platform.
-class Rng {
- public:
-  explicit Rng(uint64_t seed) : state_(seed) {}
-  uint64_t next() {
-    uint64_t x = (state_ += 0x9e3779b97f4a7c15ull);
-    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-    return x ^ (x >> 31);
-  }
-  size_t below(size_t bound) { return static_cast<size_t>(next() % bound); }
-
- private:
-  uint64_t state_;
-};
+using Rng = lomo::SplitMix64;
 
 // Documents of 1-8 KB: mostly English words with punctuation, some numbers, some words in other
 // scripts, some code lines with indentation.

@@ -19,6 +19,8 @@
 #include <string_view>
 #include <vector>
 
+#include "worker/engine/counter_hash.h"
+
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size);
 
 namespace {
@@ -36,21 +38,7 @@ struct Options {
 
 // splitmix64: tiny, and identical on every platform and standard library (unlike <random>'s
 // distributions), so a mutation number names the same input everywhere.
-class Rng {
- public:
-  explicit Rng(uint64_t seed) : state_(seed) {}
-  uint64_t next() {
-    uint64_t x = (state_ += 0x9e3779b97f4a7c15ull);
-    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-    return x ^ (x >> 31);
-  }
-  // Uniform enough in [0, bound) for mutation choices; bound must be positive.
-  size_t below(size_t bound) { return static_cast<size_t>(next() % bound); }
-
- private:
-  uint64_t state_;
-};
+using Rng = lomo::SplitMix64;
 
 // Bytes that steer text parsers to their boundaries: JSON structure, digits, signs, NUL, 0xff.
 constexpr uint8_t kInterestingBytes[] = {'{', '}', '[', ']', '"',  ',', ':', '-',  '.',  'e',

@@ -3,6 +3,7 @@
 // shuffling and stochastic rounding repeat exactly in a resumed run.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 namespace lomo {
@@ -13,5 +14,22 @@ inline uint64_t mix_bits(uint64_t x) {
   x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
   return x ^ (x >> 31);
 }
+
+// A sequential generator over the same hash (splitmix64): for tests, fuzz drivers and benchmarks
+// that need a cheap, seedable, platform-independent stream.
+class SplitMix64 {
+ public:
+  explicit SplitMix64(uint64_t seed) : state_(seed) {}
+  uint64_t next() {
+    const uint64_t counter = state_;
+    state_ += 0x9e3779b97f4a7c15ull;
+    return mix_bits(counter);
+  }
+  // Uniform enough in [0, bound) for test data and mutation choices; bound must be positive.
+  size_t below(size_t bound) { return static_cast<size_t>(next() % bound); }
+
+ private:
+  uint64_t state_;
+};
 
 }  // namespace lomo
