@@ -292,15 +292,27 @@ class DownloadReactor final : public StreamReactor<v1::DownloadCheckpointRespons
 
 }  // namespace
 
+grpc::ServerUnaryReactor* JobServiceImpl::finish_now(const grpc::Status& status) {
+  grpc::ServerUnaryReactor* reactor = new CountedUnaryReactor(in_flight_);
+  reactor->Finish(status);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* JobServiceImpl::finish_on_executor(
+    std::function<void(std::function<void(const grpc::Status&)>)> write) {
+  grpc::ServerUnaryReactor* reactor = new CountedUnaryReactor(in_flight_);
+  executor_.post([write = std::move(write), reactor] {
+    write([reactor](const grpc::Status& status) { reactor->Finish(status); });
+  });
+  return reactor;
+}
+
 grpc::ServerUnaryReactor* JobServiceImpl::SubmitJob(grpc::CallbackServerContext* /*context*/,
                                                     const v1::SubmitJobRequest* request,
                                                     v1::SubmitJobResponse* response) {
-  grpc::ServerUnaryReactor* reactor = new CountedUnaryReactor(in_flight_);
-  executor_.post([this, request, response, reactor] {
-    coordinator_.submit_job(*request, response,
-                            [reactor](const grpc::Status& status) { reactor->Finish(status); });
+  return finish_on_executor([this, request, response](auto done) {
+    coordinator_.submit_job(*request, response, std::move(done));
   });
-  return reactor;
 }
 
 // Reads run on gRPC's thread: they use the store's reader connections, never wait for a writer,
@@ -308,36 +320,27 @@ grpc::ServerUnaryReactor* JobServiceImpl::SubmitJob(grpc::CallbackServerContext*
 grpc::ServerUnaryReactor* JobServiceImpl::GetJob(grpc::CallbackServerContext* /*context*/,
                                                  const v1::GetJobRequest* request,
                                                  v1::GetJobResponse* response) {
-  grpc::ServerUnaryReactor* reactor = new CountedUnaryReactor(in_flight_);
-  reactor->Finish(coordinator_.get_job(*request, response));
-  return reactor;
+  return finish_now(coordinator_.get_job(*request, response));
 }
 
 grpc::ServerUnaryReactor* JobServiceImpl::ListJobs(grpc::CallbackServerContext* /*context*/,
                                                    const v1::ListJobsRequest* request,
                                                    v1::ListJobsResponse* response) {
-  grpc::ServerUnaryReactor* reactor = new CountedUnaryReactor(in_flight_);
-  reactor->Finish(coordinator_.list_jobs(*request, response));
-  return reactor;
+  return finish_now(coordinator_.list_jobs(*request, response));
 }
 
 grpc::ServerUnaryReactor* JobServiceImpl::CancelJob(grpc::CallbackServerContext* /*context*/,
                                                     const v1::CancelJobRequest* request,
                                                     v1::CancelJobResponse* response) {
-  grpc::ServerUnaryReactor* reactor = new CountedUnaryReactor(in_flight_);
-  executor_.post([this, request, response, reactor] {
-    coordinator_.cancel_job(*request, response,
-                            [reactor](const grpc::Status& status) { reactor->Finish(status); });
+  return finish_on_executor([this, request, response](auto done) {
+    coordinator_.cancel_job(*request, response, std::move(done));
   });
-  return reactor;
 }
 
 grpc::ServerUnaryReactor* JobServiceImpl::ListCheckpoints(grpc::CallbackServerContext* /*context*/,
                                                           const v1::ListCheckpointsRequest* request,
                                                           v1::ListCheckpointsResponse* response) {
-  grpc::ServerUnaryReactor* reactor = new CountedUnaryReactor(in_flight_);
-  reactor->Finish(coordinator_.list_checkpoints(*request, response));
-  return reactor;
+  return finish_now(coordinator_.list_checkpoints(*request, response));
 }
 
 grpc::ServerWriteReactor<v1::WatchJobResponse>* JobServiceImpl::WatchJob(

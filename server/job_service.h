@@ -8,6 +8,8 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <functional>
+
 #include "lomo/v1/jobs.grpc.pb.h"
 #include "server/coordinator.h"
 #include "server/executor.h"
@@ -42,6 +44,12 @@ class JobServiceImpl final : public v1::JobService::CallbackService {
       grpc::CallbackServerContext* context, const v1::DownloadCheckpointRequest* request) override;
 
  private:
+  // Unary answers: reads finish at once on gRPC's thread; writes run on the executor and finish
+  // when the coordinator calls back.
+  grpc::ServerUnaryReactor* finish_now(const grpc::Status& status);
+  grpc::ServerUnaryReactor* finish_on_executor(
+      std::function<void(std::function<void(const grpc::Status&)>)> write);
+
   Coordinator& coordinator_;
   Executor& executor_;
   InFlight& in_flight_;

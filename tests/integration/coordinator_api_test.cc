@@ -55,17 +55,6 @@ class CoordinatorApiTest : public ::testing::Test {
     return response;
   }
 
-  grpc::Status cancel(const std::string& job_id, v1::Job* job) {
-    grpc::ClientContext context;
-    context.set_deadline(deadline_in(10));
-    v1::CancelJobRequest request;
-    request.set_job_id(job_id);
-    v1::CancelJobResponse response;
-    const grpc::Status status = jobs_->CancelJob(&context, request, &response);
-    if (job != nullptr) *job = response.job();
-    return status;
-  }
-
   static std::vector<std::string> ids(const v1::ListJobsResponse& response) {
     std::vector<std::string> out;
     for (const v1::Job& job : response.jobs()) out.push_back(job.id());
@@ -102,10 +91,10 @@ TEST_F(CoordinatorApiTest, SubmitGetListCancel) {
   EXPECT_TRUE(page2.next_page_token().empty());
 
   v1::Job cancelled;
-  ASSERT_TRUE(cancel(second.id(), &cancelled).ok());
+  ASSERT_TRUE(cancel(*jobs_, second.id(), &cancelled).ok());
   EXPECT_EQ(cancelled.state(), v1::JOB_STATE_CANCELLED);
   EXPECT_TRUE(cancelled.has_end_time());
-  ASSERT_TRUE(cancel(second.id(), &cancelled).ok()) << "cancelling twice is not an error";
+  ASSERT_TRUE(cancel(*jobs_, second.id(), &cancelled).ok()) << "cancelling twice is not an error";
 
   EXPECT_THAT(ids(list({v1::JOB_STATE_QUEUED}, 0, "")), ElementsAre(third.id(), first.id()));
   EXPECT_THAT(ids(list({v1::JOB_STATE_CANCELLED}, 0, "")), ElementsAre(second.id()));
@@ -126,7 +115,7 @@ TEST_F(CoordinatorApiTest, ErrorsAreStatusesWithContext) {
   EXPECT_EQ(status.error_code(), grpc::StatusCode::NOT_FOUND);
   EXPECT_THAT(status.error_message(), HasSubstr("job job-missing not found"));
   EXPECT_EQ(get(*jobs_, "", &job).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
-  EXPECT_EQ(cancel("job-missing", nullptr).error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(cancel(*jobs_, "job-missing", nullptr).error_code(), grpc::StatusCode::NOT_FOUND);
 
   list({}, 10, "garbage", &status);
   EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);

@@ -400,6 +400,17 @@ grpc::Status get(v1::JobService::Stub& jobs, const std::string& job_id, v1::Job*
   return status;
 }
 
+grpc::Status cancel(v1::JobService::Stub& jobs, const std::string& job_id, v1::Job* job) {
+  grpc::ClientContext context;
+  context.set_deadline(deadline_in(10));
+  v1::CancelJobRequest request;
+  request.set_job_id(job_id);
+  v1::CancelJobResponse response;
+  const grpc::Status status = jobs.CancelJob(&context, request, &response);
+  if (job != nullptr) *job = response.job();
+  return status;
+}
+
 std::vector<v1::JobEvent> all_events(v1::JobService::Stub& jobs, const std::string& job_id) {
   grpc::ClientContext context;
   context.set_deadline(deadline_in(10));

@@ -158,6 +158,7 @@ v1::SubmitJobRequest submit_request(const std::string& name = "", int64_t priori
 // Unary JobService calls with a 10 s deadline.
 grpc::Status submit(v1::JobService::Stub& jobs, const v1::SubmitJobRequest& request, v1::Job* job);
 grpc::Status get(v1::JobService::Stub& jobs, const std::string& job_id, v1::Job* job);
+grpc::Status cancel(v1::JobService::Stub& jobs, const std::string& job_id, v1::Job* job);
 // Every event of a job (WatchJob without follow), oldest first.
 std::vector<v1::JobEvent> all_events(v1::JobService::Stub& jobs, const std::string& job_id);
 // Polls GetJob until the job reaches `state` or `timeout` passes; returns the last job seen.

@@ -78,17 +78,6 @@ class CoordinatorWorkerTest : public ::testing::Test {
     return reader->Finish();
   }
 
-  grpc::Status cancel(const std::string& job_id, v1::Job* job) {
-    grpc::ClientContext context;
-    context.set_deadline(deadline_in(10));
-    v1::CancelJobRequest request;
-    request.set_job_id(job_id);
-    v1::CancelJobResponse response;
-    const grpc::Status status = jobs_->CancelJob(&context, request, &response);
-    if (job != nullptr) *job = response.job();
-    return status;
-  }
-
   TempDir dir_;
   std::unique_ptr<CoordinatorProcess> coordinator_;
   std::unique_ptr<v1::JobService::Stub> jobs_;
@@ -189,7 +178,7 @@ TEST_F(CoordinatorWorkerTest, AssignmentEventsCheckpointsAndSuccess) {
                                             "JOB_STATE_RUNNING", "metrics", "log", "metrics", "log",
                                             "checkpoint", "JOB_STATE_SUCCEEDED"));
 
-  const grpc::Status too_late = cancel(submitted.id(), nullptr);
+  const grpc::Status too_late = cancel(*jobs_, submitted.id(), nullptr);
   EXPECT_EQ(too_late.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
   EXPECT_THAT(too_late.error_message(), HasSubstr("has already ended: SUCCEEDED"));
 
@@ -279,7 +268,7 @@ TEST_F(CoordinatorWorkerTest, CancellationReachesTheWorker) {
 
   v1::Job job;
   const auto requested = Clock::now();
-  ASSERT_TRUE(cancel(submitted.id(), &job).ok());
+  ASSERT_TRUE(cancel(*jobs_, submitted.id(), &job).ok());
   EXPECT_EQ(job.state(), v1::JOB_STATE_RUNNING) << "until the worker confirms";
   const auto message = w->next_of(v1::CoordinatorMessage::kCancel, seconds(2));
   ASSERT_TRUE(message.has_value());
@@ -299,7 +288,7 @@ TEST_F(CoordinatorWorkerTest, ACancelledJobWhoseWorkerDiesIsCancelled) {
   const v1::Job submitted = submit_ok("cancel-then-die");
   auto w = worker("w-dies");
   ASSERT_TRUE(w->next_assignment(seconds(5)).has_value());
-  ASSERT_TRUE(cancel(submitted.id(), nullptr).ok());
+  ASSERT_TRUE(cancel(*jobs_, submitted.id(), nullptr).ok());
   ASSERT_TRUE(w->next_of(v1::CoordinatorMessage::kCancel, seconds(2)).has_value());
   w->disconnect();
   const v1::Job job = wait_for_state(*jobs_, submitted.id(), v1::JOB_STATE_CANCELLED, seconds(10));
