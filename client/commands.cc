@@ -7,7 +7,7 @@
 #include "client/render.h"
 #include "client/spec_struct.h"
 #include "client/watch.h"
-#include "worker/spec/job_spec.h"
+#include "jobspec/job_spec.h"
 
 namespace lomo::client {
 namespace {

@@ -15,7 +15,7 @@
 #include <vector>
 
 #include "client/config.h"
-#include "client/lomo_client.h"
+#include "apiclient/lomo_client.h"
 
 namespace lomo::client {
 

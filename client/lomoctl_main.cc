@@ -16,7 +16,7 @@
 
 #include "client/commands.h"
 #include "client/render.h"
-#include "worker/spec/job_spec.h"
+#include "jobspec/job_spec.h"
 
 namespace {
 

@@ -6,7 +6,7 @@
 
 #include <string>
 
-#include "worker/spec/job_spec.h"
+#include "jobspec/job_spec.h"
 
 namespace lomo::client {
 

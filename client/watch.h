@@ -6,7 +6,7 @@
 #include <ostream>
 #include <string>
 
-#include "client/lomo_client.h"
+#include "apiclient/lomo_client.h"
 
 namespace lomo::client {
 

@@ -10,7 +10,7 @@
 
 #include "server/log.h"
 #include "server/timestamps.h"
-#include "worker/spec/job_spec.h"
+#include "jobspec/job_spec.h"
 
 namespace lomo::server {
 

@@ -9,7 +9,7 @@
 //   lomo-worker serve --coordinator HOST:PORT [--device cpu|N] [--work-dir DIR] ...
 //       The worker daemon: registers the device with the coordinator and runs each assignment as
 //       a `train` child process. It is the lomo-workerd executable beside this one
-//       (worker/daemon/), kept apart because gRPC's libprotobuf and libsentencepiece's bundled
+//       (daemon/), kept apart because gRPC's libprotobuf and libsentencepiece's bundled
 //       protobuf-lite crash when loaded into one process. SIGTERM stops it gracefully.
 #include <unistd.h>
 
@@ -24,7 +24,7 @@
 #include <vector>
 
 #include "worker/engine/checkpoint_io.h"
-#include "worker/spec/job_spec.h"
+#include "jobspec/job_spec.h"
 #include "worker/train/trainer.h"
 
 namespace {

@@ -10,7 +10,7 @@
 #include <thread>
 
 #include "client/local_mode.h"
-#include "client/lomo_client.h"
+#include "apiclient/lomo_client.h"
 #include "tests/integration/test_support.h"
 #include "worker/engine/checkpoint_io.h"
 

@@ -13,7 +13,7 @@
 #include <thread>
 
 #include "client/spec_struct.h"
-#include "worker/spec/job_spec.h"
+#include "jobspec/job_spec.h"
 
 namespace lomo::testing {
 

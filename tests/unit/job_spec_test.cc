@@ -1,4 +1,4 @@
-#include "worker/spec/job_spec.h"
+#include "jobspec/job_spec.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>

@@ -9,10 +9,10 @@
 #include "client/commands.h"
 #include "client/config.h"
 #include "client/local_mode.h"
-#include "client/lomo_client.h"
+#include "apiclient/lomo_client.h"
 #include "client/render.h"
 #include "client/spec_struct.h"
-#include "worker/spec/job_spec.h"
+#include "jobspec/job_spec.h"
 
 namespace lomo::client {
 namespace {

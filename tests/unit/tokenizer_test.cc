@@ -235,7 +235,7 @@ class SentencePieceTest : public ::testing::Test {
  protected:
   void SetUp() override {
     ASSERT_TRUE(fs::exists(kLlama2Model))
-        << kLlama2Model << " is missing: the shared data directory belongs beside the clone";
+        << kLlama2Model << " is missing from the repository (tests/data/llama2_tokenizer)";
     tokenizer_ = SentencePieceTokenizer::load(kLlama2Model);
   }
   std::unique_ptr<SentencePieceTokenizer> tokenizer_;

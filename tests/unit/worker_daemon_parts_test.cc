@@ -1,4 +1,4 @@
-// The worker daemon's pieces on their own (worker/daemon/): backoff, outbox, metrics.jsonl tail,
+// The worker daemon's pieces on their own (daemon/): backoff, outbox, metrics.jsonl tail,
 // device description, attempt directories, the spec of an assignment, the checkpoint uploader.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -10,14 +10,14 @@
 #include <thread>
 
 #include "common/sha256.h"
-#include "worker/daemon/assignment_spec.h"
-#include "worker/daemon/backoff.h"
-#include "worker/daemon/checkpoint_uploader.h"
-#include "worker/daemon/device_info.h"
-#include "worker/daemon/job_runner.h"
-#include "worker/daemon/metrics_tail.h"
-#include "worker/daemon/outbox.h"
-#include "worker/daemon/worker_metrics.h"
+#include "daemon/assignment_spec.h"
+#include "daemon/backoff.h"
+#include "daemon/checkpoint_uploader.h"
+#include "daemon/device_info.h"
+#include "daemon/job_runner.h"
+#include "daemon/metrics_tail.h"
+#include "daemon/outbox.h"
+#include "daemon/worker_metrics.h"
 
 namespace lomo::daemon {
 namespace {

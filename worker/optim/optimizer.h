@@ -14,7 +14,7 @@
 #include <string>
 
 #include "worker/engine/llama_model.h"
-#include "worker/optim/communicator.h"
+#include "worker/comm/communicator.h"
 #include "worker/optim/loss_scaler.h"
 
 namespace lomo {

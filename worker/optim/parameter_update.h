@@ -9,7 +9,7 @@
 
 #include "worker/engine/counter_hash.h"
 #include "worker/engine/llama_weights.h"
-#include "worker/optim/communicator.h"
+#include "worker/comm/communicator.h"
 
 namespace lomo {
 

@@ -11,7 +11,7 @@
 #include <string>
 
 #include "worker/engine/memory.h"
-#include "worker/spec/job_spec.h"
+#include "jobspec/job_spec.h"
 
 namespace lomo {
 

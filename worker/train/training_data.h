@@ -12,7 +12,7 @@
 #include "worker/data/sample_loader.h"
 #include "worker/data/tokenizer.h"
 #include "worker/engine/llama_config.h"
-#include "worker/spec/job_spec.h"
+#include "jobspec/job_spec.h"
 #include "worker/train/token_dataset.h"
 
 namespace lomo {

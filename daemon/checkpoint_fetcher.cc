@@ -1,11 +1,11 @@
-#include "worker/daemon/checkpoint_fetcher.h"
+#include "daemon/checkpoint_fetcher.h"
 
 #include <algorithm>
 #include <cstdio>
 #include <fstream>
 
-#include "client/lomo_client.h"
-#include "worker/daemon/log.h"
+#include "apiclient/lomo_client.h"
+#include "daemon/log.h"
 
 namespace lomo::daemon {
 

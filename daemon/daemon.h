@@ -11,12 +11,12 @@
 #include <mutex>
 #include <string>
 
-#include "worker/daemon/checkpoint_fetcher.h"
-#include "worker/daemon/device_info.h"
-#include "worker/daemon/job_runner.h"
-#include "worker/daemon/outbox.h"
-#include "worker/daemon/session.h"
-#include "worker/daemon/worker_metrics.h"
+#include "daemon/checkpoint_fetcher.h"
+#include "daemon/device_info.h"
+#include "daemon/job_runner.h"
+#include "daemon/outbox.h"
+#include "daemon/session.h"
+#include "daemon/worker_metrics.h"
 
 namespace lomo::daemon {
 

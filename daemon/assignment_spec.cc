@@ -1,4 +1,4 @@
-#include "worker/daemon/assignment_spec.h"
+#include "daemon/assignment_spec.h"
 
 #include <google/protobuf/util/json_util.h>
 

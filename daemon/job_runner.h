@@ -17,7 +17,7 @@
 #include <vector>
 
 #include "lomo/v1/workers.pb.h"
-#include "worker/daemon/checkpoint_uploader.h"
+#include "daemon/checkpoint_uploader.h"
 
 namespace lomo::daemon {
 

@@ -1,4 +1,4 @@
-#include "worker/spec/job_spec.h"
+#include "jobspec/job_spec.h"
 
 #include <yaml-cpp/depthguard.h>
 #include <yaml-cpp/eventhandler.h>

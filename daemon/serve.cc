@@ -1,4 +1,4 @@
-#include "worker/daemon/serve.h"
+#include "daemon/serve.h"
 
 #include <signal.h>
 #include <unistd.h>
@@ -10,7 +10,7 @@
 #include <thread>
 
 #include "common/stop_signals.h"
-#include "worker/daemon/daemon.h"
+#include "daemon/daemon.h"
 
 namespace lomo::daemon {
 namespace {

@@ -1,4 +1,4 @@
-#include "worker/daemon/device_info.h"
+#include "daemon/device_info.h"
 
 #include <fstream>
 #include <sstream>

@@ -1,4 +1,4 @@
-#include "client/lomo_client.h"
+#include "apiclient/lomo_client.h"
 
 #include <algorithm>
 #include <cerrno>

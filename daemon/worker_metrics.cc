@@ -1,4 +1,4 @@
-#include "worker/daemon/worker_metrics.h"
+#include "daemon/worker_metrics.h"
 
 #include <prometheus/text_serializer.h>
 

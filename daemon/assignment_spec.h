@@ -8,7 +8,7 @@
 #include <filesystem>
 #include <string>
 
-#include "worker/spec/job_spec.h"
+#include "jobspec/job_spec.h"
 
 namespace lomo::daemon {
 

@@ -1,4 +1,4 @@
-#include "worker/daemon/outbox.h"
+#include "daemon/outbox.h"
 
 #include <string>
 

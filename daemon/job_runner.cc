@@ -1,4 +1,4 @@
-#include "worker/daemon/job_runner.h"
+#include "daemon/job_runner.h"
 
 #include <google/protobuf/util/time_util.h>
 #include <poll.h>
@@ -8,9 +8,9 @@
 #include <regex>
 
 #include "common/child_process.h"
-#include "worker/daemon/assignment_spec.h"
-#include "worker/daemon/log.h"
-#include "worker/daemon/metrics_tail.h"
+#include "daemon/assignment_spec.h"
+#include "daemon/log.h"
+#include "daemon/metrics_tail.h"
 
 namespace lomo::daemon {
 namespace {

@@ -1,4 +1,4 @@
-#include "worker/daemon/checkpoint_uploader.h"
+#include "daemon/checkpoint_uploader.h"
 
 #include <algorithm>
 #include <cerrno>
@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "common/sha256.h"
-#include "worker/daemon/log.h"
+#include "daemon/log.h"
 
 namespace lomo::daemon {
 namespace {

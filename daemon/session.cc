@@ -1,9 +1,9 @@
-#include "worker/daemon/session.h"
+#include "daemon/session.h"
 
 #include <algorithm>
 
-#include "worker/daemon/backoff.h"
-#include "worker/daemon/log.h"
+#include "daemon/backoff.h"
+#include "daemon/log.h"
 
 namespace lomo::daemon {
 namespace {

@@ -1,4 +1,4 @@
-#include "worker/daemon/metrics_tail.h"
+#include "daemon/metrics_tail.h"
 
 #include <fcntl.h>
 #include <sys/stat.h>

@@ -1,4 +1,4 @@
-#include "worker/daemon/backoff.h"
+#include "daemon/backoff.h"
 
 #include <algorithm>
 

@@ -3,7 +3,7 @@
 #include <string>
 #include <vector>
 
-#include "worker/daemon/serve.h"
+#include "daemon/serve.h"
 
 int main(int argc, char** argv) {
   return lomo::daemon::serve_command(std::vector<std::string>(argv + 1, argv + argc));

@@ -5,7 +5,7 @@
 #include <chrono>
 #include <string>
 
-#include "worker/daemon/job_runner.h"
+#include "daemon/job_runner.h"
 
 namespace lomo::daemon {
 

@@ -1,6 +1,6 @@
-#include "worker/daemon/daemon.h"
+#include "daemon/daemon.h"
 
-#include "worker/daemon/log.h"
+#include "daemon/log.h"
 
 namespace lomo::daemon {
 namespace {

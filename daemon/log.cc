@@ -1,4 +1,4 @@
-#include "worker/daemon/log.h"
+#include "daemon/log.h"
 
 #include <chrono>
 #include <cstdio>

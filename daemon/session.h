@@ -16,7 +16,7 @@
 #include <thread>
 
 #include "lomo/v1/workers.grpc.pb.h"
-#include "worker/daemon/outbox.h"
+#include "daemon/outbox.h"
 
 namespace lomo::daemon {
 
