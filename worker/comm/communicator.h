@@ -1,29 +1,97 @@
-// Collectives between the data-parallel ranks of one job. Every gradient is averaged across ranks
-// inside the sink before it is used, and the global norm is summed, so replicas never diverge
-// (DESIGN.md, "The LOMO step", item 6). LocalCommunicator is the single-process case.
+// Collectives between the data-parallel ranks of one job attempt: the contract every
+// implementation (single process, in-process threads for tests, Gloo on CPU, NCCL on GPU) keeps.
+//
+// Why it exists: every gradient is averaged across ranks inside the gradient sink before it is
+// used, and the global norm is summed, so replicas never diverge (DESIGN.md, "The LOMO step",
+// item 6). Why it is asynchronous: a later issue reduces tensor i while backward computes tensor
+// i+1. Why it has a timeout: a dead peer must end the attempt with an error naming it, never hang it.
+//
+// Contract (tests/unit/communicator_contract_test.cc holds every implementation to it):
+// - Collectives are issued in the same order on every rank. Each returns a CollectiveWork; the
+//   buffers belong to the collective until wait() returns. Works complete in issue order.
+// - `data` points to memory of the communicator's device (host memory for CPU implementations).
+// - wait() returns when the result is in place, or throws CommunicatorError naming the operation
+//   and the peer (when known) if the collective failed or did not finish within the timeout. After
+//   an error the communicator is broken: every later call throws CommunicatorError at once.
+// - Results are identical on every rank (bit for bit): ranks never diverge by reduction order.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
+#include <memory>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <string_view>
 
 namespace lomo {
+
+enum class CommDType : uint8_t { kF32, kF64, kI64 };
+size_t comm_dtype_size(CommDType dtype);
+std::string_view comm_dtype_name(CommDType dtype);
+
+enum class ReduceOp : uint8_t { kSum, kMean };  // kMean: the sum divided by world_size
+
+// A collective that failed or timed out. op: e.g. "all_reduce"; peer: the rank that failed or did
+// not answer, when the implementation knows it.
+class CommunicatorError : public std::runtime_error {
+ public:
+  CommunicatorError(std::string op, std::optional<int> peer, const std::string& detail);
+  const std::string& op() const { return op_; }
+  std::optional<int> peer() const { return peer_; }
+
+ private:
+  std::string op_;
+  std::optional<int> peer_;
+};
+
+// The handle of one issued collective.
+class CollectiveWork {
+ public:
+  virtual ~CollectiveWork() = default;
+  // Blocks until the collective is complete; throws CommunicatorError (see the contract above).
+  virtual void wait() = 0;
+  // True once wait() would return or throw without blocking.
+  virtual bool is_done() const = 0;
+};
 
 class Communicator {
  public:
   virtual ~Communicator() = default;
   virtual int world_size() const = 0;
   virtual int rank() const = 0;
-  // In place: every rank ends with the element-wise mean over ranks.
-  virtual void all_reduce_mean(float* values, int64_t count) = 0;
-  // In place: every rank ends with the element-wise sum over ranks.
-  virtual void all_reduce_sum(double* values, int64_t count) = 0;
-};
+  // The longest any collective may take before it fails with CommunicatorError.
+  virtual std::chrono::milliseconds timeout() const = 0;
 
-class LocalCommunicator final : public Communicator {
- public:
-  int world_size() const override { return 1; }
-  int rank() const override { return 0; }
-  void all_reduce_mean(float*, int64_t) override {}
-  void all_reduce_sum(double*, int64_t) override {}
+  // In place: every rank ends with op over the ranks' `count` elements.
+  virtual std::unique_ptr<CollectiveWork> all_reduce_async(void* data, int64_t count,
+                                                           CommDType dtype, ReduceOp op) = 0;
+  // root's `bytes` bytes are copied into every rank's `data`.
+  virtual std::unique_ptr<CollectiveWork> broadcast_async(void* data, int64_t bytes, int root) = 0;
+  // Small values: rank r's `bytes_per_rank` bytes from `send` land at recv + r·bytes_per_rank on
+  // every rank. `recv` holds world_size·bytes_per_rank bytes.
+  virtual std::unique_ptr<CollectiveWork> all_gather_async(const void* send, void* recv,
+                                                           int64_t bytes_per_rank) = 0;
+  // Returns when every rank has entered the barrier (or throws).
+  virtual void barrier() = 0;
+
+  // Blocking forms.
+  void all_reduce(void* data, int64_t count, CommDType dtype, ReduceOp op) {
+    all_reduce_async(data, count, dtype, op)->wait();
+  }
+  void all_reduce(float* data, int64_t count, ReduceOp op) {
+    all_reduce(data, count, CommDType::kF32, op);
+  }
+  void all_reduce(double* data, int64_t count, ReduceOp op) {
+    all_reduce(data, count, CommDType::kF64, op);
+  }
+  void all_reduce(int64_t* data, int64_t count, ReduceOp op) {
+    all_reduce(data, count, CommDType::kI64, op);
+  }
+  void broadcast(void* data, int64_t bytes, int root) { broadcast_async(data, bytes, root)->wait(); }
+  void all_gather(const void* send, void* recv, int64_t bytes_per_rank) {
+    all_gather_async(send, recv, bytes_per_rank)->wait();
+  }
 };
 
 }  // namespace lomo

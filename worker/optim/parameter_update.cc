@@ -22,7 +22,7 @@ double prepare_gradient_for_norm(const Parameter& parameter, float* gradient,
   round_gradient_to_storage_dtype(parameter, gradient);
   const int64_t count = parameter.numel();
   if (preparation.communicator != nullptr) {
-    preparation.communicator->all_reduce_mean(gradient, count);
+    preparation.communicator->all_reduce(gradient, count, ReduceOp::kMean);
   }
   const float unscale = preparation.inverse_loss_scale;
   return cpu::parallel_sum(count, [&](int64_t i) {

@@ -12,6 +12,7 @@
 
 #include "worker/engine/atomic_file.h"
 #include "worker/engine/checkpoint_io.h"
+#include "worker/comm/local_communicator.h"
 #include "worker/engine/llama_model.h"
 #include "worker/optim/lr_schedule.h"
 #include "worker/optim/optimizer.h"
