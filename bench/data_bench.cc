@@ -26,7 +26,7 @@
 #include "worker/data/sample_loader.h"
 #include "worker/data/sentencepiece_tokenizer.h"
 #include "worker/data/tokenizer.h"
-#include "worker/engine/counter_hash.h"
+#include "kernels/counter_hash.h"
 #include "worker/train/token_dataset.h"
 
 namespace {

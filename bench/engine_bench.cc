@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "bench/reference_workload.h"
-#include "kernels/cpu/matmul.h"
+#include "kernels/backend.h"
 #include "worker/engine/llama_model.h"
 
 namespace {
@@ -28,10 +28,11 @@ double seconds_since(Clock::time_point start) {
 double sgemm_gflops(int64_t m, int64_t n, int64_t k) {
   std::vector<float> x(static_cast<size_t>(m * k), 0.5f), w(static_cast<size_t>(n * k), 0.25f),
       y(static_cast<size_t>(m * n));
+  lomo::Backend& backend = lomo::backend_for(lomo::Device::cpu());
   double best = 0.0;
   for (int repeat = 0; repeat < 5; ++repeat) {
     const auto start = Clock::now();
-    lomo::cpu::matmul_forward(y.data(), x.data(), w.data(), m, n, k);
+    backend.matmul_forward(y.data(), x.data(), w.data(), m, n, k, /*accumulate=*/false);
     best = std::max(best, 2.0 * m * n * k / seconds_since(start) / 1e9);
   }
   return best;
@@ -40,7 +41,8 @@ double sgemm_gflops(int64_t m, int64_t n, int64_t k) {
 // Consumes each gradient the way a norm-only pass would, so no work is optimised away.
 class SquaredNormSink : public lomo::GradientSink {
  public:
-  void consume(lomo::Parameter& parameter, float* gradient) override {
+  void consume(lomo::Parameter& parameter, const lomo::TensorView& view) override {
+    const float* gradient = view.f32();
     double sum = 0.0;
     const int64_t n = parameter.numel();
 #pragma omp parallel for reduction(+ : sum) schedule(static)

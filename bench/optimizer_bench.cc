@@ -20,7 +20,9 @@ using Clock = std::chrono::steady_clock;
 
 class DiscardSink : public lomo::GradientSink {
  public:
-  void consume(lomo::Parameter&, float* gradient) override { checksum += gradient[0]; }
+  void consume(lomo::Parameter&, const lomo::TensorView& gradient) override {
+    checksum += gradient.f32()[0];
+  }
   float checksum = 0.0f;
 };
 

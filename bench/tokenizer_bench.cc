@@ -21,7 +21,7 @@
 
 #include "worker/data/sentencepiece_tokenizer.h"
 #include "worker/data/tokenizer.h"
-#include "worker/engine/counter_hash.h"
+#include "kernels/counter_hash.h"
 
 namespace {
 

@@ -4,15 +4,9 @@
 
 #include <cstdint>
 
-namespace lomo::cpu {
+#include "kernels/kernel_types.h"
 
-struct AttentionShape {
-  int64_t batch = 0;
-  int64_t seq_len = 0;
-  int64_t num_heads = 0;
-  int64_t num_kv_heads = 0;
-  int64_t head_dim = 0;
-};
+namespace lomo::cpu {
 
 // q, out: [batch·seq_len, num_heads·head_dim]; k, v: [batch·seq_len, num_kv_heads·head_dim].
 // probs: [batch, num_heads, seq_len, seq_len] receives the attention probabilities (zeros outside

@@ -4,9 +4,11 @@
 
 #include <cstdint>
 
+#include "kernels/kernel_types.h"
+
 namespace lomo::cpu {
 
-inline constexpr int32_t kIgnoreIndex = -100;
+using lomo::kIgnoreIndex;
 
 // logits [rows, vocab]; fills logsumexp [rows] (for the backward pass) and returns the sum of
 // −log softmax(logits)[target] over non-ignored rows, in double to keep long sums exact.

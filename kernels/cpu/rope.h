@@ -1,32 +1,11 @@
-// Rotary position embeddings in Hugging Face's rotate-half layout: within each head, element i is
-// paired with element i + head_dim/2 and the pair is rotated by position · inv_freq[i].
+// Rotary position embeddings on the CPU (tables: kernels/rope_table.h).
 #pragma once
 
 #include <cstdint>
-#include <vector>
+
+#include "kernels/rope_table.h"
 
 namespace lomo::cpu {
-
-// Llama 3 frequency scaling ("rope_scaling": {"rope_type": "llama3", ...}); factor 0 disables it.
-struct RopeFrequencyScaling {
-  double factor = 0.0;
-  double low_freq_factor = 1.0;
-  double high_freq_factor = 4.0;
-  double original_max_position_embeddings = 8192.0;
-};
-
-// inv_freq[i] = theta^(-2i/head_dim), i < head_dim/2, then Llama 3 scaling if enabled.
-std::vector<float> rope_inverse_frequencies(int64_t head_dim, double theta,
-                                            const RopeFrequencyScaling& scaling);
-
-// cos/sin of position·inv_freq for positions [0, max_position): [max_position, head_dim/2] each.
-struct RopeTable {
-  int64_t half_dim = 0;
-  int64_t max_position = 0;
-  std::vector<float> cos;
-  std::vector<float> sin;
-};
-RopeTable rope_table(const std::vector<float>& inverse_frequencies, int64_t max_position);
 
 // Rotates x [rows, num_heads, head_dim] in place; positions [rows] index the table.
 void rope_forward(float* x, const int32_t* positions, const RopeTable& table, int64_t rows,

@@ -1,4 +1,4 @@
-#include "worker/engine/dtype.h"
+#include "kernels/dtype.h"
 
 #include <gtest/gtest.h>
 

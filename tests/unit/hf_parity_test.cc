@@ -36,7 +36,8 @@ TokenBatch batch_from(const nlohmann::json& expected) {
 
 class GradientCapture : public GradientSink {
  public:
-  void consume(Parameter& parameter, float* gradient) override {
+  void consume(Parameter& parameter, const TensorView& view) override {
+    const float* gradient = view.f32();
     for (int64_t i = 0; i < parameter.numel(); ++i)
       norm_squared += double(gradient[i]) * gradient[i];
     first_values[parameter.name].assign(gradient,

@@ -68,8 +68,14 @@ TokenBatch tiny_batch(const Variant& v) { return tiny_batch(v.llama3_rope, v.pac
 class RecordingSink : public GradientSink {
  public:
   explicit RecordingSink(MemoryAccountant& accountant) : accountant_(accountant) {}
-  void consume(Parameter& parameter, float* gradient) override {
+  void consume(Parameter& parameter, const TensorView& view) override {
     EXPECT_EQ(gradients.count(parameter.name), 0u) << parameter.name << " delivered twice";
+    EXPECT_EQ(view.device, accountant_.device()) << parameter.name;
+    EXPECT_EQ(view.numel(), parameter.numel()) << parameter.name;
+    EXPECT_TRUE(std::equal(view.shape.begin(), view.shape.end(), parameter.shape.begin(),
+                           parameter.shape.end()))
+        << parameter.name;
+    const float* gradient = view.f32();
     gradients[parameter.name].assign(gradient, gradient + parameter.numel());
     order.push_back(parameter.name);
     peak_gradient_bytes =

@@ -2,6 +2,10 @@
 
 #include <gtest/gtest.h>
 
+#include <stdexcept>
+
+#include "kernels/backend.h"
+
 namespace lomo {
 namespace {
 
@@ -31,6 +35,27 @@ TEST(MemoryAccountant, ReportsAsJson) {
   Buffer b(accountant, MemoryKind::kWorkspace, 64);
   const std::string json = accountant.report().to_json();
   EXPECT_NE(json.find("\"workspace\":{\"current\":64,\"peak\":64}"), std::string::npos) << json;
+}
+
+TEST(MemoryAccountant, CountsOneDeviceWhoseBuffersLiveThere) {
+  MemoryAccountant host;  // the CPU unless told otherwise, so existing callers count host memory
+  EXPECT_EQ(host.device(), Device::cpu());
+  Buffer b(host, MemoryKind::kWorkspace, 64);
+  EXPECT_EQ(b.device(), Device::cpu());
+  EXPECT_EQ(host.report().device, Device::cpu());
+  // Per-device reports: a second device's accountant counts only its own buffers.
+  MemoryAccountant gpu(Device::cuda(0));
+  EXPECT_EQ(gpu.report().device, Device::cuda(0));
+  EXPECT_EQ(gpu.report().current_total_bytes, 0u);
+}
+
+TEST(MemoryAccountant, ABufferOnADeviceWithoutABackendIsRefusedAndNotCounted) {
+  bool has_cuda = false;
+  for (Device d : available_backends()) has_cuda |= d.type == DeviceType::kCuda;
+  if (has_cuda) GTEST_SKIP() << "this build has a CUDA backend";
+  MemoryAccountant gpu(Device::cuda(0));
+  EXPECT_THROW(Buffer(gpu, MemoryKind::kParameters, 64), std::invalid_argument);
+  EXPECT_EQ(gpu.report().peak_total_bytes, 0u);
 }
 
 }  // namespace

@@ -2,7 +2,9 @@
 #include "worker/optim/optimizer.h"
 
 #include <gtest/gtest.h>
+#include <unistd.h>
 
+#include <bit>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -10,12 +12,10 @@
 #include <string>
 #include <vector>
 
-#include <unistd.h>
-
+#include "kernels/counter_hash.h"
 #include "worker/engine/llama_model.h"
 #include "worker/optim/loss_scaler.h"
 #include "worker/optim/lr_schedule.h"
-#include "worker/optim/parameter_update.h"
 
 namespace lomo {
 namespace {
@@ -72,7 +72,9 @@ std::map<std::string, std::vector<float>> snapshot(const LlamaWeights& w) {
 
 class FullGradient : public GradientSink {
  public:
-  void consume(Parameter& p, float* g) override { grads[p.name].assign(g, g + p.numel()); }
+  void consume(Parameter& p, const TensorView& g) override {
+    grads[p.name].assign(g.f32(), g.f32() + p.numel());
+  }
   std::map<std::string, std::vector<float>> grads;
 };
 
@@ -271,6 +273,49 @@ TEST(AdaLomoOptimizer, MatchesAStraightforwardReferenceOverSeveralSteps) {
             static_cast<uint64_t>(state_floats) * 4);
 }
 
+TEST(AdamWOptimizer, MatchesAFloat64ReferenceOverSeveralSteps) {
+  Fixture materialized, reference;
+  OptimizerOptions options;
+  options.kind = OptimizerOptions::Kind::kAdamW;
+  options.weight_decay = 0.1;
+  auto adamw = make_optimizer(options, materialized.weights, materialized.accountant, nullptr);
+  const double lr = 1e-2;
+  // PyTorch's AdamW in float64: m, v, bias corrections, decoupled decay (norm weights exempt).
+  std::map<std::string, std::vector<double>> m, v;
+  for (int step = 1; step <= 3; ++step) {
+    materialized.model.forward(batch_for_step(step));
+    adamw->step(materialized.model, step, lr);
+    // The reference starts each step from the engine's weights, so the gradients are the same
+    // and fp32 rounding in the weights cannot compound across steps.
+    FullGradient full;
+    reference.model.forward(batch_for_step(step));
+    reference.model.backward(full);
+    for (Parameter& p : reference.weights.parameters()) {
+      const auto& g = full.grads[p.name];
+      auto& mp = m[p.name];
+      auto& vp = v[p.name];
+      mp.resize(g.size(), 0.0);
+      vp.resize(g.size(), 0.0);
+      const double keep = p.is_norm_weight ? 1.0 : 1.0 - lr * options.weight_decay;
+      float* w = p.storage.as<float>();
+      const std::vector<float> got = values_of(*materialized.weights.find(p.name));
+      for (size_t i = 0; i < g.size(); ++i) {
+        mp[i] = options.beta1 * mp[i] + (1 - options.beta1) * g[i];
+        vp[i] = options.beta2 * vp[i] + (1 - options.beta2) * double(g[i]) * g[i];
+        const double m_hat = mp[i] / (1 - std::pow(options.beta1, step));
+        const double v_hat = vp[i] / (1 - std::pow(options.beta2, step));
+        const double want = w[i] * keep - lr * m_hat / (std::sqrt(v_hat) + options.eps);
+        // fp32 weights (an ulp of |w| < 2 is ≤ 1.2e-7) and fp32 moments whose fp32 β₂ makes
+        // 1 − β₂ off by 1.3e-5 relative: the lr-sized step is off by ≤ ~1e-5·lr = 1e-7. 1e-6
+        // absolute is a few times both; a wrong rule (no bias correction, coupled decay) is off
+        // by at least 1e-4.
+        ASSERT_NEAR(got[i], want, 1e-6) << p.name << "[" << i << "] step " << step;
+        w[i] = got[i];
+      }
+    }
+  }
+}
+
 TEST(LossScaler, OverflowSkipsAndHalvesThenGrowsAfterTheWindow) {
   DynamicLossScaler scaler(
       {/*initial=*/1024.0, /*growth_interval=*/3, /*factor=*/2.0, /*min=*/256.0});
@@ -314,7 +359,11 @@ TEST(LossScaler, Fp16OverflowSkipsTheStepWithoutTouchingAnyWeight) {
 
 TEST(LomoOptimizer, NonFiniteGradientWithoutScalerStopsWithTheTensorName) {
   Fixture f;
+  // A NaN in the final norm makes every logit NaN: the first gradient backward delivers, the LM
+  // head's (the embeddings are not tied here), is the first non-finite one.
+  ASSERT_FALSE(f.weights.config().tie_word_embeddings);
   f.weights.final_norm().storage.as<float>()[0] = std::nanf("");
+  const auto before = snapshot(f.weights);
   OptimizerOptions options;
   auto lomo = make_optimizer(options, f.weights, f.accountant, nullptr);
   f.model.forward(batch_for_step(1));
@@ -322,7 +371,42 @@ TEST(LomoOptimizer, NonFiniteGradientWithoutScalerStopsWithTheTensorName) {
     lomo->step(f.model, 1, 0.01);
     FAIL() << "a NaN gradient was accepted";
   } catch (const NonFiniteGradientError& e) {
-    EXPECT_NE(std::string(e.what()).find("non-finite gradient in"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("non-finite gradient in lm_head.weight;"),
+              std::string::npos)
+        << e.what();
+  }
+  // The flag is read once after backward, but the update kernels saw it on the device: no
+  // parameter took a NaN step (they all come after the LM head in backward order).
+  for (const auto& [name, values] : before) {
+    const auto now = values_of(*f.weights.find(name));
+    for (size_t i = 0; i < now.size(); ++i) {
+      ASSERT_TRUE(std::memcmp(&now[i], &values[i], sizeof(float)) == 0) << name << "[" << i << "]";
+    }
+  }
+}
+
+TEST(SgdOptimizer, NonFiniteGradientStopsBeforeAnyUpdateAndNamesTheFirstTensor) {
+  Fixture f;
+  f.weights.final_norm().storage.as<float>()[0] = std::nanf("");
+  const auto before = snapshot(f.weights);
+  OptimizerOptions options;
+  options.kind = OptimizerOptions::Kind::kSgd;
+  auto sgd = make_optimizer(options, f.weights, f.accountant, nullptr);
+  f.model.forward(batch_for_step(1));
+  try {
+    sgd->step(f.model, 1, 0.01);
+    FAIL() << "a NaN gradient was accepted";
+  } catch (const NonFiniteGradientError& e) {
+    // Materialised gradients are checked in parameter order: the embedding comes first.
+    EXPECT_NE(std::string(e.what()).find("non-finite gradient in model.embed_tokens.weight;"),
+              std::string::npos)
+        << e.what();
+  }
+  for (const auto& [name, values] : before) {
+    const auto now = values_of(*f.weights.find(name));
+    for (size_t i = 0; i < now.size(); ++i) {
+      ASSERT_TRUE(std::memcmp(&now[i], &values[i], sizeof(float)) == 0) << name << "[" << i << "]";
+    }
   }
 }
 
@@ -336,9 +420,9 @@ TEST(OptimizerState, SavedAndRestoredStateContinuesBitIdentically) {
       a.model.forward(batch_for_step(step));
       first->step(a.model, step, 1e-2);
     }
-    const auto state = std::filesystem::path(::testing::TempDir()) /
-                       ("state_" + std::to_string(::getpid()) + "_" + optimizer_kind_name(kind) +
-                        ".safetensors");
+    const auto state =
+        std::filesystem::path(::testing::TempDir()) /
+        ("state_" + std::to_string(::getpid()) + "_" + optimizer_kind_name(kind) + ".safetensors");
     first->save_state(state);
     // b takes a's weights and optimizer state, then both take step 3.
     for (Parameter& p : b.weights.parameters()) {
@@ -371,8 +455,13 @@ TEST(StochasticRounding, RoundsUpWithProbabilityEqualToTheDiscardedFraction) {
     ASSERT_TRUE(rounded == 1.0f || rounded == 1.0f + 0x1p-7f) << rounded;
     up += rounded > 1.0f;
   }
-  // Binomial(20000, 0.3): standard deviation 0.0032; 0.015 is over four of them.
-  EXPECT_NEAR(up / double(draws), 0.3, 0.015);
+  // The discarded fraction is exactly the low 16 bits of the fp32 value over 2^16 (≈ 0.3). The
+  // count of round-ups is Binomial(draws, p): within 6 standard deviations of its mean (a false
+  // alarm once in 5·10^8 runs; a biased rounding, e.g. p = 0.25 or 0.5, is ≥ 15 deviations off).
+  const double p = (std::bit_cast<uint32_t>(value) & 0xffffu) / 65536.0;
+  EXPECT_NEAR(p, 0.3, 1e-4);
+  const double mean = draws * p, sigma = std::sqrt(draws * p * (1 - p));
+  EXPECT_NEAR(up, mean, 6 * sigma) << "p " << p;
   EXPECT_EQ(float_to_bf16_stochastic(-0.0f, 77), float_to_bf16(-0.0f));
   EXPECT_TRUE(std::isinf(bf16_to_float(float_to_bf16_stochastic(INFINITY, 0xffff))));
 }
@@ -391,10 +480,10 @@ TEST(StochasticRounding, Bf16UpdatesBelowHalfAnUlpAreNotAllLost) {
   plain->step(nearest.model, 1, lr);
   stochastic.model.forward(batch_for_step(1));
   random->step(stochastic.model, 1, lr);
-  // Weights above 0.5 in magnitude have a bf16 ulp of at least 2^-8; updates of lr·|g| < 2^-9 are
-  // lost by round-to-nearest but move a fraction of them under stochastic rounding.
+  // Updates below half a bf16 ulp are lost by round-to-nearest but move a fraction of the weights
+  // under stochastic rounding.
   int64_t eligible = 0, changed_nearest = 0, changed_stochastic = 0;
-  double expected_changes = 0.0;
+  double expected_changes = 0.0, variance = 0.0;
   FullGradient full;
   Fixture probe(DType::kBF16);
   probe.model.forward(batch_for_step(1));
@@ -403,17 +492,33 @@ TEST(StochasticRounding, Bf16UpdatesBelowHalfAnUlpAreNotAllLost) {
     const auto now = values_of(p), plain_now = values_of(*nearest.weights.find(p.name));
     const auto& old = before.at(p.name);
     for (size_t i = 0; i < now.size(); ++i) {
-      if (std::abs(old[i]) <= 0.5f || lr * std::abs(full.grads[p.name][i]) >= 0x1p-9) continue;
+      // The fp32 value the update kernel rounds: the gradient as bf16 storage holds it, then
+      // p·1 − lr·g (no weight decay). Eligible: round-to-nearest gives the old weight back (the
+      // update is below half an ulp). Stochastic rounding truncates the value to `down` or
+      // carries to the next bf16 away from zero with probability low16/2^16; the weight changes
+      // unless the outcome is its old value.
+      const float g = bf16_to_float(float_to_bf16(full.grads[p.name][i]));
+      const float value = old[i] * 1.0f - static_cast<float>(lr) * g;
+      if (float_to_bf16(value) != float_to_bf16(old[i]) || value == old[i]) continue;
       ++eligible;
-      expected_changes +=
-          lr * std::abs(full.grads[p.name][i]) / (std::abs(old[i]) >= 1.0f ? 0x1p-7 : 0x1p-8);
+      const uint32_t bits = std::bit_cast<uint32_t>(value);
+      const double up = (bits & 0xffffu) / 65536.0;
+      const uint16_t down = static_cast<uint16_t>(bits >> 16), old_bits = float_to_bf16(old[i]);
+      const double change = down == old_bits ? up : down + 1 == old_bits ? 1.0 - up : 1.0;
+      expected_changes += change;
+      variance += change * (1.0 - change);
       changed_nearest += plain_now[i] != old[i];
       changed_stochastic += now[i] != old[i];
     }
   }
   ASSERT_GT(eligible, 100);
   EXPECT_EQ(changed_nearest, 0);
-  EXPECT_GT(changed_stochastic, 0) << eligible << " eligible, " << expected_changes << " expected";
+  // Each eligible weight changes independently (a counter-based hash per element) with the
+  // probability above: the count is Poisson-binomial. Within 6 standard deviations of its mean;
+  // an update lost (count 0) or rounded to nearest is far outside.
+  EXPECT_NEAR(static_cast<double>(changed_stochastic), expected_changes, 6 * std::sqrt(variance))
+      << eligible << " eligible";
+  EXPECT_GT(expected_changes, 6 * std::sqrt(variance)) << "the bound must exclude a count of 0";
 }
 
 TEST(LrSchedule, WarmupThenDecay) {

@@ -6,7 +6,7 @@
 #include <cstdint>
 #include <filesystem>
 
-#include "worker/engine/dtype.h"
+#include "kernels/dtype.h"
 #include "worker/engine/llama_weights.h"
 #include "worker/engine/memory.h"
 #include "worker/engine/safetensors.h"

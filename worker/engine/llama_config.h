@@ -6,7 +6,7 @@
 #include <string>
 #include <string_view>
 
-#include "worker/engine/dtype.h"
+#include "kernels/dtype.h"
 
 namespace lomo {
 

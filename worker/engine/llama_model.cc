@@ -2,15 +2,9 @@
 
 #include <algorithm>
 #include <cstring>
+#include <span>
 #include <stdexcept>
 #include <string>
-
-#include "kernels/cpu/attention.h"
-#include "kernels/cpu/cross_entropy.h"
-#include "kernels/cpu/embedding.h"
-#include "kernels/cpu/matmul.h"
-#include "kernels/cpu/rmsnorm.h"
-#include "kernels/cpu/swiglu.h"
 
 namespace lomo {
 
@@ -51,7 +45,23 @@ float* f32(Buffer& buffer) { return buffer.as<float>(); }
 }  // namespace
 
 LlamaModel::LlamaModel(LlamaWeights& weights, MemoryAccountant& accountant, ModelOptions options)
-    : weights_(weights), accountant_(accountant), options_(options) {}
+    : LlamaModel(backend_for(accountant.device()), weights, accountant, options) {}
+
+LlamaModel::LlamaModel(Backend& backend, LlamaWeights& weights, MemoryAccountant& accountant,
+                       ModelOptions options)
+    : backend_(backend), weights_(weights), accountant_(accountant), options_(options) {
+  if (backend.device() != accountant.device()) {
+    throw std::invalid_argument("LlamaModel: backend on " + device_name(backend.device()) +
+                                ", memory accountant on " + device_name(accountant.device()));
+  }
+  for (const Parameter& p : weights.parameters()) {
+    if (!p.storage.empty() && p.storage.device() != backend.device()) {
+      throw std::invalid_argument("LlamaModel: " + p.name + " lives on " +
+                                  device_name(p.storage.device()) + ", the model computes on " +
+                                  device_name(backend.device()));
+    }
+  }
+}
 
 LlamaModel::~LlamaModel() = default;
 
@@ -61,8 +71,8 @@ const float* LlamaModel::weight_f32(const Parameter& parameter) {
     weight_scratch_ = float_buffer(accountant_, MemoryKind::kWorkspace,
                                    static_cast<size_t>(weights_.largest_parameter_numel()));
   }
-  convert_to_float(parameter.dtype, parameter.storage.data(), f32(weight_scratch_),
-                   static_cast<size_t>(parameter.numel()));
+  backend_.convert_to_f32(f32(weight_scratch_), parameter.storage.data(), parameter.dtype,
+                          parameter.numel());
   return f32(weight_scratch_);
 }
 
@@ -106,7 +116,7 @@ void LlamaModel::validate(const TokenBatch& batch) const {
                                   "] = " + std::to_string(id) + " is outside the vocabulary of " +
                                   std::to_string(config.vocab_size));
     }
-    if (target != cpu::kIgnoreIndex && (target < 0 || target >= config.vocab_size)) {
+    if (target != kIgnoreIndex && (target < 0 || target >= config.vocab_size)) {
       throw std::invalid_argument("batch: targets[" + std::to_string(i) + "] = " +
                                   std::to_string(target) + " is neither a token id nor -100");
     }
@@ -191,7 +201,7 @@ void LlamaModel::prepare_backward_buffers() {
   ws->d_act = scratch(rows * inter);
   ws->d_gate = scratch(rows * inter);
   ws->d_up = scratch(rows * inter);
-  ws->attention_scratch = scratch(static_cast<size_t>(cpu::attention_backward_scratch_floats(
+  ws->attention_scratch = scratch(static_cast<size_t>(backend_.attention_backward_scratch_floats(
       attention_shape(activations_->batch_size, activations_->seq_len))));
   ws->gradient = float_buffer(accountant_, MemoryKind::kGradients,
                               static_cast<size_t>(weights_.largest_parameter_numel()));
@@ -202,16 +212,16 @@ void LlamaModel::prepare_backward_buffers() {
   workspace_ = std::move(ws);
 }
 
-cpu::AttentionShape LlamaModel::attention_shape(int64_t batch_size, int64_t seq_len) const {
+AttentionShape LlamaModel::attention_shape(int64_t batch_size, int64_t seq_len) const {
   const LlamaConfig& c = weights_.config();
-  return cpu::AttentionShape{batch_size, seq_len, c.num_attention_heads, c.num_key_value_heads,
-                             c.head_dim};
+  return AttentionShape{batch_size, seq_len, c.num_attention_heads, c.num_key_value_heads,
+                        c.head_dim};
 }
 
 void LlamaModel::ensure_rope_table(int64_t max_position) {
   if (rope_table_.max_position >= max_position) return;
   const LlamaConfig& c = weights_.config();
-  cpu::RopeFrequencyScaling scaling;
+  RopeFrequencyScaling scaling;
   if (c.rope_scaling.type == RopeScaling::Type::kLlama3) {
     scaling.factor = c.rope_scaling.factor;
     scaling.low_freq_factor = c.rope_scaling.low_freq_factor;
@@ -219,8 +229,8 @@ void LlamaModel::ensure_rope_table(int64_t max_position) {
     scaling.original_max_position_embeddings =
         static_cast<double>(c.rope_scaling.original_max_position_embeddings);
   }
-  rope_table_ = cpu::rope_table(cpu::rope_inverse_frequencies(c.head_dim, c.rope_theta, scaling),
-                                max_position);
+  rope_table_ =
+      rope_table(rope_inverse_frequencies(c.head_dim, c.rope_theta, scaling), max_position);
 }
 
 ForwardResult LlamaModel::forward(const TokenBatch& batch) {
@@ -254,22 +264,22 @@ ForwardResult LlamaModel::forward(const TokenBatch& batch) {
   ensure_rope_table(*std::max_element(acts.positions.begin(), acts.positions.end()) + 1);
 
   float* residual = f32(acts.residual);
-  cpu::embedding_forward(residual, acts.input_ids.data(), weight_f32(weights_.embed_tokens()), rows,
-                         hidden);
+  backend_.embedding_forward(residual, acts.input_ids.data(), weight_f32(weights_.embed_tokens()),
+                             rows, hidden);
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     LayerActivations& layer = acts.layers[options_.activation_checkpointing ? 0 : l];
     layer_forward(l, residual + l * rows * hidden, layer, residual + (l + 1) * rows * hidden);
   }
-  cpu::rmsnorm_forward(
+  backend_.rmsnorm_forward(
       f32(acts.final_normed), f32(acts.final_rstd), residual + c.num_hidden_layers * rows * hidden,
       weight_f32(weights_.final_norm()), rows, hidden, static_cast<float>(c.rms_norm_eps));
-  cpu::matmul_forward(f32(acts.logits), f32(acts.final_normed), weight_f32(weights_.lm_head()),
-                      rows, c.vocab_size, hidden);
+  backend_.matmul_forward(f32(acts.logits), f32(acts.final_normed), weight_f32(weights_.lm_head()),
+                          rows, c.vocab_size, hidden, /*accumulate=*/false);
   logits_valid_ = true;
-  acts.loss_sum = cpu::cross_entropy_forward(f32(acts.logsumexp), f32(acts.logits),
-                                             acts.targets.data(), rows, c.vocab_size);
+  acts.loss_sum = backend_.cross_entropy_forward(f32(acts.logsumexp), f32(acts.logits),
+                                                 acts.targets.data(), rows, c.vocab_size);
   acts.counted_tokens = std::count_if(acts.targets.begin(), acts.targets.end(),
-                                      [](int32_t t) { return t != cpu::kIgnoreIndex; });
+                                      [](int32_t t) { return t != kIgnoreIndex; });
   has_forward_ = true;
   ForwardResult result;
   result.counted_tokens = acts.counted_tokens;
@@ -287,28 +297,41 @@ void LlamaModel::layer_forward(int64_t l, const float* x_in, LayerActivations& a
   const float eps = static_cast<float>(c.rms_norm_eps);
   const int32_t* positions = activations_->positions.data();
 
-  cpu::rmsnorm_forward(f32(a.h1), f32(a.rstd1), x_in, weight_f32(*w.input_norm), rows, hidden, eps);
-  cpu::matmul_forward(f32(a.q), f32(a.h1), weight_f32(*w.q_proj), rows, q_width, hidden);
-  cpu::matmul_forward(f32(a.k), f32(a.h1), weight_f32(*w.k_proj), rows, kv_width, hidden);
-  cpu::matmul_forward(f32(a.v), f32(a.h1), weight_f32(*w.v_proj), rows, kv_width, hidden);
-  cpu::rope_forward(f32(a.q), positions, rope_table_, rows, c.num_attention_heads);
-  cpu::rope_forward(f32(a.k), positions, rope_table_, rows, c.num_key_value_heads);
-  cpu::attention_forward(f32(a.attn_out), f32(a.probs), f32(a.q), f32(a.k), f32(a.v),
-                         activations_->first_key.empty() ? nullptr : activations_->first_key.data(),
-                         attention_shape(activations_->batch_size, activations_->seq_len));
-  std::memcpy(f32(a.x_mid), x_in, static_cast<size_t>(rows * hidden) * sizeof(float));
-  cpu::matmul_forward(f32(a.x_mid), f32(a.attn_out), weight_f32(*w.o_proj), rows, hidden, q_width,
-                      /*accumulate=*/true);
+  backend_.rmsnorm_forward(f32(a.h1), f32(a.rstd1), x_in, weight_f32(*w.input_norm), rows, hidden,
+                           eps);
+  backend_.matmul_forward(f32(a.q), f32(a.h1), weight_f32(*w.q_proj), rows, q_width, hidden,
+                          /*accumulate=*/false);
+  backend_.matmul_forward(f32(a.k), f32(a.h1), weight_f32(*w.k_proj), rows, kv_width, hidden,
+                          /*accumulate=*/false);
+  backend_.matmul_forward(f32(a.v), f32(a.h1), weight_f32(*w.v_proj), rows, kv_width, hidden,
+                          /*accumulate=*/false);
+  backend_.rope_forward(f32(a.q), positions, rope_table_, rows, c.num_attention_heads);
+  backend_.rope_forward(f32(a.k), positions, rope_table_, rows, c.num_key_value_heads);
+  backend_.attention_forward(
+      f32(a.attn_out), f32(a.probs), f32(a.q), f32(a.k), f32(a.v),
+      activations_->first_key.empty() ? nullptr : activations_->first_key.data(),
+      attention_shape(activations_->batch_size, activations_->seq_len));
+  backend_.copy(f32(a.x_mid), x_in, static_cast<size_t>(rows * hidden) * sizeof(float));
+  backend_.matmul_forward(f32(a.x_mid), f32(a.attn_out), weight_f32(*w.o_proj), rows, hidden,
+                          q_width,
+                          /*accumulate=*/true);
 
-  cpu::rmsnorm_forward(f32(a.h2), f32(a.rstd2), f32(a.x_mid), weight_f32(*w.post_attention_norm),
-                       rows, hidden, eps);
-  cpu::matmul_forward(f32(a.gate), f32(a.h2), weight_f32(*w.gate_proj), rows, inter, hidden);
-  cpu::matmul_forward(f32(a.up), f32(a.h2), weight_f32(*w.up_proj), rows, inter, hidden);
-  cpu::swiglu_forward(f32(a.act), f32(a.gate), f32(a.up), rows * inter);
+  backend_.rmsnorm_forward(f32(a.h2), f32(a.rstd2), f32(a.x_mid),
+                           weight_f32(*w.post_attention_norm), rows, hidden, eps);
+  backend_.matmul_forward(f32(a.gate), f32(a.h2), weight_f32(*w.gate_proj), rows, inter, hidden,
+                          /*accumulate=*/false);
+  backend_.matmul_forward(f32(a.up), f32(a.h2), weight_f32(*w.up_proj), rows, inter, hidden,
+                          /*accumulate=*/false);
+  backend_.swiglu_forward(f32(a.act), f32(a.gate), f32(a.up), rows * inter);
   if (x_out == nullptr) return;
-  std::memcpy(x_out, f32(a.x_mid), static_cast<size_t>(rows * hidden) * sizeof(float));
-  cpu::matmul_forward(x_out, f32(a.act), weight_f32(*w.down_proj), rows, hidden, inter,
-                      /*accumulate=*/true);
+  backend_.copy(x_out, f32(a.x_mid), static_cast<size_t>(rows * hidden) * sizeof(float));
+  backend_.matmul_forward(x_out, f32(a.act), weight_f32(*w.down_proj), rows, hidden, inter,
+                          /*accumulate=*/true);
+}
+
+void LlamaModel::deliver(GradientSink& sink, Parameter& parameter, float* gradient) {
+  sink.consume(parameter, TensorView{gradient, DType::kF32,
+                                     std::span<const int64_t>(parameter.shape), backend_.device()});
 }
 
 const float* LlamaModel::logits() const {
@@ -331,31 +354,32 @@ void LlamaModel::backward(GradientSink& sink, float loss_scale) {
 
   // The previous backward turned the logits into their gradient; recompute them (one matmul).
   if (!logits_valid_) {
-    cpu::matmul_forward(f32(acts.logits), f32(acts.final_normed), weight_f32(weights_.lm_head()),
-                        rows, c.vocab_size, hidden);
+    backend_.matmul_forward(f32(acts.logits), f32(acts.final_normed),
+                            weight_f32(weights_.lm_head()), rows, c.vocab_size, hidden,
+                            /*accumulate=*/false);
   }
   const float scale =
       acts.counted_tokens > 0 ? loss_scale / static_cast<float>(acts.counted_tokens) : 0.0f;
   float* dlogits = f32(acts.logits);  // in place: the logits are not needed again
-  cpu::cross_entropy_backward(dlogits, dlogits, f32(acts.logsumexp), acts.targets.data(), rows,
-                              c.vocab_size, scale);
+  backend_.cross_entropy_backward(dlogits, dlogits, f32(acts.logsumexp), acts.targets.data(), rows,
+                                  c.vocab_size, scale);
   logits_valid_ = false;
 
   // LM head: input gradient first (it reads the old weight), then the weight gradient.
   Parameter& head = weights_.lm_head();
-  cpu::matmul_backward_input(f32(ws.d_normed), dlogits, weight_f32(head), rows, c.vocab_size,
-                             hidden);
+  backend_.matmul_backward_input(f32(ws.d_normed), dlogits, weight_f32(head), rows, c.vocab_size,
+                                 hidden, /*accumulate=*/false);
   float* head_gradient = c.tie_word_embeddings ? f32(ws.tied_embedding_gradient) : gradient;
-  cpu::matmul_backward_weight(head_gradient, dlogits, f32(acts.final_normed), rows, c.vocab_size,
-                              hidden);
-  if (!c.tie_word_embeddings) sink.consume(head, gradient);
+  backend_.matmul_backward_weight(head_gradient, dlogits, f32(acts.final_normed), rows,
+                                  c.vocab_size, hidden, /*accumulate=*/false);
+  if (!c.tie_word_embeddings) deliver(sink, head, gradient);
 
   float* d_residual = f32(ws.d_residual);
-  std::memset(d_residual, 0, static_cast<size_t>(rows * hidden) * sizeof(float));
-  cpu::rmsnorm_backward(d_residual, gradient, f32(ws.d_normed),
-                        residual + c.num_hidden_layers * rows * hidden,
-                        weight_f32(weights_.final_norm()), f32(acts.final_rstd), rows, hidden);
-  sink.consume(weights_.final_norm(), gradient);
+  backend_.fill_zero(d_residual, static_cast<size_t>(rows * hidden) * sizeof(float));
+  backend_.rmsnorm_backward(d_residual, gradient, f32(ws.d_normed),
+                            residual + c.num_hidden_layers * rows * hidden,
+                            weight_f32(weights_.final_norm()), f32(acts.final_rstd), rows, hidden);
+  deliver(sink, weights_.final_norm(), gradient);
 
   for (int64_t l = c.num_hidden_layers - 1; l >= 0; --l) {
     const float* x_in = residual + l * rows * hidden;
@@ -368,10 +392,10 @@ void LlamaModel::backward(GradientSink& sink, float loss_scale) {
   Parameter& embedding = weights_.embed_tokens();
   float* embedding_gradient = c.tie_word_embeddings ? f32(ws.tied_embedding_gradient) : gradient;
   if (!c.tie_word_embeddings) {
-    std::memset(embedding_gradient, 0, static_cast<size_t>(embedding.numel()) * sizeof(float));
+    backend_.fill_zero(embedding_gradient, static_cast<size_t>(embedding.numel()) * sizeof(float));
   }
-  cpu::embedding_backward(embedding_gradient, d_residual, acts.input_ids.data(), rows, hidden);
-  sink.consume(embedding, embedding_gradient);
+  backend_.embedding_backward(embedding_gradient, d_residual, acts.input_ids.data(), rows, hidden);
+  deliver(sink, embedding, embedding_gradient);
 }
 
 void LlamaModel::layer_backward(int64_t l, GradientSink& sink, const float* x_in,
@@ -389,48 +413,59 @@ void LlamaModel::layer_backward(int64_t l, GradientSink& sink, const float* x_in
 
   // MLP. For every projection: input gradient with the old weight, then the weight's gradient,
   // then the sink (which may update the weight).
-  cpu::matmul_backward_input(f32(ws.d_act), d_residual, weight_f32(*w.down_proj), rows, hidden,
-                             inter);
-  cpu::matmul_backward_weight(gradient, d_residual, f32(a.act), rows, hidden, inter);
-  sink.consume(*w.down_proj, gradient);
-  cpu::swiglu_backward(f32(ws.d_gate), f32(ws.d_up), f32(ws.d_act), f32(a.gate), f32(a.up),
-                       rows * inter);
-  cpu::matmul_backward_input(d_normed, f32(ws.d_gate), weight_f32(*w.gate_proj), rows, inter,
-                             hidden);
-  cpu::matmul_backward_input(d_normed, f32(ws.d_up), weight_f32(*w.up_proj), rows, inter, hidden,
-                             /*accumulate=*/true);
-  cpu::matmul_backward_weight(gradient, f32(ws.d_gate), f32(a.h2), rows, inter, hidden);
-  sink.consume(*w.gate_proj, gradient);
-  cpu::matmul_backward_weight(gradient, f32(ws.d_up), f32(a.h2), rows, inter, hidden);
-  sink.consume(*w.up_proj, gradient);
-  cpu::rmsnorm_backward(d_residual, gradient, d_normed, f32(a.x_mid),
-                        weight_f32(*w.post_attention_norm), f32(a.rstd2), rows, hidden);
-  sink.consume(*w.post_attention_norm, gradient);
+  backend_.matmul_backward_input(f32(ws.d_act), d_residual, weight_f32(*w.down_proj), rows, hidden,
+                                 inter, /*accumulate=*/false);
+  backend_.matmul_backward_weight(gradient, d_residual, f32(a.act), rows, hidden, inter,
+                                  /*accumulate=*/false);
+  deliver(sink, *w.down_proj, gradient);
+  backend_.swiglu_backward(f32(ws.d_gate), f32(ws.d_up), f32(ws.d_act), f32(a.gate), f32(a.up),
+                           rows * inter);
+  backend_.matmul_backward_input(d_normed, f32(ws.d_gate), weight_f32(*w.gate_proj), rows, inter,
+                                 hidden, /*accumulate=*/false);
+  backend_.matmul_backward_input(d_normed, f32(ws.d_up), weight_f32(*w.up_proj), rows, inter,
+                                 hidden,
+                                 /*accumulate=*/true);
+  backend_.matmul_backward_weight(gradient, f32(ws.d_gate), f32(a.h2), rows, inter, hidden,
+                                  /*accumulate=*/false);
+  deliver(sink, *w.gate_proj, gradient);
+  backend_.matmul_backward_weight(gradient, f32(ws.d_up), f32(a.h2), rows, inter, hidden,
+                                  /*accumulate=*/false);
+  deliver(sink, *w.up_proj, gradient);
+  backend_.rmsnorm_backward(d_residual, gradient, d_normed, f32(a.x_mid),
+                            weight_f32(*w.post_attention_norm), f32(a.rstd2), rows, hidden);
+  deliver(sink, *w.post_attention_norm, gradient);
 
   // Attention.
-  cpu::matmul_backward_input(f32(ws.d_attn_out), d_residual, weight_f32(*w.o_proj), rows, hidden,
-                             q_width);
-  cpu::matmul_backward_weight(gradient, d_residual, f32(a.attn_out), rows, hidden, q_width);
-  sink.consume(*w.o_proj, gradient);
-  cpu::attention_backward(f32(ws.dq), f32(ws.dk), f32(ws.dv), f32(ws.attention_scratch),
-                          f32(ws.d_attn_out), f32(a.probs), f32(a.q), f32(a.k), f32(a.v),
-                          attention_shape(activations_->batch_size, activations_->seq_len));
-  cpu::rope_backward(f32(ws.dq), positions, rope_table_, rows, c.num_attention_heads);
-  cpu::rope_backward(f32(ws.dk), positions, rope_table_, rows, c.num_key_value_heads);
-  cpu::matmul_backward_input(d_normed, f32(ws.dq), weight_f32(*w.q_proj), rows, q_width, hidden);
-  cpu::matmul_backward_input(d_normed, f32(ws.dk), weight_f32(*w.k_proj), rows, kv_width, hidden,
-                             /*accumulate=*/true);
-  cpu::matmul_backward_input(d_normed, f32(ws.dv), weight_f32(*w.v_proj), rows, kv_width, hidden,
-                             /*accumulate=*/true);
-  cpu::matmul_backward_weight(gradient, f32(ws.dq), f32(a.h1), rows, q_width, hidden);
-  sink.consume(*w.q_proj, gradient);
-  cpu::matmul_backward_weight(gradient, f32(ws.dk), f32(a.h1), rows, kv_width, hidden);
-  sink.consume(*w.k_proj, gradient);
-  cpu::matmul_backward_weight(gradient, f32(ws.dv), f32(a.h1), rows, kv_width, hidden);
-  sink.consume(*w.v_proj, gradient);
-  cpu::rmsnorm_backward(d_residual, gradient, d_normed, x_in, weight_f32(*w.input_norm),
-                        f32(a.rstd1), rows, hidden);
-  sink.consume(*w.input_norm, gradient);
+  backend_.matmul_backward_input(f32(ws.d_attn_out), d_residual, weight_f32(*w.o_proj), rows,
+                                 hidden, q_width, /*accumulate=*/false);
+  backend_.matmul_backward_weight(gradient, d_residual, f32(a.attn_out), rows, hidden, q_width,
+                                  /*accumulate=*/false);
+  deliver(sink, *w.o_proj, gradient);
+  backend_.attention_backward(f32(ws.dq), f32(ws.dk), f32(ws.dv), f32(ws.attention_scratch),
+                              f32(ws.d_attn_out), f32(a.probs), f32(a.q), f32(a.k), f32(a.v),
+                              attention_shape(activations_->batch_size, activations_->seq_len));
+  backend_.rope_backward(f32(ws.dq), positions, rope_table_, rows, c.num_attention_heads);
+  backend_.rope_backward(f32(ws.dk), positions, rope_table_, rows, c.num_key_value_heads);
+  backend_.matmul_backward_input(d_normed, f32(ws.dq), weight_f32(*w.q_proj), rows, q_width, hidden,
+                                 /*accumulate=*/false);
+  backend_.matmul_backward_input(d_normed, f32(ws.dk), weight_f32(*w.k_proj), rows, kv_width,
+                                 hidden,
+                                 /*accumulate=*/true);
+  backend_.matmul_backward_input(d_normed, f32(ws.dv), weight_f32(*w.v_proj), rows, kv_width,
+                                 hidden,
+                                 /*accumulate=*/true);
+  backend_.matmul_backward_weight(gradient, f32(ws.dq), f32(a.h1), rows, q_width, hidden,
+                                  /*accumulate=*/false);
+  deliver(sink, *w.q_proj, gradient);
+  backend_.matmul_backward_weight(gradient, f32(ws.dk), f32(a.h1), rows, kv_width, hidden,
+                                  /*accumulate=*/false);
+  deliver(sink, *w.k_proj, gradient);
+  backend_.matmul_backward_weight(gradient, f32(ws.dv), f32(a.h1), rows, kv_width, hidden,
+                                  /*accumulate=*/false);
+  deliver(sink, *w.v_proj, gradient);
+  backend_.rmsnorm_backward(d_residual, gradient, d_normed, x_in, weight_f32(*w.input_norm),
+                            f32(a.rstd1), rows, hidden);
+  deliver(sink, *w.input_norm, gradient);
 }
 
 }  // namespace lomo

@@ -1,13 +1,14 @@
-// Forward and backward of a LLaMA model on the CPU, with accountable activation memory and
-// per-parameter gradient delivery to a GradientSink.
+// Forward and backward of a LLaMA model on one device's Backend (kernels/backend.h), with
+// accountable activation memory and per-parameter gradient delivery to a GradientSink.
 #pragma once
 
 #include <cstdint>
 #include <memory>
 #include <vector>
 
-#include "kernels/cpu/attention.h"
-#include "kernels/cpu/rope.h"
+#include "kernels/backend.h"
+#include "kernels/kernel_types.h"
+#include "kernels/rope_table.h"
 #include "worker/engine/gradient_sink.h"
 #include "worker/engine/llama_weights.h"
 #include "worker/engine/memory.h"
@@ -40,8 +41,12 @@ struct ForwardResult {
 
 class LlamaModel {
  public:
-  // `weights` and `accountant` must outlive the model.
+  // `weights` and `accountant` must outlive the model. It computes on the backend of the
+  // accountant's device (the CPU by default), where the weights must live.
   LlamaModel(LlamaWeights& weights, MemoryAccountant& accountant, ModelOptions options = {});
+  // Computes on `backend`, whose device must be the accountant's and the weights'.
+  LlamaModel(Backend& backend, LlamaWeights& weights, MemoryAccountant& accountant,
+             ModelOptions options = {});
   ~LlamaModel();
   LlamaModel(const LlamaModel&) = delete;
   LlamaModel& operator=(const LlamaModel&) = delete;
@@ -61,6 +66,7 @@ class LlamaModel {
 
   const ModelOptions& options() const { return options_; }
   LlamaWeights& weights() { return weights_; }
+  Backend& backend() { return backend_; }
 
  private:
   struct Activations;
@@ -77,13 +83,16 @@ class LlamaModel {
   // fp32 view of a parameter: its storage when fp32, else a converted copy in workspace that is
   // valid until the next call.
   const float* weight_f32(const Parameter& parameter);
-  cpu::AttentionShape attention_shape(int64_t batch_size, int64_t seq_len) const;
+  AttentionShape attention_shape(int64_t batch_size, int64_t seq_len) const;
   void ensure_rope_table(int64_t max_position);
+  // Hands `gradient` (the parameter's shape, fp32, on this device) to the sink.
+  void deliver(GradientSink& sink, Parameter& parameter, float* gradient);
 
+  Backend& backend_;
   LlamaWeights& weights_;
   MemoryAccountant& accountant_;
   ModelOptions options_;
-  cpu::RopeTable rope_table_;
+  RopeTable rope_table_;
   std::unique_ptr<Activations> activations_;
   std::unique_ptr<Workspace> workspace_;
   Buffer weight_scratch_;  // fp32 copy of one non-fp32 weight (kWorkspace)

@@ -5,7 +5,7 @@
 #include <sstream>
 #include <stdexcept>
 
-#include "worker/engine/counter_hash.h"
+#include "kernels/counter_hash.h"
 
 namespace lomo {
 namespace {

@@ -6,7 +6,7 @@
 #include <string>
 #include <vector>
 
-#include "worker/engine/dtype.h"
+#include "kernels/dtype.h"
 #include "worker/engine/llama_config.h"
 #include "worker/engine/memory.h"
 

@@ -1,9 +1,9 @@
 #include "worker/engine/memory.h"
 
-#include <cstdlib>
-#include <new>
 #include <sstream>
 #include <utility>
+
+#include "kernels/backend.h"
 
 namespace lomo {
 
@@ -67,6 +67,7 @@ void MemoryAccountant::record_release(MemoryKind kind, uint64_t bytes) {
 
 MemoryReport MemoryAccountant::report() const {
   MemoryReport report;
+  report.device = device_;
   for (size_t k = 0; k < kMemoryKindCount; ++k) {
     report.current_bytes[k] = current_[k].load(std::memory_order_relaxed);
     report.peak_bytes[k] = peak_[k].load(std::memory_order_relaxed);
@@ -86,9 +87,7 @@ void MemoryAccountant::reset_peaks() {
 Buffer::Buffer(MemoryAccountant& accountant, MemoryKind kind, size_t bytes)
     : accountant_(&accountant), kind_(kind), bytes_(bytes) {
   if (bytes == 0) return;
-  const size_t rounded = (bytes + 63) / 64 * 64;
-  data_ = std::aligned_alloc(64, rounded);
-  if (data_ == nullptr) throw std::bad_alloc();
+  data_ = backend_for(accountant.device()).allocate(bytes);
   accountant_->record_allocation(kind_, bytes_);
 }
 
@@ -96,7 +95,7 @@ Buffer::~Buffer() { reset(); }
 
 void Buffer::reset() {
   if (data_ != nullptr) {
-    std::free(data_);
+    backend_for(accountant_->device()).deallocate(data_);
     accountant_->record_release(kind_, bytes_);
   }
   data_ = nullptr;

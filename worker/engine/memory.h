@@ -1,6 +1,7 @@
 // Accountable memory: every large buffer is a Buffer drawn against a MemoryAccountant, which knows
 // current and peak bytes per kind. This is how lomo proves its memory claims (DESIGN.md, "The LOMO
-// step").
+// step"). An accountant counts one device's memory: a process with several devices keeps one
+// accountant per device, and each Buffer lives on its accountant's device.
 #pragma once
 
 #include <array>
@@ -9,6 +10,8 @@
 #include <cstdint>
 #include <string>
 #include <string_view>
+
+#include "kernels/device.h"
 
 namespace lomo {
 
@@ -23,6 +26,7 @@ inline constexpr size_t kMemoryKindCount = 5;
 std::string_view memory_kind_name(MemoryKind kind);
 
 struct MemoryReport {
+  Device device;  // whose memory this is
   std::array<uint64_t, kMemoryKindCount> current_bytes{};
   std::array<uint64_t, kMemoryKindCount> peak_bytes{};  // peak of each kind on its own
   uint64_t current_total_bytes = 0;
@@ -36,9 +40,11 @@ struct MemoryReport {
   std::string to_json() const;
 };
 
-// Thread-safe counters; an accountant must outlive every Buffer drawn against it.
+// Thread-safe counters for one device; an accountant must outlive every Buffer drawn against it.
 class MemoryAccountant {
  public:
+  explicit MemoryAccountant(Device device = Device::cpu()) : device_(device) {}
+  Device device() const { return device_; }
   void record_allocation(MemoryKind kind, uint64_t bytes);
   void record_release(MemoryKind kind, uint64_t bytes);
   MemoryReport report() const;
@@ -47,13 +53,15 @@ class MemoryAccountant {
 
  private:
   static void raise_to(std::atomic<uint64_t>& peak, uint64_t value);
+  Device device_;
   std::array<std::atomic<uint64_t>, kMemoryKindCount> current_{};
   std::array<std::atomic<uint64_t>, kMemoryKindCount> peak_{};
   std::atomic<uint64_t> current_total_{0};
   std::atomic<uint64_t> peak_total_{0};
 };
 
-// An owned, 64-byte aligned, uninitialised host allocation counted against an accountant.
+// An owned, 64-byte aligned, uninitialised allocation in the memory of the accountant's device
+// (host memory for the CPU), made by that device's Backend and counted against the accountant.
 class Buffer {
  public:
   Buffer() = default;
@@ -77,6 +85,8 @@ class Buffer {
   size_t size_bytes() const { return bytes_; }
   bool empty() const { return data_ == nullptr; }
   MemoryKind kind() const { return kind_; }
+  // The device the data lives on (the CPU for an empty buffer).
+  Device device() const { return accountant_ != nullptr ? accountant_->device() : Device::cpu(); }
   void reset();
 
  private:

@@ -12,7 +12,7 @@
 #include <string_view>
 #include <vector>
 
-#include "worker/engine/dtype.h"
+#include "kernels/dtype.h"
 
 namespace lomo {
 

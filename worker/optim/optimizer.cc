@@ -1,14 +1,12 @@
 #include "worker/optim/optimizer.h"
 
-#include <omp.h>
-
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <map>
 #include <vector>
 
-#include "kernels/cpu/parallel_sum.h"
+#include "kernels/backend.h"
 #include "worker/engine/safetensors.h"
 #include "worker/optim/parameter_update.h"
 
@@ -43,6 +41,15 @@ bool decays(const OptimizerOptions& options, const Parameter& parameter) {
   return options.weight_decay > 0.0 && (!parameter.is_norm_weight || options.weight_decay_on_norms);
 }
 
+// p ← p·(1 − lr·wd) − lr·g: LOMO's rule and SGD's.
+SgdUpdate sgd_update(const OptimizerOptions& options, const Parameter& parameter, double lr) {
+  SgdUpdate update;
+  update.step = static_cast<float>(lr);
+  update.keep =
+      decays(options, parameter) ? static_cast<float>(1.0 - lr * options.weight_decay) : 1.0f;
+  return update;
+}
+
 int64_t index_of(const LlamaWeights& weights, const Parameter& parameter) {
   return &parameter - weights.parameters().data();
 }
@@ -50,13 +57,13 @@ int64_t index_of(const LlamaWeights& weights, const Parameter& parameter) {
 // fp32 optimizer state tensors, one set per parameter, saved under "<parameter>.<suffix>".
 class StateTensors {
  public:
-  StateTensors(MemoryAccountant& accountant) : accountant_(accountant) {}
+  explicit StateTensors(MemoryAccountant& accountant) : accountant_(accountant) {}
   float* add(const Parameter& parameter, const std::string& suffix, std::vector<int64_t> shape) {
     int64_t count = 1;
     for (int64_t extent : shape) count *= extent;
     Entry entry{parameter.name + "." + suffix, std::move(shape),
                 float_buffer(accountant_, MemoryKind::kOptimizerState, static_cast<size_t>(count))};
-    std::memset(entry.buffer.data(), 0, entry.buffer.size_bytes());
+    backend_for(accountant_.device()).fill_zero(entry.buffer.data(), entry.buffer.size_bytes());
     entries_.push_back(std::move(entry));
     return entries_.back().buffer.as<float>();
   }
@@ -131,20 +138,23 @@ void load_common(const std::filesystem::path& path, const OptimizerOptions& opti
   tensors.load(file);
 }
 
-// Sums squares of prepared gradients and notes the first tensor with inf/NaN. Updates nothing.
+// Adds the squares of prepared gradients to the pass's statistics, which also note the first
+// tensor with inf/NaN. Updates nothing.
 class NormSink : public GradientSink {
  public:
-  explicit NormSink(const GradientPreparation& preparation) : preparation_(preparation) {}
-  void consume(Parameter& parameter, float* gradient) override {
-    const double sum = prepare_gradient_for_norm(parameter, gradient, preparation_);
-    if (!std::isfinite(sum) && first_non_finite.empty()) first_non_finite = parameter.name;
-    sum_squares += sum;
+  NormSink(Backend& backend, const LlamaWeights& weights, const GradientPreparation& preparation,
+           GradientStatistics* statistics)
+      : backend_(backend), weights_(weights), preparation_(preparation), statistics_(statistics) {}
+  void consume(Parameter& parameter, const TensorView& gradient) override {
+    prepare_gradient_for_norm(backend_, parameter, gradient.f32(), index_of(weights_, parameter),
+                              preparation_, statistics_);
   }
-  double sum_squares = 0.0;
-  std::string first_non_finite;
 
  private:
+  Backend& backend_;
+  const LlamaWeights& weights_;
   GradientPreparation preparation_;
+  GradientStatistics* statistics_;
 };
 
 // ---- Fused optimizers -------------------------------------------------------------------------
@@ -152,25 +162,25 @@ class NormSink : public GradientSink {
 class UpdateRule {
  public:
   virtual ~UpdateRule() = default;
-  // `gradient` is prepared (unscaled, averaged, clipped) and may be overwritten.
+  // `gradient` is prepared (unscaled, averaged, clipped) and may be overwritten. Nothing changes
+  // when `skip` records a non-finite gradient earlier in this pass.
   virtual void apply(Parameter& parameter, float* gradient, double lr, int64_t update,
-                     const WriteBack& write_back) = 0;
+                     const WriteBack& write_back, const GradientStatistics* skip) = 0;
 };
 
 // LOMO: p ← p·(1 − lr·wd) − lr·g.
 class LomoRule : public UpdateRule {
  public:
-  explicit LomoRule(const OptimizerOptions& options) : options_(options) {}
-  void apply(Parameter& parameter, float* gradient, double lr, int64_t,
-             const WriteBack& write_back) override {
-    const float step = static_cast<float>(lr);
-    const float keep =
-        decays(options_, parameter) ? static_cast<float>(1.0 - lr * options_.weight_decay) : 1.0f;
-    update_parameter(parameter, write_back,
-                     [=](int64_t i, float value) { return value * keep - step * gradient[i]; });
+  LomoRule(Backend& backend, const OptimizerOptions& options)
+      : backend_(backend), options_(options) {}
+  void apply(Parameter& parameter, float* gradient, double lr, int64_t, const WriteBack& write_back,
+             const GradientStatistics* skip) override {
+    backend_.lomo_update(parameter.storage.data(), parameter.dtype, parameter.numel(), gradient,
+                         sgd_update(options_, parameter, lr), write_back, skip);
   }
 
  private:
+  Backend& backend_;
   const OptimizerOptions& options_;
 };
 
@@ -178,8 +188,9 @@ class LomoRule : public UpdateRule {
 // normalisation, step relative to the parameter's RMS, decoupled weight decay.
 class AdaLomoRule : public UpdateRule {
  public:
-  AdaLomoRule(const OptimizerOptions& options, LlamaWeights& weights, StateTensors& state)
-      : options_(options) {
+  AdaLomoRule(Backend& backend, const OptimizerOptions& options, LlamaWeights& weights,
+              StateTensors& state)
+      : backend_(backend), options_(options), weights_(&weights) {
     for (const Parameter& p : weights.parameters()) {
       Moments m;
       if (p.shape.size() == 2) {
@@ -190,38 +201,23 @@ class AdaLomoRule : public UpdateRule {
       }
       moments_.push_back(m);
     }
-    weights_ = &weights;
   }
 
-  void apply(Parameter& parameter, float* g, double lr, int64_t update,
-             const WriteBack& write_back) override {
+  void apply(Parameter& parameter, float* g, double lr, int64_t update, const WriteBack& write_back,
+             const GradientStatistics* skip) override {
     const Moments& m = moments_[static_cast<size_t>(index_of(*weights_, parameter))];
-    const double beta = 1.0 - std::pow(static_cast<double>(update), options_.adalomo_decay_rate);
-    const double eps1 = options_.adalomo_eps1;
-    const int64_t count = parameter.numel();
-    if (m.full != nullptr) {
-#pragma omp parallel for schedule(static)
-      for (int64_t i = 0; i < count; ++i) {
-        const double v = beta * m.full[i] + (1.0 - beta) * (double(g[i]) * g[i] + eps1);
-        m.full[i] = static_cast<float>(v);
-        g[i] = static_cast<float>(g[i] / std::sqrt(static_cast<double>(m.full[i])));
-      }
-    } else {
-      factored_update(parameter.shape[0], parameter.shape[1], m, g, beta, eps1);
-    }
-    // Update normalisation: U ← U / max(1, RMS(U)/d).
-    const double rms_update =
-        std::sqrt(cpu::parallel_sum(count, [&](int64_t i) { return double(g[i]) * g[i]; }) /
-                  static_cast<double>(count));
-    const double scale = 1.0 / std::max(1.0, rms_update / options_.adalomo_clip_threshold);
-    // Relative step: α = lr·max(ε₂, RMS(θ)), RMS of the parameter before this update.
-    const double alpha = lr * std::max(options_.adalomo_eps2, parameter_rms(parameter));
-    const float step = static_cast<float>(alpha * scale);
-    const float keep = decays(options_, parameter)
-                           ? static_cast<float>(1.0 - alpha * options_.weight_decay)
-                           : 1.0f;
-    update_parameter(parameter, write_back,
-                     [=](int64_t i, float value) { return value * keep - step * g[i]; });
+    AdaLomoUpdate u;
+    u.lr = lr;
+    u.beta = 1.0 - std::pow(static_cast<double>(update), options_.adalomo_decay_rate);
+    u.eps1 = options_.adalomo_eps1;
+    u.eps2 = options_.adalomo_eps2;
+    u.clip_threshold = options_.adalomo_clip_threshold;
+    u.weight_decay = decays(options_, parameter) ? options_.weight_decay : 0.0;
+    const bool factored = m.full == nullptr;
+    backend_.adalomo_update(parameter.storage.data(), parameter.dtype,
+                            factored ? parameter.shape[0] : parameter.numel(),
+                            factored ? parameter.shape[1] : 0, g, m.row, m.col, m.full, u,
+                            write_back, skip);
   }
 
  private:
@@ -231,46 +227,7 @@ class AdaLomoRule : public UpdateRule {
     float* full = nullptr;  // vectors: running g² + ε₁
   };
 
-  // Row and column means of g²+ε₁ into the running averages, then
-  // g ← g / sqrt(v̂), v̂[r][c] = row[r] / mean(row) · col[c].
-  static void factored_update(int64_t rows, int64_t cols, const Moments& m, float* g, double beta,
-                              double eps1) {
-#pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-      double sum = 0.0;
-      for (int64_t c = 0; c < cols; ++c) sum += double(g[r * cols + c]) * g[r * cols + c] + eps1;
-      m.row[r] = static_cast<float>(beta * m.row[r] + (1.0 - beta) * sum / cols);
-    }
-    // Column sums: per-thread partial rows, combined in thread order (deterministic).
-    const int threads = omp_get_max_threads();
-    std::vector<double> partial(static_cast<size_t>(threads * cols), 0.0);
-#pragma omp parallel num_threads(threads)
-    {
-      double* mine = partial.data() + static_cast<size_t>(omp_get_thread_num()) * cols;
-#pragma omp for schedule(static)
-      for (int64_t r = 0; r < rows; ++r) {
-        for (int64_t c = 0; c < cols; ++c)
-          mine[c] += double(g[r * cols + c]) * g[r * cols + c] + eps1;
-      }
-    }
-    for (int64_t c = 0; c < cols; ++c) {
-      double sum = 0.0;
-      for (int t = 0; t < threads; ++t) sum += partial[static_cast<size_t>(t * cols + c)];
-      m.col[c] = static_cast<float>(beta * m.col[c] + (1.0 - beta) * sum / rows);
-    }
-    double row_mean = 0.0;
-    for (int64_t r = 0; r < rows; ++r) row_mean += m.row[r];
-    row_mean /= static_cast<double>(rows);
-#pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-      const double row_factor = 1.0 / std::sqrt(m.row[r] / row_mean);
-      for (int64_t c = 0; c < cols; ++c) {
-        g[r * cols + c] = static_cast<float>(g[r * cols + c] * row_factor /
-                                             std::sqrt(static_cast<double>(m.col[c])));
-      }
-    }
-  }
-
+  Backend& backend_;
   const OptimizerOptions& options_;
   LlamaWeights* weights_ = nullptr;
   std::vector<Moments> moments_;
@@ -278,37 +235,35 @@ class AdaLomoRule : public UpdateRule {
 
 class FusedUpdateSink : public GradientSink {
  public:
-  FusedUpdateSink(UpdateRule& rule, const LlamaWeights& weights, const GradientPreparation& prep,
-                  double lr, int64_t update, WriteBack write_back)
-      : rule_(rule),
+  FusedUpdateSink(Backend& backend, UpdateRule& rule, const LlamaWeights& weights,
+                  const GradientPreparation& prep, double lr, int64_t update, WriteBack write_back,
+                  GradientStatistics* statistics)
+      : backend_(backend),
+        rule_(rule),
         weights_(weights),
         prep_(prep),
         lr_(lr),
         update_(update),
-        write_back_(write_back) {}
-  void consume(Parameter& parameter, float* gradient) override {
-    const double sum = prepare_gradient(parameter, gradient, prep_);
-    if (!std::isfinite(sum)) {
-      throw NonFiniteGradientError(
-          "non-finite gradient in " + parameter.name +
-          "; parameters after it in backward order were already updated, so training stops "
-          "here (resume from the last checkpoint; a lower learning rate or clip_grad_norm, which "
-          "checks every gradient before any update, avoids this)");
-    }
-    sum_squares += sum;
+        write_back_(write_back),
+        statistics_(statistics) {}
+  void consume(Parameter& parameter, const TensorView& gradient) override {
+    const int64_t index = index_of(weights_, parameter);
+    prepare_gradient(backend_, parameter, gradient.f32(), index, prep_, statistics_);
     WriteBack write_back = write_back_;
-    write_back.tensor_index = index_of(weights_, parameter);
-    rule_.apply(parameter, gradient, lr_, update_, write_back);
+    write_back.tensor_index = index;
+    // The update kernel reads the non-finite flag on the device: no host read per tensor.
+    rule_.apply(parameter, gradient.f32(), lr_, update_, write_back, statistics_);
   }
-  double sum_squares = 0.0;
 
  private:
+  Backend& backend_;
   UpdateRule& rule_;
   const LlamaWeights& weights_;
   GradientPreparation prep_;
   double lr_;
   int64_t update_;
   WriteBack write_back_;
+  GradientStatistics* statistics_;
 };
 
 // Shared by both families: the first pass when the norm (or overflow) must be known first.
@@ -343,7 +298,12 @@ class OptimizerBase : public Optimizer {
  public:
   OptimizerBase(const OptimizerOptions& options, LlamaWeights& weights,
                 MemoryAccountant& accountant, Communicator* communicator)
-      : options_(options), weights_(weights), communicator_(communicator), state_(accountant) {
+      : options_(options),
+        weights_(weights),
+        communicator_(communicator),
+        backend_(backend_for(accountant.device())),
+        statistics_(backend_, GradientStatistics{}),
+        state_(accountant) {
     if (options.loss_scaling) common_.scaler.emplace(*options.loss_scaling);
   }
   void save_state(const std::filesystem::path& file) const override {
@@ -364,10 +324,25 @@ class OptimizerBase : public Optimizer {
     return prep;
   }
   double loss_scale() const { return common_.scaler ? common_.scaler->scale() : 1.0; }
+  // Zeroes the device-side statistics before a pass over every gradient.
+  GradientStatistics* fresh_statistics() {
+    statistics_.write(GradientStatistics{});
+    return statistics_.get();
+  }
+  // The pass's statistics: the one host read of the pass. The tensor's name, or "" when finite.
+  std::pair<GradientStatistics, std::string> read_statistics() const {
+    const GradientStatistics statistics = statistics_.read();
+    return {statistics,
+            statistics.first_non_finite >= 0
+                ? weights_.parameters()[static_cast<size_t>(statistics.first_non_finite)].name
+                : std::string()};
+  }
 
   OptimizerOptions options_;
   LlamaWeights& weights_;
   Communicator* communicator_;
+  Backend& backend_;
+  DeviceValue<GradientStatistics> statistics_;  // allocated once: no allocation per step
   StateTensors state_;
   CommonState common_;
 };
@@ -378,9 +353,9 @@ class FusedOptimizer : public OptimizerBase {
                  MemoryAccountant& accountant, Communicator* communicator)
       : OptimizerBase(options, weights, accountant, communicator) {
     if (options.kind == Kind::kAdaLomo) {
-      rule_ = std::make_unique<AdaLomoRule>(options_, weights, state_);
+      rule_ = std::make_unique<AdaLomoRule>(backend_, options_, weights, state_);
     } else {
-      rule_ = std::make_unique<LomoRule>(options_);
+      rule_ = std::make_unique<LomoRule>(backend_, options_);
     }
   }
 
@@ -393,10 +368,11 @@ class FusedOptimizer : public OptimizerBase {
     // known before the first update when loss scaling: both cost a second backward.
     const bool norm_pass = options_.clip_grad_norm.has_value() || common_.scaler.has_value();
     if (norm_pass) {
-      NormSink norm_sink(prep);
+      NormSink norm_sink(backend_, weights_, prep, fresh_statistics());
       model.backward(norm_sink, static_cast<float>(scale));
+      const auto [statistics, first_non_finite] = read_statistics();
       const NormCheck check =
-          check_norm(norm_sink.sum_squares, norm_sink.first_non_finite, options_, common_, step);
+          check_norm(statistics.sum_squares, first_non_finite, options_, common_, step);
       result.grad_norm = check.norm;
       if (check.skip) {
         result.skipped = true;
@@ -407,9 +383,18 @@ class FusedOptimizer : public OptimizerBase {
     }
     ++common_.updates;
     WriteBack write_back{options_.stochastic_rounding, options_.seed, step, 0};
-    FusedUpdateSink sink(*rule_, weights_, prep, lr, common_.updates, write_back);
+    FusedUpdateSink sink(backend_, *rule_, weights_, prep, lr, common_.updates, write_back,
+                         fresh_statistics());
     model.backward(sink, static_cast<float>(scale));
-    if (!norm_pass) result.grad_norm = std::sqrt(sink.sum_squares);
+    const auto [statistics, first_non_finite] = read_statistics();
+    if (!first_non_finite.empty()) {
+      throw NonFiniteGradientError(
+          "non-finite gradient in " + first_non_finite +
+          "; parameters after it in backward order were already updated, so training stops "
+          "here (resume from the last checkpoint; a lower learning rate or clip_grad_norm, which "
+          "checks every gradient before any update, avoids this)");
+    }
+    if (!norm_pass) result.grad_norm = std::sqrt(statistics.sum_squares);
     return result;
   }
 
@@ -421,14 +406,15 @@ class FusedOptimizer : public OptimizerBase {
 
 class CopySink : public GradientSink {
  public:
-  CopySink(const LlamaWeights& weights, std::vector<Buffer>& gradients)
-      : weights_(weights), gradients_(gradients) {}
-  void consume(Parameter& parameter, float* gradient) override {
-    std::memcpy(gradients_[static_cast<size_t>(index_of(weights_, parameter))].data(), gradient,
-                static_cast<size_t>(parameter.numel()) * sizeof(float));
+  CopySink(Backend& backend, const LlamaWeights& weights, std::vector<Buffer>& gradients)
+      : backend_(backend), weights_(weights), gradients_(gradients) {}
+  void consume(Parameter& parameter, const TensorView& gradient) override {
+    backend_.copy(gradients_[static_cast<size_t>(index_of(weights_, parameter))].data(),
+                  gradient.f32(), static_cast<size_t>(parameter.numel()) * sizeof(float));
   }
 
  private:
+  Backend& backend_;
   const LlamaWeights& weights_;
   std::vector<Buffer>& gradients_;
 };
@@ -457,19 +443,18 @@ class MaterializedOptimizer : public OptimizerBase {
     StepResult result;
     const double scale = loss_scale();
     result.loss_scale = scale;
-    CopySink copy(weights_, gradients_);
+    CopySink copy(backend_, weights_, gradients_);
     model.backward(copy, static_cast<float>(scale));
 
     GradientPreparation prep = preparation(scale);
-    double sum_squares = 0.0;
-    std::string first_non_finite;
+    GradientStatistics* statistics = fresh_statistics();
     auto& parameters = weights_.parameters();
     for (size_t i = 0; i < parameters.size(); ++i) {
-      const double sum = prepare_gradient_for_norm(parameters[i], gradients_[i].as<float>(), prep);
-      if (!std::isfinite(sum) && first_non_finite.empty()) first_non_finite = parameters[i].name;
-      sum_squares += sum;
+      prepare_gradient_for_norm(backend_, parameters[i], gradients_[i].as<float>(),
+                                static_cast<int64_t>(i), prep, statistics);
     }
-    const NormCheck check = check_norm(sum_squares, first_non_finite, options_, common_, step);
+    const auto [sums, first_non_finite] = read_statistics();
+    const NormCheck check = check_norm(sums.sum_squares, first_non_finite, options_, common_, step);
     result.grad_norm = check.norm;
     if (check.skip) {
       result.skipped = true;
@@ -480,36 +465,33 @@ class MaterializedOptimizer : public OptimizerBase {
     for (size_t i = 0; i < parameters.size(); ++i) {
       Parameter& p = parameters[i];
       float* g = gradients_[i].as<float>();
-      clip_gradient(p, g, prep);
+      clip_gradient(backend_, p, g, prep);
       WriteBack write_back{options_.stochastic_rounding, options_.seed, step,
                            static_cast<int64_t>(i)};
-      const float keep =
-          decays(options_, p) ? static_cast<float>(1.0 - lr * options_.weight_decay) : 1.0f;
+      // The norm check above already stopped a non-finite step: nothing left to skip.
+      const SgdUpdate sgd = sgd_update(options_, p, lr);
       if (options_.kind == Kind::kSgd) {
-        const float step_size = static_cast<float>(lr);
-        update_parameter(p, write_back,
-                         [=](int64_t j, float value) { return value * keep - step_size * g[j]; });
+        backend_.lomo_update(p.storage.data(), p.dtype, p.numel(), g, sgd, write_back, nullptr);
       } else {
-        adamw_update(p, g, exp_avg_[i], exp_avg_sq_[i], lr, keep, write_back);
+        backend_.adamw_update(p.storage.data(), p.dtype, p.numel(), g, exp_avg_[i], exp_avg_sq_[i],
+                              adamw(lr, sgd.keep), write_back, nullptr);
       }
     }
     return result;
   }
 
  private:
-  void adamw_update(Parameter& p, const float* g, float* m, float* v, double lr, float keep,
-                    const WriteBack& write_back) {
+  AdamWUpdate adamw(double lr, float keep) const {
     const double t = static_cast<double>(common_.updates);
-    const float b1 = static_cast<float>(options_.beta1), b2 = static_cast<float>(options_.beta2);
-    const float correction1 = static_cast<float>(1.0 - std::pow(options_.beta1, t));
-    const float correction2 = static_cast<float>(1.0 - std::pow(options_.beta2, t));
-    const float step_size = static_cast<float>(lr), eps = static_cast<float>(options_.eps);
-    update_parameter(p, write_back, [=](int64_t j, float value) {
-      m[j] = b1 * m[j] + (1.0f - b1) * g[j];
-      v[j] = b2 * v[j] + (1.0f - b2) * g[j] * g[j];
-      const float denominator = std::sqrt(v[j] / correction2) + eps;
-      return value * keep - step_size * (m[j] / correction1) / denominator;
-    });
+    AdamWUpdate u;
+    u.beta1 = static_cast<float>(options_.beta1);
+    u.beta2 = static_cast<float>(options_.beta2);
+    u.correction1 = static_cast<float>(1.0 - std::pow(options_.beta1, t));
+    u.correction2 = static_cast<float>(1.0 - std::pow(options_.beta2, t));
+    u.step = static_cast<float>(lr);
+    u.eps = static_cast<float>(options_.eps);
+    u.keep = keep;
+    return u;
   }
 
   MemoryAccountant& accountant_;

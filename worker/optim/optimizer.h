@@ -13,8 +13,8 @@
 #include <stdexcept>
 #include <string>
 
-#include "worker/engine/llama_model.h"
 #include "worker/comm/communicator.h"
+#include "worker/engine/llama_model.h"
 #include "worker/optim/loss_scaler.h"
 
 namespace lomo {

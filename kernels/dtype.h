@@ -2,6 +2,8 @@
 // Arithmetic is always fp32; fp16/bf16 exist only as storage, converted with round-to-nearest-even.
 #pragma once
 
+#include <bit>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -36,6 +38,15 @@ inline uint16_t float_to_bf16(float value) {
   // Round to nearest, ties to even: add 0x7fff plus the lowest kept bit, then truncate.
   uint32_t rounding_bias = 0x7fffu + ((bits >> 16) & 1u);
   return static_cast<uint16_t>((bits + rounding_bias) >> 16);
+}
+
+// bf16 with stochastic rounding: `random`'s low 16 bits decide. Adding a uniform 16-bit number
+// below the cut and truncating rounds up with probability equal to the discarded fraction, so the
+// result is unbiased in expectation. inf and NaN round to nearest.
+inline uint16_t float_to_bf16_stochastic(float value, uint64_t random) {
+  if (!std::isfinite(value)) return float_to_bf16(value);
+  const uint32_t bits = std::bit_cast<uint32_t>(value) + static_cast<uint32_t>(random & 0xffffu);
+  return static_cast<uint16_t>(bits >> 16);
 }
 
 float fp16_to_float(uint16_t bits);

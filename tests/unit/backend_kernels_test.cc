@@ -1,0 +1,628 @@
+// Every op of the Backend interface against straightforward float64 loops written here, run on
+// every backend this build has (available_backends(): the CPU now, CUDA when it lands). Data moves
+// to and from the device only through the interface, so the suite runs unchanged on a GPU.
+//
+// Tolerances: fp32 kernels against float64 references are compared relative to the largest
+// reference magnitude of the tensor (|got − want| ≤ tol·max|want|). 1e-5 is the fp32 budget for the
+// short sums here (≤ 64 terms, each rounding by 2^-24 ≈ 6e-8, plus fast_exp's 2 ulp); exact
+// conversions and copies are compared bit for bit.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "kernels/backend.h"
+#include "kernels/counter_hash.h"
+#include "worker/engine/memory.h"
+
+namespace lomo {
+namespace {
+
+constexpr double kFp32Tolerance = 1e-5;
+
+std::vector<float> random_values(size_t count, uint64_t seed, float scale = 1.0f) {
+  SplitMix64 random(seed);
+  std::vector<float> values(count);
+  for (float& v : values) {
+    v = scale * (static_cast<float>(random.next() >> 40) / static_cast<float>(1 << 24) * 2 - 1);
+  }
+  return values;
+}
+
+std::vector<double> widen(const std::vector<float>& values) {
+  return std::vector<double>(values.begin(), values.end());
+}
+
+// |got − want| ≤ tolerance·max(max|want|, tiny), element by element.
+void expect_close(const std::vector<float>& got, const std::vector<double>& want, double tolerance,
+                  const std::string& what) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  double scale = 1e-30;
+  for (double w : want) scale = std::max(scale, std::abs(w));
+  for (size_t i = 0; i < got.size(); ++i) {
+    ASSERT_LE(std::abs(got[i] - want[i]), tolerance * scale)
+        << what << "[" << i << "]: " << got[i] << " vs " << want[i];
+  }
+}
+
+class BackendKernels : public ::testing::TestWithParam<Device> {
+ protected:
+  Backend& backend() { return backend_for(GetParam()); }
+
+  // A device copy of host values, drawn against this device's accountant.
+  template <typename T>
+  Buffer upload(const std::vector<T>& values) {
+    Buffer buffer(accountant_, MemoryKind::kWorkspace, values.size() * sizeof(T));
+    backend().copy_from_host(buffer.data(), values.data(), values.size() * sizeof(T));
+    return buffer;
+  }
+  Buffer zeros(size_t floats) {
+    Buffer buffer = float_buffer(accountant_, MemoryKind::kWorkspace, floats);
+    backend().fill_zero(buffer.data(), floats * sizeof(float));
+    return buffer;
+  }
+  template <typename T = float>
+  std::vector<T> download(const Buffer& buffer) {
+    std::vector<T> values(buffer.size_bytes() / sizeof(T));
+    backend().copy_to_host(values.data(), buffer.data(), buffer.size_bytes());
+    return values;
+  }
+
+  MemoryAccountant accountant_{GetParam()};
+};
+
+std::string device_test_name(const ::testing::TestParamInfo<Device>& info) {
+  std::string name = device_name(info.param);
+  std::replace(name.begin(), name.end(), ':', '_');
+  return name;
+}
+
+INSTANTIATE_TEST_SUITE_P(AvailableBackends, BackendKernels,
+                         ::testing::ValuesIn(available_backends()), device_test_name);
+
+TEST_P(BackendKernels, BuffersLiveOnTheBackendsDeviceAndRoundTripThroughHostCopies) {
+  const std::vector<float> values = random_values(37, 1);
+  Buffer a = upload(values);
+  EXPECT_EQ(a.device(), GetParam());
+  EXPECT_EQ(accountant_.report().device, GetParam());
+  Buffer b = zeros(values.size());
+  EXPECT_EQ(download(b), std::vector<float>(values.size(), 0.0f));
+  backend().copy(b.data(), a.data(), a.size_bytes());
+  EXPECT_EQ(download(b), values);
+}
+
+TEST_P(BackendKernels, ConvertToF32WidensBf16AndFp16Exactly) {
+  const std::vector<float> values = random_values(50, 2, 3.0f);
+  for (DType dtype : {DType::kF32, DType::kBF16, DType::kF16}) {
+    std::vector<uint8_t> stored(values.size() * dtype_size(dtype));
+    convert_from_float(dtype, values.data(), stored.data(), values.size());
+    std::vector<float> want(values.size());
+    convert_to_float(dtype, stored.data(), want.data(), values.size());
+    Buffer in = upload(stored), out = zeros(values.size());
+    backend().convert_to_f32(out.as<float>(), in.data(), dtype,
+                             static_cast<int64_t>(values.size()));
+    EXPECT_EQ(download(out), want) << dtype_name(dtype);
+  }
+}
+
+// ---- Matrix products ---------------------------------------------------------------------------
+
+TEST_P(BackendKernels, MatmulForwardAndBothBackwardsMatchLoops) {
+  const int64_t m = 5, n = 7, k = 9;
+  const auto x = random_values(m * k, 3), w = random_values(n * k, 4), dy = random_values(m * n, 5);
+  const auto initial = random_values(std::max({m * n, m * k, n * k}), 6);
+  Buffer dx_buf = upload(x), dw_buf = upload(w), ddy = upload(dy);
+  for (bool accumulate : {false, true}) {
+    std::vector<double> y(m * n), dx(m * k), dweight(n * k);
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t o = 0; o < n; ++o) {
+        double sum = accumulate ? initial[r * n + o] : 0.0;
+        for (int64_t i = 0; i < k; ++i) sum += double(x[r * k + i]) * w[o * k + i];
+        y[r * n + o] = sum;
+      }
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t i = 0; i < k; ++i) {
+        double sum = accumulate ? initial[r * k + i] : 0.0;
+        for (int64_t o = 0; o < n; ++o) sum += double(dy[r * n + o]) * w[o * k + i];
+        dx[r * k + i] = sum;
+      }
+    for (int64_t o = 0; o < n; ++o)
+      for (int64_t i = 0; i < k; ++i) {
+        double sum = accumulate ? initial[o * k + i] : 0.0;
+        for (int64_t r = 0; r < m; ++r) sum += double(dy[r * n + o]) * x[r * k + i];
+        dweight[o * k + i] = sum;
+      }
+    Buffer out_y = upload(std::vector<float>(initial.begin(), initial.begin() + m * n));
+    Buffer out_dx = upload(std::vector<float>(initial.begin(), initial.begin() + m * k));
+    Buffer out_dw = upload(std::vector<float>(initial.begin(), initial.begin() + n * k));
+    backend().matmul_forward(out_y.as<float>(), dx_buf.as<float>(), dw_buf.as<float>(), m, n, k,
+                             accumulate);
+    backend().matmul_backward_input(out_dx.as<float>(), ddy.as<float>(), dw_buf.as<float>(), m, n,
+                                    k, accumulate);
+    backend().matmul_backward_weight(out_dw.as<float>(), ddy.as<float>(), dx_buf.as<float>(), m, n,
+                                     k, accumulate);
+    const std::string mode = accumulate ? " (accumulate)" : "";
+    expect_close(download(out_y), y, kFp32Tolerance, "y" + mode);
+    expect_close(download(out_dx), dx, kFp32Tolerance, "dx" + mode);
+    expect_close(download(out_dw), dweight, kFp32Tolerance, "dW" + mode);
+  }
+}
+
+TEST_P(BackendKernels, StridedBatchedGemmMatchesLoopsForEveryTranspose) {
+  const int64_t m = 3, n = 4, k = 5, batch = 3;
+  // Padded leading dimensions and strides, as attention's per-head views have.
+  const int64_t pad = 2, size = (std::max({m, n, k}) + pad) * (std::max({m, n, k}) + pad);
+  const auto a = random_values(batch * size, 7), b = random_values(batch * size, 8);
+  const auto c0 = random_values(batch * size, 9);
+  for (bool ta : {false, true}) {
+    for (bool tb : {false, true}) {
+      GemmArgs g;
+      g.transpose_a = ta;
+      g.transpose_b = tb;
+      g.m = m, g.n = n, g.k = k;
+      g.alpha = 0.5f, g.beta = 2.0f;
+      g.lda = (ta ? m : k) + pad, g.ldb = (tb ? k : n) + pad, g.ldc = n + pad;
+      g.stride_a = g.stride_b = g.stride_c = size;
+      g.batch = batch;
+      Buffer da = upload(a), db = upload(b), dc = upload(c0);
+      g.a = da.as<float>(), g.b = db.as<float>(), g.c = dc.as<float>();
+      backend().gemm(g);
+      std::vector<double> want = widen(c0);
+      for (int64_t p = 0; p < batch; ++p)
+        for (int64_t i = 0; i < m; ++i)
+          for (int64_t j = 0; j < n; ++j) {
+            double sum = 0.0;
+            for (int64_t l = 0; l < k; ++l) {
+              const double av = ta ? a[p * size + l * g.lda + i] : a[p * size + i * g.lda + l];
+              const double bv = tb ? b[p * size + j * g.ldb + l] : b[p * size + l * g.ldb + j];
+              sum += av * bv;
+            }
+            double& cv = want[p * size + i * g.ldc + j];
+            cv = 0.5 * sum + 2.0 * cv;
+          }
+      expect_close(download(dc), want, kFp32Tolerance,
+                   std::string("C, transpose ") + (ta ? "A" : "-") + (tb ? "B" : "-"));
+    }
+  }
+}
+
+// ---- RMSNorm, RoPE, SwiGLU, embedding -----------------------------------------------------------
+
+TEST_P(BackendKernels, RmsnormForwardAndBackwardMatchLoops) {
+  const int64_t rows = 4, dim = 16;
+  const double eps = 1e-5;
+  const auto x = random_values(rows * dim, 10), w = random_values(dim, 11, 2.0f);
+  const auto dout = random_values(rows * dim, 12), dx0 = random_values(rows * dim, 13);
+  std::vector<double> out(rows * dim), rstd(rows), dx = widen(dx0), dw(dim, 0.0);
+  for (int64_t r = 0; r < rows; ++r) {
+    double ms = 0.0;
+    for (int64_t i = 0; i < dim; ++i) ms += double(x[r * dim + i]) * x[r * dim + i];
+    rstd[r] = 1.0 / std::sqrt(ms / dim + eps);
+    double dot = 0.0;  // Σ dout·w·x
+    for (int64_t i = 0; i < dim; ++i) {
+      out[r * dim + i] = w[i] * x[r * dim + i] * rstd[r];
+      dw[i] += double(dout[r * dim + i]) * x[r * dim + i] * rstd[r];
+      dot += double(dout[r * dim + i]) * w[i] * x[r * dim + i];
+    }
+    // d/dx of w∘x·rstd: w·dout·rstd − x·rstd³·dot/dim, added to the residual gradient.
+    for (int64_t i = 0; i < dim; ++i) {
+      dx[r * dim + i] +=
+          w[i] * dout[r * dim + i] * rstd[r] - x[r * dim + i] * std::pow(rstd[r], 3) * dot / dim;
+    }
+  }
+  Buffer bx = upload(x), bw = upload(w), bout = zeros(rows * dim), brstd = zeros(rows);
+  backend().rmsnorm_forward(bout.as<float>(), brstd.as<float>(), bx.as<float>(), bw.as<float>(),
+                            rows, dim, static_cast<float>(eps));
+  expect_close(download(bout), out, kFp32Tolerance, "rmsnorm out");
+  expect_close(download(brstd), rstd, kFp32Tolerance, "rmsnorm rstd");
+  Buffer bdout = upload(dout), bdx = upload(dx0), bdw = upload(random_values(dim, 14));
+  backend().rmsnorm_backward(bdx.as<float>(), bdw.as<float>(), bdout.as<float>(), bx.as<float>(),
+                             bw.as<float>(), brstd.as<float>(), rows, dim);
+  expect_close(download(bdx), dx, kFp32Tolerance, "rmsnorm dx (added)");
+  expect_close(download(bdw), dw, kFp32Tolerance, "rmsnorm dweight (overwritten)");
+}
+
+TEST_P(BackendKernels, RopeRotatesByTheTableAndBackwardAppliesTheTranspose) {
+  const int64_t rows = 5, heads = 3, head_dim = 8, half = head_dim / 2;
+  RopeFrequencyScaling llama3;
+  llama3.factor = 8.0;
+  llama3.original_max_position_embeddings = 4;  // puts the four frequencies in every band
+  const RopeTable table = rope_table(rope_inverse_frequencies(head_dim, 500.0, llama3), 16);
+  const std::vector<int32_t> positions = {0, 3, 15, 7, 1};
+  const auto x = random_values(rows * heads * head_dim, 15);
+  // Forward: (a, b) → (a·cos − b·sin, b·cos + a·sin); backward uses −sin (the transpose).
+  for (double direction : {1.0, -1.0}) {
+    std::vector<double> want(x.size());
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t h = 0; h < heads; ++h)
+        for (int64_t i = 0; i < half; ++i) {
+          const size_t at = static_cast<size_t>((r * heads + h) * head_dim + i);
+          const double c = table.cos[positions[r] * half + i];
+          const double s = direction * table.sin[positions[r] * half + i];
+          want[at] = x[at] * c - x[at + half] * s;
+          want[at + half] = x[at + half] * c + x[at] * s;
+        }
+    Buffer bx = upload(x), bpos = upload(positions);
+    if (direction > 0) {
+      backend().rope_forward(bx.as<float>(), bpos.as<int32_t>(), table, rows, heads);
+    } else {
+      backend().rope_backward(bx.as<float>(), bpos.as<int32_t>(), table, rows, heads);
+    }
+    expect_close(download(bx), want, kFp32Tolerance, direction > 0 ? "rope" : "rope backward");
+  }
+}
+
+TEST_P(BackendKernels, SwigluForwardAndBackwardMatchLoops) {
+  const int64_t count = 64;
+  const auto gate = random_values(count, 16, 6.0f), up = random_values(count, 17, 2.0f);
+  const auto dout = random_values(count, 18);
+  std::vector<double> out(count), dgate(count), dup(count);
+  for (int64_t i = 0; i < count; ++i) {
+    const double g = gate[i], sigmoid = 1.0 / (1.0 + std::exp(-g));
+    out[i] = g * sigmoid * up[i];
+    dup[i] = dout[i] * g * sigmoid;
+    dgate[i] = dout[i] * up[i] * sigmoid * (1.0 + g * (1.0 - sigmoid));
+  }
+  Buffer bg = upload(gate), bu = upload(up), bd = upload(dout), bo = zeros(count);
+  Buffer bdg = zeros(count), bdu = zeros(count);
+  backend().swiglu_forward(bo.as<float>(), bg.as<float>(), bu.as<float>(), count);
+  backend().swiglu_backward(bdg.as<float>(), bdu.as<float>(), bd.as<float>(), bg.as<float>(),
+                            bu.as<float>(), count);
+  expect_close(download(bo), out, kFp32Tolerance, "swiglu out");
+  expect_close(download(bdg), dgate, kFp32Tolerance, "swiglu dgate");
+  expect_close(download(bdu), dup, kFp32Tolerance, "swiglu dup");
+}
+
+TEST_P(BackendKernels, EmbeddingGathersRowsAndBackwardAddsIntoThem) {
+  const int64_t vocab = 6, dim = 5;
+  const std::vector<int32_t> tokens = {3, 0, 3, 5, 3, 1};  // repeats must add up
+  const auto table = random_values(vocab * dim, 19), dout = random_values(tokens.size() * dim, 20);
+  const auto dtable0 = random_values(vocab * dim, 21);
+  std::vector<double> out(tokens.size() * dim), dtable = widen(dtable0);
+  for (size_t t = 0; t < tokens.size(); ++t)
+    for (int64_t i = 0; i < dim; ++i) {
+      out[t * dim + i] = table[tokens[t] * dim + i];
+      dtable[tokens[t] * dim + i] += dout[t * dim + i];
+    }
+  Buffer bt = upload(tokens), btable = upload(table), bo = zeros(out.size());
+  const int64_t count = static_cast<int64_t>(tokens.size());
+  backend().embedding_forward(bo.as<float>(), bt.as<int32_t>(), btable.as<float>(), count, dim);
+  EXPECT_EQ(download(bo), std::vector<float>(out.begin(), out.end())) << "a gather is exact";
+  Buffer bdt = upload(dtable0), bd = upload(dout);
+  backend().embedding_backward(bdt.as<float>(), bd.as<float>(), bt.as<int32_t>(), count, dim);
+  expect_close(download(bdt), dtable, kFp32Tolerance, "embedding dtable");
+}
+
+// ---- Attention ----------------------------------------------------------------------------------
+
+struct AttentionReference {
+  std::vector<double> out, dq, dk, dv;
+};
+
+// Causal grouped-query attention in float64, straight from the definition, with optional packing.
+AttentionReference reference_attention(const AttentionShape& s, const std::vector<float>& q,
+                                       const std::vector<float>& k, const std::vector<float>& v,
+                                       const std::vector<float>& dout,
+                                       const std::vector<int32_t>& first_key) {
+  const int64_t T = s.seq_len, D = s.head_dim, group = s.num_heads / s.num_kv_heads;
+  const int64_t qw = s.num_heads * D, kw = s.num_kv_heads * D;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+  AttentionReference r{std::vector<double>(q.size(), 0.0), std::vector<double>(q.size(), 0.0),
+                       std::vector<double>(k.size(), 0.0), std::vector<double>(v.size(), 0.0)};
+  for (int64_t b = 0; b < s.batch; ++b)
+    for (int64_t h = 0; h < s.num_heads; ++h) {
+      const int64_t kh = h / group;
+      auto Q = [&](int64_t t, int64_t d) { return double(q[(b * T + t) * qw + h * D + d]); };
+      auto K = [&](int64_t t, int64_t d) { return double(k[(b * T + t) * kw + kh * D + d]); };
+      auto V = [&](int64_t t, int64_t d) { return double(v[(b * T + t) * kw + kh * D + d]); };
+      auto dO = [&](int64_t t, int64_t d) { return double(dout[(b * T + t) * qw + h * D + d]); };
+      for (int64_t i = 0; i < T; ++i) {
+        const int64_t start = first_key.empty() ? 0 : first_key[b * T + i];
+        std::vector<double> p(T, 0.0), dp(T, 0.0);
+        double max_score = -1e300, sum = 0.0;
+        for (int64_t j = start; j <= i; ++j) {
+          for (int64_t d = 0; d < D; ++d) p[j] += Q(i, d) * K(j, d) * scale;
+          max_score = std::max(max_score, p[j]);
+        }
+        for (int64_t j = start; j <= i; ++j) sum += p[j] = std::exp(p[j] - max_score);
+        for (int64_t j = start; j <= i; ++j) p[j] /= sum;
+        double dot = 0.0;  // Σ_j p·dp
+        for (int64_t j = start; j <= i; ++j) {
+          for (int64_t d = 0; d < D; ++d) {
+            r.out[(b * T + i) * qw + h * D + d] += p[j] * V(j, d);
+            r.dv[(b * T + j) * kw + kh * D + d] += p[j] * dO(i, d);
+            dp[j] += dO(i, d) * V(j, d);
+          }
+          dot += p[j] * dp[j];
+        }
+        for (int64_t j = start; j <= i; ++j) {
+          const double ds = p[j] * (dp[j] - dot) * scale;
+          for (int64_t d = 0; d < D; ++d) {
+            r.dq[(b * T + i) * qw + h * D + d] += ds * K(j, d);
+            r.dk[(b * T + j) * kw + kh * D + d] += ds * Q(i, d);
+          }
+        }
+      }
+    }
+  return r;
+}
+
+TEST_P(BackendKernels, AttentionForwardAndBackwardMatchLoopsWithGroupedHeadsAndPacking) {
+  const AttentionShape s{2, 6, 4, 2, 4};
+  const int64_t rows = s.batch * s.seq_len;
+  const auto q = random_values(rows * s.num_heads * s.head_dim, 22, 2.0f);
+  const auto k = random_values(rows * s.num_kv_heads * s.head_dim, 23, 2.0f);
+  const auto v = random_values(rows * s.num_kv_heads * s.head_dim, 24);
+  const auto dout = random_values(q.size(), 25);
+  // Row 0 plain causal; row 1 packs samples [0, 2) and [2, 6).
+  for (const std::vector<int32_t>& first_key :
+       {std::vector<int32_t>{}, std::vector<int32_t>{0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2}}) {
+    const AttentionReference want = reference_attention(s, q, k, v, dout, first_key);
+    Buffer bq = upload(q), bk = upload(k), bv = upload(v), bdout = upload(dout);
+    Buffer bout = zeros(q.size()), probs = zeros(s.batch * s.num_heads * s.seq_len * s.seq_len);
+    Buffer bfirst = first_key.empty() ? Buffer() : upload(first_key);
+    backend().attention_forward(bout.as<float>(), probs.as<float>(), bq.as<float>(), bk.as<float>(),
+                                bv.as<float>(), first_key.empty() ? nullptr : bfirst.as<int32_t>(),
+                                s);
+    const std::string mode = first_key.empty() ? " (causal)" : " (packed)";
+    expect_close(download(bout), want.out, kFp32Tolerance, "attention out" + mode);
+    Buffer scratch = zeros(static_cast<size_t>(backend().attention_backward_scratch_floats(s)));
+    Buffer dq = zeros(q.size()), dk = zeros(k.size()), dv = zeros(v.size());
+    backend().attention_backward(dq.as<float>(), dk.as<float>(), dv.as<float>(),
+                                 scratch.as<float>(), bdout.as<float>(), probs.as<float>(),
+                                 bq.as<float>(), bk.as<float>(), bv.as<float>(), s);
+    expect_close(download(dq), want.dq, kFp32Tolerance, "attention dq" + mode);
+    expect_close(download(dk), want.dk, kFp32Tolerance, "attention dk" + mode);
+    expect_close(download(dv), want.dv, kFp32Tolerance, "attention dv" + mode);
+  }
+}
+
+// ---- Cross-entropy ------------------------------------------------------------------------------
+
+TEST_P(BackendKernels, CrossEntropyMatchesLoopsAndSkipsIgnoredTargets) {
+  const int64_t rows = 4, vocab = 11;
+  const auto logits = random_values(rows * vocab, 26, 8.0f);
+  const std::vector<int32_t> targets = {3, kIgnoreIndex, 0, 10};
+  const float scale = 0.25f;
+  std::vector<double> lse(rows), dlogits(rows * vocab, 0.0);
+  double loss = 0.0;
+  for (int64_t r = 0; r < rows; ++r) {
+    double max_logit = -1e300, sum = 0.0;
+    for (int64_t c = 0; c < vocab; ++c)
+      max_logit = std::max(max_logit, double(logits[r * vocab + c]));
+    for (int64_t c = 0; c < vocab; ++c) sum += std::exp(logits[r * vocab + c] - max_logit);
+    lse[r] = max_logit + std::log(sum);
+    if (targets[r] == kIgnoreIndex) continue;
+    loss += lse[r] - logits[r * vocab + targets[r]];
+    for (int64_t c = 0; c < vocab; ++c) {
+      dlogits[r * vocab + c] =
+          scale * (std::exp(logits[r * vocab + c] - lse[r]) - (c == targets[r] ? 1.0 : 0.0));
+    }
+  }
+  Buffer bl = upload(logits), bt = upload(targets), blse = zeros(rows);
+  const double got = backend().cross_entropy_forward(blse.as<float>(), bl.as<float>(),
+                                                     bt.as<int32_t>(), rows, vocab);
+  EXPECT_NEAR(got, loss, kFp32Tolerance * std::abs(loss)) << "loss sum, relative 1e-5";
+  const auto got_lse = download(blse);
+  for (int64_t r = 0; r < rows; ++r) {
+    if (targets[r] == kIgnoreIndex) continue;  // only rows with a target feed the backward pass
+    EXPECT_NEAR(got_lse[r], lse[r], kFp32Tolerance * std::abs(lse[r])) << "logsumexp row " << r;
+  }
+  // In place, as the model runs it.
+  backend().cross_entropy_backward(bl.as<float>(), bl.as<float>(), blse.as<float>(),
+                                   bt.as<int32_t>(), rows, vocab, scale);
+  expect_close(download(bl), dlogits, kFp32Tolerance, "dlogits");
+}
+
+// ---- Gradient preparation and reductions --------------------------------------------------------
+
+TEST_P(BackendKernels, GradientRoundingMatchesTheStorageDtypeRoundTrip) {
+  auto values = random_values(40, 27, 1e5f);  // beyond fp16's range: some become inf
+  values[0] = 1e-9f;                          // below fp16's subnormals: flushes to zero
+  for (DType dtype : {DType::kF32, DType::kBF16, DType::kF16}) {
+    std::vector<uint8_t> stored(values.size() * dtype_size(dtype));
+    convert_from_float(dtype, values.data(), stored.data(), values.size());
+    std::vector<float> want(values.size());
+    convert_to_float(dtype, stored.data(), want.data(), values.size());
+    Buffer g = upload(values);
+    backend().round_gradient_to_dtype(g.as<float>(), static_cast<int64_t>(values.size()), dtype);
+    EXPECT_EQ(download(g), want) << dtype_name(dtype);
+  }
+}
+
+TEST_P(BackendKernels, UnscaleAccumulatesSumsOfSquaresAndFlagsTheFirstNonFiniteTensor) {
+  DeviceValue<GradientStatistics> statistics(backend(), GradientStatistics{});
+  const float unscale = 0.125f;  // a power of two: the scaled values are exact
+  double want_sum = 0.0;
+  for (int64_t tensor = 0; tensor < 3; ++tensor) {
+    const auto g = random_values(100, 28 + tensor);
+    Buffer bg = upload(g);
+    backend().unscale_gradient(bg.as<float>(), 100, unscale, tensor, statistics.get());
+    const auto got = download(bg);
+    for (size_t i = 0; i < g.size(); ++i) {
+      ASSERT_EQ(got[i], g[i] * unscale);
+      want_sum += double(g[i] * unscale) * (g[i] * unscale);
+    }
+  }
+  GradientStatistics read = statistics.read();
+  // Double sums of 300 terms: only reassociation separates kernel and loop (relative 1e-12).
+  EXPECT_NEAR(read.sum_squares, want_sum, 1e-12 * want_sum);
+  EXPECT_EQ(read.first_non_finite, -1);
+  // Tensors 7 and 9 overflow; the flag keeps the first one checked.
+  for (int64_t tensor : {7, 8, 9}) {
+    std::vector<float> g(10, 1.0f);
+    if (tensor != 8) g[4] = tensor == 7 ? INFINITY : NAN;
+    Buffer bg = upload(g);
+    backend().unscale_gradient(bg.as<float>(), 10, 1.0f, tensor, statistics.get());
+  }
+  read = statistics.read();
+  EXPECT_EQ(read.first_non_finite, 7);
+  EXPECT_FALSE(std::isfinite(read.sum_squares));
+}
+
+TEST_P(BackendKernels, ClipGradientClampsByValueThenScalesByTheCoefficient) {
+  const auto g = random_values(64, 31, 4.0f);
+  for (bool by_value : {false, true}) {
+    std::vector<double> want(g.size());
+    for (size_t i = 0; i < g.size(); ++i) {
+      const double clamped = by_value ? std::clamp(double(g[i]), -1.5, 1.5) : g[i];
+      want[i] = clamped * 0.75;
+    }
+    Buffer bg = upload(g);
+    backend().clip_gradient(bg.as<float>(), 64, by_value, 1.5f, 0.75f);
+    expect_close(download(bg), want, kFp32Tolerance, by_value ? "clip by value" : "coefficient");
+  }
+}
+
+TEST_P(BackendKernels, SumOfSquaresOfEveryStorageDtypeMatchesADoubleLoop) {
+  const auto values = random_values(1000, 32, 3.0f);
+  for (DType dtype : {DType::kF32, DType::kBF16, DType::kF16}) {
+    std::vector<uint8_t> stored(values.size() * dtype_size(dtype));
+    convert_from_float(dtype, values.data(), stored.data(), values.size());
+    std::vector<float> exact(values.size());
+    convert_to_float(dtype, stored.data(), exact.data(), values.size());
+    double want = 0.0;
+    for (float v : exact) want += double(v) * v;
+    Buffer b = upload(stored);
+    // Double accumulation of 1000 terms: relative 1e-12.
+    EXPECT_NEAR(backend().sum_squares(b.data(), dtype, 1000), want, 1e-12 * want)
+        << dtype_name(dtype);
+  }
+}
+
+// ---- Update rules -------------------------------------------------------------------------------
+
+TEST_P(BackendKernels, LomoUpdateMatchesADoubleReferenceAndSkipsAfterANonFiniteGradient) {
+  const int64_t count = 200;
+  const auto p0 = random_values(count, 33), g = random_values(count, 34);
+  const SgdUpdate u{1.0f - 0.01f * 0.1f, 0.01f};
+  std::vector<double> want(count);
+  for (int64_t i = 0; i < count; ++i) want[i] = double(p0[i]) * u.keep - double(u.step) * g[i];
+  Buffer p = upload(p0), bg = upload(g);
+  DeviceValue<GradientStatistics> clean(backend(), GradientStatistics{});
+  backend().lomo_update(p.data(), DType::kF32, count, bg.as<float>(), u, WriteBack{}, clean.get());
+  expect_close(download(p), want, kFp32Tolerance, "lomo update");
+  // bf16 storage, round to nearest: within half a bf16 ulp (2^-9 relative) of the double result.
+  std::vector<uint16_t> p16(count);
+  convert_from_float(DType::kBF16, p0.data(), p16.data(), count);
+  Buffer pb = upload(p16);
+  backend().lomo_update(pb.data(), DType::kBF16, count, bg.as<float>(), u, WriteBack{}, nullptr);
+  const auto got16 = download<uint16_t>(pb);
+  for (int64_t i = 0; i < count; ++i) {
+    const double ref = double(bf16_to_float(p16[i])) * u.keep - double(u.step) * g[i];
+    ASSERT_LE(std::abs(bf16_to_float(got16[i]) - ref), std::abs(ref) * 0x1p-8) << i;
+  }
+  DeviceValue<GradientStatistics> flagged(backend(), GradientStatistics{0.0, 5});
+  Buffer untouched = upload(p0);
+  backend().lomo_update(untouched.data(), DType::kF32, count, bg.as<float>(), u, WriteBack{},
+                        flagged.get());
+  EXPECT_EQ(download(untouched), p0) << "an update after a non-finite gradient must do nothing";
+}
+
+TEST_P(BackendKernels, AdamWUpdateMatchesADoubleReferenceOverThreeSteps) {
+  const int64_t count = 300;
+  const double lr = 1e-2, wd = 0.1;
+  const auto p0 = random_values(count, 35);
+  std::vector<double> p = widen(p0), m(count, 0.0), v(count, 0.0);
+  Buffer bp = upload(p0), bm = zeros(count), bv = zeros(count);
+  for (int t = 1; t <= 3; ++t) {
+    AdamWUpdate u;
+    u.beta1 = 0.9f, u.beta2 = 0.999f, u.eps = 1e-8f;
+    u.correction1 = static_cast<float>(1 - std::pow(0.9, t));
+    u.correction2 = static_cast<float>(1 - std::pow(0.999, t));
+    u.step = static_cast<float>(lr);
+    u.keep = static_cast<float>(1 - lr * wd);
+    // The reference takes the kernel's scalars as given (fp32 β₂ = 0.999f makes 1 − β₂ differ
+    // from 0.001 by 1.3e-5 relative: a property of the inputs, not of the kernel).
+    const double b1 = u.beta1, b2 = u.beta2;
+    const auto g = random_values(count, 36 + t);
+    for (int64_t i = 0; i < count; ++i) {
+      m[i] = b1 * m[i] + (1 - b1) * g[i];
+      v[i] = b2 * v[i] + (1 - b2) * double(g[i]) * g[i];
+      const double m_hat = m[i] / u.correction1, v_hat = v[i] / u.correction2;
+      p[i] = p[i] * u.keep - u.step * m_hat / (std::sqrt(v_hat) + u.eps);
+    }
+    Buffer bg = upload(g);
+    backend().adamw_update(bp.data(), DType::kF32, count, bg.as<float>(), bm.as<float>(),
+                           bv.as<float>(), u, WriteBack{}, nullptr);
+    const std::string step = " after step " + std::to_string(t);
+    expect_close(download(bp), p, kFp32Tolerance, "adamw p" + step);
+    expect_close(download(bm), m, kFp32Tolerance, "adamw exp_avg" + step);
+    expect_close(download(bv), v, kFp32Tolerance, "adamw exp_avg_sq" + step);
+  }
+}
+
+// AdaLomo for one tensor in float64, as adalomo_update.h states it.
+void reference_adalomo(std::vector<double>& p, std::vector<double>& row, std::vector<double>& col,
+                       std::vector<double>& full, std::vector<double> g, int64_t rows, int64_t cols,
+                       const AdaLomoUpdate& u) {
+  const int64_t count = static_cast<int64_t>(p.size());
+  if (cols > 0) {
+    for (int64_t r = 0; r < rows; ++r) {
+      double sum = 0.0;
+      for (int64_t c = 0; c < cols; ++c) sum += g[r * cols + c] * g[r * cols + c] + u.eps1;
+      row[r] = u.beta * row[r] + (1 - u.beta) * sum / cols;
+    }
+    for (int64_t c = 0; c < cols; ++c) {
+      double sum = 0.0;
+      for (int64_t r = 0; r < rows; ++r) sum += g[r * cols + c] * g[r * cols + c] + u.eps1;
+      col[c] = u.beta * col[c] + (1 - u.beta) * sum / rows;
+    }
+    double row_mean = 0.0;
+    for (double x : row) row_mean += x / rows;
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) g[r * cols + c] /= std::sqrt(row[r] / row_mean * col[c]);
+  } else {
+    for (int64_t i = 0; i < count; ++i) {
+      full[i] = u.beta * full[i] + (1 - u.beta) * (g[i] * g[i] + u.eps1);
+      g[i] /= std::sqrt(full[i]);
+    }
+  }
+  double update_ss = 0.0, parameter_ss = 0.0;
+  for (int64_t i = 0; i < count; ++i) update_ss += g[i] * g[i], parameter_ss += p[i] * p[i];
+  const double scale = 1.0 / std::max(1.0, std::sqrt(update_ss / count) / u.clip_threshold);
+  const double alpha = u.lr * std::max(u.eps2, std::sqrt(parameter_ss / count));
+  for (int64_t i = 0; i < count; ++i) {
+    p[i] = p[i] * (1 - alpha * u.weight_decay) - alpha * scale * g[i];
+  }
+}
+
+TEST_P(BackendKernels, AdaLomoUpdateMatchesADoubleReferenceForMatricesAndVectors) {
+  for (const auto& [rows, cols] : {std::pair<int64_t, int64_t>{6, 10}, {24, 0}}) {
+    const int64_t count = cols > 0 ? rows * cols : rows;
+    const auto p0 = random_values(count, 40);
+    std::vector<double> p = widen(p0), row(rows, 0.0), col(std::max<int64_t>(cols, 1), 0.0),
+                        full(count, 0.0);
+    Buffer bp = upload(p0), brow = zeros(rows), bcol = zeros(std::max<int64_t>(cols, 1)),
+           bfull = zeros(count);
+    for (int t = 1; t <= 3; ++t) {
+      AdaLomoUpdate u;
+      u.lr = 1e-2;
+      u.beta = 1.0 - std::pow(t, -0.8);
+      u.clip_threshold = 1.0;
+      u.weight_decay = 0.1;
+      // Larger gradients in late steps, so that update normalisation engages.
+      const auto g = random_values(count, 41 + t, static_cast<float>(t * t));
+      reference_adalomo(p, row, col, full, widen(g), rows, cols, u);
+      Buffer bg = upload(g);
+      backend().adalomo_update(bp.data(), DType::kF32, rows, cols, bg.as<float>(), brow.as<float>(),
+                               bcol.as<float>(), bfull.as<float>(), u, WriteBack{}, nullptr);
+      const std::string what =
+          (cols > 0 ? "matrix" : "vector") + std::string(" step ") + std::to_string(t);
+      expect_close(download(bp), p, kFp32Tolerance, "adalomo p, " + what);
+      if (cols > 0) {
+        expect_close(download(brow), row, kFp32Tolerance, "adalomo row moment, " + what);
+        expect_close(download(bcol), std::vector<double>(col.begin(), col.begin() + cols),
+                     kFp32Tolerance, "adalomo column moment, " + what);
+      } else {
+        expect_close(download(bfull), full, kFp32Tolerance, "adalomo moment, " + what);
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace lomo
