@@ -1,13 +1,9 @@
 #include "apiclient/lomo_client.h"
 
 #include <algorithm>
-#include <cerrno>
-#include <cstring>
-#include <fstream>
-#include <map>
 #include <thread>
 
-#include "common/sha256.h"
+#include "common/file_transfer.h"
 
 namespace lomo::client {
 namespace {
@@ -60,15 +56,6 @@ std::string status_code_name(grpc::StatusCode code) {
     default:
       return "code " + std::to_string(static_cast<int>(code));
   }
-}
-
-// A relative path that stays inside the download directory.
-bool safe_relative_path(const std::string& path) {
-  if (path.empty() || path.front() == '/') return false;
-  for (const auto& part : fs::path(path)) {
-    if (part == ".." || part == ".") return false;
-  }
-  return path.find('\0') == std::string::npos;
 }
 
 }  // namespace
@@ -140,6 +127,10 @@ void Client::fail(const grpc::Status& status) const {
 lomo::v1::Job Client::submit_job(const google::protobuf::Struct& spec) {
   lomo::v1::SubmitJobRequest request;
   *request.mutable_spec() = spec;
+  return submit_job(request);
+}
+
+lomo::v1::Job Client::submit_job(const lomo::v1::SubmitJobRequest& request) {
   lomo::v1::SubmitJobResponse response;
   auto context = unary_context();
   const grpc::Status status = stub_->SubmitJob(context.get(), request, &response);
@@ -257,90 +248,41 @@ DownloadResult Client::download_checkpoint(
     grpc::ClientContext* context;
     ~Untrack() { client->untrack(context); }
   } untrack_guard{this, &context};
+  const auto data_loss = [&](const std::string& why) {
+    return ClientError(grpc::StatusCode::DATA_LOSS,
+                       "download of " + checkpoint_id + " failed: " + why);
+  };
 
   fs::create_directories(directory);
   auto reader = stub_->DownloadCheckpoint(&context, request);
-  DownloadResult result;
-  lomo::v1::DownloadCheckpointResponse chunk;
-  std::string current_path;
-  std::ofstream out;
-  std::unique_ptr<Sha256> hash;
-  int64_t file_bytes = 0;
-  auto abort_download = [&](const std::string& why) {
+  FileReceiver receiver(directory);
+  lomo::v1::DownloadCheckpointResponse response;
+  try {
+    while (reader->Read(&response)) {
+      receiver.accept(response.chunk());
+      if (progress) progress({response.chunk().path(), receiver.bytes_received()});
+    }
+  } catch (const TransferError& error) {
     context.TryCancel();
     reader->Finish();
-    out.close();
-    if (!current_path.empty()) fs::remove(directory / (current_path + ".partial"));
-    throw ClientError(grpc::StatusCode::DATA_LOSS,
-                      "download of " + checkpoint_id + " failed: " + why);
-  };
-  while (reader->Read(&chunk)) {
-    if (chunk.path() != current_path) {
-      if (!current_path.empty()) abort_download(current_path + " ended without its checksum");
-      if (!safe_relative_path(chunk.path())) {
-        abort_download("the coordinator sent an unsafe file name '" + chunk.path() + "'");
-      }
-      current_path = chunk.path();
-      const fs::path partial = directory / (current_path + ".partial");
-      fs::create_directories(partial.parent_path());
-      out.open(partial, std::ios::binary | std::ios::trunc);
-      if (!out) abort_download(partial.string() + ": " + std::strerror(errno));
-      hash = std::make_unique<Sha256>();
-      file_bytes = 0;
-    }
-    if (chunk.offset() != file_bytes) {
-      abort_download(current_path + ": chunk at offset " + std::to_string(chunk.offset()) +
-                     ", expected " + std::to_string(file_bytes));
-    }
-    out.write(chunk.data().data(), static_cast<std::streamsize>(chunk.data().size()));
-    if (!out) abort_download(current_path + ": write failed: " + std::strerror(errno));
-    hash->update(chunk.data());
-    file_bytes += static_cast<int64_t>(chunk.data().size());
-    result.bytes += static_cast<int64_t>(chunk.data().size());
-    if (progress) progress({current_path, result.bytes});
-    if (chunk.last_chunk_of_file()) {
-      out.close();
-      if (!out) abort_download(current_path + ": write failed: " + std::strerror(errno));
-      const std::string digest = hash->hex_digest();
-      if (digest != chunk.sha256()) {
-        abort_download(current_path + ": SHA-256 mismatch (received " + digest +
-                       ", the coordinator says " + chunk.sha256() + ")");
-      }
-      fs::rename(directory / (current_path + ".partial"), directory / current_path);
-      lomo::v1::CheckpointFile file;
-      file.set_path(current_path);
-      file.set_size_bytes(file_bytes);
-      file.set_sha256(digest);
-      result.files.push_back(file);
-      current_path.clear();
-    }
+    throw data_loss(error.what());
   }
   const grpc::Status status = reader->Finish();
   if (!status.ok()) {
-    out.close();
-    if (!current_path.empty()) fs::remove(directory / (current_path + ".partial"));
+    receiver.abort();
     fail(status);
   }
-  if (!current_path.empty()) abort_download(current_path + " was cut short");
-  if (result.files.empty()) abort_download("the coordinator sent no files");
-  if (!expected.empty()) {
-    std::map<std::string, const lomo::v1::CheckpointFile*> received;
-    for (const auto& f : result.files) received[f.path()] = &f;
-    for (const auto& want : expected) {
-      const auto it = received.find(want.path());
-      if (it == received.end()) {
-        throw ClientError(grpc::StatusCode::DATA_LOSS,
-                          "download of " + checkpoint_id + " is missing " + want.path());
-      }
-      if ((!want.sha256().empty() && it->second->sha256() != want.sha256()) ||
-          (want.size_bytes() > 0 && it->second->size_bytes() != want.size_bytes())) {
-        throw ClientError(grpc::StatusCode::DATA_LOSS,
-                          "download of " + checkpoint_id + ": " + want.path() +
-                              " differs from the checkpoint's record (size or SHA-256)");
-      }
-    }
+  try {
+    receiver.finish();
+  } catch (const TransferError& error) {
+    throw data_loss(error.what());
   }
-  return result;
+  if (receiver.files().empty()) throw data_loss("the coordinator sent no files");
+  if (const std::string mismatch = compare_with_record(receiver.files(), expected);
+      !mismatch.empty()) {
+    throw data_loss(mismatch);
+  }
+  return DownloadResult{receiver.files(), receiver.bytes_received()};
 }
 
 bool Client::wait_until_reachable(std::chrono::milliseconds timeout) {

@@ -1,5 +1,6 @@
 // A small typed client of the coordinator's public API (lomo.v1.JobService), used by lomoctl and
-// by the worker daemon (to fetch a job's last checkpoint). Every unary call carries a deadline;
+// tests (the worker daemon fetches checkpoints over the worker protocol instead, without user
+// credentials). Every unary call carries a deadline;
 // failures are thrown as ClientError with the gRPC status and a message fit for a terminal.
 #pragma once
 
@@ -59,6 +60,8 @@ class Client {
   const std::string& address() const { return options_.address; }
 
   lomo::v1::Job submit_job(const google::protobuf::Struct& spec);
+  // The spec as text (spec_text) with its overrides: the exact form (jobspec/proto/spec_proto.h).
+  lomo::v1::Job submit_job(const lomo::v1::SubmitJobRequest& request);
   lomo::v1::Job get_job(const std::string& job_id);
   // Newest first; `limit` 0: all of them (following page tokens).
   std::vector<lomo::v1::Job> list_jobs(const std::vector<lomo::v1::JobState>& states, int limit);
@@ -71,9 +74,10 @@ class Client {
   void watch_job(const std::string& job_id, int64_t after_sequence, bool follow,
                  const std::function<bool(const lomo::v1::WatchJobResponse&)>& on_event);
 
-  // Downloads a checkpoint into `directory` (created if needed). Each file is written under
-  // "<name>.partial", checked against the SHA-256 the coordinator sends with its last chunk, and
-  // only then renamed; a mismatch, a gap, or a path that would leave `directory` throws.
+  // Downloads a checkpoint into `directory` (created if needed) with common/file_transfer.h's
+  // FileReceiver: each file is written under "<name>.partial", checked against the SHA-256 the
+  // coordinator sends with its last chunk, and only then renamed; a mismatch, a gap, or a path
+  // that would leave `directory` throws ClientError DATA_LOSS.
   // `expected`, when not empty, must match the files received (names, sizes, checksums).
   DownloadResult download_checkpoint(
       const std::string& checkpoint_id, const std::filesystem::path& directory,

@@ -35,6 +35,7 @@
 #include <thread>
 #include <vector>
 
+#include "common/read_file.h"
 #include "lomo/v1/jobs.grpc.pb.h"
 #include "lomo/v1/workers.grpc.pb.h"
 
@@ -63,16 +64,18 @@ std::chrono::system_clock::time_point deadline_in(double seconds) {
                                                 std::chrono::duration<double>(seconds));
 }
 
-std::string read_file(const fs::path& path) {
-  std::ifstream in(path);
-  std::ostringstream text;
-  text << in.rdbuf();
-  return text.str();
+// The file's text, or "" when it cannot be read (a process that has exited).
+std::string read_text(const fs::path& path) {
+  try {
+    return lomo::read_file(path);
+  } catch (const lomo::FileReadError&) {
+    return "";
+  }
 }
 
 // CPU seconds (user + system) of a process, from /proc/<pid>/stat fields 14 and 15.
 double cpu_seconds(pid_t pid) {
-  const std::string stat = read_file("/proc/" + std::to_string(pid) + "/stat");
+  const std::string stat = read_text("/proc/" + std::to_string(pid) + "/stat");
   const size_t close = stat.rfind(')');
   if (close == std::string::npos) return 0;
   std::istringstream fields(stat.substr(close + 2));
@@ -87,7 +90,7 @@ double cpu_seconds(pid_t pid) {
 
 // Resident set size in MiB, from /proc/<pid>/status.
 double rss_mib(pid_t pid) {
-  std::istringstream status(read_file("/proc/" + std::to_string(pid) + "/status"));
+  std::istringstream status(read_text("/proc/" + std::to_string(pid) + "/status"));
   std::string line;
   while (std::getline(status, line)) {
     if (line.rfind("VmRSS:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;
@@ -293,14 +296,14 @@ int run(const Options& options) {
   std::string address;
   for (int i = 0; i < 400 && address.empty(); ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    const std::string text = read_file(ready);
+    const std::string text = read_text(ready);
     const size_t at = text.find("\"grpc\":\"");
     if (at != std::string::npos) {
       address = text.substr(at + 8, text.find('"', at + 8) - at - 8);
     }
   }
   if (address.empty()) {
-    std::fprintf(stderr, "coordinator did not start:\n%s\n", read_file(log).c_str());
+    std::fprintf(stderr, "coordinator did not start:\n%s\n", read_text(log).c_str());
     kill(pid, SIGKILL);
     return 1;
   }

@@ -23,10 +23,10 @@
 #include <string_view>
 #include <vector>
 
+#include "kernels/counter_hash.h"
 #include "worker/data/sample_loader.h"
 #include "worker/data/sentencepiece_tokenizer.h"
 #include "worker/data/tokenizer.h"
-#include "kernels/counter_hash.h"
 #include "worker/train/token_dataset.h"
 
 namespace {

@@ -19,9 +19,9 @@
 #include <string_view>
 #include <vector>
 
+#include "kernels/counter_hash.h"
 #include "worker/data/sentencepiece_tokenizer.h"
 #include "worker/data/tokenizer.h"
-#include "kernels/counter_hash.h"
 
 namespace {
 

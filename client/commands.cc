@@ -5,7 +5,6 @@
 #include <iostream>
 
 #include "client/render.h"
-#include "client/spec_struct.h"
 #include "client/watch.h"
 #include "jobspec/job_spec.h"
 
@@ -98,13 +97,15 @@ ParsedArgs parse_args(const std::vector<std::string>& args, const std::string& c
   return parsed;
 }
 
-google::protobuf::Struct load_spec_struct(const std::string& file,
-                                          const std::vector<std::string>& overrides,
-                                          std::string* job_name) {
-  JobSpec spec = load_job_spec(file);
-  if (!overrides.empty()) apply_job_spec_overrides(spec, overrides);
+lomo::v1::SubmitJobRequest load_submit_request(const std::string& file,
+                                               const std::vector<std::string>& overrides,
+                                               std::string* job_name) {
+  lomo::v1::SubmitJobRequest request;
+  request.set_spec_text(read_job_spec_file(file));
+  const JobSpec spec = parse_job_spec(request.spec_text(), file, overrides);
+  for (const std::string& o : overrides) request.add_overrides(o);
   if (job_name != nullptr) *job_name = spec.name;
-  return job_spec_to_struct(spec);
+  return request;
 }
 
 WatchOptions watch_options_for(const CommandContext& context) {
@@ -119,8 +120,8 @@ int submit_command(CommandContext& context) {
   const ParsedArgs args = parse_args(context.args, "submit", {"--set"}, {"--watch"});
   const std::string& file = one_positional(args, "submit", "job file (JOB.yaml)");
   std::string name;
-  const google::protobuf::Struct spec = load_spec_struct(file, args.all("--set"), &name);
-  const lomo::v1::Job job = context.client().submit_job(spec);
+  const lomo::v1::Job job =
+      context.client().submit_job(load_submit_request(file, args.all("--set"), &name));
   if (context.json) {
     std::cout << message_to_json(job, true) << "\n";
   } else {

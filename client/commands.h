@@ -4,8 +4,6 @@
 // (ClientError, JobSpecError, UsageError) and printed by main.
 #pragma once
 
-#include <google/protobuf/struct.pb.h>
-
 #include <map>
 #include <memory>
 #include <optional>
@@ -14,8 +12,8 @@
 #include <string>
 #include <vector>
 
-#include "client/config.h"
 #include "apiclient/lomo_client.h"
+#include "client/config.h"
 
 namespace lomo::client {
 
@@ -68,11 +66,13 @@ ParsedArgs parse_args(const std::vector<std::string>& args, const std::string& c
                       const std::set<std::string>& with_value,
                       const std::set<std::string>& switches);
 
-// JOB.yaml with its --set overrides applied, as the API carries it. Throws JobSpecError naming
-// the file (or the override) and the field.
-google::protobuf::Struct load_spec_struct(const std::string& file,
-                                          const std::vector<std::string>& overrides,
-                                          std::string* job_name);
+// The SubmitJobRequest for JOB.yaml and its --set overrides: the file's text exactly as written
+// (spec_text) and the overrides, which the coordinator applies and validates once, as the entry
+// point. They are validated here first, so that a bad spec fails at once with the file's line.
+// Throws JobSpecError naming the file (or the override) and every field with a problem.
+lomo::v1::SubmitJobRequest load_submit_request(const std::string& file,
+                                               const std::vector<std::string>& overrides,
+                                               std::string* job_name);
 
 // The progress display `watch` uses, as the context asks for it (TTY bar, plain lines, JSON).
 struct WatchOptions;

@@ -15,7 +15,9 @@
 #include "client/commands.h"
 #include "client/render.h"
 #include "client/watch.h"
+#include "common/checkpoint_layout.h"
 #include "common/child_process.h"
+#include "common/read_file.h"
 #include "common/stop_signals.h"
 
 namespace lomo::client {
@@ -86,14 +88,293 @@ fs::path find_program(const std::string& name, const std::optional<std::string>&
 }
 
 std::optional<std::string> read_ready_address(const fs::path& ready_file) {
-  std::ifstream in(ready_file);
-  if (!in) return std::nullopt;
-  std::stringstream text;
-  text << in.rdbuf();
-  const auto json = nlohmann::json::parse(text.str(), nullptr, /*allow_exceptions=*/false);
+  std::string text;
+  try {
+    text = read_file(ready_file);
+  } catch (const FileReadError&) {
+    return std::nullopt;
+  }
+  const auto json = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (!json.is_object() || !json.contains("grpc") || !json["grpc"].is_string()) return std::nullopt;
   return json["grpc"].get<std::string>();
 }
+
+namespace {
+
+// The files of a local run under its state directory.
+struct LocalFiles {
+  explicit LocalFiles(const fs::path& state)
+      : state_dir(state),
+        coordinator_log(state / "coordinator.log"),
+        worker_log(state / "worker.log"),
+        ready_file(state / "coordinator.ready"),
+        coordinator_data(state / "coordinator"),
+        worker_dir(state / "worker") {}
+  fs::path state_dir, coordinator_log, worker_log, ready_file, coordinator_data, worker_dir;
+};
+
+// The two programs a local run starts.
+struct LocalPrograms {
+  fs::path coordinator;
+  fs::path worker;
+};
+
+// Found before anything starts: a missing program fails at once.
+LocalPrograms find_local_programs(const ParsedArgs& args) {
+  std::error_code error;
+  const fs::path self_dir = fs::read_symlink("/proc/self/exe", error).parent_path();
+  LocalPrograms programs;
+  programs.coordinator = find_program(
+      "lomo-coordinator", args.value("--coordinator-bin"), "LOMO_COORDINATOR_BIN",
+      {self_dir / "lomo-coordinator", self_dir / ".." / "server" / "lomo-coordinator"});
+  programs.worker =
+      find_program("lomo-worker", args.value("--worker-bin"), "LOMO_WORKER_BIN",
+                   {self_dir / "lomo-worker", self_dir / ".." / "worker" / "lomo-worker"});
+  return programs;
+}
+
+// The coordinator and the worker as child processes, one job submitted and watched to its end.
+// Ctrl-C: the first cancels the job (the worker stops it and reports), the second stops everything
+// at once.
+class LocalRun {
+ public:
+  LocalRun(CommandContext& context, const ParsedArgs& args, LocalPrograms programs,
+           LocalFiles files)
+      : context_(context),
+        args_(args),
+        programs_(std::move(programs)),
+        files_(std::move(files)),
+        // Set up before any gRPC thread exists, so that every thread inherits the signal mask.
+        signals_([this](int, int count) { on_stop_signal(count); }) {}
+
+  int run(const lomo::v1::SubmitJobRequest& spec, const std::string& name) {
+    try {
+      start_coordinator();
+      const std::string address = wait_until_ready();
+      start_worker(address);
+      connect(address);
+      const lomo::v1::Job job = submit_and_watch(spec, name);
+      return finish(job);
+    } catch (...) {
+      stop_after_error();
+      throw;
+    }
+  }
+
+ private:
+  void on_stop_signal(int count) {
+    interrupts_ = count;
+    std::lock_guard lock(mutex_);
+    if (count == 1 && client_ && !job_id_.empty()) {
+      std::cerr << "\nlomoctl local: cancelling job " << job_id_
+                << " (Ctrl-C again to stop at once)\n";
+      try {
+        client_->cancel_job(job_id_);
+      } catch (const std::exception& e) {
+        std::cerr << "lomoctl local: " << e.what() << "\n";
+        client_->cancel_streams();
+      }
+    } else if (client_) {
+      client_->cancel_streams();
+    }
+  }
+
+  void start_coordinator() {
+    ChildOptions c;
+    c.argv = {programs_.coordinator.string(),
+              "--data-dir",
+              files_.coordinator_data.string(),
+              "--grpc-listen",
+              "127.0.0.1:0",
+              "--http-listen",
+              "127.0.0.1:0",
+              "--ready-file",
+              files_.ready_file.string()};
+    c.stdout_mode = c.stderr_mode = ChildOutput::kFile;
+    c.output_file = files_.coordinator_log;
+    coordinator_ = std::make_unique<ChildProcess>(c);
+  }
+
+  // The coordinator's gRPC address once it has written its ready file.
+  std::string wait_until_ready() {
+    const auto deadline = Clock::now() + std::chrono::seconds(30);
+    while (true) {
+      if (auto address = read_ready_address(files_.ready_file)) return *address;
+      if (auto status = coordinator_->try_wait()) {
+        throw std::runtime_error("lomo-coordinator " + status->describe() +
+                                 " while starting; the end of " + files_.coordinator_log.string() +
+                                 ":\n" + last_lines(files_.coordinator_log, 15));
+      }
+      if (interrupts_ > 0) throw Interrupted("interrupted while starting");
+      if (Clock::now() > deadline) {
+        throw std::runtime_error("lomo-coordinator did not become ready within 30s; see " +
+                                 files_.coordinator_log.string());
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+  }
+
+  void start_worker(const std::string& address) {
+    ChildOptions w;
+    w.argv = {programs_.worker.string(),
+              "serve",
+              "--coordinator",
+              address,
+              "--device",
+              "cpu",
+              "--work-dir",
+              files_.worker_dir.string(),
+              "--worker-id",
+              "local-cpu"};
+    w.stdout_mode = w.stderr_mode = ChildOutput::kFile;
+    w.output_file = files_.worker_log;
+    worker_ = std::make_unique<ChildProcess>(w);
+    if (!context_.json) {
+      std::cout << "local mode: coordinator at " << address << ", one CPU worker; state in "
+                << files_.state_dir.string() << " (logs: coordinator.log, worker.log)\n";
+    }
+  }
+
+  void connect(const std::string& address) {
+    ClientOptions options;
+    options.address = address;
+    options.timeout =
+        std::chrono::milliseconds(static_cast<int64_t>(context_.config.timeout_seconds * 1000));
+    std::lock_guard lock(mutex_);
+    client_ = std::make_unique<Client>(options);
+  }
+
+  lomo::v1::Job submit_and_watch(const lomo::v1::SubmitJobRequest& spec, const std::string& name) {
+    if (interrupts_ > 0) throw Interrupted("interrupted while starting");
+    const lomo::v1::Job submitted = client_->submit_job(spec);
+    {
+      std::lock_guard lock(mutex_);
+      job_id_ = submitted.id();
+    }
+    if (!context_.json) {
+      std::cout << "submitted job " << submitted.id() << (name.empty() ? "" : " (" + name + ")")
+                << "\n"
+                << std::flush;
+    }
+    try {
+      return watch_job_to_end(*client_, submitted.id(), watch_options_for(context_), std::cout);
+    } catch (const ClientError& e) {
+      if (e.code() == grpc::StatusCode::CANCELLED && interrupts_ > 0) {
+        throw Interrupted("stopped at once (second Ctrl-C); the coordinator and worker are gone");
+      }
+      throw;
+    }
+  }
+
+  // After the job's end: its checkpoint downloaded (if it succeeded), the processes stopped.
+  int finish(const lomo::v1::Job& job) {
+    if (worker_->try_wait()) {
+      std::cerr << "lomoctl local: lomo-worker ended during the job; the end of "
+                << files_.worker_log.string() << ":\n"
+                << last_lines(files_.worker_log, 15);
+    }
+    if (job.state() == lomo::v1::JOB_STATE_SUCCEEDED) {
+      if (!download_newest_checkpoint(job)) {
+        std::cerr << "lomoctl local: the job succeeded but has no committed checkpoint\n";
+        stop_all();
+        return kExitError;
+      }
+    } else if (!context_.json) {
+      std::cout << "logs: " << files_.worker_log.string() << ", " << files_.coordinator_log.string()
+                << "\n";
+    }
+    print_training_files(job);
+    {
+      std::lock_guard lock(mutex_);
+      client_.reset();  // before the coordinator goes: no call of ours may wait on it
+    }
+    stop_all();
+    return exit_code_for(job.state());
+  }
+
+  // False when the job has no committed checkpoint.
+  bool download_newest_checkpoint(const lomo::v1::Job& job) {
+    const auto checkpoints = client_->list_checkpoints(job.id());
+    if (checkpoints.empty()) return false;
+    const auto& newest =
+        *std::max_element(checkpoints.begin(), checkpoints.end(),
+                          [](const auto& a, const auto& b) { return a.step() < b.step(); });
+    const fs::path out =
+        args_.value("--out").value_or((files_.state_dir / "checkpoints" / job.id()).string());
+    const DownloadResult result = client_->download_checkpoint(
+        newest.checkpoint_id(), out, {newest.files().begin(), newest.files().end()});
+    if (context_.json) {
+      lomo::v1::CheckpointInfo info = newest;
+      std::cout << message_to_json(info, false) << "\n";
+    } else {
+      std::cout << "checkpoint " << newest.checkpoint_id() << " (" << result.files.size()
+                << " files, " << format_bytes(result.bytes) << ", SHA-256 verified) in "
+                << out.string() << "\n";
+    }
+    return true;
+  }
+
+  // Where the worker trained: metrics.jsonl and every checkpoint of the attempt.
+  void print_training_files(const lomo::v1::Job& job) const {
+    const fs::path out =
+        attempt_output_directory(attempt_directory(files_.worker_dir, job.id(), job.attempt()));
+    if (!context_.json && fs::exists(out / "metrics.jsonl")) {
+      std::cout << "training files (metrics.jsonl, checkpoints): " << out.string() << "\n";
+    }
+  }
+
+  void stop_after_error() {
+    {
+      std::lock_guard lock(mutex_);
+      if (client_) client_->cancel_streams();
+    }
+    // A second Ctrl-C means now; otherwise the worker gets its graceful stop.
+    if (interrupts_ >= 2) {
+      if (worker_) worker_->send_signal(SIGKILL);
+      if (coordinator_) coordinator_->send_signal(SIGKILL);
+    }
+    const bool started = coordinator_ != nullptr;
+    stop_all();
+    {
+      std::lock_guard lock(mutex_);
+      client_.reset();
+    }
+    if (started) {
+      std::cerr << "lomoctl local: logs: " << files_.worker_log.string() << ", "
+                << files_.coordinator_log.string() << "\n";
+    }
+  }
+
+  void stop_all() {
+    stop_child(worker_, "lomo-worker", std::chrono::seconds(30));
+    stop_child(coordinator_, "lomo-coordinator", std::chrono::seconds(15));
+  }
+
+  CommandContext& context_;
+  const ParsedArgs& args_;
+  const LocalPrograms programs_;
+  const LocalFiles files_;
+  // Shared with the signal watcher's thread (declared before it: they outlive it).
+  std::mutex mutex_;
+  std::string job_id_;
+  std::atomic<int> interrupts_{0};
+  std::unique_ptr<Client> client_;
+  StopSignalWatcher signals_;
+  std::unique_ptr<ChildProcess> coordinator_;
+  std::unique_ptr<ChildProcess> worker_;
+};
+
+// A fresh state directory: logs and the ready file of an earlier run would mislead.
+LocalFiles prepare_state_directory(const fs::path& state_dir) {
+  LocalFiles files(state_dir);
+  fs::create_directories(state_dir);
+  fs::remove(files.ready_file);
+  fs::remove(files.coordinator_log);
+  fs::remove(files.worker_log);
+  return files;
+}
+
+}  // namespace
 
 int local_command(CommandContext& context) {
   const ParsedArgs args =
@@ -102,191 +383,12 @@ int local_command(CommandContext& context) {
   if (args.positional.size() != 1) throw UsageError("lomoctl local needs a job file (JOB.yaml)");
   std::string name;
   // Validated here, before anything starts: a bad spec fails in a second with the field's path.
-  const google::protobuf::Struct spec =
-      load_spec_struct(args.positional[0], args.all("--set"), &name);
-
+  const lomo::v1::SubmitJobRequest spec =
+      load_submit_request(args.positional[0], args.all("--set"), &name);
   const fs::path state_dir = fs::absolute(args.value("--state-dir").value_or("out/local"));
-  std::error_code error;
-  const fs::path self_dir = fs::read_symlink("/proc/self/exe", error).parent_path();
-  const fs::path coordinator_bin = find_program(
-      "lomo-coordinator", args.value("--coordinator-bin"), "LOMO_COORDINATOR_BIN",
-      {self_dir / "lomo-coordinator", self_dir / ".." / "server" / "lomo-coordinator"});
-  const fs::path worker_bin =
-      find_program("lomo-worker", args.value("--worker-bin"), "LOMO_WORKER_BIN",
-                   {self_dir / "lomo-worker", self_dir / ".." / "worker" / "lomo-worker"});
-  fs::create_directories(state_dir);
-  const fs::path coordinator_log = state_dir / "coordinator.log";
-  const fs::path worker_log = state_dir / "worker.log";
-  const fs::path ready_file = state_dir / "coordinator.ready";
-  fs::remove(ready_file);
-  fs::remove(coordinator_log);
-  fs::remove(worker_log);
-
-  // Ctrl-C: the first cancels the job (the worker stops it and reports), the second stops
-  // everything at once. Set up before any gRPC thread exists.
-  std::mutex mutex;
-  std::string job_id;
-  std::atomic<int> interrupts{0};
-  std::unique_ptr<Client> client;
-  StopSignalWatcher signals([&](int, int count) {
-    interrupts = count;
-    std::lock_guard lock(mutex);
-    if (count == 1 && client && !job_id.empty()) {
-      std::cerr << "\nlomoctl local: cancelling job " << job_id
-                << " (Ctrl-C again to stop at once)\n";
-      try {
-        client->cancel_job(job_id);
-      } catch (const std::exception& e) {
-        std::cerr << "lomoctl local: " << e.what() << "\n";
-        client->cancel_streams();
-      }
-    } else if (client) {
-      client->cancel_streams();
-    }
-  });
-
-  std::unique_ptr<ChildProcess> coordinator;
-  std::unique_ptr<ChildProcess> worker;
-  auto stop_all = [&] {
-    stop_child(worker, "lomo-worker", std::chrono::seconds(30));
-    stop_child(coordinator, "lomo-coordinator", std::chrono::seconds(15));
-  };
-  try {
-    ChildOptions c;
-    c.argv = {coordinator_bin.string(),
-              "--data-dir",
-              (state_dir / "coordinator").string(),
-              "--grpc-listen",
-              "127.0.0.1:0",
-              "--http-listen",
-              "127.0.0.1:0",
-              "--ready-file",
-              ready_file.string()};
-    c.stdout_mode = c.stderr_mode = ChildOutput::kFile;
-    c.output_file = coordinator_log;
-    coordinator = std::make_unique<ChildProcess>(c);
-
-    std::optional<std::string> address;
-    const auto ready_deadline = Clock::now() + std::chrono::seconds(30);
-    while (!(address = read_ready_address(ready_file))) {
-      if (auto status = coordinator->try_wait()) {
-        throw std::runtime_error("lomo-coordinator " + status->describe() +
-                                 " while starting; the end of " + coordinator_log.string() + ":\n" +
-                                 last_lines(coordinator_log, 15));
-      }
-      if (Clock::now() > ready_deadline || interrupts > 0) {
-        if (interrupts > 0) throw Interrupted("interrupted while starting");
-        throw std::runtime_error("lomo-coordinator did not become ready within 30s; see " +
-                                 coordinator_log.string());
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    }
-
-    ChildOptions w;
-    w.argv = {worker_bin.string(), "serve",    "--coordinator", *address,
-              "--device",          "cpu",      "--work-dir",    (state_dir / "worker").string(),
-              "--worker-id",       "local-cpu"};
-    w.stdout_mode = w.stderr_mode = ChildOutput::kFile;
-    w.output_file = worker_log;
-    worker = std::make_unique<ChildProcess>(w);
-    if (!context.json) {
-      std::cout << "local mode: coordinator at " << *address << ", one CPU worker; state in "
-                << state_dir.string() << " (logs: coordinator.log, worker.log)\n";
-    }
-
-    ClientOptions options;
-    options.address = *address;
-    options.timeout =
-        std::chrono::milliseconds(static_cast<int64_t>(context.config.timeout_seconds * 1000));
-    {
-      std::lock_guard lock(mutex);
-      client = std::make_unique<Client>(options);
-    }
-    if (interrupts > 0) throw Interrupted("interrupted while starting");
-    const lomo::v1::Job submitted = client->submit_job(spec);
-    {
-      std::lock_guard lock(mutex);
-      job_id = submitted.id();
-    }
-    if (!context.json) {
-      std::cout << "submitted job " << submitted.id() << (name.empty() ? "" : " (" + name + ")")
-                << "\n"
-                << std::flush;
-    }
-    lomo::v1::Job job;
-    try {
-      job = watch_job_to_end(*client, submitted.id(), watch_options_for(context), std::cout);
-    } catch (const ClientError& e) {
-      if (e.code() == grpc::StatusCode::CANCELLED && interrupts > 0) {
-        throw Interrupted("stopped at once (second Ctrl-C); the coordinator and worker are gone");
-      }
-      throw;
-    }
-    if (worker->try_wait()) {
-      std::cerr << "lomoctl local: lomo-worker ended during the job; the end of "
-                << worker_log.string() << ":\n"
-                << last_lines(worker_log, 15);
-    }
-
-    if (job.state() == lomo::v1::JOB_STATE_SUCCEEDED) {
-      const auto checkpoints = client->list_checkpoints(job.id());
-      if (checkpoints.empty()) {
-        std::cerr << "lomoctl local: the job succeeded but has no committed checkpoint\n";
-        stop_all();
-        return kExitError;
-      }
-      const auto& newest =
-          *std::max_element(checkpoints.begin(), checkpoints.end(),
-                            [](const auto& a, const auto& b) { return a.step() < b.step(); });
-      const fs::path out =
-          args.value("--out").value_or((state_dir / "checkpoints" / job.id()).string());
-      const DownloadResult result = client->download_checkpoint(
-          newest.checkpoint_id(), out, {newest.files().begin(), newest.files().end()});
-      if (context.json) {
-        lomo::v1::CheckpointInfo info = newest;
-        std::cout << message_to_json(info, false) << "\n";
-      } else {
-        std::cout << "checkpoint " << newest.checkpoint_id() << " (" << result.files.size()
-                  << " files, " << format_bytes(result.bytes) << ", SHA-256 verified) in "
-                  << out.string() << "\n";
-      }
-    } else if (!context.json) {
-      std::cout << "logs: " << worker_log.string() << ", " << coordinator_log.string() << "\n";
-    }
-    // Where the worker trained: metrics.jsonl and every checkpoint of the attempt.
-    const fs::path attempt_out = state_dir / "worker" / "jobs" / job.id() /
-                                 ("attempt-" + std::to_string(job.attempt())) / "out";
-    if (!context.json && fs::exists(attempt_out / "metrics.jsonl")) {
-      std::cout << "training files (metrics.jsonl, checkpoints): " << attempt_out.string() << "\n";
-    }
-    {
-      std::lock_guard lock(mutex);
-      client.reset();  // before the coordinator goes: no call of ours may wait on it
-    }
-    stop_all();
-    return exit_code_for(job.state());
-  } catch (...) {
-    {
-      std::lock_guard lock(mutex);
-      if (client) client->cancel_streams();
-    }
-    // A second Ctrl-C means now; otherwise the worker gets its graceful stop.
-    if (interrupts >= 2) {
-      if (worker) worker->send_signal(SIGKILL);
-      if (coordinator) coordinator->send_signal(SIGKILL);
-    }
-    const bool started = coordinator != nullptr;
-    stop_all();
-    {
-      std::lock_guard lock(mutex);
-      client.reset();
-    }
-    if (started) {
-      std::cerr << "lomoctl local: logs: " << worker_log.string() << ", "
-                << coordinator_log.string() << "\n";
-    }
-    throw;
-  }
+  LocalPrograms programs = find_local_programs(args);
+  LocalRun run(context, args, std::move(programs), prepare_state_directory(state_dir));
+  return run.run(spec, name);
 }
 
 }  // namespace lomo::client

@@ -42,10 +42,14 @@ class WatchPrinter {
         line(text);
       }
     } else if (e.has_eval()) {
-      char text[128];
-      std::snprintf(text, sizeof(text), "eval at step %lld: loss %.4f  perplexity %.2f",
-                    static_cast<long long>(e.eval().step()), e.eval().loss(),
-                    e.eval().perplexity());
+      char text[192];
+      int n = std::snprintf(text, sizeof(text), "eval at step %lld: loss %.4f  perplexity %.2f",
+                            static_cast<long long>(e.eval().step()), e.eval().loss(),
+                            e.eval().perplexity());
+      if (e.eval().has_accuracy() && n > 0 && static_cast<size_t>(n) < sizeof(text)) {
+        std::snprintf(text + n, sizeof(text) - n, "  accuracy %.3f (%lld examples)",
+                      e.eval().accuracy(), static_cast<long long>(e.eval().examples()));
+      }
       line(text);
     } else if (e.has_checkpoint()) {
       line("checkpoint " + e.checkpoint().checkpoint_id() + " committed (" +

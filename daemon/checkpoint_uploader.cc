@@ -1,14 +1,10 @@
 #include "daemon/checkpoint_uploader.h"
 
 #include <algorithm>
-#include <cerrno>
-#include <cstring>
-#include <fstream>
-#include <stdexcept>
 #include <vector>
 
-#include "common/sha256.h"
-#include "daemon/log.h"
+#include "common/file_transfer.h"
+#include "common/log.h"
 
 namespace lomo::daemon {
 namespace {
@@ -23,15 +19,6 @@ std::string mib(int64_t bytes) {
 }
 
 }  // namespace
-
-std::vector<fs::path> checkpoint_files(const fs::path& directory) {
-  std::vector<fs::path> files;
-  for (const auto& entry : fs::recursive_directory_iterator(directory)) {
-    if (entry.is_regular_file()) files.push_back(fs::relative(entry.path(), directory));
-  }
-  std::sort(files.begin(), files.end());
-  return files;
-}
 
 CheckpointUploader::CheckpointUploader(std::string job_id, int64_t attempt, ChunkChannel& channel,
                                        UploaderOptions options)
@@ -156,46 +143,24 @@ void CheckpointUploader::run() {
 
 bool CheckpointUploader::send_checkpoint(const Target& target, uint64_t generation,
                                          int64_t* total_bytes) {
-  const std::vector<fs::path> files = checkpoint_files(target.directory);
+  std::vector<TransferFile> files = list_transfer_files(target.directory);
   int64_t size = 0;
-  for (const fs::path& file : files)
-    size += static_cast<int64_t>(fs::file_size(target.directory / file));
+  for (const TransferFile& file : files) size += file.size_bytes;
   log_line("uploading checkpoint " + target.directory.filename().string() + " (" +
            std::to_string(files.size()) + " files, " + mib(size) + ")");
-  std::vector<char> buffer(options_.chunk_bytes);
-  for (const fs::path& file : files) {
-    const fs::path full = target.directory / file;
-    std::ifstream in(full, std::ios::binary);
-    if (!in) throw std::runtime_error(full.string() + ": " + std::strerror(errno));
-    const int64_t file_size = static_cast<int64_t>(fs::file_size(full));
-    Sha256 hash;
-    int64_t offset = 0;
-    do {
-      if (abandoned()) return false;
-      const int64_t want =
-          std::min<int64_t>(static_cast<int64_t>(buffer.size()), file_size - offset);
-      in.read(buffer.data(), want);
-      if (in.gcount() != want) {
-        throw std::runtime_error(full.string() + ": file ended early (it changed during upload)");
-      }
-      hash.update(buffer.data(), static_cast<size_t>(want));
-      lomo::v1::WorkerMessage message;
-      auto* chunk = message.mutable_checkpoint_chunk();
-      chunk->set_job_id(job_id_);
-      chunk->set_attempt(attempt_);
-      chunk->set_step(target.step);
-      chunk->set_path(file.generic_string());
-      chunk->set_offset(offset);
-      chunk->set_data(buffer.data(), static_cast<size_t>(want));
-      offset += want;
-      if (offset == file_size) {
-        chunk->set_last_chunk_of_file(true);
-        chunk->set_sha256(hash.hex_digest());
-      }
-      if (!channel_.send(std::move(message), generation)) return false;
-      std::lock_guard lock(mutex_);
-      bytes_sent_ += want;
-    } while (offset < file_size);
+  FileSender sender(target.directory, std::move(files), options_.chunk_bytes);
+  while (std::optional<lomo::v1::FileChunk> file_chunk = sender.next()) {
+    if (abandoned()) return false;
+    const auto bytes = static_cast<int64_t>(file_chunk->data().size());
+    lomo::v1::WorkerMessage message;
+    auto* chunk = message.mutable_checkpoint_chunk();
+    chunk->set_job_id(job_id_);
+    chunk->set_attempt(attempt_);
+    chunk->set_step(target.step);
+    *chunk->mutable_file() = std::move(*file_chunk);
+    if (!channel_.send(std::move(message), generation)) return false;
+    std::lock_guard lock(mutex_);
+    bytes_sent_ += bytes;
   }
   lomo::v1::WorkerMessage commit;
   auto* chunk = commit.mutable_checkpoint_chunk();

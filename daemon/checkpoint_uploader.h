@@ -1,7 +1,8 @@
-// Uploads a job attempt's committed checkpoints to the coordinator over the worker stream: every
-// file in chunks of at most 1 MiB, the last chunk of each file carrying the file's SHA-256, then a
-// commit message; the coordinator answers with a CheckpointAck. A broken connection restarts the
-// upload on the next one; a rejection is retried a few times and then reported.
+// Uploads a job attempt's committed checkpoints to the coordinator over the worker stream: the
+// checkpoint's files as a chunked transfer (common/file_transfer.h's FileSender: chunks of at most
+// 1 MiB, the last chunk of each file carrying the file's SHA-256), then a commit message; the
+// coordinator answers with a CheckpointAck. A broken connection restarts the upload on the next
+// one; a rejection is retried a few times and then reported.
 #pragma once
 
 #include <chrono>
@@ -91,8 +92,5 @@ class CheckpointUploader {
   int64_t bytes_sent_ = 0;
   std::thread thread_;
 };
-
-// The regular files under `directory`, as paths relative to it, sorted.
-std::vector<std::filesystem::path> checkpoint_files(const std::filesystem::path& directory);
 
 }  // namespace lomo::daemon

@@ -1,6 +1,6 @@
 #include "daemon/daemon.h"
 
-#include "daemon/log.h"
+#include "common/log.h"
 
 namespace lomo::daemon {
 namespace {
@@ -17,7 +17,7 @@ bool terminal(lomo::v1::JobState state) {
 Daemon::Daemon(DaemonOptions options)
     : options_(std::move(options)),
       metrics_(std::make_unique<WorkerMetrics>(options_.metrics_listen)),
-      fetcher_(options_.coordinator, std::chrono::milliseconds(30000)) {
+      fetcher_(options_.coordinator, options_.worker_id, std::chrono::hours(6)) {
   std::filesystem::create_directories(options_.work_dir);
   SessionOptions session;
   session.address = options_.coordinator;
@@ -213,7 +213,7 @@ uint64_t Daemon::generation() { return session_->generation(); }
 
 bool Daemon::send(lomo::v1::WorkerMessage message, uint64_t generation) {
   const int64_t bytes = message.has_checkpoint_chunk()
-                            ? static_cast<int64_t>(message.checkpoint_chunk().data().size())
+                            ? static_cast<int64_t>(message.checkpoint_chunk().file().data().size())
                             : 0;
   const bool queued = outbox_.push_for_connection(std::move(message), generation);
   if (queued && bytes > 0) metrics_->checkpoint_bytes_uploaded(bytes);

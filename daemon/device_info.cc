@@ -1,8 +1,9 @@
 #include "daemon/device_info.h"
 
-#include <fstream>
 #include <sstream>
 #include <stdexcept>
+
+#include "common/read_file.h"
 
 #ifdef LOMO_DAEMON_HAVE_CUDA
 #include <cuda_runtime_api.h>
@@ -11,11 +12,13 @@
 namespace lomo::daemon {
 namespace {
 
+// A /proc file's text; "" when it cannot be read (the device is then described with less).
 std::string read_text(const std::string& path) {
-  std::ifstream in(path);
-  std::ostringstream text;
-  text << in.rdbuf();
-  return text.str();
+  try {
+    return read_file(path);
+  } catch (const FileReadError&) {
+    return "";
+  }
 }
 
 std::string trim(const std::string& s) {

@@ -5,17 +5,17 @@
 #include <signal.h>
 
 #include <fstream>
-#include <regex>
 
+#include "common/checkpoint_layout.h"
 #include "common/child_process.h"
+#include "common/log.h"
 #include "daemon/assignment_spec.h"
-#include "daemon/log.h"
-#include "daemon/metrics_tail.h"
 
 namespace lomo::daemon {
 namespace {
 
 namespace fs = std::filesystem;
+namespace protocol = trainer_protocol;
 using Clock = std::chrono::steady_clock;
 
 constexpr size_t kStderrTailLines = 8;
@@ -33,14 +33,6 @@ lomo::v1::JobStatusUpdate status_update(const lomo::v1::Assignment& a, lomo::v1:
   s.set_state(state);
   s.set_reason(reason);
   return s;
-}
-
-// The step of a checkpoint directory named step-NNNNNNNN, or -1.
-int64_t step_of(const std::string& name) {
-  if (name.rfind("step-", 0) != 0 || name.size() == 5) return -1;
-  const std::string digits = name.substr(5);
-  if (digits.find_first_not_of("0123456789") != std::string::npos || digits.size() > 18) return -1;
-  return std::stoll(digits);
 }
 
 }  // namespace
@@ -136,36 +128,59 @@ void JobRunner::flush_events() {
   listener_.on_events(batch);
 }
 
+void JobRunner::emit_log(const std::string& text) {
+  lomo::v1::JobEvent event;
+  event.mutable_log()->set_text(text);
+  emit(std::move(event));
+}
+
+// Output lines are for people: they become log events and the words of a failure reason, and
+// nothing is decided from them.
 void JobRunner::handle_output_line(const std::string& line, bool is_stderr) {
   if (is_stderr) {
     if (!line.empty()) stderr_tail_.push_back(line);
     if (stderr_tail_.size() > kStderrTailLines) stderr_tail_.pop_front();
-  } else {
-    if (line.rfind("stopped at step", 0) == 0) saw_stopped_line_ = true;
-    // "step     12/150  loss ...": the total when the spec gives epochs rather than steps.
-    static const std::regex progress(R"(^step\s+\d+/(\d+)\s)");
-    std::smatch match;
-    if (total_steps_ == 0 && std::regex_search(line, match, progress)) {
-      total_steps_ = std::stoll(match[1].str());
-    }
   }
-  lomo::v1::JobEvent event;
-  event.mutable_log()->set_text(line);
-  emit(std::move(event));
+  emit_log(line);
 }
 
-void JobRunner::check_latest_checkpoint() {
-  const fs::path checkpoints = out_dir_ / "checkpoints";
-  std::ifstream in(checkpoints / "latest");
-  std::string name;
-  if (!in || !std::getline(in, name)) return;
-  const int64_t step = step_of(name);
-  if (step <= last_offered_step_ || !fs::is_directory(checkpoints / name)) return;
+void JobRunner::offer_checkpoint(int64_t step) {
+  // The trainer's output.dir is out_dir_, so its checkpoint is where the layout puts it; a record
+  // naming another directory is never uploaded.
+  const fs::path dir = checkpoint_directory(checkpoints_directory(out_dir_), step);
+  if (step <= last_offered_step_ || !fs::is_directory(dir)) return;
   last_offered_step_ = step;
-  uploader_->offer(step, checkpoints / name);
+  uploader_->offer(step, dir);
 }
 
-std::string JobRunner::failure_reason(const std::string& how, int signal) const {
+void JobRunner::on_record(protocol::Record record) {
+  // A "started" record needs nothing here: each metrics record carries the total itself.
+  if (const auto* metrics = std::get_if<protocol::Metrics>(&record)) {
+    lomo::v1::JobEvent event = metrics_event(*metrics);
+    listener_.on_training_metrics(event.metrics(), tokens_per_step_);
+    emit(std::move(event));
+  } else if (const auto* eval = std::get_if<protocol::Eval>(&record)) {
+    lomo::v1::JobEvent event = eval_event(*eval);
+    listener_.on_eval(event.eval());
+    emit(std::move(event));
+  } else if (const auto* checkpoint = std::get_if<protocol::Checkpoint>(&record)) {
+    offer_checkpoint(checkpoint->step);
+  } else if (const auto* outcome = std::get_if<protocol::Outcome>(&record)) {
+    outcome_ = *outcome;
+  }
+}
+
+void JobRunner::poll_channel(TrainerChannel& channel) {
+  try {
+    channel.poll([this](protocol::Record record) { on_record(std::move(record)); });
+  } catch (const protocol::ProtocolError& e) {
+    // A child that does not speak this protocol cannot be believed about its outcome.
+    if (!protocol_error_) protocol_error_ = e.what();
+    emit_log(std::string("lomo-worker: ") + e.what());
+  }
+}
+
+std::string JobRunner::failure_reason(const std::string& how) const {
   std::string reason = "training process " + how;
   if (!stderr_tail_.empty()) {
     reason += ": ";
@@ -176,156 +191,161 @@ std::string JobRunner::failure_reason(const std::string& how, int signal) const 
       reason += (first ? "" : "\n") + line;
       first = false;
     }
+  } else if (outcome_ && !outcome_->reason.empty()) {
+    reason += ": " + outcome_->reason;
   }
   return reason;
 }
 
-lomo::v1::JobStatusUpdate JobRunner::supervise() {
-  using lomo::v1::JobState;
-  const fs::path attempt_dir = attempt_directory(options_.work_dir, job_id(), attempt());
-  out_dir_ = attempt_dir / "out";
-  const std::string source = "job " + job_id() + " spec";
-
+std::optional<lomo::v1::JobStatusUpdate> JobRunner::prepare_attempt(const fs::path& attempt_dir) {
+  out_dir_ = attempt_output_directory(attempt_dir);
   JobSpec spec;
   try {
-    spec = spec_from_struct(assignment_.spec(), source);
+    spec = spec_from_assignment(assignment_, "job " + job_id() + " spec");
   } catch (const JobSpecError& e) {
     return status_update(assignment_, lomo::v1::JOB_STATE_FAILED, e.what());
   }
   spec.output.dir = out_dir_.string();
-  total_steps_ = spec.training.steps.value_or(0);
   tokens_per_step_ = spec.training.batch_size * spec.data.max_length;
 
   // A fresh attempt directory: leftovers of an earlier run of this attempt number would make the
   // trainer resume from a checkpoint the coordinator never committed.
   fs::remove_all(attempt_dir);
   fs::create_directories(out_dir_);
-  const fs::path job_file = attempt_dir / "job.yaml";
-  {
-    std::ofstream out(job_file);
-    out << job_spec_to_yaml(spec);
-    if (!out.flush()) throw std::runtime_error("cannot write " + job_file.string());
-  }
+  const fs::path job_file = attempt_job_file(attempt_dir);
+  std::ofstream out(job_file);
+  out << job_spec_to_yaml(spec);
+  if (!out.flush()) throw std::runtime_error("cannot write " + job_file.string());
+  return std::nullopt;
+}
+
+void JobRunner::seed_from_committed_checkpoint() {
   // A first attempt has nothing to resume; a later one continues from the job's newest committed
   // checkpoint, wherever the earlier attempt ran.
-  if (fetcher_ != nullptr && attempt() > 1) {
-    try {
-      if (auto step = fetcher_->fetch_latest(job_id(), out_dir_ / "checkpoints")) {
-        last_offered_step_ = *step;
-        lomo::v1::JobEvent event;
-        event.mutable_log()->set_text(
-            "lomo-worker: resuming from the job's committed checkpoint at step " +
-            std::to_string(*step));
-        emit(std::move(event));
-      }
-    } catch (const std::exception& e) {
-      lomo::v1::JobEvent event;
-      event.mutable_log()->set_text(std::string("lomo-worker: cannot fetch the job's last "
-                                                "checkpoint, starting from the model: ") +
-                                    e.what());
-      emit(std::move(event));
+  if (fetcher_ == nullptr || attempt() <= 1) return;
+  try {
+    if (auto step = fetcher_->fetch_latest(job_id(), attempt(), checkpoints_directory(out_dir_))) {
+      last_offered_step_ = *step;
+      emit_log("lomo-worker: resuming from the job's committed checkpoint at step " +
+               std::to_string(*step));
     }
+  } catch (const std::exception& e) {
+    emit_log(std::string("lomo-worker: cannot fetch the job's last checkpoint, starting from the "
+                         "model: ") +
+             e.what());
   }
+}
 
+std::unique_ptr<ChildProcess> JobRunner::start_trainer(const fs::path& attempt_dir) {
   ChildOptions child_options;
-  child_options.argv = {options_.trainer_program.string(), "train", job_file.string()};
+  child_options.argv = {options_.trainer_program.string(), "train",
+                        attempt_job_file(attempt_dir).string(), "--protocol-file",
+                        attempt_protocol_file(attempt_dir).string()};
   child_options.env = options_.trainer_env;
   child_options.stdout_mode = ChildOutput::kPipe;
   child_options.stderr_mode = ChildOutput::kPipe;
   child_options.parent_death_signal = SIGKILL;
-  std::unique_ptr<ChildProcess> child;
-  try {
-    child = std::make_unique<ChildProcess>(child_options);
-  } catch (const std::exception& e) {
-    return status_update(assignment_, lomo::v1::JOB_STATE_FAILED, e.what());
-  }
+  auto child = std::make_unique<ChildProcess>(child_options);
   log_line("job " + job_id() + " attempt " + std::to_string(attempt()) + ": training in pid " +
            std::to_string(child->pid()) + ", files in " + attempt_dir.string());
-  listener_.on_status(status_update(assignment_, lomo::v1::JOB_STATE_RUNNING, ""));
+  return child;
+}
 
-  MetricsTail metrics(out_dir_ / "metrics.jsonl");
-  auto poll_metrics = [&] {
-    for (lomo::v1::JobEvent& event : metrics.poll(total_steps_)) {
-      if (event.has_metrics()) listener_.on_training_metrics(event.metrics(), tokens_per_step_);
-      if (event.has_eval()) listener_.on_eval(event.eval());
-      emit(std::move(event));
-    }
-  };
+void JobRunner::forward_requests(ChildProcess& child, SignalsSent& sent) {
+  if (kill_requested_ && !sent.kill) {
+    child.send_signal(SIGKILL);
+    sent.kill = true;
+  } else if ((cancel_requested_ || stop_requested_) && !sent.term) {
+    child.send_signal(SIGTERM);
+    sent.term = true;
+    if (cancel_requested_) sent.kill_at = Clock::now() + options_.cancel_grace;
+  }
+  if (cancel_requested_ && sent.term && !sent.kill && sent.kill_at == Clock::time_point{}) {
+    sent.kill_at = Clock::now() + options_.cancel_grace;  // a cancel after a stop
+  }
+  if (!sent.kill && sent.kill_at != Clock::time_point{} && Clock::now() >= sent.kill_at) {
+    log_line("job " + job_id() +
+             ": the training process did not stop within the grace period; sending SIGKILL");
+    child.send_signal(SIGKILL);
+    sent.kill = true;
+  }
+}
+
+ExitStatus JobRunner::follow_trainer(ChildProcess& child, TrainerChannel& channel) {
   LineSplitter out_lines(kMaxLineBytes), err_lines(kMaxLineBytes);
   auto on_out = [&](const std::string& line) { handle_output_line(line, false); };
   auto on_err = [&](const std::string& line) { handle_output_line(line, true); };
-
-  bool sent_term = false;
-  bool sent_kill = false;
-  Clock::time_point kill_at{};
+  SignalsSent sent;
   std::optional<ExitStatus> exit;
   Clock::time_point exited_at{};
   auto last_tick = Clock::now();
   while (true) {
     pollfd fds[2];
     nfds_t count = 0;
-    if (child->stdout_fd() >= 0) fds[count++] = {child->stdout_fd(), POLLIN, 0};
-    if (child->stderr_fd() >= 0) fds[count++] = {child->stderr_fd(), POLLIN, 0};
+    if (child.stdout_fd() >= 0) fds[count++] = {child.stdout_fd(), POLLIN, 0};
+    if (child.stderr_fd() >= 0) fds[count++] = {child.stderr_fd(), POLLIN, 0};
     ::poll(fds, count, static_cast<int>(options_.poll_interval.count()));
-    if (child->stdout_fd() >= 0 && !drain_lines(child->stdout_fd(), out_lines, on_out)) {
-      child->close_stdout();
+    if (child.stdout_fd() >= 0 && !drain_lines(child.stdout_fd(), out_lines, on_out)) {
+      child.close_stdout();
     }
-    if (child->stderr_fd() >= 0 && !drain_lines(child->stderr_fd(), err_lines, on_err)) {
-      child->close_stderr();
+    if (child.stderr_fd() >= 0 && !drain_lines(child.stderr_fd(), err_lines, on_err)) {
+      child.close_stderr();
     }
-
-    if (kill_requested_ && !sent_kill) {
-      child->send_signal(SIGKILL);
-      sent_kill = true;
-    } else if ((cancel_requested_ || stop_requested_) && !sent_term) {
-      child->send_signal(SIGTERM);
-      sent_term = true;
-      if (cancel_requested_) kill_at = Clock::now() + options_.cancel_grace;
-    }
-    if (cancel_requested_ && sent_term && !sent_kill && kill_at == Clock::time_point{}) {
-      kill_at = Clock::now() + options_.cancel_grace;  // a cancel after a stop
-    }
-    if (!sent_kill && kill_at != Clock::time_point{} && Clock::now() >= kill_at) {
-      log_line("job " + job_id() +
-               ": the training process did not stop within the grace period; "
-               "sending SIGKILL");
-      child->send_signal(SIGKILL);
-      sent_kill = true;
-    }
-
+    forward_requests(child, sent);
     if (Clock::now() - last_tick >= options_.poll_interval) {
       last_tick = Clock::now();
-      poll_metrics();
-      check_latest_checkpoint();
+      poll_channel(channel);
       flush_events();
     }
     if (!exit) {
-      exit = child->try_wait();
+      exit = child.try_wait();
       if (exit) exited_at = Clock::now();
     }
     // Done once it has exited and both pipes reached end of file (a grandchild holding them
     // open cannot keep the attempt alive: the pipes get two more poll intervals at most).
-    if (exit && ((child->stdout_fd() < 0 && child->stderr_fd() < 0) ||
+    if (exit && ((child.stdout_fd() < 0 && child.stderr_fd() < 0) ||
                  Clock::now() - exited_at >= 2 * options_.poll_interval)) {
       break;
     }
   }
   out_lines.finish(on_out);
   err_lines.finish(on_err);
-  poll_metrics();
-  check_latest_checkpoint();
+  poll_channel(channel);  // the file is complete now that the child has exited
   flush_events();
+  return *exit;
+}
 
-  const std::string how = describe_child_end(exit->signaled, exit->code, exit->signal);
+lomo::v1::JobStatusUpdate JobRunner::supervise() {
+  const fs::path attempt_dir = attempt_directory(options_.work_dir, job_id(), attempt());
+  if (auto refused = prepare_attempt(attempt_dir)) return *refused;
+  seed_from_committed_checkpoint();
+  std::unique_ptr<ChildProcess> child;
+  try {
+    child = start_trainer(attempt_dir);
+  } catch (const std::exception& e) {
+    return status_update(assignment_, lomo::v1::JOB_STATE_FAILED, e.what());
+  }
+  listener_.on_status(status_update(assignment_, lomo::v1::JOB_STATE_RUNNING, ""));
+  TrainerChannel channel(attempt_protocol_file(attempt_dir));
+  const ExitStatus exit = follow_trainer(*child, channel);
+  if (channel.pending_bytes() > 0) {
+    emit_log("lomo-worker: the training process's last protocol line is unfinished (" +
+             std::to_string(channel.pending_bytes()) + " bytes)");
+    flush_events();
+  }
+  return outcome_of(exit);
+}
+
+lomo::v1::JobStatusUpdate JobRunner::outcome_of(const ExitStatus& exit) {
   if (cancel_requested_) {
     uploader_->abandon();
     return status_update(assignment_, lomo::v1::JOB_STATE_CANCELLED, "cancelled");
   }
   if (kill_requested_) {
     return status_update(assignment_, lomo::v1::JOB_STATE_FAILED,
-                         "the worker was stopped at once (second signal); training process " + how);
+                         "the worker was stopped at once (second signal); training process " +
+                             describe_child_end(exit.signaled, exit.code, exit.signal));
   }
-
   // Whatever the outcome, the newest checkpoint goes up first: a retry resumes from it.
   std::string upload_error;
   const auto upload = uploader_->wait_idle(Clock::now() + options_.finish_timeout, &upload_error);
@@ -333,23 +353,52 @@ lomo::v1::JobStatusUpdate JobRunner::supervise() {
     upload_error = "the upload of the last checkpoint did not finish within " +
                    std::to_string(options_.finish_timeout.count() / 1000) + "s";
   }
-  const bool uploaded = upload == CheckpointUploader::Outcome::kDone;
+  return outcome_of_report(exit, upload == CheckpointUploader::Outcome::kDone, upload_error);
+}
 
-  if (!exit->success()) {
-    std::string reason = failure_reason(how, exit->signal);
+// The decision: the protocol's outcome record, which must agree with the exit code.
+lomo::v1::JobStatusUpdate JobRunner::outcome_of_report(const ExitStatus& exit, bool uploaded,
+                                                       const std::string& upload_error) {
+  auto failed = [&](std::string reason) {
     if (!uploaded) reason += "\n(also: " + upload_error + ")";
     return status_update(assignment_, lomo::v1::JOB_STATE_FAILED, reason);
+  };
+  const std::string how = describe_child_end(exit.signaled, exit.code, exit.signal);
+  if (protocol_error_) {
+    return failed("training process " + how +
+                  ", and its report is unreadable: " + *protocol_error_);
+  }
+  if (!outcome_) {
+    if (exit.success()) {
+      return failed("training process " + how +
+                    " without reporting an outcome (no outcome record in its protocol file)");
+    }
+    return failed(failure_reason(how));
+  }
+  const std::string status(protocol::status_name(outcome_->status));
+  if (exit.signaled || exit.code != protocol::exit_code_for(outcome_->status)) {
+    return failed(failure_reason(how) + "\n(its report said '" + status + "', whose exit code is " +
+                  std::to_string(protocol::exit_code_for(outcome_->status)) + ")");
+  }
+  const protocol::Status result = outcome_->status;
+  if (result != protocol::Status::kSucceeded && result != protocol::Status::kInterrupted) {
+    return failed(failure_reason(how));
   }
   if (!uploaded) {
     return status_update(assignment_, lomo::v1::JOB_STATE_FAILED,
                          "training finished but " + upload_error);
   }
-  if (stop_requested_ && saw_stopped_line_) {
-    const int64_t step = uploader_->last_committed_step();
-    return status_update(assignment_, lomo::v1::JOB_STATE_FAILED,
-                         "interrupted: the worker was shut down; training stopped at step " +
-                             std::to_string(step) + " of " + std::to_string(total_steps_) +
-                             " and its checkpoint is on the coordinator");
+  if (result == protocol::Status::kInterrupted) {
+    const std::string where = "training stopped at step " + std::to_string(outcome_->steps_done) +
+                              " of " + std::to_string(outcome_->total_steps);
+    return status_update(
+        assignment_, lomo::v1::JOB_STATE_FAILED,
+        stop_requested_
+            ? "interrupted: the worker was shut down; " + where +
+                  " and its checkpoint is on the coordinator"
+            : "interrupted: the training process was stopped by a signal from outside the "
+              "worker; " +
+                  where + " and its checkpoint is on the coordinator");
   }
   return status_update(assignment_, lomo::v1::JOB_STATE_SUCCEEDED, "");
 }

@@ -1,8 +1,10 @@
 // One job attempt on this worker, start to finish. The training runs in a child process
-// (`lomo-worker train <attempt dir>/job.yaml`) so that a crash or an OOM kill is reported as the
-// attempt's failure instead of ending the daemon. While it runs, its output lines become LogLine
-// events, its metrics.jsonl becomes TrainingMetrics/EvalResult events, and each checkpoint it
-// commits is uploaded. The attempt ends with exactly one terminal status update.
+// (`lomo-worker train <attempt dir>/job.yaml --protocol-file <attempt dir>/protocol.jsonl`) so
+// that a crash or an OOM kill is reported as the attempt's failure instead of ending the daemon.
+// While it runs, its protocol records (common/trainer_protocol.h) become TrainingMetrics/EvalResult
+// events and checkpoint uploads, and its output lines become LogLine events. The attempt ends with
+// exactly one terminal status update, decided by the protocol's outcome record and the exit code:
+// no decision reads the child's human-readable output.
 #pragma once
 
 #include <atomic>
@@ -16,8 +18,11 @@
 #include <thread>
 #include <vector>
 
-#include "lomo/v1/workers.pb.h"
+#include "common/child_process.h"
+#include "common/trainer_protocol.h"
 #include "daemon/checkpoint_uploader.h"
+#include "daemon/trainer_channel.h"
+#include "lomo/v1/workers.pb.h"
 
 namespace lomo::daemon {
 
@@ -39,18 +44,19 @@ class CheckpointFetcher {
  public:
   virtual ~CheckpointFetcher() = default;
   // Downloads the newest committed checkpoint of `job_id` to `checkpoints_dir`/step-NNNNNNNN and
-  // points `checkpoints_dir`/latest at it. Returns its step, or nullopt if the job has none.
+  // points `checkpoints_dir`/latest at it, for the worker running `attempt` (the coordinator
+  // serves it to the attempt's owner only). Returns its step, or nullopt if the job has none.
   // Throws std::runtime_error when the coordinator cannot provide it.
-  virtual std::optional<int64_t> fetch_latest(const std::string& job_id,
+  virtual std::optional<int64_t> fetch_latest(const std::string& job_id, int64_t attempt,
                                               const std::filesystem::path& checkpoints_dir) = 0;
 };
 
 struct JobRunnerOptions {
-  std::filesystem::path work_dir;         // attempts live in <work_dir>/jobs/<job id>/attempt-<n>
+  std::filesystem::path work_dir;  // attempts live in attempt_directory() (checkpoint_layout.h)
   std::filesystem::path trainer_program;  // the lomo-worker binary (it has the train command)
   std::vector<std::string> trainer_env;   // "KEY=VALUE" for the child (CUDA_VISIBLE_DEVICES)
   std::chrono::milliseconds cancel_grace{30000};  // SIGTERM → SIGKILL after a cancel
-  std::chrono::milliseconds poll_interval{200};   // metrics.jsonl, checkpoints/latest, batching
+  std::chrono::milliseconds poll_interval{200};   // the protocol file, event batching
   // After the child ends: how long its last checkpoint upload and reports may take.
   std::chrono::milliseconds finish_timeout{std::chrono::minutes(10)};
   UploaderOptions upload;
@@ -89,13 +95,37 @@ class JobRunner {
   lomo::v1::JobStatusUpdate final_status() const;
 
  private:
+  // What the runner asked of the child so far (cancel, stop, kill) and when a cancel's grace ends.
+  struct SignalsSent {
+    bool term = false;
+    bool kill = false;
+    std::chrono::steady_clock::time_point kill_at{};
+  };
+
   void run();
   lomo::v1::JobStatusUpdate supervise();
+  // Reads the spec, makes a fresh attempt directory and writes the child's job file; a status
+  // when the spec cannot run.
+  std::optional<lomo::v1::JobStatusUpdate> prepare_attempt(
+      const std::filesystem::path& attempt_dir);
+  // A later attempt continues from the job's newest committed checkpoint.
+  void seed_from_committed_checkpoint();
+  std::unique_ptr<ChildProcess> start_trainer(const std::filesystem::path& attempt_dir);
+  // Relays the child's output and protocol records until it has ended; its exit status.
+  ExitStatus follow_trainer(ChildProcess& child, TrainerChannel& channel);
+  void forward_requests(ChildProcess& child, SignalsSent& sent);
+  void poll_channel(TrainerChannel& channel);
+  void on_record(trainer_protocol::Record record);
+  void offer_checkpoint(int64_t step);
+  // The terminal status once the child has ended and its reports are relayed.
+  lomo::v1::JobStatusUpdate outcome_of(const ExitStatus& exit);
+  lomo::v1::JobStatusUpdate outcome_of_report(const ExitStatus& exit, bool uploaded,
+                                              const std::string& upload_error);
   void emit(lomo::v1::JobEvent event);
+  void emit_log(const std::string& text);
   void flush_events();
   void handle_output_line(const std::string& line, bool is_stderr);
-  void check_latest_checkpoint();
-  std::string failure_reason(const std::string& exit_description, int signal) const;
+  std::string failure_reason(const std::string& exit_description) const;
 
   const lomo::v1::Assignment assignment_;
   const JobRunnerOptions options_;
@@ -111,10 +141,10 @@ class JobRunner {
 
   // Owned by the runner's thread.
   std::filesystem::path out_dir_;
-  int64_t total_steps_ = 0;
   int64_t tokens_per_step_ = 0;
   int64_t last_offered_step_ = -1;
-  bool saw_stopped_line_ = false;
+  std::optional<trainer_protocol::Outcome> outcome_;  // the child's last record, when it wrote one
+  std::optional<std::string> protocol_error_;         // the first unreadable protocol line
   std::deque<std::string> stderr_tail_;
   std::vector<lomo::v1::JobEvent> pending_events_;
   size_t pending_event_bytes_ = 0;

@@ -9,6 +9,8 @@
 #include <mutex>
 #include <thread>
 
+#include "common/flags.h"
+#include "common/log.h"
 #include "common/stop_signals.h"
 #include "daemon/daemon.h"
 
@@ -19,7 +21,8 @@ constexpr const char* kUsage =
     "usage: lomo-worker serve --coordinator HOST:PORT [--device cpu|N] [--work-dir DIR]\n"
     "                         [--metrics-listen ADDR:PORT] [--worker-id ID]\n"
     "                         [--cancel-grace SECONDS] [--shutdown-timeout SECONDS]\n"
-    "                         [--trainer PATH]  (lomo-worker, run as `PATH train JOB.yaml`)\n";
+    "                         [--trainer PATH]  (lomo-worker, run as `PATH train JOB.yaml`)\n"
+    "                         [--log-format text|json]\n";
 
 int usage(const std::string& problem) {
   std::cerr << "lomo-worker serve: " << problem << "\n" << kUsage;
@@ -32,86 +35,61 @@ std::string host_name() {
   return name;
 }
 
-}  // namespace
-
-int serve_command(const std::vector<std::string>& args) {
-  DaemonOptions options;
-  std::string device_flag = "cpu";
-  options.work_dir = "lomo-work";
-  for (size_t i = 0; i < args.size(); ++i) {
-    std::string flag = args[i];
-    std::string value;
-    const size_t equals = flag.find('=');
-    if (flag.rfind("--", 0) == 0 && equals != std::string::npos) {
-      value = flag.substr(equals + 1);
-      flag = flag.substr(0, equals);
-    } else if (flag == "--help" || flag == "-h") {
-      std::cout << kUsage;
-      return 0;
-    } else if (i + 1 < args.size()) {
-      value = args[++i];
-    } else {
-      return usage(flag.rfind("--", 0) == 0 ? flag + " needs a value"
-                                            : "unexpected argument '" + flag + "'");
-    }
-    auto seconds = [&](std::chrono::milliseconds* out) {
-      try {
-        size_t used = 0;
-        const double s = std::stod(value, &used);
-        if (used != value.size() || s < 0) throw std::invalid_argument(value);
-        *out = std::chrono::milliseconds(static_cast<int64_t>(s * 1000));
-        return true;
-      } catch (const std::exception&) {
-        return false;
-      }
-    };
+// Fills `options` from the command line. Throws FlagError for bad usage.
+void read_flags(const ParsedFlags& parsed, DaemonOptions* options, std::string* device_flag) {
+  for (const auto& [flag, value] : parsed.flags) {
     if (flag == "--coordinator") {
-      options.coordinator = value;
+      options->coordinator = value;
     } else if (flag == "--device") {
-      device_flag = value;
+      *device_flag = value;
     } else if (flag == "--work-dir") {
-      options.work_dir = value;
+      options->work_dir = value;
     } else if (flag == "--metrics-listen") {
-      options.metrics_listen = value;
+      options->metrics_listen = value;
     } else if (flag == "--trainer") {
-      options.trainer_program = value;
+      options->trainer_program = value;
     } else if (flag == "--worker-id") {
-      options.worker_id = value;
+      options->worker_id = value;
     } else if (flag == "--cancel-grace") {
-      if (!seconds(&options.cancel_grace)) return usage("--cancel-grace: expected seconds");
+      options->cancel_grace = flag_seconds(flag, value);
     } else if (flag == "--shutdown-timeout") {
-      if (!seconds(&options.shutdown_timeout)) return usage("--shutdown-timeout: expected seconds");
+      options->shutdown_timeout = flag_seconds(flag, value);
+    } else if (flag == "--log-format") {
+      try {
+        set_log_format(parse_log_format(value));
+      } catch (const std::invalid_argument& error) {
+        throw FlagError(flag + ": " + error.what());
+      }
     } else {
-      return usage("unknown option '" + flag + "'");
+      throw FlagError("unknown option '" + flag + "'");
     }
   }
-  if (options.coordinator.empty()) return usage("--coordinator HOST:PORT is required");
+  if (options->coordinator.empty()) throw FlagError("--coordinator HOST:PORT is required");
+}
 
-  try {
-    options.device = detect_device(device_flag);
-  } catch (const std::invalid_argument& e) {
-    std::cerr << "lomo-worker serve: " << e.what() << "\n";
-    return 2;
-  }
-  if (options.worker_id.empty()) options.worker_id = host_name() + "-" + options.device.short_name;
-  if (options.trainer_program.empty()) {
+// The trainer executable: --trainer, or lomo-worker beside this program. "" with `*problem` set
+// when there is none.
+std::filesystem::path find_trainer(const std::filesystem::path& flag, std::string* problem) {
+  std::filesystem::path trainer = flag;
+  if (trainer.empty()) {
     std::error_code error;
     const auto self = std::filesystem::read_symlink("/proc/self/exe", error);
     if (error) {
-      std::cerr << "lomo-worker serve: cannot find its own executable: " << error.message() << "\n";
-      return 1;
+      *problem = "cannot find its own executable: " + error.message();
+      return {};
     }
-    options.trainer_program = self.parent_path() / "lomo-worker";
+    trainer = self.parent_path() / "lomo-worker";
   }
-  options.trainer_program = std::filesystem::absolute(options.trainer_program);
-  if (::access(options.trainer_program.c_str(), X_OK) != 0) {
-    std::cerr << "lomo-worker serve: the trainer " << options.trainer_program.string()
-              << " is not an executable file (set --trainer)\n";
-    return 1;
+  trainer = std::filesystem::absolute(trainer);
+  if (::access(trainer.c_str(), X_OK) != 0) {
+    *problem = "the trainer " + trainer.string() + " is not an executable file (set --trainer)";
+    return {};
   }
-  options.work_dir = std::filesystem::absolute(options.work_dir);
-  options.version = "lomo-worker 0.1";
+  return trainer;
+}
 
+// Runs the daemon until it stops; its exit code.
+int run_daemon(const DaemonOptions& options) {
   ::signal(SIGPIPE, SIG_IGN);
   // Stop signals reach the daemon through a watcher thread; one that arrives while the daemon is
   // still being built is held and delivered once it exists. The watcher ends before the daemon
@@ -143,6 +121,40 @@ int serve_command(const std::vector<std::string>& args) {
     std::cerr << "lomo-worker serve: " << e.what() << "\n";
     return 1;
   }
+}
+
+}  // namespace
+
+int serve_command(const std::vector<std::string>& args) {
+  DaemonOptions options;
+  std::string device_flag = "cpu";
+  options.work_dir = "lomo-work";
+  try {
+    const ParsedFlags parsed = parse_flags(args);
+    if (parsed.help) {
+      std::cout << kUsage;
+      return 0;
+    }
+    read_flags(parsed, &options, &device_flag);
+  } catch (const FlagError& error) {
+    return usage(error.what());
+  }
+  try {
+    options.device = detect_device(device_flag);
+  } catch (const std::invalid_argument& e) {
+    std::cerr << "lomo-worker serve: " << e.what() << "\n";
+    return 2;
+  }
+  if (options.worker_id.empty()) options.worker_id = host_name() + "-" + options.device.short_name;
+  std::string problem;
+  options.trainer_program = find_trainer(options.trainer_program, &problem);
+  if (!problem.empty()) {
+    std::cerr << "lomo-worker serve: " << problem << "\n";
+    return 1;
+  }
+  options.work_dir = std::filesystem::absolute(options.work_dir);
+  options.version = "lomo-worker 0.1";
+  return run_daemon(options);
 }
 
 }  // namespace lomo::daemon

@@ -2,14 +2,13 @@
 
 #include <algorithm>
 
+#include "common/log.h"
 #include "daemon/backoff.h"
-#include "daemon/log.h"
 
 namespace lomo::daemon {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-using Stream = grpc::ClientReaderWriter<lomo::v1::WorkerMessage, lomo::v1::CoordinatorMessage>;
 
 std::string describe(const grpc::Status& status) {
   if (status.ok()) return "the coordinator closed the stream";
@@ -88,12 +87,10 @@ void Session::run() {
   changed_.notify_all();
 }
 
-bool Session::run_connection(Clock::time_point* registered_at) {
-  const auto deadline = Clock::now() + options_.connect_timeout;
-  auto channel = make_channel(options_.address);
+bool Session::wait_for_channel(grpc::Channel& channel, Clock::time_point deadline) {
   // gRPC takes system_clock deadlines; short waits keep stop() responsive.
   auto soon = [] { return std::chrono::system_clock::now() + std::chrono::milliseconds(200); };
-  while (!channel->WaitForConnected(soon())) {
+  while (!channel.WaitForConnected(soon())) {
     {
       std::lock_guard lock(mutex_);
       if (finished_locked()) return false;
@@ -104,19 +101,11 @@ bool Session::run_connection(Clock::time_point* registered_at) {
       return false;
     }
   }
-  auto stub = lomo::v1::WorkerService::NewStub(channel);
-  grpc::ClientContext context;
-  {
-    std::lock_guard lock(mutex_);
-    if (stopping_) return false;
-    context_ = &context;
-  }
-  auto forget_context = [&] {
-    std::lock_guard lock(mutex_);
-    context_ = nullptr;
-  };
-  std::unique_ptr<Stream> stream = stub->Connect(&context);
+  return true;
+}
 
+bool Session::register_on(Stream& stream, grpc::ClientContext& context, Clock::time_point deadline,
+                          lomo::v1::CoordinatorMessage* first) {
   lomo::v1::WorkerMessage hello;
   *hello.mutable_register_() = options_.registration;
   {
@@ -131,24 +120,24 @@ bool Session::run_connection(Clock::time_point* registered_at) {
       context.TryCancel();
     }
   });
-  lomo::v1::CoordinatorMessage first;
-  const bool ok = stream->Write(hello) && stream->Read(&first);
+  const bool ok = stream.Write(hello) && stream.Read(first);
   {
     std::lock_guard lock(mutex_);
     answered = true;
   }
   changed_.notify_all();
   watchdog.join();
-  if (!ok || !first.has_registered()) {
-    if (ok) context.TryCancel();
-    const grpc::Status status = stream->Finish();
-    forget_context();
-    log("registration with " + options_.address +
-        " failed: " + (ok ? std::string("the first reply was not Registered") : describe(status)));
-    return false;
-  }
+  if (ok && first->has_registered()) return true;
+  if (ok) context.TryCancel();
+  const grpc::Status status = stream.Finish();
+  log("registration with " + options_.address +
+      " failed: " + (ok ? std::string("the first reply was not Registered") : describe(status)));
+  return false;
+}
 
-  const lomo::v1::Registered& registered = first.registered();
+void Session::serve_connection(Stream& stream, grpc::ClientContext& context,
+                               const lomo::v1::Registered& registered,
+                               Clock::time_point* registered_at) {
   const auto interval = registered.heartbeat_interval_ms() > 0
                             ? std::chrono::milliseconds(registered.heartbeat_interval_ms())
                             : options_.default_heartbeat_interval;
@@ -166,9 +155,9 @@ bool Session::run_connection(Clock::time_point* registered_at) {
       seconds_text(interval) + ")");
   handler_.on_registered(registered, generation);
 
-  std::thread writer([&] { write_loop(stream.get(), &context, generation, interval); });
+  std::thread writer([&] { write_loop(&stream, &context, generation, interval); });
   lomo::v1::CoordinatorMessage message;
-  while (stream->Read(&message)) handler_.on_message(message);
+  while (stream.Read(&message)) handler_.on_message(message);
 
   {
     std::lock_guard lock(mutex_);
@@ -178,8 +167,7 @@ bool Session::run_connection(Clock::time_point* registered_at) {
   outbox_.close_connection();
   context.TryCancel();  // unblocks a Write stuck on flow control
   writer.join();
-  const grpc::Status status = stream->Finish();
-  forget_context();
+  const grpc::Status status = stream.Finish();
   bool quiet;
   {
     std::lock_guard lock(mutex_);
@@ -187,6 +175,31 @@ bool Session::run_connection(Clock::time_point* registered_at) {
   }
   if (!quiet) log("disconnected from " + options_.address + ": " + describe(status));
   handler_.on_disconnected(generation, describe(status));
+}
+
+bool Session::run_connection(Clock::time_point* registered_at) {
+  const auto deadline = Clock::now() + options_.connect_timeout;
+  auto channel = make_channel(options_.address);
+  if (!wait_for_channel(*channel, deadline)) return false;
+  auto stub = lomo::v1::WorkerService::NewStub(channel);
+  grpc::ClientContext context;
+  {
+    std::lock_guard lock(mutex_);
+    if (stopping_) return false;
+    context_ = &context;
+  }
+  auto forget_context = [&] {
+    std::lock_guard lock(mutex_);
+    context_ = nullptr;
+  };
+  std::unique_ptr<Stream> stream = stub->Connect(&context);
+  lomo::v1::CoordinatorMessage first;
+  if (!register_on(*stream, context, deadline, &first)) {
+    forget_context();
+    return false;
+  }
+  serve_connection(*stream, context, first.registered(), registered_at);
+  forget_context();
   return true;
 }
 

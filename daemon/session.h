@@ -15,8 +15,8 @@
 #include <string>
 #include <thread>
 
-#include "lomo/v1/workers.grpc.pb.h"
 #include "daemon/outbox.h"
+#include "lomo/v1/workers.grpc.pb.h"
 
 namespace lomo::daemon {
 
@@ -71,13 +71,22 @@ class Session {
   std::string worker_id() const;
 
  private:
+  using Stream = grpc::ClientReaderWriter<lomo::v1::WorkerMessage, lomo::v1::CoordinatorMessage>;
+
   void run();
   // One connection from dial to end; returns true if it registered.
   bool run_connection(std::chrono::steady_clock::time_point* registered_at);
-  void write_loop(
-      grpc::ClientReaderWriter<lomo::v1::WorkerMessage, lomo::v1::CoordinatorMessage>* stream,
-      grpc::ClientContext* context, uint64_t generation,
-      std::chrono::milliseconds heartbeat_interval);
+  // The steps of one connection: the channel is up (false: stopped or past `deadline`); Register
+  // answered by Registered (false: the stream is finished); then messages until the stream ends.
+  bool wait_for_channel(grpc::Channel& channel, std::chrono::steady_clock::time_point deadline);
+  bool register_on(Stream& stream, grpc::ClientContext& context,
+                   std::chrono::steady_clock::time_point deadline,
+                   lomo::v1::CoordinatorMessage* first);
+  void serve_connection(Stream& stream, grpc::ClientContext& context,
+                        const lomo::v1::Registered& registered,
+                        std::chrono::steady_clock::time_point* registered_at);
+  void write_loop(Stream* stream, grpc::ClientContext* context, uint64_t generation,
+                  std::chrono::milliseconds heartbeat_interval);
   void log(const std::string& line) const;
   // Nothing left to do: stop() was called, or shutdown() with every report delivered.
   bool finished_locked() const;

@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <fstream>
 #include <initializer_list>
+#include <iterator>
 #include <map>
 #include <sstream>
 #include <string_view>
@@ -112,8 +113,9 @@ bool is_valid_utf8(std::string_view text) {
 // ---------------------------------------------------------------------------------------------
 // Reading: shapes and types. Value rules live in validate(), which sees the whole spec.
 
-// One parse: where errors are reported, and where each field was written so that validate() can
-// point at its line.
+// One parse: where problems are collected, and where each field was written so that validate()
+// can point at its line. Every problem is kept (one per field: a second complaint about a field
+// adds nothing), so that the user fixes them all in one round.
 class Context {
  public:
   Context(std::string source, bool report_lines)
@@ -125,18 +127,53 @@ class Context {
     if (report_lines_) marks_[path] = node.Mark();
   }
 
-  [[noreturn]] void fail(const std::string& path, const std::string& message) const {
+  // `field` (a path, possibly a whole section) now holds what override `source` wrote: problems
+  // under it name the override, and the lines of the text no longer apply to it.
+  void set_by(const std::string& field, const std::string& source) {
+    for (auto it = marks_.begin(); it != marks_.end();) {
+      it = is_under(it->first, field) ? marks_.erase(it) : std::next(it);
+    }
+    std::erase_if(set_by_, [&](const auto& entry) { return is_under(entry.first, field); });
+    set_by_.emplace_back(field, source);
+  }
+
+  void report(const std::string& path, const std::string& message) {
+    const bool known = std::any_of(problems_.begin(), problems_.end(),
+                                   [&](const JobSpecProblem& p) { return p.field == path; });
+    if (known) return;
     const auto it = marks_.find(path);
-    if (it == marks_.end() || it->second.line < 0) throw JobSpecError(source_, path, message);
-    throw JobSpecError(source_, path,
-                       message + " (line " + std::to_string(it->second.line + 1) + ")");
+    const std::string line = it == marks_.end() || it->second.line < 0
+                                 ? ""
+                                 : " (line " + std::to_string(it->second.line + 1) + ")";
+    problems_.push_back({source_of(path), path, message + line});
+  }
+
+  // Throws one JobSpecError with every problem reported so far.
+  void throw_if_any() const {
+    if (!problems_.empty()) throw JobSpecError(problems_);
   }
 
  private:
+  // `path` is `field` or inside it ("optimizer.adalomo.eps1" in "optimizer.adalomo",
+  // "data.train[0]" in "data.train").
+  static bool is_under(const std::string& path, const std::string& field) {
+    if (path.compare(0, field.size(), field) != 0) return false;
+    return path.size() == field.size() || path[field.size()] == '.' || path[field.size()] == '[';
+  }
+
+  const std::string& source_of(const std::string& path) const {
+    for (auto it = set_by_.rbegin(); it != set_by_.rend(); ++it) {
+      if (is_under(path, it->first)) return it->second;
+    }
+    return source_;
+  }
+
   std::string source_;
   // Off for overrides: their nodes are built in memory and have no lines.
   bool report_lines_;
   std::map<std::string, YAML::Mark> marks_;
+  std::vector<std::pair<std::string, std::string>> set_by_;  // field, override, in order
+  std::vector<JobSpecProblem> problems_;
 };
 
 // yaml-cpp tags plain scalars "?", quoted ones "!", and nodes built in memory "". Only plain
@@ -198,9 +235,10 @@ bool is_inf_or_nan(std::string_view text) {
          text == ".NAN";
 }
 
-// A map section with a fixed set of keys. Construction rejects anything but a map (null or absent
-// means "all defaults"), unknown keys, duplicate keys and keys that are not strings; read()
-// leaves a field at its default when the key is absent.
+// A map section with a fixed set of keys. Construction reports anything but a map (null or
+// absent means "all defaults"; another kind, "no keys"), unknown keys, duplicate keys and keys
+// that are not strings, and keeps the rest. read() leaves a field at its default when the key is
+// absent or its value is reported as unreadable.
 class Section {
  public:
   // `node` is null when the section is absent.
@@ -216,7 +254,9 @@ class Section {
   }
 
   void read(std::string_view key, std::string& out) {
-    if (const YAML::Node* node = find(key)) out = as_string(path(key), *node);
+    const YAML::Node* node = find(key);
+    if (node == nullptr) return;
+    if (auto value = as_string(path(key), *node)) out = std::move(*value);
   }
 
   void read(std::string_view key, bool& out) {
@@ -228,12 +268,14 @@ class Section {
     } else if (text == "false" || text == "False" || text == "FALSE") {
       out = false;
     } else {
-      context_.fail(path(key), "expected true or false, got " + describe(*node));
+      context_.report(path(key), "expected true or false, got " + describe(*node));
     }
   }
 
   void read(std::string_view key, int64_t& out) {
-    if (const YAML::Node* node = find(key)) out = as_int64(path(key), *node);
+    const YAML::Node* node = find(key);
+    if (node == nullptr) return;
+    if (const auto value = as_int64(path(key), *node)) out = *value;
   }
 
   void read(std::string_view key, uint64_t& out) {
@@ -242,36 +284,53 @@ class Section {
     const std::string field = path(key);
     if (!node->IsScalar() || !is_plain(*node) || !is_decimal_integer(node->Scalar()) ||
         node->Scalar()[0] == '-') {
-      context_.fail(field, "expected a non-negative integer, got " + describe(*node));
+      return context_.report(field, "expected a non-negative integer, got " + describe(*node));
     }
     std::string_view text = node->Scalar();
     if (text[0] == '+') text.remove_prefix(1);
-    const auto result = std::from_chars(text.data(), text.data() + text.size(), out);
+    uint64_t value = 0;
+    const auto result = std::from_chars(text.data(), text.data() + text.size(), value);
     if (result.ec != std::errc() || result.ptr != text.data() + text.size()) {
-      context_.fail(field, "out of range (at most 18446744073709551615), got " + describe(*node));
+      return context_.report(field,
+                             "out of range (at most 18446744073709551615), got " + describe(*node));
     }
+    out = value;
   }
 
   void read(std::string_view key, double& out) {
-    if (const YAML::Node* node = find(key)) out = as_double(path(key), *node);
+    const YAML::Node* node = find(key);
+    if (node == nullptr) return;
+    if (const auto value = as_double(path(key), *node)) out = *value;
   }
 
   void read(std::string_view key, std::optional<int64_t>& out) {
     const YAML::Node* node = find(key);
     if (node == nullptr) return;
-    out = node->IsNull() ? std::nullopt : std::optional<int64_t>(as_int64(path(key), *node));
+    if (node->IsNull()) {
+      out = std::nullopt;
+    } else if (const auto value = as_int64(path(key), *node)) {
+      out = *value;
+    }
   }
 
   void read(std::string_view key, std::optional<std::string>& out) {
     const YAML::Node* node = find(key);
     if (node == nullptr) return;
-    out = node->IsNull() ? std::nullopt : std::optional<std::string>(as_string(path(key), *node));
+    if (node->IsNull()) {
+      out = std::nullopt;
+    } else if (auto value = as_string(path(key), *node)) {
+      out = std::move(*value);
+    }
   }
 
   void read(std::string_view key, std::optional<double>& out) {
     const YAML::Node* node = find(key);
     if (node == nullptr) return;
-    out = node->IsNull() ? std::nullopt : std::optional<double>(as_double(path(key), *node));
+    if (node->IsNull()) {
+      out = std::nullopt;
+    } else if (const auto value = as_double(path(key), *node)) {
+      out = *value;
+    }
   }
 
   // A list of strings; a single string is the one-element list, null the empty one.
@@ -280,45 +339,56 @@ class Section {
     if (node == nullptr) return;
     const std::string field = path(key);
     std::vector<std::string> values;
+    bool readable = true;
+    auto add = [&](const std::string& element, const YAML::Node& item) {
+      auto value = as_string(element, item);
+      readable = readable && value.has_value();
+      if (value) values.push_back(std::move(*value));
+    };
     if (node->IsScalar()) {
-      values.push_back(as_string(field, *node));
+      add(field, *node);
     } else if (node->IsSequence()) {
       for (size_t i = 0; i < node->size(); ++i) {
         const std::string element = field + "[" + std::to_string(i) + "]";
         const YAML::Node item = (*node)[i];
         context_.remember(element, item);
-        values.push_back(as_string(element, item));
+        add(element, item);
       }
     } else if (!node->IsNull()) {
-      context_.fail(field, "expected a list of strings, got " + describe(*node));
+      return context_.report(field, "expected a list of strings, got " + describe(*node));
     }
-    out = std::move(values);
+    if (readable) out = std::move(values);
   }
 
  private:
   void load(const YAML::Node& node, std::initializer_list<std::string_view> keys) {
     if (!node.IsMap()) {
-      context_.fail(path_,
-                    std::string(path_.empty() ? "expected a map of sections" : "expected a map") +
-                        " (keys: " + join(keys) + "), got " + describe(node));
+      return context_.report(
+          path_, std::string(path_.empty() ? "expected a map of sections" : "expected a map") +
+                     " (keys: " + join(keys) + "), got " + describe(node));
     }
     for (auto it = node.begin(); it != node.end(); ++it) {
       const YAML::Node key = it->first;
       if (!key.IsScalar()) {
         context_.remember(path_, key);
-        context_.fail(path_, "keys must be strings, got " + describe(key));
+        context_.report(path_, "keys must be strings, got " + describe(key));
+        continue;
       }
       const std::string& name = key.Scalar();
       const std::string field = child_path(path_, name);
       if (std::find(keys.begin(), keys.end(), name) == keys.end()) {
         context_.remember(field, key);
-        context_.fail(field, "unknown key (known: " + join(keys) + ")");
+        context_.report(field, "unknown key (known: " + join(keys) + ")");
+        continue;
       }
       // yaml-cpp keeps both entries of a repeated key and lookups would silently use the first.
       const bool seen = std::any_of(entries_.begin(), entries_.end(),
                                     [&](const auto& entry) { return entry.first == name; });
       context_.remember(field, key);
-      if (seen) context_.fail(field, "duplicate key");
+      if (seen) {
+        context_.report(field, "duplicate key");
+        continue;
+      }
       entries_.emplace_back(name, it->second);
     }
   }
@@ -333,40 +403,52 @@ class Section {
     return nullptr;
   }
 
-  std::string as_string(const std::string& field, const YAML::Node& node) const {
+  // Each as_*() reports why `node` is not of its type and returns nothing, or returns the value.
+  std::optional<std::string> as_string(const std::string& field, const YAML::Node& node) const {
     // Any scalar is a string (a file may be called 2024 or true); null is not, so that "path:"
     // with the value forgotten is an error rather than an empty path.
     if (!node.IsScalar()) {
-      context_.fail(field, "expected a string, got " + describe(node) +
-                               (node.IsNull() ? " (write \"\" for an empty string)" : ""));
+      context_.report(field, "expected a string, got " + describe(node) +
+                                 (node.IsNull() ? " (write \"\" for an empty string)" : ""));
+      return std::nullopt;
     }
     const std::string& text = node.Scalar();
-    if (!is_valid_utf8(text)) context_.fail(field, "not valid UTF-8 text");
+    if (!is_valid_utf8(text)) {
+      context_.report(field, "not valid UTF-8 text");
+      return std::nullopt;
+    }
     // A NUL would silently cut a path short when it reaches the operating system.
-    if (text.find('\0') != std::string::npos) context_.fail(field, "contains a NUL character");
+    if (text.find('\0') != std::string::npos) {
+      context_.report(field, "contains a NUL character");
+      return std::nullopt;
+    }
     return text;
   }
 
-  int64_t as_int64(const std::string& field, const YAML::Node& node) const {
+  std::optional<int64_t> as_int64(const std::string& field, const YAML::Node& node) const {
     if (!node.IsScalar() || !is_plain(node) || !is_decimal_integer(node.Scalar())) {
-      context_.fail(field, "expected an integer, got " + describe(node));
+      context_.report(field, "expected an integer, got " + describe(node));
+      return std::nullopt;
     }
     std::string_view text = node.Scalar();
     if (text[0] == '+') text.remove_prefix(1);
     int64_t value = 0;
     const auto result = std::from_chars(text.data(), text.data() + text.size(), value);
     if (result.ec != std::errc() || result.ptr != text.data() + text.size()) {
-      context_.fail(field, "out of the 64-bit integer range, got " + describe(node));
+      context_.report(field, "out of the 64-bit integer range, got " + describe(node));
+      return std::nullopt;
     }
     return value;
   }
 
-  double as_double(const std::string& field, const YAML::Node& node) const {
+  std::optional<double> as_double(const std::string& field, const YAML::Node& node) const {
     if (node.IsScalar() && is_plain(node) && is_inf_or_nan(node.Scalar())) {
-      context_.fail(field, "must be a finite number, got " + describe(node));
+      context_.report(field, "must be a finite number, got " + describe(node));
+      return std::nullopt;
     }
     if (!node.IsScalar() || !is_plain(node) || !is_decimal_float(node.Scalar())) {
-      context_.fail(field, "expected a number, got " + describe(node));
+      context_.report(field, "expected a number, got " + describe(node));
+      return std::nullopt;
     }
     std::string_view text = node.Scalar();
     if (text[0] == '+') text.remove_prefix(1);
@@ -375,7 +457,8 @@ class Section {
     // from_chars reports overflow and underflow alike; both mean the number is not usable.
     if (result.ec != std::errc() || result.ptr != text.data() + text.size() ||
         !std::isfinite(value)) {
-      context_.fail(field, "out of the double-precision range, got " + describe(node));
+      context_.report(field, "out of the double-precision range, got " + describe(node));
+      return std::nullopt;
     }
     return value;
   }
@@ -476,53 +559,53 @@ JobSpec read_spec(Context& context, const YAML::Node& root) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Validation: value rules, in the order the fields are declared, first failure wins.
+// Validation: value rules, in the order the fields are declared; every broken rule is reported.
 
-void at_least(const Context& c, const std::string& path, int64_t value, int64_t minimum) {
+void at_least(Context& c, const std::string& path, int64_t value, int64_t minimum) {
   if (value < minimum) {
-    c.fail(path, "must be >= " + std::to_string(minimum) + ", got " + std::to_string(value));
+    c.report(path, "must be >= " + std::to_string(minimum) + ", got " + std::to_string(value));
   }
 }
 
-void positive(const Context& c, const std::string& path, double value) {
-  if (!(value > 0)) c.fail(path, "must be > 0, got " + number_text(value));
+void positive(Context& c, const std::string& path, double value) {
+  if (!(value > 0)) c.report(path, "must be > 0, got " + number_text(value));
 }
 
-void non_negative(const Context& c, const std::string& path, double value) {
-  if (!(value >= 0)) c.fail(path, "must be >= 0, got " + number_text(value));
+void non_negative(Context& c, const std::string& path, double value) {
+  if (!(value >= 0)) c.report(path, "must be >= 0, got " + number_text(value));
 }
 
 // [0, 1): a probability-like coefficient where 1 would stop the quantity from ever changing.
-void unit_interval(const Context& c, const std::string& path, double value) {
-  if (!(value >= 0 && value < 1)) c.fail(path, "must be in [0, 1), got " + number_text(value));
+void unit_interval(Context& c, const std::string& path, double value) {
+  if (!(value >= 0 && value < 1)) c.report(path, "must be in [0, 1), got " + number_text(value));
 }
 
-void one_of(const Context& c, const std::string& path, const std::string& value,
+void one_of(Context& c, const std::string& path, const std::string& value,
             std::initializer_list<std::string_view> allowed) {
   if (std::find(allowed.begin(), allowed.end(), value) == allowed.end()) {
-    c.fail(path, "must be one of " + join(allowed) + "; got " + in_quotes(value));
+    c.report(path, "must be one of " + join(allowed) + "; got " + in_quotes(value));
   }
 }
 
-void validate(const Context& c, const JobSpec& spec) {
+void validate(Context& c, const JobSpec& spec) {
   if (spec.model.path.empty()) {
-    c.fail("model.path", "required: the Hugging Face checkpoint directory to fine-tune");
+    c.report("model.path", "required: the Hugging Face checkpoint directory to fine-tune");
   }
   one_of(c, "tokenizer.kind", spec.tokenizer.kind, {"bytes", "auto"});
 
   const DataSpec& d = spec.data;
   if (d.format == "multiple_choice") {
-    c.fail("data.format",
-           "multiple_choice is an evaluation format: set data.eval_format: multiple_choice and "
-           "train on another format");
+    c.report("data.format",
+             "multiple_choice is an evaluation format: set data.eval_format: multiple_choice and "
+             "train on another format");
   }
   one_of(c, "data.format", d.format,
          {"text", "jsonl_text", "alpaca", "prompt_completion", "chat", "tokens"});
-  if (d.train.empty()) c.fail("data.train", "required: a non-empty list of training files");
+  if (d.train.empty()) c.report("data.train", "required: a non-empty list of training files");
   for (const auto& [list, paths] : {std::pair{"data.train", &d.train}, {"data.eval", &d.eval}}) {
     for (size_t i = 0; i < paths->size(); ++i) {
       if ((*paths)[i].empty()) {
-        c.fail(std::string(list) + "[" + std::to_string(i) + "]", "must be a non-empty path");
+        c.report(std::string(list) + "[" + std::to_string(i) + "]", "must be a non-empty path");
       }
     }
   }
@@ -537,29 +620,29 @@ void validate(const Context& c, const JobSpec& spec) {
   if (d.chat_template) {
     one_of(c, "data.chat_template", *d.chat_template, {"llama-2", "llama-3", "chatml"});
     if (!chat) {
-      c.fail("data.chat_template",
-             "only used with data.format (or data.eval_format) chat; got format " +
-                 in_quotes(d.format));
+      c.report("data.chat_template",
+               "only used with data.format (or data.eval_format) chat; got format " +
+                   in_quotes(d.format));
     }
   } else if (chat) {
-    c.fail("data.chat_template", "required for format chat: one of llama-2, llama-3, chatml");
+    c.report("data.chat_template", "required for format chat: one of llama-2, llama-3, chatml");
   }
   if (chat && spec.tokenizer.kind == "bytes") {
-    c.fail("tokenizer.kind",
-           "bytes has no special tokens, which chat templates need: use auto with a model "
-           "directory that holds tokenizer files");
+    c.report("tokenizer.kind",
+             "bytes has no special tokens, which chat templates need: use auto with a model "
+             "directory that holds tokenizer files");
   }
   const bool has_prompt =
       d.format == "alpaca" || d.format == "prompt_completion" || d.format == "chat";
   if (d.train_on_prompt && !has_prompt) {
-    c.fail("data.train_on_prompt",
-           "only used with formats alpaca, prompt_completion and chat; format " +
-               in_quotes(d.format) + " trains on every token");
+    c.report("data.train_on_prompt",
+             "only used with formats alpaca, prompt_completion and chat; format " +
+                 in_quotes(d.format) + " trains on every token");
   }
   if (d.packing && (d.format == "text" || d.format == "tokens")) {
-    c.fail("data.packing", "format " + in_quotes(d.format) +
-                               " already fills every row from one token stream; packing applies "
-                               "to the JSONL formats");
+    c.report("data.packing", "format " + in_quotes(d.format) +
+                                 " already fills every row from one token stream; packing applies "
+                                 "to the JSONL formats");
   }
   one_of(c, "data.token_dtype", d.token_dtype, {"uint16", "uint32"});
   one_of(c, "data.on_bad_record", d.on_bad_record, {"fail", "skip"});
@@ -571,16 +654,16 @@ void validate(const Context& c, const JobSpec& spec) {
   at_least(c, "optimizer.warmup_steps", o.warmup_steps, 0);
   unit_interval(c, "optimizer.warmup_ratio", o.warmup_ratio);
   if (o.warmup_steps > 0 && o.warmup_ratio > 0) {
-    c.fail("optimizer.warmup_ratio",
-           "set only one of optimizer.warmup_steps and optimizer.warmup_ratio");
+    c.report("optimizer.warmup_ratio",
+             "set only one of optimizer.warmup_steps and optimizer.warmup_ratio");
   }
   non_negative(c, "optimizer.weight_decay", o.weight_decay);
   if (o.clip_grad_norm) positive(c, "optimizer.clip_grad_norm", *o.clip_grad_norm);
   if (o.clip_grad_value) positive(c, "optimizer.clip_grad_value", *o.clip_grad_value);
   if (o.stochastic_rounding && spec.precision.dtype != "bf16") {
-    c.fail("optimizer.stochastic_rounding",
-           "needs precision.dtype bf16 (it rounds fp32 updates into bf16 storage), not " +
-               in_quotes(spec.precision.dtype));
+    c.report("optimizer.stochastic_rounding",
+             "needs precision.dtype bf16 (it rounds fp32 updates into bf16 storage), not " +
+                 in_quotes(spec.precision.dtype));
   }
   unit_interval(c, "optimizer.beta1", o.beta1);
   unit_interval(c, "optimizer.beta2", o.beta2);
@@ -590,7 +673,8 @@ void validate(const Context& c, const JobSpec& spec) {
   positive(c, "optimizer.adalomo.clip_threshold", o.adalomo.clip_threshold);
   // β_t = 1 − t^decay_rate only grows towards 1 (a longer average) for a negative exponent.
   if (!(o.adalomo.decay_rate < 0)) {
-    c.fail("optimizer.adalomo.decay_rate", "must be < 0, got " + number_text(o.adalomo.decay_rate));
+    c.report("optimizer.adalomo.decay_rate",
+             "must be < 0, got " + number_text(o.adalomo.decay_rate));
   }
 
   one_of(c, "precision.dtype", spec.precision.dtype, {"fp32", "bf16", "fp16"});
@@ -598,68 +682,79 @@ void validate(const Context& c, const JobSpec& spec) {
   positive(c, "precision.loss_scale.initial", s.initial);
   at_least(c, "precision.loss_scale.growth_interval", s.growth_interval, 1);
   if (!(s.factor > 1)) {
-    c.fail("precision.loss_scale.factor", "must be > 1, got " + number_text(s.factor));
+    c.report("precision.loss_scale.factor", "must be > 1, got " + number_text(s.factor));
   }
   positive(c, "precision.loss_scale.min", s.min);
   if (s.min > s.initial) {
-    c.fail("precision.loss_scale.min", "must be <= precision.loss_scale.initial (" +
-                                           number_text(s.initial) + "), got " + number_text(s.min));
+    c.report("precision.loss_scale.min", "must be <= precision.loss_scale.initial (" +
+                                             number_text(s.initial) + "), got " +
+                                             number_text(s.min));
   }
 
   const TrainingSpec& t = spec.training;
   at_least(c, "training.batch_size", t.batch_size, 1);
   if (!t.steps && !t.epochs) {
-    c.fail("training.steps", "required: set training.steps or training.epochs");
+    c.report("training.steps", "required: set training.steps or training.epochs");
   }
   if (t.steps && t.epochs) {
-    c.fail("training.epochs", "set only one of training.steps and training.epochs");
+    c.report("training.epochs", "set only one of training.steps and training.epochs");
   }
   if (t.steps) at_least(c, "training.steps", *t.steps, 1);
   if (t.epochs) at_least(c, "training.epochs", *t.epochs, 1);
   // Rejected for every optimizer, not only the fused ones, so that a spec means the same thing
   // whichever optimizer it names.
   if (t.gradient_accumulation_steps != 1) {
-    c.fail("training.gradient_accumulation_steps",
-           "must be 1, got " + std::to_string(t.gradient_accumulation_steps) +
-               ": fused optimizers (LOMO, AdaLomo) update each parameter during backward, so "
-               "gradients of several micro-batches cannot be summed before the update; increase "
-               "training.batch_size instead (other tools silently update per micro-batch). The "
-               "rule holds for every optimizer so that a spec behaves the same with each.");
+    c.report("training.gradient_accumulation_steps",
+             "must be 1, got " + std::to_string(t.gradient_accumulation_steps) +
+                 ": fused optimizers (LOMO, AdaLomo) update each parameter during backward, so "
+                 "gradients of several micro-batches cannot be summed before the update; increase "
+                 "training.batch_size instead (other tools silently update per micro-batch). The "
+                 "rule holds for every optimizer so that a spec behaves the same with each.");
   }
   at_least(c, "training.eval_every", t.eval_every, 0);
   at_least(c, "training.eval_batches", t.eval_batches, 1);
   at_least(c, "training.checkpoint_every", t.checkpoint_every, 0);
   at_least(c, "training.log_every", t.log_every, 1);
 
-  if (spec.output.dir.empty()) c.fail("output.dir", "must be a non-empty directory path");
+  if (spec.output.dir.empty()) c.report("output.dir", "must be a non-empty directory path");
 
   const ResourcesSpec& r = spec.resources;
   at_least(c, "resources.world_size", r.world_size, 1);
   if (r.world_size != 1) {
-    c.fail("resources.world_size",
-           "must be 1 for now, got " + std::to_string(r.world_size) +
-               ": multi-worker (data-parallel) training is not available yet");
+    c.report("resources.world_size",
+             "must be 1 for now, got " + std::to_string(r.world_size) +
+                 ": multi-worker (data-parallel) training is not available yet");
   }
   one_of(c, "resources.device", r.device, {"cpu", "cuda"});
+  if (r.device == "cuda") {
+    c.report("resources.device",
+             "cuda is not available yet: this build trains on the CPU only (the CUDA backend is "
+             "tracked separately); use device: cpu");
+  }
   at_least(c, "resources.retries", r.retries, 0);
 }
 
 // yaml-cpp may throw from node access in ways its API does not document; every such exception
-// becomes a JobSpecError so that callers need to catch only one type.
+// becomes a JobSpecError so that callers need to catch only one type. Throws every problem read.
 JobSpec read_checked(Context& context, const YAML::Node& root) {
+  JobSpec spec;
   try {
-    return read_spec(context, root);
+    spec = read_spec(context, root);
   } catch (const YAML::Exception& error) {
     throw JobSpecError(context.source(), "", "unexpected YAML error: " + error.msg);
   }
+  context.throw_if_any();
+  return spec;
 }
 
-void validate_checked(const Context& context, const JobSpec& spec) {
+// Throws every broken value rule.
+void validate_checked(Context& context, const JobSpec& spec) {
   try {
     validate(context, spec);
   } catch (const YAML::Exception& error) {
     throw JobSpecError(context.source(), "", "unexpected YAML error: " + error.msg);
   }
+  context.throw_if_any();
 }
 
 // "line 3, column 7: " for a yaml-cpp exception, or "" when it carries no position.
@@ -728,10 +823,18 @@ YAML::Node load_one_document(const std::string& text, const std::string& source,
 // ---------------------------------------------------------------------------------------------
 // Writing.
 
-YAML::Node string_list(const std::vector<std::string>& values) {
+// A string value. For JSON it is tagged "!" (yaml-cpp's mark for a quoted scalar), so that
+// to_json() can tell it from the numbers and booleans, which the tree also holds as text.
+YAML::Node string_node(const std::string& value, bool tag_strings) {
+  YAML::Node node(value);
+  if (tag_strings) node.SetTag("!");
+  return node;
+}
+
+YAML::Node string_list(const std::vector<std::string>& values, bool tag_strings) {
   YAML::Node list(YAML::NodeType::Sequence);
   list.SetStyle(YAML::EmitterStyle::Flow);
-  for (const std::string& value : values) list.push_back(value);
+  for (const std::string& value : values) list.push_back(string_node(value, tag_strings));
   return list;
 }
 
@@ -744,41 +847,44 @@ YAML::Node optional_number(const std::optional<T>& value) {
   return YAML::Node(std::to_string(*value));
 }
 
-YAML::Node optional_string(const std::optional<std::string>& value) {
-  return value ? YAML::Node(*value) : YAML::Node(YAML::NodeType::Null);
+YAML::Node optional_string(const std::optional<std::string>& value, bool tag_strings) {
+  return value ? string_node(*value, tag_strings) : YAML::Node(YAML::NodeType::Null);
 }
 
 // Every field, in declaration order, numbers as their shortest exact text (the node holds strings
 // so that yaml-cpp's own float formatting, which rounds to a fixed precision, never applies).
-YAML::Node to_node(const JobSpec& spec) {
+YAML::Node to_node(const JobSpec& spec, bool tag_strings = false) {
+  const auto text = [tag_strings](const std::string& value) {
+    return string_node(value, tag_strings);
+  };
   YAML::Node root(YAML::NodeType::Map);
-  root["name"] = spec.name;
+  root["name"] = text(spec.name);
   root["priority"] = std::to_string(spec.priority);
 
-  root["model"]["path"] = spec.model.path;
+  root["model"]["path"] = text(spec.model.path);
 
-  root["tokenizer"]["kind"] = spec.tokenizer.kind;
-  root["tokenizer"]["path"] = spec.tokenizer.path;
+  root["tokenizer"]["kind"] = text(spec.tokenizer.kind);
+  root["tokenizer"]["path"] = text(spec.tokenizer.path);
 
   YAML::Node data(YAML::NodeType::Map);
-  data["format"] = spec.data.format;
-  data["train"] = string_list(spec.data.train);
-  data["eval"] = string_list(spec.data.eval);
-  data["eval_format"] = optional_string(spec.data.eval_format);
+  data["format"] = text(spec.data.format);
+  data["train"] = string_list(spec.data.train, tag_strings);
+  data["eval"] = string_list(spec.data.eval, tag_strings);
+  data["eval_format"] = optional_string(spec.data.eval_format, tag_strings);
   data["max_length"] = std::to_string(spec.data.max_length);
-  data["chat_template"] = optional_string(spec.data.chat_template);
+  data["chat_template"] = optional_string(spec.data.chat_template, tag_strings);
   data["train_on_prompt"] = bool_text(spec.data.train_on_prompt);
   data["packing"] = bool_text(spec.data.packing);
   data["shuffle"] = bool_text(spec.data.shuffle);
-  data["token_dtype"] = spec.data.token_dtype;
-  data["on_bad_record"] = spec.data.on_bad_record;
+  data["token_dtype"] = text(spec.data.token_dtype);
+  data["on_bad_record"] = text(spec.data.on_bad_record);
   root["data"] = data;
 
   const OptimizerSpec& o = spec.optimizer;
   YAML::Node optimizer(YAML::NodeType::Map);
-  optimizer["name"] = o.name;
+  optimizer["name"] = text(o.name);
   optimizer["lr"] = number_text(o.lr);
-  optimizer["schedule"] = o.schedule;
+  optimizer["schedule"] = text(o.schedule);
   optimizer["warmup_steps"] = std::to_string(o.warmup_steps);
   optimizer["warmup_ratio"] = number_text(o.warmup_ratio);
   optimizer["weight_decay"] = number_text(o.weight_decay);
@@ -797,7 +903,7 @@ YAML::Node to_node(const JobSpec& spec) {
 
   const LossScaleSpec& s = spec.precision.loss_scale;
   YAML::Node precision(YAML::NodeType::Map);
-  precision["dtype"] = spec.precision.dtype;
+  precision["dtype"] = text(spec.precision.dtype);
   precision["loss_scale"]["initial"] = number_text(s.initial);
   precision["loss_scale"]["growth_interval"] = std::to_string(s.growth_interval);
   precision["loss_scale"]["factor"] = number_text(s.factor);
@@ -818,10 +924,10 @@ YAML::Node to_node(const JobSpec& spec) {
   training["log_every"] = std::to_string(t.log_every);
   root["training"] = training;
 
-  root["output"]["dir"] = spec.output.dir;
+  root["output"]["dir"] = text(spec.output.dir);
 
   root["resources"]["world_size"] = std::to_string(spec.resources.world_size);
-  root["resources"]["device"] = spec.resources.device;
+  root["resources"]["device"] = text(spec.resources.device);
   root["resources"]["retries"] = std::to_string(spec.resources.retries);
   return root;
 }
@@ -862,17 +968,148 @@ void set_field(YAML::Node& root, const std::string& field, const YAML::Node& val
   }
 }
 
-}  // namespace
+// JSON text of a string: quotes, backslashes and control characters escaped; bytes that are not
+// UTF-8 (only a spec built in code can hold them) become U+FFFD, as the YAML emitter does.
+void append_json_string(std::string& out, std::string_view text) {
+  out += '"';
+  size_t i = 0;
+  while (i < text.size()) {
+    size_t length = 1;
+    while (length <= 4 && i + length <= text.size() && !is_valid_utf8(text.substr(i, length))) {
+      ++length;
+    }
+    if (length > 4 || i + length > text.size()) {
+      out += "\xef\xbf\xbd";
+      ++i;
+      continue;
+    }
+    const std::string_view piece = text.substr(i, length);
+    i += length;
+    const auto c = static_cast<unsigned char>(piece[0]);
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += static_cast<char>(c);
+    } else if (c < 0x20 || c == 0x7f) {
+      char code[8];
+      std::snprintf(code, sizeof(code), "\\u%04x", c);
+      out += code;
+    } else {
+      out += piece;
+    }
+  }
+  out += '"';
+}
 
-JobSpec parse_job_spec(const std::string& text, const std::string& source) {
-  const YAML::Node root = load_one_document(text, source, "the document");
-  Context context(source, /*report_lines=*/true);
-  JobSpec spec = read_checked(context, root);
+// The tree of to_node(spec, /*tag_strings=*/true) as JSON: scalars tagged "!" are strings, the
+// others are number or boolean literals already written exactly.
+void append_json(std::string& out, const YAML::Node& node) {
+  switch (node.Type()) {
+    case YAML::NodeType::Map: {
+      out += '{';
+      bool first = true;
+      for (auto it = node.begin(); it != node.end(); ++it) {
+        if (!first) out += ',';
+        first = false;
+        append_json_string(out, it->first.Scalar());
+        out += ':';
+        append_json(out, it->second);
+      }
+      out += '}';
+      return;
+    }
+    case YAML::NodeType::Sequence: {
+      out += '[';
+      for (size_t i = 0; i < node.size(); ++i) {
+        if (i > 0) out += ',';
+        append_json(out, node[i]);
+      }
+      out += ']';
+      return;
+    }
+    case YAML::NodeType::Scalar:
+      if (node.Tag() == "!") {
+        append_json_string(out, node.Scalar());
+      } else {
+        out += node.Scalar();
+      }
+      return;
+    default:
+      out += "null";
+      return;
+  }
+}
+
+// "override \"optimizer.lr=3e-4\"": how messages name one override.
+std::string override_source(const std::string& assignment) {
+  return "override " + in_quotes(assignment);
+}
+
+// Applies one override to `spec` and reads the result (types and keys, not value rules); returns
+// the field it set. Throws JobSpecError naming the override.
+std::string apply_one(JobSpec& spec, const std::string& assignment) {
+  const std::string source = override_source(assignment);
+  const size_t equals = assignment.find('=');
+  if (equals == std::string::npos || equals == 0) {
+    throw JobSpecError(source, "", "expected FIELD=VALUE, e.g. optimizer.lr=3e-4");
+  }
+  const std::string field = assignment.substr(0, equals);
+  const YAML::Node value = load_one_document(assignment.substr(equals + 1), source, "the value");
+  YAML::Node root = to_node(spec);
+  set_field(root, field, value, source);
+  Context context(source, /*report_lines=*/false);
+  spec = read_checked(context, root);
+  return field;
+}
+
+// Applies every override in order, then validates once in `context`, whose problems in a field an
+// override set name that override. Reading (types, keys) as each is applied and validating only
+// at the end lets a later override name a field of a section an earlier one replaced, and pass
+// through combinations that are invalid only half-way.
+JobSpec apply_and_validate(JobSpec spec, const std::vector<std::string>& assignments,
+                           Context& context) {
+  for (const std::string& assignment : assignments) {
+    context.set_by(apply_one(spec, assignment), override_source(assignment));
+  }
   validate_checked(context, spec);
   return spec;
 }
 
-JobSpec load_job_spec(const std::string& path) {
+}  // namespace
+
+std::string JobSpecProblem::text() const {
+  return source + ": " + (field.empty() ? "" : field + ": ") + message;
+}
+
+namespace {
+
+std::string all_problems_text(const std::vector<JobSpecProblem>& problems) {
+  std::string text;
+  for (const JobSpecProblem& problem : problems) {
+    text += (text.empty() ? "" : "\n") + problem.text();
+  }
+  return text.empty() ? "invalid job spec" : text;
+}
+
+}  // namespace
+
+JobSpecError::JobSpecError(std::vector<JobSpecProblem> problems)
+    : std::invalid_argument(all_problems_text(problems)), problems_(std::move(problems)) {
+  if (problems_.empty()) problems_.push_back({"", "", "invalid job spec"});
+}
+
+JobSpec parse_job_spec(const std::string& text, const std::string& source) {
+  return parse_job_spec(text, source, {});
+}
+
+JobSpec parse_job_spec(const std::string& text, const std::string& source,
+                       const std::vector<std::string>& overrides) {
+  const YAML::Node root = load_one_document(text, source, "the document");
+  Context context(source, /*report_lines=*/true);
+  const JobSpec spec = read_checked(context, root);
+  return apply_and_validate(spec, overrides, context);
+}
+
+std::string read_job_spec_file(const std::string& path) {
   std::error_code error;
   if (std::filesystem::is_directory(path, error)) {
     throw JobSpecError(path, "", "cannot read the job spec: it is a directory");
@@ -886,7 +1123,11 @@ JobSpec load_job_spec(const std::string& path) {
   if (file.bad()) {
     throw JobSpecError(path, "", std::string("cannot read the job spec: ") + std::strerror(errno));
   }
-  return parse_job_spec(text.str(), path);
+  return text.str();
+}
+
+JobSpec load_job_spec(const std::string& path, const std::vector<std::string>& overrides) {
+  return parse_job_spec(read_job_spec_file(path), path, overrides);
 }
 
 void apply_job_spec_override(JobSpec& spec, const std::string& assignment) {
@@ -894,27 +1135,10 @@ void apply_job_spec_override(JobSpec& spec, const std::string& assignment) {
 }
 
 void apply_job_spec_overrides(JobSpec& spec, const std::vector<std::string>& assignments) {
-  JobSpec result = spec;
-  for (const std::string& assignment : assignments) {
-    const std::string source = "override " + in_quotes(assignment);
-    const size_t equals = assignment.find('=');
-    if (equals == std::string::npos || equals == 0) {
-      throw JobSpecError(source, "", "expected FIELD=VALUE, e.g. optimizer.lr=3e-4");
-    }
-    const std::string field = assignment.substr(0, equals);
-    const YAML::Node value = load_one_document(assignment.substr(equals + 1), source, "the value");
-    YAML::Node root = to_node(result);
-    set_field(root, field, value, source);
-    // Reading (types, keys) now and validating once at the end lets a later override name a
-    // field of a section an earlier one replaced, and pass through invalid combinations.
-    Context context(source, /*report_lines=*/false);
-    result = read_checked(context, root);
-  }
-  const std::string source = assignments.size() == 1 ? "override " + in_quotes(assignments.front())
-                                                     : std::string("overrides");
+  const std::string source =
+      assignments.size() == 1 ? override_source(assignments.front()) : std::string("overrides");
   Context context(source, /*report_lines=*/false);
-  validate_checked(context, result);
-  spec = std::move(result);
+  spec = apply_and_validate(spec, assignments, context);
 }
 
 std::string job_spec_to_yaml(const JobSpec& spec) {
@@ -926,6 +1150,12 @@ std::string job_spec_to_yaml(const JobSpec& spec) {
     throw JobSpecError("job_spec_to_yaml", "", "cannot emit YAML: " + out.GetLastError());
   }
   return std::string(out.c_str()) + "\n";
+}
+
+std::string job_spec_to_json(const JobSpec& spec) {
+  std::string out;
+  append_json(out, to_node(spec, /*tag_strings=*/true));
+  return out;
 }
 
 }  // namespace lomo

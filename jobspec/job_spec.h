@@ -13,18 +13,35 @@
 
 namespace lomo {
 
-// A spec that cannot run. what() starts with the source name and the field path
-// ("job.yaml: optimizer.lr: must be > 0, got -1 (line 7)"). field() is empty when the problem is
-// the text as a whole (YAML syntax, a file that cannot be read, the top level not being a map).
+// One problem of a spec: where (`source`: the file, "spec", or the override that set the field;
+// `field`: the path, empty for the text as a whole) and what ("must be > 0, got -1 (line 7)").
+struct JobSpecProblem {
+  std::string source;
+  std::string field;
+  std::string message;
+
+  // "job.yaml: optimizer.lr: must be > 0, got -1 (line 7)"
+  std::string text() const;
+  bool operator==(const JobSpecProblem&) const = default;
+};
+
+// A spec that cannot run, with every problem found (at least one). what() is one line per
+// problem, each starting with its source and field path; with a single problem it reads
+// "job.yaml: optimizer.lr: must be > 0, got -1 (line 7)". field() and source() are those of the
+// first problem; field() is empty when the problem is the text as a whole (YAML syntax, a file
+// that cannot be read, the top level not being a map).
 class JobSpecError : public std::invalid_argument {
  public:
   JobSpecError(std::string source, std::string field, const std::string& message)
-      : std::invalid_argument(source + ": " + (field.empty() ? "" : field + ": ") + message),
-        field_(std::move(field)) {}
-  const std::string& field() const { return field_; }
+      : JobSpecError(std::vector<JobSpecProblem>{{std::move(source), std::move(field), message}}) {}
+  explicit JobSpecError(std::vector<JobSpecProblem> problems);
+
+  const std::string& source() const { return problems_.front().source; }
+  const std::string& field() const { return problems_.front().field; }
+  const std::vector<JobSpecProblem>& problems() const { return problems_; }
 
  private:
-  std::string field_;
+  std::vector<JobSpecProblem> problems_;
 };
 
 struct ModelSpec {
@@ -132,7 +149,9 @@ struct OutputSpec {
 
 struct ResourcesSpec {
   int64_t world_size = 1;
-  std::string device = "cpu";  // cpu | cuda
+  // cpu. "cuda" is a known value that validation refuses until the CUDA backend lands: the
+  // training child runs on the CPU only, and a GPU job must not silently train there.
+  std::string device = "cpu";
   int64_t retries = 0;
 
   bool operator==(const ResourcesSpec&) const = default;
@@ -155,10 +174,22 @@ struct JobSpec {
 
 // Parses YAML (or JSON) text, one document, UTF-8; `source` names it in errors. Absent keys and
 // sections keep their defaults; null means "unset" for the optional fields and "empty" for
-// sections and data.eval. Throws JobSpecError for the first problem found; never anything else.
+// sections and data.eval. Throws JobSpecError listing every problem found, never anything else:
+// first every field that does not read as its type (unknown keys, wrong kinds), or, when all
+// read, every value rule broken (a rule about a field that could not be read would mislead).
 JobSpec parse_job_spec(const std::string& text, const std::string& source);
-// Reads and parses a file; errors name `path` as their source. Throws JobSpecError.
-JobSpec load_job_spec(const std::string& path);
+// The same text with "a.b.c=value" overrides (lomoctl --set, lomo-worker train --set) applied
+// in order and the result validated once, at the end: overrides that depend on each other
+// (data.format=chat with data.chat_template=llama-3) pass in either order. A problem in a field
+// an override set names that override as its source; the others name `source` and their line.
+JobSpec parse_job_spec(const std::string& text, const std::string& source,
+                       const std::vector<std::string>& overrides);
+// Reads and parses a file, with overrides as above; errors name `path` as their source. Throws
+// JobSpecError.
+JobSpec load_job_spec(const std::string& path, const std::vector<std::string>& overrides = {});
+// Reads a whole spec file as text (for callers that pass the original text on). Throws
+// JobSpecError naming `path`.
+std::string read_job_spec_file(const std::string& path);
 // Applies one "a.b.c=value" override (lomoctl --set): the value is parsed as YAML ("3e-4",
 // "[a.txt, b.txt]", "null"), and the whole result is validated as parse_job_spec would. Naming a
 // section ("optimizer.adalomo={eps1: 1e-29}") replaces it: its unnamed fields take their
@@ -170,7 +201,12 @@ void apply_job_spec_override(JobSpec& spec, const std::string& assignment);
 void apply_job_spec_overrides(JobSpec& spec, const std::vector<std::string>& assignments);
 // Canonical YAML with every field in declaration order (unset optionals as null), so that
 // parse_job_spec(job_spec_to_yaml(s), ...) == s for every spec parse_job_spec returns. Strings
-// that are not valid UTF-8 (which parse never returns) come out with U+FFFD in their place.
+// that are not valid UTF-8 (which parse never returns) come out with U+FFFD in their place. This
+// is the form the coordinator stores and sends to workers.
 std::string job_spec_to_yaml(const JobSpec& spec);
+// The same canonical form as one line of JSON (which parse_job_spec also reads back to `spec`).
+// Numbers are written as exact decimal text, so an integer keeps all 64 bits here; a JSON reader
+// that holds numbers as doubles (google.protobuf.Struct) does not.
+std::string job_spec_to_json(const JobSpec& spec);
 
 }  // namespace lomo

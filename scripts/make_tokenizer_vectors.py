@@ -409,7 +409,7 @@ def fuzz_seeds():
     # Two malformed-JSON inputs, and vocab/merges with unusual entries.
     (FUZZ_CORPUS / "invalid_truncated.json").write_text(
         json.dumps(base, separators=(",", ":"))[:300], encoding="utf-8")
-    (FUZZ_CORPUS / "minimal.json").write_text(
+    (FUZZ_CORPUS / "valid_minimal.json").write_text(
         '{"model":{"type":"BPE","vocab":{"a":0,"b":1,"ab":2,"\\u0120":3},"merges":["a b"],'
         '"unk_token":"a","fuse_unk":true},'
         '"pre_tokenizer":{"type":"ByteLevel","add_prefix_space":true},'

@@ -11,6 +11,7 @@ packages=(
   libyaml-cpp-dev          # job spec YAML (0.7 on Debian 12)
   libsentencepiece-dev     # SentencePiece tokenizer.model (LLaMA-1/2, Mistral)
   clang libclang-rt-14-dev # libFuzzer for the parser fuzz targets
+  clang-format clang-tidy  # scripts/check_format.sh, scripts/check_tidy.sh (CI)
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler  # control plane API
   libsqlite3-dev           # coordinator job store
   prometheus-cpp-dev       # /metrics

@@ -3,14 +3,14 @@
 //   <job id>/.tmp-step-00000100/<path>   an upload in progress (never listed, removed at startup)
 //   <job id>/step-00000100/<path>        a verified upload, renamed into place
 //
-// Upload protocol (lomo.v1.CheckpointChunk on the worker stream): the files of one checkpoint are
-// sent one after another, each in chunks with contiguous offsets from 0; the last chunk of a file
-// carries the hex SHA-256 of the whole file. A chunk with commit=true ends the upload: every file
-// must be complete and verified. The commit chunk is answered by exactly one CheckpointAck (and
-// nothing else is): committed=true, or committed=false with the first problem found. After a bad
-// chunk the upload's remaining chunks are ignored and its temporary directory is removed at once;
-// the reason waits for the commit. An upload belongs to one connection: if the worker reconnects it
-// starts the step again.
+// Upload protocol (lomo.v1.CheckpointChunk on the worker stream): the checkpoint's files as a
+// chunked transfer (FileChunk, received by common/file_transfer.h's FileReceiver into the
+// temporary directory, each file fsynced and verified by its SHA-256). A chunk with commit=true
+// ends the upload: every file must be complete and verified. The commit chunk is answered by
+// exactly one CheckpointAck (and nothing else is): committed=true, or committed=false with the
+// first problem found. After a bad chunk the upload's remaining chunks are ignored and its
+// temporary directory is removed at once; the reason waits for the commit. An upload belongs to one
+// connection: if the worker reconnects it starts the step again.
 //
 // This class verifies and places files; the coordinator records the commit in the store, and only
 // a recorded checkpoint is committed (a renamed directory without a record is removed at startup).
@@ -73,7 +73,8 @@ class CheckpointStore {
   void discard_owner(uint64_t owner);
   void discard_job(const std::string& job_id);
 
-  // "" if `path` is a safe relative file path inside a checkpoint, else why not.
+  // "" if `path` is a safe relative file path inside a checkpoint, else why not
+  // (transfer_path_problem).
   static std::string check_relative_path(const std::string& path);
 
  private:
@@ -81,6 +82,9 @@ class CheckpointStore {
   void fail(Upload& upload, const std::string& error);
   ChunkResult receive_locked(Upload& upload, const v1::CheckpointChunk& chunk,
                              const std::string& rejection);
+  // The commit chunk: every file complete, directories synced; the verified upload or the error.
+  ChunkResult commit_locked(Upload& upload);
+  void sync_directories(Upload& upload);
 
   std::filesystem::path root_;
   std::mutex mu_;

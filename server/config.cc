@@ -2,12 +2,12 @@
 
 #include <yaml-cpp/yaml.h>
 
-#include <cerrno>
 #include <charconv>
-#include <cstring>
-#include <fstream>
-#include <sstream>
 #include <type_traits>
+
+#include "common/flags.h"
+#include "common/log.h"
+#include "common/read_file.h"
 
 namespace lomo::server {
 
@@ -15,6 +15,7 @@ const char* const kCoordinatorUsage =
     "usage: lomo-coordinator [--config FILE] [--grpc-listen HOST:PORT] [--http-listen HOST:PORT]\n"
     "                        [--data-dir DIR] [--heartbeat-timeout SECONDS]\n"
     "                        [--heartbeat-interval-ms MS] [--threads N] [--ready-file PATH]\n"
+    "                        [--log-format text|json]\n"
     "Serves the lomo JobService and WorkerService over gRPC, REST/JSON and /metrics over HTTP.\n"
     "A port of 0 lets the system choose; --ready-file receives the addresses in use.\n";
 
@@ -36,32 +37,6 @@ T scalar(const YAML::Node& node, const std::string& source, const std::string& k
                                      : std::is_floating_point_v<T>  ? "a number"
                                                                     : "an integer")));
   }
-}
-
-double parse_double(const std::string& text, const std::string& flag) {
-  double value = 0;
-  const auto result = std::from_chars(text.data(), text.data() + text.size(), value);
-  if (result.ec != std::errc() || result.ptr != text.data() + text.size()) {
-    throw ConfigError(flag + ": expected a number, got \"" + text + "\"");
-  }
-  return value;
-}
-
-int64_t parse_int(const std::string& text, const std::string& flag) {
-  int64_t value = 0;
-  const auto result = std::from_chars(text.data(), text.data() + text.size(), value);
-  if (result.ec != std::errc() || result.ptr != text.data() + text.size()) {
-    throw ConfigError(flag + ": expected an integer, got \"" + text + "\"");
-  }
-  return value;
-}
-
-std::string read_file(const std::string& path) {
-  std::ifstream file(path, std::ios::binary);
-  if (!file) throw ConfigError(path + ": cannot open: " + std::strerror(errno));
-  std::ostringstream text;
-  text << file.rdbuf();
-  return text.str();
 }
 
 }  // namespace
@@ -106,11 +81,13 @@ CoordinatorConfig parse_config(const std::string& yaml_text, const std::string& 
       config.http_threads = scalar<int>(value, source, key);
     } else if (key == "shutdown_grace_seconds") {
       config.shutdown_grace_seconds = scalar<double>(value, source, key);
+    } else if (key == "log_format") {
+      config.log_format = scalar<std::string>(value, source, key);
     } else {
       throw ConfigError(key_error(source, key,
                                   "unknown key (expected listen, data_dir, heartbeat_interval_ms, "
                                   "heartbeat_timeout_seconds, threads, http_threads, "
-                                  "shutdown_grace_seconds)"));
+                                  "shutdown_grace_seconds, log_format)"));
     }
   }
   validate_config(config, source);
@@ -149,61 +126,71 @@ void validate_config(const CoordinatorConfig& config, const std::string& source)
   if (!(config.shutdown_grace_seconds >= 0)) {
     fail("shutdown_grace_seconds", "must be >= 0");
   }
+  try {
+    parse_log_format(config.log_format);
+  } catch (const std::invalid_argument& error) {
+    fail("log_format", error.what());
+  }
 }
+
+namespace {
+
+// Applies one command-line override on top of the configuration.
+void apply_flag(const std::string& flag, const std::string& value, CoordinatorConfig* config) {
+  if (flag == "--grpc-listen") {
+    config->grpc_listen = value;
+  } else if (flag == "--http-listen") {
+    config->http_listen = value;
+  } else if (flag == "--data-dir") {
+    config->data_dir = value;
+  } else if (flag == "--heartbeat-timeout") {
+    config->heartbeat_timeout_seconds = flag_double(flag, value);
+  } else if (flag == "--heartbeat-interval-ms") {
+    config->heartbeat_interval_ms = flag_int(flag, value);
+  } else if (flag == "--threads") {
+    config->threads = static_cast<int>(flag_int(flag, value));
+  } else if (flag == "--ready-file") {
+    config->ready_file = value;
+  } else if (flag == "--log-format") {
+    config->log_format = value;
+  } else {
+    throw ConfigError("unknown flag " + flag);
+  }
+}
+
+}  // namespace
 
 CoordinatorConfig config_from_command_line(const std::vector<std::string>& args, bool* help) {
   *help = false;
-  // Split "--flag=value" and "--flag value" into pairs first so that --config is applied before
-  // any override regardless of where it appears.
-  std::vector<std::pair<std::string, std::string>> flags;
-  for (size_t i = 0; i < args.size(); ++i) {
-    const std::string& arg = args[i];
-    if (arg == "--help" || arg == "-h") {
+  try {
+    const ParsedFlags parsed = parse_flags(args);
+    if (parsed.help) {
       *help = true;
       return CoordinatorConfig{};
     }
-    if (arg.rfind("--", 0) != 0) throw ConfigError("unexpected argument \"" + arg + "\"");
-    const size_t equals = arg.find('=');
-    if (equals != std::string::npos) {
-      flags.emplace_back(arg.substr(0, equals), arg.substr(equals + 1));
-    } else {
-      if (i + 1 >= args.size()) throw ConfigError(arg + ": needs a value");
-      flags.emplace_back(arg, args[++i]);
-    }
-  }
-  CoordinatorConfig config;
-  std::string source = "defaults";
-  for (const auto& [flag, value] : flags) {
-    if (flag == "--config") {
-      config = parse_config(read_file(value), value);
+    // --config is applied before any override, wherever it appears.
+    CoordinatorConfig config;
+    std::string source = "defaults";
+    for (const auto& [flag, value] : parsed.flags) {
+      if (flag != "--config") continue;
+      try {
+        config = parse_config(read_file(value), value);
+      } catch (const FileReadError& error) {
+        throw ConfigError(error.what());
+      }
       source = value;
     }
-  }
-  bool overridden = false;
-  for (const auto& [flag, value] : flags) {
-    if (flag != "--config" && flag != "--ready-file") overridden = true;
-    if (flag == "--config") {
-      continue;
-    } else if (flag == "--grpc-listen") {
-      config.grpc_listen = value;
-    } else if (flag == "--http-listen") {
-      config.http_listen = value;
-    } else if (flag == "--data-dir") {
-      config.data_dir = value;
-    } else if (flag == "--heartbeat-timeout") {
-      config.heartbeat_timeout_seconds = parse_double(value, flag);
-    } else if (flag == "--heartbeat-interval-ms") {
-      config.heartbeat_interval_ms = parse_int(value, flag);
-    } else if (flag == "--threads") {
-      config.threads = static_cast<int>(parse_int(value, flag));
-    } else if (flag == "--ready-file") {
-      config.ready_file = value;
-    } else {
-      throw ConfigError("unknown flag " + flag);
+    bool overridden = false;
+    for (const auto& [flag, value] : parsed.flags) {
+      if (flag == "--config") continue;
+      if (flag != "--ready-file") overridden = true;
+      apply_flag(flag, value, &config);
     }
+    validate_config(config, overridden ? source + " with command-line overrides" : source);
+    return config;
+  } catch (const FlagError& error) {
+    throw ConfigError(error.what());
   }
-  validate_config(config, overridden ? source + " with command-line overrides" : source);
-  return config;
 }
 
 HostPort split_host_port(const std::string& address, const std::string& what) {

@@ -3,6 +3,7 @@
 //
 //   lomo-coordinator [--config coordinator.yaml] [--grpc-listen 127.0.0.1:7070]
 //                    [--http-listen 127.0.0.1:7080] [--data-dir DIR] [--heartbeat-timeout S]
+//                    [--log-format text|json]
 //
 // SIGTERM or SIGINT: stop accepting, let calls in flight finish (shutdown_grace_seconds), exit 0.
 #include <fcntl.h>
@@ -23,13 +24,13 @@
 #include <string>
 #include <vector>
 
+#include "common/log.h"
 #include "server/checkpoint_store.h"
 #include "server/config.h"
 #include "server/coordinator.h"
 #include "server/executor.h"
 #include "server/in_flight.h"
 #include "server/job_service.h"
-#include "server/log.h"
 #include "server/metrics.h"
 #include "server/rest.h"
 #include "server/store.h"
@@ -76,6 +77,57 @@ std::string with_port(const std::string& address, int port) {
   return address.substr(0, address.rfind(':')) + ":" + std::to_string(port);
 }
 
+// The gRPC server with both services, health and reflection, listening on config.grpc_listen.
+// `*address` gets the address with the port actually bound.
+std::unique_ptr<grpc::Server> start_grpc(const CoordinatorConfig& config, JobServiceImpl& jobs,
+                                         WorkerServiceImpl& workers, std::string* address) {
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort(config.grpc_listen, grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(&jobs);
+  builder.RegisterService(&workers);
+  builder.SetMaxReceiveMessageSize(kMaxMessageBytes);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || port == 0) {
+    throw std::runtime_error("cannot listen for gRPC on " + config.grpc_listen +
+                             " (in use, or not an address of this host)");
+  }
+  *address = with_port(config.grpc_listen, port);
+  return server;
+}
+
+// REST and /metrics, unless config.http_listen is empty. `*address` gets the bound address.
+std::unique_ptr<RestServer> start_rest(const CoordinatorConfig& config, Coordinator& coordinator,
+                                       Metrics& metrics, std::string* address) {
+  if (config.http_listen.empty()) return nullptr;
+  const HostPort http = split_host_port(config.http_listen, "listen.http");
+  auto rest = std::make_unique<RestServer>(coordinator, metrics, config.http_threads);
+  *address = with_port(config.http_listen, rest->bind(http.host, http.port));
+  rest->start();
+  return rest;
+}
+
+// Refuses new work and ends the long-lived streams (worker streams, followed watches); lets the
+// calls in flight finish, up to the grace period; then closes every connection. gRPC's
+// Shutdown(deadline) alone would also wait for idle client channels, which may never leave.
+void shut_down(double grace_seconds, grpc::Server& server, RestServer* rest,
+               Coordinator& coordinator, InFlight& in_flight, Executor& executor) {
+  server.GetHealthCheckService()->SetServingStatus(false);
+  coordinator.begin_shutdown();
+  const auto grace = std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+      std::chrono::duration<double>(grace_seconds));
+  if (!in_flight.wait_idle(std::chrono::steady_clock::now() + grace)) {
+    log_line("calls still in flight after the grace period; cancelling them");
+  }
+  server.Shutdown(std::chrono::system_clock::now());
+  if (rest != nullptr) rest->stop();
+  executor.shutdown();
+  coordinator.stop();
+  server.Wait();
+}
+
 int run(const CoordinatorConfig& config) {
   // Block the stop signals in every thread (threads inherit the mask); main waits for them.
   sigset_t stop_signals;
@@ -100,29 +152,10 @@ int run(const CoordinatorConfig& config) {
   InFlight in_flight;
   JobServiceImpl job_service(coordinator, executor, in_flight);
   WorkerServiceImpl worker_service(coordinator, executor, in_flight);
-  grpc::EnableDefaultHealthCheckService(true);
-  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
-  grpc::ServerBuilder builder;
-  int grpc_port = 0;
-  builder.AddListeningPort(config.grpc_listen, grpc::InsecureServerCredentials(), &grpc_port);
-  builder.RegisterService(&job_service);
-  builder.RegisterService(&worker_service);
-  builder.SetMaxReceiveMessageSize(kMaxMessageBytes);
-  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
-  if (server == nullptr || grpc_port == 0) {
-    throw std::runtime_error("cannot listen for gRPC on " + config.grpc_listen +
-                             " (in use, or not an address of this host)");
-  }
-  const std::string grpc_address = with_port(config.grpc_listen, grpc_port);
-
-  std::unique_ptr<RestServer> rest;
-  std::string http_address;
-  if (!config.http_listen.empty()) {
-    const HostPort http = split_host_port(config.http_listen, "listen.http");
-    rest = std::make_unique<RestServer>(coordinator, metrics, config.http_threads);
-    http_address = with_port(config.http_listen, rest->bind(http.host, http.port));
-    rest->start();
-  }
+  std::string grpc_address, http_address;
+  std::unique_ptr<grpc::Server> server =
+      start_grpc(config, job_service, worker_service, &grpc_address);
+  std::unique_ptr<RestServer> rest = start_rest(config, coordinator, metrics, &http_address);
   log_line("serving gRPC on " + grpc_address +
            (http_address.empty() ? "" : ", HTTP on " + http_address) + "; data in " +
            data_dir.string());
@@ -132,22 +165,7 @@ int run(const CoordinatorConfig& config) {
   sigwait(&stop_signals, &signal);
   log_line(std::string("received ") + (signal == SIGTERM ? "SIGTERM" : "SIGINT") +
            "; shutting down");
-
-  // Refuse new work and end the long-lived streams (worker streams, followed watches); let the
-  // calls in flight finish, up to the grace period; then close every connection. gRPC's
-  // Shutdown(deadline) alone would also wait for idle client channels, which may never leave.
-  server->GetHealthCheckService()->SetServingStatus(false);
-  coordinator.begin_shutdown();
-  const auto grace = std::chrono::duration_cast<std::chrono::steady_clock::duration>(
-      std::chrono::duration<double>(config.shutdown_grace_seconds));
-  if (!in_flight.wait_idle(std::chrono::steady_clock::now() + grace)) {
-    log_line("calls still in flight after the grace period; cancelling them");
-  }
-  server->Shutdown(std::chrono::system_clock::now());
-  if (rest) rest->stop();
-  executor.shutdown();
-  coordinator.stop();
-  server->Wait();
+  shut_down(config.shutdown_grace_seconds, *server, rest.get(), coordinator, in_flight, executor);
   ::close(lock_fd);
   log_line("stopped");
   return 0;
@@ -158,6 +176,7 @@ int run(const CoordinatorConfig& config) {
 
 int main(int argc, char** argv) {
   using namespace lomo::server;
+  lomo::set_log_program("lomo-coordinator");
   const std::vector<std::string> args(argv + 1, argv + argc);
   CoordinatorConfig config;
   try {
@@ -171,10 +190,11 @@ int main(int argc, char** argv) {
     std::cerr << "lomo-coordinator: " << error.what() << "\n" << kCoordinatorUsage;
     return 2;
   }
+  lomo::set_log_format(lomo::parse_log_format(config.log_format));  // validated with the config
   try {
     return run(config);
   } catch (const std::exception& error) {
-    log_line(std::string("fatal: ") + error.what());
+    lomo::log_line(std::string("fatal: ") + error.what());
     return 1;
   }
 }

@@ -1,124 +1,17 @@
 #include "server/job_service.h"
 
 #include <deque>
-#include <fstream>
 #include <memory>
 #include <mutex>
+#include <optional>
 
-#include "common/sha256.h"
+#include "server/stream_reactor.h"
 
 namespace lomo::server {
 
 namespace {
 
 constexpr int kWatchBatch = 256;
-constexpr int64_t kDownloadChunkBytes = 1 << 20;  // well under gRPC's 4 MiB default message
-
-// Shared by both streaming reactors: a pump that never runs twice at once (on the Executor), and
-// Finish once, after any write in flight.
-template <typename Response>
-class StreamReactor : public grpc::ServerWriteReactor<Response> {
- public:
-  StreamReactor(Executor& executor, InFlight& in_flight)
-      : executor_(executor), in_flight_(in_flight) {
-    in_flight_.begin();
-  }
-
-  void OnWriteDone(bool ok) override {
-    {
-      std::lock_guard lock(mu_);
-      writing_ = false;
-      if (!ok) {
-        // The client is gone (cancelled, deadline, connection lost).
-        finish_wanted_ = true;
-        finish_status_ = grpc::Status(grpc::StatusCode::CANCELLED, "the client went away");
-      }
-      if (finish_wanted_) {
-        finish_now_locked();
-        return;
-      }
-    }
-    request_pump();
-  }
-
-  void OnCancel() override {
-    std::lock_guard lock(mu_);
-    finish_locked(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client"));
-  }
-
- protected:
-  // One step of work: write one message (write()), finish (finish()), or wait for a wake-up.
-  virtual void pump_once() = 0;
-  virtual std::shared_ptr<StreamReactor> self() = 0;
-
-  void request_pump() {
-    {
-      std::lock_guard lock(mu_);
-      if (finished_) return;
-      if (pumping_) {
-        again_ = true;
-        return;
-      }
-      pumping_ = true;
-    }
-    executor_.post([self = self()] {
-      for (;;) {
-        self->pump_once();
-        std::lock_guard lock(self->mu_);
-        if (!self->again_ || self->finished_) {
-          self->pumping_ = false;
-          return;
-        }
-        self->again_ = false;
-      }
-    });
-  }
-
-  bool busy() {
-    std::lock_guard lock(mu_);
-    return writing_ || finished_ || finish_wanted_;
-  }
-
-  // `message` must stay untouched until the next pump.
-  void write(const Response* message) {
-    std::lock_guard lock(mu_);
-    if (finished_ || finish_wanted_) return;
-    writing_ = true;
-    this->StartWrite(message);
-  }
-
-  void finish(const grpc::Status& status) {
-    std::lock_guard lock(mu_);
-    finish_locked(status);
-  }
-
- private:
-  void finish_locked(const grpc::Status& status) {
-    if (finished_ || finish_wanted_) return;
-    finish_wanted_ = true;
-    finish_status_ = status;
-    if (!writing_) finish_now_locked();
-  }
-  void finish_now_locked() {
-    if (finished_) return;
-    finished_ = true;
-    this->Finish(finish_status_);
-  }
-
-  Executor& executor_;
-
- protected:
-  InFlight& in_flight_;  // end() in the subclass's OnDone
-
- private:
-  std::mutex mu_;
-  bool pumping_ = false;
-  bool again_ = false;
-  bool writing_ = false;
-  bool finish_wanted_ = false;
-  bool finished_ = false;
-  grpc::Status finish_status_;
-};
 
 // A unary call, counted in InFlight until gRPC is done with it (its status sent).
 class CountedUnaryReactor final : public grpc::ServerUnaryReactor {
@@ -203,93 +96,6 @@ class WatchReactor final : public StreamReactor<v1::WatchJobResponse>,
   std::shared_ptr<WatchReactor> self_;
 };
 
-class DownloadReactor final : public StreamReactor<v1::DownloadCheckpointResponse>,
-                              public std::enable_shared_from_this<DownloadReactor> {
- public:
-  DownloadReactor(Coordinator& coordinator, Executor& executor, InFlight& in_flight,
-                  std::string checkpoint_id)
-      : StreamReactor(executor, in_flight),
-        coordinator_(coordinator),
-        checkpoint_id_(std::move(checkpoint_id)) {}
-
-  void start() {
-    self_ = shared_from_this();
-    request_pump();
-  }
-  void OnDone() override {
-    in_flight_.end();
-    self_.reset();
-  }
-
- private:
-  std::shared_ptr<StreamReactor> self() override { return shared_from_this(); }
-
-  void pump_once() override {
-    if (busy()) return;
-    if (!opened_) {
-      opened_ = true;
-      const grpc::Status status = coordinator_.find_checkpoint(checkpoint_id_, &info_, &dir_);
-      if (!status.ok()) return finish(status);
-    }
-    if (file_index_ >= info_.files_size()) return finish(grpc::Status::OK);
-    const v1::CheckpointFile& file = info_.files(file_index_);
-    if (!file_.is_open()) {
-      const std::filesystem::path path = dir_ / file.path();
-      std::error_code error;
-      const auto size = std::filesystem::file_size(path, error);
-      if (error || static_cast<int64_t>(size) != file.size_bytes()) {
-        return finish(data_loss(file, error ? "cannot read it: " + error.message()
-                                            : "it has " + std::to_string(size) +
-                                                  " bytes on disk, the record says " +
-                                                  std::to_string(file.size_bytes())));
-      }
-      file_.open(path, std::ios::binary);
-      if (!file_) return finish(data_loss(file, "cannot open it"));
-      offset_ = 0;
-      hash_ = Sha256();
-    }
-    const int64_t want = std::min(kDownloadChunkBytes, file.size_bytes() - offset_);
-    std::string data(static_cast<size_t>(want), '\0');
-    file_.read(data.data(), want);
-    if (file_.gcount() != want) return finish(data_loss(file, "it ended early while reading"));
-    hash_.update(data);
-    chunk_.Clear();
-    chunk_.set_path(file.path());
-    chunk_.set_offset(offset_);
-    offset_ += want;
-    *chunk_.mutable_data() = std::move(data);
-    if (offset_ == file.size_bytes()) {
-      const std::string digest = hash_.hex_digest();
-      if (digest != file.sha256()) {
-        return finish(data_loss(
-            file, "its SHA-256 on disk is " + digest + ", the record says " + file.sha256()));
-      }
-      chunk_.set_last_chunk_of_file(true);
-      chunk_.set_sha256(digest);
-      file_.close();
-      ++file_index_;
-    }
-    write(&chunk_);
-  }
-
-  grpc::Status data_loss(const v1::CheckpointFile& file, const std::string& what) const {
-    return grpc::Status(grpc::StatusCode::DATA_LOSS,
-                        "checkpoint " + checkpoint_id_ + ", file " + file.path() + ": " + what);
-  }
-
-  Coordinator& coordinator_;
-  const std::string checkpoint_id_;
-  bool opened_ = false;
-  v1::CheckpointInfo info_;
-  std::filesystem::path dir_;
-  int file_index_ = 0;
-  std::ifstream file_;
-  int64_t offset_ = 0;
-  Sha256 hash_;
-  v1::DownloadCheckpointResponse chunk_;  // being written
-  std::shared_ptr<DownloadReactor> self_;
-};
-
 }  // namespace
 
 grpc::ServerUnaryReactor* JobServiceImpl::finish_now(const grpc::Status& status) {
@@ -352,8 +158,23 @@ grpc::ServerWriteReactor<v1::WatchJobResponse>* JobServiceImpl::WatchJob(
 
 grpc::ServerWriteReactor<v1::DownloadCheckpointResponse>* JobServiceImpl::DownloadCheckpoint(
     grpc::CallbackServerContext* /*context*/, const v1::DownloadCheckpointRequest* request) {
-  auto reactor = std::make_shared<DownloadReactor>(coordinator_, executor_, in_flight_,
-                                                   request->checkpoint_id());
+  using Reactor = CheckpointFilesReactor<v1::DownloadCheckpointResponse>;
+  const std::string checkpoint_id = request->checkpoint_id();
+  auto reactor = std::make_shared<Reactor>(
+      executor_, in_flight_, "checkpoint " + checkpoint_id,
+      [this, checkpoint_id](std::optional<Reactor::Source>* source) {
+        Reactor::Source found;
+        const grpc::Status status =
+            coordinator_.find_checkpoint(checkpoint_id, &found.info, &found.directory);
+        if (status.ok()) *source = std::move(found);
+        return status;
+      },
+      Reactor::Header(),
+      [](v1::FileChunk chunk) {
+        v1::DownloadCheckpointResponse response;
+        *response.mutable_chunk() = std::move(chunk);
+        return response;
+      });
   reactor->start();
   return reactor.get();
 }

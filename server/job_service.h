@@ -2,8 +2,9 @@
 // coordinator's lock and write) and finish once their change is durable; the other unary calls
 // read on gRPC's thread. WatchJob streams the stored events after after_sequence,
 // then, with follow, each new event as it is stored, until the job has ended and every event is
-// sent. DownloadCheckpoint streams each file of a committed checkpoint in chunks, with the file's
-// SHA-256 (checked against the recorded one as it is read) on its last chunk.
+// sent. DownloadCheckpoint streams each file of a committed checkpoint as FileChunks
+// (common/file_transfer.h), with the file's SHA-256 (checked against the recorded one as it is
+// read) on its last chunk.
 #pragma once
 
 #include <grpcpp/grpcpp.h>

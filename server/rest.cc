@@ -92,6 +92,29 @@ grpc::Status invalid(const std::string& message) {
   return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, message);
 }
 
+// A SubmitJobRequest from a POST /v1/jobs body. A "spec" object goes on as its JSON text
+// (spec_text), not as a Struct: protobuf's JSON reader holds every number as a double, so an
+// integer above 2^53 (a seed) would arrive changed. nlohmann keeps 64-bit integers exact and, as
+// ordered_json, the keys in the order written. Anything else is protobuf's JSON mapping as is.
+grpc::Status parse_submit_body(const std::string& body, v1::SubmitJobRequest* request) {
+  auto json = nlohmann::ordered_json::parse(body, nullptr, /*allow_exceptions=*/false);
+  std::string spec_text;
+  const bool exact = json.is_object() && json.contains("spec") && json["spec"].is_object() &&
+                     !json.contains("spec_text") && !json.contains("specText");
+  if (exact) {
+    spec_text = json["spec"].dump();
+    json.erase("spec");
+  }
+  const auto parsed =
+      google::protobuf::util::JsonStringToMessage(exact ? json.dump() : body, request);
+  if (!parsed.ok()) {
+    return invalid("request body: expected a SubmitJobRequest as JSON ({\"spec\": {...}}): " +
+                   std::string(parsed.message()));
+  }
+  if (exact) request->set_spec_text(spec_text);
+  return grpc::Status::OK;
+}
+
 grpc::Status parse_int(const httplib::Request& request, const std::string& name, int64_t* value) {
   if (!request.has_param(name.c_str())) return grpc::Status::OK;
   const std::string text = request.get_param_value(name.c_str());
@@ -152,6 +175,72 @@ struct EventStream {
   int64_t after = 0;
 };
 
+// Writes the job's next events after stream.after to an NDJSON response; with `follow`, waits
+// (up to kStreamPoll) for the event hub when there are none. False when the client is gone.
+bool write_events(Coordinator& coordinator, EventStream& stream, const std::string& job_id,
+                  bool follow, httplib::DataSink& sink) {
+  EventBatch batch;
+  const grpc::Status read = coordinator.read_events(job_id, stream.after, kEventBatch, &batch);
+  if (!read.ok()) {
+    const std::string line = nlohmann::json{{"error", error_object(read)}}.dump() + "\n";
+    sink.write(line.data(), line.size());
+    sink.done();
+    return true;
+  }
+  if (!batch.events.empty()) {
+    for (v1::JobEvent& event : batch.events) {
+      stream.after = event.sequence();
+      v1::WatchJobResponse item;
+      *item.mutable_event() = std::move(event);
+      *item.mutable_job() = batch.job.job;
+      const std::string line = to_json(item) + "\n";
+      if (!sink.write(line.data(), line.size())) return false;
+    }
+    return true;
+  }
+  if (!follow || is_terminal(batch.job.job.state()) || coordinator.event_hub().closed()) {
+    sink.done();
+    return true;
+  }
+  std::unique_lock lock(stream.mu);
+  stream.wake.wait_for(lock, kStreamPoll, [&] { return stream.woken; });
+  stream.woken = false;
+  return sink.is_writable();
+}
+
+// JSON error bodies for what httplib answers on its own, and for exceptions from handlers.
+void install_error_handlers(httplib::Server& server) {
+  server.set_error_handler(httplib::Server::HandlerWithResponse([](const httplib::Request& request,
+                                                                   httplib::Response& response) {
+    if (!response.body.empty()) return httplib::Server::HandlerResponse::Unhandled;
+    // httplib answers on its own for unknown paths and for requests it cannot read.
+    const int http = response.status;
+    const std::string what = request.method + " " + request.path;
+    const grpc::Status status =
+        http == 404   ? grpc::Status(grpc::StatusCode::NOT_FOUND, "no endpoint " + what)
+        : http == 405 ? grpc::Status(grpc::StatusCode::UNIMPLEMENTED, "method not allowed: " + what)
+                      : grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                                     "cannot read the HTTP request " + what + " (HTTP " +
+                                         std::to_string(http) +
+                                         "; a POST without a body needs Content-Length: 0)");
+    reply_error(response, status);
+    response.status = http;
+    return httplib::Server::HandlerResponse::Handled;
+  }));
+
+  server.set_exception_handler(
+      [](const httplib::Request&, httplib::Response& response, std::exception_ptr error) {
+        std::string what = "unknown error";
+        try {
+          std::rethrow_exception(error);
+        } catch (const std::exception& e) {
+          what = e.what();
+        } catch (...) {
+        }
+        reply_error(response, grpc::Status(grpc::StatusCode::INTERNAL, what));
+      });
+}
+
 }  // namespace
 
 RestServer::RestServer(Coordinator& coordinator, Metrics& metrics, int threads)
@@ -187,15 +276,22 @@ void RestServer::stop() {
 }
 
 void RestServer::routes() {
+  job_routes();
+  server_->Get(R"(/v1/jobs/([^/:]+)/events)",
+               [this](const httplib::Request& request, httplib::Response& response) {
+                 serve_events(request, response);
+               });
+  operational_routes();
+  install_error_handlers(*server_);
+}
+
+void RestServer::job_routes() {
   httplib::Server& server = *server_;
 
   server.Post("/v1/jobs", [this](const httplib::Request& request, httplib::Response& response) {
     v1::SubmitJobRequest submit;
-    const auto parsed = google::protobuf::util::JsonStringToMessage(request.body, &submit);
-    if (!parsed.ok()) {
-      return reply_error(response, invalid("request body: expected a SubmitJobRequest as JSON "
-                                           "({\"spec\": {...}}): " +
-                                           std::string(parsed.message())));
+    if (const grpc::Status parsed = parse_submit_body(request.body, &submit); !parsed.ok()) {
+      return reply_error(response, parsed);
     }
     v1::SubmitJobResponse submitted;
     const grpc::Status status = wait_for(
@@ -243,65 +339,41 @@ void RestServer::routes() {
                v1::ListCheckpointsResponse checkpoints;
                reply(response, coordinator_.list_checkpoints(list, &checkpoints), checkpoints);
              });
+}
 
-  server.Get(R"(/v1/jobs/([^/:]+)/events)", [this](const httplib::Request& request,
-                                                   httplib::Response& response) {
-    const std::string job_id = request.matches[1];
-    auto stream = std::make_shared<EventStream>();
-    bool follow = false;
-    grpc::Status status = parse_int(request, "after_sequence", &stream->after);
-    if (status.ok()) status = parse_bool(request, "follow", &follow);
-    // A first read answers "no such job" with a proper status before the stream starts.
-    EventBatch probe;
-    if (status.ok()) status = coordinator_.read_events(job_id, stream->after, 0, &probe);
-    if (!status.ok()) return reply_error(response, status);
-    if (follow) {
-      std::weak_ptr<EventStream> weak = stream;
-      stream->subscription = coordinator_.event_hub().subscribe(job_id, [weak] {
-        if (auto alive = weak.lock()) {
-          std::lock_guard lock(alive->mu);
-          alive->woken = true;
-          alive->wake.notify_all();
-        }
+void RestServer::serve_events(const httplib::Request& request, httplib::Response& response) {
+  const std::string job_id = request.matches[1];
+  auto stream = std::make_shared<EventStream>();
+  bool follow = false;
+  grpc::Status status = parse_int(request, "after_sequence", &stream->after);
+  if (status.ok()) status = parse_bool(request, "follow", &follow);
+  // A first read answers "no such job" with a proper status before the stream starts.
+  EventBatch probe;
+  if (status.ok()) status = coordinator_.read_events(job_id, stream->after, 0, &probe);
+  if (!status.ok()) return reply_error(response, status);
+  if (follow) {
+    std::weak_ptr<EventStream> weak = stream;
+    stream->subscription = coordinator_.event_hub().subscribe(job_id, [weak] {
+      if (auto alive = weak.lock()) {
+        std::lock_guard lock(alive->mu);
+        alive->woken = true;
+        alive->wake.notify_all();
+      }
+    });
+  }
+  response.set_chunked_content_provider(
+      "application/x-ndjson",
+      [this, stream, job_id, follow](size_t /*offset*/, httplib::DataSink& sink) {
+        return write_events(coordinator_, *stream, job_id, follow, sink);
+      },
+      [this, stream](bool /*success*/) {
+        // Response copies share this releaser; unsubscribing twice is harmless.
+        if (stream->subscription != 0) coordinator_.event_hub().unsubscribe(stream->subscription);
       });
-    }
-    response.set_chunked_content_provider(
-        "application/x-ndjson",
-        [this, stream, job_id, follow](size_t /*offset*/, httplib::DataSink& sink) {
-          EventBatch batch;
-          const grpc::Status read =
-              coordinator_.read_events(job_id, stream->after, kEventBatch, &batch);
-          if (!read.ok()) {
-            const std::string line = nlohmann::json{{"error", error_object(read)}}.dump() + "\n";
-            sink.write(line.data(), line.size());
-            sink.done();
-            return true;
-          }
-          if (!batch.events.empty()) {
-            for (v1::JobEvent& event : batch.events) {
-              stream->after = event.sequence();
-              v1::WatchJobResponse item;
-              *item.mutable_event() = std::move(event);
-              *item.mutable_job() = batch.job.job;
-              const std::string line = to_json(item) + "\n";
-              if (!sink.write(line.data(), line.size())) return false;
-            }
-            return true;
-          }
-          if (!follow || is_terminal(batch.job.job.state()) || coordinator_.event_hub().closed()) {
-            sink.done();
-            return true;
-          }
-          std::unique_lock lock(stream->mu);
-          stream->wake.wait_for(lock, kStreamPoll, [&] { return stream->woken; });
-          stream->woken = false;
-          return sink.is_writable();
-        },
-        [this, stream](bool /*success*/) {
-          // Response copies share this releaser; unsubscribing twice is harmless.
-          if (stream->subscription != 0) coordinator_.event_hub().unsubscribe(stream->subscription);
-        });
-  });
+}
+
+void RestServer::operational_routes() {
+  httplib::Server& server = *server_;
 
   server.Get("/metrics", [this](const httplib::Request&, httplib::Response& response) {
     response.set_content(metrics_.serialize(), "text/plain; version=0.0.4; charset=utf-8");
@@ -313,36 +385,6 @@ void RestServer::routes() {
     response.set_content(
         nlohmann::json{{"status", serving ? "SERVING" : "NOT_SERVING"}}.dump() + "\n", kJson);
   });
-
-  server.set_error_handler(httplib::Server::HandlerWithResponse([](const httplib::Request& request,
-                                                                   httplib::Response& response) {
-    if (!response.body.empty()) return httplib::Server::HandlerResponse::Unhandled;
-    // httplib answers on its own for unknown paths and for requests it cannot read.
-    const int http = response.status;
-    const std::string what = request.method + " " + request.path;
-    const grpc::Status status =
-        http == 404   ? grpc::Status(grpc::StatusCode::NOT_FOUND, "no endpoint " + what)
-        : http == 405 ? grpc::Status(grpc::StatusCode::UNIMPLEMENTED, "method not allowed: " + what)
-                      : grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                                     "cannot read the HTTP request " + what + " (HTTP " +
-                                         std::to_string(http) +
-                                         "; a POST without a body needs Content-Length: 0)");
-    reply_error(response, status);
-    response.status = http;
-    return httplib::Server::HandlerResponse::Handled;
-  }));
-
-  server.set_exception_handler(
-      [](const httplib::Request&, httplib::Response& response, std::exception_ptr error) {
-        std::string what = "unknown error";
-        try {
-          std::rethrow_exception(error);
-        } catch (const std::exception& e) {
-          what = e.what();
-        } catch (...) {
-        }
-        reply_error(response, grpc::Status(grpc::StatusCode::INTERNAL, what));
-      });
 }
 
 }  // namespace lomo::server

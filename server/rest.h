@@ -25,7 +25,9 @@
 
 namespace httplib {
 class Server;
-}
+struct Request;
+struct Response;
+}  // namespace httplib
 
 namespace lomo::server {
 
@@ -45,6 +47,12 @@ class RestServer {
 
  private:
   void routes();
+  // The job resources: submit, list, get, cancel, checkpoints.
+  void job_routes();
+  // GET /v1/jobs/{id}/events: NDJSON, followed through the event hub when asked.
+  void serve_events(const httplib::Request& request, httplib::Response& response);
+  // /metrics and /healthz.
+  void operational_routes();
 
   Coordinator& coordinator_;
   Metrics& metrics_;

@@ -1,6 +1,7 @@
 #include "server/store.h"
 
 #include <fcntl.h>
+#include <google/protobuf/struct.pb.h>
 #include <google/protobuf/util/json_util.h>
 #include <google/protobuf/util/time_util.h>
 #include <unistd.h>
@@ -19,9 +20,11 @@ namespace {
 
 using google::protobuf::util::TimeUtil;
 
-// Version 1. Scalar job fields are columns so that the sqlite3 shell can answer questions; the
-// spec is its JSON text; progress and events are serialized lomo.v1 messages (protobuf keeps them
-// readable by every later v1 coordinator).
+// Version 2. Scalar job fields are columns so that the sqlite3 shell can answer questions; the
+// spec is kept as submitted (spec_original, with spec_overrides as a JSON array of strings), as
+// validated (spec_canonical: the YAML the worker runs) and as the Struct's JSON (spec_json);
+// progress and events are serialized lomo.v1 messages (protobuf keeps them readable by every
+// later v1 coordinator).
 constexpr const char* kSchema = R"sql(
 CREATE TABLE IF NOT EXISTS meta (
   key TEXT PRIMARY KEY,
@@ -42,7 +45,10 @@ CREATE TABLE IF NOT EXISTS jobs (
   attempt INTEGER NOT NULL,
   cancel_requested INTEGER NOT NULL,
   progress BLOB NOT NULL,
-  last_sequence INTEGER NOT NULL
+  last_sequence INTEGER NOT NULL,
+  spec_canonical TEXT NOT NULL DEFAULT '',
+  spec_original TEXT NOT NULL DEFAULT '',
+  spec_overrides TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, submit_order);
 CREATE TABLE IF NOT EXISTS job_events (
@@ -66,7 +72,17 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 
 constexpr const char* kJobColumns =
     "submit_order, id, name, state, priority, spec_json, create_time_us, start_time_us, "
-    "end_time_us, worker_id, failure_reason, attempt, cancel_requested, progress";
+    "end_time_us, worker_id, failure_reason, attempt, cancel_requested, progress, spec_canonical, "
+    "spec_original, spec_overrides";
+constexpr int kJobColumnCount = 17;
+
+// Version 1 -> 2: the spec's canonical and original texts. ALTER TABLE ... ADD COLUMN with a
+// constant default rewrites nothing, so this is instant however many jobs the file holds.
+constexpr const char* kMigrateToVersion2 = R"sql(
+ALTER TABLE jobs ADD COLUMN spec_canonical TEXT NOT NULL DEFAULT '';
+ALTER TABLE jobs ADD COLUMN spec_original TEXT NOT NULL DEFAULT '';
+ALTER TABLE jobs ADD COLUMN spec_overrides TEXT NOT NULL DEFAULT '[]';
+)sql";
 
 int64_t to_micros(const google::protobuf::Timestamp& time) {
   return TimeUtil::TimestampToMicroseconds(time);
@@ -88,6 +104,29 @@ std::string spec_json(const v1::Job& job) {
     throw StoreError("cannot encode the spec of " + job.id() + ": " +
                      std::string(status.message()));
   return json;
+}
+
+// Job.spec_overrides as a JSON array of strings.
+std::string overrides_json(const v1::Job& job) {
+  google::protobuf::ListValue list;
+  for (const std::string& o : job.spec_overrides()) list.add_values()->set_string_value(o);
+  std::string json;
+  const auto status = google::protobuf::util::MessageToJsonString(list, &json);
+  if (!status.ok()) {
+    throw StoreError("cannot encode the spec overrides of " + job.id() + ": " +
+                     std::string(status.message()));
+  }
+  return json;
+}
+
+void read_overrides(const std::string& json, v1::Job& job) {
+  google::protobuf::ListValue list;
+  const auto status = google::protobuf::util::JsonStringToMessage(json, &list);
+  if (!status.ok()) {
+    throw StoreError("job " + job.id() + ": stored spec overrides are not valid JSON: " +
+                     std::string(status.message()));
+  }
+  for (const auto& value : list.values()) job.add_spec_overrides(value.string_value());
 }
 
 // Reads the kJobColumns of the current row.
@@ -119,6 +158,9 @@ JobRecord read_job(const sqlite::Statement& row) {
   if (!job.mutable_progress()->ParseFromString(row.column_blob(13))) {
     throw StoreError("job " + job.id() + ": stored progress does not parse");
   }
+  job.set_canonical_spec(row.column_text(14));
+  job.set_original_spec(row.column_text(15));
+  read_overrides(row.column_text(16), job);
   return record;
 }
 
@@ -208,7 +250,9 @@ Store::Store(const std::filesystem::path& file, int reader_connections) : file_(
                        std::to_string(kSchemaVersion) + ")");
     }
     if (version < kSchemaVersion) {
-      // Version 0 is a new file; later versions will migrate here, inside this transaction.
+      // Version 0 is a new file (kSchema made it current); older ones migrate here, inside this
+      // transaction.
+      if (version == 1) writer_->exec(kMigrateToVersion2);
       auto upsert =
           writer_->prepare("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)");
       upsert->bind(1, std::to_string(kSchemaVersion));
@@ -270,6 +314,7 @@ void Store::sync_loop() {
     if (covered != synced_) {
       if (::fdatasync(wal_fd_) == 0) {
         synced_ = covered;
+        wal_syncs_.fetch_add(1);
       } else {
         error = "cannot sync " + file_.string() + "-wal: " + std::strerror(errno);
       }
@@ -329,8 +374,8 @@ void Store::insert_job(JobRecord& record, std::vector<v1::JobEvent>& events) {
       auto insert = writer_->prepare(
           "INSERT INTO jobs (id, name, state, priority, spec_json, create_time_us, start_time_us, "
           "end_time_us, worker_id, failure_reason, attempt, cancel_requested, progress, "
-          "last_sequence) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0) "
-          "RETURNING submit_order");
+          "spec_canonical, spec_original, spec_overrides, last_sequence) "
+          "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0) RETURNING submit_order");
       insert->bind(1, job.id())
           .bind(2, job.name())
           .bind(3, static_cast<int64_t>(job.state()))
@@ -343,7 +388,10 @@ void Store::insert_job(JobRecord& record, std::vector<v1::JobEvent>& events) {
           .bind(10, job.failure_reason())
           .bind(11, job.attempt())
           .bind(12, static_cast<int64_t>(record.cancel_requested))
-          .bind_blob(13, job.progress().SerializeAsString());
+          .bind_blob(13, job.progress().SerializeAsString())
+          .bind(14, job.canonical_spec())
+          .bind(15, job.original_spec())
+          .bind(16, overrides_json(job));
       if (!insert->step()) throw StoreError("INSERT returned no submit order");
       record.submit_order = insert->column_int(0);
     }
@@ -493,7 +541,7 @@ std::optional<EventBatch> Store::events_after(const std::string& job_id, int64_t
       select->bind(1, job_id);
       if (!select->step()) return std::nullopt;
       batch.job = read_job(*select);
-      batch.last_sequence = select->column_int(14);
+      batch.last_sequence = select->column_int(kJobColumnCount);
     }
     {
       auto select = reader->prepare(

@@ -69,7 +69,9 @@ struct StoredCheckpoint {
 
 class Store {
  public:
-  static constexpr int64_t kSchemaVersion = 1;
+  // 2: jobs gained spec_canonical, spec_original and spec_overrides (a version 1 file is migrated
+  // in place when opened; its jobs have only the Struct form until they end).
+  static constexpr int64_t kSchemaVersion = 2;
 
   // Opens or creates the database file. Throws StoreError (also for a schema newer than ours).
   explicit Store(const std::filesystem::path& file, int reader_connections = 8);
@@ -113,6 +115,9 @@ class Store {
   void when_durable(std::function<void(const std::string& error)> done);
   // The blocking form of when_durable(). Throws StoreError.
   void make_durable();
+  // How many times the WAL was synced to disk: lets tests prove that a durable answer cost a
+  // sync, and an answer with nothing new to sync none.
+  uint64_t wal_syncs() const { return wal_syncs_.load(); }
 
  private:
   class ReaderLease;
@@ -134,6 +139,7 @@ class Store {
   std::vector<std::function<void(const std::string&)>> waiters_;  // for the next sync
   bool sync_stop_ = false;
   uint64_t synced_ = 0;  // commits_ as of the last sync (sync thread only)
+  std::atomic<uint64_t> wal_syncs_{0};
   std::thread sync_thread_;
 
   mutable std::mutex readers_mu_;

@@ -1,6 +1,9 @@
 #include "server/worker_session.h"
 
+#include <optional>
 #include <utility>
+
+#include "server/stream_reactor.h"
 
 namespace lomo::server {
 
@@ -175,6 +178,34 @@ grpc::ServerBidiReactor<v1::WorkerMessage, v1::CoordinatorMessage>* WorkerServic
       std::make_shared<WorkerSession>(next_connection_id_++, coordinator_, executor_, in_flight_);
   session->start();
   return session.get();
+}
+
+grpc::ServerWriteReactor<v1::FetchCheckpointResponse>* WorkerServiceImpl::FetchCheckpoint(
+    grpc::CallbackServerContext* /*context*/, const v1::FetchCheckpointRequest* request) {
+  using Reactor = CheckpointFilesReactor<v1::FetchCheckpointResponse>;
+  const v1::FetchCheckpointRequest fetch = *request;
+  auto reactor = std::make_shared<Reactor>(
+      executor_, in_flight_, "the newest checkpoint of job " + fetch.job_id(),
+      [this, fetch](std::optional<Reactor::Source>* source) {
+        Reactor::Source found;
+        bool exists = false;
+        const grpc::Status status =
+            coordinator_.find_checkpoint_to_resume(fetch, &found.info, &found.directory, &exists);
+        if (status.ok() && exists) *source = std::move(found);
+        return status;
+      },
+      [](const v1::CheckpointInfo& info) {
+        v1::FetchCheckpointResponse first;
+        *first.mutable_checkpoint() = info;
+        return std::optional<v1::FetchCheckpointResponse>(std::move(first));
+      },
+      [](v1::FileChunk chunk) {
+        v1::FetchCheckpointResponse response;
+        *response.mutable_chunk() = std::move(chunk);
+        return response;
+      });
+  reactor->start();
+  return reactor.get();
 }
 
 }  // namespace lomo::server

@@ -1,4 +1,5 @@
-// WorkerService.Connect: one bidirectional stream per worker, one reactor per stream.
+// WorkerService.Connect: one bidirectional stream per worker, one reactor per stream; and
+// WorkerService.FetchCheckpoint (stream_reactor.h's CheckpointFilesReactor).
 //
 // Reading: one read at a time. Heartbeats that repeat the previous (job, attempt) are handled on
 // gRPC's thread (a timestamp); every other message goes to the Executor, and the next read starts
@@ -79,6 +80,10 @@ class WorkerServiceImpl final : public v1::WorkerService::CallbackService {
 
   grpc::ServerBidiReactor<v1::WorkerMessage, v1::CoordinatorMessage>* Connect(
       grpc::CallbackServerContext* context) override;
+  // The newest committed checkpoint of the job attempt the calling worker owns, as FileChunks
+  // after a first message naming it (see workers.proto).
+  grpc::ServerWriteReactor<v1::FetchCheckpointResponse>* FetchCheckpoint(
+      grpc::CallbackServerContext* context, const v1::FetchCheckpointRequest* request) override;
 
  private:
   Coordinator& coordinator_;

@@ -1,9 +1,11 @@
 // lomo-worker: the per-device training process.
 //
-//   lomo-worker train JOB.yaml [--set key=value]... [--restart]
+//   lomo-worker train JOB.yaml [--set key=value]... [--restart] [--protocol-file FILE]
 //       Runs one job with no daemon: progress on the terminal, checkpoints and metrics.jsonl in the
 //       job's output.dir. An earlier attempt's latest checkpoint there is resumed unless --restart.
 //       Ctrl-C or SIGTERM finishes the current step, checkpoints, and exits; a second one kills.
+//       --protocol-file: the typed report for a supervisor (the worker daemon), and the exit
+//       code says how the run ended; both are defined in common/trainer_protocol.h.
 //   lomo-worker init-model DIR [--preset tiny|reference] [--seed N]
 //       Writes a randomly initialised LLaMA in Hugging Face layout (for demos and benchmarks).
 //   lomo-worker serve --coordinator HOST:PORT [--device cpu|N] [--work-dir DIR] ...
@@ -20,11 +22,16 @@
 #include <cstring>
 #include <filesystem>
 #include <iostream>
+#include <map>
+#include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
-#include "worker/engine/checkpoint_io.h"
+#include "common/trainer_protocol.h"
 #include "jobspec/job_spec.h"
+#include "worker/engine/checkpoint_io.h"
+#include "worker/optim/optimizer.h"
 #include "worker/train/trainer.h"
 
 namespace {
@@ -38,14 +45,17 @@ void on_stop_signal(int signal) {
   }
 }
 
+namespace protocol = lomo::trainer_protocol;
+
 int usage(const std::string& problem) {
   std::cerr << "lomo-worker: " << problem << "\n"
             << "usage:\n"
             << "  lomo-worker train JOB.yaml [--set key=value]... [--restart]\n"
+            << "                    [--protocol-file FILE]\n"
             << "  lomo-worker init-model DIR [--preset tiny|reference] [--seed N]\n"
             << "  lomo-worker serve --coordinator HOST:PORT [--device cpu|N] [--work-dir DIR]\n"
             << "                    [--metrics-listen ADDR:PORT] [--worker-id ID]\n";
-  return 2;
+  return protocol::kExitUsage;
 }
 
 std::string format_duration(double seconds) {
@@ -55,38 +65,141 @@ std::string format_duration(double seconds) {
   return text;
 }
 
-int train_command(const std::vector<std::string>& args) {
-  if (args.empty()) return usage("train needs a job file");
-  lomo::JobSpec spec = lomo::load_job_spec(args[0]);
-  lomo::TrainerOptions options;
+struct TrainArgs {
+  std::string job_file;
+  std::vector<std::string> overrides;  // --set key=value, in order
+  bool restart = false;
+  std::optional<std::filesystem::path> protocol_file;
+};
+
+// nullopt after printing the usage (the problem is in `problem`).
+std::optional<TrainArgs> parse_train_args(const std::vector<std::string>& args,
+                                          std::string* problem) {
+  if (args.empty()) {
+    *problem = "train needs a job file";
+    return std::nullopt;
+  }
+  TrainArgs parsed;
+  parsed.job_file = args[0];
   for (size_t i = 1; i < args.size(); ++i) {
     if (args[i] == "--set" && i + 1 < args.size()) {
-      lomo::apply_job_spec_override(spec, args[++i]);
+      parsed.overrides.push_back(args[++i]);
+    } else if (args[i] == "--protocol-file" && i + 1 < args.size()) {
+      parsed.protocol_file = args[++i];
     } else if (args[i] == "--restart") {
-      options.resume = false;
+      parsed.restart = true;
     } else {
-      return usage("unknown argument '" + args[i] + "'");
+      *problem = "unknown argument '" + args[i] + "'";
+      return std::nullopt;
     }
   }
-  std::signal(SIGINT, on_stop_signal);
-  std::signal(SIGTERM, on_stop_signal);
-  options.stop_requested = &g_stop_requested;
+  return parsed;
+}
 
-  lomo::TrainerHooks hooks;
-  const int64_t log_every = spec.training.log_every;
-  hooks.on_log = [](const std::string& line) { std::printf("%s\n", line.c_str()); };
-  hooks.on_step = [log_every](const lomo::TrainingMetrics& m) {
-    if (m.step % log_every != 0 && m.step != 1 && m.step != m.total_steps) return;
+lomo::JobSpec load_spec(const TrainArgs& args) {
+  // Every override applied, then the whole validated once: overrides that need each other
+  // (data.format=chat, data.chat_template=llama-3) pass in either order.
+  return lomo::load_job_spec(args.job_file, args.overrides);
+}
+
+// Which outcome an error that ended the run is (the exit code follows from it).
+protocol::Status status_of_error(const std::exception& e) {
+  if (const auto* spec_error = dynamic_cast<const lomo::JobSpecError*>(&e)) {
+    // The data loader reports an unusable file or record against the list that names it.
+    const std::string& field = spec_error->field();
+    const bool data = field.rfind("data.train", 0) == 0 || field.rfind("data.eval", 0) == 0;
+    return data ? protocol::Status::kBadData : protocol::Status::kBadSpec;
+  }
+  if (dynamic_cast<const lomo::NonFiniteGradientError*>(&e) != nullptr) {
+    return protocol::Status::kNonFinite;
+  }
+  return protocol::Status::kFailed;
+}
+
+// Peak bytes by memory kind and "total", as the metrics record carries them.
+std::map<std::string, int64_t> peak_memory_bytes(const lomo::MemoryReport& memory) {
+  std::map<std::string, int64_t> peaks;
+  for (size_t k = 0; k < lomo::kMemoryKindCount; ++k) {
+    const auto kind = static_cast<lomo::MemoryKind>(k);
+    peaks[std::string(lomo::memory_kind_name(kind))] = static_cast<int64_t>(memory.peak(kind));
+  }
+  peaks["total"] = static_cast<int64_t>(memory.peak_total_bytes);
+  return peaks;
+}
+
+// The run as the trainer's supervisor sees it (through the protocol file, when there is one) and as
+// a person at a terminal sees it (stdout). Only the first is ever read by a program.
+class RunReporter {
+ public:
+  // Throws std::runtime_error when the protocol file cannot be created.
+  explicit RunReporter(const std::optional<std::filesystem::path>& protocol_file) {
+    if (protocol_file) channel_ = std::make_unique<protocol::ProtocolWriter>(*protocol_file);
+  }
+  // Progress lines on stdout every `log_every` steps (and the first and last).
+  void set_log_every(int64_t log_every) { log_every_ = log_every; }
+
+  lomo::TrainerHooks hooks() {
+    lomo::TrainerHooks hooks;
+    hooks.on_log = [](const std::string& line) { std::printf("%s\n", line.c_str()); };
+    hooks.on_start = [this](const lomo::TrainStart& s) { on_start(s); };
+    hooks.on_step = [this](const lomo::TrainingMetrics& m) { on_step(m); };
+    hooks.on_eval = [this](const lomo::EvalMetrics& m) { on_eval(m); };
+    hooks.on_checkpoint = [this](const std::filesystem::path& dir, int64_t step) {
+      send(protocol::Checkpoint{step, dir.string()});
+    };
+    return hooks;
+  }
+
+  // The last record: how the run ended, with the progress seen so far.
+  void outcome(protocol::Status status, const std::string& reason) {
+    send(protocol::Outcome{status, reason, steps_done_, total_steps_});
+  }
+
+ private:
+  void send(const protocol::Record& record) {
+    if (channel_) channel_->write(record);
+  }
+
+  void on_start(const lomo::TrainStart& s) {
+    total_steps_ = s.total_steps;
+    steps_done_ = s.first_step;
+    send(protocol::Started{s.total_steps, s.first_step,
+                           s.resumed_from ? s.resumed_from->string() : ""});
+  }
+
+  void on_step(const lomo::TrainingMetrics& m) {
+    steps_done_ = m.step;
+    protocol::Metrics record{m.step,
+                             m.total_steps,
+                             m.loss,
+                             m.lr,
+                             m.grad_norm,
+                             m.loss_scale,
+                             m.skipped,
+                             m.skipped_records,
+                             m.tokens,
+                             m.tokens_per_second,
+                             m.elapsed_seconds,
+                             {}};
+    record.peak_memory_bytes = peak_memory_bytes(m.memory);
+    send(record);
+    print_step(m);
+  }
+
+  void print_step(const lomo::TrainingMetrics& m) const {
+    if (m.step % log_every_ != 0 && m.step != 1 && m.step != m.total_steps) return;
     const double eta = m.elapsed_seconds / m.step * (m.total_steps - m.step);
-    std::printf("step %6lld/%lld  loss %.4f  lr %.3e  grad_norm %.3f%s  %.0f tok/s  peak %.1f MiB"
-                "  eta %s\n",
-                static_cast<long long>(m.step), static_cast<long long>(m.total_steps), m.loss,
-                m.lr, m.grad_norm, m.skipped ? " (skipped: fp16 overflow)" : "",
-                m.tokens_per_second, m.memory.peak_total_bytes / 1048576.0,
-                format_duration(eta).c_str());
+    std::printf(
+        "step %6lld/%lld  loss %.4f  lr %.3e  grad_norm %.3f%s  %.0f tok/s  peak %.1f MiB"
+        "  eta %s\n",
+        static_cast<long long>(m.step), static_cast<long long>(m.total_steps), m.loss, m.lr,
+        m.grad_norm, m.skipped ? " (skipped: fp16 overflow)" : "", m.tokens_per_second,
+        m.memory.peak_total_bytes / 1048576.0, format_duration(eta).c_str());
     std::fflush(stdout);
-  };
-  hooks.on_eval = [](const lomo::EvalMetrics& m) {
+  }
+
+  void on_eval(const lomo::EvalMetrics& m) {
+    send(protocol::Eval{m.step, m.loss, m.perplexity, m.tokens, m.accuracy, m.examples});
     std::printf("eval at step %lld: loss %.4f  perplexity %.2f  (%lld tokens)",
                 static_cast<long long>(m.step), m.loss, m.perplexity,
                 static_cast<long long>(m.tokens));
@@ -95,20 +208,58 @@ int train_command(const std::vector<std::string>& args) {
                   static_cast<long long>(m.examples));
     }
     std::printf("\n");
-  };
-  std::printf("job %s: %s on %s, output %s\n", spec.name.empty() ? args[0].c_str() : spec.name.c_str(),
+  }
+
+  int64_t log_every_ = 1;
+  int64_t steps_done_ = 0;
+  int64_t total_steps_ = 0;
+  std::unique_ptr<protocol::ProtocolWriter> channel_;
+};
+
+// Trains and prints how it ended; returns the outcome.
+protocol::Status run_training(const lomo::JobSpec& spec, const TrainArgs& args,
+                              RunReporter& reporter) {
+  lomo::TrainerOptions options;
+  options.resume = !args.restart;
+  std::signal(SIGINT, on_stop_signal);
+  std::signal(SIGTERM, on_stop_signal);
+  options.stop_requested = &g_stop_requested;
+  std::printf("job %s: %s on %s, output %s\n",
+              spec.name.empty() ? args.job_file.c_str() : spec.name.c_str(),
               spec.optimizer.name.c_str(), spec.model.path.c_str(), spec.output.dir.c_str());
-  const lomo::TrainResult result = lomo::train(spec, options, hooks);
+  const lomo::TrainResult result = lomo::train(spec, options, reporter.hooks());
   std::printf("peak memory by kind:\n%s", result.memory.to_string().c_str());
   if (result.stopped) {
     std::printf("stopped at step %lld of %lld; run the same command to resume from %s\n",
-                static_cast<long long>(result.steps_done), static_cast<long long>(result.total_steps),
-                result.last_checkpoint.c_str());
-    return 0;
+                static_cast<long long>(result.steps_done),
+                static_cast<long long>(result.total_steps), result.last_checkpoint.c_str());
+    return protocol::Status::kInterrupted;
   }
   std::printf("done: %lld steps; checkpoint %s\n", static_cast<long long>(result.steps_done),
               result.last_checkpoint.c_str());
-  return 0;
+  return protocol::Status::kSucceeded;
+}
+
+// Exit codes and the outcome record: common/trainer_protocol.h.
+int train_command(const std::vector<std::string>& args) {
+  std::string problem;
+  const std::optional<TrainArgs> parsed = parse_train_args(args, &problem);
+  if (!parsed) return usage(problem);
+  // Opened first, so that even a spec that does not parse is reported through it.
+  RunReporter reporter(parsed->protocol_file);
+  try {
+    const lomo::JobSpec spec = load_spec(*parsed);
+    reporter.set_log_every(spec.training.log_every);
+    const protocol::Status status = run_training(spec, *parsed, reporter);
+    reporter.outcome(status, "");
+    return protocol::exit_code_for(status);
+  } catch (const std::exception& e) {
+    std::fflush(stdout);
+    std::cerr << "lomo-worker train: " << e.what() << "\n";
+    const protocol::Status status = status_of_error(e);
+    reporter.outcome(status, e.what());
+    return protocol::exit_code_for(status);
+  }
 }
 
 // Replaces this process with lomo-workerd (beside this executable), telling it to run this
@@ -172,8 +323,8 @@ int init_model_command(const std::vector<std::string>& args) {
   lomo::LlamaWeights weights(config, lomo::DType::kF32, accountant);
   weights.init_random(seed, 0.02f);
   lomo::save_llama_checkpoint(weights, args[0]);
-  std::printf("wrote a random %.2fM-parameter LLaMA (%s) to %s\n",
-              weights.parameter_count() / 1e6, preset.c_str(), args[0].c_str());
+  std::printf("wrote a random %.2fM-parameter LLaMA (%s) to %s\n", weights.parameter_count() / 1e6,
+              preset.c_str(), args[0].c_str());
   return 0;
 }
 

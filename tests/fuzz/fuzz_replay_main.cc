@@ -7,6 +7,11 @@
 // The target catches the exceptions its parser documents; any exception that reaches this driver
 // is a finding, reported with the input's origin (re-running with the same seed reproduces it),
 // and makes the exit status non-zero. Crashes end the process, which the test runner reports.
+//
+// A target returns 0 for an input its parser accepted and -1 for one it rejected (libFuzzer's own
+// convention: -1 keeps an input out of the corpus). Seed names state which to expect: a corpus
+// file named valid_* must be accepted and one named invalid_* rejected, so a seed that no longer
+// means what its name says (a stale example, a parser that got stricter) is a finding too.
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
@@ -15,11 +20,12 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
 
-#include "worker/engine/counter_hash.h"
+#include "kernels/counter_hash.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size);
 
@@ -155,12 +161,14 @@ std::string escaped(const Bytes& input) {
 // Only the first few findings are printed in full; one bug tends to surface many times.
 constexpr uint64_t kFindingsReported = 10;
 
-// Runs one input; returns false (after reporting it, while `report`) when an exception escaped
-// the target.
-bool run_one(const Bytes& input, const std::string& origin, bool report) {
+// The target's verdict on one input.
+enum class Outcome { kAccepted, kRejected, kEscapedException };
+
+// Runs one input; reports (while `report`) an exception that escaped the target.
+Outcome run_one(const Bytes& input, const std::string& origin, bool report) {
   try {
-    LLVMFuzzerTestOneInput(input.data(), input.size());
-    return true;
+    return LLVMFuzzerTestOneInput(input.data(), input.size()) == 0 ? Outcome::kAccepted
+                                                                   : Outcome::kRejected;
   } catch (const std::exception& error) {
     if (report) {
       std::fprintf(stderr, "FINDING: %s: unexpected exception: %s\n  input (%zu bytes): %s\n",
@@ -171,6 +179,28 @@ bool run_one(const Bytes& input, const std::string& origin, bool report) {
       std::fprintf(stderr, "FINDING: %s: unexpected non-standard exception\n  input: %s\n",
                    origin.c_str(), escaped(input).c_str());
     }
+  }
+  return Outcome::kEscapedException;
+}
+
+// What a corpus file's name promises: "valid_" seeds are accepted, "invalid_" seeds rejected;
+// other names (regression inputs, examples) promise only to be handled without a finding.
+std::optional<Outcome> promised_outcome(std::string_view name) {
+  if (name.starts_with("valid_")) return Outcome::kAccepted;
+  if (name.starts_with("invalid_")) return Outcome::kRejected;
+  return std::nullopt;
+}
+
+// Runs a corpus file; true if it met its name's promise and raised no exception.
+bool run_corpus_file(const Bytes& input, const std::string& name, bool report) {
+  const Outcome outcome = run_one(input, "corpus file " + name, report);
+  if (outcome == Outcome::kEscapedException) return false;
+  const std::optional<Outcome> promised = promised_outcome(name);
+  if (!promised || outcome == *promised) return true;
+  if (report) {
+    std::fprintf(stderr, "FINDING: corpus file %s was %s, its name says it must be %s\n",
+                 name.c_str(), outcome == Outcome::kAccepted ? "accepted" : "rejected",
+                 *promised == Outcome::kAccepted ? "accepted" : "rejected");
   }
   return false;
 }
@@ -238,19 +268,20 @@ int main(int argc, char** argv) {
 
   uint64_t findings = 0;
   for (size_t i = 0; i < corpus.size(); ++i) {
-    if (!run_one(corpus[i], "corpus file " + names[i], findings < kFindingsReported)) ++findings;
+    if (!run_corpus_file(corpus[i], names[i], findings < kFindingsReported)) ++findings;
   }
   Rng rng(options.seed);
   for (uint64_t m = 0; m < options.mutations; ++m) {
     const std::string origin =
         "mutation " + std::to_string(m) + " (seed " + std::to_string(options.seed) + ")";
-    if (!run_one(mutate(corpus, rng), origin, findings < kFindingsReported)) {
+    if (run_one(mutate(corpus, rng), origin, findings < kFindingsReported) ==
+        Outcome::kEscapedException) {
       ++findings;
     }
   }
   const uint64_t inputs = uint64_t{corpus.size()} + options.mutations;
-  std::printf("%s: %llu inputs (%zu corpus files, %llu mutations), %llu unexpected exceptions\n",
-              argv[0], static_cast<unsigned long long>(inputs), corpus.size(),
+  std::printf("%s: %llu inputs (%zu corpus files, %llu mutations), %llu findings\n", argv[0],
+              static_cast<unsigned long long>(inputs), corpus.size(),
               static_cast<unsigned long long>(options.mutations),
               static_cast<unsigned long long>(findings));
   return findings == 0 ? 0 : 1;

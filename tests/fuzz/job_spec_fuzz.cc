@@ -14,7 +14,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   try {
     spec = lomo::parse_job_spec(text, "fuzz.yaml");
   } catch (const lomo::JobSpecError&) {
-    return 0;  // the documented rejection
+    return -1;  // the documented rejection
   }
   // Must not throw: every spec parse returns is valid and writable.
   const std::string yaml = lomo::job_spec_to_yaml(spec);

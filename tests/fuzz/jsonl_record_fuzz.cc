@@ -3,7 +3,8 @@
 // sample it accepts must have one trainable flag per token, ids inside the vocabulary and at
 // least one training target, and a multiple-choice record at least two candidates, a label among
 // them and something to score in each. Anything else (a crash, a sanitizer report, another
-// exception) is a finding.
+// exception) is a finding. It returns 0 if at least one format accepted the line, -1 if all
+// rejected it.
 //
 // The tokenizer is the Llama 3 style test tokenizer with the ChatML and Llama 2 template tokens
 // added, so that all three templates run on one vocabulary.
@@ -73,10 +74,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       {DataFormat::kChat, ChatTemplate::kLlama3, train_on_prompt},
       {DataFormat::kChat, ChatTemplate::kChatml, train_on_prompt},
   };
+  bool accepted = false;  // by at least one format
   for (const lomo::RecordOptions& o : options) {
     const lomo::RecordParser parser(tokenizer(), o);
     try {
       check_sample(parser.sample(line), false);
+      accepted = true;
     } catch (const lomo::RecordError&) {
       // the documented rejection
     }
@@ -89,7 +92,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       __builtin_trap();
     }
     for (const lomo::TokenSample& candidate : record.candidates) check_sample(candidate, true);
+    accepted = true;
   } catch (const lomo::RecordError&) {
   }
-  return 0;
+  return accepted ? 0 : -1;  // -1: every format rejected the line
 }

@@ -34,7 +34,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   try {
     config = lomo::parse_llama_config(text, "fuzz-config.json");
   } catch (const std::invalid_argument&) {
-    return 0;  // the documented rejection
+    return -1;  // the documented rejection
   }
   config.validate();  // must not throw: parse promised a valid config
   const lomo::LlamaConfig again =

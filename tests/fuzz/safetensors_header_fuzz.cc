@@ -66,7 +66,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   try {
     header = lomo::parse_safetensors_header(bytes, size, "fuzz.safetensors");
   } catch (const lomo::CheckpointError&) {
-    return 0;  // the documented rejection of a malformed file
+    return -1;  // the documented rejection of a malformed file
   }
   // From here on any exception escapes: the reader must accept what the parser accepted.
   check_accepted_header(header, size);

@@ -32,7 +32,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   try {
     tokenizer = lomo::BpeTokenizer::from_json(input, "fuzz-tokenizer.json");
   } catch (const std::invalid_argument&) {
-    return 0;  // the documented rejection
+    return -1;  // the documented rejection
   }
   check_round(*tokenizer, "Hello, world! It's 2024: ça va? 中文 😀 <|eot_id|>\n\n  x\t'S 12345");
   check_round(*tokenizer, input);

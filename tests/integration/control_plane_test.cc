@@ -9,8 +9,8 @@
 #include <regex>
 #include <thread>
 
-#include "client/local_mode.h"
 #include "apiclient/lomo_client.h"
+#include "client/local_mode.h"
 #include "tests/integration/test_support.h"
 #include "worker/engine/checkpoint_io.h"
 
@@ -113,26 +113,30 @@ class ControlPlaneTest : public ::testing::Test {
                          const std::function<bool(const lomo::v1::Job&)>& condition,
                          milliseconds timeout) {
     lomo::v1::Job job;
-    wait_until(
+    EXPECT_TRUE(wait_until(
         [&] {
           job = client_->get_job(job_id);
           return condition(job);
         },
-        timeout);
+        timeout))
+        << "job " << job_id << " did not reach the awaited condition within " << timeout.count()
+        << " ms; last seen: " << lomo::v1::JobState_Name(job.state()) << " at step "
+        << job.progress().step();
     return job;
   }
 
   int training_pid() {
     static const std::regex pattern(R"(training in pid (\d+))");
     int pid = 0;
-    wait_until(
+    EXPECT_TRUE(wait_until(
         [&] {
           std::smatch match;
           const std::string text = read_file(dir() / "worker.log");
           if (std::regex_search(text, match, pattern)) pid = std::stoi(match[1].str());
           return pid != 0;
         },
-        seconds(20));
+        seconds(60)))
+        << "no training child in worker.log";
     return pid;
   }
 
@@ -323,6 +327,9 @@ TEST_F(ControlPlaneTest, LocalModeRunsTheExampleToSuccessAndLeavesTheCheckpoint)
   EXPECT_EQ(status.code, 0) << output;
   EXPECT_THAT(output, HasSubstr("SUCCEEDED"));
   EXPECT_THAT(output, HasSubstr("step-00000012"));
+  // Where the worker trained, from the layout the daemon uses (common/checkpoint_layout.h).
+  EXPECT_THAT(output, HasSubstr("training files (metrics.jsonl, checkpoints): " +
+                                (state / "worker" / "jobs").string()));
   MemoryAccountant accountant;
   EXPECT_NO_THROW(load_llama_checkpoint(out, DType::kF32, accountant)) << output;
   EXPECT_TRUE(fs::exists(out / "trainer_state.json"));

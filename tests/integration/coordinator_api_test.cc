@@ -37,7 +37,7 @@ class CoordinatorApiTest : public ::testing::Test {
     return job;
   }
 
-  v1::ListJobsResponse list(std::vector<v1::JobState> states, int page_size,
+  v1::ListJobsResponse list(const std::vector<v1::JobState>& states, int page_size,
                             const std::string& token, grpc::Status* status = nullptr) {
     grpc::ClientContext context;
     context.set_deadline(deadline_in(10));
@@ -348,7 +348,8 @@ TEST_F(CoordinatorApiTest, SigtermStopsGracefullyWithStreamsOpen) {
   });
   const auto start = Clock::now();
   EXPECT_EQ(coordinator_->terminate(seconds(15)), 0);
-  EXPECT_LT(Clock::now() - start, seconds(5)) << "streams must not hold the shutdown";
+  // Well below the 15 s grace after which terminate() kills, with room for a loaded CI machine.
+  EXPECT_LT(Clock::now() - start, seconds(10)) << "streams must not hold the shutdown";
   reader.join();
   const grpc::Status watch_status = watch->Finish();
   EXPECT_EQ(watch_status.error_code(), grpc::StatusCode::UNAVAILABLE);

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <google/protobuf/util/json_util.h>
+#include <gtest/gtest.h>
 #include <httplib.h>
 #include <signal.h>
 #include <sys/wait.h>
@@ -282,13 +283,14 @@ std::optional<v1::CheckpointAck> TestWorker::upload_checkpoint(
       chunk->set_job_id(job_id);
       chunk->set_attempt(attempt);
       chunk->set_step(step);
-      chunk->set_path(path);
-      chunk->set_offset(static_cast<int64_t>(offset));
-      chunk->set_data(sent.substr(offset, n));
+      v1::FileChunk* file = chunk->mutable_file();
+      file->set_path(path);
+      file->set_offset(static_cast<int64_t>(offset));
+      file->set_data(sent.substr(offset, n));
       offset += n;
       if (offset == sent.size()) {
-        chunk->set_last_chunk_of_file(true);
-        chunk->set_sha256(sha256_hex(data));  // of the real bytes
+        file->set_last_chunk_of_file(true);
+        file->set_sha256(sha256_hex(data));  // of the real bytes
       }
       send(message);
     } while (offset < sent.size());
@@ -384,7 +386,7 @@ grpc::Status submit(v1::JobService::Stub& jobs, const v1::SubmitJobRequest& requ
   grpc::ClientContext context;
   context.set_deadline(deadline_in(10));
   v1::SubmitJobResponse response;
-  const grpc::Status status = jobs.SubmitJob(&context, request, &response);
+  grpc::Status status = jobs.SubmitJob(&context, request, &response);
   if (job != nullptr) *job = response.job();
   return status;
 }
@@ -395,7 +397,7 @@ grpc::Status get(v1::JobService::Stub& jobs, const std::string& job_id, v1::Job*
   v1::GetJobRequest request;
   request.set_job_id(job_id);
   v1::GetJobResponse response;
-  const grpc::Status status = jobs.GetJob(&context, request, &response);
+  grpc::Status status = jobs.GetJob(&context, request, &response);
   if (job != nullptr) *job = response.job();
   return status;
 }
@@ -406,7 +408,7 @@ grpc::Status cancel(v1::JobService::Stub& jobs, const std::string& job_id, v1::J
   v1::CancelJobRequest request;
   request.set_job_id(job_id);
   v1::CancelJobResponse response;
-  const grpc::Status status = jobs.CancelJob(&context, request, &response);
+  grpc::Status status = jobs.CancelJob(&context, request, &response);
   if (job != nullptr) *job = response.job();
   return status;
 }
@@ -428,7 +430,19 @@ std::vector<v1::JobEvent> all_events(v1::JobService::Stub& jobs, const std::stri
 v1::Job wait_for_state(v1::JobService::Stub& jobs, const std::string& job_id, v1::JobState state,
                        std::chrono::milliseconds timeout) {
   v1::Job job;
-  wait_until([&] { return get(jobs, job_id, &job).ok() && job.state() == state; }, timeout);
+  grpc::Status status;
+  const bool reached = wait_until(
+      [&] {
+        status = get(jobs, job_id, &job);
+        return status.ok() && job.state() == state;
+      },
+      timeout);
+  if (!reached) {
+    ADD_FAILURE() << "job " << job_id << " did not reach " << v1::JobState_Name(state) << " within "
+                  << timeout.count() << " ms; last seen: "
+                  << (status.ok() ? v1::JobState_Name(job.state())
+                                  : "GetJob failed: " + status.error_message());
+  }
   return job;
 }
 

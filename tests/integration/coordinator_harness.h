@@ -28,8 +28,10 @@ using Clock = std::chrono::steady_clock;
 
 // Now plus `seconds`, for ClientContext::set_deadline.
 std::chrono::system_clock::time_point deadline_in(double seconds);
-// Polls `condition` every 20 ms until it holds or `timeout` passes; returns whether it held.
-bool wait_until(const std::function<bool()>& condition, std::chrono::milliseconds timeout);
+// Polls `condition` every 20 ms until it holds or `timeout` passes; returns whether it held
+// (nodiscard: a wait whose outcome nobody checks lets a test pass on a timeout).
+[[nodiscard]] bool wait_until(const std::function<bool()>& condition,
+                              std::chrono::milliseconds timeout);
 std::string read_file(const std::filesystem::path& path);
 
 class TempDir {
@@ -161,7 +163,9 @@ grpc::Status get(v1::JobService::Stub& jobs, const std::string& job_id, v1::Job*
 grpc::Status cancel(v1::JobService::Stub& jobs, const std::string& job_id, v1::Job* job);
 // Every event of a job (WatchJob without follow), oldest first.
 std::vector<v1::JobEvent> all_events(v1::JobService::Stub& jobs, const std::string& job_id);
-// Polls GetJob until the job reaches `state` or `timeout` passes; returns the last job seen.
+// Polls GetJob until the job reaches `state` and returns it. If `timeout` passes first, the
+// test fails (naming the job, the state awaited and the last state seen) and the last job seen
+// is returned, so a caller's own checks still run.
 v1::Job wait_for_state(v1::JobService::Stub& jobs, const std::string& job_id, v1::JobState state,
                        std::chrono::milliseconds timeout);
 

@@ -68,12 +68,44 @@ class CoordinatorWorkerTest : public ::testing::Test {
     v1::DownloadCheckpointRequest request;
     request.set_checkpoint_id(checkpoint_id);
     auto reader = jobs_->DownloadCheckpoint(&context, request);
-    v1::DownloadCheckpointResponse chunk;
-    while (reader->Read(&chunk)) {
+    v1::DownloadCheckpointResponse response;
+    while (reader->Read(&response)) {
+      const v1::FileChunk& chunk = response.chunk();
       std::string& data = (*files)[chunk.path()];
       EXPECT_EQ(chunk.offset(), static_cast<int64_t>(data.size())) << chunk.path();
       data += chunk.data();
       if (chunk.last_chunk_of_file()) (*digests)[chunk.path()] = chunk.sha256();
+    }
+    return reader->Finish();
+  }
+
+  // WorkerService.FetchCheckpoint as `worker_id` for (job_id, attempt): the checkpoint the first
+  // message names, the files reassembled by path (each chunk checked), and the stream's status.
+  grpc::Status fetch(const std::string& worker_id, const std::string& job_id, int64_t attempt,
+                     v1::CheckpointInfo* info, std::map<std::string, std::string>* files) {
+    info->Clear();
+    files->clear();
+    const auto stub = v1::WorkerService::NewStub(coordinator_->channel());
+    grpc::ClientContext context;
+    context.set_deadline(deadline_in(10));
+    v1::FetchCheckpointRequest request;
+    request.set_worker_id(worker_id);
+    request.set_job_id(job_id);
+    request.set_attempt(attempt);
+    auto reader = stub->FetchCheckpoint(&context, request);
+    v1::FetchCheckpointResponse response;
+    for (bool first = true; reader->Read(&response); first = false) {
+      if (first) {
+        *info = response.checkpoint();
+        continue;
+      }
+      const v1::FileChunk& chunk = response.chunk();
+      std::string& data = (*files)[chunk.path()];
+      EXPECT_EQ(chunk.offset(), static_cast<int64_t>(data.size())) << chunk.path();
+      data += chunk.data();
+      if (chunk.last_chunk_of_file()) {
+        EXPECT_EQ(chunk.sha256(), sha256_hex(data)) << chunk.path();
+      }
     }
     return reader->Finish();
   }
@@ -91,14 +123,16 @@ TEST_F(CoordinatorWorkerTest, AssignmentEventsCheckpointsAndSuccess) {
   EXPECT_EQ(assignment->job_id(), submitted.id());
   EXPECT_EQ(assignment->attempt(), 1);
   EXPECT_TRUE(MessageDifferencer::Equals(assignment->spec(), submitted.spec()));
+  EXPECT_FALSE(assignment->canonical_spec().empty());
+  EXPECT_EQ(assignment->canonical_spec(), submitted.canonical_spec());
   w->set_current(submitted.id(), 1);
 
-  v1::Job job = wait_for_state(*jobs_, submitted.id(), v1::JOB_STATE_ASSIGNED, seconds(5));
+  v1::Job job = wait_for_state(*jobs_, submitted.id(), v1::JOB_STATE_ASSIGNED, seconds(30));
   EXPECT_EQ(job.worker_id(), "w1");
   EXPECT_EQ(job.attempt(), 1);
 
   ASSERT_TRUE(w->report(submitted.id(), 1, v1::JOB_STATE_RUNNING));
-  job = wait_for_state(*jobs_, submitted.id(), v1::JOB_STATE_RUNNING, seconds(5));
+  job = wait_for_state(*jobs_, submitted.id(), v1::JOB_STATE_RUNNING, seconds(30));
   EXPECT_EQ(job.state(), v1::JOB_STATE_RUNNING);
   EXPECT_TRUE(job.has_start_time());
 
@@ -157,7 +191,7 @@ TEST_F(CoordinatorWorkerTest, AssignmentEventsCheckpointsAndSuccess) {
 
   // The checkpoint is in the job's history; the worker's own events too.
   ASSERT_TRUE(w->report(submitted.id(), 1, v1::JOB_STATE_SUCCEEDED));
-  job = wait_for_state(*jobs_, submitted.id(), v1::JOB_STATE_SUCCEEDED, seconds(5));
+  job = wait_for_state(*jobs_, submitted.id(), v1::JOB_STATE_SUCCEEDED, seconds(30));
   EXPECT_EQ(job.state(), v1::JOB_STATE_SUCCEEDED);
   EXPECT_TRUE(job.has_end_time());
   const std::vector<v1::JobEvent> events = all_events(*jobs_, submitted.id());
@@ -197,12 +231,12 @@ TEST_F(CoordinatorWorkerTest, MissedHeartbeatsFailTheJobWithTheReason) {
   ASSERT_TRUE(assignment.has_value());
   w->set_current(submitted.id(), 1);
   ASSERT_TRUE(w->report(submitted.id(), 1, v1::JOB_STATE_RUNNING));
-  wait_for_state(*jobs_, submitted.id(), v1::JOB_STATE_RUNNING, seconds(5));
+  wait_for_state(*jobs_, submitted.id(), v1::JOB_STATE_RUNNING, seconds(30));
 
   // The stream stays open; only the heartbeats stop.
   w->stop_heartbeats();
   const auto stopped = Clock::now();
-  const v1::Job job = wait_for_state(*jobs_, submitted.id(), v1::JOB_STATE_FAILED, seconds(10));
+  const v1::Job job = wait_for_state(*jobs_, submitted.id(), v1::JOB_STATE_FAILED, seconds(30));
   ASSERT_EQ(job.state(), v1::JOB_STATE_FAILED);
   const double waited = std::chrono::duration<double>(Clock::now() - stopped).count();
   EXPECT_LT(waited, kHeartbeatTimeout * 1.5 + 0.5) << "detected within the timeout (+ scan period)";
@@ -217,9 +251,9 @@ TEST_F(CoordinatorWorkerTest, ADisconnectedWorkerFailsItsJobAfterTheTimeout) {
   auto w = worker("w-gone");
   ASSERT_TRUE(w->next_assignment(seconds(5)).has_value());
   ASSERT_TRUE(w->report(submitted.id(), 1, v1::JOB_STATE_RUNNING));
-  wait_for_state(*jobs_, submitted.id(), v1::JOB_STATE_RUNNING, seconds(5));
+  wait_for_state(*jobs_, submitted.id(), v1::JOB_STATE_RUNNING, seconds(30));
   w->disconnect();
-  const v1::Job job = wait_for_state(*jobs_, submitted.id(), v1::JOB_STATE_FAILED, seconds(10));
+  const v1::Job job = wait_for_state(*jobs_, submitted.id(), v1::JOB_STATE_FAILED, seconds(30));
   ASSERT_EQ(job.state(), v1::JOB_STATE_FAILED);
   EXPECT_THAT(job.failure_reason(), HasSubstr("worker w-gone missed heartbeats for"));
 }
@@ -229,7 +263,7 @@ TEST_F(CoordinatorWorkerTest, AWorkerThatReconnectsInTimeKeepsItsJob) {
   auto first = worker("w-blip");
   ASSERT_TRUE(first->next_assignment(seconds(5)).has_value());
   ASSERT_TRUE(first->report(submitted.id(), 1, v1::JOB_STATE_RUNNING));
-  wait_for_state(*jobs_, submitted.id(), v1::JOB_STATE_RUNNING, seconds(5));
+  wait_for_state(*jobs_, submitted.id(), v1::JOB_STATE_RUNNING, seconds(30));
   first->disconnect();
 
   auto second = std::make_unique<TestWorker>(coordinator_->channel());
@@ -241,19 +275,19 @@ TEST_F(CoordinatorWorkerTest, AWorkerThatReconnectsInTimeKeepsItsJob) {
   ASSERT_TRUE(get(*jobs_, submitted.id(), &job).ok());
   EXPECT_EQ(job.state(), v1::JOB_STATE_RUNNING);
   ASSERT_TRUE(second->report(submitted.id(), 1, v1::JOB_STATE_SUCCEEDED));
-  EXPECT_EQ(wait_for_state(*jobs_, submitted.id(), v1::JOB_STATE_SUCCEEDED, seconds(5)).state(),
+  EXPECT_EQ(wait_for_state(*jobs_, submitted.id(), v1::JOB_STATE_SUCCEEDED, seconds(30)).state(),
             v1::JOB_STATE_SUCCEEDED);
 
   // Reconnecting without the job loses it at once, with the reason.
   const v1::Job other = submit_ok("lost");
   ASSERT_TRUE(second->next_assignment(seconds(5)).has_value());
   ASSERT_TRUE(second->report(other.id(), 1, v1::JOB_STATE_RUNNING));
-  wait_for_state(*jobs_, other.id(), v1::JOB_STATE_RUNNING, seconds(5));
+  wait_for_state(*jobs_, other.id(), v1::JOB_STATE_RUNNING, seconds(30));
   second->disconnect();
   auto third = std::make_unique<TestWorker>(coordinator_->channel());
   third->register_as("w-blip");
   third->heartbeat();
-  job = wait_for_state(*jobs_, other.id(), v1::JOB_STATE_FAILED, seconds(5));
+  job = wait_for_state(*jobs_, other.id(), v1::JOB_STATE_FAILED, seconds(30));
   ASSERT_EQ(job.state(), v1::JOB_STATE_FAILED);
   EXPECT_THAT(job.failure_reason(), HasSubstr("reconnected without job " + other.id()));
 }
@@ -264,20 +298,21 @@ TEST_F(CoordinatorWorkerTest, CancellationReachesTheWorker) {
   ASSERT_TRUE(w->next_assignment(seconds(5)).has_value());
   w->set_current(submitted.id(), 1);
   ASSERT_TRUE(w->report(submitted.id(), 1, v1::JOB_STATE_RUNNING));
-  wait_for_state(*jobs_, submitted.id(), v1::JOB_STATE_RUNNING, seconds(5));
+  wait_for_state(*jobs_, submitted.id(), v1::JOB_STATE_RUNNING, seconds(30));
 
   v1::Job job;
   const auto requested = Clock::now();
   ASSERT_TRUE(cancel(*jobs_, submitted.id(), &job).ok());
   EXPECT_EQ(job.state(), v1::JOB_STATE_RUNNING) << "until the worker confirms";
-  const auto message = w->next_of(v1::CoordinatorMessage::kCancel, seconds(2));
+  const auto message = w->next_of(v1::CoordinatorMessage::kCancel, seconds(10));
   ASSERT_TRUE(message.has_value());
-  EXPECT_LT(Clock::now() - requested, seconds(1));
+  // Pushed at once; the bound leaves a loaded 2-core CI machine room for scheduling delays.
+  EXPECT_LT(Clock::now() - requested, seconds(5));
   EXPECT_EQ(message->cancel().job_id(), submitted.id());
   EXPECT_EQ(message->cancel().attempt(), 1);
 
   ASSERT_TRUE(w->report(submitted.id(), 1, v1::JOB_STATE_CANCELLED, "stopped at step 3"));
-  job = wait_for_state(*jobs_, submitted.id(), v1::JOB_STATE_CANCELLED, seconds(5));
+  job = wait_for_state(*jobs_, submitted.id(), v1::JOB_STATE_CANCELLED, seconds(30));
   EXPECT_EQ(job.state(), v1::JOB_STATE_CANCELLED);
   const std::vector<v1::JobEvent> events = all_events(*jobs_, submitted.id());
   ASSERT_FALSE(events.empty());
@@ -289,9 +324,9 @@ TEST_F(CoordinatorWorkerTest, ACancelledJobWhoseWorkerDiesIsCancelled) {
   auto w = worker("w-dies");
   ASSERT_TRUE(w->next_assignment(seconds(5)).has_value());
   ASSERT_TRUE(cancel(*jobs_, submitted.id(), nullptr).ok());
-  ASSERT_TRUE(w->next_of(v1::CoordinatorMessage::kCancel, seconds(2)).has_value());
+  ASSERT_TRUE(w->next_of(v1::CoordinatorMessage::kCancel, seconds(10)).has_value());
   w->disconnect();
-  const v1::Job job = wait_for_state(*jobs_, submitted.id(), v1::JOB_STATE_CANCELLED, seconds(10));
+  const v1::Job job = wait_for_state(*jobs_, submitted.id(), v1::JOB_STATE_CANCELLED, seconds(30));
   EXPECT_EQ(job.state(), v1::JOB_STATE_CANCELLED);
 }
 
@@ -315,20 +350,60 @@ TEST_F(CoordinatorWorkerTest, QueuedJobsAreServedByPriorityAcrossTwoWorkers) {
   EXPECT_EQ(third->job_id(), low.id());
 }
 
+// A cuda job cannot be submitted until the CUDA backend exists (spec_route_test); that a GPU job
+// goes only to a GPU worker is the scheduler's rule, checked in coordinator_scheduler_test. Here,
+// through the real coordinator: a CPU job is never given to a GPU worker, even an idle one.
 TEST_F(CoordinatorWorkerTest, JobsGoOnlyToWorkersWithTheirDeviceKind) {
-  const v1::Job gpu_job = submit_ok("gpu", 10, "cuda");
+  auto gpu = worker("w-gpu", v1::DEVICE_KIND_CUDA);
   const v1::Job cpu_job = submit_ok("cpu", 0, "cpu");
+  EXPECT_FALSE(gpu->next_assignment(milliseconds(500)).has_value()) << "a GPU worker got it";
+  v1::Job job;
+  ASSERT_TRUE(get(*jobs_, cpu_job.id(), &job).ok());
+  EXPECT_EQ(job.state(), v1::JOB_STATE_QUEUED);
   auto cpu = worker("w-cpu", v1::DEVICE_KIND_CPU);
   const auto assignment = cpu->next_assignment(seconds(5));
   ASSERT_TRUE(assignment.has_value());
   EXPECT_EQ(assignment->job_id(), cpu_job.id());
-  v1::Job job;
-  ASSERT_TRUE(get(*jobs_, gpu_job.id(), &job).ok());
-  EXPECT_EQ(job.state(), v1::JOB_STATE_QUEUED);
-  auto gpu = worker("w-gpu", v1::DEVICE_KIND_CUDA);
-  const auto gpu_assignment = gpu->next_assignment(seconds(5));
-  ASSERT_TRUE(gpu_assignment.has_value());
-  EXPECT_EQ(gpu_assignment->job_id(), gpu_job.id());
+}
+
+TEST_F(CoordinatorWorkerTest, OnlyTheWorkerOwningTheAttemptFetchesTheNewestCheckpoint) {
+  const v1::Job submitted = submit_ok("fetch");
+  auto w1 = worker("w1");
+  ASSERT_TRUE(w1->next_assignment(seconds(5)).has_value());
+  w1->set_current(submitted.id(), 1);
+  v1::CheckpointInfo info;
+  std::map<std::string, std::string> files;
+  // No checkpoint yet: the stream ends OK with nothing in it.
+  grpc::Status status = fetch("w1", submitted.id(), 1, &info, &files);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_FALSE(info.has_commit_time());
+  EXPECT_TRUE(files.empty());
+
+  const std::map<std::string, std::string> step10 = {{"model.safetensors", std::string(3000, 'a')},
+                                                     {"state/rng.json", "{}"}};
+  const std::map<std::string, std::string> step20 = {{"model.safetensors", std::string(2500, 'b')},
+                                                     {"state/rng.json", R"({"n": 2})"}};
+  for (const auto& [step, content] : {std::pair{10, step10}, std::pair{20, step20}}) {
+    const auto ack = w1->upload_checkpoint(submitted.id(), 1, step, content, 1000);
+    ASSERT_TRUE(ack.has_value());
+    ASSERT_TRUE(ack->committed()) << ack->error();
+  }
+  status = fetch("w1", submitted.id(), 1, &info, &files);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_EQ(info.checkpoint_id(), submitted.id() + "/step-00000020");
+  EXPECT_EQ(info.step(), 20);
+  EXPECT_THAT(info.files(), SizeIs(2));
+  EXPECT_EQ(files, step20);
+
+  // Anyone else is refused: another worker, the owner for another attempt, an unknown worker.
+  auto w2 = worker("w2");
+  EXPECT_EQ(fetch("w2", submitted.id(), 1, &info, &files).error_code(),
+            grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_EQ(fetch("w1", submitted.id(), 2, &info, &files).error_code(),
+            grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_EQ(fetch("nobody", submitted.id(), 1, &info, &files).error_code(),
+            grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_TRUE(files.empty());
 }
 
 TEST_F(CoordinatorWorkerTest, ReportsForStaleAttemptsOrOtherWorkersAreIgnored) {
@@ -344,7 +419,7 @@ TEST_F(CoordinatorWorkerTest, ReportsForStaleAttemptsOrOtherWorkersAreIgnored) {
   EXPECT_THAT(ack->error(), HasSubstr("is not assigned to worker w-stranger"));
   // The owner's own report is processed after these (stream order): still RUNNING-able.
   ASSERT_TRUE(owner->report(submitted.id(), 1, v1::JOB_STATE_RUNNING));
-  const v1::Job job = wait_for_state(*jobs_, submitted.id(), v1::JOB_STATE_RUNNING, seconds(5));
+  const v1::Job job = wait_for_state(*jobs_, submitted.id(), v1::JOB_STATE_RUNNING, seconds(30));
   EXPECT_EQ(job.state(), v1::JOB_STATE_RUNNING);
   EXPECT_EQ(job.failure_reason(), "");
 }

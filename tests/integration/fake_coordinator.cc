@@ -1,27 +1,20 @@
 #include "tests/integration/fake_coordinator.h"
 
+#include <functional>
+
+#include "common/checkpoint_layout.h"
 #include "common/sha256.h"
 
 namespace lomo::testing {
 
 using Clock = std::chrono::steady_clock;
 
-namespace {
-
-std::string checkpoint_name(int64_t step) {
-  char name[32];
-  std::snprintf(name, sizeof(name), "step-%08lld", static_cast<long long>(step));
-  return name;
-}
-
-}  // namespace
-
 grpc::Status FakeJobService::ListCheckpoints(grpc::ServerContext*,
                                              const lomo::v1::ListCheckpointsRequest* request,
                                              lomo::v1::ListCheckpointsResponse* response) {
   for (const auto& [step, files] : coordinator_.committed(request->job_id())) {
     auto* info = response->add_checkpoints();
-    info->set_checkpoint_id(request->job_id() + "/" + checkpoint_name(step));
+    info->set_checkpoint_id(request->job_id() + "/" + checkpoint_directory_name(step));
     info->set_step(step);
     for (const auto& [path, bytes] : files) {
       auto* file = info->add_files();
@@ -34,6 +27,32 @@ grpc::Status FakeJobService::ListCheckpoints(grpc::ServerContext*,
   return grpc::Status::OK;
 }
 
+namespace {
+
+// The files of a checkpoint as FileChunks of 64 KiB, each file's last chunk with its SHA-256,
+// written by an implementation of its own (not common/file_transfer.h's sender).
+void write_chunks(const std::map<std::string, std::string>& files,
+                  const std::function<void(lomo::v1::FileChunk)>& write) {
+  for (const auto& [path, bytes] : files) {
+    size_t offset = 0;
+    do {
+      const size_t size = std::min<size_t>(64 << 10, bytes.size() - offset);
+      lomo::v1::FileChunk chunk;
+      chunk.set_path(path);
+      chunk.set_offset(static_cast<int64_t>(offset));
+      chunk.set_data(bytes.substr(offset, size));
+      offset += size;
+      if (offset == bytes.size()) {
+        chunk.set_last_chunk_of_file(true);
+        chunk.set_sha256(sha256_hex(bytes));
+      }
+      write(std::move(chunk));
+    } while (offset < bytes.size());
+  }
+}
+
+}  // namespace
+
 grpc::Status FakeJobService::DownloadCheckpoint(
     grpc::ServerContext*, const lomo::v1::DownloadCheckpointRequest* request,
     grpc::ServerWriter<lomo::v1::DownloadCheckpointResponse>* writer) {
@@ -41,26 +60,51 @@ grpc::Status FakeJobService::DownloadCheckpoint(
   const size_t slash = id.rfind('/');
   if (slash == std::string::npos) return {grpc::StatusCode::INVALID_ARGUMENT, "bad id " + id};
   for (const auto& [step, files] : coordinator_.committed(id.substr(0, slash))) {
-    if (id.substr(slash + 1) != checkpoint_name(step)) continue;
-    for (const auto& [path, bytes] : files) {
-      size_t offset = 0;
-      do {
-        const size_t size = std::min<size_t>(64 << 10, bytes.size() - offset);
-        lomo::v1::DownloadCheckpointResponse chunk;
-        chunk.set_path(path);
-        chunk.set_offset(static_cast<int64_t>(offset));
-        chunk.set_data(bytes.substr(offset, size));
-        offset += size;
-        if (offset == bytes.size()) {
-          chunk.set_last_chunk_of_file(true);
-          chunk.set_sha256(sha256_hex(bytes));
-        }
-        writer->Write(chunk);
-      } while (offset < bytes.size());
-    }
+    if (id.substr(slash + 1) != checkpoint_directory_name(step)) continue;
+    write_chunks(files, [&](lomo::v1::FileChunk chunk) {
+      lomo::v1::DownloadCheckpointResponse response;
+      *response.mutable_chunk() = std::move(chunk);
+      writer->Write(response);
+    });
     return grpc::Status::OK;
   }
   return {grpc::StatusCode::NOT_FOUND, "no checkpoint " + id};
+}
+
+grpc::Status FakeCoordinator::FetchCheckpoint(
+    grpc::ServerContext*, const lomo::v1::FetchCheckpointRequest* request,
+    grpc::ServerWriter<lomo::v1::FetchCheckpointResponse>* writer) {
+  {
+    std::lock_guard lock(mutex_);
+    ++fetches_;
+    last_fetch_ = *request;
+  }
+  const auto checkpoints = committed(request->job_id());
+  if (checkpoints.empty()) return grpc::Status::OK;
+  const auto& [step, files] = *checkpoints.rbegin();
+  lomo::v1::FetchCheckpointResponse first;
+  lomo::v1::CheckpointInfo* info = first.mutable_checkpoint();
+  info->set_checkpoint_id(request->job_id() + "/" + checkpoint_directory_name(step));
+  info->set_step(step);
+  for (const auto& [path, bytes] : files) {
+    lomo::v1::CheckpointFile* file = info->add_files();
+    file->set_path(path);
+    file->set_size_bytes(static_cast<int64_t>(bytes.size()));
+    file->set_sha256(sha256_hex(bytes));
+  }
+  writer->Write(first);
+  write_chunks(files, [&](lomo::v1::FileChunk chunk) {
+    lomo::v1::FetchCheckpointResponse response;
+    *response.mutable_chunk() = std::move(chunk);
+    writer->Write(response);
+  });
+  return grpc::Status::OK;
+}
+
+std::optional<lomo::v1::FetchCheckpointRequest> FakeCoordinator::last_fetch() const {
+  std::lock_guard lock(mutex_);
+  if (fetches_ == 0) return std::nullopt;
+  return last_fetch_;
 }
 
 FakeCoordinator::FakeCoordinator(int port, int64_t heartbeat_interval_ms)
@@ -168,18 +212,19 @@ void FakeCoordinator::handle_chunk(const lomo::v1::CheckpointChunk& chunk, uint6
     return;
   }
   if (!upload.error.empty()) return;
-  std::string& bytes = upload.in_progress[chunk.path()];
-  if (static_cast<int64_t>(bytes.size()) != chunk.offset()) {
-    upload.error = chunk.path() + ": chunk at offset " + std::to_string(chunk.offset()) +
+  const lomo::v1::FileChunk& file = chunk.file();
+  std::string& bytes = upload.in_progress[file.path()];
+  if (static_cast<int64_t>(bytes.size()) != file.offset()) {
+    upload.error = file.path() + ": chunk at offset " + std::to_string(file.offset()) +
                    ", expected " + std::to_string(bytes.size());
     return;
   }
-  if (chunk.data().size() > (1u << 20)) upload.error = chunk.path() + ": chunk over 1 MiB";
-  bytes += chunk.data();
-  if (chunk.last_chunk_of_file()) {
-    if (sha256_hex(bytes) != chunk.sha256()) upload.error = chunk.path() + ": SHA-256 mismatch";
-    upload.files[chunk.path()] = std::move(bytes);
-    upload.in_progress.erase(chunk.path());
+  if (file.data().size() > (1u << 20)) upload.error = file.path() + ": chunk over 1 MiB";
+  bytes += file.data();
+  if (file.last_chunk_of_file()) {
+    if (sha256_hex(bytes) != file.sha256()) upload.error = file.path() + ": SHA-256 mismatch";
+    upload.files[file.path()] = std::move(bytes);
+    upload.in_progress.erase(file.path());
   }
 }
 

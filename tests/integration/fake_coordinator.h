@@ -78,6 +78,13 @@ class FakeCoordinator : public lomo::v1::WorkerService::Service {
   grpc::Status Connect(grpc::ServerContext* context,
                        grpc::ServerReaderWriter<lomo::v1::CoordinatorMessage,
                                                 lomo::v1::WorkerMessage>* stream) override;
+  // The newest committed checkpoint of the job, to any caller (the real coordinator serves only
+  // the worker that owns the attempt).
+  grpc::Status FetchCheckpoint(
+      grpc::ServerContext* context, const lomo::v1::FetchCheckpointRequest* request,
+      grpc::ServerWriter<lomo::v1::FetchCheckpointResponse>* writer) override;
+  // The latest FetchCheckpoint request, if any came.
+  std::optional<lomo::v1::FetchCheckpointRequest> last_fetch() const;
 
  private:
   struct Upload {
@@ -97,6 +104,8 @@ class FakeCoordinator : public lomo::v1::WorkerService::Service {
   grpc::ServerReaderWriter<lomo::v1::CoordinatorMessage, lomo::v1::WorkerMessage>* stream_ =
       nullptr;
   uint64_t connection_ = 0;
+  int fetches_ = 0;
+  lomo::v1::FetchCheckpointRequest last_fetch_;
   int registrations_ = 0;
   std::optional<lomo::v1::Register> last_register_;
   std::vector<lomo::v1::JobStatusUpdate> statuses_;

@@ -12,8 +12,8 @@
 #include <stdexcept>
 #include <thread>
 
-#include "client/spec_struct.h"
 #include "jobspec/job_spec.h"
+#include "jobspec/proto/spec_proto.h"
 
 namespace lomo::testing {
 
@@ -126,10 +126,13 @@ int free_port() {
   address.sin_family = AF_INET;
   address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   address.sin_port = 0;
-  ::bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address));
   socklen_t length = sizeof(address);
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length);
-  ::close(fd);
+  const bool bound = fd >= 0 &&
+                     ::bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) == 0 &&
+                     ::getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length) == 0;
+  if (fd >= 0) ::close(fd);
+  // Port 0 would make a test's server listen somewhere its client does not look.
+  if (!bound) throw std::runtime_error("free_port: no loopback port to bind");
   return ntohs(address.sin_port);
 }
 
@@ -170,7 +173,7 @@ std::string tiny_job_yaml(const fs::path& source_dir, const fs::path& model_dir,
 google::protobuf::Struct tiny_job_struct(const fs::path& source_dir, const fs::path& model_dir,
                                          int steps, int checkpoint_every,
                                          const std::vector<std::string>& overrides) {
-  return client::job_spec_to_struct(parse_job_spec(
+  return job_spec_to_struct(parse_job_spec(
       tiny_job_yaml(source_dir, model_dir, steps, checkpoint_every, overrides), "test job"));
 }
 

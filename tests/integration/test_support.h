@@ -26,8 +26,10 @@ class ScratchDir {
   std::filesystem::path path_;
 };
 
-// Polls `condition` every 20 ms until it holds (true) or `timeout` passes (false).
-bool wait_until(const std::function<bool()>& condition, std::chrono::milliseconds timeout);
+// Polls `condition` every 20 ms until it holds (true) or `timeout` passes (false). nodiscard: a
+// wait whose outcome nobody checks lets a test pass on a timeout.
+[[nodiscard]] bool wait_until(const std::function<bool()>& condition,
+                              std::chrono::milliseconds timeout);
 
 std::string read_file(const std::filesystem::path& file);
 

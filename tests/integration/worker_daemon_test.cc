@@ -55,13 +55,14 @@ class WorkerDaemonTest : public ::testing::Test {
     static const std::regex pattern(R"(training in pid (\d+))");
     std::smatch match;
     int pid = 0;
-    wait_until(
+    EXPECT_TRUE(wait_until(
         [&] {
           const std::string text = read_file(log());
           if (std::regex_search(text, match, pattern)) pid = std::stoi(match[1].str());
           return pid != 0;
         },
-        seconds(20));
+        seconds(60)))
+        << "no training child in the daemon's log";
     return pid;
   }
 
@@ -244,6 +245,14 @@ TEST_F(WorkerDaemonTest, ALaterAttemptResumesFromTheJobsLastCommittedCheckpoint)
   }
   EXPECT_TRUE(resumed_line);
   EXPECT_EQ(first_step, resume_step + 1);
+  // The checkpoint came over the worker protocol, asked for by this worker for its own attempt.
+  const auto fetch = coordinator_->last_fetch();
+  ASSERT_TRUE(fetch);
+  EXPECT_EQ(fetch->job_id(), "job-a");
+  EXPECT_EQ(fetch->attempt(), 2);
+  const auto registered = coordinator_->wait_registered(1, seconds(1));
+  ASSERT_TRUE(registered);
+  EXPECT_EQ(fetch->worker_id(), registered->worker_id());
   ASSERT_TRUE(coordinator_->cancel("job-a", 2));
   EXPECT_TRUE(wait_until(
       [&] {
@@ -324,8 +333,17 @@ TEST_F(WorkerDaemonTest, MetricsEndpointExposesTheTrainingSeries) {
   const int port = std::stoi(match[1].str());
   ASSERT_TRUE(coordinator_->assign("job-m", 1, tiny_job_struct(kSourceDir, model_, 10, 0)));
   ASSERT_TRUE(coordinator_->wait_terminal("job-m", seconds(60)));
-  const auto body = http_get(port, "/metrics");
-  ASSERT_TRUE(body);
+  // The daemon counts the outcome after it has reported it, so a scrape right after the terminal
+  // status may still miss it: wait for the count rather than racing it.
+  std::optional<std::string> body;
+  ASSERT_TRUE(wait_until(
+      [&] {
+        body = http_get(port, "/metrics");
+        return body &&
+               body->find("lomo_worker_jobs_total{outcome=\"succeeded\"} 1") != std::string::npos;
+      },
+      seconds(30)))
+      << (body ? *body : "no answer from /metrics");
   for (const char* series :
        {"lomo_worker_step_duration_seconds_bucket", "lomo_worker_step_duration_seconds_count 10",
         "lomo_worker_steps_total 10", "lomo_worker_tokens_total 5120", "lomo_worker_loss ",

@@ -24,6 +24,18 @@ std::vector<std::string> read_all_lines(ChildProcess& child) {
   return lines;
 }
 
+// The child's first line of output (blocks until it comes or stdout closes).
+std::string read_first_line(ChildProcess& child) {
+  std::vector<std::string> lines;
+  LineSplitter splitter;
+  auto add = [&](const std::string& line) { lines.push_back(line); };
+  while (lines.empty() && child.stdout_fd() >= 0) {
+    if (!drain_lines(child.stdout_fd(), splitter, add)) child.close_stdout();
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  return lines.empty() ? "" : lines.front();
+}
+
 TEST(ChildProcessTest, CapturesOutputLinesAndTheExitCode) {
   ChildOptions options;
   options.argv = {"/bin/sh", "-c", "printf 'one\\ntwo\\r\\nthree'; exit 3"};
@@ -61,9 +73,12 @@ TEST(ChildProcessTest, AProgramThatCannotStartThrowsNamingIt) {
 
 TEST(ChildProcessTest, TerminateEscalatesToSigkillAfterTheGracePeriod) {
   ChildOptions options;
-  options.argv = {"/bin/sh", "-c", "trap '' TERM; while true; do sleep 0.05; done"};
+  // The child says when SIGTERM is ignored, so the test never races the trap (a fixed sleep
+  // did, on a loaded machine).
+  options.argv = {"/bin/sh", "-c", "trap '' TERM; echo trapped; while true; do sleep 0.05; done"};
+  options.stdout_mode = ChildOutput::kPipe;
   ChildProcess child(options);
-  std::this_thread::sleep_for(std::chrono::milliseconds(100));  // let the trap be installed
+  ASSERT_EQ(read_first_line(child), "trapped");
   const auto start = std::chrono::steady_clock::now();
   const ExitStatus status = child.terminate(std::chrono::milliseconds(300));
   EXPECT_TRUE(status.signaled);

@@ -9,8 +9,9 @@
 #include <fstream>
 #include <sstream>
 
-#include "server/checkpoint_store.h"
+#include "common/read_file.h"
 #include "common/sha256.h"
+#include "server/checkpoint_store.h"
 
 namespace lomo::server {
 namespace {
@@ -21,12 +22,7 @@ using ::testing::IsEmpty;
 
 constexpr uint64_t kOwner = 1;
 
-std::string read(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::ostringstream text;
-  text << in.rdbuf();
-  return text.str();
-}
+std::string read(const fs::path& path) { return read_file(path); }
 
 class CheckpointStoreTest : public ::testing::Test {
  protected:
@@ -47,11 +43,12 @@ class CheckpointStoreTest : public ::testing::Test {
     c.set_job_id("job-1");
     c.set_attempt(1);
     c.set_step(100);
-    c.set_path(path);
-    c.set_offset(offset);
-    c.set_data(data);
-    c.set_last_chunk_of_file(last);
-    c.set_sha256(sha);
+    v1::FileChunk* file = c.mutable_file();
+    file->set_path(path);
+    file->set_offset(offset);
+    file->set_data(data);
+    file->set_last_chunk_of_file(last);
+    file->set_sha256(sha);
     return c;
   }
   static v1::CheckpointChunk commit() {

@@ -58,6 +58,10 @@ TEST_F(StoreTest, JobRoundTripsEveryField) {
   record.job.set_failure_reason("none yet");
   *record.job.mutable_start_time() = TimeUtil::MicrosecondsToTimestamp(1700000001000000);
   record.job.mutable_progress()->set_loss(1.5);
+  record.job.set_canonical_spec("model:\n  path: m\ntraining:\n  seed: 9223372036854775807\n");
+  record.job.set_original_spec("{\"model\": {\"path\": \"m\"}}");
+  record.job.add_spec_overrides("training.seed=9223372036854775807");
+  record.job.add_spec_overrides("name=a \"quoted\"\nline");
   record.cancel_requested = true;
   std::vector<v1::JobEvent> events;
   store.insert_job(record, events);
@@ -243,14 +247,78 @@ TEST_F(StoreTest, ADatabaseFromANewerCoordinatorIsRefused) {
   }
 }
 
+// A database written by a version 1 coordinator (jobs without the spec's canonical and original
+// texts) opens: it is migrated in place, its jobs read with those texts empty, and new jobs keep
+// them.
+TEST_F(StoreTest, AVersion1DatabaseIsMigratedAndKeepsItsJobs) {
+  sqlite3* raw = nullptr;
+  ASSERT_EQ(sqlite3_open(db().c_str(), &raw), SQLITE_OK);
+  // The version 1 schema of the jobs table, and its meta row, as that coordinator wrote them.
+  const char* v1_schema = R"sql(
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    INSERT INTO meta (key, value) VALUES ('schema_version', '1');
+    CREATE TABLE jobs (
+      submit_order INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE,
+      name TEXT NOT NULL, state INTEGER NOT NULL, priority INTEGER NOT NULL,
+      spec_json TEXT NOT NULL, create_time_us INTEGER NOT NULL, start_time_us INTEGER,
+      end_time_us INTEGER, worker_id TEXT NOT NULL, failure_reason TEXT NOT NULL,
+      attempt INTEGER NOT NULL, cancel_requested INTEGER NOT NULL, progress BLOB NOT NULL,
+      last_sequence INTEGER NOT NULL);
+    INSERT INTO jobs (id, name, state, priority, spec_json, create_time_us, worker_id,
+                      failure_reason, attempt, cancel_requested, progress, last_sequence)
+      VALUES ('old', 'old-job', 1, 3, '{"model":{"path":"m"}}', 1700000000000000, '', '', 0, 0,
+              x'', 0);
+  )sql";
+  ASSERT_EQ(sqlite3_exec(raw, v1_schema, nullptr, nullptr, nullptr), SQLITE_OK)
+      << sqlite3_errmsg(raw);
+  sqlite3_close(raw);
+
+  {
+    Store store(db());
+    const std::optional<JobRecord> old = store.get_job("old");
+    ASSERT_TRUE(old.has_value());
+    EXPECT_EQ(old->job.name(), "old-job");
+    EXPECT_EQ(
+        old->job.spec().fields().at("model").struct_value().fields().at("path").string_value(),
+        "m");
+    EXPECT_EQ(old->job.canonical_spec(), "");
+    EXPECT_EQ(old->job.original_spec(), "");
+    EXPECT_EQ(old->job.spec_overrides_size(), 0);
+
+    JobRecord record = job("new");
+    record.job.set_canonical_spec("model:\n  path: m\n");
+    record.job.set_original_spec("model: {path: m}\n");
+    std::vector<v1::JobEvent> events{log("submitted")};
+    store.insert_job(record, events);
+  }
+  Store reopened(db());  // now version 2: opening again migrates nothing
+  const std::optional<JobRecord> fresh = reopened.get_job("new");
+  ASSERT_TRUE(fresh.has_value());
+  EXPECT_EQ(fresh->job.canonical_spec(), "model:\n  path: m\n");
+  EXPECT_EQ(fresh->job.original_spec(), "model: {path: m}\n");
+  ASSERT_EQ(sqlite3_open(db().c_str(), &raw), SQLITE_OK);
+  sqlite3_stmt* select = nullptr;
+  ASSERT_EQ(sqlite3_prepare_v2(raw, "SELECT value FROM meta WHERE key = 'schema_version'", -1,
+                               &select, nullptr),
+            SQLITE_OK);
+  ASSERT_EQ(sqlite3_step(select), SQLITE_ROW);
+  EXPECT_EQ(std::string(reinterpret_cast<const char*>(sqlite3_column_text(select, 0))),
+            std::to_string(Store::kSchemaVersion));
+  sqlite3_finalize(select);
+  sqlite3_close(raw);
+}
+
 TEST_F(StoreTest, UsesWriteAheadLoggingAndSyncsIt) {
   Store store(db());
   JobRecord record = job("w");
   std::vector<v1::JobEvent> events{log("x")};
   store.insert_job(record, events);
   EXPECT_TRUE(fs::exists(dir_ / "coordinator.db-wal"));
+  const uint64_t before = store.wal_syncs();
   store.make_durable();
-  store.make_durable();  // nothing new: returns without a sync
+  EXPECT_EQ(store.wal_syncs(), before + 1) << "a commit made durable costs one WAL sync";
+  store.make_durable();
+  EXPECT_EQ(store.wal_syncs(), before + 1) << "nothing new: returns without a sync";
   std::vector<std::thread> threads;
   for (int i = 0; i < 4; ++i) {
     threads.emplace_back([&store, i] {
@@ -260,6 +328,10 @@ TEST_F(StoreTest, UsesWriteAheadLoggingAndSyncsIt) {
     });
   }
   for (std::thread& thread : threads) thread.join();
+  // Each thread's commit was synced before its make_durable returned; threads that asked while a
+  // sync ran share the next one, so 1 to 4 more syncs.
+  EXPECT_GE(store.wal_syncs(), before + 2);
+  EXPECT_LE(store.wal_syncs(), before + 5);
   EXPECT_EQ(store.events_after("w", 0, 10)->events.size(), 5u);
 }
 

@@ -21,7 +21,8 @@ using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 using ::testing::StartsWith;
 
-// Every field set to something other than its default.
+// Every field set to something other than its default, except resources.device: its only other
+// value (cuda) is refused until the CUDA backend exists.
 constexpr const char* kFullYaml = R"(# a comment, as people write them
 name: llama-7b-alpaca
 priority: -3
@@ -84,7 +85,7 @@ output:
   dir: out/alpaca
 resources:
   world_size: 1
-  device: cuda
+  device: cpu
   retries: 2
 )";
 
@@ -109,7 +110,7 @@ constexpr const char* kFullJson = R"({
 	       "activation_checkpointing": true, "seed": 18446744073709551615,
 	       "eval_every": 200, "eval_batches": 4, "checkpoint_every": 1000, "log_every": 5},
   "output": {"dir": "out/alpaca"},
-  "resources": {"world_size": 1, "device": "cuda", "retries": 2}
+  "resources": {"world_size": 1, "device": "cpu", "retries": 2}
 })";
 
 // The smallest spec that runs: the three required things.
@@ -214,7 +215,7 @@ TEST(JobSpecTest, FullExampleParsesToEveryValue) {
   EXPECT_EQ(t.log_every, 5);
   EXPECT_EQ(spec.output.dir, "out/alpaca");
   EXPECT_EQ(spec.resources.world_size, 1);
-  EXPECT_EQ(spec.resources.device, "cuda");
+  EXPECT_EQ(spec.resources.device, "cpu");
   EXPECT_EQ(spec.resources.retries, 2);
 }
 
@@ -312,6 +313,31 @@ TEST(JobSpecTest, RoundTripsThroughCanonicalYaml) {
   }
 }
 
+// The canonical JSON carries the same spec: every string stays a string, every number keeps all
+// its digits (a seed of 2^64 - 1 included), and parsing it gives the spec back exactly.
+TEST(JobSpecTest, RoundTripsThroughCanonicalJson) {
+  JobSpec full = parse_job_spec(kFullYaml, "full.yaml");
+  JobSpec tricky = minimal_spec();
+  tricky.name = "123";
+  tricky.model.path = "quote \" backslash \\ tab\t newline\n bell\x07 delete\x7f caf\xc3\xa9";
+  tricky.data.train = {"true", "null", "1e3", "[x]"};
+  tricky.tokenizer.path = "";
+  tricky.optimizer.lr = 0.1;
+  tricky.optimizer.adalomo.eps1 = 4.9e-324;
+  tricky.optimizer.weight_decay = 1.7976931348623157e308;
+  tricky.priority = std::numeric_limits<int64_t>::min();
+  tricky.training.steps = std::numeric_limits<int64_t>::max();
+  tricky.training.seed = std::numeric_limits<uint64_t>::max();
+  for (const JobSpec& spec : {minimal_spec(), full, tricky}) {
+    const std::string json = job_spec_to_json(spec);
+    EXPECT_EQ(json.find('\n'), std::string::npos) << "one line: " << json;
+    EXPECT_EQ(parse_job_spec(json, "canonical.json"), spec) << json;
+  }
+  EXPECT_THAT(job_spec_to_json(tricky),
+              AllOf(HasSubstr("\"seed\":18446744073709551615"), HasSubstr("\"name\":\"123\""),
+                    HasSubstr("\"priority\":-9223372036854775808")));
+}
+
 TEST(JobSpecTest, CanonicalYamlNamesEveryFieldAndNullForUnset) {
   const std::string yaml = job_spec_to_yaml(minimal_spec());
   for (const char* line :
@@ -367,6 +393,90 @@ TEST(JobSpecTest, OverridesAreValidatedTogether) {
   apply_job_spec_overrides(spec, {"training.steps=null", "training.epochs=2"});
   EXPECT_EQ(spec.training.steps, std::nullopt);
   EXPECT_EQ(spec.training.epochs, 2);
+}
+
+// lomo-worker train and lomoctl read JOB.yaml with its --set overrides in one call: the file is
+// read, every override applied, and the whole validated once, so overrides that need each other
+// pass in either order and the file need not be valid on its own.
+TEST(JobSpecTest, FileOverridesThatDependOnEachOtherPassInEitherOrder) {
+  const std::string text = with_sections({{"tokenizer", "{kind: auto}"}});
+  const std::vector<std::string> chat = {"data.format=chat", "data.chat_template=llama-3"};
+  for (const auto& overrides : {chat, std::vector<std::string>{chat[1], chat[0]}}) {
+    const JobSpec spec = parse_job_spec(text, "job.yaml", overrides);
+    EXPECT_EQ(spec.data.format, "chat");
+    EXPECT_EQ(spec.data.chat_template, "llama-3");
+  }
+  // Either override alone is invalid: the test above is not passing for another reason.
+  EXPECT_THROW(parse_job_spec(text, "job.yaml", {chat[0]}), JobSpecError);
+  EXPECT_THROW(parse_job_spec(text, "job.yaml", {chat[1]}), JobSpecError);
+  // A file without training.steps, completed by an override.
+  const JobSpec completed =
+      parse_job_spec(with_sections({{"training", ""}}), "job.yaml", {"training.steps=7"});
+  EXPECT_EQ(completed.training.steps, 7);
+}
+
+TEST(JobSpecTest, FileOverrideProblemsNameTheOverrideOrTheFileLine) {
+  try {
+    parse_job_spec(std::string(kMinimalYaml) + "optimizer: {lr: 0}\n", "job.yaml",
+                   {"training.batch_size=0", "optimizer.lr=0.5"});
+    ADD_FAILURE() << "parsed an invalid spec";
+  } catch (const JobSpecError& error) {
+    ASSERT_EQ(error.problems().size(), 1u) << error.what();
+    EXPECT_STREQ(error.what(),
+                 "override \"training.batch_size=0\": training.batch_size: must be >= 1, got 0");
+  }
+  try {
+    parse_job_spec(std::string(kMinimalYaml) + "optimizer: {lr: 0}\n", "job.yaml",
+                   {"training.batch_size=2"});
+    ADD_FAILURE() << "parsed an invalid spec";
+  } catch (const JobSpecError& error) {
+    EXPECT_STREQ(error.what(), "job.yaml: optimizer.lr: must be > 0, got 0 (line 4)");
+  }
+}
+
+TEST(JobSpecTest, EveryValueProblemIsReportedWithItsPath) {
+  try {
+    parse_job_spec(with_sections({{"optimizer", "{lr: -1, beta1: 2}"},
+                                  {"training", "{steps: 0, batch_size: 0}"},
+                                  {"resources", "{device: cuda}"}}),
+                   "job.yaml");
+    ADD_FAILURE() << "parsed an invalid spec";
+  } catch (const JobSpecError& error) {
+    std::vector<std::string> fields;
+    for (const JobSpecProblem& p : error.problems()) fields.push_back(p.field);
+    EXPECT_THAT(fields, ElementsAre("optimizer.lr", "optimizer.beta1", "training.batch_size",
+                                    "training.steps", "resources.device"));
+    EXPECT_EQ(error.field(), "optimizer.lr");
+    // One line per problem, each as a single error would read.
+    EXPECT_THAT(error.what(), StartsWith("job.yaml: optimizer.lr: must be > 0, got -1 (line "));
+    EXPECT_THAT(error.what(), HasSubstr("\njob.yaml: training.steps: must be >= 1, got 0"));
+    EXPECT_THAT(error.what(), HasSubstr("\njob.yaml: resources.device: cuda is not available"));
+  }
+}
+
+TEST(JobSpecTest, EveryTypeProblemIsReportedBeforeAnyValueRule) {
+  try {
+    // Two fields of the wrong type, an unknown key, and a value rule broken (lr): the value rule
+    // is not checked while fields do not read, since its verdict could rest on a default.
+    parse_job_spec(with_sections({{"optimizer", "{lr: -1, beta1: high}"},
+                                  {"training", "{steps: ten, stepz: 3}"},
+                                  {"data", "{train: [a.txt, [b.txt]]}"}}),
+                   "job.yaml");
+    ADD_FAILURE() << "parsed an invalid spec";
+  } catch (const JobSpecError& error) {
+    std::vector<std::string> fields;
+    for (const JobSpecProblem& p : error.problems()) fields.push_back(p.field);
+    EXPECT_THAT(fields, ElementsAre("data.train[1]", "optimizer.beta1", "training.stepz",
+                                    "training.steps"));
+  }
+}
+
+TEST(JobSpecTest, CudaIsRefusedUntilTheBackendExists) {
+  const JobSpecError error = parse_error(with_sections({{"resources", "{device: cuda}"}}));
+  EXPECT_EQ(error.field(), "resources.device");
+  EXPECT_STREQ(error.what(),
+               "job.yaml: resources.device: cuda is not available yet: this build trains on the "
+               "CPU only (the CUDA backend is tracked separately); use device: cpu (line 3)");
 }
 
 TEST(JobSpecTest, RejectedOverrideLeavesTheSpecUnchanged) {

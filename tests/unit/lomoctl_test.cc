@@ -6,13 +6,13 @@
 
 #include <fstream>
 
+#include "apiclient/lomo_client.h"
 #include "client/commands.h"
 #include "client/config.h"
 #include "client/local_mode.h"
-#include "apiclient/lomo_client.h"
 #include "client/render.h"
-#include "client/spec_struct.h"
 #include "jobspec/job_spec.h"
+#include "jobspec/proto/spec_proto.h"
 
 namespace lomo::client {
 namespace {
@@ -95,6 +95,35 @@ TEST(SpecStructTest, TheStructParsesBackToTheSameSpec) {
   EXPECT_TRUE(
       fields.at("optimizer").struct_value().fields().at("stochastic_rounding").has_bool_value());
   EXPECT_EQ(parse_job_spec(struct_to_json(value), "round trip"), spec);
+}
+
+// lomoctl submit/local send the file's text as written, with the overrides beside it; they are
+// checked here first, applied together and validated once, so overrides that need each other
+// pass in either order.
+TEST(SubmitRequestTest, CarriesTheFileTextAndOverridesValidatedTogether) {
+  TempDir dir;
+  const std::string text =
+      "name: chat-job\nmodel: {path: m}\ntokenizer: {kind: auto}\ndata: {train: [a.jsonl]}\n"
+      "training: {steps: 5, seed: 9223372036854775807}\n";
+  std::ofstream(dir.path / "job.yaml") << text;
+  const std::string file = (dir.path / "job.yaml").string();
+  const std::vector<std::string> chat = {"data.format=chat", "data.chat_template=llama-3"};
+  for (const auto& overrides : {chat, std::vector<std::string>{chat[1], chat[0]}}) {
+    std::string name;
+    const lomo::v1::SubmitJobRequest request = load_submit_request(file, overrides, &name);
+    EXPECT_EQ(name, "chat-job");
+    EXPECT_EQ(request.spec_text(), text);
+    EXPECT_THAT(request.overrides(), ::testing::ElementsAreArray(overrides));
+    EXPECT_FALSE(request.has_spec()) << "the exact text, not a Struct of doubles";
+  }
+  try {
+    load_submit_request(file, {"data.format=chat", "optimizer.lr=-1"}, nullptr);
+    FAIL() << "accepted";
+  } catch (const JobSpecError& e) {
+    EXPECT_THAT(e.what(), HasSubstr("job.yaml: data.chat_template: required for format chat"));
+    EXPECT_THAT(e.what(),
+                HasSubstr("\noverride \"optimizer.lr=-1\": optimizer.lr: must be > 0, got -1"));
+  }
 }
 
 TEST(ParseArgsTest, SeparatesPositionalsValuesAndSwitches) {

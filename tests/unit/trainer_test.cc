@@ -2,6 +2,7 @@
 #include "worker/train/trainer.h"
 
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <cmath>
@@ -9,8 +10,6 @@
 #include <filesystem>
 #include <fstream>
 #include <string>
-
-#include <unistd.h>
 
 #include "worker/engine/checkpoint_io.h"
 #include "worker/train/token_dataset.h"
@@ -22,8 +21,8 @@ namespace fs = std::filesystem;
 
 fs::path fresh_dir(const std::string& name) {
   // The process id keeps concurrent runs of the suite (several build trees) apart.
-  const fs::path dir = fs::path(::testing::TempDir()) /
-                       ("trainer_test_" + std::to_string(::getpid()) + "_" + name);
+  const fs::path dir =
+      fs::path(::testing::TempDir()) / ("trainer_test_" + std::to_string(::getpid()) + "_" + name);
   fs::remove_all(dir);
   fs::create_directories(dir);
   return dir;

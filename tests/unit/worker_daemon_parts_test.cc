@@ -1,7 +1,9 @@
-// The worker daemon's pieces on their own (daemon/): backoff, outbox, metrics.jsonl tail,
-// device description, attempt directories, the spec of an assignment, the checkpoint uploader.
+// The worker daemon's pieces on their own (daemon/): backoff, outbox, the trainer protocol's file
+// tail, device description, the spec of an assignment, the checkpoint uploader, and the job
+// runner deciding an attempt's outcome from a fake training child's protocol records.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <fstream>
@@ -15,8 +17,8 @@
 #include "daemon/checkpoint_uploader.h"
 #include "daemon/device_info.h"
 #include "daemon/job_runner.h"
-#include "daemon/metrics_tail.h"
 #include "daemon/outbox.h"
+#include "daemon/trainer_channel.h"
 #include "daemon/worker_metrics.h"
 
 namespace lomo::daemon {
@@ -35,9 +37,10 @@ struct TempDir {
   fs::path path;
 };
 
-// Polls `condition` for up to five seconds.
+// Polls `condition` for up to 30 s: it normally holds within milliseconds, and a loaded 2-core CI
+// machine may stall the threads involved for seconds.
 bool testing_wait(const std::function<bool()>& condition) {
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
   while (!condition()) {
     if (std::chrono::steady_clock::now() > deadline) return false;
     std::this_thread::sleep_for(milliseconds(5));
@@ -141,7 +144,7 @@ TEST(OutboxTest, ConnectionMessagesApplyBackpressureUntilTheWriterTakesThem) {
   Outbox outbox(limits);
   outbox.open_connection(1);
   lomo::v1::WorkerMessage chunk;
-  chunk.mutable_checkpoint_chunk()->set_data(std::string(80, 'x'));
+  chunk.mutable_checkpoint_chunk()->mutable_file()->set_data(std::string(80, 'x'));
   ASSERT_TRUE(outbox.push_for_connection(chunk, 1));
   std::atomic<bool> second_queued{false};
   std::thread pusher([&] {
@@ -155,64 +158,65 @@ TEST(OutboxTest, ConnectionMessagesApplyBackpressureUntilTheWriterTakesThem) {
   EXPECT_TRUE(second_queued);
 }
 
-TEST(MetricsTailTest, TurnsTrainingAndEvalLinesIntoEvents) {
-  const auto training = metrics_line_to_event(
-      R"({"step":3,"loss":2.5,"lr":0.01,"grad_norm":1.5,"loss_scale":1.0,"skipped":false,)"
-      R"("tokens_per_second":1000.0,"memory":{"total":{"current":10,"peak":20}}})",
-      50);
-  ASSERT_TRUE(training && training->has_metrics());
-  EXPECT_EQ(training->metrics().step(), 3);
-  EXPECT_EQ(training->metrics().total_steps(), 50);
-  EXPECT_DOUBLE_EQ(training->metrics().loss(), 2.5);
-  EXPECT_DOUBLE_EQ(training->metrics().learning_rate(), 0.01);
-  EXPECT_EQ(training->metrics().peak_memory_bytes().at("total"), 20);
-  const auto eval =
-      metrics_line_to_event(R"({"step":50,"eval_loss":3.0,"eval_perplexity":20.1})", 50);
-  ASSERT_TRUE(eval && eval->has_eval());
-  EXPECT_DOUBLE_EQ(eval->eval().perplexity(), 20.1);
-  EXPECT_FALSE(metrics_line_to_event(R"({"step":1,"lo)", 50));
-  EXPECT_FALSE(metrics_line_to_event("[]", 50));
+TEST(TrainerChannelTest, TurnsMetricsAndEvalRecordsIntoEventsWithAccuracy) {
+  trainer_protocol::Metrics metrics;
+  metrics.step = 3;
+  metrics.total_steps = 50;
+  metrics.loss = 2.5;
+  metrics.lr = 0.01;
+  metrics.peak_memory_bytes = {{"total", 20}};
+  const lomo::v1::JobEvent training = metrics_event(metrics);
+  ASSERT_TRUE(training.has_metrics());
+  EXPECT_EQ(training.metrics().step(), 3);
+  EXPECT_EQ(training.metrics().total_steps(), 50);
+  EXPECT_DOUBLE_EQ(training.metrics().loss(), 2.5);
+  EXPECT_DOUBLE_EQ(training.metrics().learning_rate(), 0.01);
+  EXPECT_EQ(training.metrics().peak_memory_bytes().at("total"), 20);
+
+  const lomo::v1::JobEvent eval = eval_event({50, 3.0, 20.1, 64, 0.75, 4});
+  ASSERT_TRUE(eval.has_eval());
+  EXPECT_DOUBLE_EQ(eval.eval().perplexity(), 20.1);
+  ASSERT_TRUE(eval.eval().has_accuracy());
+  EXPECT_DOUBLE_EQ(eval.eval().accuracy(), 0.75);
+  EXPECT_EQ(eval.eval().examples(), 4);
+  EXPECT_FALSE(eval_event({50, 3.0, 20.1, 64, std::nullopt, 0}).eval().has_accuracy());
 }
 
-TEST(MetricsTailTest, ReadsCompleteLinesOnlyAndNeverRepeatsAStepWhenTheFileIsRewritten) {
+TEST(TrainerChannelTest, ReadsCompleteRecordsOnlyAsTheFileGrows) {
   TempDir dir;
-  const fs::path file = dir.path / "metrics.jsonl";
-  MetricsTail tail(file);
-  EXPECT_TRUE(tail.poll(10).empty());  // no file yet
-  {
-    std::ofstream out(file);
-    out << R"({"step":1,"loss":1.0})"
-        << "\n"
-        << R"({"step":2,"loss":0.9})"
-        << "\n"
-        << R"({"step":3,"lo)";
+  const fs::path file = dir.path / "protocol.jsonl";
+  TrainerChannel channel(file);
+  std::vector<trainer_protocol::Record> records;
+  auto keep = [&](trainer_protocol::Record r) { records.push_back(std::move(r)); };
+  channel.poll(keep);  // no file yet
+  EXPECT_TRUE(records.empty());
+  const std::string started = trainer_protocol::to_line(trainer_protocol::Started{10, 0, ""});
+  const std::string checkpoint =
+      trainer_protocol::to_line(trainer_protocol::Checkpoint{5, "/out/checkpoints/step-00000005"});
+  std::ofstream(file) << started << checkpoint.substr(0, 12);
+  channel.poll(keep);
+  ASSERT_EQ(records.size(), 1u);
+  EXPECT_EQ(channel.pending_bytes(), 12u);
+  std::ofstream(file, std::ios::app) << checkpoint.substr(12);
+  channel.poll(keep);
+  ASSERT_EQ(records.size(), 2u);
+  EXPECT_EQ(std::get<trainer_protocol::Checkpoint>(records[1]).step, 5);
+  channel.poll(keep);  // nothing new: nothing delivered twice
+  EXPECT_EQ(records.size(), 2u);
+}
+
+TEST(TrainerChannelTest, ALineFromAnotherVersionIsAnErrorNamingTheLine) {
+  TempDir dir;
+  const fs::path file = dir.path / "protocol.jsonl";
+  std::ofstream(file) << R"({"v":7,"type":"started","total_steps":1})"
+                      << "\n";
+  TrainerChannel channel(file);
+  try {
+    channel.poll([](trainer_protocol::Record) {});
+    FAIL() << "no exception";
+  } catch (const trainer_protocol::ProtocolError& e) {
+    EXPECT_THAT(e.what(), HasSubstr("trainer protocol line 1: protocol version 7"));
   }
-  auto events = tail.poll(10);
-  ASSERT_EQ(events.size(), 2u);
-  {
-    std::ofstream out(file, std::ios::app);
-    out << R"(ss":0.8})"
-        << "\n";
-  }
-  events = tail.poll(10);
-  ASSERT_EQ(events.size(), 1u);
-  EXPECT_EQ(events[0].metrics().step(), 3);
-  // A resumed trainer replaces the file, keeping the steps up to its checkpoint.
-  {
-    std::ofstream out(dir.path / "replacement");
-    out << R"({"step":1,"loss":1.0})"
-        << "\n"
-        << R"({"step":2,"loss":0.9})"
-        << "\n"
-        << R"({"step":3,"loss":0.8})"
-        << "\n"
-        << R"({"step":4,"loss":0.7})"
-        << "\n";
-  }
-  fs::rename(dir.path / "replacement", file);
-  events = tail.poll(10);
-  ASSERT_EQ(events.size(), 1u);
-  EXPECT_EQ(events[0].metrics().step(), 4);
 }
 
 TEST(DeviceInfoTest, ReadsTheCpuNameAndTotalMemory) {
@@ -235,12 +239,6 @@ TEST(DeviceInfoTest, RejectsWhatIsNotADevice) {
   }
 }
 
-TEST(AssignmentSpecTest, AttemptDirectoriesCannotEscapeTheWorkDirectory) {
-  EXPECT_EQ(attempt_directory("/w", "job-1", 2), fs::path("/w/jobs/job-1/attempt-2"));
-  EXPECT_EQ(attempt_directory("/w", "../../etc", 1), fs::path("/w/jobs/.._.._etc/attempt-1"));
-  EXPECT_EQ(attempt_directory("/w", "..", 1), fs::path("/w/jobs/_../attempt-1"));
-}
-
 TEST(AssignmentSpecTest, ReadsAStructAsTheJobSchemaAndNamesABadField) {
   google::protobuf::Struct spec;
   (*(*spec.mutable_fields())["model"].mutable_struct_value()->mutable_fields())["path"]
@@ -261,6 +259,23 @@ TEST(AssignmentSpecTest, ReadsAStructAsTheJobSchemaAndNamesABadField) {
     EXPECT_EQ(e.field(), "training.steps");
     EXPECT_THAT(e.what(), HasSubstr("job j spec"));
   }
+}
+
+// The canonical YAML is what the child runs; the Struct beside it (rounded to doubles) is only for
+// display, so a spec that differs there proves which one is read.
+TEST(AssignmentSpecTest, TheCanonicalSpecIsReadExactlyAndWinsOverTheStruct) {
+  v1::Assignment assignment;
+  assignment.set_canonical_spec(
+      "model: {path: /models/tiny}\ndata: {train: [a.txt]}\n"
+      "training: {steps: 20, seed: 9223372036854775807}\n");
+  (*assignment.mutable_spec()->mutable_fields())["name"].set_string_value("not this one");
+  const JobSpec parsed = spec_from_assignment(assignment, "job j spec");
+  EXPECT_EQ(parsed.training.seed, 9223372036854775807u);
+  EXPECT_EQ(parsed.name, "");
+  // Without a canonical spec (a coordinator that sends only the Struct), the Struct is read.
+  assignment.clear_canonical_spec();
+  EXPECT_THROW(spec_from_assignment(assignment, "job j spec"), JobSpecError)
+      << "the Struct lacks model.path";
 }
 
 TEST(JobRunnerTest, DescribesHowTheTrainingProcessEnded) {
@@ -342,7 +357,7 @@ TEST(CheckpointUploaderTest, SendsEveryFileInBoundedChunksWithItsShaThenCommits)
   ASSERT_TRUE(testing_wait([&] { return channel.commits() == 1; }));
   uploader.on_ack(ack(7, true));
   std::string error;
-  EXPECT_EQ(uploader.wait_idle(std::chrono::steady_clock::now() + std::chrono::seconds(5), &error),
+  EXPECT_EQ(uploader.wait_idle(std::chrono::steady_clock::now() + std::chrono::seconds(30), &error),
             CheckpointUploader::Outcome::kDone);
   EXPECT_EQ(uploader.last_committed_step(), 7);
 
@@ -352,13 +367,14 @@ TEST(CheckpointUploaderTest, SendsEveryFileInBoundedChunksWithItsShaThenCommits)
     EXPECT_EQ(c.attempt(), 3);
     EXPECT_EQ(c.step(), 7);
     if (c.commit()) continue;
-    EXPECT_LE(c.data().size(), 1000u);
-    EXPECT_EQ(static_cast<size_t>(c.offset()), files[c.path()].size());
-    files[c.path()] += c.data();
-    if (c.last_chunk_of_file()) {
-      EXPECT_EQ(c.sha256(), sha256_hex(files[c.path()]));
+    const lomo::v1::FileChunk& file = c.file();
+    EXPECT_LE(file.data().size(), 1000u);
+    EXPECT_EQ(static_cast<size_t>(file.offset()), files[file.path()].size());
+    files[file.path()] += file.data();
+    if (file.last_chunk_of_file()) {
+      EXPECT_EQ(file.sha256(), sha256_hex(files[file.path()]));
     } else {
-      EXPECT_TRUE(c.sha256().empty());
+      EXPECT_TRUE(file.sha256().empty());
     }
   }
   EXPECT_EQ(files.size(), 3u);
@@ -384,11 +400,12 @@ TEST(CheckpointUploaderTest, ABrokenConnectionRestartsTheUploadFromItsFirstChunk
   channel.reconnect();
   ASSERT_TRUE(testing_wait([&] { return channel.commits() == 1; }));
   uploader.on_ack(ack(2, true));
-  EXPECT_EQ(uploader.wait_idle(std::chrono::steady_clock::now() + std::chrono::seconds(5), nullptr),
-            CheckpointUploader::Outcome::kDone);
+  EXPECT_EQ(
+      uploader.wait_idle(std::chrono::steady_clock::now() + std::chrono::seconds(30), nullptr),
+      CheckpointUploader::Outcome::kDone);
   // Two chunks on the first connection, then all three again and the commit.
   ASSERT_EQ(channel.chunks.size(), 6u);
-  EXPECT_EQ(channel.chunks[2].offset(), 0);
+  EXPECT_EQ(channel.chunks[2].file().offset(), 0);
 }
 
 TEST(CheckpointUploaderTest, GivesUpAfterRepeatedRejectionsWithTheCoordinatorsReason) {
@@ -405,10 +422,187 @@ TEST(CheckpointUploaderTest, GivesUpAfterRepeatedRejectionsWithTheCoordinatorsRe
     uploader.on_ack(ack(4, false, "checksum mismatch"));
   }
   std::string error;
-  EXPECT_EQ(uploader.wait_idle(std::chrono::steady_clock::now() + std::chrono::seconds(5), &error),
+  EXPECT_EQ(uploader.wait_idle(std::chrono::steady_clock::now() + std::chrono::seconds(30), &error),
             CheckpointUploader::Outcome::kFailed);
   EXPECT_THAT(error, HasSubstr("checksum mismatch"));
   EXPECT_THAT(error, HasSubstr("step-00000004"));
+}
+
+// --- The job runner's decision, against a fake training child (a shell script) -------------
+// The script gets lomo-worker train's command line (train JOB --protocol-file FILE), prints what
+// it is told to, appends protocol lines made by the real writer, and exits with a chosen code.
+
+class RecordingListener : public JobRunnerListener {
+ public:
+  void on_status(const lomo::v1::JobStatusUpdate& status) override {
+    std::lock_guard lock(mutex);
+    statuses.push_back(status);
+  }
+  void on_events(const lomo::v1::JobEvents& batch) override {
+    std::lock_guard lock(mutex);
+    for (const auto& e : batch.events()) events.push_back(e);
+  }
+  void on_training_metrics(const lomo::v1::TrainingMetrics& m, int64_t) override {
+    std::lock_guard lock(mutex);
+    metrics.push_back(m);
+  }
+  void on_eval(const lomo::v1::EvalResult& eval) override {
+    std::lock_guard lock(mutex);
+    evals.push_back(eval);
+  }
+
+  std::mutex mutex;
+  std::vector<lomo::v1::JobStatusUpdate> statuses;
+  std::vector<lomo::v1::JobEvent> events;
+  std::vector<lomo::v1::TrainingMetrics> metrics;
+  std::vector<lomo::v1::EvalResult> evals;
+};
+
+// `text` as one single-quoted shell word.
+std::string shell_quote(const std::string& text) {
+  std::string quoted = "'";
+  for (char c : text) quoted += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return quoted + "'";
+}
+
+// A shell line that appends `record` to the protocol file.
+std::string report(const trainer_protocol::Record& record) {
+  std::string line = trainer_protocol::to_line(record);
+  line.pop_back();
+  return "printf '%s\\n' " + shell_quote(line) + " >> \"$4\"\n";
+}
+
+// Shell lines that print `lines` on stdout (human text: it must not matter).
+std::string say(const std::vector<std::string>& lines) {
+  std::string script;
+  for (const std::string& l : lines) script += "echo " + shell_quote(l) + "\n";
+  return script;
+}
+
+google::protobuf::Struct small_spec() {
+  google::protobuf::Struct spec;
+  (*(*spec.mutable_fields())["model"].mutable_struct_value()->mutable_fields())["path"]
+      .set_string_value("/models/tiny");
+  auto& data = *(*spec.mutable_fields())["data"].mutable_struct_value()->mutable_fields();
+  data["train"].mutable_list_value()->add_values()->set_string_value("a.txt");
+  (*(*spec.mutable_fields())["training"].mutable_struct_value()->mutable_fields())["steps"]
+      .set_number_value(20);
+  return spec;
+}
+
+// Runs one attempt of job "job-p" with `script_body` as the training program; its final status.
+lomo::v1::JobStatusUpdate run_attempt(const TempDir& dir, const std::string& script_body,
+                                      RecordingListener& listener) {
+  const fs::path program = dir.path / "fake-trainer";
+  write_file(program, "#!/bin/sh\n" + script_body);
+  ::chmod(program.c_str(), 0755);
+  lomo::v1::Assignment assignment;
+  assignment.set_job_id("job-p");
+  assignment.set_attempt(1);
+  *assignment.mutable_spec() = small_spec();
+  JobRunnerOptions options;
+  options.work_dir = dir.path / "work";
+  options.trainer_program = program;
+  options.poll_interval = milliseconds(20);
+  options.finish_timeout = std::chrono::seconds(10);
+  FakeChannel channel;
+  JobRunner runner(assignment, options, listener, channel, nullptr);
+  runner.join();
+  return runner.final_status();
+}
+
+namespace protocol = trainer_protocol;
+
+const std::vector<std::string> kAlarmingText = {
+    "error: training failed",
+    "Traceback (most recent call last):", "stopped at step 3 of 20; run the same command to resume",
+    "step      1/999  loss nan"};
+const std::vector<std::string> kCheerfulText = {
+    "step     20/20  loss 0.1000", "done: 20 steps; checkpoint /tmp/x", "training finished"};
+
+TEST(JobRunnerProtocolTest, ASuccessReportedInTheProtocolSucceedsWhateverTheChildPrints) {
+  const std::string reported_success =
+      report(protocol::Started{7, 0, ""}) +
+      report(protocol::Metrics{1, 7, 2.5, 0.01, 1.0, 1.0, false, 0, 512, 100.0, 0.1, {}}) +
+      report(protocol::Outcome{protocol::Status::kSucceeded, "", 7, 7}) + "exit 0\n";
+  for (const auto& text : {kAlarmingText, kCheerfulText}) {
+    TempDir dir;
+    RecordingListener listener;
+    const auto status =
+        run_attempt(dir, say(text) + "echo 'fatal error' >&2\n" + reported_success, listener);
+    EXPECT_EQ(status.state(), lomo::v1::JOB_STATE_SUCCEEDED) << status.reason();
+    // The total comes from the protocol (7), not from a "step 1/999" line.
+    ASSERT_EQ(listener.metrics.size(), 1u);
+    EXPECT_EQ(listener.metrics[0].total_steps(), 7);
+    // The text still reaches the job's log.
+    bool logged = false;
+    for (const auto& e : listener.events) logged = logged || e.log().text() == text[0];
+    EXPECT_TRUE(logged);
+  }
+}
+
+TEST(JobRunnerProtocolTest, AFailureReportedInTheProtocolFailsWhateverTheChildPrints) {
+  const std::string reported_failure =
+      report(protocol::Started{20, 0, ""}) +
+      report(
+          protocol::Outcome{protocol::Status::kNonFinite, "gradient of 'w' is not finite", 3, 20}) +
+      "exit 5\n";
+  for (const auto& text : {kCheerfulText, kAlarmingText}) {
+    TempDir dir;
+    RecordingListener listener;
+    const auto status = run_attempt(dir, say(text) + reported_failure, listener);
+    EXPECT_EQ(status.state(), lomo::v1::JOB_STATE_FAILED);
+    EXPECT_THAT(status.reason(), HasSubstr("exited with code 5"));
+    // With nothing on stderr, the reason is the report's.
+    EXPECT_THAT(status.reason(), HasSubstr("gradient of 'w' is not finite"));
+  }
+}
+
+TEST(JobRunnerProtocolTest, ACleanExitWithoutAnOutcomeRecordIsAFailure) {
+  TempDir dir;
+  RecordingListener listener;
+  const auto status = run_attempt(
+      dir, say(kCheerfulText) + report(protocol::Started{20, 0, ""}) + "exit 0\n", listener);
+  EXPECT_EQ(status.state(), lomo::v1::JOB_STATE_FAILED);
+  EXPECT_THAT(status.reason(), HasSubstr("without reporting an outcome"));
+}
+
+TEST(JobRunnerProtocolTest, AnExitCodeThatContradictsTheReportedOutcomeIsAFailure) {
+  TempDir dir;
+  RecordingListener listener;
+  const auto status = run_attempt(
+      dir, report(protocol::Outcome{protocol::Status::kSucceeded, "", 20, 20}) + "exit 1\n",
+      listener);
+  EXPECT_EQ(status.state(), lomo::v1::JOB_STATE_FAILED);
+  EXPECT_THAT(status.reason(), HasSubstr("exited with code 1"));
+  EXPECT_THAT(status.reason(), HasSubstr("its report said 'succeeded', whose exit code is 0"));
+}
+
+TEST(JobRunnerProtocolTest, AnUnreadableReportFailsTheAttemptNamingTheLine) {
+  TempDir dir;
+  RecordingListener listener;
+  const auto status = run_attempt(
+      dir,
+      report(protocol::Started{20, 0, ""}) + "echo 'step 20/20 done' >> \"$4\"\n" +
+          report(protocol::Outcome{protocol::Status::kSucceeded, "", 20, 20}) + "exit 0\n",
+      listener);
+  EXPECT_EQ(status.state(), lomo::v1::JOB_STATE_FAILED);
+  EXPECT_THAT(status.reason(), HasSubstr("trainer protocol line 2: not a JSON object"));
+}
+
+TEST(JobRunnerProtocolTest, EvaluationAccuracyIsCarriedIntoTheEvalEvent) {
+  TempDir dir;
+  RecordingListener listener;
+  const auto status = run_attempt(
+      dir,
+      report(protocol::Started{20, 0, ""}) + report(protocol::Eval{20, 1.5, 4.48, 64, 0.75, 4}) +
+          report(protocol::Outcome{protocol::Status::kSucceeded, "", 20, 20}) + "exit 0\n",
+      listener);
+  EXPECT_EQ(status.state(), lomo::v1::JOB_STATE_SUCCEEDED) << status.reason();
+  ASSERT_EQ(listener.evals.size(), 1u);
+  ASSERT_TRUE(listener.evals[0].has_accuracy());
+  EXPECT_DOUBLE_EQ(listener.evals[0].accuracy(), 0.75);
+  EXPECT_EQ(listener.evals[0].examples(), 4);
 }
 
 TEST(WorkerMetricsTest, NamesFollowTheConventions) {

@@ -4,7 +4,7 @@
 // Why it exists: every gradient is averaged across ranks inside the gradient sink before it is
 // used, and the global norm is summed, so replicas never diverge (DESIGN.md, "The LOMO step",
 // item 6). Why it is asynchronous: a later issue reduces tensor i while backward computes tensor
-// i+1. Why it has a timeout: a dead peer must end the attempt with an error naming it, never hang it.
+// i+1. Why it has a timeout: a dead peer must end the attempt with an error naming it, not hang.
 //
 // Contract (tests/unit/communicator_contract_test.cc holds every implementation to it):
 // - Collectives are issued in the same order on every rank. Each returns a CollectiveWork; the
@@ -13,6 +13,10 @@
 // - wait() returns when the result is in place, or throws CommunicatorError naming the operation
 //   and the peer (when known) if the collective failed or did not finish within the timeout. After
 //   an error the communicator is broken: every later call throws CommunicatorError at once.
+//   Arguments that are wrong on their own (a root outside the world, a negative count) throw
+//   CommunicatorError too, from the call or from wait(), and break the communicator as well.
+// - A failure on one rank (abort(), a closed or crashed rank, a timeout) reaches every rank: their
+//   pending and later collectives throw CommunicatorError instead of hanging.
 // - Results are identical on every rank (bit for bit): ranks never diverge by reduction order.
 #pragma once
 
@@ -30,7 +34,8 @@ enum class CommDType : uint8_t { kF32, kF64, kI64 };
 size_t comm_dtype_size(CommDType dtype);
 std::string_view comm_dtype_name(CommDType dtype);
 
-enum class ReduceOp : uint8_t { kSum, kMean };  // kMean: the sum divided by world_size
+// kMean: the sum divided by world_size (for kI64 an integer division, which truncates toward zero).
+enum class ReduceOp : uint8_t { kSum, kMean };
 
 // A collective that failed or timed out. op: e.g. "all_reduce"; peer: the rank that failed or did
 // not answer, when the implementation knows it.
@@ -74,6 +79,11 @@ class Communicator {
                                                            int64_t bytes_per_rank) = 0;
   // Returns when every rank has entered the barrier (or throws).
   virtual void barrier() = 0;
+  // Ends this rank's part in the group, e.g. when its training step failed: its own and its peers'
+  // pending and later collectives throw CommunicatorError naming this rank, at once rather than
+  // after the timeout. Any thread may call it (a watchdog, too); calls after the first change
+  // nothing.
+  virtual void abort(const std::string& reason) = 0;
 
   // Blocking forms.
   void all_reduce(void* data, int64_t count, CommDType dtype, ReduceOp op) {
@@ -88,7 +98,9 @@ class Communicator {
   void all_reduce(int64_t* data, int64_t count, ReduceOp op) {
     all_reduce(data, count, CommDType::kI64, op);
   }
-  void broadcast(void* data, int64_t bytes, int root) { broadcast_async(data, bytes, root)->wait(); }
+  void broadcast(void* data, int64_t bytes, int root) {
+    broadcast_async(data, bytes, root)->wait();
+  }
   void all_gather(const void* send, void* recv, int64_t bytes_per_rank) {
     all_gather_async(send, recv, bytes_per_rank)->wait();
   }

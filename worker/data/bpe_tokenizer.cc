@@ -2,16 +2,15 @@
 
 #include <algorithm>
 #include <array>
-#include <fstream>
 #include <functional>
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <queue>
-#include <sstream>
 #include <stdexcept>
 #include <unordered_map>
 #include <utility>
 
+#include "common/read_file.h"
 #include "worker/data/split_pattern.h"
 #include "worker/data/unicode_text.h"
 
@@ -759,15 +758,6 @@ class Encoder {
   std::vector<int32_t>& ids_;
   Scratch scratch_;
 };
-
-std::string read_file(const std::filesystem::path& path) {
-  std::ifstream file(path, std::ios::binary);
-  if (!file) throw std::runtime_error(path.string() + ": cannot open");
-  std::ostringstream text;
-  text << file.rdbuf();
-  if (file.bad()) throw std::runtime_error(path.string() + ": read failed");
-  return std::move(text).str();
-}
 
 }  // namespace
 

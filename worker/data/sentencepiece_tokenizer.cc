@@ -3,11 +3,10 @@
 
 #include <sentencepiece_processor.h>
 
-#include <fstream>
-#include <sstream>
 #include <stdexcept>
 #include <utility>
 
+#include "common/read_file.h"
 #include "worker/data/unicode_text.h"
 
 namespace lomo {
@@ -22,14 +21,10 @@ std::unique_ptr<SentencePieceTokenizer> SentencePieceTokenizer::load(
     const std::filesystem::path& model_file) {
   // Reading the file here keeps "cannot read" (runtime_error) apart from "not a model"
   // (invalid_argument), which SentencePiece's own Load() reports alike.
-  std::ifstream file(model_file, std::ios::binary);
-  if (!file) throw std::runtime_error(model_file.string() + ": cannot open");
-  std::ostringstream bytes;
-  bytes << file.rdbuf();
-  if (file.bad()) throw std::runtime_error(model_file.string() + ": read failed");
+  const std::string bytes = read_file(model_file);
 
   auto processor = std::make_unique<sentencepiece::SentencePieceProcessor>();
-  const sentencepiece::util::Status status = processor->LoadFromSerializedProto(bytes.str());
+  const sentencepiece::util::Status status = processor->LoadFromSerializedProto(bytes);
   if (!status.ok()) {
     throw std::invalid_argument(model_file.string() +
                                 ": not a SentencePiece model: " + status.ToString());

@@ -1,10 +1,9 @@
 #include "worker/data/tokenizer.h"
 
-#include <fstream>
 #include <nlohmann/json.hpp>
-#include <sstream>
 #include <stdexcept>
 
+#include "common/read_file.h"
 #include "worker/data/bpe_tokenizer.h"
 #include "worker/data/sentencepiece_tokenizer.h"
 
@@ -13,20 +12,11 @@ namespace {
 
 using nlohmann::json;
 
-std::string read_text(const std::filesystem::path& path) {
-  std::ifstream file(path, std::ios::binary);
-  if (!file) throw std::runtime_error(path.string() + ": cannot open");
-  std::ostringstream text;
-  text << file.rdbuf();
-  if (file.bad()) throw std::runtime_error(path.string() + ": read failed");
-  return std::move(text).str();
-}
-
 // The parsed file, or nullopt when it does not exist.
 std::optional<json> read_json_if_present(const std::filesystem::path& path) {
   std::error_code error;
   if (!std::filesystem::exists(path, error)) return std::nullopt;
-  const std::string text = read_text(path);
+  const std::string text = read_file(path);
   try {
     json parsed = json::parse(text);
     if (!parsed.is_object()) {
@@ -172,7 +162,7 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::filesystem::path& model_dir
     // Hugging Face ships Llama 2 and Mistral with both files, the tokenizer.json being a
     // conversion of tokenizer.model to SentencePiece-style BPE (Metaspace, byte_fallback) that
     // lomo does not implement: the original is the one to use then.
-    const std::string text = read_text(json_path);
+    const std::string text = read_file(json_path);
     if (describes_byte_level_bpe(text)) {
       tokenizer = BpeTokenizer::from_json(text, json_path.string());
     } else {

@@ -11,6 +11,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/read_file.h"
 #include "worker/engine/atomic_file.h"
 
 namespace lomo {
@@ -52,17 +53,11 @@ void add_file_tensors(CheckpointSources& sources, SafetensorsFile file) {
 }
 
 std::string read_small_file(const std::filesystem::path& path, uint64_t limit) {
-  std::ifstream file(path, std::ios::binary);
-  if (!file) throw CheckpointError(path.string() + ": cannot open");
-  std::error_code error;
-  const uint64_t size = std::filesystem::file_size(path, error);
-  if (!error && size > limit) {
-    throw CheckpointError(path.string() + ": " + std::to_string(size) + " bytes is too large");
+  try {
+    return read_file(path, limit);
+  } catch (const FileReadError& error) {
+    throw CheckpointError(error.what());
   }
-  std::ostringstream text;
-  text << file.rdbuf();
-  if (file.bad()) throw CheckpointError(path.string() + ": read error");
-  return text.str();
 }
 
 json parse_index_json(const std::string& text, const std::string& source) {

@@ -9,6 +9,8 @@
 #include <stdexcept>
 #include <utility>
 
+#include "common/read_file.h"
+
 namespace lomo {
 namespace {
 
@@ -374,12 +376,7 @@ LlamaConfig parse_llama_config(std::string_view json_text, const std::string& so
 }
 
 LlamaConfig load_llama_config(const std::filesystem::path& path) {
-  std::ifstream file(path, std::ios::binary);
-  if (!file) throw std::runtime_error(path.string() + ": cannot open model config");
-  std::ostringstream text;
-  text << file.rdbuf();
-  if (file.bad()) throw std::runtime_error(path.string() + ": read error");
-  return parse_llama_config(text.str(), path.string());
+  return parse_llama_config(read_file(path), path.string());
 }
 
 std::string llama_config_to_json(const LlamaConfig& config) {

@@ -5,8 +5,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "kernels/counter_hash.h"
 #include "kernels/cpu/cross_entropy.h"
-#include "worker/engine/counter_hash.h"
 
 namespace lomo {
 namespace {

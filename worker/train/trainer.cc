@@ -2,17 +2,18 @@
 
 #include <cerrno>
 #include <chrono>
-#include <cstring>
 #include <cmath>
+#include <cstring>
 #include <fstream>
 #include <iterator>
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <system_error>
 
+#include "common/checkpoint_layout.h"
+#include "worker/comm/local_communicator.h"
 #include "worker/engine/atomic_file.h"
 #include "worker/engine/checkpoint_io.h"
-#include "worker/comm/local_communicator.h"
 #include "worker/engine/llama_model.h"
 #include "worker/optim/lr_schedule.h"
 #include "worker/optim/optimizer.h"
@@ -100,22 +101,15 @@ TrainerState read_trainer_state(const fs::path& file) {
   }
 }
 
-std::string step_directory_name(int64_t step) {
-  char name[32];
-  std::snprintf(name, sizeof(name), "step-%08lld", static_cast<long long>(step));
-  return name;
-}
-
 // Writes everything a resume needs into a temporary directory, then renames it into place and
 // points `latest` at it: a crash at any moment leaves the previous checkpoint as the latest.
 fs::path write_checkpoint(const fs::path& output_dir, const JobSpec& spec,
                           const LlamaWeights& weights, const Optimizer& optimizer,
                           const TrainerState& state) {
-  const fs::path root = output_dir / "checkpoints";
+  const fs::path root = checkpoints_directory(output_dir);
   fs::create_directories(root);
-  const std::string name = step_directory_name(state.step);
-  const fs::path temporary = root / (".tmp-" + name);
-  const fs::path final_dir = root / name;
+  const fs::path temporary = temporary_checkpoint_directory(root, state.step);
+  const fs::path final_dir = checkpoint_directory(root, state.step);
   fs::remove_all(temporary);
   save_llama_checkpoint(weights, temporary);
   optimizer.save_state(temporary / kOptimizerStateFile);
@@ -123,7 +117,7 @@ fs::path write_checkpoint(const fs::path& output_dir, const JobSpec& spec,
   write_file_atomically(temporary / kJobSpecFile, job_spec_to_yaml(spec));
   fs::remove_all(final_dir);  // a checkpoint of the same step from an attempt that crashed after it
   fs::rename(temporary, final_dir);
-  write_file_atomically(root / "latest", name + "\n");
+  write_file_atomically(latest_checkpoint_pointer(root), final_dir.filename().string() + "\n");
   return final_dir;
 }
 
@@ -188,186 +182,257 @@ EvalMetrics evaluate_choices(LlamaModel& model, const std::vector<MultipleChoice
   return m;
 }
 
-nlohmann::json memory_json(const MemoryReport& memory) { return nlohmann::json::parse(memory.to_json()); }
+nlohmann::json memory_json(const MemoryReport& memory) {
+  return nlohmann::json::parse(memory.to_json());
+}
 
 }  // namespace
 
 std::optional<fs::path> latest_checkpoint(const fs::path& output_dir) {
-  const fs::path pointer = output_dir / "checkpoints" / "latest";
-  std::ifstream in(pointer);
-  if (!in) return std::nullopt;
-  std::string name;
-  std::getline(in, name);
-  const fs::path dir = output_dir / "checkpoints" / name;
-  if (name.empty() || name.find('/') != std::string::npos || !fs::is_directory(dir)) {
-    throw CheckpointError(pointer.string() + ": names '" + name +
-                          "', which is not a checkpoint directory beside it");
+  try {
+    return read_latest_checkpoint(checkpoints_directory(output_dir));
+  } catch (const std::runtime_error& e) {
+    throw CheckpointError(e.what());
   }
-  return dir;
 }
 
-TrainResult train(const JobSpec& spec, const TrainerOptions& options, const TrainerHooks& hooks) {
-  auto log = [&](const std::string& line) {
-    if (hooks.on_log) hooks.on_log(line);
-  };
-  const fs::path output_dir = spec.output.dir;
-  fs::create_directories(output_dir);
+namespace {
 
-  std::optional<fs::path> resume_from;
-  if (options.resume) resume_from = latest_checkpoint(output_dir);
-  const fs::path model_dir = resume_from ? *resume_from : fs::path(spec.model.path);
-
-  MemoryAccountant accountant;
-  const DType dtype = dtype_from_user_string(spec.precision.dtype);
-  LlamaWeights weights = load_llama_checkpoint(model_dir, dtype, accountant);
+// The model weights a run starts from, checked against the spec's sequence length.
+LlamaWeights load_weights(const JobSpec& spec, const fs::path& model_dir,
+                          MemoryAccountant& accountant) {
+  LlamaWeights weights =
+      load_llama_checkpoint(model_dir, dtype_from_user_string(spec.precision.dtype), accountant);
   if (spec.data.max_length > weights.config().max_position_embeddings) {
     throw JobSpecError("job", "data.max_length",
-                       std::to_string(spec.data.max_length) + " exceeds the model's "
-                       "max_position_embeddings " +
+                       std::to_string(spec.data.max_length) +
+                           " exceeds the model's "
+                           "max_position_embeddings " +
                            std::to_string(weights.config().max_position_embeddings));
   }
+  return weights;
+}
 
-  // One data-parallel rank for now; the dataset shards by (rank, world_size) when that changes.
-  TrainingData data = load_training_data(spec, weights.config());
-  TokenDataset& train_data = *data.train;
-  auto report_skips = [&](const LoadReport& report, const std::string& list) {
+// The checkpoint an earlier attempt left in output.dir, when the run may resume from it.
+std::optional<fs::path> resume_point(const fs::path& output_dir, const TrainerOptions& options) {
+  fs::create_directories(output_dir);
+  if (!options.resume) return std::nullopt;
+  return latest_checkpoint(output_dir);
+}
+
+int64_t total_steps_of(const JobSpec& spec, const TokenDataset& train_data) {
+  return spec.training.steps
+             ? *spec.training.steps
+             : train_data.batches_for_epochs(*spec.training.epochs, spec.training.batch_size);
+}
+
+nlohmann::json metrics_line(const TrainingMetrics& m) {
+  return {{"step", m.step},
+          {"loss", m.loss},
+          {"lr", m.lr},
+          {"grad_norm", m.grad_norm},
+          {"loss_scale", m.loss_scale},
+          {"skipped", m.skipped},
+          {"skipped_records", m.skipped_records},
+          {"tokens_per_second", m.tokens_per_second},
+          {"memory", memory_json(m.memory)}};
+}
+
+nlohmann::json eval_line(const EvalMetrics& m) {
+  nlohmann::json line = {{"step", m.step},
+                         {"eval_loss", m.loss},
+                         {"eval_perplexity", m.perplexity},
+                         {"eval_tokens", m.tokens}};
+  if (m.accuracy) {
+    line["eval_accuracy"] = *m.accuracy;
+    line["eval_examples"] = m.examples;
+  }
+  return line;
+}
+
+// One call of train(): what it loaded, where it stands, and one method per thing a run does.
+class TrainingRun {
+ public:
+  TrainingRun(const JobSpec& spec, const TrainerOptions& options, const TrainerHooks& hooks)
+      : spec_(spec),
+        options_(options),
+        hooks_(hooks),
+        output_dir_(spec.output.dir),
+        resume_from_(resume_point(output_dir_, options)),
+        weights_(load_weights(spec, resume_from_ ? *resume_from_ : fs::path(spec.model.path),
+                              accountant_)),
+        // One data-parallel rank for now; the dataset shards by (rank, world_size) when that
+        // changes.
+        data_(load_training_data(spec, weights_.config())),
+        train_data_(*data_.train),
+        total_steps_(total_steps_of(spec, train_data_)),
+        model_(weights_, accountant_, {spec.training.activation_checkpointing}),
+        optimizer_(make_optimizer(optimizer_options(spec), weights_, accountant_, &communicator_)),
+        schedule_(LrSchedule::make(spec.optimizer.schedule, spec.optimizer.lr,
+                                   spec.optimizer.warmup_steps, spec.optimizer.warmup_ratio,
+                                   total_steps_)),
+        data_fingerprint_(train_data_.fingerprint()) {
+    report_skips(data_.train_report, "data.train");
+    report_skips(data_.eval_report, "data.eval");
+    state_.total_steps = total_steps_;
+    result_.total_steps = total_steps_;
+    if (resume_from_) restore(*resume_from_);
+    metrics_ = reopen_metrics(output_dir_ / kMetricsFile, state_.step);
+  }
+
+  TrainResult run() {
+    start_ = Clock::now();
+    if (hooks_.on_start) hooks_.on_start({total_steps_, state_.step, resume_from_});
+    const int64_t first_step = state_.step;
+    while (state_.step < total_steps_) {
+      train_step();
+      const bool checkpointed = evaluate_and_checkpoint_on_schedule();
+      if (stop_requested()) {
+        if (!checkpointed) checkpoint();
+        result_.stopped = true;
+        log("stopped at step " + std::to_string(state_.step) + " of " +
+            std::to_string(total_steps_));
+        break;
+      }
+    }
+    if (!result_.stopped) {
+      run_eval();
+      if (state_.step > first_step || !resume_from_) checkpoint();
+    }
+    result_.steps_done = state_.step;
+    result_.memory = accountant_.report();
+    return result_;
+  }
+
+ private:
+  void log(const std::string& line) const {
+    if (hooks_.on_log) hooks_.on_log(line);
+  }
+
+  void report_skips(const LoadReport& report, const std::string& list) const {
     if (report.skipped == 0) return;
     std::string line = list + ": skipped " + std::to_string(report.skipped) + " bad record(s)";
     for (const std::string& example : report.skipped_examples) line += "\n  " + example;
     log(line);
-  };
-  report_skips(data.train_report, "data.train");
-  report_skips(data.eval_report, "data.eval");
-  const int64_t skipped_records = data.train_report.skipped;
-  const int64_t batch_size = spec.training.batch_size;
-  const int64_t total_steps =
-      spec.training.steps ? *spec.training.steps
-                          : train_data.batches_for_epochs(*spec.training.epochs, batch_size);
+  }
 
-  LlamaModel model(weights, accountant, {spec.training.activation_checkpointing});
-  LocalCommunicator communicator;
-  std::unique_ptr<Optimizer> optimizer =
-      make_optimizer(optimizer_options(spec), weights, accountant, &communicator);
-  const LrSchedule schedule = LrSchedule::make(spec.optimizer.schedule, spec.optimizer.lr,
-                                               spec.optimizer.warmup_steps,
-                                               spec.optimizer.warmup_ratio, total_steps);
-
-  TrainerState state;
-  state.total_steps = total_steps;
-  const uint64_t data_fingerprint = train_data.fingerprint();
-  TrainResult result;
-  result.total_steps = total_steps;
-  if (resume_from) {
-    state = read_trainer_state(*resume_from / kTrainerStateFile);
-    if (state.total_steps != total_steps) {
-      throw CheckpointError((*resume_from / kTrainerStateFile).string() + ": was written for " +
-                            std::to_string(state.total_steps) + " total steps, the job now has " +
-                            std::to_string(total_steps) +
+  // Continues from `checkpoint`: step, optimizer state and data cursor, after checking that the
+  // job still describes the run that wrote it.
+  void restore(const fs::path& checkpoint) {
+    const fs::path state_file = checkpoint / kTrainerStateFile;
+    state_ = read_trainer_state(state_file);
+    if (state_.total_steps != total_steps_) {
+      throw CheckpointError(state_file.string() + ": was written for " +
+                            std::to_string(state_.total_steps) + " total steps, the job now has " +
+                            std::to_string(total_steps_) +
                             " (steps, epochs, batch size or data changed); use a new output.dir");
     }
-    if (state.data_fingerprint && *state.data_fingerprint != data_fingerprint) {
-      throw CheckpointError((*resume_from / kTrainerStateFile).string() +
+    if (state_.data_fingerprint && *state_.data_fingerprint != data_fingerprint_) {
+      throw CheckpointError(state_file.string() +
                             ": the training data (files, format, max_length or packing) changed "
                             "since this checkpoint; use a new output.dir");
     }
-    optimizer->load_state(*resume_from / kOptimizerStateFile);
+    optimizer_->load_state(checkpoint / kOptimizerStateFile);
     try {
-      train_data.restore(state.cursor);
+      train_data_.restore(state_.cursor);
     } catch (const std::invalid_argument& e) {
-      throw CheckpointError((*resume_from / kTrainerStateFile).string() + ": " + e.what());
+      throw CheckpointError(state_file.string() + ": " + e.what());
     }
-    result.last_checkpoint = *resume_from;
-    log("resuming from " + resume_from->string() + " at step " + std::to_string(state.step));
+    result_.last_checkpoint = checkpoint;
+    log("resuming from " + checkpoint.string() + " at step " + std::to_string(state_.step));
   }
-  std::ofstream metrics = reopen_metrics(output_dir / kMetricsFile, state.step);
 
-  auto checkpoint = [&]() {
-    state.cursor = train_data.cursor();
-    state.data_fingerprint = data_fingerprint;
-    result.last_checkpoint = write_checkpoint(output_dir, spec, weights, *optimizer, state);
-    log("checkpoint " + result.last_checkpoint.string());
-    if (hooks.on_checkpoint) hooks.on_checkpoint(result.last_checkpoint, state.step);
-  };
-  auto run_eval = [&]() {
-    if (!data.eval && data.eval_choices.empty()) return;
-    const EvalMetrics m =
-        data.eval ? evaluate(model, *data.eval, batch_size, spec.training.eval_batches, state.step)
-                  : evaluate_choices(model, data.eval_choices, batch_size,
-                                     spec.training.eval_batches, data.pad_id, state.step);
-    nlohmann::json line = {{"step", m.step},
-                           {"eval_loss", m.loss},
-                           {"eval_perplexity", m.perplexity},
-                           {"eval_tokens", m.tokens}};
-    if (m.accuracy) {
-      line["eval_accuracy"] = *m.accuracy;
-      line["eval_examples"] = m.examples;
-    }
-    metrics << line.dump() << "\n" << std::flush;
-    result.final_eval = m;
-    if (hooks.on_eval) hooks.on_eval(m);
-  };
-
-  const auto start = Clock::now();
-  const int64_t first_step = state.step;
-  bool checkpointed_this_step = false;
-  while (state.step < total_steps) {
+  // Forward, backward and update of the next batch; its metrics go to metrics.jsonl and on_step.
+  void train_step() {
     const auto step_start = Clock::now();
-    const TokenBatch batch = train_data.next_batch(batch_size);
-    ++state.step;
-    const double loss = model.forward(batch).loss;
-    const double lr = schedule.at(state.step);
-    const StepResult step = optimizer->step(model, state.step, lr);
+    const TokenBatch batch = train_data_.next_batch(spec_.training.batch_size);
+    ++state_.step;
+    const double loss = model_.forward(batch).loss;
+    const double lr = schedule_.at(state_.step);
+    const StepResult step = optimizer_->step(model_, state_.step, lr);
     const double step_seconds = std::chrono::duration<double>(Clock::now() - step_start).count();
 
     TrainingMetrics m;
-    m.step = state.step;
-    m.total_steps = total_steps;
+    m.step = state_.step;
+    m.total_steps = total_steps_;
     m.loss = loss;
     m.lr = lr;
     m.grad_norm = step.grad_norm;
     m.loss_scale = step.loss_scale;
     m.skipped = step.skipped;
-    m.skipped_records = skipped_records;
-    m.tokens_per_second = static_cast<double>(batch.batch_size * batch.seq_len) / step_seconds;
-    m.elapsed_seconds = std::chrono::duration<double>(Clock::now() - start).count();
-    m.memory = accountant.report();
-    metrics << nlohmann::json{{"step", m.step},
-                              {"loss", m.loss},
-                              {"lr", m.lr},
-                              {"grad_norm", m.grad_norm},
-                              {"loss_scale", m.loss_scale},
-                              {"skipped", m.skipped},
-                              {"skipped_records", m.skipped_records},
-                              {"tokens_per_second", m.tokens_per_second},
-                              {"memory", memory_json(m.memory)}}
-                   .dump()
-            << "\n" << std::flush;
-    if (hooks.on_step) hooks.on_step(m);
+    m.skipped_records = data_.train_report.skipped;
+    m.tokens = batch.batch_size * batch.seq_len;
+    m.tokens_per_second = static_cast<double>(m.tokens) / step_seconds;
+    m.elapsed_seconds = std::chrono::duration<double>(Clock::now() - start_).count();
+    m.memory = accountant_.report();
+    metrics_ << metrics_line(m).dump() << "\n" << std::flush;
+    if (hooks_.on_step) hooks_.on_step(m);
+  }
 
-    checkpointed_this_step = false;
-    const bool last = state.step == total_steps;
-    if (!last && spec.training.eval_every > 0 && state.step % spec.training.eval_every == 0) {
-      run_eval();
-    }
-    if (!last && spec.training.checkpoint_every > 0 &&
-        state.step % spec.training.checkpoint_every == 0) {
+  // eval_every and checkpoint_every between steps (the last step's come after the loop). Returns
+  // whether it wrote a checkpoint.
+  bool evaluate_and_checkpoint_on_schedule() {
+    if (state_.step == total_steps_) return false;
+    const TrainingSpec& t = spec_.training;
+    if (t.eval_every > 0 && state_.step % t.eval_every == 0) run_eval();
+    if (t.checkpoint_every > 0 && state_.step % t.checkpoint_every == 0) {
       checkpoint();
-      checkpointed_this_step = true;
+      return true;
     }
-    if (!last && options.stop_requested != nullptr && options.stop_requested->load()) {
-      if (!checkpointed_this_step) checkpoint();
-      result.stopped = true;
-      log("stopped at step " + std::to_string(state.step) + " of " + std::to_string(total_steps));
-      break;
-    }
+    return false;
   }
-  if (!result.stopped) {
-    run_eval();
-    if (state.step > first_step || !resume_from) checkpoint();
+
+  bool stop_requested() const {
+    return state_.step < total_steps_ && options_.stop_requested != nullptr &&
+           options_.stop_requested->load();
   }
-  result.steps_done = state.step;
-  result.memory = accountant.report();
-  return result;
+
+  void checkpoint() {
+    state_.cursor = train_data_.cursor();
+    state_.data_fingerprint = data_fingerprint_;
+    result_.last_checkpoint = write_checkpoint(output_dir_, spec_, weights_, *optimizer_, state_);
+    log("checkpoint " + result_.last_checkpoint.string());
+    if (hooks_.on_checkpoint) hooks_.on_checkpoint(result_.last_checkpoint, state_.step);
+  }
+
+  void run_eval() {
+    if (!data_.eval && data_.eval_choices.empty()) return;
+    const int64_t batch_size = spec_.training.batch_size;
+    const EvalMetrics m =
+        data_.eval
+            ? evaluate(model_, *data_.eval, batch_size, spec_.training.eval_batches, state_.step)
+            : evaluate_choices(model_, data_.eval_choices, batch_size, spec_.training.eval_batches,
+                               data_.pad_id, state_.step);
+    metrics_ << eval_line(m).dump() << "\n" << std::flush;
+    result_.final_eval = m;
+    if (hooks_.on_eval) hooks_.on_eval(m);
+  }
+
+  const JobSpec& spec_;
+  const TrainerOptions& options_;
+  const TrainerHooks& hooks_;
+  const fs::path output_dir_;
+  const std::optional<fs::path> resume_from_;
+  MemoryAccountant accountant_;
+  LlamaWeights weights_;
+  TrainingData data_;
+  TokenDataset& train_data_;
+  const int64_t total_steps_;
+  LlamaModel model_;
+  LocalCommunicator communicator_;
+  std::unique_ptr<Optimizer> optimizer_;
+  const LrSchedule schedule_;
+  const uint64_t data_fingerprint_;
+  TrainerState state_;
+  TrainResult result_;
+  std::ofstream metrics_;
+  Clock::time_point start_;
+};
+
+}  // namespace
+
+TrainResult train(const JobSpec& spec, const TrainerOptions& options, const TrainerHooks& hooks) {
+  return TrainingRun(spec, options, hooks).run();
 }
 
 }  // namespace lomo

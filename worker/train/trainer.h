@@ -10,8 +10,8 @@
 #include <optional>
 #include <string>
 
-#include "worker/engine/memory.h"
 #include "jobspec/job_spec.h"
+#include "worker/engine/memory.h"
 
 namespace lomo {
 
@@ -24,6 +24,7 @@ struct TrainingMetrics {
   double loss_scale = 1.0;
   bool skipped = false;
   int64_t skipped_records = 0;  // bad training records skipped at load (data.on_bad_record: skip)
+  int64_t tokens = 0;           // input positions of the step's batch, padding included
   double tokens_per_second = 0.0;  // input positions (padding included) per second of the step
   double elapsed_seconds = 0.0;
   MemoryReport memory;
@@ -41,7 +42,15 @@ struct EvalMetrics {
   int64_t examples = 0;
 };
 
+// What a run is about to do, once it has loaded everything and before its first step.
+struct TrainStart {
+  int64_t total_steps = 0;
+  int64_t first_step = 0;  // the step it continues after: 0, or the resumed checkpoint's
+  std::optional<std::filesystem::path> resumed_from;
+};
+
 struct TrainerHooks {
+  std::function<void(const TrainStart&)> on_start;
   std::function<void(const TrainingMetrics&)> on_step;
   std::function<void(const EvalMetrics&)> on_eval;
   std::function<void(const std::filesystem::path&, int64_t step)> on_checkpoint;  // committed
@@ -64,8 +73,9 @@ struct TrainResult {
   MemoryReport memory;
 };
 
-// Checkpoints live in <output.dir>/checkpoints/step-NNNNNNNN/, written under a temporary name and
-// renamed when complete; <output.dir>/checkpoints/latest names the newest committed one.
+// Checkpoints live in <output.dir>/checkpoints/step-NNNNNNNN/ (common/checkpoint_layout.h),
+// written under a temporary name and renamed when complete; <output.dir>/checkpoints/latest names
+// the newest committed one. Throws CheckpointError when `latest` names no checkpoint directory.
 std::optional<std::filesystem::path> latest_checkpoint(const std::filesystem::path& output_dir);
 
 // Throws JobSpecError / CheckpointError / std::runtime_error with context for anything that stops

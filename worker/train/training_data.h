@@ -8,11 +8,11 @@
 #include <string>
 #include <vector>
 
+#include "jobspec/job_spec.h"
 #include "worker/data/jsonl_record.h"
 #include "worker/data/sample_loader.h"
 #include "worker/data/tokenizer.h"
 #include "worker/engine/llama_config.h"
-#include "jobspec/job_spec.h"
 #include "worker/train/token_dataset.h"
 
 namespace lomo {

@@ -1,0 +1,43 @@
+// Command-line flags the way every lomo program takes them: "--name value" or "--name=value",
+// "--help" or "-h", and positional arguments only where a program allows them. The parser only
+// splits; each program maps names to settings and applies them in its own order (lomo-coordinator
+// reads --config first, whatever its position).
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <set>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace lomo {
+
+// A command line that cannot be used; what() names the flag ("--threads: needs a value").
+class FlagError : public std::invalid_argument {
+ public:
+  using std::invalid_argument::invalid_argument;
+};
+
+struct FlagRules {
+  std::set<std::string> switches;  // flags that take no value ("--follow"): their value is "true"
+  bool allow_positional = false;   // otherwise an argument not starting with "--" is an error
+};
+
+struct ParsedFlags {
+  std::vector<std::pair<std::string, std::string>> flags;  // (name with "--", value), in order
+  std::vector<std::string> positional;
+  bool help = false;  // --help or -h was given (parsing stops there)
+};
+
+// Throws FlagError for a flag without its value or an unexpected positional argument.
+ParsedFlags parse_flags(const std::vector<std::string>& args, const FlagRules& rules = {});
+
+// Values, with errors that name the flag. Throw FlagError.
+double flag_double(const std::string& flag, const std::string& value);
+int64_t flag_int(const std::string& flag, const std::string& value);
+// A duration in seconds ("2.5"), >= 0, to the millisecond.
+std::chrono::milliseconds flag_seconds(const std::string& flag, const std::string& value);
+
+}  // namespace lomo

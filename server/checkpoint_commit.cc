@@ -1,0 +1,102 @@
+#include "server/checkpoint_commit.h"
+
+#include <filesystem>
+#include <system_error>
+
+#include "common/log.h"
+#include "server/timestamps.h"
+
+namespace lomo::server {
+
+void CheckpointCommit::on_chunk(const std::shared_ptr<WorkerConnection>& connection,
+                                const v1::CheckpointChunk& chunk) {
+  std::string rejection;
+  {
+    std::lock_guard lock(state_.mu);
+    rejection = state_.ownership_problem_locked(state_.worker_for_locked(*connection),
+                                                chunk.job_id(), chunk.attempt());
+  }
+  // File I/O happens without mu: other jobs' transitions do not wait for a disk write.
+  ChunkResult result = state_.checkpoints.receive(connection->id(), chunk, rejection);
+  if (!result.commit) return;
+
+  std::string error = result.error;
+  {
+    std::lock_guard lock(state_.mu);
+    if (error.empty()) error = commit_locked(*connection, chunk, *result.verified);
+    if (!error.empty()) {
+      state_.metrics.count_checkpoint(false, 0);
+      log_line("job " + chunk.job_id() + ": checkpoint at step " + std::to_string(chunk.step()) +
+               " rejected: " + error);
+    }
+  }
+  acknowledge(connection, chunk, error,
+              error.empty() ? result.verified->info.checkpoint_id() : std::string());
+}
+
+std::string CheckpointCommit::commit_locked(const WorkerConnection& connection,
+                                            const v1::CheckpointChunk& chunk,
+                                            const VerifiedUpload& upload) {
+  std::string error = state_.ownership_problem_locked(state_.worker_for_locked(connection),
+                                                      chunk.job_id(), chunk.attempt());
+  if (!error.empty()) {
+    std::error_code ignored;
+    std::filesystem::remove_all(upload.temporary_dir, ignored);
+    return error;
+  }
+  error = state_.checkpoints.publish(upload);
+  if (error.empty()) error = record_locked(upload);
+  if (!error.empty()) return error;
+  state_.metrics.count_events(1);
+  state_.metrics.count_checkpoint(true, upload.info.size_bytes());
+  log_line("job " + upload.job_id + ": checkpoint " + upload.info.checkpoint_id() + " committed (" +
+           std::to_string(upload.info.files_size()) + " files, " +
+           std::to_string(upload.info.size_bytes()) + " bytes)");
+  state_.hub.publish(upload.job_id);
+  return "";
+}
+
+std::string CheckpointCommit::record_locked(const VerifiedUpload& upload) {
+  v1::JobEvent event;
+  *event.mutable_time() = now_timestamp();
+  v1::CheckpointInfo* info = event.mutable_checkpoint();
+  *info = upload.info;
+  *info->mutable_commit_time() = event.time();
+  try {
+    state_.store.insert_checkpoint(upload.job_id, *info, event);
+  } catch (const StoreError& exception) {
+    state_.checkpoints.unpublish(upload.job_id, upload.step);
+    const std::string error = std::string("cannot record the checkpoint: ") + exception.what();
+    log_line("error: " + error);
+    return error;
+  }
+  return "";
+}
+
+void CheckpointCommit::acknowledge(const std::shared_ptr<WorkerConnection>& connection,
+                                   const v1::CheckpointChunk& chunk, const std::string& error,
+                                   const std::string& checkpoint_id) {
+  v1::CoordinatorMessage reply;
+  v1::CheckpointAck* ack = reply.mutable_checkpoint_ack();
+  ack->set_job_id(chunk.job_id());
+  ack->set_step(chunk.step());
+  if (!error.empty()) {
+    ack->set_committed(false);
+    ack->set_error(error);
+    connection->send(reply);
+    return;
+  }
+  // The worker may delete its copy once it has the ack: the record must survive a power cut.
+  ack->set_committed(true);
+  state_.when_durable(
+      [connection, reply](const grpc::Status& durable) mutable {
+        if (!durable.ok()) {
+          reply.mutable_checkpoint_ack()->set_committed(false);
+          reply.mutable_checkpoint_ack()->set_error(durable.error_message());
+        }
+        connection->send(reply);
+      },
+      "checkpoint " + checkpoint_id);
+}
+
+}  // namespace lomo::server

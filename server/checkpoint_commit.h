@@ -1,0 +1,40 @@
+// Checkpoint commit: a worker's checkpoint upload becomes a committed checkpoint. Chunks are
+// verified and written by the CheckpointStore without the coordinator's lock (other jobs'
+// transitions do not wait for a disk write); the commit chunk is then checked again under the lock
+// (the uploading worker must still own the attempt), the directory is published and the
+// checkpoint recorded in the store, and the worker gets exactly one CheckpointAck: committed=true
+// only once the record is durable against a power cut, since the worker may then delete its copy.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "lomo/v1/workers.pb.h"
+#include "server/coordinator_state.h"
+
+namespace lomo::server {
+
+class CheckpointCommit {
+ public:
+  explicit CheckpointCommit(CoordinatorState& state) : state_(state) {}
+
+  // One CheckpointChunk from the worker stream, in stream order. Takes mu (briefly, twice).
+  void on_chunk(const std::shared_ptr<WorkerConnection>& connection,
+                const v1::CheckpointChunk& chunk);
+
+ private:
+  // Publishes and records a verified upload if its worker still owns the attempt; returns the
+  // reason it was not committed, or "". Requires mu.
+  std::string commit_locked(const WorkerConnection& connection, const v1::CheckpointChunk& chunk,
+                            const VerifiedUpload& upload);
+  // Records a published checkpoint with its event; returns the error, or "". Requires mu.
+  std::string record_locked(const VerifiedUpload& upload);
+  // Sends the CheckpointAck: at once for a rejection, after the durability sync for a commit.
+  void acknowledge(const std::shared_ptr<WorkerConnection>& connection,
+                   const v1::CheckpointChunk& chunk, const std::string& error,
+                   const std::string& checkpoint_id);
+
+  CoordinatorState& state_;
+};
+
+}  // namespace lomo::server

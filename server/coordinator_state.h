@@ -1,0 +1,123 @@
+// The coordinator's in-memory state and the collaborators its roles share (store, checkpoint
+// store, metrics, event hub). Four roles work on it:
+//
+//   JobLifecycle      (job_lifecycle.h)     submit, cancel, every job transition, assignment
+//   WorkerRegistry    (worker_registry.h)   worker streams: register, heartbeats, reports, deaths
+//   CheckpointCommit  (checkpoint_commit.h) checkpoint uploads: receive, publish, record, ack
+//   JobQueries        (job_queries.h)       read-only answers from the store (no lock)
+//
+// Why one state object under one mutex, rather than one lock per role: almost every change
+// touches jobs and workers together (an assignment takes a queued job and an idle worker; a
+// worker's death ends its job; a job's end frees its worker; a checkpoint commit must see that the
+// uploading worker still owns the attempt) and is committed to the store while the lock is held,
+// so that the store, this mirror and the scheduler always agree. Per-role locks would need a lock
+// order for each of those paths and gain nothing: the critical sections are short, and their store
+// commits are serialised by SQLite's single writer anyway. So the roles are separate classes over
+// this one state; a role's public entry points take `mu`, and a function named `*_locked` requires
+// it. Store reads and checkpoint file I/O happen without it.
+//
+// Lock order: mu → checkpoint store → upload, and mu → worker stream. Streams and the event hub
+// never call back into the coordinator while holding their own locks.
+#pragma once
+
+#include <grpcpp/support/status.h>
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <string>
+#include <unordered_map>
+
+#include "lomo/v1/workers.pb.h"
+#include "server/checkpoint_store.h"
+#include "server/event_hub.h"
+#include "server/metrics.h"
+#include "server/scheduler.h"
+#include "server/store.h"
+#include "server/worker_connection.h"
+
+namespace lomo::server {
+
+struct CoordinatorOptions {
+  double heartbeat_timeout_seconds = 10.0;
+  int64_t heartbeat_interval_ms = 1000;
+};
+
+// Called exactly once: at once with an error, or with OK once what the call changed is durable
+// (then on the store's sync thread).
+using Done = std::function<void(const grpc::Status&)>;
+
+using Clock = std::chrono::steady_clock;
+
+// A job that is QUEUED, ASSIGNED or RUNNING: its stored record as last committed.
+struct ActiveJob {
+  JobRecord record;
+  v1::DeviceKind device = v1::DEVICE_KIND_UNSPECIFIED;
+};
+
+// A connected worker, or a disconnected one that still owns a job attempt (it may come back).
+struct Worker {
+  std::string id;
+  v1::DeviceInfo device;
+  std::shared_ptr<WorkerConnection> connection;  // null while disconnected
+  Clock::time_point last_seen;                   // while disconnected
+  std::string job_id;                            // the attempt it owns, if any
+  int64_t attempt = 0;
+  uint64_t assigned_on = 0;     // connection that received the Assignment (0: none)
+  uint64_t confirmed_on = 0;    // connection whose heartbeat or status named the attempt
+  uint64_t cancel_sent_on = 0;  // connection that received CancelAssignment
+  bool restored = false;        // job restored at startup and the worker not seen since
+};
+
+class CoordinatorState {
+ public:
+  CoordinatorState(CoordinatorOptions options, Store& store, CheckpointStore& checkpoints,
+                   Metrics& metrics, EventHub& hub)
+      : options(options),
+        store(store),
+        checkpoints(checkpoints),
+        metrics(metrics),
+        hub(hub),
+        random_(std::random_device{}()) {}
+
+  const CoordinatorOptions options;
+  Store& store;
+  CheckpointStore& checkpoints;
+  Metrics& metrics;
+  EventHub& hub;
+
+  mutable std::mutex mu;
+  // Guarded by mu.
+  bool shutting_down = false;
+  std::unordered_map<std::string, ActiveJob> active;      // QUEUED, ASSIGNED, RUNNING
+  std::unordered_map<std::string, Worker> workers;        // connected, or owning a job
+  std::unordered_map<uint64_t, std::string> connections;  // connection id → worker id
+  Scheduler scheduler;
+
+  // The worker whose current connection this is, or nullptr. Requires mu.
+  Worker* worker_for_locked(const WorkerConnection& connection);
+  // Why `worker` may not report on (job_id, attempt), or "" if it may. Requires mu.
+  std::string ownership_problem_locked(const Worker* worker, const std::string& job_id,
+                                       int64_t attempt) const;
+  // Sends CancelAssignment for the worker's attempt, once per connection. Requires mu.
+  void send_cancel_locked(Worker& worker);
+  // Forgets the worker's connection (it keeps its job, if any). Requires mu.
+  void disconnect_locked(Worker& worker);
+  // The job the worker ran has ended: the worker owns nothing and, if connected, is idle.
+  // Requires mu.
+  void release_worker_locked(Worker& worker);
+  // `prefix` followed by 48 random bits in hex. Requires mu.
+  std::string new_id_locked(const std::string& prefix);
+
+  // Calls `done` with OK once everything committed so far is durable, or with INTERNAL naming
+  // `what` if the sync failed. Does not need mu.
+  void when_durable(Done done, const std::string& what);
+
+ private:
+  std::mt19937_64 random_;  // guarded by mu
+};
+
+}  // namespace lomo::server

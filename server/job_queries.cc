@@ -1,0 +1,142 @@
+#include "server/job_queries.h"
+
+#include <algorithm>
+#include <stdexcept>
+#include <vector>
+
+#include "server/job_text.h"
+
+namespace lomo::server {
+
+namespace {
+
+constexpr int kDefaultPageSize = 50;
+constexpr int kMaxPageSize = 1000;
+
+// The distinct states of a ListJobs filter, sorted; INVALID_ARGUMENT names a bad entry.
+grpc::Status read_state_filter(const v1::ListJobsRequest& request,
+                               std::vector<v1::JobState>* states) {
+  for (int i = 0; i < request.states_size(); ++i) {
+    const auto state = static_cast<v1::JobState>(request.states(i));
+    if (state == v1::JOB_STATE_UNSPECIFIED || !v1::JobState_IsValid(state)) {
+      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                          "states[" + std::to_string(i) + "]: not a job state (" +
+                              std::to_string(request.states(i)) + ")");
+    }
+    if (std::find(states->begin(), states->end(), state) == states->end()) {
+      states->push_back(state);
+    }
+  }
+  std::sort(states->begin(), states->end());
+  return grpc::Status::OK;
+}
+
+}  // namespace
+
+grpc::Status JobQueries::get_job(const v1::GetJobRequest& request, v1::GetJobResponse* response) {
+  if (grpc::Status status = require_job_id(request.job_id()); !status.ok()) return status;
+  try {
+    std::optional<JobRecord> record = store_.get_job(request.job_id());
+    if (!record) return job_not_found(request.job_id());
+    *response->mutable_job() = std::move(record->job);
+  } catch (const StoreError& error) {
+    return internal_error("cannot read job " + request.job_id(), error);
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status JobQueries::list_jobs(const v1::ListJobsRequest& request,
+                                   v1::ListJobsResponse* response) {
+  if (request.page_size() < 0) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                        "page_size: must be >= 0, got " + std::to_string(request.page_size()));
+  }
+  const int page_size =
+      request.page_size() == 0 ? kDefaultPageSize : std::min(request.page_size(), kMaxPageSize);
+  std::vector<v1::JobState> states;
+  if (grpc::Status status = read_state_filter(request, &states); !status.ok()) return status;
+  try {
+    JobPage page = store_.list_jobs(states, page_size, request.page_token());
+    for (v1::Job& job : page.jobs) *response->add_jobs() = std::move(job);
+    response->set_next_page_token(page.next_page_token);
+  } catch (const std::invalid_argument& error) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, error.what());
+  } catch (const StoreError& error) {
+    return internal_error("cannot list jobs", error);
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status JobQueries::list_checkpoints(const v1::ListCheckpointsRequest& request,
+                                          v1::ListCheckpointsResponse* response) {
+  if (grpc::Status status = require_job_id(request.job_id()); !status.ok()) return status;
+  try {
+    if (!store_.get_job(request.job_id())) return job_not_found(request.job_id());
+    for (v1::CheckpointInfo& info : store_.list_checkpoints(request.job_id())) {
+      *response->add_checkpoints() = std::move(info);
+    }
+  } catch (const StoreError& error) {
+    return internal_error("cannot list checkpoints of job " + request.job_id(), error);
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status JobQueries::read_events(const std::string& job_id, int64_t after_sequence, int limit,
+                                     EventBatch* batch) {
+  if (grpc::Status status = require_job_id(job_id); !status.ok()) return status;
+  if (after_sequence < 0) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                        "after_sequence: must be >= 0, got " + std::to_string(after_sequence));
+  }
+  try {
+    std::optional<EventBatch> read = store_.events_after(job_id, after_sequence, limit);
+    if (!read) return job_not_found(job_id);
+    *batch = std::move(*read);
+  } catch (const StoreError& error) {
+    return internal_error("cannot read events of job " + job_id, error);
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status JobQueries::find_checkpoint(const std::string& checkpoint_id, v1::CheckpointInfo* info,
+                                         std::filesystem::path* directory) {
+  if (checkpoint_id.empty()) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                        "checkpoint_id: required (\"<job id>/step-00000100\")");
+  }
+  try {
+    std::optional<StoredCheckpoint> stored = store_.get_checkpoint(checkpoint_id);
+    if (!stored) {
+      return grpc::Status(grpc::StatusCode::NOT_FOUND, "checkpoint " + checkpoint_id +
+                                                           " not found (committed checkpoints are "
+                                                           "listed by ListCheckpoints)");
+    }
+    *directory = checkpoints_.checkpoint_dir(stored->job_id, stored->info.step());
+    *info = std::move(stored->info);
+  } catch (const StoreError& error) {
+    return internal_error("cannot read checkpoint " + checkpoint_id, error);
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status JobQueries::latest_checkpoint(const std::string& job_id, v1::CheckpointInfo* info,
+                                           std::filesystem::path* directory, bool* found) {
+  *found = false;
+  try {
+    std::vector<v1::CheckpointInfo> checkpoints = store_.list_checkpoints(job_id);
+    if (checkpoints.empty()) return grpc::Status::OK;
+    const auto newest =
+        std::max_element(checkpoints.begin(), checkpoints.end(),
+                         [](const v1::CheckpointInfo& a, const v1::CheckpointInfo& b) {
+                           return a.step() < b.step();
+                         });
+    *directory = checkpoints_.checkpoint_dir(job_id, newest->step());
+    *info = std::move(*newest);
+    *found = true;
+  } catch (const StoreError& error) {
+    return internal_error("cannot list checkpoints of job " + job_id, error);
+  }
+  return grpc::Status::OK;
+}
+
+}  // namespace lomo::server

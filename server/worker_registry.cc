@@ -1,0 +1,318 @@
+#include "server/worker_registry.h"
+
+#include <vector>
+
+#include "common/log.h"
+#include "server/job_text.h"
+#include "server/timestamps.h"
+
+namespace lomo::server {
+
+namespace {
+
+constexpr size_t kMaxWorkerIdLength = 256;
+
+grpc::Status check_register(const v1::Register& message) {
+  const v1::DeviceKind kind = message.device().kind();
+  if (kind != v1::DEVICE_KIND_CPU && kind != v1::DEVICE_KIND_CUDA) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                        "register.device.kind: must be DEVICE_KIND_CPU or DEVICE_KIND_CUDA");
+  }
+  if (message.worker_id().size() > kMaxWorkerIdLength) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                        "register.worker_id: longer than 256 bytes");
+  }
+  return grpc::Status::OK;
+}
+
+// What a worker's events change: the events to store (states and checkpoints are the
+// coordinator's to record, so the worker's own are dropped), and the job's progress.
+struct ReportedEvents {
+  std::vector<v1::JobEvent> events;
+  v1::JobProgress progress;
+  bool progress_changed = false;
+  const v1::TrainingMetrics* latest = nullptr;  // points into the message
+};
+
+ReportedEvents read_reported_events(const v1::JobEvents& message, v1::JobProgress progress) {
+  ReportedEvents reported;
+  reported.progress = std::move(progress);
+  reported.events.reserve(message.events_size());
+  for (const v1::JobEvent& event : message.events()) {
+    if (event.kind_case() == v1::JobEvent::KIND_NOT_SET ||
+        event.kind_case() == v1::JobEvent::kStateChange ||
+        event.kind_case() == v1::JobEvent::kCheckpoint) {
+      continue;
+    }
+    if (event.has_metrics()) {
+      const v1::TrainingMetrics& metrics = event.metrics();
+      reported.progress.set_step(metrics.step());
+      if (metrics.total_steps() > 0) reported.progress.set_total_steps(metrics.total_steps());
+      reported.progress.set_loss(metrics.loss());
+      reported.progress.set_learning_rate(metrics.learning_rate());
+      reported.progress.set_tokens_per_second(metrics.tokens_per_second());
+      reported.latest = &metrics;
+      reported.progress_changed = true;
+    } else if (event.has_eval()) {
+      reported.progress.set_eval_loss(event.eval().loss());
+      reported.progress_changed = true;
+    }
+    reported.events.push_back(event);
+    reported.events.back().clear_sequence();
+  }
+  return reported;
+}
+
+}  // namespace
+
+grpc::Status WorkerRegistry::on_register(const std::shared_ptr<WorkerConnection>& connection,
+                                         const v1::Register& message) {
+  if (grpc::Status status = check_register(message); !status.ok()) return status;
+  std::lock_guard lock(state_.mu);
+  if (state_.shutting_down) {
+    return grpc::Status(grpc::StatusCode::UNAVAILABLE, "the coordinator is shutting down");
+  }
+  if (state_.connections.count(connection->id())) {
+    return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                        "Register is the first message of a stream and comes once");
+  }
+  const std::string id =
+      message.worker_id().empty() ? state_.new_id_locked("worker-") : message.worker_id();
+  Worker& worker = state_.workers[id];
+  worker.id = id;
+  if (worker.connection != nullptr) {
+    log_line("worker " + id + " connected again; closing its previous stream");
+    const std::shared_ptr<WorkerConnection> previous = worker.connection;
+    state_.disconnect_locked(worker);
+    previous->close(grpc::Status(grpc::StatusCode::ABORTED,
+                                 "worker " + id + " connected again on another stream"));
+  }
+  worker.device = message.device();
+  worker.connection = connection;
+  worker.restored = false;
+  state_.connections[connection->id()] = id;
+  state_.metrics.add_workers_connected(worker.device.kind(), +1);
+  log_line("worker " + id + " registered (" + device_text(worker.device) +
+           (message.version().empty() ? "" : ", version " + message.version()) + ")" +
+           (worker.job_id.empty() ? "" : "; it owns job " + worker.job_id));
+
+  v1::CoordinatorMessage reply;
+  reply.mutable_registered()->set_worker_id(id);
+  reply.mutable_registered()->set_heartbeat_interval_ms(state_.options.heartbeat_interval_ms);
+  connection->send(reply);
+  if (worker.job_id.empty()) {
+    state_.scheduler.add_idle_worker(id, worker.device.kind());
+    lifecycle_.dispatch_locked();
+  }
+  return grpc::Status::OK;
+}
+
+void WorkerRegistry::on_heartbeat(const std::shared_ptr<WorkerConnection>& connection,
+                                  const v1::Heartbeat& message) {
+  std::lock_guard lock(state_.mu);
+  Worker* worker = state_.worker_for_locked(*connection);
+  if (worker == nullptr) return;
+  const uint64_t here = connection->id();
+  const bool reports_own_job = !worker->job_id.empty() && message.job_id() == worker->job_id &&
+                               message.attempt() == worker->attempt;
+  if (reports_own_job) {
+    worker->confirmed_on = here;
+    const auto job = state_.active.find(worker->job_id);
+    if (job != state_.active.end() && job->second.record.cancel_requested) {
+      state_.send_cancel_locked(*worker);
+    }
+  } else if (!worker->job_id.empty() && worker->assigned_on != here &&
+             worker->confirmed_on != here) {
+    lose_unconfirmed_attempt_locked(*worker, message);
+  }
+  if (!message.job_id().empty() && !reports_own_job) {
+    // An attempt this worker does not own (it failed or was cancelled while the worker was
+    // away): tell the worker to stop it so that two attempts never train at once.
+    log_line("worker " + worker->id + " reports job " + message.job_id() + " attempt " +
+             std::to_string(message.attempt()) + ", which it does not own; cancelling it");
+    v1::CoordinatorMessage cancel;
+    cancel.mutable_cancel()->set_job_id(message.job_id());
+    cancel.mutable_cancel()->set_attempt(message.attempt());
+    connection->send(cancel);
+  }
+}
+
+void WorkerRegistry::lose_unconfirmed_attempt_locked(Worker& worker, const v1::Heartbeat& message) {
+  // The attempt was given to an earlier stream (or before a coordinator restart) and the
+  // worker, back on a new stream, says it runs something else: the attempt is lost.
+  const std::string reported = message.job_id().empty() ? "no job"
+                                                        : "job " + message.job_id() + " attempt " +
+                                                              std::to_string(message.attempt());
+  lifecycle_.end_orphaned_job_locked(
+      worker, "worker " + worker.id + " reconnected without job " + worker.job_id + " attempt " +
+                  std::to_string(worker.attempt) + " (it reports " + reported + ")");
+  if (worker.job_id.empty()) lifecycle_.dispatch_locked();  // the worker is idle now
+}
+
+void WorkerRegistry::on_status(const std::shared_ptr<WorkerConnection>& connection,
+                               const v1::JobStatusUpdate& message) {
+  std::lock_guard lock(state_.mu);
+  Worker* worker = state_.worker_for_locked(*connection);
+  const std::string problem =
+      state_.ownership_problem_locked(worker, message.job_id(), message.attempt());
+  if (!problem.empty()) {
+    log_line("ignoring status " + state_name(message.state()) + " for job " + message.job_id() +
+             ": " + problem);
+    return;
+  }
+  worker->confirmed_on = connection->id();
+  ActiveJob& active = state_.active.at(message.job_id());
+  JobRecord updated = active.record;
+  std::string reason;
+  if (!apply_status(*worker, message, &updated, &reason)) return;
+  if (lifecycle_.commit_locked(active, std::move(updated), reason).ok()) {
+    lifecycle_.dispatch_locked();
+  }
+}
+
+bool WorkerRegistry::apply_status(const Worker& worker, const v1::JobStatusUpdate& message,
+                                  JobRecord* updated, std::string* reason) const {
+  switch (message.state()) {
+    case v1::JOB_STATE_RUNNING:
+      if (updated->job.state() == v1::JOB_STATE_RUNNING) return false;
+      updated->job.set_state(v1::JOB_STATE_RUNNING);
+      *updated->job.mutable_start_time() = now_timestamp();
+      *reason = "running on worker " + worker.id;
+      break;
+    case v1::JOB_STATE_SUCCEEDED:
+      updated->job.set_state(v1::JOB_STATE_SUCCEEDED);
+      *reason = message.reason().empty() ? "finished on worker " + worker.id : message.reason();
+      break;
+    case v1::JOB_STATE_FAILED:
+      updated->job.set_state(v1::JOB_STATE_FAILED);
+      *reason = message.reason().empty() ? "worker " + worker.id + " reported a failure"
+                                         : message.reason();
+      updated->job.set_failure_reason(*reason);
+      break;
+    case v1::JOB_STATE_CANCELLED:
+      updated->job.set_state(v1::JOB_STATE_CANCELLED);
+      *reason = updated->cancel_requested ? "cancelled by request; worker " + worker.id + " stopped"
+                                          : "worker " + worker.id + " cancelled it";
+      if (!message.reason().empty()) *reason += ": " + message.reason();
+      break;
+    default:
+      log_line("ignoring status " + state_name(message.state()) + " for job " + message.job_id() +
+               " from worker " + worker.id +
+               ": workers report RUNNING, SUCCEEDED, FAILED or "
+               "CANCELLED");
+      return false;
+  }
+  if (is_terminal(updated->job.state())) *updated->job.mutable_end_time() = now_timestamp();
+  return true;
+}
+
+void WorkerRegistry::on_events(const std::shared_ptr<WorkerConnection>& connection,
+                               const v1::JobEvents& message) {
+  std::lock_guard lock(state_.mu);
+  Worker* worker = state_.worker_for_locked(*connection);
+  const std::string problem =
+      state_.ownership_problem_locked(worker, message.job_id(), message.attempt());
+  if (!problem.empty()) {
+    log_line("ignoring " + std::to_string(message.events_size()) + " events for job " +
+             message.job_id() + ": " + problem);
+    return;
+  }
+  ActiveJob& active = state_.active.at(message.job_id());
+  ReportedEvents reported = read_reported_events(message, active.record.job.progress());
+  if (reported.events.empty()) return;
+  try {
+    state_.store.append_events(message.job_id(), reported.events,
+                               reported.progress_changed ? &reported.progress : nullptr);
+  } catch (const StoreError& error) {
+    internal_error("cannot record events of job " + message.job_id(), error);
+    return;
+  }
+  state_.metrics.count_events(static_cast<int64_t>(reported.events.size()));
+  *active.record.job.mutable_progress() = reported.progress;
+  if (reported.latest != nullptr)
+    state_.metrics.set_job_progress(message.job_id(), *reported.latest);
+  state_.hub.publish(message.job_id());
+}
+
+grpc::Status WorkerRegistry::check_fetch(const v1::FetchCheckpointRequest& request) {
+  std::lock_guard lock(state_.mu);
+  const auto worker = state_.workers.find(request.worker_id());
+  std::string problem;
+  if (worker == state_.workers.end() || worker->second.connection == nullptr) {
+    problem = "worker " + request.worker_id() + " is not connected";
+  } else {
+    problem = state_.ownership_problem_locked(&worker->second, request.job_id(), request.attempt());
+  }
+  if (problem.empty()) return grpc::Status::OK;
+  return grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
+                      "a worker fetches checkpoints only of the job attempt it owns: " + problem);
+}
+
+void WorkerRegistry::on_disconnect(const std::shared_ptr<WorkerConnection>& connection) {
+  state_.checkpoints.discard_owner(connection->id());
+  std::lock_guard lock(state_.mu);
+  Worker* worker = state_.worker_for_locked(*connection);
+  if (worker == nullptr) {
+    state_.connections.erase(connection->id());
+    return;
+  }
+  state_.disconnect_locked(*worker);
+  log_line("worker " + worker->id + " disconnected" +
+           (worker->job_id.empty() ? "" : "; job " + worker->job_id + " waits for it to return"));
+  if (worker->job_id.empty()) state_.workers.erase(worker->id);
+}
+
+void WorkerRegistry::check_heartbeats() {
+  std::lock_guard lock(state_.mu);
+  if (state_.shutting_down) return;
+  const Clock::time_point now = Clock::now();
+  std::vector<std::string> gone;
+  bool freed = false;
+  for (auto& [id, worker] : state_.workers) {
+    const Clock::time_point last =
+        worker.connection != nullptr ? worker.connection->last_heartbeat() : worker.last_seen;
+    const double silent = std::chrono::duration<double>(now - last).count();
+    if (silent <= state_.options.heartbeat_timeout_seconds) continue;
+    if (expire_worker_locked(worker, silent)) freed = true;
+    if (worker.job_id.empty()) gone.push_back(id);
+  }
+  for (const std::string& id : gone) state_.workers.erase(id);
+  if (freed) lifecycle_.dispatch_locked();
+}
+
+bool WorkerRegistry::expire_worker_locked(Worker& worker, double silent) {
+  const double timeout = state_.options.heartbeat_timeout_seconds;
+  const std::string& id = worker.id;
+  if (worker.connection != nullptr || !worker.job_id.empty()) {
+    state_.metrics.count_heartbeat_timeout();
+  }
+  if (!worker.job_id.empty()) {
+    const std::string reason =
+        worker.restored ? "coordinator restarted and worker " + id +
+                              " did not reconnect within the heartbeat timeout (" +
+                              seconds_text(timeout) + " s)"
+                        : "worker " + id + " missed heartbeats for " + seconds_text(silent) +
+                              " s (timeout " + seconds_text(timeout) + " s)";
+    lifecycle_.end_orphaned_job_locked(worker, reason);
+  }
+  if (worker.connection == nullptr) return false;
+  log_line("worker " + id + " missed heartbeats for " + seconds_text(silent) +
+           " s; closing its stream");
+  const std::shared_ptr<WorkerConnection> connection = worker.connection;
+  state_.disconnect_locked(worker);
+  connection->close(grpc::Status(
+      grpc::StatusCode::UNAVAILABLE,
+      "no heartbeat for " + seconds_text(silent) + " s (timeout " + seconds_text(timeout) + " s)"));
+  return true;
+}
+
+void WorkerRegistry::close_streams_locked() {
+  for (auto& [id, worker] : state_.workers) {
+    if (worker.connection != nullptr) {
+      worker.connection->close(grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                                            "the coordinator is shutting down; reconnect later"));
+    }
+  }
+}
+
+}  // namespace lomo::server

@@ -1,0 +1,532 @@
+// The Communicator contract (worker/comm/communicator.h), held against every implementation.
+//
+// Each implementation is a WorldFactory: it builds the communicators of world_size ranks that
+// reach each other (for a networked one, by rendezvous on threads inside the factory). The suite
+// runs every rank on its own thread. A new implementation joins with one line at the bottom:
+//   INSTANTIATE_TEST_SUITE_P(Gloo, CommunicatorContractTest,
+//                            testing::ValuesIn(worlds_of("Gloo", make_gloo_world, {1, 2, 4})),
+//                            world_name);
+// Nothing may hang: every rank thread is watched (kRankBound), and every failure test asserts
+// that the error came well before the healthy timeout, i.e. without waiting for it.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <bit>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <latch>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "worker/comm/communicator.h"
+#include "worker/comm/in_process_communicator.h"
+#include "worker/comm/local_communicator.h"
+
+namespace lomo {
+namespace {
+
+using std::chrono::milliseconds;
+using Clock = std::chrono::steady_clock;
+using World = std::vector<std::unique_ptr<Communicator>>;
+using WorldFactory = std::function<World(int world_size, milliseconds timeout)>;
+
+struct Implementation {
+  std::string name;
+  int world_size;
+  WorldFactory make;
+};
+
+void PrintTo(const Implementation& implementation, std::ostream* out) {
+  *out << implementation.name << " with " << implementation.world_size << " ranks";
+}
+
+std::vector<Implementation> worlds_of(const std::string& name, const WorldFactory& make,
+                                      const std::vector<int>& world_sizes) {
+  std::vector<Implementation> worlds;
+  for (int size : world_sizes) worlds.push_back({name, size, make});
+  return worlds;
+}
+
+std::string world_name(const testing::TestParamInfo<Implementation>& info) {
+  return info.param.name + std::to_string(info.param.world_size) + "Ranks";
+}
+
+// No healthy collective comes near it, even on a loaded 2-core machine (a collective here waits
+// only for its peer threads to be scheduled).
+constexpr milliseconds kHealthyTimeout = std::chrono::seconds(30);
+// "At once": a broken communicator or an aborted peer must fail a call in far less than the
+// healthy timeout; half of it leaves any scheduler delay room and still proves no timeout ran.
+constexpr milliseconds kAtOnce = kHealthyTimeout / 2;
+// The timeout tests wait this long for a peer that never comes.
+constexpr milliseconds kShortTimeout{200};
+// A rank thread still running after this has hung (it is longer than any timeout above).
+constexpr auto kRankBound = std::chrono::seconds(90);
+
+milliseconds elapsed_since(Clock::time_point start) {
+  return std::chrono::duration_cast<milliseconds>(Clock::now() - start);
+}
+
+// Runs body(rank) on one thread per rank and joins them. An exception a rank did not expect fails
+// the test naming the rank. A hung rank cannot be cancelled, so after kRankBound the binary aborts
+// with a message instead of hanging until ctest's timeout.
+void run_ranks(int world_size, const std::function<void(int rank)>& body) {
+  std::mutex mutex;
+  std::condition_variable finished_changed;
+  int finished = 0;
+  std::vector<std::thread> threads;
+  for (int r = 0; r < world_size; ++r) {
+    threads.emplace_back([&, r] {
+      try {
+        body(r);
+      } catch (const std::exception& error) {
+        ADD_FAILURE() << "rank " << r << " threw: " << error.what();
+      }
+      std::lock_guard lock(mutex);
+      ++finished;
+      finished_changed.notify_all();
+    });
+  }
+  std::unique_lock lock(mutex);
+  if (!finished_changed.wait_for(lock, kRankBound, [&] { return finished == world_size; })) {
+    std::fprintf(stderr, "%d of %d ranks still running after %lld s: a collective hung\n",
+                 world_size - finished, world_size,
+                 static_cast<long long>(std::chrono::seconds(kRankBound).count()));
+    std::abort();
+  }
+  lock.unlock();
+  for (auto& thread : threads) thread.join();
+}
+
+class CommunicatorContractTest : public testing::TestWithParam<Implementation> {
+ protected:
+  int world_size() const { return GetParam().world_size; }
+  World make_world(milliseconds timeout = kHealthyTimeout) const {
+    World world = GetParam().make(world_size(), timeout);
+    EXPECT_EQ(static_cast<int>(world.size()), world_size());
+    for (int r = 0; r < static_cast<int>(world.size()); ++r) {
+      EXPECT_EQ(world[r]->rank(), r);
+      EXPECT_EQ(world[r]->world_size(), world_size());
+    }
+    return world;
+  }
+  // Runs body(communicator of rank r) on every rank's thread.
+  void on_every_rank(World& world, const std::function<void(Communicator&)>& body) const {
+    run_ranks(world_size(), [&](int rank) { body(*world[rank]); });
+  }
+};
+
+// Integer-valued elements keep every sum and the means below exact in f32, so the expected value
+// does not depend on the order an implementation reduces in.
+template <typename T>
+void expect_sum_over_ranks(World& world, CommDType dtype, int world_size) {
+  constexpr int64_t kCount = 37;  // odd, so no implementation gets an aligned-only path for free
+  std::vector<std::vector<T>> buffers(world_size);
+  run_ranks(world_size, [&](int rank) {
+    auto& data = buffers[rank];
+    for (int64_t i = 0; i < kCount; ++i) {
+      data.push_back(static_cast<T>(i * (i % 2 ? -1 : 1) + rank));
+    }
+    world[rank]->all_reduce(data.data(), kCount, dtype, ReduceOp::kSum);
+  });
+  const int64_t rank_sum = int64_t{world_size} * (world_size - 1) / 2;  // 0 + 1 + ... + (n-1)
+  for (int r = 0; r < world_size; ++r) {
+    for (int64_t i = 0; i < kCount; ++i) {
+      const auto expected = static_cast<T>(world_size * i * (i % 2 ? -1 : 1) + rank_sum);
+      ASSERT_EQ(buffers[r][i], expected) << comm_dtype_name(dtype) << " rank " << r << " i " << i;
+    }
+  }
+}
+
+TEST_P(CommunicatorContractTest, SumOfEveryDtypeIsExactOnEveryRank) {
+  World world = make_world();
+  expect_sum_over_ranks<float>(world, CommDType::kF32, world_size());
+  expect_sum_over_ranks<double>(world, CommDType::kF64, world_size());
+  expect_sum_over_ranks<int64_t>(world, CommDType::kI64, world_size());
+}
+
+TEST_P(CommunicatorContractTest, I64SumStaysExactBeyondDoublePrecision) {
+  // 2^53 + 1 + rank: a sum routed through double would lose the low bits.
+  constexpr int64_t kBase = (int64_t{1} << 53) + 1;
+  World world = make_world();
+  std::vector<int64_t> values(world_size());
+  on_every_rank(world, [&](Communicator& comm) {
+    int64_t& value = values[comm.rank()];
+    value = kBase + comm.rank();
+    comm.all_reduce(&value, 1, ReduceOp::kSum);
+  });
+  const int64_t n = world_size();
+  for (int64_t value : values) EXPECT_EQ(value, n * kBase + n * (n - 1) / 2);
+}
+
+TEST_P(CommunicatorContractTest, MeanIsTheSumDividedByWorldSize) {
+  World world = make_world();
+  const int n = world_size();
+  std::vector<std::vector<float>> f32(n, std::vector<float>(5));
+  std::vector<std::vector<double>> f64(n, std::vector<double>(5));
+  std::vector<std::vector<int64_t>> i64(n);
+  on_every_rank(world, [&](Communicator& comm) {
+    const int r = comm.rank();
+    for (int i = 0; i < 5; ++i) f32[r][i] = static_cast<float>(i + r);
+    for (int i = 0; i < 5; ++i) f64[r][i] = i - 2.0 * r;
+    i64[r] = {r + 1, -(r + 1)};
+    comm.all_reduce(f32[r].data(), 5, ReduceOp::kMean);
+    comm.all_reduce(f64[r].data(), 5, ReduceOp::kMean);
+    comm.all_reduce(i64[r].data(), 2, ReduceOp::kMean);
+  });
+  for (int r = 0; r < n; ++r) {
+    for (int i = 0; i < 5; ++i) {
+      // Means of consecutive integers: i + (n-1)/2 and i - (n-1), exact in binary for n = 1, 2, 4.
+      EXPECT_EQ(f32[r][i], static_cast<float>(i + (n - 1) / 2.0)) << "rank " << r;
+      EXPECT_EQ(f64[r][i], i - (n - 1.0)) << "rank " << r;
+    }
+    // Sum of 1..n is n(n+1)/2; the i64 mean truncates toward zero, for negative sums too.
+    EXPECT_EQ(i64[r][0], (n + 1) / 2) << "rank " << r;
+    EXPECT_EQ(i64[r][1], -((n + 1) / 2)) << "rank " << r;
+  }
+}
+
+// The bit patterns of `values`: equal floats can differ in bits (0.0 and -0.0), and bits are
+// what must not diverge between ranks.
+std::vector<uint32_t> bits_of(const std::vector<float>& values) {
+  std::vector<uint32_t> bits;
+  for (float value : values) bits.push_back(std::bit_cast<uint32_t>(value));
+  return bits;
+}
+
+TEST_P(CommunicatorContractTest, FloatResultsAreBitIdenticalOnEveryRank) {
+  // Magnitudes from 1e-6 to 1e6 make the rounded sum depend on the order of additions, so ranks
+  // that reduced in different orders would differ in their low bits.
+  constexpr int64_t kCount = 4099;
+  World world = make_world();
+  const int n = world_size();
+  std::vector<std::vector<float>> sums(n), means(n);
+  std::vector<std::vector<double>> reference(n);
+  on_every_rank(world, [&](Communicator& comm) {
+    const int r = comm.rank();
+    std::mt19937 random(1234 + r);
+    std::uniform_real_distribution<float> exponent(-6.0f, 6.0f);
+    std::uniform_int_distribution<int> sign(0, 1);
+    for (int64_t i = 0; i < kCount; ++i) {
+      sums[r].push_back((sign(random) ? 1.0f : -1.0f) * std::pow(10.0f, exponent(random)));
+    }
+    reference[r].assign(sums[r].begin(), sums[r].end());
+    means[r] = sums[r];
+    comm.all_reduce(sums[r].data(), kCount, ReduceOp::kSum);
+    comm.all_reduce(means[r].data(), kCount, ReduceOp::kMean);
+  });
+  for (int r = 1; r < n; ++r) {
+    EXPECT_EQ(bits_of(sums[r]), bits_of(sums[0])) << "rank " << r;
+    EXPECT_EQ(bits_of(means[r]), bits_of(means[0])) << "rank " << r;
+  }
+  // Still the sum: within n float roundings of the magnitudes added (f32 epsilon each).
+  for (int64_t i = 0; i < kCount; ++i) {
+    double exact = 0, magnitude = 0;
+    for (int r = 0; r < n; ++r) {
+      exact += reference[r][i];
+      magnitude += std::abs(reference[r][i]);
+    }
+    const double tolerance = n * 1.2e-7 * magnitude;
+    ASSERT_NEAR(sums[0][i], exact, tolerance) << "element " << i;
+    ASSERT_NEAR(means[0][i], exact / n, tolerance / n + 1.2e-7 * std::abs(exact / n)) << i;
+  }
+}
+
+TEST_P(CommunicatorContractTest, EmptyCollectivesComplete) {
+  World world = make_world();
+  on_every_rank(world, [&](Communicator& comm) {
+    float unused = 0;
+    comm.all_reduce(&unused, 0, ReduceOp::kSum);
+    comm.broadcast(&unused, 0, 0);
+    comm.all_gather(&unused, &unused, 0);
+  });
+}
+
+TEST_P(CommunicatorContractTest, BroadcastFromEveryRootReachesEveryRank) {
+  World world = make_world();
+  const int n = world_size();
+  for (int root = 0; root < n; ++root) {
+    std::vector<std::vector<uint8_t>> buffers(n);
+    on_every_rank(world, [&](Communicator& comm) {
+      const int r = comm.rank();
+      for (int i = 0; i < 101; ++i) buffers[r].push_back(static_cast<uint8_t>(r * 31 + i));
+      comm.broadcast(buffers[r].data(), 101, root);
+    });
+    for (int r = 0; r < n; ++r) {
+      for (int i = 0; i < 101; ++i) {
+        ASSERT_EQ(buffers[r][i], static_cast<uint8_t>(root * 31 + i)) << "root " << root;
+      }
+    }
+  }
+}
+
+TEST_P(CommunicatorContractTest, AllGatherPlacesRankRsBytesAtOffsetR) {
+  World world = make_world();
+  const int n = world_size();
+  std::vector<std::vector<int32_t>> gathered(n, std::vector<int32_t>(3 * n, -1));
+  on_every_rank(world, [&](Communicator& comm) {
+    const int r = comm.rank();
+    const int32_t mine[3] = {r, 10 * r + 1, 100 * r + 2};
+    comm.all_gather(mine, gathered[r].data(), sizeof(mine));
+  });
+  for (int r = 0; r < n; ++r) {
+    for (int source = 0; source < n; ++source) {
+      EXPECT_EQ(gathered[r][3 * source], source) << "on rank " << r;
+      EXPECT_EQ(gathered[r][3 * source + 1], 10 * source + 1) << "on rank " << r;
+      EXPECT_EQ(gathered[r][3 * source + 2], 100 * source + 2) << "on rank " << r;
+    }
+  }
+}
+
+TEST_P(CommunicatorContractTest, BarrierReturnsOnlyAfterEveryRankEnteredIt) {
+  constexpr int kRounds = 20;
+  World world = make_world();
+  std::vector<std::atomic<int>> entered(kRounds);
+  on_every_rank(world, [&](Communicator& comm) {
+    for (int round = 0; round < kRounds; ++round) {
+      entered[round].fetch_add(1);
+      comm.barrier();
+      EXPECT_EQ(entered[round].load(), world_size()) << "round " << round;
+    }
+  });
+}
+
+TEST_P(CommunicatorContractTest, AsyncWorksCompleteInIssueOrder) {
+  constexpr int kWorks = 8;
+  constexpr int64_t kCount = 1000;
+  World world = make_world();
+  const int n = world_size();
+  std::vector<std::vector<std::vector<double>>> buffers(n);
+  on_every_rank(world, [&](Communicator& comm) {
+    auto& mine = buffers[comm.rank()];
+    std::vector<std::unique_ptr<CollectiveWork>> works;
+    for (int w = 0; w < kWorks; ++w) {
+      mine.emplace_back(kCount, w + 1.0);
+      works.push_back(
+          comm.all_reduce_async(mine.back().data(), kCount, CommDType::kF64, ReduceOp::kSum));
+    }
+    works.back()->wait();
+    for (int w = 0; w < kWorks; ++w) EXPECT_TRUE(works[w]->is_done()) << "work " << w;
+    for (int w = kWorks - 1; w >= 0; --w) works[w]->wait();  // waiting again, in any order
+  });
+  for (int r = 0; r < n; ++r) {
+    for (int w = 0; w < kWorks; ++w) {
+      EXPECT_EQ(buffers[r][w][0], n * (w + 1.0));
+      EXPECT_EQ(buffers[r][w][kCount - 1], n * (w + 1.0));
+    }
+  }
+}
+
+TEST_P(CommunicatorContractTest, TimeoutNamesTheRankThatDidNotJoin) {
+  if (world_size() < 2) GTEST_SKIP() << "a world of one has no peer that could be missing";
+  World world = make_world(kShortTimeout);
+  const int missing = world_size() - 1;
+  std::latch others_failed(missing);
+  // Every deadline counts from a rank's own call, which comes after this; one rank's timeout
+  // may end its peers' waits, so the bound is taken from one start shared by all ranks.
+  const auto start = Clock::now();
+  run_ranks(world_size(), [&](int rank) {
+    Communicator& comm = *world[rank];
+    float value = 1;
+    if (rank == missing) {
+      // Joins only after the others gave up on it: its collective must fail too, not hang.
+      others_failed.wait();
+      EXPECT_THROW(comm.all_reduce(&value, 1, ReduceOp::kSum), CommunicatorError);
+      return;
+    }
+    try {
+      comm.all_reduce(&value, 1, ReduceOp::kSum);
+      ADD_FAILURE() << "rank " << rank << ": all_reduce without rank " << missing << " returned";
+    } catch (const CommunicatorError& error) {
+      EXPECT_EQ(error.op(), "all_reduce");
+      EXPECT_EQ(error.peer(), missing) << error.what();
+      EXPECT_NE(std::string(error.what()).find("rank " + std::to_string(missing)),
+                std::string::npos)
+          << error.what();
+      EXPECT_GE(elapsed_since(start), kShortTimeout) << "gave up before the timeout";
+    }
+    others_failed.count_down();
+  });
+}
+
+TEST_P(CommunicatorContractTest, AfterAnErrorEveryCallThrowsAtOnce) {
+  World world = make_world();
+  on_every_rank(world, [&](Communicator& comm) {
+    float value = 1;
+    // A root outside the world: an argument error on every rank.
+    EXPECT_THROW(comm.broadcast(&value, sizeof(value), world_size()), CommunicatorError);
+    const auto start = Clock::now();
+    EXPECT_THROW(comm.all_reduce(&value, 1, ReduceOp::kSum), CommunicatorError);
+    EXPECT_THROW(comm.broadcast(&value, sizeof(value), 0), CommunicatorError);
+    EXPECT_THROW(comm.all_gather(&value, &value, 0), CommunicatorError);
+    EXPECT_THROW(comm.barrier(), CommunicatorError);
+    EXPECT_LT(elapsed_since(start), kAtOnce);
+  });
+}
+
+TEST_P(CommunicatorContractTest, AbortFailsEveryRanksNextCollectiveNamingTheAbortedRank) {
+  World world = make_world();
+  std::latch aborted(1);
+  on_every_rank(world, [&](Communicator& comm) {
+    if (comm.rank() == 0) {
+      comm.abort("simulated failure");
+      aborted.count_down();
+    }
+    aborted.wait();
+    const auto start = Clock::now();
+    float value = 1;
+    try {
+      comm.all_reduce(&value, 1, ReduceOp::kSum);
+      ADD_FAILURE() << "rank " << comm.rank() << ": all_reduce after an abort returned";
+    } catch (const CommunicatorError& error) {
+      EXPECT_EQ(error.peer(), 0) << error.what();
+    }
+    EXPECT_LT(elapsed_since(start), kAtOnce);
+  });
+}
+
+TEST_P(CommunicatorContractTest, AbortWakesPeersAlreadyWaiting) {
+  if (world_size() < 2) GTEST_SKIP() << "a world of one has no peer to wake";
+  World world = make_world();
+  const int failing = world_size() - 1;
+  std::latch others_issued(failing);
+  on_every_rank(world, [&](Communicator& comm) {
+    if (comm.rank() == failing) {
+      others_issued.wait();
+      comm.abort("simulated crash");
+      return;
+    }
+    float value = 1;
+    auto work = comm.all_reduce_async(&value, 1, CommDType::kF32, ReduceOp::kSum);
+    others_issued.count_down();
+    const auto start = Clock::now();
+    try {
+      work->wait();
+      ADD_FAILURE() << "rank " << comm.rank() << ": all_reduce with an aborted peer returned";
+    } catch (const CommunicatorError& error) {
+      EXPECT_EQ(error.op(), "all_reduce");
+      EXPECT_EQ(error.peer(), failing) << error.what();
+    }
+    EXPECT_LT(elapsed_since(start), kAtOnce) << "waited for the timeout instead of the abort";
+  });
+}
+
+TEST_P(CommunicatorContractTest, ClosingARankFailsItsPeersNamingIt) {
+  if (world_size() < 2) GTEST_SKIP() << "a world of one has no peer to fail";
+  World world = make_world();
+  const int closing = world_size() - 1;
+  std::latch others_issued(closing);
+  run_ranks(world_size(), [&](int rank) {
+    if (rank == closing) {
+      others_issued.wait();
+      world[rank].reset();  // as when the rank's process exits
+      return;
+    }
+    Communicator& comm = *world[rank];
+    const auto start = Clock::now();
+    float value = 1;
+    auto work = comm.all_reduce_async(&value, 1, CommDType::kF32, ReduceOp::kSum);
+    others_issued.count_down();
+    try {
+      work->wait();
+      ADD_FAILURE() << "rank " << rank << ": all_reduce with a closed peer returned";
+    } catch (const CommunicatorError& error) {
+      EXPECT_EQ(error.peer(), closing) << error.what();
+    }
+    EXPECT_LT(elapsed_since(start), kAtOnce) << "waited for the timeout instead of the close";
+  });
+}
+
+// world_size is 1 (the only instantiation); a world of one never waits, so no timeout.
+World make_local_world(int /*world_size*/, milliseconds /*timeout*/) {
+  World world;
+  world.push_back(std::make_unique<LocalCommunicator>());
+  return world;
+}
+
+INSTANTIATE_TEST_SUITE_P(Local, CommunicatorContractTest,
+                         testing::ValuesIn(worlds_of("Local", make_local_world, {1})), world_name);
+INSTANTIATE_TEST_SUITE_P(InProcess, CommunicatorContractTest,
+                         testing::ValuesIn(worlds_of("InProcess", make_in_process_world,
+                                                     {1, 2, 4})),
+                         world_name);
+
+// --- Beyond the contract: the in-process fake checks that the ranks agree on every call, so a
+// test of multi-rank code finds call sequences that differ between ranks. ---
+
+// Runs body on each of world_size in-process ranks and returns each rank's CommunicatorError text
+// (empty if the rank's call did not throw).
+std::vector<std::string> in_process_errors(int world_size,
+                                           const std::function<void(Communicator&)>& body) {
+  World world = make_in_process_world(world_size, kHealthyTimeout);
+  std::vector<std::string> errors(world_size);
+  run_ranks(world_size, [&](int rank) {
+    try {
+      body(*world[rank]);
+    } catch (const CommunicatorError& error) {
+      errors[rank] = error.what();
+    }
+  });
+  return errors;
+}
+
+void expect_every_rank_names(const std::vector<std::string>& errors, const std::string& fragment) {
+  for (size_t r = 0; r < errors.size(); ++r) {
+    EXPECT_NE(errors[r].find(fragment), std::string::npos) << "rank " << r << ": " << errors[r];
+  }
+}
+
+TEST(InProcessCommunicatorTest, CountThatDiffersBetweenRanksFailsEveryRankNamingIt) {
+  const auto errors = in_process_errors(4, [](Communicator& comm) {
+    std::vector<float> data(8, 1.0f);
+    comm.all_reduce(data.data(), comm.rank() == 2 ? 7 : 8, ReduceOp::kSum);
+  });
+  expect_every_rank_names(errors, "rank 2 gave count 7 where rank 0 gave 8");
+}
+
+TEST(InProcessCommunicatorTest, DtypeThatDiffersBetweenRanksFailsEveryRankNamingIt) {
+  const auto errors = in_process_errors(2, [](Communicator& comm) {
+    double data[2] = {1, 2};
+    comm.all_reduce(data, 1, comm.rank() == 1 ? CommDType::kI64 : CommDType::kF64, ReduceOp::kSum);
+  });
+  expect_every_rank_names(errors, "rank 1 gave dtype i64 where rank 0 gave f64");
+}
+
+TEST(InProcessCommunicatorTest, DifferentCollectivesAtTheSameStepFailNamingTheRank) {
+  const auto errors = in_process_errors(3, [](Communicator& comm) {
+    float value = 1;
+    if (comm.rank() == 1) {
+      comm.broadcast(&value, sizeof(value), 0);
+    } else {
+      comm.all_reduce(&value, 1, ReduceOp::kSum);
+    }
+  });
+  expect_every_rank_names(errors, "rank 1 issued broadcast where rank 0 issued all_reduce");
+}
+
+TEST(InProcessCommunicatorTest, RootOutsideTheWorldIsNamedToEveryRank) {
+  const auto errors = in_process_errors(2, [](Communicator& comm) {
+    float value = 1;
+    comm.broadcast(&value, sizeof(value), comm.rank() == 0 ? 5 : 0);
+  });
+  expect_every_rank_names(errors, "root rank 5 outside a world of 2");
+}
+
+TEST(InProcessCommunicatorTest, AbortReasonReachesThePeers) {
+  const auto errors = in_process_errors(2, [](Communicator& comm) {
+    if (comm.rank() == 1) comm.abort("out of memory in backward");
+    comm.barrier();
+  });
+  expect_every_rank_names(errors, "rank 1 aborted: out of memory in backward");
+}
+
+}  // namespace
+}  // namespace lomo
