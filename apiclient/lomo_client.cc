@@ -257,31 +257,26 @@ DownloadResult Client::download_checkpoint(
   auto reader = stub_->DownloadCheckpoint(&context, request);
   FileReceiver receiver(directory);
   lomo::v1::DownloadCheckpointResponse response;
-  try {
-    while (reader->Read(&response)) {
-      receiver.accept(response.chunk());
-      if (progress) progress({response.chunk().path(), receiver.bytes_received()});
-    }
-  } catch (const TransferError& error) {
+  ChunkStream stream;
+  stream.next = [&]() { return reader->Read(&response) ? &response.chunk() : nullptr; };
+  stream.cancel = [&] {
     context.TryCancel();
     reader->Finish();
-    throw data_loss(error.what());
-  }
-  const grpc::Status status = reader->Finish();
-  if (!status.ok()) {
-    receiver.abort();
-    fail(status);
+  };
+  stream.check_end = [&] {
+    if (const grpc::Status status = reader->Finish(); !status.ok()) fail(status);
+  };
+  if (progress) {
+    stream.on_chunk = [&](const lomo::v1::FileChunk& chunk) {
+      progress({chunk.path(), receiver.bytes_received()});
+    };
   }
   try {
-    receiver.finish();
+    receive_transfer(receiver, stream, expected);
   } catch (const TransferError& error) {
     throw data_loss(error.what());
   }
   if (receiver.files().empty()) throw data_loss("the coordinator sent no files");
-  if (const std::string mismatch = compare_with_record(receiver.files(), expected);
-      !mismatch.empty()) {
-    throw data_loss(mismatch);
-  }
   return DownloadResult{receiver.files(), receiver.bytes_received()};
 }
 

@@ -6,6 +6,7 @@
 
 #include "client/render.h"
 #include "client/watch.h"
+#include "common/flags.h"
 #include "jobspec/job_spec.h"
 
 namespace lomo::client {
@@ -70,28 +71,25 @@ std::vector<std::string> ParsedArgs::all(const std::string& name) const {
 ParsedArgs parse_args(const std::vector<std::string>& args, const std::string& command,
                       const std::set<std::string>& with_value,
                       const std::set<std::string>& switches) {
+  ParsedFlags flags;
+  try {
+    flags = parse_flags(args, {.switches = switches,
+                               .allow_positional = true,
+                               .with_value = with_value,
+                               .unknown = UnknownFlags::kRefuse});
+  } catch (const FlagError& e) {
+    throw UsageError("lomoctl " + command + ": " + e.what());
+  }
+  // lomoctl's main answers --help wherever it stands; a command sees it only when called directly.
+  if (flags.help)
+    throw UsageError("lomoctl " + command + ": its flags are listed by lomoctl --help");
   ParsedArgs parsed;
-  for (size_t i = 0; i < args.size(); ++i) {
-    const std::string& arg = args[i];
-    if (arg.size() < 2 || arg[0] != '-') {
-      parsed.positional.push_back(arg);
-      continue;
-    }
-    std::string name = arg;
-    std::optional<std::string> inline_value;
-    if (const size_t eq = arg.find('='); eq != std::string::npos && arg.rfind("--", 0) == 0) {
-      name = arg.substr(0, eq);
-      inline_value = arg.substr(eq + 1);
-    }
-    if (with_value.count(name)) {
-      if (!inline_value && i + 1 >= args.size()) {
-        throw UsageError("lomoctl " + command + ": " + name + " needs a value");
-      }
-      parsed.values[name].push_back(inline_value ? *inline_value : args[++i]);
-    } else if (switches.count(name) && !inline_value) {
+  parsed.positional = std::move(flags.positional);
+  for (auto& [name, value] : flags.flags) {
+    if (switches.count(name)) {
       parsed.switches.insert(name);
     } else {
-      throw UsageError("lomoctl " + command + ": unknown option " + name);
+      parsed.values[name].push_back(std::move(value));
     }
   }
   return parsed;
@@ -209,6 +207,9 @@ int get_command(CommandContext& context) {
         number_text(p.loss(), "%.4f") + ", lr " + number_text(p.learning_rate(), "%.3e") + ", " +
         number_text(p.tokens_per_second(), "%.0f") + " tok/s";
     if (p.eval_loss() > 0) progress += ", eval loss " + number_text(p.eval_loss(), "%.4f");
+    if (p.has_eval_accuracy()) {
+      progress += ", eval accuracy " + number_text(p.eval_accuracy(), "%.3f");
+    }
     rows.push_back({"progress:", progress});
   }
   rows.push_back({"created:", time_text(job.create_time())});

@@ -11,11 +11,13 @@
 #include <cstdlib>
 #include <iostream>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "client/commands.h"
 #include "client/render.h"
+#include "common/flags.h"
 #include "jobspec/job_spec.h"
 
 namespace {
@@ -50,46 +52,61 @@ int terminal_width() {
   return 80;
 }
 
+struct GlobalFlags {
+  std::optional<std::string> coordinator;
+  std::optional<std::string> timeout;
+  std::string output = "text";
+  bool help = false;
+  std::string command;
+  std::vector<std::string> command_args;  // in order, for the command's own parse
+};
+
+// Global flags may come before or after the command; everything else belongs to the command, whose
+// name is the first argument that is not "--flag=value". Throws lomo::FlagError.
+GlobalFlags parse_global_flags(const std::vector<std::string>& args) {
+  const lomo::ParsedFlags parsed =
+      lomo::parse_flags(args, {.allow_positional = true,
+                               .with_value = {"--coordinator", "--output", "-o", "--timeout"},
+                               .unknown = lomo::UnknownFlags::kPassOn});
+  GlobalFlags global;
+  global.help = parsed.help;
+  for (const auto& [flag, value] : parsed.flags) {
+    if (flag == "--coordinator") {
+      global.coordinator = value;
+    } else if (flag == "--timeout") {
+      global.timeout = value;
+    } else {
+      global.output = value;  // --output or -o
+    }
+  }
+  for (const std::string& arg : parsed.positional) {
+    const bool inline_value = arg.rfind("--", 0) == 0 && arg.find('=') != std::string::npos;
+    if (global.command.empty() && !inline_value) {
+      global.command = arg;
+    } else {
+      global.command_args.push_back(arg);
+    }
+  }
+  return global;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::vector<std::string> args(argv + 1, argv + argc);
-  std::optional<std::string> coordinator_flag;
-  std::optional<std::string> timeout_flag;
-  std::string output = "text";
-  std::string command;
-  std::vector<std::string> command_args;
-  // Global flags may come before or after the command; everything else belongs to the command.
-  for (size_t i = 0; i < args.size(); ++i) {
-    std::string arg = args[i];
-    std::optional<std::string> inline_value;
-    if (const size_t eq = arg.find('='); arg.rfind("--", 0) == 0 && eq != std::string::npos) {
-      inline_value = arg.substr(eq + 1);
-      arg = arg.substr(0, eq);
-    }
-    auto take = [&]() -> std::optional<std::string> {
-      if (inline_value) return inline_value;
-      if (i + 1 < args.size()) return args[++i];
-      return std::nullopt;
-    };
-    if (arg == "--coordinator" || arg == "--output" || arg == "-o" || arg == "--timeout") {
-      const auto value = take();
-      if (!value) {
-        std::cerr << "lomoctl: " << arg << " needs a value\n" << kUsage;
-        return kExitError;
-      }
-      if (arg == "--coordinator") coordinator_flag = *value;
-      if (arg == "--output" || arg == "-o") output = *value;
-      if (arg == "--timeout") timeout_flag = *value;
-    } else if ((arg == "--help" || arg == "-h") && command.empty()) {
-      std::cout << kUsage;
-      return 0;
-    } else if (command.empty() && !inline_value) {
-      command = arg;
-    } else {
-      command_args.push_back(args[i]);
-    }
+  GlobalFlags global;
+  try {
+    global = parse_global_flags(std::vector<std::string>(argv + 1, argv + argc));
+  } catch (const lomo::FlagError& e) {
+    std::cerr << "lomoctl: " << e.what() << "\n" << kUsage;
+    return kExitError;
   }
+  if (global.help) {
+    std::cout << kUsage;
+    return 0;
+  }
+  const std::string& command = global.command;
+  const std::string& output = global.output;
+  const std::optional<std::string>& timeout_flag = global.timeout;
   if (command.empty() || command == "help") {
     (command.empty() ? std::cerr : std::cout) << kUsage;
     return command.empty() ? kExitError : 0;
@@ -118,11 +135,10 @@ int main(int argc, char** argv) {
   CommandContext context;
   try {
     context.config =
-        resolve_config(coordinator_flag, std::getenv("LOMO_COORDINATOR"), default_config_path());
+        resolve_config(global.coordinator, std::getenv("LOMO_COORDINATOR"), default_config_path());
     if (timeout_flag) {
-      size_t used = 0;
-      const double seconds = std::stod(*timeout_flag, &used);
-      if (used != timeout_flag->size() || !(seconds > 0)) throw std::invalid_argument("timeout");
+      const double seconds = lomo::flag_double("--timeout", *timeout_flag);
+      if (!(seconds > 0)) throw std::invalid_argument("timeout");
       context.config.timeout_seconds = seconds;
     }
   } catch (const ConfigError& e) {
@@ -133,7 +149,7 @@ int main(int argc, char** argv) {
     return kExitError;
   }
   context.json = output == "json";
-  context.args = command_args;
+  context.args = global.command_args;
   context.stdout_is_tty = ::isatty(STDOUT_FILENO) == 1;
   context.terminal_width = terminal_width();
   try {

@@ -4,6 +4,8 @@
 #include <fstream>
 #include <stdexcept>
 
+#include "common/atomic_file.h"
+
 namespace lomo {
 namespace fs = std::filesystem;
 namespace {
@@ -42,12 +44,24 @@ fs::path temporary_checkpoint_directory(const fs::path& checkpoints_dir, int64_t
   return checkpoints_dir / (std::string(kTemporaryPrefix) + checkpoint_directory_name(step));
 }
 
+fs::path temporary_upload_directory(const fs::path& checkpoints_dir, int64_t step,
+                                    uint64_t connection, int64_t attempt) {
+  fs::path directory = temporary_checkpoint_directory(checkpoints_dir, step);
+  directory += ".upload-" + std::to_string(connection) + "-" + std::to_string(attempt);
+  return directory;
+}
+
 bool is_temporary_checkpoint_name(std::string_view name) {
   return name.starts_with(kTemporaryPrefix);
 }
 
 fs::path latest_checkpoint_pointer(const fs::path& checkpoints_dir) {
   return checkpoints_dir / kLatestPointer;
+}
+
+void write_latest_checkpoint(const fs::path& checkpoints_dir, int64_t step) {
+  write_file_atomically(latest_checkpoint_pointer(checkpoints_dir),
+                        checkpoint_directory_name(step) + "\n");
 }
 
 std::optional<fs::path> read_latest_checkpoint(const fs::path& checkpoints_dir) {
@@ -57,7 +71,9 @@ std::optional<fs::path> read_latest_checkpoint(const fs::path& checkpoints_dir) 
   std::string name;
   std::getline(in, name);
   const fs::path dir = checkpoints_dir / name;
-  if (name.empty() || name.find('/') != std::string::npos || !fs::is_directory(dir)) {
+  // Only a step directory ("step-NNNNNNNN") is a checkpoint: "..", "." or another folder would
+  // resume from somewhere else.
+  if (!checkpoint_step_from_name(name) || !fs::is_directory(dir)) {
     throw std::runtime_error(pointer.string() + ": names '" + name +
                              "', which is not a checkpoint directory beside it");
   }

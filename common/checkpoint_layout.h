@@ -35,10 +35,23 @@ std::filesystem::path checkpoint_directory(const std::filesystem::path& checkpoi
 // behind, never a half-written step-NNNNNNNN.
 std::filesystem::path temporary_checkpoint_directory(const std::filesystem::path& checkpoints_dir,
                                                      int64_t step);
-// A name of temporary_checkpoint_directory's form (".tmp-…"): never a committed checkpoint.
+// Where the coordinator assembles one upload of a step: temporary_checkpoint_directory's name
+// followed by the uploading connection and the job attempt (".tmp-step-00000100.upload-3-2"). Two
+// uploads of one step (one being abandoned, the next starting) never share a directory, so the
+// cleanup of one cannot remove the other's files.
+std::filesystem::path temporary_upload_directory(const std::filesystem::path& checkpoints_dir,
+                                                 int64_t step, uint64_t connection,
+                                                 int64_t attempt);
+// A name of temporary_checkpoint_directory's or temporary_upload_directory's form (".tmp-…"):
+// never a committed checkpoint.
 bool is_temporary_checkpoint_name(std::string_view name);
 // <checkpoints_dir>/latest: names the newest committed checkpoint directory (one line).
 std::filesystem::path latest_checkpoint_pointer(const std::filesystem::path& checkpoints_dir);
+// Points <checkpoints_dir>/latest at checkpoint_directory(checkpoints_dir, step), atomically and
+// durably (temporary file, fsync, rename, fsync of the directory): a crash leaves the old pointer
+// or the new one, never an empty or partial one. The trainer calls it after renaming a checkpoint
+// into place, the worker daemon after fetching one. Throws std::system_error.
+void write_latest_checkpoint(const std::filesystem::path& checkpoints_dir, int64_t step);
 // The directory `latest` names, nullopt when there is no pointer file. Throws std::runtime_error
 // when the pointer names something that is not a checkpoint directory beside it.
 std::optional<std::filesystem::path> read_latest_checkpoint(

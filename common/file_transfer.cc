@@ -10,6 +10,8 @@
 #include <map>
 #include <system_error>
 
+#include "common/fd_io.h"
+
 namespace lomo {
 
 namespace fs = std::filesystem;
@@ -24,19 +26,6 @@ std::string lowercase(std::string text) {
   std::transform(text.begin(), text.end(), text.begin(),
                  [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
   return text;
-}
-
-bool write_all(int fd, const std::string& data) {
-  size_t written = 0;
-  while (written < data.size()) {
-    const ssize_t n = ::write(fd, data.data() + written, data.size() - written);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return false;
-    }
-    written += static_cast<size_t>(n);
-  }
-  return true;
 }
 
 }  // namespace
@@ -55,6 +44,12 @@ std::string transfer_path_problem(const std::string& path) {
       return "path \"" + path + "\" must be relative, without empty, '.' or '..' components";
     }
     start = end + 1;
+  }
+  // The receiver writes each file under "<path>.partial" until it is verified: a sent name of that
+  // form could overwrite a file already verified, or be listed while it is still being written.
+  if (path.ends_with(kPartialSuffix)) {
+    return "path \"" + path + "\" ends in \"" + kPartialSuffix +
+           "\", which is reserved for files in transfer";
   }
   return "";
 }
@@ -248,6 +243,30 @@ void FileReceiver::finish() {
   if (current_path_.empty()) return;
   fail("file " + current_path_ + " is incomplete: " + std::to_string(current_size_) +
        " bytes received and no last chunk");
+}
+
+void receive_transfer(FileReceiver& receiver, const ChunkStream& stream,
+                      const std::vector<v1::CheckpointFile>& expected) {
+  try {
+    while (const v1::FileChunk* chunk = stream.next()) {
+      receiver.accept(*chunk);
+      if (stream.on_chunk) stream.on_chunk(*chunk);
+    }
+  } catch (const TransferError&) {
+    stream.cancel();
+    throw;
+  }
+  try {
+    stream.check_end();
+  } catch (...) {
+    receiver.abort();
+    throw;
+  }
+  receiver.finish();
+  if (const std::string mismatch = compare_with_record(receiver.files(), expected);
+      !mismatch.empty()) {
+    throw TransferError(mismatch);
+  }
 }
 
 }  // namespace lomo

@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <optional>
 #include <set>
 #include <stdexcept>
@@ -121,5 +122,27 @@ class FileReceiver {
   std::vector<v1::CheckpointFile> files_;
   int64_t bytes_received_ = 0;
 };
+
+// The receiving end of one transfer's stream, for receive_transfer. The callbacks are the
+// caller's transport (a gRPC reader, in practice); each may throw its own exception type.
+struct ChunkStream {
+  // The next chunk, or nullptr at the end of the stream. The pointer stays valid until the next
+  // call.
+  std::function<const v1::FileChunk*()> next;
+  // A chunk was refused: stop the stream and wait for its end (cancel, then finish the call).
+  std::function<void()> cancel;
+  // The stream ended: throws if the sender ended it with an error rather than after its last file.
+  std::function<void()> check_end;
+  // Optional: called after each chunk is written.
+  std::function<void(const v1::FileChunk&)> on_chunk;
+};
+
+// Receives a whole transfer into `receiver`: every chunk of `stream`, then the end of the stream,
+// then FileReceiver::finish, then compare_with_record against `expected`. A refused chunk cancels
+// the stream and rethrows its TransferError; an incomplete file or a difference from `expected`
+// throws TransferError; whatever check_end throws passes through. On any throw the file in
+// progress is removed (verified files stay: the caller owns the directory).
+void receive_transfer(FileReceiver& receiver, const ChunkStream& stream,
+                      const std::vector<v1::CheckpointFile>& expected);
 
 }  // namespace lomo

@@ -20,9 +20,18 @@ class FlagError : public std::invalid_argument {
   using std::invalid_argument::invalid_argument;
 };
 
+// What a flag not named in `switches` or `with_value` is.
+enum class UnknownFlags {
+  kTakeValue,  // a flag that takes a value; the program checks the names (lomo-coordinator)
+  kRefuse,     // an error, "--x: unknown flag"; so is any unnamed "-x"
+  kPassOn,     // kept as a positional argument, in place, for a later parse (lomoctl's command)
+};
+
 struct FlagRules {
-  std::set<std::string> switches;  // flags that take no value ("--follow"): their value is "true"
-  bool allow_positional = false;   // otherwise an argument not starting with "--" is an error
+  std::set<std::string> switches{};  // flags that take no value ("--follow"): their value is "true"
+  bool allow_positional = false;     // otherwise an argument that is not a flag is an error
+  std::set<std::string> with_value{};  // flags that take one; a short "-o" is a flag only if named
+  UnknownFlags unknown = UnknownFlags::kTakeValue;
 };
 
 struct ParsedFlags {
@@ -31,7 +40,8 @@ struct ParsedFlags {
   bool help = false;  // --help or -h was given (parsing stops there)
 };
 
-// Throws FlagError for a flag without its value or an unexpected positional argument.
+// Throws FlagError for a flag without its value, a switch given one, an unknown flag (kRefuse) or
+// an unexpected positional argument. A flag may repeat; every occurrence is kept.
 ParsedFlags parse_flags(const std::vector<std::string>& args, const FlagRules& rules = {});
 
 // Values, with errors that name the flag. Throw FlagError.

@@ -13,7 +13,14 @@ namespace lomo {
 // what() starts with the path: "<path>: cannot open: No such file or directory".
 class FileReadError : public std::runtime_error {
  public:
-  using std::runtime_error::runtime_error;
+  FileReadError(const std::filesystem::path& path, const std::string& reason)
+      : std::runtime_error(path.string() + ": " + reason), reason_(reason) {}
+  // What went wrong, without the path ("cannot open: No such file or directory"), for a caller
+  // whose own error already names the file.
+  const std::string& reason() const { return reason_; }
+
+ private:
+  std::string reason_;
 };
 
 // The file's bytes. Throws FileReadError when it cannot be opened, is a directory, is larger than

@@ -11,6 +11,8 @@
 #include <nlohmann/json.hpp>
 #include <utility>
 
+#include "common/fd_io.h"
+
 namespace lomo::trainer_protocol {
 namespace {
 
@@ -254,15 +256,9 @@ void ProtocolWriter::write(const Record& record) {
   const std::string line = to_line(record);
   // One call for the whole line; a regular file takes it whole unless the disk is full, and a
   // short write is finished rather than left torn.
-  size_t written = 0;
-  while (written < line.size()) {
-    const ssize_t n = ::write(fd_, line.data() + written, line.size() - written);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      throw std::runtime_error("cannot write to the trainer protocol file " + file_.string() +
-                               ": " + std::strerror(errno));
-    }
-    written += static_cast<size_t>(n);
+  if (!write_all(fd_, line)) {
+    throw std::runtime_error("cannot write to the trainer protocol file " + file_.string() + ": " +
+                             std::strerror(errno));
   }
 }
 

@@ -2,7 +2,6 @@
 
 #include <grpcpp/grpcpp.h>
 
-#include <fstream>
 #include <stdexcept>
 #include <vector>
 
@@ -25,34 +24,19 @@ void receive_files(Reader& reader, grpc::ClientContext& context,
                    const lomo::v1::CheckpointInfo& info, const fs::path& directory) {
   FileReceiver receiver(directory);
   lomo::v1::FetchCheckpointResponse response;
-  try {
-    while (reader.Read(&response)) receiver.accept(response.chunk());
-  } catch (const TransferError&) {
+  ChunkStream stream;
+  stream.next = [&]() { return reader.Read(&response) ? &response.chunk() : nullptr; };
+  stream.cancel = [&] {
     context.TryCancel();
     reader.Finish();
-    throw;
-  }
-  const grpc::Status status = reader.Finish();
-  if (!status.ok()) {
-    throw std::runtime_error("the coordinator ended the fetch: " + status.error_message());
-  }
-  receiver.finish();
-  const std::string mismatch = compare_with_record(
-      receiver.files(),
-      std::vector<lomo::v1::CheckpointFile>(info.files().begin(), info.files().end()));
-  if (!mismatch.empty()) throw TransferError(mismatch);
-}
-
-// Points <checkpoints_dir>/latest at `name` (written whole, then renamed): the trainer resumes
-// from the directory it names.
-void point_latest_at(const fs::path& checkpoints_dir, const std::string& name) {
-  const fs::path pointer_tmp = checkpoints_dir / ".latest.tmp";
-  {
-    std::ofstream out(pointer_tmp);
-    out << name << "\n";
-    if (!out.flush()) throw std::runtime_error("cannot write " + pointer_tmp.string());
-  }
-  fs::rename(pointer_tmp, latest_checkpoint_pointer(checkpoints_dir));
+  };
+  stream.check_end = [&] {
+    if (const grpc::Status status = reader.Finish(); !status.ok()) {
+      throw std::runtime_error("the coordinator ended the fetch: " + status.error_message());
+    }
+  };
+  receive_transfer(receiver, stream,
+                   std::vector<lomo::v1::CheckpointFile>(info.files().begin(), info.files().end()));
 }
 
 }  // namespace
@@ -91,7 +75,7 @@ std::optional<int64_t> CoordinatorCheckpointFetcher::fetch_latest(const std::str
   const fs::path final_dir = checkpoint_directory(checkpoints_dir, info.step());
   fs::remove_all(final_dir);
   fs::rename(temporary, final_dir);
-  point_latest_at(checkpoints_dir, name);
+  write_latest_checkpoint(checkpoints_dir, info.step());
   return info.step();
 }
 

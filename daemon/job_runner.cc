@@ -171,12 +171,19 @@ void JobRunner::on_record(protocol::Record record) {
 }
 
 void JobRunner::poll_channel(TrainerChannel& channel) {
-  try {
-    channel.poll([this](protocol::Record record) { on_record(std::move(record)); });
-  } catch (const protocol::ProtocolError& e) {
-    // A child that does not speak this protocol cannot be believed about its outcome.
-    if (!protocol_error_) protocol_error_ = e.what();
-    emit_log(std::string("lomo-worker: ") + e.what());
+  // Each bad line throws once and is consumed; read on until a read goes through, so that the
+  // records after a bad line (a committed checkpoint, say) are not left behind: after the child
+  // has exited there is no later read. Every line is consumed at most once, so this ends.
+  constexpr int kLoggedErrors = 10;
+  for (int errors = 0;; ++errors) {
+    try {
+      channel.poll([this](protocol::Record record) { on_record(std::move(record)); });
+      return;
+    } catch (const protocol::ProtocolError& e) {
+      // A child that does not speak this protocol cannot be believed about its outcome.
+      if (!protocol_error_) protocol_error_ = e.what();
+      if (errors < kLoggedErrors) emit_log(std::string("lomo-worker: ") + e.what());
+    }
   }
 }
 

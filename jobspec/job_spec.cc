@@ -5,19 +5,17 @@
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
-#include <cerrno>
 #include <charconv>
 #include <cmath>
 #include <cstring>
-#include <filesystem>
-#include <fstream>
 #include <initializer_list>
 #include <iterator>
 #include <map>
 #include <sstream>
 #include <string_view>
-#include <system_error>
 #include <type_traits>
+
+#include "common/read_file.h"
 
 namespace lomo {
 namespace {
@@ -1052,7 +1050,7 @@ std::string apply_one(JobSpec& spec, const std::string& assignment) {
   if (equals == std::string::npos || equals == 0) {
     throw JobSpecError(source, "", "expected FIELD=VALUE, e.g. optimizer.lr=3e-4");
   }
-  const std::string field = assignment.substr(0, equals);
+  std::string field = assignment.substr(0, equals);
   const YAML::Node value = load_one_document(assignment.substr(equals + 1), source, "the value");
   YAML::Node root = to_node(spec);
   set_field(root, field, value, source);
@@ -1110,20 +1108,11 @@ JobSpec parse_job_spec(const std::string& text, const std::string& source,
 }
 
 std::string read_job_spec_file(const std::string& path) {
-  std::error_code error;
-  if (std::filesystem::is_directory(path, error)) {
-    throw JobSpecError(path, "", "cannot read the job spec: it is a directory");
+  try {
+    return read_file(path);
+  } catch (const FileReadError& error) {
+    throw JobSpecError(path, "", "cannot read the job spec: " + error.reason());
   }
-  std::ifstream file(path, std::ios::binary);
-  if (!file) {
-    throw JobSpecError(path, "", std::string("cannot open the job spec: ") + std::strerror(errno));
-  }
-  std::ostringstream text;
-  text << file.rdbuf();
-  if (file.bad()) {
-    throw JobSpecError(path, "", std::string("cannot read the job spec: ") + std::strerror(errno));
-  }
-  return text.str();
 }
 
 JobSpec load_job_spec(const std::string& path, const std::vector<std::string>& overrides) {

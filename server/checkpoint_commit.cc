@@ -66,7 +66,7 @@ std::string CheckpointCommit::record_locked(const VerifiedUpload& upload) {
     state_.store.insert_checkpoint(upload.job_id, *info, event);
   } catch (const StoreError& exception) {
     state_.checkpoints.unpublish(upload.job_id, upload.step);
-    const std::string error = std::string("cannot record the checkpoint: ") + exception.what();
+    std::string error = std::string("cannot record the checkpoint: ") + exception.what();
     log_line("error: " + error);
     return error;
   }

@@ -98,6 +98,17 @@ void CheckpointStore::fail(Upload& upload, const std::string& error) {
   remove_quietly(upload.temporary_dir);
 }
 
+void CheckpointStore::abandon(Upload& upload, const std::string& why) {
+  // A chunk that found this upload in receive() before the abandon may be waiting for its lock;
+  // once it gets the lock it must find the upload failed and write nothing.
+  std::lock_guard lock(upload.mu);
+  fail(upload, "the upload was abandoned: " + why);
+}
+
+void CheckpointStore::set_hook_before_chunk_for_testing(std::function<void()> hook) {
+  hook_before_chunk_for_testing_ = std::move(hook);
+}
+
 ChunkResult CheckpointStore::receive(uint64_t owner, const v1::CheckpointChunk& chunk,
                                      const std::string& rejection) {
   const std::string key = chunk.job_id() + "/" + std::to_string(chunk.step());
@@ -107,9 +118,11 @@ ChunkResult CheckpointStore::receive(uint64_t owner, const v1::CheckpointChunk& 
     auto it = uploads_.find(key);
     if (it != uploads_.end() &&
         (it->second->owner != owner || it->second->attempt != chunk.attempt())) {
+      // A refused chunk (a stale attempt, most likely) must not end another owner's upload.
+      if (!rejection.empty()) return ChunkResult{chunk.commit(), rejection, std::nullopt};
       // A new connection or attempt starts the step over; the old upload can never finish.
-      std::lock_guard upload_lock(it->second->mu);
-      remove_quietly(it->second->temporary_dir);
+      abandon(*it->second, "connection " + std::to_string(owner) + " started step " +
+                               std::to_string(chunk.step()) + " over");
       uploads_.erase(it);
       it = uploads_.end();
     }
@@ -120,8 +133,8 @@ ChunkResult CheckpointStore::receive(uint64_t owner, const v1::CheckpointChunk& 
       upload->attempt = chunk.attempt();
       upload->step = chunk.step();
       if (rejection.empty() && chunk.step() >= 0) {
-        upload->temporary_dir =
-            temporary_checkpoint_directory(root_ / chunk.job_id(), chunk.step());
+        upload->temporary_dir = temporary_upload_directory(root_ / chunk.job_id(), chunk.step(),
+                                                           owner, chunk.attempt());
         remove_quietly(upload->temporary_dir);  // left by a connection that died mid-upload
       }
       uploads_.emplace(key, upload);
@@ -130,6 +143,7 @@ ChunkResult CheckpointStore::receive(uint64_t owner, const v1::CheckpointChunk& 
     }
   }
 
+  if (hook_before_chunk_for_testing_) hook_before_chunk_for_testing_();
   ChunkResult result = receive_locked(*upload, chunk, rejection);
   if (result.commit) {
     // The commit ends the upload either way; a retry of the step starts from scratch.
@@ -239,8 +253,7 @@ void CheckpointStore::discard_owner(uint64_t owner) {
   std::lock_guard lock(mu_);
   for (auto it = uploads_.begin(); it != uploads_.end();) {
     if (it->second->owner == owner) {
-      std::lock_guard upload_lock(it->second->mu);
-      remove_quietly(it->second->temporary_dir);
+      abandon(*it->second, "connection " + std::to_string(owner) + " closed");
       it = uploads_.erase(it);
     } else {
       ++it;
@@ -252,8 +265,7 @@ void CheckpointStore::discard_job(const std::string& job_id) {
   std::lock_guard lock(mu_);
   for (auto it = uploads_.begin(); it != uploads_.end();) {
     if (it->second->job_id == job_id) {
-      std::lock_guard upload_lock(it->second->mu);
-      remove_quietly(it->second->temporary_dir);
+      abandon(*it->second, "job " + job_id + " ended");
       it = uploads_.erase(it);
     } else {
       ++it;

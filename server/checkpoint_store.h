@@ -1,7 +1,8 @@
 // Checkpoints uploaded by workers, on local disk under <data_dir>/checkpoints:
 //
-//   <job id>/.tmp-step-00000100/<path>   an upload in progress (never listed, removed at startup)
-//   <job id>/step-00000100/<path>        a verified upload, renamed into place
+//   <job id>/.tmp-step-00000100.upload-<connection>-<attempt>/<path>
+//                                 an upload in progress (never listed, removed at startup)
+//   <job id>/step-00000100/<path>  a verified upload, renamed into place
 //
 // Upload protocol (lomo.v1.CheckpointChunk on the worker stream): the checkpoint's files as a
 // chunked transfer (FileChunk, received by common/file_transfer.h's FileReceiver into the
@@ -10,7 +11,9 @@
 // exactly one CheckpointAck (and nothing else is): committed=true, or committed=false with the
 // first problem found. After a bad chunk the upload's remaining chunks are ignored and its
 // temporary directory is removed at once; the reason waits for the commit. An upload belongs to one
-// connection: if the worker reconnects it starts the step again.
+// connection and attempt: if the worker reconnects it starts the step again. An upload that is
+// discarded or replaced is failed, not only removed: a chunk of it still on its way writes nothing,
+// and its temporary directory (named by connection and attempt) is never the next upload's.
 //
 // This class verifies and places files; the coordinator records the commit in the store, and only
 // a recorded checkpoint is committed (a renamed directory without a record is removed at startup).
@@ -18,6 +21,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -70,8 +74,13 @@ class CheckpointStore {
   // Removes a published directory whose commit could not be recorded.
   void unpublish(const std::string& job_id, int64_t step);
   // Forgets uploads of a connection that closed, or of a job that ended, and removes their files.
+  // A chunk of such an upload that is still in receive() finds it failed and writes nothing.
   void discard_owner(uint64_t owner);
   void discard_job(const std::string& job_id);
+
+  // Tests only: `hook` runs in receive() after the chunk's upload is found and before its files are
+  // touched, so that a test can discard the upload at exactly that point.
+  void set_hook_before_chunk_for_testing(std::function<void()> hook);
 
   // "" if `path` is a safe relative file path inside a checkpoint, else why not
   // (transfer_path_problem).
@@ -80,6 +89,8 @@ class CheckpointStore {
  private:
   struct Upload;
   void fail(Upload& upload, const std::string& error);
+  // Fails an upload that is being forgotten (discarded, or replaced by a new one), under its lock.
+  void abandon(Upload& upload, const std::string& why);
   ChunkResult receive_locked(Upload& upload, const v1::CheckpointChunk& chunk,
                              const std::string& rejection);
   // The commit chunk: every file complete, directories synced; the verified upload or the error.
@@ -90,6 +101,7 @@ class CheckpointStore {
   std::mutex mu_;
   // By job id and step ("<job>/<step>"); each Upload has its own lock for file I/O.
   std::unordered_map<std::string, std::shared_ptr<Upload>> uploads_;
+  std::function<void()> hook_before_chunk_for_testing_;
 };
 
 }  // namespace lomo::server

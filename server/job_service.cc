@@ -159,12 +159,12 @@ grpc::ServerWriteReactor<v1::WatchJobResponse>* JobServiceImpl::WatchJob(
 grpc::ServerWriteReactor<v1::DownloadCheckpointResponse>* JobServiceImpl::DownloadCheckpoint(
     grpc::CallbackServerContext* /*context*/, const v1::DownloadCheckpointRequest* request) {
   using Reactor = CheckpointFilesReactor<v1::DownloadCheckpointResponse>;
-  const std::string checkpoint_id = request->checkpoint_id();
+  const std::string& checkpoint_id = request->checkpoint_id();
   auto reactor = std::make_shared<Reactor>(
       executor_, in_flight_, "checkpoint " + checkpoint_id,
       [this, checkpoint_id](std::optional<Reactor::Source>* source) {
         Reactor::Source found;
-        const grpc::Status status =
+        grpc::Status status =
             coordinator_.find_checkpoint(checkpoint_id, &found.info, &found.directory);
         if (status.ok()) *source = std::move(found);
         return status;

@@ -229,7 +229,7 @@ void install_error_handlers(httplib::Server& server) {
   }));
 
   server.set_exception_handler(
-      [](const httplib::Request&, httplib::Response& response, std::exception_ptr error) {
+      [](const httplib::Request&, httplib::Response& response, const std::exception_ptr& error) {
         std::string what = "unknown error";
         try {
           std::rethrow_exception(error);
@@ -294,8 +294,9 @@ void RestServer::job_routes() {
       return reply_error(response, parsed);
     }
     v1::SubmitJobResponse submitted;
-    const grpc::Status status = wait_for(
-        [&](Coordinator::Done done) { coordinator_.submit_job(submit, &submitted, done); });
+    const grpc::Status status = wait_for([&](Coordinator::Done done) {
+      coordinator_.submit_job(submit, &submitted, std::move(done));
+    });
     reply(response, status, submitted);
   });
 
@@ -322,15 +323,16 @@ void RestServer::job_routes() {
                reply(response, coordinator_.get_job(get, &job), job);
              });
 
-  server.Post(R"(/v1/jobs/([^/:]+):cancel)", [this](const httplib::Request& request,
-                                                    httplib::Response& response) {
-    v1::CancelJobRequest cancel;
-    cancel.set_job_id(request.matches[1]);
-    v1::CancelJobResponse job;
-    const grpc::Status status =
-        wait_for([&](Coordinator::Done done) { coordinator_.cancel_job(cancel, &job, done); });
-    reply(response, status, job);
-  });
+  server.Post(R"(/v1/jobs/([^/:]+):cancel)",
+              [this](const httplib::Request& request, httplib::Response& response) {
+                v1::CancelJobRequest cancel;
+                cancel.set_job_id(request.matches[1]);
+                v1::CancelJobResponse job;
+                const grpc::Status status = wait_for([&](Coordinator::Done done) {
+                  coordinator_.cancel_job(cancel, &job, std::move(done));
+                });
+                reply(response, status, job);
+              });
 
   server.Get(R"(/v1/jobs/([^/:]+)/checkpoints)",
              [this](const httplib::Request& request, httplib::Response& response) {

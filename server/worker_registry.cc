@@ -55,6 +55,11 @@ ReportedEvents read_reported_events(const v1::JobEvents& message, v1::JobProgres
       reported.progress_changed = true;
     } else if (event.has_eval()) {
       reported.progress.set_eval_loss(event.eval().loss());
+      if (event.eval().has_accuracy()) {
+        reported.progress.set_eval_accuracy(event.eval().accuracy());
+      } else {
+        reported.progress.clear_eval_accuracy();
+      }
       reported.progress_changed = true;
     }
     reported.events.push_back(event);

@@ -189,7 +189,7 @@ grpc::ServerWriteReactor<v1::FetchCheckpointResponse>* WorkerServiceImpl::FetchC
       [this, fetch](std::optional<Reactor::Source>* source) {
         Reactor::Source found;
         bool exists = false;
-        const grpc::Status status =
+        grpc::Status status =
             coordinator_.find_checkpoint_to_resume(fetch, &found.info, &found.directory, &exists);
         if (status.ok() && exists) *source = std::move(found);
         return status;

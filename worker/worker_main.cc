@@ -15,7 +15,9 @@
 //       protobuf-lite crash when loaded into one process. SIGTERM stops it gracefully.
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
+#include <charconv>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
@@ -28,6 +30,7 @@
 #include <string>
 #include <vector>
 
+#include "common/flags.h"
 #include "common/trainer_protocol.h"
 #include "jobspec/job_spec.h"
 #include "worker/engine/checkpoint_io.h"
@@ -47,15 +50,51 @@ void on_stop_signal(int signal) {
 
 namespace protocol = lomo::trainer_protocol;
 
+constexpr const char* kUsage =
+    "usage:\n"
+    "  lomo-worker train JOB.yaml [--set key=value]... [--restart]\n"
+    "                    [--protocol-file FILE]\n"
+    "  lomo-worker init-model DIR [--preset tiny|reference] [--seed N]\n"
+    "  lomo-worker serve --coordinator HOST:PORT [--device cpu|N] [--work-dir DIR]\n"
+    "                    [--metrics-listen ADDR:PORT] [--worker-id ID]\n";
+
 int usage(const std::string& problem) {
-  std::cerr << "lomo-worker: " << problem << "\n"
-            << "usage:\n"
-            << "  lomo-worker train JOB.yaml [--set key=value]... [--restart]\n"
-            << "                    [--protocol-file FILE]\n"
-            << "  lomo-worker init-model DIR [--preset tiny|reference] [--seed N]\n"
-            << "  lomo-worker serve --coordinator HOST:PORT [--device cpu|N] [--work-dir DIR]\n"
-            << "                    [--metrics-listen ADDR:PORT] [--worker-id ID]\n";
+  std::cerr << "lomo-worker: " << problem << "\n" << kUsage;
   return protocol::kExitUsage;
+}
+
+// A subcommand's flags (all named: any other is an error) and exactly one positional argument,
+// `what`. nullopt with `*problem` set when the command line cannot be used, or "" for --help.
+std::optional<lomo::ParsedFlags> parse_subcommand(const std::vector<std::string>& args,
+                                                  const std::string& command,
+                                                  const std::string& what, lomo::FlagRules rules,
+                                                  std::string* problem) {
+  rules.allow_positional = true;
+  rules.unknown = lomo::UnknownFlags::kRefuse;
+  lomo::ParsedFlags parsed;
+  try {
+    parsed = lomo::parse_flags(args, rules);
+  } catch (const lomo::FlagError& e) {
+    *problem = command + ": " + e.what();
+    return std::nullopt;
+  }
+  if (parsed.help) {
+    problem->clear();
+    return std::nullopt;
+  }
+  if (parsed.positional.size() != 1) {
+    *problem = command + " needs " + what;
+    if (parsed.positional.size() > 1) *problem += ", got \"" + parsed.positional[1] + "\" as well";
+    return std::nullopt;
+  }
+  return parsed;
+}
+
+// --help prints the usage on stdout (exit 0); a problem prints it on stderr.
+int usage_or_help(const std::string& problem) {
+  if (!problem.empty()) return usage(problem);
+  std::cout << kUsage;
+  return 0;
 }
 
 std::string format_duration(double seconds) {
@@ -72,25 +111,22 @@ struct TrainArgs {
   std::optional<std::filesystem::path> protocol_file;
 };
 
-// nullopt after printing the usage (the problem is in `problem`).
+// nullopt when the command line cannot be used (`*problem` says why) or asks for --help ("").
 std::optional<TrainArgs> parse_train_args(const std::vector<std::string>& args,
                                           std::string* problem) {
-  if (args.empty()) {
-    *problem = "train needs a job file";
-    return std::nullopt;
-  }
+  const std::optional<lomo::ParsedFlags> flags = parse_subcommand(
+      args, "train", "a job file",
+      {.switches = {"--restart"}, .with_value = {"--set", "--protocol-file"}}, problem);
+  if (!flags) return std::nullopt;
   TrainArgs parsed;
-  parsed.job_file = args[0];
-  for (size_t i = 1; i < args.size(); ++i) {
-    if (args[i] == "--set" && i + 1 < args.size()) {
-      parsed.overrides.push_back(args[++i]);
-    } else if (args[i] == "--protocol-file" && i + 1 < args.size()) {
-      parsed.protocol_file = args[++i];
-    } else if (args[i] == "--restart") {
-      parsed.restart = true;
+  parsed.job_file = flags->positional[0];
+  for (const auto& [flag, value] : flags->flags) {
+    if (flag == "--set") {
+      parsed.overrides.push_back(value);
+    } else if (flag == "--protocol-file") {
+      parsed.protocol_file = value;
     } else {
-      *problem = "unknown argument '" + args[i] + "'";
-      return std::nullopt;
+      parsed.restart = true;  // --restart
     }
   }
   return parsed;
@@ -244,7 +280,7 @@ protocol::Status run_training(const lomo::JobSpec& spec, const TrainArgs& args,
 int train_command(const std::vector<std::string>& args) {
   std::string problem;
   const std::optional<TrainArgs> parsed = parse_train_args(args, &problem);
-  if (!parsed) return usage(problem);
+  if (!parsed) return usage_or_help(problem);
   // Opened first, so that even a spec that does not parse is reported through it.
   RunReporter reporter(parsed->protocol_file);
   try {
@@ -284,16 +320,21 @@ int serve_command(const std::vector<std::string>& args) {
 }
 
 int init_model_command(const std::vector<std::string>& args) {
-  if (args.empty()) return usage("init-model needs a directory");
+  std::string problem;
+  const std::optional<lomo::ParsedFlags> flags = parse_subcommand(
+      args, "init-model", "a directory", {.with_value = {"--preset", "--seed"}}, &problem);
+  if (!flags) return usage_or_help(problem);
+  const std::string& directory = flags->positional[0];
   std::string preset = "tiny";
   uint64_t seed = 1;
-  for (size_t i = 1; i + 1 < args.size(); i += 2) {
-    if (args[i] == "--preset") {
-      preset = args[i + 1];
-    } else if (args[i] == "--seed") {
-      seed = std::stoull(args[i + 1]);
-    } else {
-      return usage("unknown argument '" + args[i] + "'");
+  for (const auto& [flag, value] : flags->flags) {
+    if (flag == "--preset") {
+      preset = value;
+    } else {  // --seed
+      const auto [end, error] = std::from_chars(value.data(), value.data() + value.size(), seed);
+      if (error != std::errc() || end != value.data() + value.size()) {
+        return usage("init-model: --seed: expected an integer >= 0, got \"" + value + "\"");
+      }
     }
   }
   lomo::LlamaConfig config;
@@ -322,9 +363,9 @@ int init_model_command(const std::vector<std::string>& args) {
   lomo::MemoryAccountant accountant;
   lomo::LlamaWeights weights(config, lomo::DType::kF32, accountant);
   weights.init_random(seed, 0.02f);
-  lomo::save_llama_checkpoint(weights, args[0]);
+  lomo::save_llama_checkpoint(weights, directory);
   std::printf("wrote a random %.2fM-parameter LLaMA (%s) to %s\n", weights.parameter_count() / 1e6,
-              preset.c_str(), args[0].c_str());
+              preset.c_str(), directory.c_str());
   return 0;
 }
 
@@ -333,6 +374,7 @@ int init_model_command(const std::vector<std::string>& args) {
 int main(int argc, char** argv) {
   if (argc < 2) return usage("no command");
   const std::string command = argv[1];
+  if (command == "--help" || command == "-h" || command == "help") return usage_or_help("");
   const std::vector<std::string> args(argv + 2, argv + argc);
   try {
     if (command == "train") return train_command(args);

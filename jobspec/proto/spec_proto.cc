@@ -2,7 +2,9 @@
 
 #include <google/protobuf/util/json_util.h>
 
+#include <cmath>
 #include <stdexcept>
+#include <string>
 
 namespace lomo {
 namespace {
@@ -27,6 +29,37 @@ std::string without_line(const std::string& message) {
   return message.substr(0, open);
 }
 
+// A Struct holds every number as a double, which is exact only below 2^53: a larger integer (a
+// seed, say) has already been rounded by the time it arrives, and its shortest printed form may
+// look like a plain integer. Refuse it, naming the field, rather than train with another value.
+void refuse_inexact_numbers(const google::protobuf::Value& value, const std::string& path,
+                            const std::string& source) {
+  constexpr double kExactLimit = 9007199254740992.0;  // 2^53
+  switch (value.kind_case()) {
+    case google::protobuf::Value::kNumberValue:
+      if (std::fabs(value.number_value()) >= kExactLimit) {
+        throw JobSpecError(source, path,
+                           "a number this large (" + std::to_string(value.number_value()) +
+                               ") cannot travel exactly in a JSON object spec (a double, exact "
+                               "below 2^53); send the spec as spec_text to keep 64-bit integers");
+      }
+      return;
+    case google::protobuf::Value::kStructValue:
+      for (const auto& [key, field] : value.struct_value().fields()) {
+        refuse_inexact_numbers(field, path.empty() ? key : path + "." + key, source);
+      }
+      return;
+    case google::protobuf::Value::kListValue:
+      for (int i = 0; i < value.list_value().values_size(); ++i) {
+        refuse_inexact_numbers(value.list_value().values(i), path + "[" + std::to_string(i) + "]",
+                               source);
+      }
+      return;
+    default:
+      return;
+  }
+}
+
 }  // namespace
 
 SubmittedSpec read_submitted_spec(const v1::SubmitJobRequest& request, const std::string& source) {
@@ -36,6 +69,11 @@ SubmittedSpec read_submitted_spec(const v1::SubmitJobRequest& request, const std
   }
   if (!has_text && !request.has_spec()) {
     throw JobSpecError(source, "", "required (the job spec as a JSON object, or as spec_text)");
+  }
+  if (!has_text) {
+    google::protobuf::Value root;
+    *root.mutable_struct_value() = request.spec();
+    refuse_inexact_numbers(root, "", source);
   }
   SubmittedSpec submitted;
   submitted.original =

@@ -7,13 +7,24 @@
 
 namespace lomo::cpu {
 
+namespace {
+template <typename RoundTrip>
+void round_each(float* gradient, int64_t count, RoundTrip round_trip) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < count; ++i) gradient[i] = round_trip(gradient[i]);
+}
+}  // namespace
+
 void round_gradient_to_dtype(float* gradient, int64_t count, DType dtype) {
-  if (dtype == DType::kF16) {
-#pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < count; ++i) gradient[i] = fp16_to_float(float_to_fp16(gradient[i]));
-  } else if (dtype == DType::kBF16) {
-#pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < count; ++i) gradient[i] = bf16_to_float(float_to_bf16(gradient[i]));
+  switch (dtype) {
+    case DType::kF16:
+      round_each(gradient, count, [](float g) { return fp16_to_float(float_to_fp16(g)); });
+      return;
+    case DType::kBF16:
+      round_each(gradient, count, [](float g) { return bf16_to_float(float_to_bf16(g)); });
+      return;
+    case DType::kF32:
+      return;
   }
 }
 

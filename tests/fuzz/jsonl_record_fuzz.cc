@@ -10,24 +10,21 @@
 // added, so that all three templates run on one vocabulary.
 #include <cstddef>
 #include <cstdint>
-#include <fstream>
 #include <memory>
 #include <nlohmann/json.hpp>
-#include <sstream>
 #include <string>
 #include <string_view>
 #include <vector>
 
+#include "common/read_file.h"
 #include "worker/data/bpe_tokenizer.h"
 #include "worker/data/jsonl_record.h"
 
 namespace {
 
 std::unique_ptr<lomo::Tokenizer> make_tokenizer() {
-  std::ifstream in(std::string(LOMO_TEST_DATA_DIR) + "/tokenizers/llama3_style/tokenizer.json");
-  std::stringstream text;
-  text << in.rdbuf();
-  nlohmann::json json = nlohmann::json::parse(text.str());
+  nlohmann::json json = nlohmann::json::parse(
+      lomo::read_file(std::string(LOMO_TEST_DATA_DIR) + "/tokenizers/llama3_style/tokenizer.json"));
   int id = 1008;
   for (const char* token : {"<|im_start|>", "<|im_end|>", "<s>", "</s>"}) {
     json["added_tokens"].push_back({{"id", id++}, {"content", token}, {"special", true}});

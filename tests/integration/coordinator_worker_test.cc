@@ -2,11 +2,13 @@
 // receive assignments, report states, send events and checkpoints, stop heartbeating, and get
 // cancelled.
 #include <gmock/gmock.h>
+#include <google/protobuf/util/json_util.h>
 #include <google/protobuf/util/message_differencer.h>
 #include <gtest/gtest.h>
 
 #include <filesystem>
 #include <map>
+#include <optional>
 
 #include "common/sha256.h"
 #include "tests/integration/coordinator_harness.h"
@@ -179,7 +181,10 @@ TEST_F(CoordinatorWorkerTest, AssignmentEventsCheckpointsAndSuccess) {
   const fs::path root = dir_.path() / "data" / "checkpoints" / submitted.id();
   EXPECT_TRUE(fs::exists(root / "step-00000020" / "model.safetensors"));
   EXPECT_FALSE(fs::exists(root / "step-00000030"));
-  EXPECT_FALSE(fs::exists(root / ".tmp-step-00000030"));
+  for (const auto& entry : fs::directory_iterator(root)) {  // the rejected upload left nothing
+    EXPECT_FALSE(entry.path().filename().string().starts_with(".tmp-step-00000030"))
+        << entry.path();
+  }
 
   std::map<std::string, std::string> downloaded, digests;
   const grpc::Status status = download(info.checkpoint_id(), &downloaded, &digests);
@@ -222,6 +227,57 @@ TEST_F(CoordinatorWorkerTest, AssignmentEventsCheckpointsAndSuccess) {
   const auto second = w->next_assignment(seconds(5));
   ASSERT_TRUE(second.has_value());
   EXPECT_EQ(second->job_id(), next.id());
+}
+
+// One evaluation result as the worker daemon reports it; `accuracy` only for a multiple-choice
+// eval.
+bool send_eval(TestWorker& w, const std::string& job_id, int64_t step, double loss,
+               std::optional<double> accuracy) {
+  v1::WorkerMessage message;
+  v1::JobEvents* events = message.mutable_events();
+  events->set_job_id(job_id);
+  events->set_attempt(1);
+  v1::EvalResult* eval = events->add_events()->mutable_eval();
+  eval->set_step(step);
+  eval->set_loss(loss);
+  if (accuracy) {
+    eval->set_accuracy(*accuracy);
+    eval->set_examples(8);
+  }
+  return w.send(message);
+}
+
+// The latest evaluation shows in the job's progress, over gRPC and REST alike: its loss and, for a
+// multiple-choice eval, its accuracy; a later loss-only eval leaves no stale accuracy behind. The
+// values are exact in binary, so they are compared exactly.
+TEST_F(CoordinatorWorkerTest, TheLatestEvaluationsLossAndAccuracyShowInTheProgress) {
+  const v1::Job submitted = submit_ok("eval");
+  auto w = worker("w1");
+  ASSERT_TRUE(w->next_assignment(seconds(5)).has_value());
+  w->set_current(submitted.id(), 1);
+  ASSERT_TRUE(w->report(submitted.id(), 1, v1::JOB_STATE_RUNNING));
+  wait_for_state(*jobs_, submitted.id(), v1::JOB_STATE_RUNNING, seconds(30));
+
+  ASSERT_TRUE(send_eval(*w, submitted.id(), 10, 1.75, 0.625));
+  v1::Job job;
+  ASSERT_TRUE(wait_until(
+      [&] { return get(*jobs_, submitted.id(), &job).ok() && job.progress().eval_loss() == 1.75; },
+      seconds(5)));
+  ASSERT_TRUE(job.progress().has_eval_accuracy());
+  EXPECT_EQ(job.progress().eval_accuracy(), 0.625);
+  const HttpResult rest = http_request(*coordinator_, "GET", "/v1/jobs/" + submitted.id());
+  ASSERT_EQ(rest.status, 200) << rest.body;
+  v1::GetJobResponse from_rest;
+  ASSERT_TRUE(google::protobuf::util::JsonStringToMessage(rest.body, &from_rest).ok()) << rest.body;
+  EXPECT_EQ(from_rest.job().progress().eval_loss(), 1.75);
+  ASSERT_TRUE(from_rest.job().progress().has_eval_accuracy()) << rest.body;
+  EXPECT_EQ(from_rest.job().progress().eval_accuracy(), 0.625);
+
+  ASSERT_TRUE(send_eval(*w, submitted.id(), 20, 1.5, std::nullopt));
+  ASSERT_TRUE(wait_until(
+      [&] { return get(*jobs_, submitted.id(), &job).ok() && job.progress().eval_loss() == 1.5; },
+      seconds(5)));
+  EXPECT_FALSE(job.progress().has_eval_accuracy());
 }
 
 TEST_F(CoordinatorWorkerTest, MissedHeartbeatsFailTheJobWithTheReason) {

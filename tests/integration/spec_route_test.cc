@@ -150,19 +150,23 @@ TEST_F(SpecRouteTest, TheCanonicalSpecSurvivesACoordinatorRestart) {
   expect_seed_survives(job.id());
 }
 
-// The Struct form holds doubles: the documented limit that spec_text exists for. The coordinator
-// reads what the Struct holds (2^63 rounded is out of int64 range here), so the job is refused
-// rather than run with another seed.
+// The Struct form holds doubles: the documented limit that spec_text exists for. A number at or
+// beyond 2^53 has already been rounded when it arrives, so the job is refused, naming the field,
+// rather than run with another seed: both 2^63 - 1 (printed with an exponent) and 2^53 + 1 (whose
+// double, 2^53, prints as plain digits and would otherwise pass as an integer).
 TEST_F(SpecRouteTest, AStructCannotCarryTheSeedAndIsRefusedRatherThanRounded) {
-  v1::SubmitJobRequest request = submit_request("struct");
-  (*(*request.mutable_spec()->mutable_fields())["training"]
-        .mutable_struct_value()
-        ->mutable_fields())["seed"]
-      .set_number_value(static_cast<double>(kSeed));
-  v1::Job job;
-  const grpc::Status status = submit(*jobs_, request, &job);
-  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
-  EXPECT_THAT(status.error_message(), HasSubstr("training.seed: expected a non-negative integer"));
+  for (const uint64_t seed : {kSeed, (uint64_t{1} << 53) + 1}) {
+    v1::SubmitJobRequest request = submit_request("struct");
+    (*(*request.mutable_spec()->mutable_fields())["training"]
+          .mutable_struct_value()
+          ->mutable_fields())["seed"]
+        .set_number_value(static_cast<double>(seed));
+    v1::Job job;
+    const grpc::Status status = submit(*jobs_, request, &job);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << seed;
+    EXPECT_THAT(status.error_message(), HasSubstr("training.seed: a number this large")) << seed;
+    EXPECT_THAT(status.error_message(), HasSubstr("spec_text")) << seed;
+  }
 }
 
 // lomoctl submit --set a --set b: the coordinator applies the overrides together with the file and

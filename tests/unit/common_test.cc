@@ -46,6 +46,46 @@ TEST(FlagsTest, SplitsBothFormsInOrderAndKeepsPositionalsWhereAllowed) {
   EXPECT_TRUE(parse_flags({"--a", "1", "-h", "--bogus"}).help);
 }
 
+// lomoctl's commands and lomo-worker's subcommands name every flag they take: anything else is an
+// error, a short flag included, while "-" stays a positional argument.
+TEST(FlagsTest, RefusesFlagsNotNamedWhereAskedTo) {
+  const FlagRules rules{.switches = {"--watch", "-f"},
+                        .allow_positional = true,
+                        .with_value = {"--set"},
+                        .unknown = UnknownFlags::kRefuse};
+  const ParsedFlags parsed =
+      parse_flags({"job.yaml", "--set", "a=1", "-f", "--set=b=2", "-", "--watch"}, rules);
+  using Pair = std::pair<std::string, std::string>;
+  EXPECT_EQ(
+      parsed.flags,
+      (std::vector<Pair>{{"--set", "a=1"}, {"-f", "true"}, {"--set", "b=2"}, {"--watch", "true"}}));
+  EXPECT_EQ(parsed.positional, (std::vector<std::string>{"job.yaml", "-"}));
+  EXPECT_EQ(error_of<FlagError>([&] {
+              parse_flags({"--nope", "1"}, rules);
+            }),
+            "--nope: unknown flag");
+  EXPECT_EQ(error_of<FlagError>([&] { parse_flags({"-x"}, rules); }), "-x: unknown flag");
+  EXPECT_EQ(error_of<FlagError>([&] { parse_flags({"--watch=no"}, rules); }),
+            "--watch: takes no value");
+  EXPECT_EQ(error_of<FlagError>([&] {
+              parse_flags({"a", "--set"}, rules);
+            }),
+            "--set: needs a value");
+}
+
+// lomoctl's global flags may stand anywhere; every other argument is left, in order, to the
+// command's own parse.
+TEST(FlagsTest, PassesUnknownFlagsOnAsPositionalsWhereAskedTo) {
+  const FlagRules rules{
+      .allow_positional = true, .with_value = {"--output", "-o"}, .unknown = UnknownFlags::kPassOn};
+  const ParsedFlags parsed = parse_flags(
+      {"submit", "--set", "a=1", "-o", "json", "-f", "--x=1", "--output=text", "job.yaml"}, rules);
+  using Pair = std::pair<std::string, std::string>;
+  EXPECT_EQ(parsed.flags, (std::vector<Pair>{{"-o", "json"}, {"--output", "text"}}));
+  EXPECT_EQ(parsed.positional,
+            (std::vector<std::string>{"submit", "--set", "a=1", "-f", "--x=1", "job.yaml"}));
+}
+
 TEST(FlagsTest, ErrorsNameTheFlag) {
   EXPECT_EQ(error_of<FlagError>([] { parse_flags({"--data-dir"}); }), "--data-dir: needs a value");
   EXPECT_THAT(error_of<FlagError>([] { parse_flags({"stray"}); }),

@@ -7,8 +7,11 @@
 
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <sstream>
+#include <utility>
 
+#include "common/checkpoint_layout.h"
 #include "common/read_file.h"
 #include "common/sha256.h"
 #include "server/checkpoint_store.h"
@@ -18,7 +21,6 @@ namespace {
 
 namespace fs = std::filesystem;
 using ::testing::HasSubstr;
-using ::testing::IsEmpty;
 
 constexpr uint64_t kOwner = 1;
 
@@ -62,6 +64,10 @@ class CheckpointStoreTest : public ::testing::Test {
   ChunkResult send(const v1::CheckpointChunk& c, uint64_t owner = kOwner) {
     return store_->receive(owner, c, "");
   }
+  // Where an upload of job-1's step 100 (attempt 1) by `owner` is assembled.
+  fs::path temporary(uint64_t owner = kOwner) const {
+    return temporary_upload_directory(root_ / "job-1", 100, owner, /*attempt=*/1);
+  }
 
   fs::path root_;
   std::unique_ptr<CheckpointStore> store_;
@@ -90,7 +96,7 @@ TEST_F(CheckpointStoreTest, VerifiedUploadIsPublishedUnderItsStep) {
   std::string upper = sha256_hex("");
   for (char& c : upper) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
   send(chunk("state/empty.json", 0, "", true, upper));
-  EXPECT_TRUE(fs::exists(root_ / "job-1" / ".tmp-step-00000100" / "model.safetensors"));
+  EXPECT_TRUE(fs::exists(temporary() / "model.safetensors"));
 
   const ChunkResult result = send(commit());
   ASSERT_TRUE(result.commit);
@@ -116,8 +122,7 @@ TEST_F(CheckpointStoreTest, CorruptedChunkIsReportedAtTheCommitAndLeavesNothing)
   std::string corrupted = data;
   corrupted[3] ^= 1;
   send(chunk("model.safetensors", 0, corrupted, true, sha256_hex(data)));
-  EXPECT_FALSE(fs::exists(root_ / "job-1" / ".tmp-step-00000100"))
-      << "a failed upload's files are removed at once";
+  EXPECT_FALSE(fs::exists(temporary())) << "a failed upload's files are removed at once";
   // Later chunks of the failed upload are ignored.
   send(chunk("other.bin", 0, "x", true, sha256_hex("x")));
   const ChunkResult result = send(commit());
@@ -185,13 +190,56 @@ TEST_F(CheckpointStoreTest, ANewConnectionStartsTheStepOver) {
 
 TEST_F(CheckpointStoreTest, DiscardRemovesUploadsInProgress) {
   send(chunk("a.bin", 0, "half", false));
-  const fs::path temporary = root_ / "job-1" / ".tmp-step-00000100";
-  EXPECT_TRUE(fs::exists(temporary));
+  EXPECT_TRUE(fs::exists(temporary()));
   store_->discard_owner(kOwner);
-  EXPECT_FALSE(fs::exists(temporary));
+  EXPECT_FALSE(fs::exists(temporary()));
   send(chunk("a.bin", 0, "half", false));
   store_->discard_job("job-1");
-  EXPECT_FALSE(fs::exists(temporary));
+  EXPECT_FALSE(fs::exists(temporary()));
+}
+
+// The race: a chunk of an upload is already inside receive() when the upload is discarded (its
+// connection closed), and a new connection uploads the same step before that chunk is written. The
+// late chunk, and the old connection's refused commit after it, must neither write into nor remove
+// the new upload's files. The hook makes the interleaving exact instead of a matter of timing.
+TEST_F(CheckpointStoreTest, ALateChunkOfADiscardedUploadCannotTouchTheNextUploadOfTheStep) {
+  constexpr uint64_t kNewOwner = 2;
+  send(chunk("a.bin", 0, "old", true, sha256_hex("old")));
+  bool discarded = false;
+  store_->set_hook_before_chunk_for_testing([&] {
+    if (std::exchange(discarded, true)) return;  // only for the late chunk, not the new upload's
+    store_->discard_owner(kOwner);
+    send(chunk("a.bin", 0, "new", true, sha256_hex("new")), kNewOwner);
+  });
+  // The late chunk found the old upload before the discard and is written after it.
+  send(chunk("late.bin", 0, "late", true, sha256_hex("late")));
+  ASSERT_TRUE(discarded);
+  EXPECT_FALSE(fs::exists(temporary(kOwner))) << "the discarded upload wrote nothing";
+  // The old connection's commit, refused by the coordinator (its worker is gone), removes nothing.
+  const ChunkResult old_commit = store_->receive(kOwner, commit(), "connection 1 closed");
+  EXPECT_FALSE(old_commit.verified.has_value());
+  EXPECT_EQ(old_commit.error, "connection 1 closed");
+
+  const ChunkResult result = send(commit(), kNewOwner);
+  ASSERT_EQ(result.error, "");
+  ASSERT_TRUE(result.verified.has_value());
+  ASSERT_EQ(store_->publish(*result.verified), "");
+  const fs::path published = store_->checkpoint_dir("job-1", 100);
+  EXPECT_EQ(read(published / "a.bin"), "new");
+  EXPECT_EQ(std::distance(fs::directory_iterator(published), fs::directory_iterator()), 1)
+      << "only the new upload's file";
+}
+
+TEST_F(CheckpointStoreTest, ARefusedChunkDoesNotEndAnotherConnectionsUpload) {
+  send(chunk("a.bin", 0, "who", false), /*owner=*/2);
+  // A stale attempt's commit from connection 1 is refused by the coordinator.
+  const ChunkResult refused = store_->receive(kOwner, commit(), "attempt 1 is stale");
+  EXPECT_TRUE(refused.commit);
+  EXPECT_EQ(refused.error, "attempt 1 is stale");
+  send(chunk("a.bin", 3, "le", true, sha256_hex("whole")), /*owner=*/2);
+  const ChunkResult result = send(commit(), /*owner=*/2);
+  EXPECT_EQ(result.error, "");
+  EXPECT_TRUE(result.verified.has_value());
 }
 
 TEST_F(CheckpointStoreTest, PublishingAStepTwiceFails) {

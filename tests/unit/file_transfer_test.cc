@@ -11,7 +11,9 @@
 #include <fstream>
 #include <functional>
 #include <map>
+#include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "common/read_file.h"
@@ -163,8 +165,8 @@ TEST(FileTransferTest, TheReceiverRefusesGapsRepeatsInterleavingAndBadDigests) {
 TEST(FileTransferTest, PathsThatWouldLeaveTheDirectoryAreRefused) {
   TempDir root;
   const fs::path to = root.path() / "inside";
-  for (const std::string path :
-       {"../escape.bin", "/etc/passwd", "a/../../b", "./a", "a//b", "a/", "a\\b", ""}) {
+  for (const std::string path : {"../escape.bin", "/etc/passwd", "a/../../b", "./a", "a//b", "a/",
+                                 "a\\b", "", "model.safetensors.partial"}) {
     EXPECT_NE(transfer_path_problem(path), "") << path;
     FileReceiver receiver(to);
     EXPECT_THAT(transfer_error([&] { receiver.accept(chunk(path, 0, "x", sha256_hex("x"))); }),
@@ -206,6 +208,81 @@ TEST(FileTransferTest, ReceivedFilesAreComparedWithTheRecord) {
   v1::CheckpointFile other = b;
   other.set_sha256(sha256_hex("y"));
   EXPECT_THAT(compare_with_record({a, b}, {other}), HasSubstr("b differs"));
+}
+
+// A stream over `chunks` that records what receive_transfer did with it; `end_error` makes the
+// sender end the stream with an error.
+struct RecordedStream {
+  explicit RecordedStream(std::vector<v1::FileChunk> chunks, std::string end_error = "")
+      : chunks(std::move(chunks)), end_error(std::move(end_error)) {}
+
+  std::vector<v1::FileChunk> chunks;
+  std::string end_error;
+  size_t read = 0;
+  bool cancelled = false;
+  bool end_checked = false;
+  std::vector<std::string> progress;
+
+  ChunkStream stream() {
+    ChunkStream s;
+    s.next = [this]() { return read < chunks.size() ? &chunks[read++] : nullptr; };
+    s.cancel = [this] { cancelled = true; };
+    s.check_end = [this] {
+      end_checked = true;
+      if (!end_error.empty()) throw std::runtime_error(end_error);
+    };
+    s.on_chunk = [this](const v1::FileChunk& chunk) { progress.push_back(chunk.path()); };
+    return s;
+  }
+};
+
+TEST(ReceiveTransferTest, AWholeStreamIsReceivedCheckedAtItsEndAndComparedWithTheRecord) {
+  TempDir to;
+  RecordedStream recorded{{chunk("a.bin", 0, "ab"), chunk("a.bin", 2, "c", sha256_hex("abc"))}};
+  FileReceiver receiver(to.path());
+  v1::CheckpointFile record;
+  record.set_path("a.bin");
+  record.set_size_bytes(3);
+  record.set_sha256(sha256_hex("abc"));
+  receive_transfer(receiver, recorded.stream(), {record});
+  EXPECT_TRUE(recorded.end_checked);
+  EXPECT_FALSE(recorded.cancelled);
+  EXPECT_EQ(recorded.progress, (std::vector<std::string>{"a.bin", "a.bin"}));
+  EXPECT_EQ(read_file(to.path() / "a.bin"), "abc");
+
+  // The same bytes against a record that wants another file: refused after the end.
+  TempDir again;
+  RecordedStream second(recorded.chunks);
+  FileReceiver other(again.path());
+  record.set_path("b.bin");
+  EXPECT_THAT(transfer_error([&] { receive_transfer(other, second.stream(), {record}); }),
+              HasSubstr("missing b.bin"));
+}
+
+TEST(ReceiveTransferTest, ARefusedChunkCancelsTheStreamWithoutWaitingForItsEnd) {
+  TempDir to;
+  RecordedStream recorded{{chunk("a.bin", 0, "ab"), chunk("a.bin", 5, "c", sha256_hex("abc"))}};
+  FileReceiver receiver(to.path());
+  EXPECT_THAT(transfer_error([&] { receive_transfer(receiver, recorded.stream(), {}); }),
+              HasSubstr("a.bin: chunk at offset 5, expected 2"));
+  EXPECT_TRUE(recorded.cancelled);
+  EXPECT_FALSE(recorded.end_checked);
+  EXPECT_TRUE(fs::is_empty(to.path()));
+}
+
+TEST(ReceiveTransferTest, TheSendersErrorPassesThroughAndRemovesTheFileInProgress) {
+  TempDir to;
+  RecordedStream recorded{{chunk("a.bin", 0, "ab")}, "the coordinator stopped"};
+  FileReceiver receiver(to.path());
+  try {
+    receive_transfer(receiver, recorded.stream(), {});
+    FAIL() << "no exception";
+  } catch (const TransferError& error) {
+    FAIL() << "the sender's error became a TransferError: " << error.what();
+  } catch (const std::runtime_error& error) {
+    EXPECT_STREQ(error.what(), "the coordinator stopped");
+  }
+  EXPECT_TRUE(fs::is_empty(to.path())) << "a.bin.partial was removed";
 }
 
 }  // namespace

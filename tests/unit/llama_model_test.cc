@@ -290,7 +290,7 @@ TEST(LlamaModelInput, MalformedBatchesAreRejectedWithTheReason) {
   LlamaWeights weights(tiny_config(v), DType::kF32, accountant);
   weights.init_random(1, 0.5f);
   LlamaModel model(weights, accountant);
-  auto expect_rejected = [&](TokenBatch batch, const std::string& needle) {
+  auto expect_rejected = [&](const TokenBatch& batch, const std::string& needle) {
     try {
       model.forward(batch);
       ADD_FAILURE() << "accepted a batch that should fail with " << needle;

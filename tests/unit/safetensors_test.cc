@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <bit>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -37,7 +38,7 @@ class SafetensorsTest : public ::testing::Test {
   // text, data bytes.
   fs::path write_raw(const std::string& header, const std::string& data,
                      std::optional<uint64_t> length = std::nullopt) {
-    const fs::path path = dir_ / "model.safetensors";
+    fs::path path = dir_ / "model.safetensors";
     std::string bytes(8, '\0');
     const uint64_t n = length.value_or(header.size());
     for (int i = 0; i < 8; ++i) bytes[i] = static_cast<char>((n >> (8 * i)) & 0xff);
@@ -91,7 +92,9 @@ TEST_F(SafetensorsTest, WriteThenReadReturnsTheSameBytes) {
   EXPECT_EQ(w.numel(), 6u);
   std::vector<float> w_read(6);
   file.read_tensor("w", w_read.data());
-  EXPECT_EQ(std::memcmp(w_read.data(), weights.data(), 24), 0);
+  for (size_t i = 0; i < weights.size(); ++i) {  // bit for bit: the file holds exact fp32 values
+    EXPECT_EQ(std::bit_cast<uint32_t>(w_read[i]), std::bit_cast<uint32_t>(weights[i])) << i;
+  }
 
   std::vector<uint16_t> b_read(4), h_read(4);
   file.read_tensor("b", b_read.data());

@@ -437,7 +437,7 @@ TEST(MultipleChoiceEval, ScoresMatchAReferenceComputationCandidateByCandidate) {
 // The trainer on JSONL data.
 
 fs::path fresh_dir(const std::string& name) {
-  const fs::path dir = fs::path(::testing::TempDir()) / ("token_dataset_test_" + name);
+  fs::path dir = fs::path(::testing::TempDir()) / ("token_dataset_test_" + name);
   fs::remove_all(dir);
   fs::create_directories(dir);
   return dir;

@@ -242,9 +242,39 @@ TEST(CheckpointLayoutTest, LatestNamesADirectoryBesideItOrIsRefused) {
   fs::create_directories(checkpoint_directory(root, 5));
   std::ofstream(latest_checkpoint_pointer(root)) << "step-00000005\n";
   EXPECT_EQ(read_latest_checkpoint(root), checkpoint_directory(root, 5));
-  std::ofstream(latest_checkpoint_pointer(root)) << "../elsewhere\n";
-  EXPECT_THROW(read_latest_checkpoint(root), std::runtime_error);
+  // Anything but a step directory would resume from somewhere else: "..", ".", another folder.
+  fs::create_directories(root / "other");
+  for (const char* name : {"../elsewhere", "..", ".", "other", "step-00000006"}) {
+    std::ofstream(latest_checkpoint_pointer(root)) << name << "\n";
+    EXPECT_THROW(read_latest_checkpoint(root), std::runtime_error) << name;
+  }
   fs::remove_all(root);
+}
+
+TEST(CheckpointLayoutTest, WrittenLatestPointerReadsBackAndLeavesNoTemporaryFile) {
+  std::string pattern = (fs::temp_directory_path() / "lomo-layout-test-XXXXXX").string();
+  const fs::path root = ::mkdtemp(pattern.data());
+  for (const int64_t step : {5, 10}) {
+    fs::create_directories(checkpoint_directory(root, step));
+    write_latest_checkpoint(root, step);
+    EXPECT_EQ(read_latest_checkpoint(root), checkpoint_directory(root, step));
+  }
+  // Only the two step directories and the pointer: the temporary file was renamed away.
+  EXPECT_EQ(std::distance(fs::directory_iterator(root), fs::directory_iterator()), 3);
+  fs::remove_all(root);
+}
+
+TEST(CheckpointLayoutTest, UploadDirectoriesAreTemporaryAndDistinctPerConnectionAndAttempt) {
+  const fs::path root = "/data/checkpoints/job-1";
+  EXPECT_EQ(temporary_upload_directory(root, 100, 3, 2),
+            fs::path("/data/checkpoints/job-1/.tmp-step-00000100.upload-3-2"));
+  EXPECT_NE(temporary_upload_directory(root, 100, 3, 2),
+            temporary_upload_directory(root, 100, 4, 2));
+  EXPECT_NE(temporary_upload_directory(root, 100, 3, 2),
+            temporary_upload_directory(root, 100, 3, 3));
+  EXPECT_TRUE(is_temporary_checkpoint_name(
+      temporary_upload_directory(root, 100, 3, 2).filename().string()));
+  EXPECT_FALSE(checkpoint_step_from_name(".tmp-step-00000100.upload-3-2"));
 }
 
 TEST(CheckpointLayoutTest, AttemptDirectoriesCannotEscapeTheWorkDirectory) {

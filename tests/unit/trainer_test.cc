@@ -21,7 +21,7 @@ namespace fs = std::filesystem;
 
 fs::path fresh_dir(const std::string& name) {
   // The process id keeps concurrent runs of the suite (several build trees) apart.
-  const fs::path dir =
+  fs::path dir =
       fs::path(::testing::TempDir()) / ("trainer_test_" + std::to_string(::getpid()) + "_" + name);
   fs::remove_all(dir);
   fs::create_directories(dir);

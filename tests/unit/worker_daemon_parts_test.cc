@@ -212,7 +212,7 @@ TEST(TrainerChannelTest, ALineFromAnotherVersionIsAnErrorNamingTheLine) {
                       << "\n";
   TrainerChannel channel(file);
   try {
-    channel.poll([](trainer_protocol::Record) {});
+    channel.poll([](const trainer_protocol::Record&) {});
     FAIL() << "no exception";
   } catch (const trainer_protocol::ProtocolError& e) {
     EXPECT_THAT(e.what(), HasSubstr("trainer protocol line 1: protocol version 7"));
@@ -239,7 +239,9 @@ TEST(DeviceInfoTest, RejectsWhatIsNotADevice) {
   }
 }
 
-TEST(AssignmentSpecTest, ReadsAStructAsTheJobSchemaAndNamesABadField) {
+// A job spec as an Assignment carries it: model.path /models/tiny, data.train [a.txt],
+// training.steps 20.
+google::protobuf::Struct small_spec() {
   google::protobuf::Struct spec;
   (*(*spec.mutable_fields())["model"].mutable_struct_value()->mutable_fields())["path"]
       .set_string_value("/models/tiny");
@@ -247,6 +249,11 @@ TEST(AssignmentSpecTest, ReadsAStructAsTheJobSchemaAndNamesABadField) {
   data["train"].mutable_list_value()->add_values()->set_string_value("a.txt");
   (*(*spec.mutable_fields())["training"].mutable_struct_value()->mutable_fields())["steps"]
       .set_number_value(20);
+  return spec;
+}
+
+TEST(AssignmentSpecTest, ReadsAStructAsTheJobSchemaAndNamesABadField) {
+  google::protobuf::Struct spec = small_spec();
   const JobSpec parsed = spec_from_struct(spec, "job j spec");
   EXPECT_EQ(parsed.model.path, "/models/tiny");
   EXPECT_EQ(parsed.training.steps, 20);
@@ -479,17 +486,6 @@ std::string say(const std::vector<std::string>& lines) {
   return script;
 }
 
-google::protobuf::Struct small_spec() {
-  google::protobuf::Struct spec;
-  (*(*spec.mutable_fields())["model"].mutable_struct_value()->mutable_fields())["path"]
-      .set_string_value("/models/tiny");
-  auto& data = *(*spec.mutable_fields())["data"].mutable_struct_value()->mutable_fields();
-  data["train"].mutable_list_value()->add_values()->set_string_value("a.txt");
-  (*(*spec.mutable_fields())["training"].mutable_struct_value()->mutable_fields())["steps"]
-      .set_number_value(20);
-  return spec;
-}
-
 // Runs one attempt of job "job-p" with `script_body` as the training program; its final status.
 lomo::v1::JobStatusUpdate run_attempt(const TempDir& dir, const std::string& script_body,
                                       RecordingListener& listener) {
@@ -511,6 +507,19 @@ lomo::v1::JobStatusUpdate run_attempt(const TempDir& dir, const std::string& scr
   return runner.final_status();
 }
 
+// run_attempt in a directory of its own, for the tests that look only at the final status and at
+// what the listener received.
+lomo::v1::JobStatusUpdate run_attempt(const std::string& script_body, RecordingListener& listener) {
+  TempDir dir;
+  return run_attempt(dir, script_body, listener);
+}
+
+// The final status alone.
+lomo::v1::JobStatusUpdate run_attempt(const std::string& script_body) {
+  RecordingListener listener;
+  return run_attempt(script_body, listener);
+}
+
 namespace protocol = trainer_protocol;
 
 const std::vector<std::string> kAlarmingText = {
@@ -526,10 +535,9 @@ TEST(JobRunnerProtocolTest, ASuccessReportedInTheProtocolSucceedsWhateverTheChil
       report(protocol::Metrics{1, 7, 2.5, 0.01, 1.0, 1.0, false, 0, 512, 100.0, 0.1, {}}) +
       report(protocol::Outcome{protocol::Status::kSucceeded, "", 7, 7}) + "exit 0\n";
   for (const auto& text : {kAlarmingText, kCheerfulText}) {
-    TempDir dir;
     RecordingListener listener;
     const auto status =
-        run_attempt(dir, say(text) + "echo 'fatal error' >&2\n" + reported_success, listener);
+        run_attempt(say(text) + "echo 'fatal error' >&2\n" + reported_success, listener);
     EXPECT_EQ(status.state(), lomo::v1::JOB_STATE_SUCCEEDED) << status.reason();
     // The total comes from the protocol (7), not from a "step 1/999" line.
     ASSERT_EQ(listener.metrics.size(), 1u);
@@ -548,9 +556,7 @@ TEST(JobRunnerProtocolTest, AFailureReportedInTheProtocolFailsWhateverTheChildPr
           protocol::Outcome{protocol::Status::kNonFinite, "gradient of 'w' is not finite", 3, 20}) +
       "exit 5\n";
   for (const auto& text : {kCheerfulText, kAlarmingText}) {
-    TempDir dir;
-    RecordingListener listener;
-    const auto status = run_attempt(dir, say(text) + reported_failure, listener);
+    const auto status = run_attempt(say(text) + reported_failure);
     EXPECT_EQ(status.state(), lomo::v1::JOB_STATE_FAILED);
     EXPECT_THAT(status.reason(), HasSubstr("exited with code 5"));
     // With nothing on stderr, the reason is the report's.
@@ -559,42 +565,47 @@ TEST(JobRunnerProtocolTest, AFailureReportedInTheProtocolFailsWhateverTheChildPr
 }
 
 TEST(JobRunnerProtocolTest, ACleanExitWithoutAnOutcomeRecordIsAFailure) {
-  TempDir dir;
-  RecordingListener listener;
-  const auto status = run_attempt(
-      dir, say(kCheerfulText) + report(protocol::Started{20, 0, ""}) + "exit 0\n", listener);
+  const auto status =
+      run_attempt(say(kCheerfulText) + report(protocol::Started{20, 0, ""}) + "exit 0\n");
   EXPECT_EQ(status.state(), lomo::v1::JOB_STATE_FAILED);
   EXPECT_THAT(status.reason(), HasSubstr("without reporting an outcome"));
 }
 
 TEST(JobRunnerProtocolTest, AnExitCodeThatContradictsTheReportedOutcomeIsAFailure) {
-  TempDir dir;
-  RecordingListener listener;
-  const auto status = run_attempt(
-      dir, report(protocol::Outcome{protocol::Status::kSucceeded, "", 20, 20}) + "exit 1\n",
-      listener);
+  const auto status =
+      run_attempt(report(protocol::Outcome{protocol::Status::kSucceeded, "", 20, 20}) + "exit 1\n");
   EXPECT_EQ(status.state(), lomo::v1::JOB_STATE_FAILED);
   EXPECT_THAT(status.reason(), HasSubstr("exited with code 1"));
   EXPECT_THAT(status.reason(), HasSubstr("its report said 'succeeded', whose exit code is 0"));
 }
 
 TEST(JobRunnerProtocolTest, AnUnreadableReportFailsTheAttemptNamingTheLine) {
-  TempDir dir;
-  RecordingListener listener;
-  const auto status = run_attempt(
-      dir,
-      report(protocol::Started{20, 0, ""}) + "echo 'step 20/20 done' >> \"$4\"\n" +
-          report(protocol::Outcome{protocol::Status::kSucceeded, "", 20, 20}) + "exit 0\n",
-      listener);
+  const auto status =
+      run_attempt(report(protocol::Started{20, 0, ""}) + "echo 'step 20/20 done' >> \"$4\"\n" +
+                  report(protocol::Outcome{protocol::Status::kSucceeded, "", 20, 20}) + "exit 0\n");
   EXPECT_EQ(status.state(), lomo::v1::JOB_STATE_FAILED);
   EXPECT_THAT(status.reason(), HasSubstr("trainer protocol line 2: not a JSON object"));
 }
 
-TEST(JobRunnerProtocolTest, EvaluationAccuracyIsCarriedIntoTheEvalEvent) {
-  TempDir dir;
+// The child writes everything and exits before the runner's last read, so that read meets the bad
+// line first: the records behind it (here an evaluation; in a real run perhaps the last committed
+// checkpoint) must still be delivered, while the attempt fails for the bad line.
+TEST(JobRunnerProtocolTest, RecordsAfterABadLineAreStillDelivered) {
   RecordingListener listener;
   const auto status = run_attempt(
-      dir,
+      report(protocol::Started{20, 0, ""}) + "echo 'not json' >> \"$4\"\n" +
+          "echo 'still not json' >> \"$4\"\n" + report(protocol::Eval{20, 1.5, 4.48, 64, 0.75, 4}) +
+          report(protocol::Outcome{protocol::Status::kSucceeded, "", 20, 20}) + "exit 0\n",
+      listener);
+  EXPECT_EQ(status.state(), lomo::v1::JOB_STATE_FAILED);
+  EXPECT_THAT(status.reason(), HasSubstr("trainer protocol line 2"));
+  ASSERT_EQ(listener.evals.size(), 1u);
+  EXPECT_EQ(listener.evals[0].step(), 20);
+}
+
+TEST(JobRunnerProtocolTest, EvaluationAccuracyIsCarriedIntoTheEvalEvent) {
+  RecordingListener listener;
+  const auto status = run_attempt(
       report(protocol::Started{20, 0, ""}) + report(protocol::Eval{20, 1.5, 4.48, 64, 0.75, 4}) +
           report(protocol::Outcome{protocol::Status::kSucceeded, "", 20, 20}) + "exit 0\n",
       listener);

@@ -1,30 +1,24 @@
 #include "worker/data/sample_loader.h"
 
-#include <cerrno>
-#include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <string_view>
 #include <system_error>
+
+#include "common/read_file.h"
 
 namespace lomo {
 namespace {
 
-std::string read_file(const std::string& path, size_t index) {
+std::string read_data_file(const std::string& path, size_t index) {
   std::error_code error;
   if (std::filesystem::is_directory(path, error)) {
     throw DataError(index, path + ": is a directory, not a data file");
   }
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw DataError(index, "cannot read '" + path + "': " + std::strerror(errno));
-  in.seekg(0, std::ios::end);
-  const std::streamoff size = in.tellg();
-  in.seekg(0, std::ios::beg);
-  std::string bytes(size > 0 ? static_cast<size_t>(size) : 0, '\0');
-  if (size > 0 && !in.read(bytes.data(), size)) {
-    throw DataError(index, "cannot read '" + path + "': " + std::strerror(errno));
+  try {
+    return read_file(path);
+  } catch (const FileReadError& e) {
+    throw DataError(index, "cannot read '" + path + "': " + e.reason());
   }
-  return bytes;
 }
 
 bool is_blank(std::string_view line) {
@@ -105,7 +99,7 @@ void require_not_empty(std::string_view bytes, const std::string& path, size_t i
 
 std::vector<int32_t> read_token_file(const std::string& path, size_t index,
                                      const LoadOptions& options, int64_t vocab_size) {
-  const std::string bytes = read_file(path, index);
+  const std::string bytes = read_data_file(path, index);
   require_not_empty(bytes, path, index);
   const size_t width = options.token_dtype == TokenDtype::kUint16 ? 2 : 4;
   const char* dtype = width == 2 ? "uint16" : "uint32";
@@ -155,7 +149,7 @@ LoadedSamples load_samples(const std::vector<std::string>& files, const Tokenize
   if (options.format == DataFormat::kText) {
     std::vector<int32_t> stream;
     for (size_t i = 0; i < files.size(); ++i) {
-      const std::string text = read_file(files[i], i);
+      const std::string text = read_data_file(files[i], i);
       require_not_empty(text, files[i], i);
       if (const auto bos = tokenizer.bos_id()) stream.push_back(*bos);
       const std::vector<int32_t> ids = tokenizer.encode(text);
@@ -188,7 +182,7 @@ LoadedSamples load_samples(const std::vector<std::string>& files, const Tokenize
   const RecordParser parser(tokenizer,
                             {options.format, options.chat_template, options.train_on_prompt});
   for (size_t i = 0; i < files.size(); ++i) {
-    const std::string text = read_file(files[i], i);
+    const std::string text = read_data_file(files[i], i);
     const int64_t records = for_each_record(text, [&](std::string_view line, int64_t number) {
       try {
         TokenSample sample = parser.sample(line);
@@ -215,7 +209,7 @@ LoadedMultipleChoice load_multiple_choice(const std::vector<std::string>& files,
   LoadedMultipleChoice out;
   LoadReport& report = out.report;
   for (size_t i = 0; i < files.size(); ++i) {
-    const std::string text = read_file(files[i], i);
+    const std::string text = read_data_file(files[i], i);
     const int64_t records = for_each_record(text, [&](std::string_view line, int64_t number) {
       try {
         MultipleChoiceRecord record = parser.multiple_choice(line);

@@ -11,8 +11,8 @@
 #include <utility>
 #include <vector>
 
+#include "common/atomic_file.h"
 #include "common/read_file.h"
-#include "worker/engine/atomic_file.h"
 
 namespace lomo {
 namespace {

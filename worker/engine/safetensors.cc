@@ -12,7 +12,7 @@
 #include <system_error>
 #include <utility>
 
-#include "worker/engine/atomic_file.h"
+#include "common/atomic_file.h"
 
 namespace lomo {
 namespace {

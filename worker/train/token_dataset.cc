@@ -71,7 +71,7 @@ TokenDataset::TokenDataset(SampleStore samples, const DatasetOptions& options)
   }
 }
 
-TokenDataset::TokenDataset(std::vector<int32_t> tokens, int64_t row_length, uint64_t seed,
+TokenDataset::TokenDataset(const std::vector<int32_t>& tokens, int64_t row_length, uint64_t seed,
                            bool shuffle)
     : TokenDataset(stream_store(tokens, row_length), stream_options(row_length, seed, shuffle)) {}
 

@@ -57,7 +57,7 @@ class TokenDataset {
   TokenDataset(SampleStore samples, const DatasetOptions& options);
   // A token stream cut into rows of row_length + 1 tokens (SampleStore::add_stream_rows),
   // unpacked, one rank. Throws std::invalid_argument when the stream is too short for one row.
-  TokenDataset(std::vector<int32_t> tokens, int64_t row_length, uint64_t seed, bool shuffle);
+  TokenDataset(const std::vector<int32_t>& tokens, int64_t row_length, uint64_t seed, bool shuffle);
 
   // Samples this rank visits per epoch (for a stream: rows).
   int64_t sample_count() const { return per_rank_; }

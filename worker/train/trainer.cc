@@ -10,9 +10,10 @@
 #include <sstream>
 #include <system_error>
 
+#include "common/atomic_file.h"
 #include "common/checkpoint_layout.h"
+#include "common/read_file.h"
 #include "worker/comm/local_communicator.h"
-#include "worker/engine/atomic_file.h"
 #include "worker/engine/checkpoint_io.h"
 #include "worker/engine/llama_model.h"
 #include "worker/optim/lr_schedule.h"
@@ -77,10 +78,14 @@ nlohmann::json to_json(const TrainerState& s) {
 }
 
 TrainerState read_trainer_state(const fs::path& file) {
-  std::ifstream in(file);
-  if (!in) throw CheckpointError(file.string() + ": cannot read the trainer state");
+  std::string bytes;
   try {
-    const nlohmann::json j = nlohmann::json::parse(in);
+    bytes = read_file(file);
+  } catch (const FileReadError& e) {
+    throw CheckpointError(file.string() + ": cannot read the trainer state (" + e.reason() + ")");
+  }
+  try {
+    const nlohmann::json j = nlohmann::json::parse(bytes);
     TrainerState s;
     s.step = j.at("step").get<int64_t>();
     s.total_steps = j.at("total_steps").get<int64_t>();
@@ -109,7 +114,7 @@ fs::path write_checkpoint(const fs::path& output_dir, const JobSpec& spec,
   const fs::path root = checkpoints_directory(output_dir);
   fs::create_directories(root);
   const fs::path temporary = temporary_checkpoint_directory(root, state.step);
-  const fs::path final_dir = checkpoint_directory(root, state.step);
+  fs::path final_dir = checkpoint_directory(root, state.step);
   fs::remove_all(temporary);
   save_llama_checkpoint(weights, temporary);
   optimizer.save_state(temporary / kOptimizerStateFile);
@@ -117,7 +122,7 @@ fs::path write_checkpoint(const fs::path& output_dir, const JobSpec& spec,
   write_file_atomically(temporary / kJobSpecFile, job_spec_to_yaml(spec));
   fs::remove_all(final_dir);  // a checkpoint of the same step from an attempt that crashed after it
   fs::rename(temporary, final_dir);
-  write_file_atomically(latest_checkpoint_pointer(root), final_dir.filename().string() + "\n");
+  write_latest_checkpoint(root, state.step);
   return final_dir;
 }
 

@@ -1,5 +1,7 @@
 // Whole-file replacement by temporary file and rename: a reader of the final name sees either the
 // old file or the complete new one, never a prefix, even if the writer crashes or throws midway.
+// Header-only and free of other libraries: checkpoint files of the training library and the
+// `latest` pointer of common/checkpoint_layout.h are written with it.
 #pragma once
 
 #include <fcntl.h>
@@ -14,6 +16,8 @@
 #include <string_view>
 #include <system_error>
 #include <utility>
+
+#include "common/fd_io.h"
 
 namespace lomo {
 
@@ -40,19 +44,10 @@ class AtomicFileWriter {
 
   const std::filesystem::path& path() const { return path_; }
 
+  // Linux transfers at most ~2 GiB per write call; write_all continues a large tensor's short
+  // writes.
   void write(const void* data, size_t bytes) {
-    const char* cursor = static_cast<const char*>(data);
-    while (bytes > 0) {
-      // Linux transfers at most ~2 GiB per call; large tensors take several.
-      const size_t request = bytes < (size_t{1} << 30) ? bytes : (size_t{1} << 30);
-      const ssize_t written = ::write(fd_, cursor, request);
-      if (written < 0) {
-        if (errno == EINTR) continue;
-        fail("write");
-      }
-      cursor += written;
-      bytes -= static_cast<size_t>(written);
-    }
+    if (!write_all(fd_, std::string_view(static_cast<const char*>(data), bytes))) fail("write");
   }
   void write(std::string_view text) { write(text.data(), text.size()); }
 
