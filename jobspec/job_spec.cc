@@ -15,6 +15,7 @@
 #include <string_view>
 #include <type_traits>
 
+#include "common/printable.h"
 #include "common/read_file.h"
 
 namespace lomo {
@@ -23,28 +24,8 @@ namespace {
 // ---------------------------------------------------------------------------------------------
 // Text helpers for messages.
 
-// Values are quoted back to the user; a fuzzer (or a pasted binary) can make them arbitrarily long
-// or unprintable, so they are cut and escaped. Cuts never split a UTF-8 sequence.
-std::string printable(std::string_view text) {
-  constexpr size_t kMaxQuoted = 80;
-  std::string out;
-  size_t end = std::min(text.size(), kMaxQuoted);
-  while (end > 0 && end < text.size() && (static_cast<unsigned char>(text[end]) & 0xc0u) == 0x80u) {
-    --end;
-  }
-  for (size_t i = 0; i < end; ++i) {
-    const auto c = static_cast<unsigned char>(text[i]);
-    if (c < 0x20 || c == 0x7f) {
-      char code[5];
-      std::snprintf(code, sizeof(code), "\\x%02x", c);
-      out += code;
-    } else {
-      out += static_cast<char>(c);
-    }
-  }
-  if (end < text.size()) out += "...";
-  return out;
-}
+// Values are quoted back to the user, cut and escaped (common/printable.h).
+std::string printable(std::string_view text) { return printable_excerpt(text, 80); }
 
 std::string in_quotes(std::string_view text) { return "\"" + printable(text) + "\""; }
 

@@ -15,6 +15,7 @@
 
 #include "common/flags.h"
 #include "common/log.h"
+#include "common/printable.h"
 #include "common/read_file.h"
 
 namespace lomo {
@@ -113,6 +114,16 @@ class TempDir {
  private:
   fs::path path_;
 };
+
+TEST(PrintableTest, CutsBetweenCharactersAndEscapesControlBytes) {
+  EXPECT_EQ(printable_excerpt("plain", 80), "plain");
+  EXPECT_EQ(printable_excerpt("a\x1b[2Jb\x7f", 80), "a\\x1b[2Jb\\x7f");  // no screen clearing
+  EXPECT_EQ(printable_excerpt("abcdef", 3), "abc...");
+  // "é" is two bytes (c3 a9): a cut after byte 2 of "aé" would split it, so it falls before.
+  EXPECT_EQ(printable_excerpt("a\xc3\xa9z", 2), "a...");
+  EXPECT_EQ(printable_excerpt("a\xc3\xa9z", 3), "a\xc3\xa9...");
+  EXPECT_EQ(printable_excerpt("", 5), "");
+}
 
 TEST(ReadFileTest, ReadsEveryByteAndNamesWhatItCannotRead) {
   TempDir dir;

@@ -7,33 +7,16 @@
 #include <stdexcept>
 #include <string>
 
+#include "common/printable.h"
+
 namespace lomo {
 namespace {
 
 using nlohmann::json;
 
-// A value quoted back in a message: cut to a readable length (never inside a UTF-8 sequence) with
-// control characters escaped, since records come from arbitrary files.
-std::string quoted(std::string_view text) {
-  constexpr size_t kMaxQuoted = 40;
-  size_t end = std::min(text.size(), kMaxQuoted);
-  while (end > 0 && end < text.size() && (static_cast<unsigned char>(text[end]) & 0xc0u) == 0x80u) {
-    --end;
-  }
-  std::string out = "'";
-  for (size_t i = 0; i < end; ++i) {
-    const auto c = static_cast<unsigned char>(text[i]);
-    if (c < 0x20 || c == 0x7f) {
-      char code[5];
-      std::snprintf(code, sizeof(code), "\\x%02x", c);
-      out += code;
-    } else {
-      out += static_cast<char>(c);
-    }
-  }
-  if (end < text.size()) out += "...";
-  return out + "'";
-}
+// A value quoted back in a message, cut and escaped (common/printable.h): records come from
+// arbitrary files.
+std::string quoted(std::string_view text) { return "'" + printable_excerpt(text, 40) + "'"; }
 
 std::string type_of(const json& value) {
   switch (value.type()) {
