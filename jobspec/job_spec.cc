@@ -672,6 +672,16 @@ void validate(Context& c, const JobSpec& spec) {
 
   const TrainingSpec& t = spec.training;
   at_least(c, "training.batch_size", t.batch_size, 1);
+  // The global batch: each of the world_size ranks takes an equal share of its rows.
+  if (t.batch_size >= 1 && spec.resources.world_size >= 1 &&
+      t.batch_size % spec.resources.world_size != 0) {
+    c.report("training.batch_size",
+             "must be divisible by resources.world_size (" +
+                 std::to_string(spec.resources.world_size) + "), got " +
+                 std::to_string(t.batch_size) +
+                 ": training.batch_size is the global batch, split into equal shares of rows, "
+                 "one per rank");
+  }
   if (!t.steps && !t.epochs) {
     c.report("training.steps", "required: set training.steps or training.epochs");
   }

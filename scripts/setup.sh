@@ -17,6 +17,7 @@ packages=(
   prometheus-cpp-dev       # /metrics
   libssl-dev               # SHA-256 of checkpoint files (common/sha256)
   libcpp-httplib-dev       # REST/JSON for dashboards
+  libgloo-dev              # collectives between the CPU ranks of a data-parallel job (worker/comm)
 )
 
 missing=()

@@ -31,6 +31,19 @@
 #include "worker/comm/in_process_communicator.h"
 #include "worker/comm/local_communicator.h"
 
+#ifdef LOMO_HAVE_GLOO
+#include <gloo/rendezvous/file_store.h>
+#include <gloo/rendezvous/hash_store.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+
+#include "worker/comm/gloo_communicator.h"
+#endif
+
 namespace lomo {
 namespace {
 
@@ -458,6 +471,134 @@ INSTANTIATE_TEST_SUITE_P(InProcess, CommunicatorContractTest,
                          testing::ValuesIn(worlds_of("InProcess", make_in_process_world,
                                                      {1, 2, 4})),
                          world_name);
+
+#ifdef LOMO_HAVE_GLOO
+// world_size GlooCommunicators on 127.0.0.1 that meet through one in-process HashStore. Each
+// constructor blocks until every rank arrived, so they are built on threads.
+World make_gloo_world(int world_size, milliseconds timeout) {
+  gloo::rendezvous::HashStore store;
+  World world(world_size);
+  run_ranks(world_size, [&](int rank) {
+    GlooCommunicatorOptions options;
+    options.rank = rank;
+    options.world_size = world_size;
+    options.prefix = "job/contract/attempt/0";
+    options.timeout = timeout;
+    world[rank] = std::make_unique<GlooCommunicator>(options, store);
+  });
+  return world;
+}
+
+INSTANTIATE_TEST_SUITE_P(Gloo, CommunicatorContractTest,
+                         testing::ValuesIn(worlds_of("Gloo", make_gloo_world, {1, 2, 4})),
+                         world_name);
+
+// --- Beyond the contract: Gloo ranks in separate processes. ---
+
+// Starts LOMO_GLOO_PEER_BIN with args; returns its process id.
+pid_t spawn_peer(std::vector<std::string> args) {
+  args.insert(args.begin(), LOMO_GLOO_PEER_BIN);
+  std::vector<char*> argv;
+  for (auto& arg : args) argv.push_back(arg.data());
+  argv.push_back(nullptr);
+  const pid_t pid = fork();
+  if (pid == 0) {
+    execv(argv[0], argv.data());
+    _exit(127);
+  }
+  return pid;
+}
+
+std::vector<float> read_floats(const std::filesystem::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::vector<float> values(bytes.size() / sizeof(float));
+  std::memcpy(values.data(), bytes.data(), values.size() * sizeof(float));
+  return values;
+}
+
+TEST(GlooCommunicatorTest, TwoProcessesRendezvousThroughAFileStoreAndAllReduce) {
+  const auto dir =
+      std::filesystem::temp_directory_path() / ("lomo_gloo_test_" + std::to_string(getpid()));
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir / "store");
+  std::vector<pid_t> peers;
+  for (int rank = 0; rank < 2; ++rank) {
+    peers.push_back(spawn_peer({(dir / "store").string(), "job/7/attempt/1", std::to_string(rank),
+                                "2", (dir / ("result." + std::to_string(rank))).string()}));
+    ASSERT_GT(peers.back(), 0) << "fork failed";
+  }
+  for (int rank = 0; rank < 2; ++rank) {
+    int status = 0;
+    ASSERT_EQ(waitpid(peers[rank], &status, 0), peers[rank]);
+    ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "rank " << rank << " failed";
+  }
+  const auto rank0 = read_floats(dir / "result.0");
+  const auto rank1 = read_floats(dir / "result.1");
+  ASSERT_EQ(rank0.size(), size_t{(1 << 20) + 3});
+  ASSERT_EQ(std::memcmp(rank0.data(), rank1.data(), rank0.size() * sizeof(float)), 0)
+      << "the ranks' results differ in their bits";
+  // Element i was i on rank 0 and i - 3 on rank 1: the sum 2i - 3 is exact in f32 below 2^24.
+  for (size_t i = 0; i < rank0.size(); ++i) {
+    ASSERT_EQ(rank0[i], static_cast<float>(2 * static_cast<int64_t>(i) - 3)) << "element " << i;
+  }
+  std::filesystem::remove_all(dir);
+}
+
+TEST(GlooCommunicatorTest, APeerProcessThatDiesFailsTheCollectiveNamingIt) {
+  const auto dir =
+      std::filesystem::temp_directory_path() / ("lomo_gloo_crash_" + std::to_string(getpid()));
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir / "store");
+  const pid_t peer = spawn_peer({(dir / "store").string(), "job/8/attempt/1", "1", "2",
+                                 (dir / "unused").string(), "--crash-after-rendezvous"});
+  ASSERT_GT(peer, 0) << "fork failed";
+  gloo::rendezvous::FileStore store((dir / "store").string());
+  GlooCommunicatorOptions options;
+  options.rank = 0;
+  options.world_size = 2;
+  options.prefix = "job/8/attempt/1";
+  options.timeout = kHealthyTimeout;
+  {
+    GlooCommunicator comm(options, store);
+    comm.barrier();  // the peer's last act before it dies
+    int status = 0;
+    ASSERT_EQ(waitpid(peer, &status, 0), peer);  // rank 1 is gone before rank 0 reduces
+    const auto start = Clock::now();
+    float value = 1;
+    try {
+      comm.all_reduce(&value, 1, ReduceOp::kSum);
+      ADD_FAILURE() << "all_reduce with a dead peer returned";
+    } catch (const CommunicatorError& error) {
+      EXPECT_EQ(error.peer(), 1) << error.what();
+    }
+    EXPECT_LT(elapsed_since(start), kAtOnce) << "waited for the timeout instead of the crash";
+  }
+  std::filesystem::remove_all(dir);
+}
+
+TEST(GlooCommunicatorTest, RanksUnderDifferentAttemptPrefixesNeverMeet) {
+  // Rank 0 of attempt 1 and rank 1 of attempt 2 share a store but not a prefix: neither finds a
+  // full world, so both rendezvous fail within their timeout instead of joining each other.
+  gloo::rendezvous::HashStore store;
+  std::vector<std::string> errors(2);
+  run_ranks(2, [&](int rank) {
+    GlooCommunicatorOptions options;
+    options.rank = rank;
+    options.world_size = 2;
+    options.prefix = "job/7/attempt/" + std::to_string(rank + 1);
+    options.timeout = milliseconds(500);
+    try {
+      GlooCommunicator comm(options, store);
+    } catch (const CommunicatorError& error) {
+      errors[rank] = error.what();
+    }
+  });
+  for (int rank = 0; rank < 2; ++rank) {
+    EXPECT_NE(errors[rank].find("rendezvous"), std::string::npos) << "rank " << rank;
+  }
+}
+#endif  // LOMO_HAVE_GLOO
 
 // --- Beyond the contract: the in-process fake checks that the ranks agree on every call, so a
 // test of multi-rank code finds call sequences that differ between ranks. ---

@@ -454,6 +454,20 @@ TEST(JobSpecTest, EveryValueProblemIsReportedWithItsPath) {
   }
 }
 
+TEST(JobSpecTest, ADivisibleGlobalBatchLeavesOnlyTheWorldSizeRefusal) {
+  // Until gangs are available, world_size > 1 is refused whatever the batch; the divisibility
+  // rule is already in place and adds nothing when it holds.
+  try {
+    parse_job_spec(with_sections({{"training", "{steps: 10, batch_size: 8}"},
+                                  {"resources", "{world_size: 4}"}}),
+                   "job.yaml");
+    ADD_FAILURE() << "parsed a spec with world_size 4";
+  } catch (const JobSpecError& error) {
+    ASSERT_EQ(error.problems().size(), 1u) << error.what();
+    EXPECT_EQ(error.field(), "resources.world_size");
+  }
+}
+
 TEST(JobSpecTest, EveryTypeProblemIsReportedBeforeAnyValueRule) {
   try {
     // Two fields of the wrong type, an unknown key, and a value rule broken (lr): the value rule
@@ -809,6 +823,11 @@ const Rejection kRejections[] = {
      "must be >= 1, got 0"},
     {"WorldSizeTwo", s({{"resources", "{world_size: 2}"}}), "resources.world_size",
      "must be 1 for now, got 2: multi-worker (data-parallel) training is not available yet"},
+    {"BatchSizeNotDivisibleByWorldSize",
+     s({{"training", "{steps: 10, batch_size: 6}"}, {"resources", "{world_size: 4}"}}),
+     "training.batch_size",
+     "must be divisible by resources.world_size (4), got 6: training.batch_size is the global "
+     "batch"},
     {"DeviceUnknown", s({{"resources", "{device: tpu}"}}), "resources.device",
      "must be one of cpu, cuda; got \"tpu\""},
     {"RetriesNegative", s({{"resources", "{retries: -1}"}}), "resources.retries", "must be >= 0"},

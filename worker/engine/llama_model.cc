@@ -281,8 +281,15 @@ ForwardResult LlamaModel::forward(const TokenBatch& batch) {
   acts.counted_tokens = std::count_if(acts.targets.begin(), acts.targets.end(),
                                       [](int32_t t) { return t != kIgnoreIndex; });
   has_forward_ = true;
+  return last_forward();
+}
+
+ForwardResult LlamaModel::last_forward() const {
+  if (!has_forward_) throw std::logic_error("LlamaModel::last_forward called before forward");
+  const Activations& acts = *activations_;
   ForwardResult result;
   result.counted_tokens = acts.counted_tokens;
+  result.loss_sum = acts.loss_sum;
   result.loss = acts.counted_tokens > 0 ? acts.loss_sum / acts.counted_tokens : 0.0;
   return result;
 }
@@ -343,6 +350,15 @@ const float* LlamaModel::logits() const {
 
 void LlamaModel::backward(GradientSink& sink, float loss_scale) {
   if (!has_forward_) throw std::logic_error("LlamaModel::backward called before forward");
+  backward(sink, loss_scale, activations_->counted_tokens);
+}
+
+void LlamaModel::backward(GradientSink& sink, float loss_scale, int64_t loss_tokens) {
+  if (!has_forward_) throw std::logic_error("LlamaModel::backward called before forward");
+  if (loss_tokens < 0) {
+    throw std::invalid_argument("LlamaModel::backward: negative loss_tokens " +
+                                std::to_string(loss_tokens));
+  }
   prepare_backward_buffers();
   const LlamaConfig& c = weights_.config();
   Activations& acts = *activations_;
@@ -358,8 +374,7 @@ void LlamaModel::backward(GradientSink& sink, float loss_scale) {
                             weight_f32(weights_.lm_head()), rows, c.vocab_size, hidden,
                             /*accumulate=*/false);
   }
-  const float scale =
-      acts.counted_tokens > 0 ? loss_scale / static_cast<float>(acts.counted_tokens) : 0.0f;
+  const float scale = loss_tokens > 0 ? loss_scale / static_cast<float>(loss_tokens) : 0.0f;
   float* dlogits = f32(acts.logits);  // in place: the logits are not needed again
   backend_.cross_entropy_backward(dlogits, dlogits, f32(acts.logsumexp), acts.targets.data(), rows,
                                   c.vocab_size, scale);

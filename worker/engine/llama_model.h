@@ -37,6 +37,7 @@ struct ModelOptions {
 struct ForwardResult {
   double loss = 0.0;           // mean cross-entropy over counted tokens (0 when none)
   int64_t counted_tokens = 0;  // targets that are not kIgnoreIndex
+  double loss_sum = 0.0;       // sum of the counted tokens' cross-entropies (loss·counted_tokens)
 };
 
 class LlamaModel {
@@ -60,6 +61,14 @@ class LlamaModel {
   // last use. Backward leaves the saved activations intact, so it may run twice over one forward
   // (two-pass clipping: a norm-only pass, then an updating pass).
   void backward(GradientSink& sink, float loss_scale = 1.0f);
+  // Backward of (sum of the last forward's token losses) / `loss_tokens`, times `loss_scale`. A
+  // data-parallel rank passes the count of counted tokens over all ranks' rows, so that the ranks'
+  // gradients sum to the gradient of the global batch's mean loss whatever each rank's padding.
+  // loss_tokens = last_forward().counted_tokens is the one-argument form, bit for bit.
+  void backward(GradientSink& sink, float loss_scale, int64_t loss_tokens);
+
+  // The result of the last forward (throws std::logic_error before the first).
+  ForwardResult last_forward() const;
 
   // Logits [batch·seq_len, vocab] of the last forward; valid until backward runs.
   const float* logits() const;

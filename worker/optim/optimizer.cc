@@ -8,6 +8,7 @@
 
 #include "kernels/backend.h"
 #include "worker/engine/safetensors.h"
+#include "worker/optim/data_parallel.h"
 #include "worker/optim/parameter_update.h"
 
 namespace lomo {
@@ -162,7 +163,7 @@ class NormSink : public GradientSink {
 class UpdateRule {
  public:
   virtual ~UpdateRule() = default;
-  // `gradient` is prepared (unscaled, averaged, clipped) and may be overwritten. Nothing changes
+  // `gradient` is prepared (rank-summed, unscaled, clipped) and may be overwritten. Nothing changes
   // when `skip` records a non-finite gradient earlier in this pass.
   virtual void apply(Parameter& parameter, float* gradient, double lr, int64_t update,
                      const WriteBack& write_back, const GradientStatistics* skip) = 0;
@@ -324,6 +325,20 @@ class OptimizerBase : public Optimizer {
     return prep;
   }
   double loss_scale() const { return common_.scaler ? common_.scaler->scale() : 1.0; }
+  // The step's global loss (every rank's tokens), reported and used by every backward below.
+  StepResult begin_step(LlamaModel& model) {
+    const GlobalLoss global = reduce_loss(model.last_forward(), communicator_);
+    loss_tokens_ = global.tokens;
+    StepResult result;
+    result.loss = global.mean();
+    result.tokens = global.tokens;
+    result.loss_scale = loss_scale();
+    return result;
+  }
+  // This rank's share of the gradient of the global mean loss, times the loss scale.
+  void backward(LlamaModel& model, GradientSink& sink, double scale) const {
+    model.backward(sink, static_cast<float>(scale), loss_tokens_);
+  }
   // Zeroes the device-side statistics before a pass over every gradient.
   GradientStatistics* fresh_statistics() {
     statistics_.write(GradientStatistics{});
@@ -343,6 +358,7 @@ class OptimizerBase : public Optimizer {
   Communicator* communicator_;
   Backend& backend_;
   DeviceValue<GradientStatistics> statistics_;  // allocated once: no allocation per step
+  int64_t loss_tokens_ = 0;                     // this step's global count of counted tokens
   StateTensors state_;
   CommonState common_;
 };
@@ -360,16 +376,19 @@ class FusedOptimizer : public OptimizerBase {
   }
 
   StepResult step(LlamaModel& model, int64_t step, double lr) override {
-    StepResult result;
-    const double scale = loss_scale();
-    result.loss_scale = scale;
+    StepResult result = begin_step(model);
+    const double scale = result.loss_scale;
     GradientPreparation prep = preparation(scale);
     // The norm must be known before the first update when clipping by it, and overflow must be
     // known before the first update when loss scaling: both cost a second backward.
     const bool norm_pass = options_.clip_grad_norm.has_value() || common_.scaler.has_value();
     if (norm_pass) {
+      // The sink reduces each gradient before squaring it, so the norm is the global one on
+      // every rank with no further reduction, and an inf/NaN on any rank reaches every rank
+      // through the sum (Communicator contract: identical bits everywhere): every rank skips or
+      // stops together. The updating pass reduces every gradient a second time.
       NormSink norm_sink(backend_, weights_, prep, fresh_statistics());
-      model.backward(norm_sink, static_cast<float>(scale));
+      backward(model, norm_sink, scale);
       const auto [statistics, first_non_finite] = read_statistics();
       const NormCheck check =
           check_norm(statistics.sum_squares, first_non_finite, options_, common_, step);
@@ -385,7 +404,7 @@ class FusedOptimizer : public OptimizerBase {
     WriteBack write_back{options_.stochastic_rounding, options_.seed, step, 0};
     FusedUpdateSink sink(backend_, *rule_, weights_, prep, lr, common_.updates, write_back,
                          fresh_statistics());
-    model.backward(sink, static_cast<float>(scale));
+    backward(model, sink, scale);
     const auto [statistics, first_non_finite] = read_statistics();
     if (!first_non_finite.empty()) {
       throw NonFiniteGradientError(
@@ -440,13 +459,13 @@ class MaterializedOptimizer : public OptimizerBase {
             float_buffer(accountant_, MemoryKind::kGradients, static_cast<size_t>(p.numel())));
       }
     }
-    StepResult result;
-    const double scale = loss_scale();
-    result.loss_scale = scale;
+    StepResult result = begin_step(model);
+    const double scale = result.loss_scale;
     CopySink copy(backend_, weights_, gradients_);
-    model.backward(copy, static_cast<float>(scale));
+    backward(model, copy, scale);
 
     GradientPreparation prep = preparation(scale);
+    // Reduced before the squares are summed: the global norm and overflow on every rank.
     GradientStatistics* statistics = fresh_statistics();
     auto& parameters = weights_.parameters();
     for (size_t i = 0; i < parameters.size(); ++i) {

@@ -38,10 +38,12 @@ OptimizerOptions::Kind optimizer_kind_from_name(const std::string& name);
 std::string optimizer_kind_name(OptimizerOptions::Kind kind);
 
 struct StepResult {
-  bool skipped = false;     // fp16 overflow: no parameter changed
-  double grad_norm = 0.0;   // global L2 norm of the unscaled, unclipped gradient
+  bool skipped = false;     // fp16 overflow: no parameter changed (on every rank)
+  double grad_norm = 0.0;   // global L2 norm of the unscaled, unclipped, rank-reduced gradient
   double loss_scale = 1.0;  // the scale this step's backward used
   int backward_passes = 1;
+  double loss = 0.0;   // mean loss over every rank's counted tokens (data_parallel.h)
+  int64_t tokens = 0;  // counted tokens over every rank
 };
 
 // A gradient with inf/NaN where no loss scaler can skip the step. Parameters earlier in backward
@@ -55,7 +57,9 @@ class Optimizer {
  public:
   virtual ~Optimizer() = default;
   // Backward of the batch `model` last forwarded, then the update with learning rate `lr`.
-  // `step` is 1-based and counts every call (skipped steps included).
+  // `step` is 1-based and counts every call (skipped steps included). With a communicator, each
+  // rank forwards its own rows and every rank calls step(): the loss, its gradient and the update
+  // are those of the global batch (data_parallel.h), identical on every rank.
   virtual StepResult step(LlamaModel& model, int64_t step, double lr) = 0;
   // Optimizer state (moments, update count, loss scaler) to and from one safetensors file;
   // stateless optimizers still write the loss scaler and counters.

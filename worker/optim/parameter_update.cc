@@ -8,7 +8,9 @@ void prepare_gradient_for_norm(Backend& backend, const Parameter& parameter, flo
   const int64_t count = parameter.numel();
   backend.round_gradient_to_dtype(gradient, count, parameter.dtype);
   if (preparation.communicator != nullptr) {
-    preparation.communicator->all_reduce(gradient, count, ReduceOp::kMean);
+    // After the rounding, so that an fp16 overflow on any rank (inf) makes the sum non-finite
+    // on every rank and every rank skips the step; see data_parallel.h for why a sum.
+    preparation.communicator->all_reduce(gradient, count, ReduceOp::kSum);
   }
   backend.unscale_gradient(gradient, count, preparation.inverse_loss_scale, tensor_index,
                            statistics);

@@ -352,7 +352,7 @@ class TrainingRun {
     const auto step_start = Clock::now();
     const TokenBatch batch = train_data_.next_batch(spec_.training.batch_size);
     ++state_.step;
-    const double loss = model_.forward(batch).loss;
+    model_.forward(batch);
     const double lr = schedule_.at(state_.step);
     const StepResult step = optimizer_->step(model_, state_.step, lr);
     const double step_seconds = std::chrono::duration<double>(Clock::now() - step_start).count();
@@ -360,7 +360,7 @@ class TrainingRun {
     TrainingMetrics m;
     m.step = state_.step;
     m.total_steps = total_steps_;
-    m.loss = loss;
+    m.loss = step.loss;  // the mean over every rank's tokens (the forward's loss with one rank)
     m.lr = lr;
     m.grad_norm = step.grad_norm;
     m.loss_scale = step.loss_scale;
