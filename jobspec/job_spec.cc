@@ -708,12 +708,9 @@ void validate(Context& c, const JobSpec& spec) {
   if (spec.output.dir.empty()) c.report("output.dir", "must be a non-empty directory path");
 
   const ResourcesSpec& r = spec.resources;
+  // Any N >= 1: `lomo-worker train --nproc N` runs N ranks on one host. The coordinator refuses
+  // N > 1 at submission until it can schedule gangs (server/job_lifecycle.cc).
   at_least(c, "resources.world_size", r.world_size, 1);
-  if (r.world_size != 1) {
-    c.report("resources.world_size",
-             "must be 1 for now, got " + std::to_string(r.world_size) +
-                 ": multi-worker (data-parallel) training is not available yet");
-  }
   one_of(c, "resources.device", r.device, {"cpu", "cuda"});
   if (r.device == "cuda") {
     c.report("resources.device",

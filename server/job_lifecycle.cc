@@ -255,6 +255,16 @@ grpc::Status JobLifecycle::submit(const v1::SubmitJobRequest& request,
   SubmittedSpec submitted;
   if (grpc::Status status = read_spec(request, &submitted); !status.ok()) return status;
   const JobSpec& spec = submitted.spec;
+  if (spec.resources.world_size > 1) {
+    // The spec is valid (lomo-worker train --nproc runs it on one host), but a worker runs one
+    // rank: such a job would wait forever for a gang the scheduler cannot form.
+    const std::string n = std::to_string(spec.resources.world_size);
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                        "invalid job spec: resources.world_size: " + n +
+                            " needs a gang of workers, which the coordinator cannot schedule yet; "
+                            "run it on one host with lomo-worker train JOB.yaml --nproc " +
+                            n);
+  }
 
   std::lock_guard lock(state_.mu);
   if (state_.shutting_down) {

@@ -6,6 +6,12 @@
 //       Ctrl-C or SIGTERM finishes the current step, checkpoints, and exits; a second one kills.
 //       --protocol-file: the typed report for a supervisor (the worker daemon), and the exit
 //       code says how the run ended; both are defined in common/trainer_protocol.h.
+//       --nproc N: data-parallel training on N local processes (the spec's resources.world_size
+//       must be N; without --nproc it gives N). This process spawns N ranks of itself, which meet
+//       through a rendezvous directory (a Gloo FileStore), forwards Ctrl-C and SIGTERM to them and
+//       ends them all when one fails; its exit code is rank 0's. Rank 0 writes the protocol file,
+//       metrics.jsonl and the checkpoints. --rank, --world-size and --rendezvous are how it
+//       starts a rank; they are not for people.
 //   lomo-worker init-model DIR [--preset tiny|reference] [--seed N]
 //       Writes a randomly initialised LLaMA in Hugging Face layout (for demos and benchmarks).
 //   lomo-worker serve --coordinator HOST:PORT [--device cpu|N] [--work-dir DIR] ...
@@ -15,9 +21,11 @@
 //       protobuf-lite crash when loaded into one process. SIGTERM stops it gracefully.
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <charconv>
+#include <chrono>
 #include <cmath>
 #include <csignal>
 #include <cstdio>
@@ -29,14 +37,22 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
+#include "common/child_process.h"
 #include "common/flags.h"
 #include "common/trainer_protocol.h"
 #include "jobspec/job_spec.h"
 #include "worker/engine/checkpoint_io.h"
 #include "worker/optim/optimizer.h"
 #include "worker/train/trainer.h"
+
+#ifdef LOMO_WORKER_HAVE_GLOO
+#include <gloo/rendezvous/file_store.h>
+
+#include "worker/comm/gloo_communicator.h"
+#endif
 
 namespace {
 
@@ -54,7 +70,9 @@ namespace protocol = lomo::trainer_protocol;
 constexpr const char* kUsage =
     "usage:\n"
     "  lomo-worker train JOB.yaml [--set key=value]... [--restart]\n"
-    "                    [--protocol-file FILE]\n"
+    "                    [--protocol-file FILE] [--nproc N]\n"
+    "      --nproc N: train data-parallel on N local processes; N must equal the spec's\n"
+    "      resources.world_size, which is also the default (--set resources.world_size=N)\n"
     "  lomo-worker init-model DIR [--preset tiny|reference] [--seed N]\n"
     "  lomo-worker serve --coordinator HOST:PORT [--device cpu|N] [--work-dir DIR]\n"
     "                    [--metrics-listen ADDR:PORT] [--worker-id ID]\n";
@@ -110,14 +128,33 @@ struct TrainArgs {
   std::vector<std::string> overrides;  // --set key=value, in order
   bool restart = false;
   std::optional<std::filesystem::path> protocol_file;
+  std::optional<int> nproc;
+  // One rank of a --nproc launch (internal flags, set by the launching process).
+  std::optional<int> rank;
+  int world_size = 1;
+  std::filesystem::path rendezvous;
 };
+
+// An integer flag value in [minimum, 1024]; nullopt when it is not one.
+std::optional<int> small_int(const std::string& value, int minimum) {
+  int number = 0;
+  const auto [end, error] = std::from_chars(value.data(), value.data() + value.size(), number);
+  if (error != std::errc() || end != value.data() + value.size() || number < minimum ||
+      number > 1024) {
+    return std::nullopt;
+  }
+  return number;
+}
 
 // nullopt when the command line cannot be used (`*problem` says why) or asks for --help ("").
 std::optional<TrainArgs> parse_train_args(const std::vector<std::string>& args,
                                           std::string* problem) {
-  const std::optional<lomo::ParsedFlags> flags = parse_subcommand(
-      args, "train", "a job file",
-      {.switches = {"--restart"}, .with_value = {"--set", "--protocol-file"}}, problem);
+  const std::optional<lomo::ParsedFlags> flags =
+      parse_subcommand(args, "train", "a job file",
+                       {.switches = {"--restart"},
+                        .with_value = {"--set", "--protocol-file", "--nproc", "--rank",
+                                       "--world-size", "--rendezvous"}},
+                       problem);
   if (!flags) return std::nullopt;
   TrainArgs parsed;
   parsed.job_file = flags->positional[0];
@@ -126,9 +163,24 @@ std::optional<TrainArgs> parse_train_args(const std::vector<std::string>& args,
       parsed.overrides.push_back(value);
     } else if (flag == "--protocol-file") {
       parsed.protocol_file = value;
-    } else {
-      parsed.restart = true;  // --restart
+    } else if (flag == "--restart") {
+      parsed.restart = true;
+    } else if (flag == "--rendezvous") {
+      parsed.rendezvous = value;
+    } else {  // --nproc, --rank, --world-size
+      const std::optional<int> number = small_int(value, flag == "--rank" ? 0 : 1);
+      if (!number) {
+        *problem = "train: " + flag + ": expected a small integer, got \"" + value + "\"";
+        return std::nullopt;
+      }
+      if (flag == "--nproc") parsed.nproc = number;
+      if (flag == "--rank") parsed.rank = number;
+      if (flag == "--world-size") parsed.world_size = *number;
     }
+  }
+  if (parsed.rank && (parsed.rendezvous.empty() || *parsed.rank >= parsed.world_size)) {
+    *problem = "train: --rank needs --world-size above it and --rendezvous";
+    return std::nullopt;
   }
   return parsed;
 }
@@ -255,16 +307,18 @@ class RunReporter {
 
 // Trains and prints how it ended; returns the outcome.
 protocol::Status run_training(const lomo::JobSpec& spec, const TrainArgs& args,
-                              RunReporter& reporter) {
+                              const lomo::TrainerHooks& hooks,
+                              lomo::Communicator* communicator = nullptr) {
   lomo::TrainerOptions options;
   options.resume = !args.restart;
+  options.communicator = communicator;
   std::signal(SIGINT, on_stop_signal);
   std::signal(SIGTERM, on_stop_signal);
   options.stop_requested = &g_stop_requested;
   std::printf("job %s: %s on %s, output %s\n",
               spec.name.empty() ? args.job_file.c_str() : spec.name.c_str(),
               spec.optimizer.name.c_str(), spec.model.path.c_str(), spec.output.dir.c_str());
-  const lomo::TrainResult result = lomo::train(spec, options, reporter.hooks());
+  const lomo::TrainResult result = lomo::train(spec, options, hooks);
   std::printf("peak memory by kind:\n%s", result.memory.to_string().c_str());
   if (result.stopped) {
     std::printf("stopped at step %lld of %lld; run the same command to resume from %s\n",
@@ -277,25 +331,186 @@ protocol::Status run_training(const lomo::JobSpec& spec, const TrainArgs& args,
   return protocol::Status::kSucceeded;
 }
 
+// Prints the error that ended a run and reports it; returns the exit code.
+int fail(const std::exception& e, const std::string& who, RunReporter* reporter) {
+  std::fflush(stdout);
+  std::cerr << who << ": " << e.what() << "\n";
+  const protocol::Status status = status_of_error(e);
+  if (reporter != nullptr) reporter->outcome(status, e.what());
+  return protocol::exit_code_for(status);
+}
+
+#ifdef LOMO_WORKER_HAVE_GLOO
+constexpr const char* kNoGloo = nullptr;
+#else
+constexpr const char* kNoGloo =
+    "this lomo-worker was built without Gloo (Debian libgloo-dev), which data-parallel ranks "
+    "need to talk to each other; resources.world_size must be 1";
+#endif
+
+// This rank's communicator: its peers meet it through the FileStore in args.rendezvous, under a
+// prefix of the launching process's id. Throws CommunicatorError when they do not all arrive.
+std::unique_ptr<lomo::Communicator> connect_rank(const TrainArgs& args) {
+#ifdef LOMO_WORKER_HAVE_GLOO
+  gloo::rendezvous::FileStore store(args.rendezvous.string());
+  lomo::GlooCommunicatorOptions options;
+  options.rank = *args.rank;
+  options.world_size = args.world_size;
+  options.prefix = "standalone/" + std::to_string(::getppid());
+  // Bounds each collective: rank 0 scores multiple-choice evaluations alone while the others
+  // wait in the next one.
+  options.timeout = std::chrono::minutes(10);
+  return std::make_unique<lomo::GlooCommunicator>(options, store);
+#else
+  (void)args;
+  throw std::runtime_error(kNoGloo);
+#endif
+}
+
+// One rank of a --nproc launch. Rank 0 reports (terminal and protocol file); the others print
+// only their errors.
+int train_rank(const TrainArgs& args) {
+  const int rank = *args.rank;
+  const std::string who = "lomo-worker train (rank " + std::to_string(rank) + ")";
+  std::unique_ptr<RunReporter> reporter;
+  if (rank == 0) reporter = std::make_unique<RunReporter>(args.protocol_file);
+  try {
+    const lomo::JobSpec spec = load_spec(args);
+    const std::unique_ptr<lomo::Communicator> communicator = connect_rank(args);
+    lomo::TrainerHooks hooks;
+    if (reporter) {
+      reporter->set_log_every(spec.training.log_every);
+      hooks = reporter->hooks();
+    }
+    const protocol::Status status = run_training(spec, args, hooks, communicator.get());
+    if (reporter) reporter->outcome(status, "");
+    return protocol::exit_code_for(status);
+  } catch (const std::exception& e) {
+    return fail(e, who, reporter.get());
+  }
+}
+
+std::atomic<int> g_launcher_signal{0};
+
+void on_launcher_signal(int signal) { g_launcher_signal.store(signal); }
+
+// OMP_NUM_THREADS for each of n ranks: this process's share of the threads, at least one.
+std::string threads_per_rank(int n) {
+  int threads = static_cast<int>(std::thread::hardware_concurrency());
+  if (const char* set = std::getenv("OMP_NUM_THREADS")) threads = std::atoi(set);
+  return std::to_string(std::max(1, threads / n));
+}
+
+// The exit code of a launch: rank 0's when every rank succeeded or rank 0 reported a failure of its
+// own, else that of a failed run.
+int launch_exit_code(const std::vector<lomo::ExitStatus>& statuses) {
+  const lomo::ExitStatus& first = statuses[0];
+  const bool all_ok = std::all_of(statuses.begin(), statuses.end(),
+                                  [](const lomo::ExitStatus& s) { return s.success(); });
+  if (all_ok) return protocol::kExitSucceeded;
+  if (!first.signaled && first.code != 0) return first.code;
+  return protocol::kExitFailed;
+}
+
+// Starts the n ranks of `args` and waits for all of them; when one fails, ends the others.
+int launch_ranks(const TrainArgs& args, int n) {
+  if (kNoGloo != nullptr) throw std::runtime_error(kNoGloo);
+  char pattern[] = "/tmp/lomo-rendezvous-XXXXXX";
+  if (::mkdtemp(pattern) == nullptr) {
+    throw std::runtime_error(std::string("cannot create a rendezvous directory: ") +
+                             std::strerror(errno));
+  }
+  const std::filesystem::path rendezvous = pattern;
+  std::signal(SIGINT, on_launcher_signal);
+  std::signal(SIGTERM, on_launcher_signal);
+  std::vector<std::unique_ptr<lomo::ChildProcess>> ranks;
+  for (int r = 0; r < n; ++r) {
+    lomo::ChildOptions child;
+    child.argv = {"/proc/self/exe",  "train",           args.job_file,
+                  "--rank",          std::to_string(r), "--world-size",
+                  std::to_string(n), "--rendezvous",    rendezvous.string()};
+    for (const std::string& o : args.overrides) child.argv.insert(child.argv.end(), {"--set", o});
+    if (args.restart) child.argv.push_back("--restart");
+    if (r == 0 && args.protocol_file) {
+      child.argv.insert(child.argv.end(), {"--protocol-file", args.protocol_file->string()});
+    }
+    child.env = {"OMP_NUM_THREADS=" + threads_per_rank(n)};
+    // Rank 0 shows the progress; the others would print the same lines (errors go to stderr).
+    if (r > 0) child.stdout_mode = lomo::ChildOutput::kDiscard;
+    ranks.push_back(std::make_unique<lomo::ChildProcess>(child));
+  }
+  std::vector<std::optional<lomo::ExitStatus>> ended(ranks.size());
+  size_t running = ranks.size();
+  bool stopping = false;  // a signal was forwarded: the ranks end on their own
+  while (running > 0) {
+    if (const int signal = g_launcher_signal.exchange(0); signal != 0) {
+      stopping = true;
+      // The ranks checkpoint and stop on the first signal, die on the second.
+      for (auto& rank : ranks) {
+        if (rank->running()) rank->send_signal(signal);
+      }
+    }
+    for (size_t r = 0; r < ranks.size(); ++r) {
+      if (ended[r]) continue;
+      ended[r] = ranks[r]->wait_for(std::chrono::milliseconds(20));
+      if (!ended[r]) continue;
+      --running;
+      if (ended[r]->success() || stopping) continue;
+      // A failed rank: the others would fail at their next collective; end them now.
+      std::cerr << "lomo-worker train: rank " << r << " " << ended[r]->describe()
+                << "; stopping the other ranks\n";
+      for (size_t other = 0; other < ranks.size(); ++other) {
+        if (!ended[other]) {
+          ended[other] = ranks[other]->terminate(std::chrono::seconds(10));
+          --running;
+        }
+      }
+    }
+  }
+  std::error_code ignored;
+  std::filesystem::remove_all(rendezvous, ignored);
+  std::vector<lomo::ExitStatus> statuses;
+  for (const auto& status : ended) statuses.push_back(*status);
+  return launch_exit_code(statuses);
+}
+
 // Exit codes and the outcome record: common/trainer_protocol.h.
 int train_command(const std::vector<std::string>& args) {
   std::string problem;
   const std::optional<TrainArgs> parsed = parse_train_args(args, &problem);
   if (!parsed) return usage_or_help(problem);
-  // Opened first, so that even a spec that does not parse is reported through it.
+  if (parsed->rank) return train_rank(*parsed);
+  std::optional<lomo::JobSpec> spec;
+  try {
+    spec = load_spec(*parsed);
+  } catch (const std::exception& e) {
+    RunReporter reporter(parsed->protocol_file);  // a spec that does not parse is reported too
+    return fail(e, "lomo-worker train", &reporter);
+  }
+  const int64_t world_size = spec->resources.world_size;
+  if (parsed->nproc && *parsed->nproc != world_size) {
+    return usage("train: --nproc " + std::to_string(*parsed->nproc) +
+                 " differs from the spec's resources.world_size " + std::to_string(world_size) +
+                 " (the global batch is split over that many ranks); add --set "
+                 "resources.world_size=" +
+                 std::to_string(*parsed->nproc) + " to change it");
+  }
+  if (world_size > 1) {
+    try {
+      return launch_ranks(*parsed, static_cast<int>(world_size));
+    } catch (const std::exception& e) {
+      RunReporter reporter(parsed->protocol_file);
+      return fail(e, "lomo-worker train", &reporter);
+    }
+  }
   RunReporter reporter(parsed->protocol_file);
   try {
-    const lomo::JobSpec spec = load_spec(*parsed);
-    reporter.set_log_every(spec.training.log_every);
-    const protocol::Status status = run_training(spec, *parsed, reporter);
+    reporter.set_log_every(spec->training.log_every);
+    const protocol::Status status = run_training(*spec, *parsed, reporter.hooks());
     reporter.outcome(status, "");
     return protocol::exit_code_for(status);
   } catch (const std::exception& e) {
-    std::fflush(stdout);
-    std::cerr << "lomo-worker train: " << e.what() << "\n";
-    const protocol::Status status = status_of_error(e);
-    reporter.outcome(status, e.what());
-    return protocol::exit_code_for(status);
+    return fail(e, "lomo-worker train", &reporter);
   }
 }
 

@@ -168,6 +168,23 @@ TEST_F(CoordinatorApiTest, InvalidSpecIsRejectedWithTheFieldPathOverGrpc) {
   EXPECT_THAT(list({}, 0, "").jobs(), SizeIs(0));
 }
 
+TEST_F(CoordinatorApiTest, AWorldSizeAboveOneIsRefusedUntilGangsCanBeScheduled) {
+  // A valid spec (batch_size divisible by world_size) that only lomo-worker train --nproc can
+  // run today: the coordinator says so instead of queueing a job no worker could take.
+  v1::SubmitJobRequest request = submit_request("two ranks");
+  auto& fields = *request.mutable_spec()->mutable_fields();
+  (*fields["training"].mutable_struct_value()->mutable_fields())["batch_size"].set_number_value(2);
+  (*fields["resources"].mutable_struct_value()->mutable_fields())["world_size"].set_number_value(2);
+  v1::Job job;
+  const grpc::Status status = submit(*jobs_, request, &job);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(status.error_message(),
+              HasSubstr("resources.world_size: 2 needs a gang of workers, which the coordinator "
+                        "cannot schedule yet; run it on one host with lomo-worker train JOB.yaml "
+                        "--nproc 2"));
+  EXPECT_THAT(list({}, 0, "").jobs(), SizeIs(0));
+}
+
 TEST_F(CoordinatorApiTest, InvalidSpecIsRejectedWithTheFieldPathOverRest) {
   const HttpResult result =
       http_request(*coordinator_, "POST", "/v1/jobs",

@@ -10,7 +10,10 @@
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <thread>
+#include <vector>
 
+#include "worker/comm/in_process_communicator.h"
 #include "worker/engine/checkpoint_io.h"
 #include "worker/train/token_dataset.h"
 
@@ -212,6 +215,59 @@ TEST(Trainer, BadInputsFailWithTheirName) {
   train(spec, {}, {});
   spec.training.steps = 20;
   EXPECT_THROW(train(spec, {}, {}), std::runtime_error);
+}
+
+// Data-parallel ranks must start from one model: a rank whose weights differ is named before any
+// step, on every rank (each sees the same gathered hashes).
+TEST(Trainer, RanksStartingFromDifferentWeightsFailNamingTheRank) {
+  Workspace ws("different_weights");
+  {
+    MemoryAccountant accountant;
+    LlamaWeights other(load_llama_checkpoint(ws.root / "model", DType::kF32, accountant));
+    other.init_random(3, 0.05f);
+    save_llama_checkpoint(other, ws.root / "other_model");
+  }
+  std::vector<std::unique_ptr<Communicator>> world =
+      make_in_process_world(2, std::chrono::seconds(20));
+  std::string errors[2];
+  std::vector<std::thread> ranks;
+  for (int r = 0; r < 2; ++r) {
+    ranks.emplace_back([&, r] {
+      JobSpec spec = ws.spec("adalomo", "out");
+      spec.training.batch_size = 4;
+      spec.resources.world_size = 2;
+      if (r == 1) spec.model.path = (ws.root / "other_model").string();
+      TrainerOptions options;
+      options.communicator = world[static_cast<size_t>(r)].get();
+      try {
+        train(spec, options, {});
+      } catch (const std::exception& e) {
+        errors[r] = e.what();
+      }
+    });
+  }
+  for (std::thread& t : ranks) t.join();
+  for (const std::string& error : errors) {
+    EXPECT_NE(error.find("ranks hold different weights at the start: rank(s) 1 ("),
+              std::string::npos)
+        << error;
+  }
+  EXPECT_FALSE(fs::exists(fs::path(ws.root / "out" / "checkpoints"))) << "a step was taken";
+}
+
+TEST(Trainer, ASpecForTwoRanksIsRefusedByOneRank) {
+  Workspace ws("world_mismatch");
+  JobSpec spec = ws.spec("lomo", "out");
+  spec.training.batch_size = 4;
+  spec.resources.world_size = 2;
+  try {
+    train(spec, {}, {});  // no communicator: one rank alone
+    FAIL() << "a world_size 2 spec trained on one rank";
+  } catch (const JobSpecError& e) {
+    EXPECT_EQ(e.field(), "resources.world_size");
+    EXPECT_NE(std::string(e.what()).find("this run has 1 data-parallel rank"), std::string::npos)
+        << e.what();
+  }
 }
 
 TEST(TokenDataset, CursorRestoresTheExactSequenceOfBatches) {

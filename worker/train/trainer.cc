@@ -8,7 +8,9 @@
 #include <iterator>
 #include <nlohmann/json.hpp>
 #include <sstream>
+#include <string>
 #include <system_error>
+#include <vector>
 
 #include "common/atomic_file.h"
 #include "common/checkpoint_layout.h"
@@ -147,8 +149,10 @@ std::ofstream reopen_metrics(const fs::path& file, int64_t step) {
 }
 
 // The first max_batches batches of the evaluation rows (in file order): mean token loss.
+// With several ranks, each scores its share of those rows (batch_size being its share of the
+// global batch) and the sums are all-reduced: every rank returns the same metrics.
 EvalMetrics evaluate(LlamaModel& model, const TokenDataset& data, int64_t batch_size,
-                     int64_t max_batches, int64_t step) {
+                     int64_t max_batches, int64_t step, Communicator& communicator) {
   double loss_sum = 0.0;
   int64_t tokens = 0;
   for (const TokenBatch& batch : data.first_batches(batch_size, max_batches)) {
@@ -156,6 +160,8 @@ EvalMetrics evaluate(LlamaModel& model, const TokenDataset& data, int64_t batch_
     loss_sum += r.loss * static_cast<double>(r.counted_tokens);
     tokens += r.counted_tokens;
   }
+  communicator.all_reduce(&loss_sum, 1, ReduceOp::kSum);
+  communicator.all_reduce(&tokens, 1, ReduceOp::kSum);
   EvalMetrics m;
   m.step = step;
   m.tokens = tokens;
@@ -185,6 +191,36 @@ EvalMetrics evaluate_choices(LlamaModel& model, const std::vector<MultipleChoice
   m.accuracy = r.accuracy;
   m.examples = static_cast<int64_t>(count);
   return m;
+}
+
+// FNV-1a over every parameter's bytes (host memory: the trainer runs on the CPU): equal weights
+// give equal hashes, and ranks that drifted apart almost surely differ.
+uint64_t weights_hash(const LlamaWeights& weights) {
+  uint64_t hash = 14695981039346656037ull;
+  for (const Parameter& p : weights.parameters()) {
+    const auto* bytes = static_cast<const unsigned char*>(p.storage.data());
+    for (size_t i = 0; i < p.size_bytes(); ++i) hash = (hash ^ bytes[i]) * 1099511628211ull;
+  }
+  return hash;
+}
+
+// Gathers every rank's weights hash; throws std::runtime_error naming the ranks whose weights
+// differ from rank 0's. `when`: "at the start", "at step 12".
+void check_same_weights(const LlamaWeights& weights, Communicator& communicator,
+                        const std::string& when) {
+  if (communicator.world_size() == 1) return;
+  const uint64_t mine = weights_hash(weights);
+  std::vector<uint64_t> all(static_cast<size_t>(communicator.world_size()));
+  communicator.all_gather(&mine, all.data(), sizeof(mine));
+  std::string differing;
+  for (size_t r = 1; r < all.size(); ++r) {
+    if (all[r] == all[0]) continue;
+    differing += (differing.empty() ? "" : ", ") + std::to_string(r) + " (" + hex(all[r]) + ")";
+  }
+  if (differing.empty()) return;
+  throw std::runtime_error("data-parallel ranks hold different weights " + when + ": rank(s) " +
+                           differing + " differ from rank 0 (" + hex(all[0]) +
+                           "); the ranks must start from the same model and checkpoint");
 }
 
 nlohmann::json memory_json(const MemoryReport& memory) {
@@ -225,10 +261,22 @@ std::optional<fs::path> resume_point(const fs::path& output_dir, const TrainerOp
   return latest_checkpoint(output_dir);
 }
 
-int64_t total_steps_of(const JobSpec& spec, const TokenDataset& train_data) {
-  return spec.training.steps
-             ? *spec.training.steps
-             : train_data.batches_for_epochs(*spec.training.epochs, spec.training.batch_size);
+// Every rank steps this many times: batches_for_epochs agrees across ranks.
+int64_t total_steps_of(const JobSpec& spec, const TokenDataset& train_data, int64_t rows_per_rank) {
+  return spec.training.steps ? *spec.training.steps
+                             : train_data.batches_for_epochs(*spec.training.epochs, rows_per_rank);
+}
+
+// This rank's rows of each global batch. Throws JobSpecError when the communicator's world is not
+// the one the spec was written for (batch_size is only known to divide that one).
+int64_t rows_per_rank(const JobSpec& spec, const Communicator& communicator) {
+  if (communicator.world_size() != spec.resources.world_size) {
+    throw JobSpecError("job", "resources.world_size",
+                       std::to_string(spec.resources.world_size) + ", but this run has " +
+                           std::to_string(communicator.world_size()) +
+                           " data-parallel rank(s) (lomo-worker train --nproc N runs N)");
+  }
+  return spec.training.batch_size / communicator.world_size();
 }
 
 nlohmann::json metrics_line(const TrainingMetrics& m) {
@@ -262,15 +310,17 @@ class TrainingRun {
       : spec_(spec),
         options_(options),
         hooks_(hooks),
+        communicator_(options.communicator != nullptr ? *options.communicator
+                                                      : local_communicator_),
+        rank_(communicator_.rank()),
+        rows_per_rank_(rows_per_rank(spec, communicator_)),
         output_dir_(spec.output.dir),
         resume_from_(resume_point(output_dir_, options)),
         weights_(load_weights(spec, resume_from_ ? *resume_from_ : fs::path(spec.model.path),
                               accountant_)),
-        // One data-parallel rank for now; the dataset shards by (rank, world_size) when that
-        // changes.
-        data_(load_training_data(spec, weights_.config())),
+        data_(load_training_data(spec, weights_.config(), rank_, communicator_.world_size())),
         train_data_(*data_.train),
-        total_steps_(total_steps_of(spec, train_data_)),
+        total_steps_(total_steps_of(spec, train_data_, rows_per_rank_)),
         model_(weights_, accountant_, {spec.training.activation_checkpointing}),
         optimizer_(make_optimizer(optimizer_options(spec), weights_, accountant_, &communicator_)),
         schedule_(LrSchedule::make(spec.optimizer.schedule, spec.optimizer.lr,
@@ -282,7 +332,8 @@ class TrainingRun {
     state_.total_steps = total_steps_;
     result_.total_steps = total_steps_;
     if (resume_from_) restore(*resume_from_);
-    metrics_ = reopen_metrics(output_dir_ / kMetricsFile, state_.step);
+    check_same_weights(weights_, communicator_, "at the start");
+    if (rank_ == 0) metrics_ = reopen_metrics(output_dir_ / kMetricsFile, state_.step);
   }
 
   TrainResult run() {
@@ -350,7 +401,7 @@ class TrainingRun {
   // Forward, backward and update of the next batch; its metrics go to metrics.jsonl and on_step.
   void train_step() {
     const auto step_start = Clock::now();
-    const TokenBatch batch = train_data_.next_batch(spec_.training.batch_size);
+    const TokenBatch batch = train_data_.next_batch(rows_per_rank_);
     ++state_.step;
     model_.forward(batch);
     const double lr = schedule_.at(state_.step);
@@ -366,11 +417,11 @@ class TrainingRun {
     m.loss_scale = step.loss_scale;
     m.skipped = step.skipped;
     m.skipped_records = data_.train_report.skipped;
-    m.tokens = batch.batch_size * batch.seq_len;
+    m.tokens = batch.batch_size * batch.seq_len;  // this rank's share
     m.tokens_per_second = static_cast<double>(m.tokens) / step_seconds;
     m.elapsed_seconds = std::chrono::duration<double>(Clock::now() - start_).count();
     m.memory = accountant_.report();
-    metrics_ << metrics_line(m).dump() << "\n" << std::flush;
+    if (rank_ == 0) metrics_ << metrics_line(m).dump() << "\n" << std::flush;
     if (hooks_.on_step) hooks_.on_step(m);
   }
 
@@ -387,35 +438,73 @@ class TrainingRun {
     return false;
   }
 
-  bool stop_requested() const {
-    return state_.step < total_steps_ && options_.stop_requested != nullptr &&
-           options_.stop_requested->load();
+  // With several ranks, a stop any of them saw stops all of them after the same step (a signal
+  // reaches the ranks at different moments).
+  bool stop_requested() {
+    if (state_.step >= total_steps_) return false;
+    int64_t stop = options_.stop_requested != nullptr && options_.stop_requested->load() ? 1 : 0;
+    if (communicator_.world_size() > 1) communicator_.all_reduce(&stop, 1, ReduceOp::kSum);
+    return stop > 0;
   }
 
+  // Rank 0 writes what every rank holds (after checking that they do): the weights, its optimizer
+  // state and its data cursor, which differ between ranks only in the rows it has visited.
   void checkpoint() {
+    check_same_weights(weights_, communicator_, "at step " + std::to_string(state_.step));
     state_.cursor = train_data_.cursor();
     state_.data_fingerprint = data_fingerprint_;
-    result_.last_checkpoint = write_checkpoint(output_dir_, spec_, weights_, *optimizer_, state_);
+    if (rank_ == 0) {
+      result_.last_checkpoint = write_checkpoint(output_dir_, spec_, weights_, *optimizer_, state_);
+    } else {
+      result_.last_checkpoint =
+          checkpoint_directory(checkpoints_directory(output_dir_), state_.step);
+    }
+    // Nobody goes on (and may be stopped) before the checkpoint is committed.
+    communicator_.barrier();
     log("checkpoint " + result_.last_checkpoint.string());
     if (hooks_.on_checkpoint) hooks_.on_checkpoint(result_.last_checkpoint, state_.step);
   }
 
   void run_eval() {
     if (!data_.eval && data_.eval_choices.empty()) return;
-    const int64_t batch_size = spec_.training.batch_size;
-    const EvalMetrics m =
-        data_.eval
-            ? evaluate(model_, *data_.eval, batch_size, spec_.training.eval_batches, state_.step)
-            : evaluate_choices(model_, data_.eval_choices, batch_size, spec_.training.eval_batches,
-                               data_.pad_id, state_.step);
-    metrics_ << eval_line(m).dump() << "\n" << std::flush;
+    EvalMetrics m;
+    if (data_.eval) {
+      m = evaluate(model_, *data_.eval, rows_per_rank_, spec_.training.eval_batches, state_.step,
+                   communicator_);
+    } else {
+      // The records are not sharded: rank 0 scores them all and sends the result to the others.
+      if (rank_ == 0) {
+        m = evaluate_choices(model_, data_.eval_choices, spec_.training.batch_size,
+                             spec_.training.eval_batches, data_.pad_id, state_.step);
+      }
+      if (communicator_.world_size() > 1) broadcast_eval(m);
+    }
+    if (rank_ == 0) metrics_ << eval_line(m).dump() << "\n" << std::flush;
     result_.final_eval = m;
     if (hooks_.on_eval) hooks_.on_eval(m);
+  }
+
+  // Rank 0's multiple-choice metrics on every rank.
+  void broadcast_eval(EvalMetrics& m) {
+    double values[3] = {m.loss, m.perplexity, m.accuracy.value_or(0.0)};
+    int64_t counts[3] = {m.step, m.tokens, m.examples};
+    communicator_.broadcast(values, sizeof(values), 0);
+    communicator_.broadcast(counts, sizeof(counts), 0);
+    m.loss = values[0];
+    m.perplexity = values[1];
+    m.accuracy = values[2];
+    m.step = counts[0];
+    m.tokens = counts[1];
+    m.examples = counts[2];
   }
 
   const JobSpec& spec_;
   const TrainerOptions& options_;
   const TrainerHooks& hooks_;
+  LocalCommunicator local_communicator_;
+  Communicator& communicator_;  // options.communicator, else local_communicator_
+  const int rank_;
+  const int64_t rows_per_rank_;
   const fs::path output_dir_;
   const std::optional<fs::path> resume_from_;
   MemoryAccountant accountant_;
@@ -424,7 +513,6 @@ class TrainingRun {
   TokenDataset& train_data_;
   const int64_t total_steps_;
   LlamaModel model_;
-  LocalCommunicator communicator_;
   std::unique_ptr<Optimizer> optimizer_;
   const LrSchedule schedule_;
   const uint64_t data_fingerprint_;

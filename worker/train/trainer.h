@@ -11,6 +11,7 @@
 #include <string>
 
 #include "jobspec/job_spec.h"
+#include "worker/comm/communicator.h"
 #include "worker/engine/memory.h"
 
 namespace lomo {
@@ -62,6 +63,13 @@ struct TrainerOptions {
   // Set from another thread or a signal handler: the trainer finishes the current step, writes a
   // checkpoint, and returns with `stopped`.
   const std::atomic<bool>* stop_requested = nullptr;
+  // This process's data-parallel rank among communicator->world_size() (which must equal the
+  // spec's resources.world_size); null: one rank alone (a LocalCommunicator). Every rank trains on
+  // its disjoint training_batch_size / world_size rows of each global batch and evaluates its share
+  // of the evaluation rows (multiple-choice evaluation: rank 0 alone); only rank 0 writes
+  // metrics.jsonl and checkpoints. Every rank calls its hooks with the same values (losses are
+  // reduced). Ranks check at the start and at every checkpoint that they hold the same weights.
+  Communicator* communicator = nullptr;
 };
 
 struct TrainResult {
