@@ -3,14 +3,18 @@
 // batch. Real processes, the tiny model, a few steps.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
+#include <csignal>
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <set>
 
 #include "common/checkpoint_layout.h"
+#include "common/trainer_protocol.h"
 #include "tests/integration/test_support.h"
 #include "worker/engine/checkpoint_io.h"
 
@@ -20,6 +24,8 @@ namespace {
 namespace fs = std::filesystem;
 using std::chrono::seconds;
 using ::testing::HasSubstr;
+using ::testing::IsEmpty;
+using ::testing::Not;
 
 const fs::path kWorker = LOMO_WORKER_BIN;
 const fs::path kSourceDir = LOMO_SOURCE_DIR;
@@ -62,6 +68,90 @@ class StandaloneDataParallelTest : public ::testing::Test {
 
   ScratchDir dir_{"lomo-nproc-test"};
 };
+
+// A two-rank run long enough for a signal to land mid-training (~15 steps/s per rank unloaded),
+// short enough to finish in a few seconds: a checkpoint only at the end, so that any other one
+// is the stop's.
+constexpr int kLongSteps = 60;
+
+class LaunchFailureTest : public StandaloneDataParallelTest {
+ protected:
+  void SetUp() override {
+    std::ofstream(job_file_) << tiny_job_yaml(
+        kSourceDir, tiny_model(kWorker), kLongSteps, kLongSteps,
+        {"output.dir=" + output("run").string(), "resources.world_size=2"});
+  }
+  std::vector<std::string> argv() const {
+    return {kWorker.string(),       "train", job_file_.string(), "--nproc", "2", "--protocol-file",
+            protocol_file_.string()};
+  }
+  // Starts the launcher; returns once rank 0 has logged `steps` training steps (fails the test
+  // if it does not within 20 s).
+  std::unique_ptr<ChildProcess> start_and_wait_for_steps(int steps) {
+    std::unique_ptr<ChildProcess> launcher = start_program(argv(), log_, kEnv);
+    const bool reached =
+        wait_until([&] { return steps_logged() >= steps || !launcher->running(); }, seconds(20));
+    EXPECT_TRUE(reached && launcher->running()) << "no step " << steps << " while running:\n"
+                                                << read_file(log_);
+    return launcher;
+  }
+  // Training steps in metrics.jsonl so far (a line being written is not counted).
+  int steps_logged() const {
+    std::ifstream in(output("run") / "metrics.jsonl");
+    int steps = 0;
+    for (std::string line; std::getline(in, line);) {
+      const nlohmann::json j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+      if (j.is_object() && j.contains("loss")) ++steps;
+    }
+    return steps;
+  }
+  // The last record of the protocol file, which must be the outcome.
+  trainer_protocol::Outcome outcome() const {
+    std::ifstream in(protocol_file_);
+    std::string line, last;
+    while (std::getline(in, line)) last = line;
+    const trainer_protocol::Record record = trainer_protocol::parse_line(last);
+    EXPECT_TRUE(std::holds_alternative<trainer_protocol::Outcome>(record)) << last;
+    return std::holds_alternative<trainer_protocol::Outcome>(record)
+               ? std::get<trainer_protocol::Outcome>(record)
+               : trainer_protocol::Outcome{};
+  }
+
+  fs::path job_file_ = dir_.path() / "run.yaml";
+  fs::path protocol_file_ = dir_.path() / "protocol.jsonl";
+  fs::path log_ = dir_.path() / "launcher.log";
+};
+
+// /proc/<pid>/cmdline with its NULs as spaces; "" once the process is gone.
+std::string command_line(pid_t pid) {
+  std::string text = read_file(fs::path("/proc") / std::to_string(pid) / "cmdline");
+  std::replace(text.begin(), text.end(), '\0', ' ');
+  return text;
+}
+
+// The launcher's children: its rank processes.
+std::vector<pid_t> children(pid_t parent) {
+  std::vector<pid_t> pids;
+  for (const auto& task :
+       fs::directory_iterator(fs::path("/proc") / std::to_string(parent) / "task")) {
+    std::ifstream in(task.path() / "children");
+    for (pid_t pid = 0; in >> pid;) pids.push_back(pid);
+  }
+  return pids;
+}
+
+// The processes (besides zombies' empty command lines) whose command line contains `text`.
+std::vector<pid_t> processes_mentioning(const std::string& text) {
+  std::vector<pid_t> found;
+  for (const auto& entry : fs::directory_iterator("/proc")) {
+    const std::string name = entry.path().filename().string();
+    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
+    const pid_t pid = std::stoi(name);
+    if (pid != ::getpid() && command_line(pid).find(text) != std::string::npos)
+      found.push_back(pid);
+  }
+  return found;
+}
 
 // Step -> loss, and the eval loss, from metrics.jsonl; fails the test on a repeated step.
 struct Metrics {
@@ -158,6 +248,91 @@ TEST_F(StandaloneDataParallelTest, NprocMustMatchTheSpecsWorldSize) {
   EXPECT_EQ(status.code, 2) << log;  // usage
   EXPECT_THAT(log, HasSubstr("--nproc 2 differs from the spec's resources.world_size 1"));
   EXPECT_FALSE(fs::exists(output("one")));
+}
+
+// A rank that dies (SIGKILL: no error of its own, no goodbye to its peers) fails the launch at
+// once: rank 0's next collective sees the broken connection and reports it naming the peer, the
+// launcher ends what is left and exits 1, leaving no rank behind. The bound is far below the
+// 10-minute collective timeout, so the timeout cannot be what ends the run.
+TEST_F(LaunchFailureTest, AKilledRankFailsTheLaunchQuicklyAndLeavesNoRankRunning) {
+  std::unique_ptr<ChildProcess> launcher = start_and_wait_for_steps(2);
+  ASSERT_TRUE(launcher->running());
+  std::map<int, pid_t> rank_pids;  // rank -> pid, from the ranks' --rank flags
+  std::string rendezvous;  // the launch's rendezvous directory, on every rank's command line
+  for (const pid_t pid : children(launcher->pid())) {
+    const std::string line = command_line(pid);
+    const size_t rank_at = line.find("--rank ");
+    const size_t rendezvous_at = line.find("--rendezvous ");
+    ASSERT_NE(rank_at, std::string::npos) << line;
+    ASSERT_NE(rendezvous_at, std::string::npos) << line;
+    rank_pids[std::stoi(line.substr(rank_at + 7))] = pid;
+    rendezvous =
+        line.substr(rendezvous_at + 13, line.find(' ', rendezvous_at + 13) - rendezvous_at - 13);
+  }
+  ASSERT_EQ(rank_pids.size(), 2u);
+  ASSERT_THAT(rendezvous, HasSubstr("lomo-rendezvous-"));
+
+  const auto killed_at = std::chrono::steady_clock::now();
+  ASSERT_EQ(::kill(rank_pids.at(1), SIGKILL), 0);
+  const std::optional<ExitStatus> status = launcher->wait_for(seconds(60));
+  ASSERT_TRUE(status.has_value()) << "the launcher still runs 60 s after rank 1 was killed:\n"
+                                  << read_file(log_);
+  const std::string log = read_file(log_);
+  EXPECT_LT(std::chrono::steady_clock::now() - killed_at, seconds(60));
+  EXPECT_FALSE(status->signaled) << log;
+  EXPECT_EQ(status->code, trainer_protocol::kExitFailed) << log;
+  // Which rank the launcher names first is a race: rank 0 may exit on the broken connection
+  // before the launcher polls rank 1 ("rank 0 exited with code 1; stopping the other ranks").
+  EXPECT_THAT(log, HasSubstr("; stopping the other ranks"));
+
+  const trainer_protocol::Outcome ended = outcome();
+  EXPECT_EQ(ended.status, trainer_protocol::Status::kFailed);
+  // The broken connection, not the collective timeout ("rank 1 did not ... within ... ms").
+  EXPECT_THAT(ended.reason, HasSubstr("connection to rank 1 failed"));
+  EXPECT_THAT(ended.reason, HasSubstr("(peer rank 1)"));
+  EXPECT_THAT(ended.reason, Not(HasSubstr(" within ")));
+  EXPECT_LT(ended.steps_done, kLongSteps);
+
+  EXPECT_THAT(processes_mentioning(rendezvous), IsEmpty()) << "a rank outlived the launcher";
+  EXPECT_FALSE(fs::exists(rendezvous));
+}
+
+// Ctrl-C reaches the launcher alone (its ranks have their own process groups); it forwards it,
+// the ranks agree on a step to stop after, rank 0 checkpoints it, and the launcher exits 6. The
+// same command then resumes there on both ranks and runs to the end, each step logged once.
+TEST_F(LaunchFailureTest, CtrlCStopsEveryRankAfterOneCheckpointedStepAndTheSameCommandResumes) {
+  std::unique_ptr<ChildProcess> launcher = start_and_wait_for_steps(2);
+  ASSERT_TRUE(launcher->running());
+  ASSERT_EQ(::kill(launcher->pid(), SIGINT), 0);
+  const std::optional<ExitStatus> status = launcher->wait_for(seconds(30));
+  ASSERT_TRUE(status.has_value()) << read_file(log_);
+  const std::string log = read_file(log_);
+  EXPECT_FALSE(status->signaled) << log;
+  ASSERT_EQ(status->code, trainer_protocol::kExitInterrupted) << log;
+
+  const trainer_protocol::Outcome ended = outcome();
+  EXPECT_EQ(ended.status, trainer_protocol::Status::kInterrupted);
+  const int64_t stop = ended.steps_done;
+  ASSERT_GE(stop, 2);
+  ASSERT_LT(stop, kLongSteps) << "the signal landed after the last step";
+  // Rank 1's own report goes nowhere the test can read but its errors reach this log: a rank that
+  // stopped after another step would fail the stop checkpoint's weight comparison or its barrier.
+  EXPECT_THAT(log, HasSubstr("stopped at step " + std::to_string(stop) + " of " +
+                             std::to_string(kLongSteps)));
+  EXPECT_THAT(log, Not(HasSubstr("rank 1")));
+  EXPECT_EQ(steps_logged(), stop);
+  const fs::path checkpoints = output("run") / "checkpoints";
+  EXPECT_TRUE(fs::exists(checkpoint_directory(checkpoints, stop)));
+
+  std::string resumed_log;
+  const ExitStatus resumed = run_program(argv(), &resumed_log, seconds(60), kEnv);
+  ASSERT_TRUE(resumed.success()) << resumed.describe() << "\n" << resumed_log;
+  EXPECT_THAT(resumed_log, HasSubstr("at step " + std::to_string(stop)));
+  EXPECT_EQ(outcome().status, trainer_protocol::Status::kSucceeded);
+  EXPECT_TRUE(fs::exists(checkpoint_directory(checkpoints, kLongSteps)));
+  const Metrics metrics = read_metrics(output("run"));  // fails on a step logged twice
+  EXPECT_EQ(metrics.loss.size(), static_cast<size_t>(kLongSteps));
+  EXPECT_EQ(metrics.loss.rbegin()->first, kLongSteps);
 }
 
 }  // namespace
