@@ -623,6 +623,13 @@ void validate(Context& c, const JobSpec& spec) {
                                  " already fills every row from one token stream; packing applies "
                                  "to the JSONL formats");
   }
+  // A packed batch draws a varying number of samples on each rank, so each rank's data position
+  // differs, and a checkpoint keeps only rank 0's: a resume would shift the other ranks' data.
+  if (d.packing && spec.resources.world_size > 1) {
+    c.report("data.packing",
+             "not available with resources.world_size > 1 yet (a checkpoint keeps "
+             "one data position, and packed ranks each have their own)");
+  }
   one_of(c, "data.token_dtype", d.token_dtype, {"uint16", "uint32"});
   one_of(c, "data.on_bad_record", d.on_bad_record, {"fail", "skip"});
 

@@ -421,6 +421,15 @@ int launch_ranks(const TrainArgs& args, int n) {
                              std::strerror(errno));
   }
   const std::filesystem::path rendezvous = pattern;
+  // Removed on every way out, a rank that could not be started included; declared before `ranks`,
+  // so the ranks (ended by their destructors) are gone before their rendezvous directory is.
+  struct RemoveOnExit {
+    std::filesystem::path path;
+    ~RemoveOnExit() {
+      std::error_code ignored;
+      std::filesystem::remove_all(path, ignored);
+    }
+  } const remove_rendezvous{rendezvous};
   std::signal(SIGINT, on_launcher_signal);
   std::signal(SIGTERM, on_launcher_signal);
   std::vector<std::unique_ptr<lomo::ChildProcess>> ranks;
@@ -467,8 +476,6 @@ int launch_ranks(const TrainArgs& args, int n) {
       }
     }
   }
-  std::error_code ignored;
-  std::filesystem::remove_all(rendezvous, ignored);
   std::vector<lomo::ExitStatus> statuses;
   for (const auto& status : ended) statuses.push_back(*status);
   return launch_exit_code(statuses);

@@ -830,6 +830,10 @@ const Rejection kRejections[] = {
      "training.batch_size",
      "must be divisible by resources.world_size (4), got 6: training.batch_size is the global "
      "batch"},
+    {"PackingWithSeveralRanks",
+     s({{"data", "{format: alpaca, train: [a.jsonl], packing: true}"},
+        {"resources", "{world_size: 2}"}}),
+     "data.packing", "not available with resources.world_size > 1 yet"},
     {"DeviceUnknown", s({{"resources", "{device: tpu}"}}), "resources.device",
      "must be one of cpu, cuda; got \"tpu\""},
     {"RetriesNegative", s({{"resources", "{retries: -1}"}}), "resources.retries", "must be >= 0"},

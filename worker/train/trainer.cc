@@ -417,7 +417,8 @@ class TrainingRun {
     m.loss_scale = step.loss_scale;
     m.skipped = step.skipped;
     m.skipped_records = data_.train_report.skipped;
-    m.tokens = batch.batch_size * batch.seq_len;  // this rank's share
+    m.tokens = batch.batch_size * batch.seq_len;  // this rank's share, then every rank's
+    if (communicator_.world_size() > 1) communicator_.all_reduce(&m.tokens, 1, ReduceOp::kSum);
     m.tokens_per_second = static_cast<double>(m.tokens) / step_seconds;
     m.elapsed_seconds = std::chrono::duration<double>(Clock::now() - start_).count();
     m.memory = accountant_.report();
