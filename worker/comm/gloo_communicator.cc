@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <condition_variable>
+#include <csignal>
 #include <cstring>
 #include <deque>
 #include <limits>
@@ -777,6 +778,11 @@ GlooCommunicator::GlooCommunicator(const GlooCommunicatorOptions& options,
     throw std::invalid_argument("rank " + std::to_string(options.rank) + " outside a world of " +
                                 std::to_string(options.world_size));
   }
+  // Gloo's TCP transport writes to its sockets without MSG_NOSIGNAL: a peer that died would end
+  // this whole process with SIGPIPE before the write could fail and become a CommunicatorError
+  // naming that peer. Ignoring SIGPIPE is process-wide; every lomo program that communicates
+  // wants it (the worker daemon does the same for gRPC).
+  std::signal(SIGPIPE, SIG_IGN);
   impl_ = std::make_unique<Impl>(options, store);
 }
 
