@@ -465,14 +465,19 @@ int launch_ranks(const TrainArgs& args, int n) {
       if (!ended[r]) continue;
       --running;
       if (ended[r]->success() || stopping) continue;
-      // A failed rank: the others would fail at their next collective; end them now.
+      // A failed rank: the others fail at their next collective, naming it, and rank 0 writes
+      // that outcome. Give them a few seconds to do so on their own before ending them: a SIGTERM
+      // first would turn the failure into a stop request racing the broken collective.
       std::cerr << "lomo-worker train: rank " << r << " " << ended[r]->describe()
                 << "; stopping the other ranks\n";
+      const auto grace_end = std::chrono::steady_clock::now() + std::chrono::seconds(5);
       for (size_t other = 0; other < ranks.size(); ++other) {
-        if (!ended[other]) {
-          ended[other] = ranks[other]->terminate(std::chrono::seconds(10));
-          --running;
-        }
+        if (ended[other]) continue;
+        const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+            grace_end - std::chrono::steady_clock::now());
+        ended[other] = ranks[other]->wait_for(std::max(left, std::chrono::milliseconds(0)));
+        if (!ended[other]) ended[other] = ranks[other]->terminate(std::chrono::seconds(10));
+        --running;
       }
     }
   }
