@@ -97,12 +97,13 @@ ParsedArgs parse_args(const std::vector<std::string>& args, const std::string& c
 
 lomo::v1::SubmitJobRequest load_submit_request(const std::string& file,
                                                const std::vector<std::string>& overrides,
-                                               std::string* job_name) {
+                                               std::string* job_name, int64_t* world_size) {
   lomo::v1::SubmitJobRequest request;
   request.set_spec_text(read_job_spec_file(file));
   const JobSpec spec = parse_job_spec(request.spec_text(), file, overrides);
   for (const std::string& o : overrides) request.add_overrides(o);
   if (job_name != nullptr) *job_name = spec.name;
+  if (world_size != nullptr) *world_size = spec.resources.world_size;
   return request;
 }
 
@@ -180,8 +181,8 @@ int list_command(CommandContext& context) {
                     p.total_steps() > 0
                         ? std::to_string(p.step()) + "/" + std::to_string(p.total_steps())
                         : "-",
-                    p.step() > 0 ? number_text(p.loss(), "%.4f") : "-",
-                    job.worker_id().empty() ? "-" : job.worker_id(), age_text(job.create_time())});
+                    p.step() > 0 ? number_text(p.loss(), "%.4f") : "-", workers_cell(job),
+                    age_text(job.create_time())});
   }
   std::cout << format_table(rows);
   return 0;
@@ -200,7 +201,10 @@ int get_command(CommandContext& context) {
   rows.push_back({"state:", state_name(job.state())});
   if (!job.failure_reason().empty()) rows.push_back({"reason:", job.failure_reason()});
   rows.push_back({"attempt:", std::to_string(job.attempt())});
-  if (!job.worker_id().empty()) rows.push_back({"worker:", job.worker_id()});
+  if (!job.wait_reason().empty()) rows.push_back({"waiting:", terminal_text(job.wait_reason())});
+  const std::vector<std::string> gang = gang_lines(job);
+  for (size_t i = 0; i < gang.size(); ++i) rows.push_back({i == 0 ? "gang:" : "", gang[i]});
+  if (gang.empty() && !job.worker_id().empty()) rows.push_back({"worker:", job.worker_id()});
   if (p.step() > 0) {
     std::string progress =
         "step " + std::to_string(p.step()) + "/" + std::to_string(p.total_steps()) + ", loss " +

@@ -4,6 +4,7 @@
 // (ClientError, JobSpecError, UsageError) and printed by main.
 #pragma once
 
+#include <cstdint>
 #include <map>
 #include <memory>
 #include <optional>
@@ -70,9 +71,11 @@ ParsedArgs parse_args(const std::vector<std::string>& args, const std::string& c
 // (spec_text) and the overrides, which the coordinator applies and validates once, as the entry
 // point. They are validated here first, so that a bad spec fails at once with the file's line.
 // Throws JobSpecError naming the file (or the override) and every field with a problem.
+// `world_size`, when given, receives the spec's resources.world_size after the overrides.
 lomo::v1::SubmitJobRequest load_submit_request(const std::string& file,
                                                const std::vector<std::string>& overrides,
-                                               std::string* job_name);
+                                               std::string* job_name,
+                                               int64_t* world_size = nullptr);
 
 // The progress display `watch` uses, as the context asks for it (TTY bar, plain lines, JSON).
 struct WatchOptions;

@@ -2,7 +2,9 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
+#include <csignal>
 #include <cstdlib>
 #include <deque>
 #include <fstream>
@@ -17,6 +19,7 @@
 #include "client/watch.h"
 #include "common/checkpoint_layout.h"
 #include "common/child_process.h"
+#include "common/flags.h"
 #include "common/read_file.h"
 #include "common/stop_signals.h"
 
@@ -99,18 +102,87 @@ std::optional<std::string> read_ready_address(const fs::path& ready_file) {
   return json["grpc"].get<std::string>();
 }
 
+LocalGangPlan plan_local_gang(const std::optional<std::string>& workers_flag,
+                              int64_t spec_world_size) {
+  LocalGangPlan plan;
+  if (!workers_flag) {
+    if (spec_world_size > kMaxLocalWorkers) {
+      throw UsageError("lomoctl local: the spec's resources.world_size " +
+                       std::to_string(spec_world_size) + " is more than the " +
+                       std::to_string(kMaxLocalWorkers) + " workers local mode starts");
+    }
+    plan.workers = static_cast<int>(spec_world_size);
+    return plan;
+  }
+  int64_t workers = 0;
+  try {
+    workers = flag_int("--workers", *workers_flag);
+  } catch (const FlagError& e) {
+    throw UsageError(std::string("lomoctl local: ") + e.what());
+  }
+  if (workers < 1 || workers > kMaxLocalWorkers) {
+    throw UsageError("lomoctl local: --workers " + *workers_flag + ": expected 1 to " +
+                     std::to_string(kMaxLocalWorkers) +
+                     " (each worker holds a full copy of the model)");
+  }
+  if (spec_world_size != 1 && spec_world_size != workers) {
+    throw UsageError("lomoctl local: --workers " + std::to_string(workers) +
+                     " differs from the spec's resources.world_size " +
+                     std::to_string(spec_world_size) + "; drop --workers, or --set " +
+                     "resources.world_size=" + std::to_string(workers) + " to change it");
+  }
+  plan.workers = static_cast<int>(workers);
+  if (spec_world_size != workers) {
+    plan.overrides.push_back("resources.world_size=" + std::to_string(workers));
+  }
+  return plan;
+}
+
+std::optional<int> threads_per_local_worker(int workers, unsigned hardware_threads,
+                                            const char* omp_num_threads_env) {
+  if (omp_num_threads_env != nullptr && *omp_num_threads_env != '\0') return std::nullopt;
+  if (workers <= 1) return std::nullopt;
+  return std::max(1, static_cast<int>(hardware_threads) / workers);
+}
+
+std::vector<LocalWorkerLayout> local_worker_layouts(const fs::path& state_dir, int workers) {
+  if (workers == 1) {
+    return {{"local-cpu", state_dir / "worker", state_dir / "worker.log"}};
+  }
+  std::vector<LocalWorkerLayout> layouts;
+  for (int i = 0; i < workers; ++i) {
+    const std::string n = std::to_string(i);
+    layouts.push_back(
+        {"local-cpu-" + n, state_dir / ("worker-" + n), state_dir / ("worker-" + n + ".log")});
+  }
+  return layouts;
+}
+
 namespace {
 
 // The files of a local run under its state directory.
 struct LocalFiles {
-  explicit LocalFiles(const fs::path& state)
+  LocalFiles(const fs::path& state, int workers)
       : state_dir(state),
         coordinator_log(state / "coordinator.log"),
-        worker_log(state / "worker.log"),
         ready_file(state / "coordinator.ready"),
         coordinator_data(state / "coordinator"),
-        worker_dir(state / "worker") {}
-  fs::path state_dir, coordinator_log, worker_log, ready_file, coordinator_data, worker_dir;
+        workers(local_worker_layouts(state, workers)) {}
+  fs::path state_dir, coordinator_log, ready_file, coordinator_data;
+  std::vector<LocalWorkerLayout> workers;
+
+  // "worker.log", or "worker-0.log .. worker-3.log": for messages.
+  std::string worker_log_names() const {
+    std::string first = workers.front().log.filename().string();
+    if (workers.size() == 1) return first;
+    return first + " .. " + workers.back().log.filename().string();
+  }
+  // Every log, for a message after a failure.
+  std::string all_logs() const {
+    std::string text;
+    for (const auto& w : workers) text += w.log.string() + ", ";
+    return text + coordinator_log.string();
+  }
 };
 
 // The two programs a local run starts.
@@ -133,17 +205,24 @@ LocalPrograms find_local_programs(const ParsedArgs& args) {
   return programs;
 }
 
-// The coordinator and the worker as child processes, one job submitted and watched to its end.
-// Ctrl-C: the first cancels the job (the worker stops it and reports), the second stops everything
+// The settings of a local run beyond its files: how many workers, and their OpenMP threads.
+struct LocalSettings {
+  int workers = 1;
+  std::optional<int> threads_per_worker;  // nullopt: OMP_NUM_THREADS left as it is
+};
+
+// The coordinator and the workers as child processes, one job submitted and watched to its end.
+// Ctrl-C: the first cancels the job (the workers stop it and report), the second stops everything
 // at once.
 class LocalRun {
  public:
   LocalRun(CommandContext& context, const ParsedArgs& args, LocalPrograms programs,
-           LocalFiles files)
+           LocalFiles files, LocalSettings settings)
       : context_(context),
         args_(args),
         programs_(std::move(programs)),
         files_(std::move(files)),
+        settings_(settings),
         // Set up before any gRPC thread exists, so that every thread inherits the signal mask.
         signals_([this](int, int count) { on_stop_signal(count); }) {}
 
@@ -151,7 +230,7 @@ class LocalRun {
     try {
       start_coordinator();
       const std::string address = wait_until_ready();
-      start_worker(address);
+      start_workers(address);
       connect(address);
       const lomo::v1::Job job = submit_and_watch(spec, name);
       return finish(job);
@@ -214,25 +293,44 @@ class LocalRun {
     }
   }
 
-  void start_worker(const std::string& address) {
-    ChildOptions w;
-    w.argv = {programs_.worker.string(),
-              "serve",
-              "--coordinator",
-              address,
-              "--device",
-              "cpu",
-              "--work-dir",
-              files_.worker_dir.string(),
-              "--worker-id",
-              "local-cpu"};
-    w.stdout_mode = w.stderr_mode = ChildOutput::kFile;
-    w.output_file = files_.worker_log;
-    worker_ = std::make_unique<ChildProcess>(w);
-    if (!context_.json) {
-      std::cout << "local mode: coordinator at " << address << ", one CPU worker; state in "
-                << files_.state_dir.string() << " (logs: coordinator.log, worker.log)\n";
+  void start_workers(const std::string& address) {
+    for (const LocalWorkerLayout& layout : files_.workers) {
+      ChildOptions w;
+      w.argv = {programs_.worker.string(),
+                "serve",
+                "--coordinator",
+                address,
+                "--device",
+                "cpu",
+                "--work-dir",
+                layout.work_dir.string(),
+                "--worker-id",
+                layout.id};
+      if (settings_.threads_per_worker) {
+        // The daemon's training child inherits it.
+        w.env = {"OMP_NUM_THREADS=" + std::to_string(*settings_.threads_per_worker)};
+      }
+      w.stdout_mode = w.stderr_mode = ChildOutput::kFile;
+      w.output_file = layout.log;
+      workers_.push_back(std::make_unique<ChildProcess>(w));
+      ended_reported_.push_back(false);
     }
+    if (context_.json) return;
+    std::cout << "local mode: coordinator at " << address << ", " << workers_text() << "; state in "
+              << files_.state_dir.string() << " (logs: coordinator.log, "
+              << files_.worker_log_names() << ")\n";
+  }
+
+  // "one CPU worker", "2 CPU workers (local-cpu-0 .. local-cpu-1, 8 OpenMP threads each)".
+  std::string workers_text() const {
+    if (settings_.workers == 1) return "one CPU worker";
+    std::string text = std::to_string(settings_.workers) + " CPU workers (" +
+                       files_.workers.front().id + " .. " + files_.workers.back().id;
+    if (settings_.threads_per_worker) {
+      text += ", " + std::to_string(*settings_.threads_per_worker) + " OpenMP thread" +
+              (*settings_.threads_per_worker == 1 ? "" : "s") + " each";
+    }
+    return text + ")";
   }
 
   void connect(const std::string& address) {
@@ -256,22 +354,62 @@ class LocalRun {
                 << "\n"
                 << std::flush;
     }
+    // Stopped and joined on every way out of this function, before anything else touches the
+    // worker processes.
+    const std::jthread monitor([this](const std::stop_token& stop) { watch_workers(stop); });
     try {
       return watch_job_to_end(*client_, submitted.id(), watch_options_for(context_), std::cout);
     } catch (const ClientError& e) {
       if (e.code() == grpc::StatusCode::CANCELLED && interrupts_ > 0) {
-        throw Interrupted("stopped at once (second Ctrl-C); the coordinator and worker are gone");
+        throw Interrupted("stopped at once (second Ctrl-C); the coordinator and workers are gone");
       }
       throw;
     }
   }
 
+  // While the job is watched: a worker that ends (a crash, a refused flag) is said at once, with
+  // the end of its log. Local mode has no other worker to take its place, so a job still QUEUED
+  // could never get its gang: it is cancelled rather than left waiting forever. A running job is
+  // failed by the coordinator when the worker's heartbeats stop.
+  void watch_workers(const std::stop_token& stop) {
+    while (!stop.stop_requested()) {
+      for (size_t i = 0; i < workers_.size(); ++i) {
+        if (ended_reported_[i]) continue;
+        const std::optional<ExitStatus> ended = workers_[i]->try_wait();
+        if (!ended) continue;
+        ended_reported_[i] = true;
+        const LocalWorkerLayout& layout = files_.workers[i];
+        std::cerr << "\nlomoctl local: lomo-worker " << layout.id << " " << ended->describe()
+                  << " during the job; the end of " << layout.log.string() << ":\n"
+                  << last_lines(layout.log, 15);
+        cancel_if_queued();
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    }
+  }
+
+  void cancel_if_queued() {
+    std::lock_guard lock(mutex_);
+    if (!client_ || job_id_.empty()) return;
+    try {
+      if (client_->get_job(job_id_).state() != lomo::v1::JOB_STATE_QUEUED) return;
+      std::cerr << "lomoctl local: cancelling job " << job_id_
+                << ", which can no longer get its workers\n";
+      client_->cancel_job(job_id_);
+    } catch (const std::exception& e) {
+      std::cerr << "lomoctl local: " << e.what() << "\n";
+    }
+  }
+
   // After the job's end: its checkpoint downloaded (if it succeeded), the processes stopped.
   int finish(const lomo::v1::Job& job) {
-    if (worker_->try_wait()) {
-      std::cerr << "lomoctl local: lomo-worker ended during the job; the end of "
-                << files_.worker_log.string() << ":\n"
-                << last_lines(files_.worker_log, 15);
+    for (size_t i = 0; i < workers_.size(); ++i) {
+      if (!ended_reported_[i] && workers_[i]->try_wait()) {
+        const fs::path& log = files_.workers[i].log;
+        std::cerr << "lomoctl local: lomo-worker " << files_.workers[i].id
+                  << " ended during the job; the end of " << log.string() << ":\n"
+                  << last_lines(log, 15);
+      }
     }
     if (job.state() == lomo::v1::JOB_STATE_SUCCEEDED) {
       if (!download_newest_checkpoint(job)) {
@@ -280,8 +418,7 @@ class LocalRun {
         return kExitError;
       }
     } else if (!context_.json) {
-      std::cout << "logs: " << files_.worker_log.string() << ", " << files_.coordinator_log.string()
-                << "\n";
+      std::cout << "logs: " << files_.all_logs() << "\n";
     }
     print_training_files(job);
     {
@@ -314,10 +451,15 @@ class LocalRun {
     return true;
   }
 
-  // Where the worker trained: metrics.jsonl and every checkpoint of the attempt.
+  // Where rank 0's worker (Job.worker_id) trained: metrics.jsonl and every checkpoint of the
+  // attempt. The other ranks write neither.
   void print_training_files(const lomo::v1::Job& job) const {
+    const LocalWorkerLayout* rank0 = &files_.workers.front();
+    for (const LocalWorkerLayout& layout : files_.workers) {
+      if (layout.id == job.worker_id()) rank0 = &layout;
+    }
     const fs::path out =
-        attempt_output_directory(attempt_directory(files_.worker_dir, job.id(), job.attempt()));
+        attempt_output_directory(attempt_directory(rank0->work_dir, job.id(), job.attempt()));
     if (!context_.json && fs::exists(out / "metrics.jsonl")) {
       std::cout << "training files (metrics.jsonl, checkpoints): " << out.string() << "\n";
     }
@@ -328,9 +470,9 @@ class LocalRun {
       std::lock_guard lock(mutex_);
       if (client_) client_->cancel_streams();
     }
-    // A second Ctrl-C means now; otherwise the worker gets its graceful stop.
+    // A second Ctrl-C means now; otherwise the workers get their graceful stop.
     if (interrupts_ >= 2) {
-      if (worker_) worker_->send_signal(SIGKILL);
+      for (auto& worker : workers_) worker->send_signal(SIGKILL);
       if (coordinator_) coordinator_->send_signal(SIGKILL);
     }
     const bool started = coordinator_ != nullptr;
@@ -339,21 +481,36 @@ class LocalRun {
       std::lock_guard lock(mutex_);
       client_.reset();
     }
-    if (started) {
-      std::cerr << "lomoctl local: logs: " << files_.worker_log.string() << ", "
-                << files_.coordinator_log.string() << "\n";
-    }
+    if (started) std::cerr << "lomoctl local: logs: " << files_.all_logs() << "\n";
   }
 
+  // The workers first (all at once: each may be finishing a checkpoint), then the coordinator.
   void stop_all() {
-    stop_child(worker_, "lomo-worker", std::chrono::seconds(30));
+    stop_workers(std::chrono::seconds(30));
     stop_child(coordinator_, "lomo-coordinator", std::chrono::seconds(15));
+  }
+
+  // SIGTERM to every worker, then SIGKILL to those still running after `grace`.
+  void stop_workers(std::chrono::milliseconds grace) {
+    for (auto& worker : workers_) worker->send_signal(SIGTERM);
+    const auto deadline = Clock::now() + grace;
+    for (size_t i = 0; i < workers_.size(); ++i) {
+      const auto left =
+          std::max(std::chrono::milliseconds(0),
+                   std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()));
+      if (!workers_[i]->wait_for(left)) {
+        std::cerr << "lomoctl local: lomo-worker " << files_.workers[i].id
+                  << " did not stop within " << grace.count() / 1000 << "s and was killed\n";
+      }
+    }
+    workers_.clear();  // a worker still running is killed and reaped here
   }
 
   CommandContext& context_;
   const ParsedArgs& args_;
   const LocalPrograms programs_;
   const LocalFiles files_;
+  const LocalSettings settings_;
   // Shared with the signal watcher's thread (declared before it: they outlive it).
   std::mutex mutex_;
   std::string job_id_;
@@ -361,33 +518,48 @@ class LocalRun {
   std::unique_ptr<Client> client_;
   StopSignalWatcher signals_;
   std::unique_ptr<ChildProcess> coordinator_;
-  std::unique_ptr<ChildProcess> worker_;
+  std::vector<std::unique_ptr<ChildProcess>> workers_;  // in the order of files_.workers
+  // A worker's end was already told (by watch_workers, while the job was watched).
+  std::vector<bool> ended_reported_;
 };
 
 // A fresh state directory: logs and the ready file of an earlier run would mislead.
-LocalFiles prepare_state_directory(const fs::path& state_dir) {
-  LocalFiles files(state_dir);
+LocalFiles prepare_state_directory(const fs::path& state_dir, int workers) {
+  LocalFiles files(state_dir, workers);
   fs::create_directories(state_dir);
   fs::remove(files.ready_file);
   fs::remove(files.coordinator_log);
-  fs::remove(files.worker_log);
+  for (const LocalWorkerLayout& worker : files.workers) fs::remove(worker.log);
   return files;
 }
 
 }  // namespace
 
 int local_command(CommandContext& context) {
-  const ParsedArgs args =
-      parse_args(context.args, "local",
-                 {"--set", "--state-dir", "--out", "--coordinator-bin", "--worker-bin"}, {});
+  const ParsedArgs args = parse_args(
+      context.args, "local",
+      {"--set", "--state-dir", "--out", "--coordinator-bin", "--worker-bin", "--workers"}, {});
   if (args.positional.size() != 1) throw UsageError("lomoctl local needs a job file (JOB.yaml)");
   std::string name;
+  int64_t world_size = 1;
   // Validated here, before anything starts: a bad spec fails in a second with the field's path.
-  const lomo::v1::SubmitJobRequest spec =
-      load_submit_request(args.positional[0], args.all("--set"), &name);
+  lomo::v1::SubmitJobRequest spec =
+      load_submit_request(args.positional[0], args.all("--set"), &name, &world_size);
+  const LocalGangPlan plan = plan_local_gang(args.value("--workers"), world_size);
+  if (!plan.overrides.empty()) {
+    // Validated again with the world size: training.batch_size must divide by it.
+    std::vector<std::string> overrides = args.all("--set");
+    overrides.insert(overrides.end(), plan.overrides.begin(), plan.overrides.end());
+    spec = load_submit_request(args.positional[0], overrides, &name);
+  }
+  const LocalSettings settings{
+      .workers = plan.workers,
+      .threads_per_worker = threads_per_local_worker(
+          plan.workers, std::thread::hardware_concurrency(), std::getenv("OMP_NUM_THREADS"))};
   const fs::path state_dir = fs::absolute(args.value("--state-dir").value_or("out/local"));
   LocalPrograms programs = find_local_programs(args);
-  LocalRun run(context, args, std::move(programs), prepare_state_directory(state_dir));
+  LocalRun run(context, args, std::move(programs), prepare_state_directory(state_dir, plan.workers),
+               settings);
   return run.run(spec, name);
 }
 

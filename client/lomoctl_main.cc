@@ -36,9 +36,11 @@ commands:
   cancel JOB_ID                                     cancel a job
   checkpoints JOB_ID                                committed checkpoints of a job
   download CHECKPOINT_ID DIR                        fetch a checkpoint, verifying every SHA-256
-  local JOB.yaml [--set key=value]... [--state-dir DIR] [--out DIR]
-                                                    run a coordinator and one CPU worker here,
-                                                    run the job, keep its final checkpoint
+  local JOB.yaml [--workers N] [--set key=value]... [--state-dir DIR] [--out DIR]
+                                                    run a coordinator and N CPU workers here
+                                                    (default: the spec's world size, 1), run
+                                                    the job on all of them, keep its final
+                                                    checkpoint
 
 The coordinator's address: --coordinator, else $LOMO_COORDINATOR, else "coordinator:" in
 ~/.config/lomo/lomoctl.yaml, else 127.0.0.1:7070.

@@ -7,6 +7,8 @@
 #include <cmath>
 #include <cstdio>
 
+#include "common/printable.h"
+
 namespace lomo::client {
 
 std::string state_name(lomo::v1::JobState state) {
@@ -104,6 +106,40 @@ std::string message_to_json(const google::protobuf::Message& message, bool prett
   google::protobuf::util::MessageToJsonString(message, &json, options);
   if (!json.empty() && json.back() == '\n') json.pop_back();
   return json;
+}
+
+std::string terminal_text(std::string_view text) { return printable_excerpt(text, text.size()); }
+
+std::vector<std::string> gang_lines(const lomo::v1::Job& job) {
+  std::vector<std::string> lines;
+  if (job.assignments_size() <= 1) return lines;
+  for (const auto& a : job.assignments()) {
+    lines.push_back("rank " + std::to_string(a.rank()) + "  " + terminal_text(a.worker_id()));
+  }
+  return lines;
+}
+
+// A table column wide enough for "waiting for 2 idle cpu workers, 1 idle"; the longer reasons
+// (waiting behind another job, too few workers connected) are cut, and `lomoctl get` has them
+// whole.
+constexpr size_t kMaxWaitReasonCell = 60;
+
+std::string workers_cell(const lomo::v1::Job& job, size_t max_named) {
+  if (job.assignments_size() > 1) {
+    std::string cell;
+    const size_t count = static_cast<size_t>(job.assignments_size());
+    for (size_t i = 0; i < std::min(count, max_named); ++i) {
+      if (!cell.empty()) cell += ",";
+      cell += terminal_text(job.assignments(static_cast<int>(i)).worker_id());
+    }
+    if (count > max_named) cell += " +" + std::to_string(count - max_named);
+    return cell;
+  }
+  if (!job.worker_id().empty()) return terminal_text(job.worker_id());
+  if (job.state() == lomo::v1::JOB_STATE_QUEUED && !job.wait_reason().empty()) {
+    return "(" + printable_excerpt(job.wait_reason(), kMaxWaitReasonCell) + ")";
+  }
+  return "-";
 }
 
 void ProgressTracker::observe(const lomo::v1::TrainingMetrics& m, double time_seconds) {

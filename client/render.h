@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "lomo/v1/jobs.pb.h"
@@ -29,6 +30,18 @@ std::string format_bytes(int64_t bytes);
 std::string format_table(const std::vector<std::vector<std::string>>& rows);
 // Proto JSON (field names as in the .proto, enums by name, defaults included).
 std::string message_to_json(const google::protobuf::Message& message, bool pretty);
+
+// A string from the coordinator (an id, a name, a reason) made safe for a terminal: control
+// characters and DEL become \xNN, so a hostile or broken server cannot move the cursor or clear
+// the screen. Nothing is cut.
+std::string terminal_text(std::string_view text);
+// The job's gang, rank -> worker, in rank order: {"rank 0  w-a", "rank 1  w-b"}; empty when the
+// job has at most one assignment (its worker is Job.worker_id). Terminal-safe.
+std::vector<std::string> gang_lines(const lomo::v1::Job& job);
+// The WORKER cell of `lomoctl list`: the worker, or the gang's workers in rank order ("a,b,c",
+// then "+N" beyond `max_named`), or "(wait reason)" for a queued job that says why it waits (cut
+// at 60 bytes with "..."), or "-". Terminal-safe.
+std::string workers_cell(const lomo::v1::Job& job, size_t max_named = 3);
 
 struct Progress {
   int64_t step = 0;

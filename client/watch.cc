@@ -57,6 +57,7 @@ class WatchPrinter {
     } else if (e.has_log() && options_.show_logs) {
       line(e.log().text());
     }
+    if (r.has_job()) show_wait_reason(r.job());
   }
 
   void note(const std::string& text) {
@@ -86,6 +87,14 @@ class WatchPrinter {
   double local_seconds() const {
     return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch())
         .count();
+  }
+
+  // Why a queued job waits (a gang short of idle workers), each new reason once.
+  void show_wait_reason(const lomo::v1::Job& job) {
+    if (job.state() != lomo::v1::JOB_STATE_QUEUED || job.wait_reason().empty()) return;
+    if (job.wait_reason() == last_wait_reason_) return;
+    last_wait_reason_ = job.wait_reason();
+    line("waiting: " + terminal_text(job.wait_reason()));
   }
 
   // A tenth of the way at a time, and at least every 10 s of a long job.
@@ -126,6 +135,7 @@ class WatchPrinter {
   std::string job_id_;
   ProgressTracker tracker_;
   bool bar_shown_ = false;
+  std::string last_wait_reason_;
   SteadyClock::time_point last_draw_{};
   SteadyClock::time_point last_plain_line_ = SteadyClock::now();
 };

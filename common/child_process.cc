@@ -121,11 +121,12 @@ ChildProcess::ChildProcess(const ChildOptions& options) {
   envp.push_back(nullptr);
   const std::string cwd = options.working_directory.string();
 
-  int out_pipe[2] = {-1, -1}, err_pipe[2] = {-1, -1}, status_pipe[2] = {-1, -1};
+  int out_pipe[2] = {-1, -1}, err_pipe[2] = {-1, -1}, in_pipe[2] = {-1, -1};
+  int status_pipe[2] = {-1, -1};
   int file_fd = -1, null_fd = -1;
   auto cleanup = [&]() {
-    for (int* fd : {&out_pipe[0], &out_pipe[1], &err_pipe[0], &err_pipe[1], &status_pipe[0],
-                    &status_pipe[1], &file_fd, &null_fd}) {
+    for (int* fd : {&out_pipe[0], &out_pipe[1], &err_pipe[0], &err_pipe[1], &in_pipe[0],
+                    &in_pipe[1], &status_pipe[0], &status_pipe[1], &file_fd, &null_fd}) {
       close_fd(*fd);
     }
   };
@@ -136,6 +137,7 @@ ChildProcess::ChildProcess(const ChildOptions& options) {
   };
   if (options.stdout_mode == ChildOutput::kPipe && ::pipe2(out_pipe, O_CLOEXEC) != 0) fail("pipe");
   if (options.stderr_mode == ChildOutput::kPipe && ::pipe2(err_pipe, O_CLOEXEC) != 0) fail("pipe");
+  if (options.stdin_pipe && ::pipe2(in_pipe, O_CLOEXEC) != 0) fail("pipe");
   if (::pipe2(status_pipe, O_CLOEXEC) != 0) fail("pipe");
   if (options.stdout_mode == ChildOutput::kFile || options.stderr_mode == ChildOutput::kFile) {
     file_fd = ::open(options.output_file.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
@@ -180,6 +182,7 @@ ChildProcess::ChildProcess(const ChildOptions& options) {
     ::signal(SIGPIPE, SIG_DFL);
     if (stdout_target >= 0 && ::dup2(stdout_target, STDOUT_FILENO) < 0) child_fail(error_fd, 2);
     if (stderr_target >= 0 && ::dup2(stderr_target, STDERR_FILENO) < 0) child_fail(error_fd, 2);
+    if (in_pipe[0] >= 0 && ::dup2(in_pipe[0], STDIN_FILENO) < 0) child_fail(error_fd, 2);
     if (!cwd.empty() && ::chdir(cwd.c_str()) != 0) child_fail(error_fd, 3);
     ::execvpe(argv[0], argv.data(), envp.data());
     child_fail(error_fd, 4);
@@ -192,6 +195,7 @@ ChildProcess::ChildProcess(const ChildOptions& options) {
   close_fd(status_pipe[1]);
   close_fd(out_pipe[1]);
   close_fd(err_pipe[1]);
+  close_fd(in_pipe[0]);
   close_fd(file_fd);
   close_fd(null_fd);
 
@@ -207,12 +211,14 @@ ChildProcess::ChildProcess(const ChildOptions& options) {
     pid_ = -1;
     close_fd(out_pipe[0]);
     close_fd(err_pipe[0]);
+    close_fd(in_pipe[1]);
     const int step = report[1] >= 0 && report[1] < 5 ? report[1] : 4;
     throw std::runtime_error("cannot start " + program + ": " + kStepNames[step] + ": " +
                              errno_text(report[0]));
   }
   stdout_fd_ = out_pipe[0];
   stderr_fd_ = err_pipe[0];
+  stdin_fd_ = in_pipe[1];
   for (int fd : {stdout_fd_, stderr_fd_}) {
     if (fd >= 0) ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) | O_NONBLOCK);
   }
@@ -225,10 +231,12 @@ ChildProcess::~ChildProcess() {
   }
   close_fd(stdout_fd_);
   close_fd(stderr_fd_);
+  close_fd(stdin_fd_);
 }
 
 void ChildProcess::close_stdout() { close_fd(stdout_fd_); }
 void ChildProcess::close_stderr() { close_fd(stderr_fd_); }
+void ChildProcess::close_stdin() { close_fd(stdin_fd_); }
 
 void ChildProcess::send_signal(int signal) {
   if (pid_ <= 0 || status_) return;

@@ -43,6 +43,9 @@ struct ChildOptions {
   ChildOutput stdout_mode = ChildOutput::kInherit;
   ChildOutput stderr_mode = ChildOutput::kInherit;
   std::filesystem::path output_file;  // for kFile
+  // A pipe to the child's stdin, written through stdin_fd() (a request/reply helper such as the
+  // rendezvous relay); otherwise stdin is the parent's.
+  bool stdin_pipe = false;
   // Delivered to the child when the thread that started it ends (Linux PR_SET_PDEATHSIG): a
   // parent killed with SIGKILL leaves no orphan running. 0: none.
   int parent_death_signal = SIGTERM;
@@ -64,6 +67,10 @@ class ChildProcess {
   int stderr_fd() const { return stderr_fd_; }
   void close_stdout();
   void close_stderr();
+  // Write end of the stdin pipe (ChildOptions::stdin_pipe), blocking; -1 otherwise. Owned here;
+  // closing it is the child's end of file.
+  int stdin_fd() const { return stdin_fd_; }
+  void close_stdin();
 
   // Sends `signal` to the child's process group; does nothing once it has been reaped.
   void send_signal(int signal);
@@ -79,6 +86,7 @@ class ChildProcess {
   pid_t pid_ = -1;
   int stdout_fd_ = -1;
   int stderr_fd_ = -1;
+  int stdin_fd_ = -1;
   std::optional<ExitStatus> status_;
 };
 

@@ -120,7 +120,10 @@ ordered_json to_json(const Metrics& r) {
           {"tokens", r.tokens},
           {"tokens_per_second", number(r.tokens_per_second)},
           {"elapsed_seconds", number(r.elapsed_seconds)},
-          {"peak_memory_bytes", r.peak_memory_bytes}};
+          {"peak_memory_bytes", r.peak_memory_bytes},
+          {"step_seconds", number(r.step_seconds)},
+          {"communication_seconds", number(r.communication_seconds)},
+          {"communication_bytes", r.communication_bytes}};
 }
 
 ordered_json to_json(const Eval& r) {
@@ -171,6 +174,10 @@ Metrics read_metrics(const LineReader& in) {
     if (!bytes.is_number_integer()) in.fail("field 'peak_memory_bytes." + kind + "' is not bytes");
     r.peak_memory_bytes[kind] = bytes.get<int64_t>();
   }
+  // Added with data parallelism (issue 9): a line from an earlier trainer has none of them.
+  if (in.has("step_seconds")) r.step_seconds = in.real("step_seconds");
+  if (in.has("communication_seconds")) r.communication_seconds = in.real("communication_seconds");
+  if (in.has("communication_bytes")) r.communication_bytes = in.integer("communication_bytes");
   return r;
 }
 

@@ -93,6 +93,10 @@ struct Metrics {
   double tokens_per_second = 0.0;
   double elapsed_seconds = 0.0;                      // since this run (not the job) started
   std::map<std::string, int64_t> peak_memory_bytes;  // by memory kind, and "total"
+  // This rank's own figures for the step (every rank writes them, so a straggler shows):
+  double step_seconds = 0.0;           // wall time of the step, forward to update
+  double communication_seconds = 0.0;  // in collectives during the step, waiting included
+  int64_t communication_bytes = 0;     // payload bytes this rank all-reduced in the step
   bool operator==(const Metrics&) const = default;
 };
 

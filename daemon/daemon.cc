@@ -24,6 +24,7 @@ Daemon::Daemon(DaemonOptions options)
   session.registration.set_worker_id(options_.worker_id);
   *session.registration.mutable_device() = options_.device.info;
   session.registration.set_version(options_.version);
+  session.registration.set_advertise_address(options_.advertise_address);
   session.connect_timeout = options_.connect_timeout;
   session_ =
       std::make_unique<Session>(std::move(session), static_cast<SessionHandler&>(*this), outbox_);
@@ -41,7 +42,8 @@ Daemon::~Daemon() {
 int Daemon::run() {
   log_line("worker " + options_.worker_id + " on " + options_.device.info.name() + " (" +
            std::to_string(options_.device.info.memory_bytes() >> 20) + " MiB), coordinator " +
-           options_.coordinator + ", work directory " + options_.work_dir.string());
+           options_.coordinator + ", work directory " + options_.work_dir.string() +
+           ", gang peers reach it at " + options_.advertise_address);
   if (metrics_->port() != 0) {
     log_line("metrics on port " + std::to_string(metrics_->port()) + " at /metrics");
   }
@@ -111,8 +113,14 @@ void Daemon::start_attempt(const lomo::v1::Assignment& assignment) {
   runner.trainer_env = options_.device.child_env;
   runner.cancel_grace = options_.cancel_grace;
   runner.finish_timeout = options_.shutdown_timeout;
+  runner.gang.coordinator = options_.coordinator;
+  runner.gang.worker_id = session_->worker_id();
+  runner.gang.advertise_address = options_.advertise_address;
   log_line("assigned job " + assignment.job_id() + " attempt " +
-           std::to_string(assignment.attempt()));
+           std::to_string(assignment.attempt()) +
+           (assignment.world_size() > 1 ? " as rank " + std::to_string(assignment.rank()) + " of " +
+                                              std::to_string(assignment.world_size())
+                                        : ""));
   metrics_->job_started();
   runner_ = std::make_unique<JobRunner>(assignment, runner, static_cast<JobRunnerListener&>(*this),
                                         static_cast<ChunkChannel&>(*this), &fetcher_);
@@ -206,6 +214,13 @@ void Daemon::on_training_metrics(const lomo::v1::TrainingMetrics& metrics,
 }
 
 void Daemon::on_eval(const lomo::v1::EvalResult& eval) { metrics_->observe_eval(eval); }
+
+void Daemon::on_rank_step(const std::string& job_id, int rank,
+                          const trainer_protocol::Metrics& metrics) {
+  metrics_->observe_rank_step(
+      job_id, rank,
+      {metrics.step_seconds, metrics.communication_seconds, metrics.communication_bytes});
+}
 
 uint64_t Daemon::wait_connected(Clock::time_point until) { return session_->wait_connected(until); }
 

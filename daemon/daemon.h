@@ -24,6 +24,9 @@ struct DaemonOptions {
   std::string coordinator;  // host:port of the coordinator's gRPC endpoint
   Device device;
   std::string worker_id;  // stable across reconnects
+  // Where gang peers reach this worker's trainer (Register.advertise_address; passed to each
+  // rank's trainer).
+  std::string advertise_address;
   std::filesystem::path work_dir;
   std::string metrics_listen;  // empty: no /metrics endpoint
   std::filesystem::path trainer_program;
@@ -63,6 +66,8 @@ class Daemon : private SessionHandler, private JobRunnerListener, private ChunkC
   void on_training_metrics(const lomo::v1::TrainingMetrics& metrics,
                            int64_t tokens_per_step) override;
   void on_eval(const lomo::v1::EvalResult& eval) override;
+  void on_rank_step(const std::string& job_id, int rank,
+                    const trainer_protocol::Metrics& metrics) override;
   // ChunkChannel
   uint64_t wait_connected(std::chrono::steady_clock::time_point until) override;
   uint64_t generation() override;

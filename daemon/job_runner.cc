@@ -154,17 +154,24 @@ void JobRunner::offer_checkpoint(int64_t step) {
 }
 
 void JobRunner::on_record(protocol::Record record) {
-  // A "started" record needs nothing here: each metrics record carries the total itself.
+  // A "started" record needs nothing here: each metrics record carries the total itself. In a
+  // gang, rank 0 speaks for the job (its loss and tokens are global, it alone checkpoints); the
+  // other ranks' metrics stay on this worker's /metrics, and their eval records (the same numbers
+  // as rank 0's) are not sent.
+  const bool speaks_for_job = rank() == 0;
   if (const auto* metrics = std::get_if<protocol::Metrics>(&record)) {
+    listener_.on_rank_step(job_id(), rank(), *metrics);
+    if (!speaks_for_job) return;
     lomo::v1::JobEvent event = metrics_event(*metrics);
     listener_.on_training_metrics(event.metrics(), tokens_per_step_);
     emit(std::move(event));
   } else if (const auto* eval = std::get_if<protocol::Eval>(&record)) {
+    if (!speaks_for_job) return;
     lomo::v1::JobEvent event = eval_event(*eval);
     listener_.on_eval(event.eval());
     emit(std::move(event));
   } else if (const auto* checkpoint = std::get_if<protocol::Checkpoint>(&record)) {
-    offer_checkpoint(checkpoint->step);
+    if (speaks_for_job) offer_checkpoint(checkpoint->step);
   } else if (const auto* outcome = std::get_if<protocol::Outcome>(&record)) {
     outcome_ = *outcome;
   }
@@ -248,6 +255,18 @@ std::unique_ptr<ChildProcess> JobRunner::start_trainer(const fs::path& attempt_d
   child_options.argv = {options_.trainer_program.string(), "train",
                         attempt_job_file(attempt_dir).string(), "--protocol-file",
                         attempt_protocol_file(attempt_dir).string()};
+  if (world_size() > 1) {
+    const GangOptions& gang = options_.gang;
+    child_options.argv.insert(
+        child_options.argv.end(),
+        {"--rank", std::to_string(rank()), "--world-size", std::to_string(world_size()),
+         "--rendezvous", "coordinator://" + gang.coordinator, "--worker-id", gang.worker_id,
+         "--job-id", job_id(), "--attempt", std::to_string(attempt())});
+    if (!gang.advertise_address.empty()) {
+      child_options.argv.insert(child_options.argv.end(),
+                                {"--advertise-address", gang.advertise_address});
+    }
+  }
   child_options.env = options_.trainer_env;
   child_options.stdout_mode = ChildOutput::kPipe;
   child_options.stderr_mode = ChildOutput::kPipe;

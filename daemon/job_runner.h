@@ -5,8 +5,14 @@
 // events and checkpoint uploads, and its output lines become LogLine events. The attempt ends with
 // exactly one terminal status update, decided by the protocol's outcome record and the exit code:
 // no decision reads the child's human-readable output.
+//
+// A rank of a gang (Assignment.world_size > 1) runs the same way with the rank flags of
+// `lomo-worker train` (its peers meet through the coordinator's rendezvous of the attempt). Every
+// rank fetches the committed checkpoint to resume from and reports its status and output lines;
+// only rank 0 sends metrics and eval events and uploads checkpoints (the others write none).
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <deque>
@@ -36,6 +42,17 @@ class JobRunnerListener {
   virtual void on_training_metrics(const lomo::v1::TrainingMetrics& metrics,
                                    int64_t tokens_per_step) {}
   virtual void on_eval(const lomo::v1::EvalResult& eval) {}
+  // Every rank's own step: its wall time and the time and bytes of its collectives (a straggler
+  // shows as the rank whose peers wait on it). Rank 0 also reports on_training_metrics.
+  virtual void on_rank_step(const std::string& job_id, int rank,
+                            const trainer_protocol::Metrics& metrics) {}
+};
+
+// What a rank of a gang (Assignment.world_size > 1) needs to meet its peers.
+struct GangOptions {
+  std::string coordinator;        // HOST:PORT: the rendezvous is there
+  std::string worker_id;          // the id the coordinator knows this worker by
+  std::string advertise_address;  // where the peers reach this worker's trainer
 };
 
 // Seeds an attempt after the first with the job's newest committed checkpoint, so that a restarted
@@ -60,6 +77,7 @@ struct JobRunnerOptions {
   // After the child ends: how long its last checkpoint upload and reports may take.
   std::chrono::milliseconds finish_timeout{std::chrono::minutes(10)};
   UploaderOptions upload;
+  GangOptions gang;
 };
 
 class JobRunner {
@@ -74,6 +92,9 @@ class JobRunner {
 
   const std::string& job_id() const { return assignment_.job_id(); }
   int64_t attempt() const { return assignment_.attempt(); }
+  // This worker's rank in the attempt's gang (0 for a job of its own) and the gang's size.
+  int rank() const { return assignment_.world_size() > 1 ? assignment_.rank() : 0; }
+  int world_size() const { return std::max(1, assignment_.world_size()); }
 
   // CancelAssignment: SIGTERM to the child, SIGKILL after cancel_grace; ends CANCELLED.
   void cancel();

@@ -9,6 +9,7 @@
 #include <mutex>
 #include <thread>
 
+#include "common/advertise_address.h"
 #include "common/flags.h"
 #include "common/log.h"
 #include "common/stop_signals.h"
@@ -20,6 +21,8 @@ namespace {
 constexpr const char* kUsage =
     "usage: lomo-worker serve --coordinator HOST:PORT [--device cpu|N] [--work-dir DIR]\n"
     "                         [--metrics-listen ADDR:PORT] [--worker-id ID]\n"
+    "                         [--advertise-address ADDR]  (gang peers connect to it; default:\n"
+    "                          this host's address on its route to the coordinator)\n"
     "                         [--cancel-grace SECONDS] [--shutdown-timeout SECONDS]\n"
     "                         [--trainer PATH]  (lomo-worker, run as `PATH train JOB.yaml`)\n"
     "                         [--log-format text|json]\n";
@@ -50,6 +53,9 @@ void read_flags(const ParsedFlags& parsed, DaemonOptions* options, std::string* 
       options->trainer_program = value;
     } else if (flag == "--worker-id") {
       options->worker_id = value;
+    } else if (flag == "--advertise-address") {
+      if (value.empty()) throw FlagError(flag + ": expected a host name or IP address");
+      options->advertise_address = value;
     } else if (flag == "--cancel-grace") {
       options->cancel_grace = flag_seconds(flag, value);
     } else if (flag == "--shutdown-timeout") {
@@ -86,6 +92,19 @@ std::filesystem::path find_trainer(const std::filesystem::path& flag, std::strin
     return {};
   }
   return trainer;
+}
+
+// The address gang peers reach this worker at, when --advertise-address does not say: the local
+// end of the route to the coordinator (127.0.0.1 for a coordinator on loopback), or the host name
+// when the coordinator cannot be resolved yet (the daemon keeps dialling it anyway).
+std::string default_advertise_address(const std::string& coordinator) {
+  try {
+    return local_address_toward(coordinator);
+  } catch (const std::runtime_error& e) {
+    log_line(std::string(e.what()) + "; advertising the host name " + host_name() +
+             " to gang peers (set --advertise-address)");
+    return host_name();
+  }
 }
 
 // Runs the daemon until it stops; its exit code.
@@ -146,6 +165,9 @@ int serve_command(const std::vector<std::string>& args) {
     return 2;
   }
   if (options.worker_id.empty()) options.worker_id = host_name() + "-" + options.device.short_name;
+  if (options.advertise_address.empty()) {
+    options.advertise_address = default_advertise_address(options.coordinator);
+  }
   std::string problem;
   options.trainer_program = find_trainer(options.trainer_program, &problem);
   if (!problem.empty()) {

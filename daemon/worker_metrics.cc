@@ -2,6 +2,7 @@
 
 #include <prometheus/text_serializer.h>
 
+#include <algorithm>
 #include <stdexcept>
 
 namespace lomo::daemon {
@@ -15,6 +16,18 @@ prometheus::Gauge* gauge(prometheus::Registry& registry, const std::string& name
 prometheus::Counter* counter(prometheus::Registry& registry, const std::string& name,
                              const std::string& help) {
   return &prometheus::BuildCounter().Name(name).Help(help).Register(registry).Add({});
+}
+
+prometheus::Family<prometheus::Gauge>* gauge_family(prometheus::Registry& registry,
+                                                    const std::string& name,
+                                                    const std::string& help) {
+  return &prometheus::BuildGauge().Name(name).Help(help).Register(registry);
+}
+
+prometheus::Family<prometheus::Counter>* counter_family(prometheus::Registry& registry,
+                                                        const std::string& name,
+                                                        const std::string& help) {
+  return &prometheus::BuildCounter().Name(name).Help(help).Register(registry);
 }
 
 }  // namespace
@@ -58,6 +71,18 @@ WorkerMetrics::WorkerMetrics(const std::string& listen)
                          "Registrations with the coordinator (reconnects included)");
   checkpoint_bytes_ = counter(r, "lomo_worker_checkpoint_upload_bytes_total",
                               "Checkpoint bytes sent to the coordinator");
+  step_seconds_family_ =
+      gauge_family(r, "lomo_worker_step_seconds", "Wall time of this rank's latest training step");
+  communication_seconds_family_ =
+      gauge_family(r, "lomo_worker_communication_seconds",
+                   "Time this rank spent in collectives during its latest step, waiting included");
+  step_seconds_total_family_ = counter_family(r, "lomo_worker_step_seconds_total",
+                                              "Wall time of this rank's training steps");
+  communication_seconds_total_family_ =
+      counter_family(r, "lomo_worker_communication_seconds_total",
+                     "Time this rank spent in collectives, waiting included");
+  communication_bytes_total_family_ = counter_family(r, "lomo_worker_communication_bytes_total",
+                                                     "Payload bytes this rank all-reduced");
   if (!listen.empty()) {
     try {
       exposer_ = std::make_unique<prometheus::Exposer>(listen);
@@ -96,6 +121,32 @@ void WorkerMetrics::observe_step(const lomo::v1::TrainingMetrics& m, int64_t tok
     }
     it->second->Set(static_cast<double>(bytes));
   }
+}
+
+void WorkerMetrics::replace_rank_series(const prometheus::Labels& labels) {
+  if (rank_series_) {
+    step_seconds_family_->Remove(rank_series_->step_seconds);
+    communication_seconds_family_->Remove(rank_series_->communication_seconds);
+    step_seconds_total_family_->Remove(rank_series_->step_seconds_total);
+    communication_seconds_total_family_->Remove(rank_series_->communication_seconds_total);
+    communication_bytes_total_family_->Remove(rank_series_->communication_bytes_total);
+  }
+  rank_labels_ = labels;
+  rank_series_ = RankSeries{
+      &step_seconds_family_->Add(labels), &communication_seconds_family_->Add(labels),
+      &step_seconds_total_family_->Add(labels), &communication_seconds_total_family_->Add(labels),
+      &communication_bytes_total_family_->Add(labels)};
+}
+
+void WorkerMetrics::observe_rank_step(const std::string& job_id, int rank, const RankStep& step) {
+  const prometheus::Labels labels{{"job", job_id}, {"rank", std::to_string(rank)}};
+  if (!rank_series_ || labels != rank_labels_) replace_rank_series(labels);
+  rank_series_->step_seconds->Set(step.step_seconds);
+  rank_series_->communication_seconds->Set(step.communication_seconds);
+  rank_series_->step_seconds_total->Increment(std::max(0.0, step.step_seconds));
+  rank_series_->communication_seconds_total->Increment(std::max(0.0, step.communication_seconds));
+  rank_series_->communication_bytes_total->Increment(
+      static_cast<double>(std::max<int64_t>(0, step.communication_bytes)));
 }
 
 void WorkerMetrics::observe_eval(const lomo::v1::EvalResult& eval) { eval_loss_->Set(eval.loss()); }

@@ -1,5 +1,8 @@
 // The worker's Prometheus metrics (DESIGN.md, "Observability"): prefix lomo_, base units, counters
-// ending in _total, no per-job or per-step labels. Served on --metrics-listen at /metrics.
+// ending in _total, no per-step labels. Served on --metrics-listen at /metrics. The per-rank step
+// and communication metrics carry {job, rank} so that the ranks of a gang, each on its own worker,
+// can be compared (a straggler is the rank whose peers spend their steps waiting in
+// collectives); only the latest job's series are kept, so the labels stay bounded.
 #pragma once
 
 #include <prometheus/counter.h>
@@ -11,11 +14,19 @@
 
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "lomo/v1/jobs.pb.h"
 
 namespace lomo::daemon {
+
+// One rank's own step, from its trainer's metrics record.
+struct RankStep {
+  double step_seconds = 0.0;           // the step's wall time on this rank
+  double communication_seconds = 0.0;  // spent in collectives during it, waiting included
+  int64_t communication_bytes = 0;     // payload this rank all-reduced during it
+};
 
 class WorkerMetrics {
  public:
@@ -28,6 +39,8 @@ class WorkerMetrics {
 
   void observe_step(const lomo::v1::TrainingMetrics& metrics, int64_t tokens_per_step);
   void observe_eval(const lomo::v1::EvalResult& eval);
+  // Any rank's step (rank 0's too). A new job or rank replaces the previous one's series.
+  void observe_rank_step(const std::string& job_id, int rank, const RankStep& step);
   void job_started();
   void job_finished(lomo::v1::JobState state);
   void set_connected(bool connected);
@@ -58,6 +71,23 @@ class WorkerMetrics {
   prometheus::Gauge* connected_;
   prometheus::Counter* connections_;
   prometheus::Counter* checkpoint_bytes_;
+
+  // The series of the rank that reported last, under {job, rank}.
+  struct RankSeries {
+    prometheus::Gauge* step_seconds;
+    prometheus::Gauge* communication_seconds;
+    prometheus::Counter* step_seconds_total;
+    prometheus::Counter* communication_seconds_total;
+    prometheus::Counter* communication_bytes_total;
+  };
+  void replace_rank_series(const prometheus::Labels& labels);
+  prometheus::Family<prometheus::Gauge>* step_seconds_family_;
+  prometheus::Family<prometheus::Gauge>* communication_seconds_family_;
+  prometheus::Family<prometheus::Counter>* step_seconds_total_family_;
+  prometheus::Family<prometheus::Counter>* communication_seconds_total_family_;
+  prometheus::Family<prometheus::Counter>* communication_bytes_total_family_;
+  prometheus::Labels rank_labels_;
+  std::optional<RankSeries> rank_series_;
 };
 
 }  // namespace lomo::daemon

@@ -1,12 +1,20 @@
 // lomo-workerd: the worker daemon. Started as `lomo-worker serve ...` (which executes this file
-// with --trainer naming itself); see serve.h for the options.
+// with --trainer naming itself); see serve.h for the options. `lomo-workerd rendezvous-relay` is
+// the coordinator's rendezvous for a gang rank's trainer, which cannot link gRPC
+// (rendezvous_relay.h).
 #include <string>
 #include <vector>
 
 #include "common/log.h"
+#include "daemon/rendezvous_relay.h"
 #include "daemon/serve.h"
 
 int main(int argc, char** argv) {
+  std::vector<std::string> args(argv + 1, argv + argc);
+  if (!args.empty() && args.front() == "rendezvous-relay") {
+    lomo::set_log_program("lomo-workerd rendezvous-relay");
+    return lomo::daemon::rendezvous_relay_command({args.begin() + 1, args.end()});
+  }
   lomo::set_log_program("lomo-worker");
-  return lomo::daemon::serve_command(std::vector<std::string>(argv + 1, argv + argc));
+  return lomo::daemon::serve_command(args);
 }

@@ -13,8 +13,7 @@ void CheckpointCommit::on_chunk(const std::shared_ptr<WorkerConnection>& connect
   std::string rejection;
   {
     std::lock_guard lock(state_.mu);
-    rejection = state_.ownership_problem_locked(state_.worker_for_locked(*connection),
-                                                chunk.job_id(), chunk.attempt());
+    rejection = upload_problem_locked(*connection, chunk);
   }
   // File I/O happens without mu: other jobs' transitions do not wait for a disk write.
   ChunkResult result = state_.checkpoints.receive(connection->id(), chunk, rejection);
@@ -34,11 +33,21 @@ void CheckpointCommit::on_chunk(const std::shared_ptr<WorkerConnection>& connect
               error.empty() ? result.verified->info.checkpoint_id() : std::string());
 }
 
+std::string CheckpointCommit::upload_problem_locked(const WorkerConnection& connection,
+                                                    const v1::CheckpointChunk& chunk) const {
+  const Worker* worker = state_.worker_for_locked(connection);
+  std::string problem = state_.ownership_problem_locked(worker, chunk.job_id(), chunk.attempt());
+  if (!problem.empty() || worker->rank == 0) return problem;
+  // The ranks hold identical replicas (checked by weight hashes): one copy is the checkpoint.
+  return "only rank 0 uploads checkpoints; worker " + worker->id + " runs rank " +
+         std::to_string(worker->rank) + " of job " + chunk.job_id() + " attempt " +
+         std::to_string(chunk.attempt());
+}
+
 std::string CheckpointCommit::commit_locked(const WorkerConnection& connection,
                                             const v1::CheckpointChunk& chunk,
                                             const VerifiedUpload& upload) {
-  std::string error = state_.ownership_problem_locked(state_.worker_for_locked(connection),
-                                                      chunk.job_id(), chunk.attempt());
+  std::string error = upload_problem_locked(connection, chunk);
   if (!error.empty()) {
     std::error_code ignored;
     std::filesystem::remove_all(upload.temporary_dir, ignored);

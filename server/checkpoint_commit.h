@@ -4,6 +4,7 @@
 // (the uploading worker must still own the attempt), the directory is published and the
 // checkpoint recorded in the store, and the worker gets exactly one CheckpointAck: committed=true
 // only once the record is durable against a power cut, since the worker may then delete its copy.
+// In a gang only rank 0 uploads; another rank's upload is refused with that rule as its error.
 #pragma once
 
 #include <memory>
@@ -23,6 +24,10 @@ class CheckpointCommit {
                 const v1::CheckpointChunk& chunk);
 
  private:
+  // Why this stream may not upload to (job, attempt), or "": it must run rank 0 of that attempt.
+  // Requires mu.
+  std::string upload_problem_locked(const WorkerConnection& connection,
+                                    const v1::CheckpointChunk& chunk) const;
   // Publishes and records a verified upload if its worker still owns the attempt; returns the
   // reason it was not committed, or "". Requires mu.
   std::string commit_locked(const WorkerConnection& connection, const v1::CheckpointChunk& chunk,

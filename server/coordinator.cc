@@ -14,7 +14,7 @@ Coordinator::Coordinator(CoordinatorOptions options, Store& store, CheckpointSto
       lifecycle_(state_),
       registry_(state_, lifecycle_),
       checkpoint_commit_(state_),
-      queries_(store, checkpoints) {}
+      queries_(store, checkpoints, state_.scheduler) {}
 
 Coordinator::~Coordinator() { stop(); }
 

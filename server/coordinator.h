@@ -98,6 +98,16 @@ class Coordinator {
     return queries_.latest_checkpoint(request.job_id(), info, directory, found);
   }
 
+  // WorkerService.RendezvousSet / RendezvousGet (see WorkerRegistry). Take the lock: callers run
+  // them on an Executor.
+  grpc::Status rendezvous_set(const v1::RendezvousSetRequest& request) {
+    return registry_.rendezvous_set(request);
+  }
+  grpc::Status rendezvous_get(const v1::RendezvousGetRequest& request,
+                              v1::RendezvousGetResponse* response) {
+    return registry_.rendezvous_get(request, response);
+  }
+
   // WorkerService: one call per message, in the order the stream delivered them (see
   // WorkerRegistry and CheckpointCommit).
   grpc::Status on_register(const std::shared_ptr<WorkerConnection>& connection,

@@ -15,6 +15,30 @@ Worker* CoordinatorState::worker_for_locked(const WorkerConnection& connection) 
   return &worker->second;
 }
 
+int ActiveJob::rank_of(const std::string& worker_id) const {
+  if (record.job.state() == v1::JOB_STATE_QUEUED) return -1;
+  for (const v1::RankAssignment& assignment : record.job.assignments()) {
+    if (assignment.worker_id() == worker_id) return assignment.rank();
+  }
+  return -1;
+}
+
+namespace {
+
+// " on worker W" or " on workers W0, W1" (rank order); "" before any assignment.
+std::string gang_text(const v1::Job& job) {
+  if (job.assignments_size() <= 1) {
+    return job.worker_id().empty() ? "" : " on worker " + job.worker_id();
+  }
+  std::string text = " on workers ";
+  for (int i = 0; i < job.assignments_size(); ++i) {
+    text += (i == 0 ? "" : ", ") + job.assignments(i).worker_id();
+  }
+  return text;
+}
+
+}  // namespace
+
 std::string CoordinatorState::ownership_problem_locked(const Worker* worker,
                                                        const std::string& job_id,
                                                        int64_t attempt) const {
@@ -24,14 +48,20 @@ std::string CoordinatorState::ownership_problem_locked(const Worker* worker,
     return "job " + job_id + " is not active (unknown, or it has ended)";
   }
   const v1::Job& job = it->second.record.job;
-  if (job.state() == v1::JOB_STATE_QUEUED || job.worker_id() != worker->id ||
-      job.attempt() != attempt) {
+  if (job.attempt() != attempt || it->second.rank_of(worker->id) < 0 || worker->job_id != job_id ||
+      worker->attempt != attempt) {
     return "job " + job_id + " attempt " + std::to_string(attempt) + " is not assigned to worker " +
            worker->id + " (the job is " + state_name(job.state()) + ", attempt " +
-           std::to_string(job.attempt()) +
-           (job.worker_id().empty() ? "" : " on worker " + job.worker_id()) + ")";
+           std::to_string(job.attempt()) + gang_text(job) + ")";
   }
   return "";
+}
+
+bool CoordinatorState::draining_locked(const Worker& worker, const std::string& job_id,
+                                       int64_t attempt) const {
+  if (worker.job_id.empty() || worker.job_id != job_id || worker.attempt != attempt) return false;
+  const auto it = active.find(job_id);
+  return it == active.end() || it->second.record.job.attempt() != attempt;
 }
 
 void CoordinatorState::send_cancel_locked(Worker& worker) {
@@ -55,6 +85,7 @@ void CoordinatorState::disconnect_locked(Worker& worker) {
 void CoordinatorState::release_worker_locked(Worker& worker) {
   worker.job_id.clear();
   worker.attempt = 0;
+  worker.rank = 0;
   worker.assigned_on = worker.confirmed_on = worker.cancel_sent_on = 0;
   worker.restored = false;
   if (worker.connection != nullptr && !shutting_down) {

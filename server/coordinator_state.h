@@ -16,7 +16,8 @@
 // this one state; a role's public entry points take `mu`, and a function named `*_locked` requires
 // it. Store reads and checkpoint file I/O happen without it.
 //
-// Lock order: mu → checkpoint store → upload, and mu → worker stream. Streams and the event hub
+// Lock order: mu → checkpoint store → upload, mu → worker stream, and mu → the scheduler's
+// published queue heads (a leaf, read by queries without mu). Streams and the event hub
 // never call back into the coordinator while holding their own locks.
 #pragma once
 
@@ -30,11 +31,13 @@
 #include <random>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 #include "lomo/v1/workers.pb.h"
 #include "server/checkpoint_store.h"
 #include "server/event_hub.h"
 #include "server/metrics.h"
+#include "server/rendezvous.h"
 #include "server/scheduler.h"
 #include "server/store.h"
 #include "server/worker_connection.h"
@@ -56,9 +59,16 @@ using Clock = std::chrono::steady_clock;
 struct ActiveJob {
   JobRecord record;
   v1::DeviceKind device = v1::DEVICE_KIND_UNSPECIFIED;
+  int64_t world_size = 1;  // resources.world_size: the ranks of each attempt
+
+  // The rank `worker_id` runs in the current attempt, or -1.
+  int rank_of(const std::string& worker_id) const;
 };
 
 // A connected worker, or a disconnected one that still owns a job attempt (it may come back).
+// A worker owns one rank of one attempt. It keeps owning it after the job ended while that rank
+// still runs (another rank failed, or the job was cancelled): it was told to stop and stays busy
+// until it reports its end, says it runs nothing, or dies.
 struct Worker {
   std::string id;
   v1::DeviceInfo device;
@@ -66,6 +76,7 @@ struct Worker {
   Clock::time_point last_seen;                   // while disconnected
   std::string job_id;                            // the attempt it owns, if any
   int64_t attempt = 0;
+  int rank = 0;
   uint64_t assigned_on = 0;     // connection that received the Assignment (0: none)
   uint64_t confirmed_on = 0;    // connection whose heartbeat or status named the attempt
   uint64_t cancel_sent_on = 0;  // connection that received CancelAssignment
@@ -96,12 +107,17 @@ class CoordinatorState {
   std::unordered_map<std::string, Worker> workers;        // connected, or owning a job
   std::unordered_map<uint64_t, std::string> connections;  // connection id → worker id
   Scheduler scheduler;
+  Rendezvous rendezvous;  // namespaces of the current attempts of active gang jobs
 
   // The worker whose current connection this is, or nullptr. Requires mu.
   Worker* worker_for_locked(const WorkerConnection& connection);
-  // Why `worker` may not report on (job_id, attempt), or "" if it may. Requires mu.
+  // Why `worker` may not report on (job_id, attempt), or "" if it may: it must run a rank of
+  // that attempt of an active job. Requires mu.
   std::string ownership_problem_locked(const Worker* worker, const std::string& job_id,
                                        int64_t attempt) const;
+  // The job has ended but this worker still runs its rank of (job_id, attempt): it was told to
+  // stop and stays busy until it reports its end. Requires mu.
+  bool draining_locked(const Worker& worker, const std::string& job_id, int64_t attempt) const;
   // Sends CancelAssignment for the worker's attempt, once per connection. Requires mu.
   void send_cancel_locked(Worker& worker);
   // Forgets the worker's connection (it keeps its job, if any). Requires mu.

@@ -3,6 +3,8 @@
 // channel may never do before the deadline.
 #pragma once
 
+#include <grpcpp/support/server_callback.h>
+
 #include <chrono>
 #include <condition_variable>
 #include <mutex>
@@ -29,6 +31,19 @@ class InFlight {
   std::mutex mu_;
   std::condition_variable idle_;
   long count_ = 0;
+};
+
+// A unary call's reactor, counted in InFlight until gRPC is done with it (its status sent).
+class CountedUnaryReactor final : public grpc::ServerUnaryReactor {
+ public:
+  explicit CountedUnaryReactor(InFlight& in_flight) : in_flight_(in_flight) { in_flight_.begin(); }
+  void OnDone() override {
+    in_flight_.end();
+    delete this;
+  }
+
+ private:
+  InFlight& in_flight_;
 };
 
 }  // namespace lomo::server

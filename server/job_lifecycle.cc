@@ -73,6 +73,7 @@ JobLifecycle::Restored JobLifecycle::restore_job_locked(const JobRecord& record,
     // made here, so that its assignment carries one like every other.
     const JobSpec spec = stored_job_spec(record.job, "spec");
     active.device = device_kind(spec.resources.device);
+    active.world_size = spec.resources.world_size;
     if (active.record.job.canonical_spec().empty()) {
       active.record.job.set_canonical_spec(job_spec_to_yaml(spec));
     }
@@ -80,7 +81,7 @@ JobLifecycle::Restored JobLifecycle::restore_job_locked(const JobRecord& record,
     problem = "the stored spec is no longer valid: " + spec_problems_for_api(error, false);
   }
   if (problem.empty() && record.job.state() != v1::JOB_STATE_QUEUED) {
-    problem = wait_for_worker_locked(record, now);
+    problem = wait_for_workers_locked(active, now);
     if (problem.empty()) return Restored::kWaitingForWorker;
   }
   if (!problem.empty()) {
@@ -91,24 +92,50 @@ JobLifecycle::Restored JobLifecycle::restore_job_locked(const JobRecord& record,
     if (!commit_locked(active, updated, problem).ok()) state_.active.erase(id);
     return Restored::kFailed;
   }
-  state_.scheduler.add_job(id, record.job.priority(), record.submit_order, active.device);
+  state_.scheduler.add_job(id, record.job.priority(), record.submit_order, active.device,
+                           active.world_size);
   return Restored::kQueued;
 }
 
-std::string JobLifecycle::wait_for_worker_locked(const JobRecord& record, Clock::time_point now) {
-  const std::string& worker_id = record.job.worker_id();
-  if (worker_id.empty()) {
-    return "the store names no worker for this " + state_name(record.job.state()) + " job";
+std::string JobLifecycle::wait_for_workers_locked(ActiveJob& active, Clock::time_point now) {
+  const v1::Job& job = active.record.job;
+  if (job.worker_id().empty() || job.assignments_size() == 0) {
+    return "the store names no worker for this " + state_name(job.state()) + " job";
   }
-  Worker& worker = state_.workers[worker_id];
-  if (!worker.job_id.empty()) {
-    return "the store names worker " + worker_id + " for job " + worker.job_id + " too";
+  if (job.assignments_size() != active.world_size) {
+    return "the store names " + std::to_string(job.assignments_size()) +
+           " workers for this job of world size " + std::to_string(active.world_size);
   }
-  worker.id = worker_id;
-  worker.job_id = record.job.id();
-  worker.attempt = record.job.attempt();
-  worker.restored = true;
-  worker.last_seen = now;
+  std::vector<v1::JobState>& states = active.record.rank_states;
+  states.resize(static_cast<size_t>(active.world_size), v1::JOB_STATE_UNSPECIFIED);
+  // A rank that had finished is not waited for: its worker was free before the restart.
+  const auto waits_for = [&](const v1::RankAssignment& assignment) {
+    return !is_terminal(states[static_cast<size_t>(assignment.rank())]);
+  };
+  // Every rank's worker must be free before any is taken: a job either waits for its whole gang
+  // or fails.
+  for (const v1::RankAssignment& assignment : job.assignments()) {
+    if (assignment.rank() < 0 || assignment.rank() >= active.world_size) {
+      return "the store names rank " + std::to_string(assignment.rank()) +
+             " for this job of world size " + std::to_string(active.world_size);
+    }
+    if (!waits_for(assignment)) continue;
+    const auto worker = state_.workers.find(assignment.worker_id());
+    if (worker != state_.workers.end() && !worker->second.job_id.empty()) {
+      return "the store names worker " + assignment.worker_id() + " for job " +
+             worker->second.job_id + " too";
+    }
+  }
+  for (const v1::RankAssignment& assignment : job.assignments()) {
+    if (!waits_for(assignment)) continue;
+    Worker& worker = state_.workers[assignment.worker_id()];
+    worker.id = assignment.worker_id();
+    worker.job_id = job.id();
+    worker.attempt = job.attempt();
+    worker.rank = assignment.rank();
+    worker.restored = true;
+    worker.last_seen = now;
+  }
   return "";
 }
 
@@ -148,39 +175,62 @@ void JobLifecycle::after_commit_locked(ActiveJob& active, JobRecord updated, v1:
     state_.scheduler.remove_job(job_id);
   }
   if (is_terminal(after)) {
-    const std::string worker_id = updated.job.worker_id();
+    const std::vector<v1::JobState> rank_states = updated.rank_states;
     state_.active.erase(job_id);  // `active` is gone from here on
     state_.metrics.remove_job(job_id);
     state_.checkpoints.discard_job(job_id);
-    const auto worker = state_.workers.find(worker_id);
-    if (worker != state_.workers.end() && worker->second.job_id == job_id) {
-      state_.release_worker_locked(worker->second);
-    }
+    state_.rendezvous.drop_job(job_id);
+    end_ranks_locked(updated.job, rank_states);
   } else {
     active.record = std::move(updated);
   }
   state_.hub.publish(job_id);
 }
 
+void JobLifecycle::end_ranks_locked(const v1::Job& job, const std::vector<v1::JobState>& states) {
+  for (const v1::RankAssignment& assignment : job.assignments()) {
+    const auto worker = state_.workers.find(assignment.worker_id());
+    if (worker == state_.workers.end() || worker->second.job_id != job.id() ||
+        worker->second.attempt != job.attempt()) {
+      continue;
+    }
+    const size_t rank = static_cast<size_t>(assignment.rank());
+    if (rank < states.size() && is_terminal(states[rank])) {
+      state_.release_worker_locked(worker->second);
+    } else {
+      // Still running: told to stop, and busy until it reports its end or dies.
+      state_.send_cancel_locked(worker->second);
+    }
+  }
+}
+
 void JobLifecycle::end_orphaned_job_locked(Worker& worker, const std::string& reason) {
   const auto it = state_.active.find(worker.job_id);
-  if (it == state_.active.end() || it->second.record.job.worker_id() != worker.id ||
-      it->second.record.job.attempt() != worker.attempt) {
-    worker.job_id.clear();
+  const int rank = it == state_.active.end() ? -1 : it->second.rank_of(worker.id);
+  if (rank < 0 || it->second.record.job.attempt() != worker.attempt) {
+    // A rank whose job already ended (or a stale record): nothing more to end.
+    state_.release_worker_locked(worker);
     return;
   }
-  JobRecord updated = it->second.record;
-  std::string why = reason;
+  ActiveJob& active = it->second;
+  JobRecord updated = active.record;
+  if (static_cast<size_t>(rank) < updated.rank_states.size()) {
+    updated.rank_states[static_cast<size_t>(rank)] = v1::JOB_STATE_FAILED;  // its worker is gone
+  }
+  // One rank names itself; a gang's reason says which rank was lost.
+  const std::string what =
+      active.world_size > 1 ? "rank " + std::to_string(rank) + ": " + reason : reason;
+  std::string why = what;
   if (updated.cancel_requested) {
     updated.job.set_state(v1::JOB_STATE_CANCELLED);
-    why = "cancelled by request; the worker did not confirm: " + reason;
+    why = std::string("cancelled by request; the worker did not confirm: ") + what;
   } else {
     updated.job.set_state(v1::JOB_STATE_FAILED);
-    updated.job.set_failure_reason(reason);
+    updated.job.set_failure_reason(what);
   }
   *updated.job.mutable_end_time() = now_timestamp();
   // On a store error the worker keeps the job and the next scan tries again.
-  (void)commit_locked(it->second, std::move(updated), why);
+  (void)commit_locked(active, std::move(updated), why);
 }
 
 void JobLifecycle::dispatch_locked() {
@@ -188,59 +238,104 @@ void JobLifecycle::dispatch_locked() {
     const std::optional<Placement> placement = state_.scheduler.next();
     if (!placement) return;
     const auto job = state_.active.find(placement->job_id);
-    const auto worker = state_.workers.find(placement->worker_id);
-    if (job == state_.active.end() || worker == state_.workers.end() ||
-        worker->second.connection == nullptr) {
-      // Bookkeeping out of step: put back whichever side still exists.
-      log_line("error: scheduler placed job " + placement->job_id + " on worker " +
-               placement->worker_id + ", which " +
-               (job == state_.active.end() ? "is not an active job" : "is not connected"));
-      if (job != state_.active.end()) {
-        state_.scheduler.add_job(job->first, job->second.record.job.priority(),
-                                 job->second.record.submit_order, job->second.device);
+    std::vector<Worker*> gang;
+    std::string missing;
+    for (const std::string& id : placement->workers) {
+      const auto worker = state_.workers.find(id);
+      if (worker == state_.workers.end() || worker->second.connection == nullptr) {
+        missing = id;
+      } else {
+        gang.push_back(&worker->second);
       }
+    }
+    if (job == state_.active.end() || !missing.empty()) {
+      // Bookkeeping out of step: put back whatever still exists.
+      log_line("error: scheduler placed job " + placement->job_id + " on worker " +
+               (missing.empty() ? placement->worker_id : missing) + ", which " +
+               (job == state_.active.end() ? "is not an active job" : "is not connected"));
+      if (job != state_.active.end()) requeue_locked(job->second);
+      for (Worker* worker : gang)
+        state_.scheduler.add_idle_worker(worker->id, worker->device.kind());
       continue;
     }
-    if (!assign_locked(job->second, worker->second)) return;
+    if (!assign_locked(job->second, gang)) return;
   }
 }
 
-bool JobLifecycle::assign_locked(ActiveJob& job, Worker& worker) {
+void JobLifecycle::requeue_locked(const ActiveJob& job) {
+  state_.scheduler.add_job(job.record.job.id(), job.record.job.priority(), job.record.submit_order,
+                           job.device, job.world_size);
+}
+
+namespace {
+
+std::string assignment_reason(const std::vector<Worker*>& gang, int64_t attempt) {
+  if (gang.size() == 1) {
+    return "assigned to worker " + gang[0]->id + " (" + device_text(gang[0]->device) +
+           "), attempt " + std::to_string(attempt);
+  }
+  std::string ranks;
+  for (size_t rank = 0; rank < gang.size(); ++rank) {
+    ranks += (rank == 0 ? "" : ", ") + std::string("rank ") + std::to_string(rank) + ": " +
+             gang[rank]->id + " (" + device_text(gang[rank]->device) + ")";
+  }
+  return "assigned to " + std::to_string(gang.size()) + " workers (" + ranks + "), attempt " +
+         std::to_string(attempt);
+}
+
+}  // namespace
+
+bool JobLifecycle::assign_locked(ActiveJob& job, const std::vector<Worker*>& gang) {
   JobRecord updated = job.record;
   updated.job.set_state(v1::JOB_STATE_ASSIGNED);
   updated.job.set_attempt(updated.job.attempt() + 1);
-  updated.job.set_worker_id(worker.id);
+  updated.job.set_worker_id(gang.front()->id);
+  updated.job.clear_assignments();
+  for (size_t rank = 0; rank < gang.size(); ++rank) {
+    v1::RankAssignment* assignment = updated.job.add_assignments();
+    assignment->set_rank(static_cast<int32_t>(rank));
+    assignment->set_worker_id(gang[rank]->id);
+  }
   updated.job.clear_failure_reason();
+  updated.rank_states.assign(gang.size(), v1::JOB_STATE_UNSPECIFIED);
   const v1::Job assigned = updated.job;
   const grpc::Status status =
-      commit_locked(job, std::move(updated),
-                    "assigned to worker " + worker.id + " (" + device_text(worker.device) +
-                        "), attempt " + std::to_string(assigned.attempt()));
+      commit_locked(job, std::move(updated), assignment_reason(gang, assigned.attempt()));
   if (!status.ok()) {
-    // The store is failing: leave both where they were and try again on the next event.
-    state_.scheduler.add_job(assigned.id(), assigned.priority(), job.record.submit_order,
-                             job.device);
-    state_.scheduler.add_idle_worker(worker.id, worker.device.kind());
+    // The store is failing: leave all of them where they were and try again on the next event.
+    requeue_locked(job);
+    for (Worker* worker : gang) state_.scheduler.add_idle_worker(worker->id, worker->device.kind());
     return false;
   }
-  worker.job_id = assigned.id();
-  worker.attempt = assigned.attempt();
-  worker.assigned_on = worker.connection->id();
-  worker.confirmed_on = worker.cancel_sent_on = 0;
-  worker.restored = false;
   const int64_t queued_us = TimeUtil::TimestampToMicroseconds(assigned.create_time());
   const int64_t now_us = TimeUtil::TimestampToMicroseconds(now_timestamp());
   state_.metrics.observe_scheduling_latency(static_cast<double>(now_us - queued_us) * 1e-6);
+  for (size_t rank = 0; rank < gang.size(); ++rank) {
+    send_assignment_locked(*gang[rank], assigned, static_cast<int>(rank),
+                           static_cast<int>(gang.size()));
+  }
+  return true;
+}
+
+void JobLifecycle::send_assignment_locked(Worker& worker, const v1::Job& assigned, int rank,
+                                          int world_size) {
+  worker.job_id = assigned.id();
+  worker.attempt = assigned.attempt();
+  worker.rank = rank;
+  worker.assigned_on = worker.connection->id();
+  worker.confirmed_on = worker.cancel_sent_on = 0;
+  worker.restored = false;
   v1::CoordinatorMessage message;
   v1::Assignment* assignment = message.mutable_assignment();
   assignment->set_job_id(assigned.id());
   assignment->set_attempt(assigned.attempt());
   *assignment->mutable_spec() = assigned.spec();
   assignment->set_canonical_spec(assigned.canonical_spec());
+  assignment->set_rank(rank);
+  assignment->set_world_size(world_size);
   // A failed send means the stream is closing; the worker then misses its heartbeats (or
   // reconnects without the job) and the job fails with that reason.
   worker.connection->send(message);
-  return true;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -255,17 +350,6 @@ grpc::Status JobLifecycle::submit(const v1::SubmitJobRequest& request,
   SubmittedSpec submitted;
   if (grpc::Status status = read_spec(request, &submitted); !status.ok()) return status;
   const JobSpec& spec = submitted.spec;
-  if (spec.resources.world_size > 1) {
-    // The spec is valid (lomo-worker train --nproc runs it on one host), but a worker runs one
-    // rank: such a job would wait forever for a gang the scheduler cannot form.
-    const std::string n = std::to_string(spec.resources.world_size);
-    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                        "invalid job spec: resources.world_size: " + n +
-                            " needs a gang of workers, which the coordinator cannot schedule yet; "
-                            "run it on one host with lomo-worker train JOB.yaml --nproc " +
-                            n);
-  }
-
   std::lock_guard lock(state_.mu);
   if (state_.shutting_down) {
     return grpc::Status(grpc::StatusCode::UNAVAILABLE, "the coordinator is shutting down");
@@ -286,9 +370,11 @@ grpc::Status JobLifecycle::submit(const v1::SubmitJobRequest& request,
   ActiveJob& active = state_.active[job.id()];
   active.record = record;
   active.device = device_kind(spec.resources.device);
-  state_.scheduler.add_job(job.id(), job.priority(), record.submit_order, active.device);
+  active.world_size = spec.resources.world_size;
+  requeue_locked(active);
   log_line("job " + job.id() + ": submitted" + (job.name().empty() ? "" : " (" + job.name() + ")") +
-           ", priority " + std::to_string(job.priority()) + ", device " + spec.resources.device);
+           ", priority " + std::to_string(job.priority()) + ", device " + spec.resources.device +
+           (active.world_size > 1 ? ", " + std::to_string(active.world_size) + " ranks" : ""));
   const std::string id = job.id();
   dispatch_locked();
   const auto now = state_.active.find(id);
@@ -363,18 +449,24 @@ grpc::Status JobLifecycle::cancel_inactive(const std::string& job_id,
 grpc::Status JobLifecycle::request_cancel_locked(ActiveJob& active) {
   JobRecord updated = active.record;
   updated.cancel_requested = true;
-  const std::string job_id = updated.job.id();
-  const std::string worker_id = updated.job.worker_id();
-  if (grpc::Status status = commit_locked(
-          active, std::move(updated), "",
-          {log_event("cancellation requested; waiting for worker " + worker_id + " to stop")});
+  const v1::Job job = updated.job;
+  std::string workers;
+  for (const v1::RankAssignment& assignment : job.assignments()) {
+    workers += (workers.empty() ? "" : ", ") + assignment.worker_id();
+  }
+  const std::string whom = job.assignments_size() > 1 ? "workers " + workers : "worker " + workers;
+  if (grpc::Status status =
+          commit_locked(active, std::move(updated), "",
+                        {log_event("cancellation requested; waiting for " + whom + " to stop")});
       !status.ok()) {
     return status;
   }
-  log_line("job " + job_id + ": cancellation requested, telling worker " + worker_id);
-  const auto worker = state_.workers.find(worker_id);
-  if (worker != state_.workers.end() && worker->second.job_id == job_id) {
-    state_.send_cancel_locked(worker->second);
+  log_line("job " + job.id() + ": cancellation requested, telling " + whom);
+  for (const v1::RankAssignment& assignment : job.assignments()) {
+    const auto worker = state_.workers.find(assignment.worker_id());
+    if (worker != state_.workers.end() && worker->second.job_id == job.id()) {
+      state_.send_cancel_locked(worker->second);
+    }
   }
   return grpc::Status::OK;
 }

@@ -1,12 +1,18 @@
 // Job lifecycle: the state machine of every job, and where jobs meet workers.
 //
-// States: QUEUED → ASSIGNED (sent to a worker, attempt + 1) → RUNNING (the worker says so) →
-// SUCCEEDED | FAILED | CANCELLED. Cancel ends a queued job at once and asks the worker to stop an
-// assigned or running one (CANCELLED when it confirms, or when it dies). Every transition is one
+// States: QUEUED → ASSIGNED (sent to its workers, attempt + 1) → RUNNING (a worker says so) →
+// SUCCEEDED | FAILED | CANCELLED. Cancel ends a queued job at once and asks the workers to stop an
+// assigned or running one (CANCELLED when one confirms, or when one dies). Every transition is one
 // store transaction with its StateChange event, committed before anyone is told about it, and is
 // mirrored in memory, metrics and the scheduler in the same critical section (commit_locked).
-// Gang scheduling and restarts (a job's attempt on several workers; a failed attempt re-queued
-// within its budget) belong here: dispatch_locked and end_orphaned_job_locked are the places.
+//
+// Gangs: a job of world_size N is placed all-or-nothing on N workers (scheduler.h), each getting
+// an Assignment with its rank. It is RUNNING when the first rank says so, SUCCEEDED once every
+// rank has, and FAILED (or CANCELLED) as soon as one rank fails (or confirms a cancel) or its
+// worker dies; the ranks still running are then told to stop and their workers stay busy until
+// they report their end or die. World size 1 is the same machine with one rank.
+// Restarts (a failed attempt re-queued within its budget) belong here too: dispatch_locked and
+// end_orphaned_job_locked are the places.
 #pragma once
 
 #include <grpcpp/support/status.h>
@@ -37,8 +43,9 @@ class JobLifecycle {
   // worker of a job that ended. `active` is invalid afterwards if the job ended. Requires mu.
   grpc::Status commit_locked(ActiveJob& active, JobRecord updated, const std::string& reason,
                              std::vector<v1::JobEvent> extra = {});
-  // Ends an assigned or running job whose worker is gone: CANCELLED if a cancel was pending,
-  // else FAILED with `reason`. Requires mu.
+  // Ends an assigned or running job one of whose workers is gone: CANCELLED if a cancel was
+  // pending, else FAILED with `reason` (prefixed with the rank in a gang). A worker whose job has
+  // already ended just becomes free. Requires mu.
   void end_orphaned_job_locked(Worker& worker, const std::string& reason);
   // Assigns queued jobs to idle workers while both exist. Requires mu.
   void dispatch_locked();
@@ -46,16 +53,24 @@ class JobLifecycle {
  private:
   enum class Restored { kQueued, kWaitingForWorker, kFailed };
   Restored restore_job_locked(const JobRecord& record, Clock::time_point now);
-  // Why a restored ASSIGNED/RUNNING job cannot wait for its worker, or "" once it does.
-  std::string wait_for_worker_locked(const JobRecord& record, Clock::time_point now);
+  // Why a restored ASSIGNED/RUNNING job cannot wait for its workers, or "" once every rank's
+  // worker waits for it.
+  std::string wait_for_workers_locked(ActiveJob& active, Clock::time_point now);
   // Stores a new QUEUED job under a fresh random id (retrying a collision); INTERNAL when the
   // store fails.
   grpc::Status insert_new_job_locked(JobRecord& record, std::vector<v1::JobEvent>& events);
   // The state-change bookkeeping after a commit: metrics, log line, scheduler, hub.
   void after_commit_locked(ActiveJob& active, JobRecord updated, v1::JobState before,
                            const std::string& reason);
-  // Sends one placement to its worker; false when the store refused the assignment.
-  bool assign_locked(ActiveJob& job, Worker& worker);
+  // Records one placement (gang[r] runs rank r) and sends every rank its Assignment; false when
+  // the store refused it (everything is put back).
+  bool assign_locked(ActiveJob& job, const std::vector<Worker*>& gang);
+  void send_assignment_locked(Worker& worker, const v1::Job& assigned, int rank, int world_size);
+  // Puts a job (back) into the scheduler's queue.
+  void requeue_locked(const ActiveJob& job);
+  // The job ended: frees the workers whose ranks ended (`states`, by rank) and tells the others
+  // to stop; those stay busy until they report their end or die.
+  void end_ranks_locked(const v1::Job& job, const std::vector<v1::JobState>& states);
   // CancelJob for a job that is no longer active: its stored state answers.
   grpc::Status cancel_inactive(const std::string& job_id, v1::CancelJobResponse* response);
   // CancelJob for an assigned or running job: record the request and tell the worker.

@@ -31,7 +31,30 @@ grpc::Status read_state_filter(const v1::ListJobsRequest& request,
   return grpc::Status::OK;
 }
 
+// The queued job's resources as its stored spec (validated, every field present) says.
+void resources_of(const v1::Job& job, v1::DeviceKind* device, int64_t* world_size) {
+  *device = v1::DEVICE_KIND_CPU;
+  *world_size = 1;
+  const auto resources = job.spec().fields().find("resources");
+  if (resources == job.spec().fields().end()) return;
+  const auto& fields = resources->second.struct_value().fields();
+  if (const auto it = fields.find("device"); it != fields.end()) {
+    *device = it->second.string_value() == "cuda" ? v1::DEVICE_KIND_CUDA : v1::DEVICE_KIND_CPU;
+  }
+  if (const auto it = fields.find("world_size"); it != fields.end()) {
+    *world_size = static_cast<int64_t>(it->second.number_value());
+  }
+}
+
 }  // namespace
+
+void JobQueries::explain_wait(v1::Job& job, const QueueHeads& heads) const {
+  if (job.state() != v1::JOB_STATE_QUEUED) return;
+  v1::DeviceKind device;
+  int64_t world_size;
+  resources_of(job, &device, &world_size);
+  job.set_wait_reason(wait_reason(heads, job.id(), device, world_size));
+}
 
 grpc::Status JobQueries::get_job(const v1::GetJobRequest& request, v1::GetJobResponse* response) {
   if (grpc::Status status = require_job_id(request.job_id()); !status.ok()) return status;
@@ -39,6 +62,7 @@ grpc::Status JobQueries::get_job(const v1::GetJobRequest& request, v1::GetJobRes
     std::optional<JobRecord> record = store_.get_job(request.job_id());
     if (!record) return job_not_found(request.job_id());
     *response->mutable_job() = std::move(record->job);
+    explain_wait(*response->mutable_job(), *scheduler_.published());
   } catch (const StoreError& error) {
     return internal_error("cannot read job " + request.job_id(), error);
   }
@@ -57,7 +81,11 @@ grpc::Status JobQueries::list_jobs(const v1::ListJobsRequest& request,
   if (grpc::Status status = read_state_filter(request, &states); !status.ok()) return status;
   try {
     JobPage page = store_.list_jobs(states, page_size, request.page_token());
-    for (v1::Job& job : page.jobs) *response->add_jobs() = std::move(job);
+    const std::shared_ptr<const QueueHeads> heads = scheduler_.published();
+    for (v1::Job& job : page.jobs) {
+      explain_wait(job, *heads);
+      *response->add_jobs() = std::move(job);
+    }
     response->set_next_page_token(page.next_page_token);
   } catch (const std::invalid_argument& error) {
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, error.what());
@@ -92,6 +120,7 @@ grpc::Status JobQueries::read_events(const std::string& job_id, int64_t after_se
     std::optional<EventBatch> read = store_.events_after(job_id, after_sequence, limit);
     if (!read) return job_not_found(job_id);
     *batch = std::move(*read);
+    explain_wait(batch->job.job, *scheduler_.published());
   } catch (const StoreError& error) {
     return internal_error("cannot read events of job " + job_id, error);
   }

@@ -1,7 +1,8 @@
 // Read-only queries: GetJob, ListJobs, ListCheckpoints, a job's events (WatchJob, REST events) and
 // a committed checkpoint's files (DownloadCheckpoint). They read the store's reader connections
 // and never take the coordinator's lock, so they may run on gRPC's own threads: in WAL mode a
-// reader never waits for the writer.
+// reader never waits for the writer. A QUEUED job's wait_reason (not stored) comes from the
+// scheduler's published queue heads, which need no lock either.
 #pragma once
 
 #include <grpcpp/support/status.h>
@@ -12,14 +13,15 @@
 
 #include "lomo/v1/jobs.pb.h"
 #include "server/checkpoint_store.h"
+#include "server/scheduler.h"
 #include "server/store.h"
 
 namespace lomo::server {
 
 class JobQueries {
  public:
-  JobQueries(Store& store, CheckpointStore& checkpoints)
-      : store_(store), checkpoints_(checkpoints) {}
+  JobQueries(Store& store, CheckpointStore& checkpoints, const Scheduler& scheduler)
+      : store_(store), checkpoints_(checkpoints), scheduler_(scheduler) {}
 
   grpc::Status get_job(const v1::GetJobRequest& request, v1::GetJobResponse* response);
   grpc::Status list_jobs(const v1::ListJobsRequest& request, v1::ListJobsResponse* response);
@@ -36,8 +38,12 @@ class JobQueries {
                                  std::filesystem::path* directory, bool* found);
 
  private:
+  // Sets job.wait_reason when the job is QUEUED.
+  void explain_wait(v1::Job& job, const QueueHeads& heads) const;
+
   Store& store_;
   CheckpointStore& checkpoints_;
+  const Scheduler& scheduler_;
 };
 
 }  // namespace lomo::server

@@ -13,19 +13,6 @@ namespace {
 
 constexpr int kWatchBatch = 256;
 
-// A unary call, counted in InFlight until gRPC is done with it (its status sent).
-class CountedUnaryReactor final : public grpc::ServerUnaryReactor {
- public:
-  explicit CountedUnaryReactor(InFlight& in_flight) : in_flight_(in_flight) { in_flight_.begin(); }
-  void OnDone() override {
-    in_flight_.end();
-    delete this;
-  }
-
- private:
-  InFlight& in_flight_;
-};
-
 class WatchReactor final : public StreamReactor<v1::WatchJobResponse>,
                            public std::enable_shared_from_this<WatchReactor> {
  public:

@@ -10,6 +10,7 @@
 #include <charconv>
 #include <cstring>
 #include <future>
+#include <nlohmann/json.hpp>
 
 #include "server/sqlite.h"
 #include "server/timestamps.h"
@@ -20,9 +21,10 @@ namespace {
 
 using google::protobuf::util::TimeUtil;
 
-// Version 2. Scalar job fields are columns so that the sqlite3 shell can answer questions; the
+// Version 3. Scalar job fields are columns so that the sqlite3 shell can answer questions; the
 // spec is kept as submitted (spec_original, with spec_overrides as a JSON array of strings), as
-// validated (spec_canonical: the YAML the worker runs) and as the Struct's JSON (spec_json);
+// validated (spec_canonical: the YAML the worker runs) and as the Struct's JSON (spec_json); the
+// current attempt's gang as a JSON array of {"rank", "worker_id"} objects (assignments);
 // progress and events are serialized lomo.v1 messages (protobuf keeps them readable by every
 // later v1 coordinator).
 constexpr const char* kSchema = R"sql(
@@ -48,7 +50,8 @@ CREATE TABLE IF NOT EXISTS jobs (
   last_sequence INTEGER NOT NULL,
   spec_canonical TEXT NOT NULL DEFAULT '',
   spec_original TEXT NOT NULL DEFAULT '',
-  spec_overrides TEXT NOT NULL DEFAULT '[]'
+  spec_overrides TEXT NOT NULL DEFAULT '[]',
+  assignments TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, submit_order);
 CREATE TABLE IF NOT EXISTS job_events (
@@ -73,8 +76,8 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 constexpr const char* kJobColumns =
     "submit_order, id, name, state, priority, spec_json, create_time_us, start_time_us, "
     "end_time_us, worker_id, failure_reason, attempt, cancel_requested, progress, spec_canonical, "
-    "spec_original, spec_overrides";
-constexpr int kJobColumnCount = 17;
+    "spec_original, spec_overrides, assignments";
+constexpr int kJobColumnCount = 18;
 
 // Version 1 -> 2: the spec's canonical and original texts. ALTER TABLE ... ADD COLUMN with a
 // constant default rewrites nothing, so this is instant however many jobs the file holds.
@@ -82,6 +85,15 @@ constexpr const char* kMigrateToVersion2 = R"sql(
 ALTER TABLE jobs ADD COLUMN spec_canonical TEXT NOT NULL DEFAULT '';
 ALTER TABLE jobs ADD COLUMN spec_original TEXT NOT NULL DEFAULT '';
 ALTER TABLE jobs ADD COLUMN spec_overrides TEXT NOT NULL DEFAULT '[]';
+)sql";
+
+// Version 2 -> 3: the gang of each job's current attempt. Every job of a version 2 file ran on
+// one worker (world_size 1), so a job that was ever assigned had exactly rank 0 on worker_id.
+// The UPDATE rewrites those rows once, inside the opening transaction.
+constexpr const char* kMigrateToVersion3 = R"sql(
+ALTER TABLE jobs ADD COLUMN assignments TEXT NOT NULL DEFAULT '[]';
+UPDATE jobs SET assignments = json_array(json_object('rank', 0, 'worker_id', worker_id))
+  WHERE worker_id != '';
 )sql";
 
 int64_t to_micros(const google::protobuf::Timestamp& time) {
@@ -129,6 +141,41 @@ void read_overrides(const std::string& json, v1::Job& job) {
   for (const auto& value : list.values()) job.add_spec_overrides(value.string_value());
 }
 
+// Job.assignments and the record's rank_states as a JSON array of {"rank": R, "worker_id": "W",
+// "state": "RUNNING"} ("state" only once the rank reported).
+std::string assignments_json(const JobRecord& record) {
+  nlohmann::json list = nlohmann::json::array();
+  for (int i = 0; i < record.job.assignments_size(); ++i) {
+    const v1::RankAssignment& a = record.job.assignments(i);
+    nlohmann::json entry = {{"rank", a.rank()}, {"worker_id", a.worker_id()}};
+    const size_t index = static_cast<size_t>(i);
+    if (index < record.rank_states.size() &&
+        record.rank_states[index] != v1::JOB_STATE_UNSPECIFIED) {
+      entry["state"] = v1::JobState_Name(record.rank_states[index]);
+    }
+    list.push_back(std::move(entry));
+  }
+  return list.dump();
+}
+
+void read_assignments(const std::string& text, JobRecord& record) {
+  try {
+    for (const nlohmann::json& entry : nlohmann::json::parse(text)) {
+      v1::RankAssignment* assignment = record.job.add_assignments();
+      assignment->set_rank(entry.at("rank").get<int32_t>());
+      assignment->set_worker_id(entry.at("worker_id").get<std::string>());
+      v1::JobState state = v1::JOB_STATE_UNSPECIFIED;
+      if (entry.contains("state")) {
+        v1::JobState_Parse(entry.at("state").get<std::string>(), &state);
+      }
+      record.rank_states.push_back(state);
+    }
+  } catch (const nlohmann::json::exception& error) {
+    throw StoreError("job " + record.job.id() +
+                     ": stored assignments are not valid: " + error.what());
+  }
+}
+
 // Reads the kJobColumns of the current row.
 JobRecord read_job(const sqlite::Statement& row) {
   JobRecord record;
@@ -161,6 +208,7 @@ JobRecord read_job(const sqlite::Statement& row) {
   job.set_canonical_spec(row.column_text(14));
   job.set_original_spec(row.column_text(15));
   read_overrides(row.column_text(16), job);
+  read_assignments(row.column_text(17), record);
   return record;
 }
 
@@ -253,6 +301,7 @@ Store::Store(const std::filesystem::path& file, int reader_connections) : file_(
       // Version 0 is a new file (kSchema made it current); older ones migrate here, inside this
       // transaction.
       if (version == 1) writer_->exec(kMigrateToVersion2);
+      if (version >= 1 && version <= 2) writer_->exec(kMigrateToVersion3);
       auto upsert =
           writer_->prepare("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)");
       upsert->bind(1, std::to_string(kSchemaVersion));
@@ -374,8 +423,8 @@ void Store::insert_job(JobRecord& record, std::vector<v1::JobEvent>& events) {
       auto insert = writer_->prepare(
           "INSERT INTO jobs (id, name, state, priority, spec_json, create_time_us, start_time_us, "
           "end_time_us, worker_id, failure_reason, attempt, cancel_requested, progress, "
-          "spec_canonical, spec_original, spec_overrides, last_sequence) "
-          "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0) RETURNING submit_order");
+          "spec_canonical, spec_original, spec_overrides, assignments, last_sequence) "
+          "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0) RETURNING submit_order");
       insert->bind(1, job.id())
           .bind(2, job.name())
           .bind(3, static_cast<int64_t>(job.state()))
@@ -391,7 +440,8 @@ void Store::insert_job(JobRecord& record, std::vector<v1::JobEvent>& events) {
           .bind_blob(13, job.progress().SerializeAsString())
           .bind(14, job.canonical_spec())
           .bind(15, job.original_spec())
-          .bind(16, overrides_json(job));
+          .bind(16, overrides_json(job))
+          .bind(17, assignments_json(record));
       if (!insert->step()) throw StoreError("INSERT returned no submit order");
       record.submit_order = insert->column_int(0);
     }
@@ -409,8 +459,8 @@ void Store::update_job(const JobRecord& record, std::vector<v1::JobEvent>& event
     {
       auto update = writer_->prepare(
           "UPDATE jobs SET name = ?, state = ?, priority = ?, start_time_us = ?, end_time_us = ?, "
-          "worker_id = ?, failure_reason = ?, attempt = ?, cancel_requested = ?, progress = ? "
-          "WHERE id = ?");
+          "worker_id = ?, failure_reason = ?, attempt = ?, cancel_requested = ?, progress = ?, "
+          "assignments = ? WHERE id = ?");
       update->bind(1, job.name())
           .bind(2, static_cast<int64_t>(job.state()))
           .bind(3, job.priority());
@@ -421,7 +471,8 @@ void Store::update_job(const JobRecord& record, std::vector<v1::JobEvent>& event
           .bind(8, job.attempt())
           .bind(9, static_cast<int64_t>(record.cancel_requested))
           .bind_blob(10, job.progress().SerializeAsString())
-          .bind(11, job.id());
+          .bind(11, assignments_json(record))
+          .bind(12, job.id());
       update->run();
     }
     if (writer_->changes() != 1) throw StoreError("job " + job.id() + " does not exist");

@@ -48,6 +48,10 @@ struct JobRecord {
   v1::Job job;
   bool cancel_requested = false;  // CancelJob reached an assigned/running job; waiting for it
   int64_t submit_order = 0;       // increases with every submission; set by insert_job
+  // What each rank of the current attempt last reported, by rank (UNSPECIFIED: nothing yet;
+  // FAILED also for a rank whose worker died); as long as job.assignments, or empty. Stored with
+  // the assignments, so that after a restart a rank that had finished is not waited for.
+  std::vector<v1::JobState> rank_states;
 };
 
 struct JobPage {
@@ -71,7 +75,9 @@ class Store {
  public:
   // 2: jobs gained spec_canonical, spec_original and spec_overrides (a version 1 file is migrated
   // in place when opened; its jobs have only the Struct form until they end).
-  static constexpr int64_t kSchemaVersion = 2;
+  // 3: jobs gained assignments, the current attempt's gang (a version 1 or 2 file is migrated in
+  // place when opened: a job that was assigned gets rank 0 on its worker_id).
+  static constexpr int64_t kSchemaVersion = 3;
 
   // Opens or creates the database file. Throws StoreError (also for a schema newer than ours).
   explicit Store(const std::filesystem::path& file, int reader_connections = 8);

@@ -26,7 +26,9 @@ grpc::Status check_register(const v1::Register& message) {
 }
 
 // What a worker's events change: the events to store (states and checkpoints are the
-// coordinator's to record, so the worker's own are dropped), and the job's progress.
+// coordinator's to record, so the worker's own are dropped), and the job's progress. In a gang,
+// only rank 0's metrics and evaluations count (they are global; the other ranks' are dropped) and
+// every log line says which rank wrote it (`prefix`).
 struct ReportedEvents {
   std::vector<v1::JobEvent> events;
   v1::JobProgress progress;
@@ -34,7 +36,8 @@ struct ReportedEvents {
   const v1::TrainingMetrics* latest = nullptr;  // points into the message
 };
 
-ReportedEvents read_reported_events(const v1::JobEvents& message, v1::JobProgress progress) {
+ReportedEvents read_reported_events(const v1::JobEvents& message, v1::JobProgress progress,
+                                    const std::string& prefix, bool keep_progress) {
   ReportedEvents reported;
   reported.progress = std::move(progress);
   reported.events.reserve(message.events_size());
@@ -44,6 +47,7 @@ ReportedEvents read_reported_events(const v1::JobEvents& message, v1::JobProgres
         event.kind_case() == v1::JobEvent::kCheckpoint) {
       continue;
     }
+    if ((event.has_metrics() || event.has_eval()) && !keep_progress) continue;
     if (event.has_metrics()) {
       const v1::TrainingMetrics& metrics = event.metrics();
       reported.progress.set_step(metrics.step());
@@ -64,8 +68,16 @@ ReportedEvents read_reported_events(const v1::JobEvents& message, v1::JobProgres
     }
     reported.events.push_back(event);
     reported.events.back().clear_sequence();
+    if (event.has_log() && !prefix.empty()) {
+      reported.events.back().mutable_log()->set_text(prefix + event.log().text());
+    }
   }
   return reported;
+}
+
+// "rank R (worker W)": how a gang's events and reasons name who reported.
+std::string rank_text(int rank, const std::string& worker_id) {
+  return "rank " + std::to_string(rank) + " (worker " + worker_id + ")";
 }
 
 }  // namespace
@@ -98,8 +110,11 @@ grpc::Status WorkerRegistry::on_register(const std::shared_ptr<WorkerConnection>
   state_.connections[connection->id()] = id;
   state_.metrics.add_workers_connected(worker.device.kind(), +1);
   log_line("worker " + id + " registered (" + device_text(worker.device) +
-           (message.version().empty() ? "" : ", version " + message.version()) + ")" +
-           (worker.job_id.empty() ? "" : "; it owns job " + worker.job_id));
+           (message.version().empty() ? "" : ", version " + message.version()) +
+           (message.advertise_address().empty()
+                ? ""
+                : ", peers reach it at " + message.advertise_address()) +
+           ")" + (worker.job_id.empty() ? "" : "; it owns job " + worker.job_id));
 
   v1::CoordinatorMessage reply;
   reply.mutable_registered()->set_worker_id(id);
@@ -108,6 +123,8 @@ grpc::Status WorkerRegistry::on_register(const std::shared_ptr<WorkerConnection>
   if (worker.job_id.empty()) {
     state_.scheduler.add_idle_worker(id, worker.device.kind());
     lifecycle_.dispatch_locked();
+  } else {
+    state_.scheduler.add_busy_worker(id, worker.device.kind());
   }
   return grpc::Status::OK;
 }
@@ -120,12 +137,20 @@ void WorkerRegistry::on_heartbeat(const std::shared_ptr<WorkerConnection>& conne
   const uint64_t here = connection->id();
   const bool reports_own_job = !worker->job_id.empty() && message.job_id() == worker->job_id &&
                                message.attempt() == worker->attempt;
+  const bool draining =
+      !worker->job_id.empty() && state_.draining_locked(*worker, worker->job_id, worker->attempt);
   if (reports_own_job) {
     worker->confirmed_on = here;
-    const auto job = state_.active.find(worker->job_id);
-    if (job != state_.active.end() && job->second.record.cancel_requested) {
+    // A rank of an ended gang job keeps being told to stop (once per stream).
+    if (draining || state_.active.at(worker->job_id).record.cancel_requested) {
       state_.send_cancel_locked(*worker);
     }
+  } else if (draining && worker->confirmed_on == here) {
+    // A rank told to stop, which had confirmed it ran, now runs something else: it stopped.
+    log_line("worker " + worker->id + " stopped job " + worker->job_id + " attempt " +
+             std::to_string(worker->attempt) + ", which had ended; it is free");
+    state_.release_worker_locked(*worker);
+    lifecycle_.dispatch_locked();
   } else if (!worker->job_id.empty() && worker->assigned_on != here &&
              worker->confirmed_on != here) {
     lose_unconfirmed_attempt_locked(*worker, message);
@@ -158,6 +183,10 @@ void WorkerRegistry::on_status(const std::shared_ptr<WorkerConnection>& connecti
                                const v1::JobStatusUpdate& message) {
   std::lock_guard lock(state_.mu);
   Worker* worker = state_.worker_for_locked(*connection);
+  if (worker != nullptr && state_.draining_locked(*worker, message.job_id(), message.attempt())) {
+    end_draining_rank_locked(*worker, message);
+    return;
+  }
   const std::string problem =
       state_.ownership_problem_locked(worker, message.job_id(), message.attempt());
   if (!problem.empty()) {
@@ -167,12 +196,48 @@ void WorkerRegistry::on_status(const std::shared_ptr<WorkerConnection>& connecti
   }
   worker->confirmed_on = connection->id();
   ActiveJob& active = state_.active.at(message.job_id());
+  const int rank = active.rank_of(worker->id);
   JobRecord updated = active.record;
   std::string reason;
-  if (!apply_status(*worker, message, &updated, &reason)) return;
-  if (lifecycle_.commit_locked(active, std::move(updated), reason).ok()) {
-    lifecycle_.dispatch_locked();
+  std::vector<v1::JobEvent> events;
+  const bool applies = active.world_size == 1 ? apply_status(*worker, message, &updated, &reason)
+                                              : apply_rank_status(active, rank, *worker, message,
+                                                                  &updated, &reason, &events);
+  if (!applies) return;
+  if (static_cast<size_t>(rank) < updated.rank_states.size() &&
+      !is_terminal(updated.rank_states[static_cast<size_t>(rank)])) {
+    updated.rank_states[static_cast<size_t>(rank)] = message.state();
   }
+  const bool job_ends = is_terminal(updated.job.state());
+  if (!lifecycle_.commit_locked(active, std::move(updated), reason, std::move(events)).ok()) {
+    return;
+  }
+  if (!job_ends && is_terminal(message.state())) {
+    // This rank is done while the others still run: its worker is free.
+    state_.release_worker_locked(*worker);
+  }
+  lifecycle_.dispatch_locked();
+}
+
+void WorkerRegistry::end_draining_rank_locked(Worker& worker, const v1::JobStatusUpdate& message) {
+  if (!is_terminal(message.state())) {
+    state_.send_cancel_locked(worker);  // still running: it was told to stop (once per stream)
+    return;
+  }
+  std::string text = rank_text(worker.rank, worker.id) + ": " + state_name(message.state()) +
+                     " after the job ended";
+  if (!message.reason().empty()) text += ": " + message.reason();
+  log_line("job " + message.job_id() + ": " + text + "; the worker is free");
+  std::vector<v1::JobEvent> events{log_event(text)};
+  try {
+    state_.store.append_events(message.job_id(), events, nullptr);
+    state_.metrics.count_events(1);
+    state_.hub.publish(message.job_id());
+  } catch (const StoreError& error) {
+    internal_error("cannot record the end of a rank of job " + message.job_id(), error);
+  }
+  state_.release_worker_locked(worker);
+  lifecycle_.dispatch_locked();
 }
 
 bool WorkerRegistry::apply_status(const Worker& worker, const v1::JobStatusUpdate& message,
@@ -211,6 +276,58 @@ bool WorkerRegistry::apply_status(const Worker& worker, const v1::JobStatusUpdat
   return true;
 }
 
+bool WorkerRegistry::apply_rank_status(const ActiveJob& active, int rank, const Worker& worker,
+                                       const v1::JobStatusUpdate& message, JobRecord* updated,
+                                       std::string* reason,
+                                       std::vector<v1::JobEvent>* events) const {
+  const std::string who = rank_text(rank, worker.id);
+  const std::string said = message.reason().empty() ? "" : ": " + message.reason();
+  switch (message.state()) {
+    case v1::JOB_STATE_RUNNING:
+      if (updated->job.state() == v1::JOB_STATE_ASSIGNED) {
+        updated->job.set_state(v1::JOB_STATE_RUNNING);
+        *updated->job.mutable_start_time() = now_timestamp();
+        *reason = "running: " + who + " started first";
+      } else {
+        events->push_back(log_event(who + ": running"));
+      }
+      break;
+    case v1::JOB_STATE_SUCCEEDED: {
+      bool all = true;
+      const std::vector<v1::JobState>& states = active.record.rank_states;
+      for (size_t r = 0; r < states.size(); ++r) {
+        if (static_cast<int>(r) != rank && states[r] != v1::JOB_STATE_SUCCEEDED) {
+          all = false;
+        }
+      }
+      if (all) {
+        updated->job.set_state(v1::JOB_STATE_SUCCEEDED);
+        *reason =
+            "every rank (" + std::to_string(active.world_size) + ") finished; last " + who + said;
+      } else {
+        events->push_back(log_event(who + ": finished" + said));
+      }
+      break;
+    }
+    case v1::JOB_STATE_FAILED:
+      updated->job.set_state(v1::JOB_STATE_FAILED);
+      *reason = who + ": " + (message.reason().empty() ? "reported a failure" : message.reason());
+      updated->job.set_failure_reason(*reason);
+      break;
+    case v1::JOB_STATE_CANCELLED:
+      updated->job.set_state(v1::JOB_STATE_CANCELLED);
+      *reason = updated->cancel_requested ? "cancelled by request; " + who + " stopped" + said
+                                          : who + " cancelled it" + said;
+      break;
+    default:
+      log_line("ignoring status " + state_name(message.state()) + " for job " + message.job_id() +
+               " from " + who + ": workers report RUNNING, SUCCEEDED, FAILED or CANCELLED");
+      return false;
+  }
+  if (is_terminal(updated->job.state())) *updated->job.mutable_end_time() = now_timestamp();
+  return true;
+}
+
 void WorkerRegistry::on_events(const std::shared_ptr<WorkerConnection>& connection,
                                const v1::JobEvents& message) {
   std::lock_guard lock(state_.mu);
@@ -223,7 +340,10 @@ void WorkerRegistry::on_events(const std::shared_ptr<WorkerConnection>& connecti
     return;
   }
   ActiveJob& active = state_.active.at(message.job_id());
-  ReportedEvents reported = read_reported_events(message, active.record.job.progress());
+  const int rank = active.rank_of(worker->id);
+  ReportedEvents reported = read_reported_events(
+      message, active.record.job.progress(),
+      active.world_size > 1 ? rank_text(rank, worker->id) + ": " : "", rank == 0);
   if (reported.events.empty()) return;
   try {
     state_.store.append_events(message.job_id(), reported.events,
@@ -251,6 +371,59 @@ grpc::Status WorkerRegistry::check_fetch(const v1::FetchCheckpointRequest& reque
   if (problem.empty()) return grpc::Status::OK;
   return grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
                       "a worker fetches checkpoints only of the job attempt it owns: " + problem);
+}
+
+grpc::Status WorkerRegistry::rendezvous_problem_locked(const std::string& worker_id,
+                                                       const std::string& job_id,
+                                                       int64_t attempt) const {
+  const std::string what =
+      "the rendezvous of job " + job_id + " attempt " + std::to_string(attempt);
+  const auto worker = state_.workers.find(worker_id);
+  if (worker == state_.workers.end() || worker->second.connection == nullptr) {
+    return grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
+                        what + " is open only to its ranks' connected workers; worker " +
+                            worker_id + " is not connected");
+  }
+  const auto job = state_.active.find(job_id);
+  if (job == state_.active.end() || job->second.record.job.attempt() > attempt) {
+    return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                        what + " is closed: the attempt has ended (worker " + worker_id + ")");
+  }
+  const std::string problem = state_.ownership_problem_locked(&worker->second, job_id, attempt);
+  if (!problem.empty()) {
+    return grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
+                        what + " is open only to the workers of its ranks: " + problem);
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status WorkerRegistry::rendezvous_set(const v1::RendezvousSetRequest& request) {
+  std::lock_guard lock(state_.mu);
+  if (grpc::Status status =
+          rendezvous_problem_locked(request.worker_id(), request.job_id(), request.attempt());
+      !status.ok()) {
+    return status;
+  }
+  return state_.rendezvous.set(request.job_id(), request.attempt(), request.key(), request.value());
+}
+
+grpc::Status WorkerRegistry::rendezvous_get(const v1::RendezvousGetRequest& request,
+                                            v1::RendezvousGetResponse* response) {
+  std::lock_guard lock(state_.mu);
+  if (grpc::Status status =
+          rendezvous_problem_locked(request.worker_id(), request.job_id(), request.attempt());
+      !status.ok()) {
+    return status;
+  }
+  bool ready = false;
+  std::vector<std::string> values;
+  const std::vector<std::string> keys(request.keys().begin(), request.keys().end());
+  grpc::Status status =
+      state_.rendezvous.get(request.job_id(), request.attempt(), keys, &ready, &values);
+  if (!status.ok()) return status;
+  response->set_ready(ready);
+  for (std::string& value : values) response->add_values(std::move(value));
+  return grpc::Status::OK;
 }
 
 void WorkerRegistry::on_disconnect(const std::shared_ptr<WorkerConnection>& connection) {

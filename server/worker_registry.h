@@ -1,14 +1,21 @@
 // Worker registry and sessions: who is connected, what each worker owns, and what its stream
 // says. A worker registers (a second stream with the same id replaces the first), heartbeats the
 // attempt it runs, reports the attempt's state and events, and disconnects or goes silent. Reports
-// count only from the worker that owns the job's current attempt. A worker silent for
+// count only from a worker that runs a rank of the job's current attempt. A worker silent for
 // heartbeat_timeout is dead: its job ends (through JobLifecycle) and its stream is closed.
+//
+// Gangs: every rank reports states, logs and heartbeats; only rank 0's metrics and evaluations
+// count (the others' are dropped) and only rank 0 uploads checkpoints (CheckpointCommit); a
+// gang's log lines and status reasons are recorded as "rank R (worker W): ...". The rendezvous
+// key-value service (rendezvous.h) is authorised here: a connected worker that runs a rank of
+// exactly the attempt named.
 #pragma once
 
 #include <grpcpp/support/status.h>
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "lomo/v1/workers.pb.h"
 #include "server/coordinator_state.h"
@@ -38,6 +45,13 @@ class WorkerRegistry {
   // else PERMISSION_DENIED saying why. Takes mu.
   grpc::Status check_fetch(const v1::FetchCheckpointRequest& request);
 
+  // WorkerService.RendezvousSet / RendezvousGet: PERMISSION_DENIED unless `worker_id` is
+  // connected and runs a rank of (job_id, attempt); FAILED_PRECONDITION once that attempt has
+  // ended; then the limits of Rendezvous. Take mu.
+  grpc::Status rendezvous_set(const v1::RendezvousSetRequest& request);
+  grpc::Status rendezvous_get(const v1::RendezvousGetRequest& request,
+                              v1::RendezvousGetResponse* response);
+
   // One dead-worker scan (the coordinator's background thread runs it every tenth of the
   // timeout). Takes mu.
   void check_heartbeats();
@@ -52,6 +66,16 @@ class WorkerRegistry {
   // The job record after a status report, with the reason; false when nothing is to change.
   bool apply_status(const Worker& worker, const v1::JobStatusUpdate& message, JobRecord* updated,
                     std::string* reason) const;
+  // The same for one rank of a gang: RUNNING on the first rank's word, SUCCEEDED once every rank
+  // has, FAILED or CANCELLED on any rank's; `events` gets what a rank said that does not change
+  // the job's state.
+  bool apply_rank_status(const ActiveJob& active, int rank, const Worker& worker,
+                         const v1::JobStatusUpdate& message, JobRecord* updated,
+                         std::string* reason, std::vector<v1::JobEvent>* events) const;
+  // A rank of an ended job reports: its end frees the worker (and is recorded on the job).
+  void end_draining_rank_locked(Worker& worker, const v1::JobStatusUpdate& message);
+  grpc::Status rendezvous_problem_locked(const std::string& worker_id, const std::string& job_id,
+                                         int64_t attempt) const;
   // A worker silent for `silent` seconds: ends its job and closes its stream. Returns true when
   // a stream was closed (the worker was connected).
   bool expire_worker_locked(Worker& worker, double silent);

@@ -208,4 +208,23 @@ grpc::ServerWriteReactor<v1::FetchCheckpointResponse>* WorkerServiceImpl::FetchC
   return reactor.get();
 }
 
+grpc::ServerUnaryReactor* WorkerServiceImpl::RendezvousSet(
+    grpc::CallbackServerContext* /*context*/, const v1::RendezvousSetRequest* request,
+    v1::RendezvousSetResponse* /*response*/) {
+  grpc::ServerUnaryReactor* reactor = new CountedUnaryReactor(in_flight_);
+  executor_.post(
+      [this, request, reactor] { reactor->Finish(coordinator_.rendezvous_set(*request)); });
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* WorkerServiceImpl::RendezvousGet(grpc::CallbackServerContext* /*context*/,
+                                                           const v1::RendezvousGetRequest* request,
+                                                           v1::RendezvousGetResponse* response) {
+  grpc::ServerUnaryReactor* reactor = new CountedUnaryReactor(in_flight_);
+  executor_.post([this, request, response, reactor] {
+    reactor->Finish(coordinator_.rendezvous_get(*request, response));
+  });
+  return reactor;
+}
+
 }  // namespace lomo::server

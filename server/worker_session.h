@@ -1,5 +1,7 @@
-// WorkerService.Connect: one bidirectional stream per worker, one reactor per stream; and
-// WorkerService.FetchCheckpoint (stream_reactor.h's CheckpointFilesReactor).
+// WorkerService.Connect: one bidirectional stream per worker, one reactor per stream;
+// WorkerService.FetchCheckpoint (stream_reactor.h's CheckpointFilesReactor); and the rendezvous
+// key-value calls of a gang's ranks (RendezvousSet, RendezvousGet: unary, run on the Executor since
+// they take the coordinator's lock).
 //
 // Reading: one read at a time. Heartbeats that repeat the previous (job, attempt) are handled on
 // gRPC's thread (a timestamp); every other message goes to the Executor, and the next read starts
@@ -84,6 +86,12 @@ class WorkerServiceImpl final : public v1::WorkerService::CallbackService {
   // after a first message naming it (see workers.proto).
   grpc::ServerWriteReactor<v1::FetchCheckpointResponse>* FetchCheckpoint(
       grpc::CallbackServerContext* context, const v1::FetchCheckpointRequest* request) override;
+  grpc::ServerUnaryReactor* RendezvousSet(grpc::CallbackServerContext* context,
+                                          const v1::RendezvousSetRequest* request,
+                                          v1::RendezvousSetResponse* response) override;
+  grpc::ServerUnaryReactor* RendezvousGet(grpc::CallbackServerContext* context,
+                                          const v1::RendezvousGetRequest* request,
+                                          v1::RendezvousGetResponse* response) override;
 
  private:
   Coordinator& coordinator_;

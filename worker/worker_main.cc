@@ -9,9 +9,18 @@
 //       --nproc N: data-parallel training on N local processes (the spec's resources.world_size
 //       must be N; without --nproc it gives N). This process spawns N ranks of itself, which meet
 //       through a rendezvous directory (a Gloo FileStore), forwards Ctrl-C and SIGTERM to them and
-//       ends them all when one fails; its exit code is rank 0's. Rank 0 writes the protocol file,
-//       metrics.jsonl and the checkpoints. --rank, --world-size and --rendezvous are how it
-//       starts a rank; they are not for people.
+//       ends them all when one fails; its exit code is that of the first rank that failed (0
+//       when all succeeded). Rank 0 writes the protocol file, metrics.jsonl and the checkpoints.
+//       --rank, --world-size and --rendezvous DIR are how it starts a rank; they are not for
+//       people.
+//       --rank R --world-size N --rendezvous coordinator://HOST:PORT --worker-id W --job-id J
+//       --attempt A [--advertise-address ADDR]: one rank of a gang the coordinator scheduled, as
+//       a worker daemon starts it. The ranks meet through the coordinator's rendezvous of that job
+//       attempt (by way of a `lomo-workerd rendezvous-relay` child: this process cannot load
+//       gRPC), under the prefix job/J/attempt/A; peers connect to ADDR (default: this host's
+//       address on its route to the coordinator). Every rank writes its own protocol file;
+//       rank 0 alone writes metrics.jsonl and checkpoints. A stop signal while the ranks are
+//       still meeting ends the rank at once, interrupted (nothing was trained).
 //   lomo-worker init-model DIR [--preset tiny|reference] [--seed N]
 //       Writes a randomly initialised LLaMA in Hugging Face layout (for demos and benchmarks).
 //   lomo-worker serve --coordinator HOST:PORT [--device cpu|N] [--work-dir DIR] ...
@@ -51,7 +60,9 @@
 #ifdef LOMO_WORKER_HAVE_GLOO
 #include <gloo/rendezvous/file_store.h>
 
+#include "common/advertise_address.h"
 #include "worker/comm/gloo_communicator.h"
+#include "worker/rendezvous/coordinator_store.h"
 #endif
 
 namespace {
@@ -65,6 +76,14 @@ void on_stop_signal(int signal) {
   }
 }
 
+// The first SIGINT/SIGTERM asks the run to finish its step and checkpoint; a second one kills.
+// A rank installs this before anything slow (the rendezvous, loading the model): a stop request
+// that arrives then is kept and honoured after the first step, instead of killing the rank.
+void install_stop_handlers() {
+  std::signal(SIGINT, on_stop_signal);
+  std::signal(SIGTERM, on_stop_signal);
+}
+
 namespace protocol = lomo::trainer_protocol;
 
 constexpr const char* kUsage =
@@ -73,9 +92,14 @@ constexpr const char* kUsage =
     "                    [--protocol-file FILE] [--nproc N]\n"
     "      --nproc N: train data-parallel on N local processes; N must equal the spec's\n"
     "      resources.world_size, which is also the default (--set resources.world_size=N)\n"
+    "  lomo-worker train JOB.yaml --rank R --world-size N --rendezvous coordinator://HOST:PORT\n"
+    "                    --worker-id W --job-id J --attempt A [--advertise-address ADDR]\n"
+    "                    [--protocol-file FILE]\n"
+    "      one rank of a gang scheduled by the coordinator (the worker daemon starts it)\n"
     "  lomo-worker init-model DIR [--preset tiny|reference] [--seed N]\n"
     "  lomo-worker serve --coordinator HOST:PORT [--device cpu|N] [--work-dir DIR]\n"
-    "                    [--metrics-listen ADDR:PORT] [--worker-id ID]\n";
+    "                    [--metrics-listen ADDR:PORT] [--worker-id ID]\n"
+    "                    [--advertise-address ADDR]\n";
 
 int usage(const std::string& problem) {
   std::cerr << "lomo-worker: " << problem << "\n" << kUsage;
@@ -129,11 +153,20 @@ struct TrainArgs {
   bool restart = false;
   std::optional<std::filesystem::path> protocol_file;
   std::optional<int> nproc;
-  // One rank of a --nproc launch (internal flags, set by the launching process).
+  // One rank of a gang (internal flags, set by the --nproc launcher or the worker daemon).
   std::optional<int> rank;
-  int world_size = 1;
-  std::filesystem::path rendezvous;
+  std::optional<int> world_size;
+  std::string rendezvous;  // a FileStore directory, or coordinator://HOST:PORT
+  // With a coordinator rendezvous: who asks (the coordinator authorises each call by them) and
+  // where this rank's peers reach it.
+  std::string coordinator;  // HOST:PORT, from the --rendezvous URL
+  std::string worker_id;
+  std::string job_id;
+  int64_t attempt = 0;
+  std::optional<std::string> advertise_address;
 };
+
+constexpr std::string_view kCoordinatorScheme = "coordinator://";
 
 // An integer flag value in [minimum, 1024]; nullopt when it is not one.
 std::optional<int> small_int(const std::string& value, int minimum) {
@@ -146,6 +179,89 @@ std::optional<int> small_int(const std::string& value, int minimum) {
   return number;
 }
 
+// An attempt number (>= 1); nullopt when `value` is not one.
+std::optional<int64_t> attempt_number(const std::string& value) {
+  int64_t number = 0;
+  const auto [end, error] = std::from_chars(value.data(), value.data() + value.size(), number);
+  if (error != std::errc() || end != value.data() + value.size() || number < 1) return std::nullopt;
+  return number;
+}
+
+// Stores one flag's value in `parsed`; "" or what is wrong with it.
+std::string read_train_flag(const std::string& flag, const std::string& value, TrainArgs& parsed) {
+  if (flag == "--set") {
+    parsed.overrides.push_back(value);
+  } else if (flag == "--protocol-file") {
+    parsed.protocol_file = value;
+  } else if (flag == "--restart") {
+    parsed.restart = true;
+  } else if (flag == "--rendezvous") {
+    parsed.rendezvous = value;
+  } else if (flag == "--worker-id") {
+    parsed.worker_id = value;
+  } else if (flag == "--job-id") {
+    parsed.job_id = value;
+  } else if (flag == "--advertise-address") {
+    parsed.advertise_address = value;
+  } else if (flag == "--attempt") {
+    const std::optional<int64_t> attempt = attempt_number(value);
+    if (!attempt) return "--attempt: expected an attempt number >= 1, got \"" + value + "\"";
+    parsed.attempt = *attempt;
+  } else {  // --nproc, --rank, --world-size
+    const std::optional<int> number = small_int(value, flag == "--rank" ? 0 : 1);
+    if (!number) return flag + ": expected a small integer, got \"" + value + "\"";
+    if (flag == "--nproc") parsed.nproc = number;
+    if (flag == "--rank") parsed.rank = number;
+    if (flag == "--world-size") parsed.world_size = *number;
+  }
+  return "";
+}
+
+// The flags that only make sense together, checked together; "" or what is wrong.
+std::string check_rank_flags(TrainArgs& parsed) {
+  const bool identity = !parsed.worker_id.empty() || !parsed.job_id.empty() ||
+                        parsed.attempt != 0 || parsed.advertise_address.has_value();
+  if (!parsed.rank) {
+    if (parsed.world_size || !parsed.rendezvous.empty() || identity) {
+      return "--world-size, --rendezvous, --worker-id, --job-id, --attempt and "
+             "--advertise-address start one rank of a gang and need --rank";
+    }
+    return "";
+  }
+  if (parsed.nproc) return "--nproc launches ranks; it cannot be given with --rank";
+  if (!parsed.world_size || *parsed.rank >= *parsed.world_size) {
+    return "--rank " + std::to_string(*parsed.rank) + " needs --world-size above it";
+  }
+  if (parsed.rendezvous.empty()) {
+    return "--rank needs --rendezvous (a directory, or coordinator://HOST:PORT)";
+  }
+  if (!parsed.rendezvous.starts_with(kCoordinatorScheme)) {
+    if (identity) {
+      return "--worker-id, --job-id, --attempt and --advertise-address go with --rendezvous "
+             "coordinator://HOST:PORT, not a rendezvous directory";
+    }
+    return "";
+  }
+  parsed.coordinator = parsed.rendezvous.substr(kCoordinatorScheme.size());
+  if (parsed.coordinator.find(':') == std::string::npos) {
+    return "--rendezvous " + parsed.rendezvous + ": expected coordinator://HOST:PORT";
+  }
+  std::vector<std::string> missing;
+  if (parsed.worker_id.empty()) missing.push_back("--worker-id");
+  if (parsed.job_id.empty()) missing.push_back("--job-id");
+  if (parsed.attempt == 0) missing.push_back("--attempt");
+  if (!missing.empty()) {
+    std::string list;
+    for (const std::string& flag : missing) list += (list.empty() ? "" : ", ") + flag;
+    return "--rendezvous coordinator://... needs --worker-id, --job-id and --attempt (missing: " +
+           list + ")";
+  }
+  if (parsed.advertise_address && parsed.advertise_address->empty()) {
+    return "--advertise-address: expected a host name or IP address";
+  }
+  return "";
+}
+
 // nullopt when the command line cannot be used (`*problem` says why) or asks for --help ("").
 std::optional<TrainArgs> parse_train_args(const std::vector<std::string>& args,
                                           std::string* problem) {
@@ -153,33 +269,20 @@ std::optional<TrainArgs> parse_train_args(const std::vector<std::string>& args,
       parse_subcommand(args, "train", "a job file",
                        {.switches = {"--restart"},
                         .with_value = {"--set", "--protocol-file", "--nproc", "--rank",
-                                       "--world-size", "--rendezvous"}},
+                                       "--world-size", "--rendezvous", "--worker-id", "--job-id",
+                                       "--attempt", "--advertise-address"}},
                        problem);
   if (!flags) return std::nullopt;
   TrainArgs parsed;
   parsed.job_file = flags->positional[0];
   for (const auto& [flag, value] : flags->flags) {
-    if (flag == "--set") {
-      parsed.overrides.push_back(value);
-    } else if (flag == "--protocol-file") {
-      parsed.protocol_file = value;
-    } else if (flag == "--restart") {
-      parsed.restart = true;
-    } else if (flag == "--rendezvous") {
-      parsed.rendezvous = value;
-    } else {  // --nproc, --rank, --world-size
-      const std::optional<int> number = small_int(value, flag == "--rank" ? 0 : 1);
-      if (!number) {
-        *problem = "train: " + flag + ": expected a small integer, got \"" + value + "\"";
-        return std::nullopt;
-      }
-      if (flag == "--nproc") parsed.nproc = number;
-      if (flag == "--rank") parsed.rank = number;
-      if (flag == "--world-size") parsed.world_size = *number;
+    if (std::string wrong = read_train_flag(flag, value, parsed); !wrong.empty()) {
+      *problem = "train: " + wrong;
+      return std::nullopt;
     }
   }
-  if (parsed.rank && (parsed.rendezvous.empty() || *parsed.rank >= parsed.world_size)) {
-    *problem = "train: --rank needs --world-size above it and --rendezvous";
+  if (std::string wrong = check_rank_flags(parsed); !wrong.empty()) {
+    *problem = "train: " + wrong;
     return std::nullopt;
   }
   return parsed;
@@ -217,11 +320,15 @@ std::map<std::string, int64_t> peak_memory_bytes(const lomo::MemoryReport& memor
 }
 
 // The run as the trainer's supervisor sees it (through the protocol file, when there is one) and as
-// a person at a terminal sees it (stdout). Only the first is ever read by a program.
+// a person at a terminal sees it (stdout). Only the first is ever read by a program. In a gang,
+// rank 0 shows the progress; another rank reports to its own supervisor (its metrics carry its
+// own step and communication times) but prints no progress and names no checkpoint (it writes
+// none).
 class RunReporter {
  public:
   // Throws std::runtime_error when the protocol file cannot be created.
-  explicit RunReporter(const std::optional<std::filesystem::path>& protocol_file) {
+  explicit RunReporter(const std::optional<std::filesystem::path>& protocol_file, int rank = 0)
+      : rank_(rank) {
     if (protocol_file) channel_ = std::make_unique<protocol::ProtocolWriter>(*protocol_file);
   }
   // Progress lines on stdout every `log_every` steps (and the first and last).
@@ -229,13 +336,15 @@ class RunReporter {
 
   lomo::TrainerHooks hooks() {
     lomo::TrainerHooks hooks;
-    hooks.on_log = [](const std::string& line) { std::printf("%s\n", line.c_str()); };
+    if (rank_ == 0) {
+      hooks.on_log = [](const std::string& line) { std::printf("%s\n", line.c_str()); };
+      hooks.on_checkpoint = [this](const std::filesystem::path& dir, int64_t step) {
+        send(protocol::Checkpoint{step, dir.string()});
+      };
+    }
     hooks.on_start = [this](const lomo::TrainStart& s) { on_start(s); };
     hooks.on_step = [this](const lomo::TrainingMetrics& m) { on_step(m); };
     hooks.on_eval = [this](const lomo::EvalMetrics& m) { on_eval(m); };
-    hooks.on_checkpoint = [this](const std::filesystem::path& dir, int64_t step) {
-      send(protocol::Checkpoint{step, dir.string()});
-    };
     return hooks;
   }
 
@@ -271,8 +380,11 @@ class RunReporter {
                              m.elapsed_seconds,
                              {}};
     record.peak_memory_bytes = peak_memory_bytes(m.memory);
+    record.step_seconds = m.step_seconds;
+    record.communication_seconds = m.communication_seconds;
+    record.communication_bytes = m.communication_bytes;
     send(record);
-    print_step(m);
+    if (rank_ == 0) print_step(m);
   }
 
   void print_step(const lomo::TrainingMetrics& m) const {
@@ -289,6 +401,7 @@ class RunReporter {
 
   void on_eval(const lomo::EvalMetrics& m) {
     send(protocol::Eval{m.step, m.loss, m.perplexity, m.tokens, m.accuracy, m.examples});
+    if (rank_ != 0) return;
     std::printf("eval at step %lld: loss %.4f  perplexity %.2f  (%lld tokens)",
                 static_cast<long long>(m.step), m.loss, m.perplexity,
                 static_cast<long long>(m.tokens));
@@ -299,6 +412,7 @@ class RunReporter {
     std::printf("\n");
   }
 
+  int rank_ = 0;
   int64_t log_every_ = 1;
   int64_t steps_done_ = 0;
   int64_t total_steps_ = 0;
@@ -312,8 +426,7 @@ protocol::Status run_training(const lomo::JobSpec& spec, const TrainArgs& args,
   lomo::TrainerOptions options;
   options.resume = !args.restart;
   options.communicator = communicator;
-  std::signal(SIGINT, on_stop_signal);
-  std::signal(SIGTERM, on_stop_signal);
+  install_stop_handlers();
   options.stop_requested = &g_stop_requested;
   std::printf("job %s: %s on %s, output %s\n",
               spec.name.empty() ? args.job_file.c_str() : spec.name.c_str(),
@@ -348,18 +461,50 @@ constexpr const char* kNoGloo =
     "need to talk to each other; resources.world_size must be 1";
 #endif
 
-// This rank's communicator: its peers meet it through the FileStore in args.rendezvous, under a
-// prefix of the launching process's id. Throws CommunicatorError when they do not all arrive.
+#ifdef LOMO_WORKER_HAVE_GLOO
+// A program installed beside this one (lomo-workerd).
+std::filesystem::path sibling_program(const std::string& name) {
+  std::error_code error;
+  const std::filesystem::path self = std::filesystem::read_symlink("/proc/self/exe", error);
+  if (error) throw std::runtime_error("cannot find its own executable: " + error.message());
+  return self.parent_path() / name;
+}
+
+// A rank the coordinator scheduled: its peers meet it through the coordinator's rendezvous of
+// the job attempt, and connect to its advertised address.
+std::unique_ptr<lomo::Communicator> connect_through_coordinator(
+    const TrainArgs& args, lomo::GlooCommunicatorOptions options) {
+  lomo::CoordinatorStoreOptions store_options;
+  store_options.relay_program = sibling_program("lomo-workerd");
+  store_options.coordinator = args.coordinator;
+  store_options.worker_id = args.worker_id;
+  store_options.job_id = args.job_id;
+  store_options.attempt = args.attempt;
+  store_options.timeout = options.timeout;
+  store_options.stop_requested = &g_stop_requested;
+  lomo::CoordinatorStore store(store_options);
+  options.prefix = "job/" + args.job_id + "/attempt/" + std::to_string(args.attempt);
+  options.hostname = args.advertise_address ? *args.advertise_address
+                                            : lomo::local_address_toward(args.coordinator);
+  return std::make_unique<lomo::GlooCommunicator>(options, store);
+}
+#endif
+
+// This rank's communicator: its peers meet it through the coordinator (coordinator://HOST:PORT)
+// or through the FileStore in args.rendezvous under a prefix of the launching process's id.
+// Throws CommunicatorError when they do not all arrive.
 std::unique_ptr<lomo::Communicator> connect_rank(const TrainArgs& args) {
 #ifdef LOMO_WORKER_HAVE_GLOO
-  gloo::rendezvous::FileStore store(args.rendezvous.string());
   lomo::GlooCommunicatorOptions options;
   options.rank = *args.rank;
-  options.world_size = args.world_size;
-  options.prefix = "standalone/" + std::to_string(::getppid());
-  // Bounds each collective: rank 0 scores multiple-choice evaluations alone while the others
-  // wait in the next one.
+  options.world_size = *args.world_size;
+  // Bounds the rendezvous and each collective: rank 0 scores multiple-choice evaluations alone
+  // while the others wait in the next one, and the ranks of a gang start minutes apart when
+  // each first fetches the checkpoint to resume from.
   options.timeout = std::chrono::minutes(10);
+  if (!args.coordinator.empty()) return connect_through_coordinator(args, options);
+  gloo::rendezvous::FileStore store(args.rendezvous);
+  options.prefix = "standalone/" + std::to_string(::getppid());
   return std::make_unique<lomo::GlooCommunicator>(options, store);
 #else
   (void)args;
@@ -367,23 +512,37 @@ std::unique_ptr<lomo::Communicator> connect_rank(const TrainArgs& args) {
 #endif
 }
 
-// One rank of a --nproc launch. Rank 0 reports (terminal and protocol file); the others print
-// only their errors.
+// One rank of a gang. Rank 0 shows the progress; every rank with a protocol file (rank 0 of a
+// --nproc launch; every rank a worker daemon starts) reports its run there. The others print only
+// their errors.
 int train_rank(const TrainArgs& args) {
+  install_stop_handlers();  // first: the rendezvous may wait minutes for the other ranks
   const int rank = *args.rank;
   const std::string who = "lomo-worker train (rank " + std::to_string(rank) + ")";
   std::unique_ptr<RunReporter> reporter;
-  if (rank == 0) reporter = std::make_unique<RunReporter>(args.protocol_file);
+  try {
+    reporter = std::make_unique<RunReporter>(args.protocol_file, rank);
+  } catch (const std::exception& e) {
+    return fail(e, who, nullptr);
+  }
   try {
     const lomo::JobSpec spec = load_spec(args);
-    const std::unique_ptr<lomo::Communicator> communicator = connect_rank(args);
-    lomo::TrainerHooks hooks;
-    if (reporter) {
-      reporter->set_log_every(spec.training.log_every);
-      hooks = reporter->hooks();
+    std::unique_ptr<lomo::Communicator> communicator;
+    try {
+      communicator = connect_rank(args);
+    } catch (const std::exception& e) {
+      if (!g_stop_requested.load()) throw;
+      // Asked to stop before the ranks had all met (the coordinator's rendezvous gives up on a
+      // stop): nothing was trained, so there is nothing to save, and the run was interrupted
+      // rather than failed.
+      std::cerr << who << ": " << e.what() << "\n";
+      reporter->outcome(protocol::Status::kInterrupted,
+                        std::string("stopped before training began: ") + e.what());
+      return protocol::exit_code_for(protocol::Status::kInterrupted);
     }
-    const protocol::Status status = run_training(spec, args, hooks, communicator.get());
-    if (reporter) reporter->outcome(status, "");
+    reporter->set_log_every(spec.training.log_every);
+    const protocol::Status status = run_training(spec, args, reporter->hooks(), communicator.get());
+    reporter->outcome(status, "");
     return protocol::exit_code_for(status);
   } catch (const std::exception& e) {
     return fail(e, who, reporter.get());
@@ -401,15 +560,13 @@ std::string threads_per_rank(int n) {
   return std::to_string(std::max(1, threads / n));
 }
 
-// The exit code of a launch: rank 0's when every rank succeeded or rank 0 reported a failure of its
-// own, else that of a failed run.
-int launch_exit_code(const std::vector<lomo::ExitStatus>& statuses) {
-  const lomo::ExitStatus& first = statuses[0];
-  const bool all_ok = std::all_of(statuses.begin(), statuses.end(),
-                                  [](const lomo::ExitStatus& s) { return s.success(); });
-  if (all_ok) return protocol::kExitSucceeded;
-  if (!first.signaled && first.code != 0) return first.code;
-  return protocol::kExitFailed;
+// The exit code of a launch: 0 when every rank succeeded, else the code of the rank that failed
+// first (its own failure; the ranks after it mostly fail because of it), or that of a failed run
+// when that rank was killed by a signal.
+int launch_exit_code(const std::optional<lomo::ExitStatus>& first_failure) {
+  if (!first_failure) return protocol::kExitSucceeded;
+  if (first_failure->signaled || first_failure->code == 0) return protocol::kExitFailed;
+  return first_failure->code;
 }
 
 // Starts the n ranks of `args` and waits for all of them; when one fails, ends the others.
@@ -449,6 +606,10 @@ int launch_ranks(const TrainArgs& args, int n) {
     ranks.push_back(std::make_unique<lomo::ChildProcess>(child));
   }
   std::vector<std::optional<lomo::ExitStatus>> ended(ranks.size());
+  std::optional<lomo::ExitStatus> first_failure;  // in the order the ranks were seen to end
+  auto note_end = [&](size_t r) {
+    if (!ended[r]->success() && !first_failure) first_failure = ended[r];
+  };
   size_t running = ranks.size();
   bool stopping = false;  // a signal was forwarded: the ranks end on their own
   while (running > 0) {
@@ -464,6 +625,7 @@ int launch_ranks(const TrainArgs& args, int n) {
       ended[r] = ranks[r]->wait_for(std::chrono::milliseconds(20));
       if (!ended[r]) continue;
       --running;
+      note_end(r);
       if (ended[r]->success() || stopping) continue;
       // A failed rank: the others fail at their next collective, naming it, and rank 0 writes
       // that outcome. Give them a few seconds to do so on their own before ending them: a SIGTERM
@@ -478,12 +640,11 @@ int launch_ranks(const TrainArgs& args, int n) {
         ended[other] = ranks[other]->wait_for(std::max(left, std::chrono::milliseconds(0)));
         if (!ended[other]) ended[other] = ranks[other]->terminate(std::chrono::seconds(10));
         --running;
+        note_end(other);
       }
     }
   }
-  std::vector<lomo::ExitStatus> statuses;
-  for (const auto& status : ended) statuses.push_back(*status);
-  return launch_exit_code(statuses);
+  return launch_exit_code(first_failure);
 }
 
 // Exit codes and the outcome record: common/trainer_protocol.h.

@@ -168,21 +168,30 @@ TEST_F(CoordinatorApiTest, InvalidSpecIsRejectedWithTheFieldPathOverGrpc) {
   EXPECT_THAT(list({}, 0, "").jobs(), SizeIs(0));
 }
 
-TEST_F(CoordinatorApiTest, AWorldSizeAboveOneIsRefusedUntilGangsCanBeScheduled) {
-  // A valid spec (batch_size divisible by world_size) that only lomo-worker train --nproc can
-  // run today: the coordinator says so instead of queueing a job no worker could take.
+TEST_F(CoordinatorApiTest, AGangJobIsQueuedAndSaysWhyItWaits) {
+  // resources.world_size 2: a gang of two workers. With no worker connected, it waits for them
+  // and says so; a world size below 1 is no job at all.
   v1::SubmitJobRequest request = submit_request("two ranks");
   auto& fields = *request.mutable_spec()->mutable_fields();
   (*fields["training"].mutable_struct_value()->mutable_fields())["batch_size"].set_number_value(2);
-  (*fields["resources"].mutable_struct_value()->mutable_fields())["world_size"].set_number_value(2);
+  auto& resources = *fields["resources"].mutable_struct_value()->mutable_fields();
+  resources["world_size"].set_number_value(2);
   v1::Job job;
-  const grpc::Status status = submit(*jobs_, request, &job);
+  grpc::Status status = submit(*jobs_, request, &job);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_EQ(job.state(), v1::JOB_STATE_QUEUED);
+  EXPECT_THAT(job.assignments(), SizeIs(0));
+  ASSERT_TRUE(get(*jobs_, job.id(), &job).ok());
+  EXPECT_EQ(job.wait_reason(),
+            "needs 2 cpu workers, 0 connected: waiting for more to connect (jobs behind it are "
+            "served meanwhile)");
+  EXPECT_THAT(list({}, 0, "").jobs(0).wait_reason(), HasSubstr("needs 2 cpu workers"));
+
+  resources["world_size"].set_number_value(0);
+  status = submit(*jobs_, request, nullptr);
   EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
-  EXPECT_THAT(status.error_message(),
-              HasSubstr("resources.world_size: 2 needs a gang of workers, which the coordinator "
-                        "cannot schedule yet; run it on one host with lomo-worker train JOB.yaml "
-                        "--nproc 2"));
-  EXPECT_THAT(list({}, 0, "").jobs(), SizeIs(0));
+  EXPECT_THAT(status.error_message(), HasSubstr("resources.world_size"));
+  EXPECT_THAT(list({}, 0, "").jobs(), SizeIs(1));
 }
 
 TEST_F(CoordinatorApiTest, InvalidSpecIsRejectedWithTheFieldPathOverRest) {

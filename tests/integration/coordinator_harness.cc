@@ -382,6 +382,45 @@ v1::SubmitJobRequest submit_request(const std::string& name, int64_t priority,
   return request;
 }
 
+v1::SubmitJobRequest gang_request(const std::string& name, int64_t world_size, int64_t priority) {
+  v1::SubmitJobRequest request = submit_request(name, priority);
+  auto& fields = *request.mutable_spec()->mutable_fields();
+  (*fields["training"].mutable_struct_value()->mutable_fields())["batch_size"].set_number_value(
+      static_cast<double>(world_size));
+  (*fields["resources"].mutable_struct_value()->mutable_fields())["world_size"].set_number_value(
+      static_cast<double>(world_size));
+  return request;
+}
+
+grpc::Status rendezvous_set(const std::shared_ptr<grpc::Channel>& channel,
+                            const std::string& worker_id, const std::string& job_id,
+                            int64_t attempt, const std::string& key, const std::string& value) {
+  grpc::ClientContext context;
+  context.set_deadline(deadline_in(10));
+  v1::RendezvousSetRequest request;
+  request.set_worker_id(worker_id);
+  request.set_job_id(job_id);
+  request.set_attempt(attempt);
+  request.set_key(key);
+  request.set_value(value);
+  v1::RendezvousSetResponse response;
+  return v1::WorkerService::NewStub(channel)->RendezvousSet(&context, request, &response);
+}
+
+grpc::Status rendezvous_get(const std::shared_ptr<grpc::Channel>& channel,
+                            const std::string& worker_id, const std::string& job_id,
+                            int64_t attempt, const std::vector<std::string>& keys,
+                            v1::RendezvousGetResponse* response) {
+  grpc::ClientContext context;
+  context.set_deadline(deadline_in(10));
+  v1::RendezvousGetRequest request;
+  request.set_worker_id(worker_id);
+  request.set_job_id(job_id);
+  request.set_attempt(attempt);
+  for (const std::string& key : keys) request.add_keys(key);
+  return v1::WorkerService::NewStub(channel)->RendezvousGet(&context, request, response);
+}
+
 grpc::Status submit(v1::JobService::Stub& jobs, const v1::SubmitJobRequest& request, v1::Job* job) {
   grpc::ClientContext context;
   context.set_deadline(deadline_in(10));

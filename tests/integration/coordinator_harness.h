@@ -156,6 +156,18 @@ google::protobuf::Struct valid_spec(const std::string& name = "", int64_t priori
                                     const std::string& device = "cpu");
 v1::SubmitJobRequest submit_request(const std::string& name = "", int64_t priority = 0,
                                     const std::string& device = "cpu");
+// A valid job for a gang of `world_size` cpu workers (its batch divides evenly among them).
+v1::SubmitJobRequest gang_request(const std::string& name, int64_t world_size,
+                                  int64_t priority = 0);
+
+// WorkerService.RendezvousSet / RendezvousGet with a 10 s deadline.
+grpc::Status rendezvous_set(const std::shared_ptr<grpc::Channel>& channel,
+                            const std::string& worker_id, const std::string& job_id,
+                            int64_t attempt, const std::string& key, const std::string& value);
+grpc::Status rendezvous_get(const std::shared_ptr<grpc::Channel>& channel,
+                            const std::string& worker_id, const std::string& job_id,
+                            int64_t attempt, const std::vector<std::string>& keys,
+                            v1::RendezvousGetResponse* response);
 
 // Unary JobService calls with a 10 s deadline.
 grpc::Status submit(v1::JobService::Stub& jobs, const v1::SubmitJobRequest& request, v1::Job* job);

@@ -56,6 +56,8 @@ class CoordinatorRestartTest : public ::testing::Test {
     for (const std::string& id : ids) {
       v1::Job job;
       EXPECT_TRUE(get(*jobs_, id, &job).ok()) << id;
+      // Not stored: computed from the workers connected at the time of asking.
+      job.clear_wait_reason();
       std::string text = deterministic(job);
       for (const v1::JobEvent& event : all_events(*jobs_, id)) text += deterministic(event);
       grpc::ClientContext context;
@@ -153,6 +155,67 @@ TEST_F(CoordinatorRestartTest, AWorkerThatReconnectsAfterARestartKeepsItsJob) {
   EXPECT_EQ(job.state(), v1::JOB_STATE_RUNNING) << "its worker came back with it";
   EXPECT_EQ(job.worker_id(), "w-returns");
   ASSERT_TRUE(back.report(kept.id(), 1, v1::JOB_STATE_SUCCEEDED));
+  EXPECT_EQ(wait_for_state(*jobs_, kept.id(), v1::JOB_STATE_SUCCEEDED, seconds(30)).state(),
+            v1::JOB_STATE_SUCCEEDED);
+}
+
+TEST_F(CoordinatorRestartTest, EveryRankOfAGangIsWaitedForAfterARestart) {
+  // Two gangs of two run when the coordinator is killed; rank 1 of "kept" has finished already.
+  // After the restart, rank 0 of "kept" comes back and the job runs on (its finished rank is not
+  // waited for); of "lost", only rank 0 does: the job fails naming rank 1, and rank 0 is told to
+  // stop.
+  std::vector<std::unique_ptr<TestWorker>> before;
+  for (const char* id : {"w-k0", "w-k1", "w-l0", "w-l1"}) {
+    before.push_back(std::make_unique<TestWorker>(coordinator_->channel()));
+    before.back()->register_as(id);
+  }
+  v1::Job kept, lost;
+  ASSERT_TRUE(submit(*jobs_, gang_request("kept", 2), &kept).ok());
+  ASSERT_TRUE(submit(*jobs_, gang_request("lost", 2), &lost).ok());
+  for (int i = 0; i < 4; ++i) {
+    const auto assignment = before[i]->next_assignment(seconds(5));
+    ASSERT_TRUE(assignment.has_value());
+    EXPECT_EQ(assignment->job_id(), i < 2 ? kept.id() : lost.id());
+    EXPECT_EQ(assignment->rank(), i % 2);
+    ASSERT_TRUE(before[i]->report(assignment->job_id(), 1, v1::JOB_STATE_RUNNING));
+  }
+  wait_for_state(*jobs_, kept.id(), v1::JOB_STATE_RUNNING, seconds(30));
+  wait_for_state(*jobs_, lost.id(), v1::JOB_STATE_RUNNING, seconds(30));
+  ASSERT_TRUE(before[1]->report(kept.id(), 1, v1::JOB_STATE_SUCCEEDED));
+  ASSERT_TRUE(wait_until(
+      [&] {
+        for (const v1::JobEvent& event : all_events(*jobs_, kept.id())) {
+          if (event.log().text() == "rank 1 (worker w-k1): finished") return true;
+        }
+        return false;
+      },
+      seconds(10)));
+
+  coordinator_->kill9();
+  for (auto& worker : before) worker->disconnect();
+  start();
+
+  std::vector<std::unique_ptr<TestWorker>> back;
+  for (const auto& [id, job] : {std::pair{"w-k0", kept.id()}, std::pair{"w-l0", lost.id()}}) {
+    back.push_back(std::make_unique<TestWorker>(coordinator_->channel()));
+    back.back()->register_as(id);
+    back.back()->set_current(job, 1);
+    back.back()->start_heartbeats(milliseconds(200));
+  }
+  const v1::Job failed = wait_for_state(*jobs_, lost.id(), v1::JOB_STATE_FAILED, seconds(30));
+  EXPECT_EQ(failed.failure_reason(),
+            "rank 1: coordinator restarted and worker w-l1 did not reconnect within the heartbeat "
+            "timeout (3.0 s)");
+  const auto cancel = back[1]->next_of(v1::CoordinatorMessage::kCancel, seconds(5));
+  ASSERT_TRUE(cancel.has_value());
+  EXPECT_EQ(cancel->cancel().job_id(), lost.id());
+
+  v1::Job job;
+  ASSERT_TRUE(get(*jobs_, kept.id(), &job).ok());
+  EXPECT_EQ(job.state(), v1::JOB_STATE_RUNNING) << "its running rank's worker came back with it";
+  ASSERT_EQ(job.assignments_size(), 2);
+  EXPECT_EQ(job.assignments(1).worker_id(), "w-k1");
+  ASSERT_TRUE(back[0]->report(kept.id(), 1, v1::JOB_STATE_SUCCEEDED));
   EXPECT_EQ(wait_for_state(*jobs_, kept.id(), v1::JOB_STATE_SUCCEEDED, seconds(30)).state(),
             v1::JOB_STATE_SUCCEEDED);
 }

@@ -86,8 +86,18 @@ TEST_F(WorkerDaemonTest, RegistersItsDeviceAndHeartbeatsAtTheIntervalItIsGiven) 
   EXPECT_EQ(registration->device().kind(), lomo::v1::DEVICE_KIND_CPU);
   EXPECT_GT(registration->device().memory_bytes(), 0);
   EXPECT_FALSE(registration->device().name().empty());
+  // The coordinator is on loopback, so the route to it starts at 127.0.0.1: that is where gang
+  // peers (on this host) reach this worker's trainer.
+  EXPECT_EQ(registration->advertise_address(), "127.0.0.1");
   // Interval 200 ms: five beats within three seconds leaves room for a loaded machine.
   EXPECT_TRUE(wait_until([&] { return coordinator_->heartbeats() >= 5; }, seconds(3)));
+}
+
+TEST_F(WorkerDaemonTest, AnAdvertiseAddressGivenOnTheCommandLineIsTheOneRegistered) {
+  start_worker({"--advertise-address", "10.1.2.3"});
+  const auto registration = coordinator_->wait_registered(1, seconds(1));
+  ASSERT_TRUE(registration);
+  EXPECT_EQ(registration->advertise_address(), "10.1.2.3");
 }
 
 TEST_F(WorkerDaemonTest, RunsAnAssignmentRelaysProgressAndCommitsTheFinalCheckpointBeforeSuccess) {

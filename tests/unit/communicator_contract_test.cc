@@ -30,6 +30,7 @@
 #include "worker/comm/communicator.h"
 #include "worker/comm/in_process_communicator.h"
 #include "worker/comm/local_communicator.h"
+#include "worker/comm/metered_communicator.h"
 
 #ifdef LOMO_HAVE_GLOO
 #include <gloo/rendezvous/file_store.h>
@@ -37,6 +38,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <csignal>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -577,6 +579,89 @@ TEST(GlooCommunicatorTest, APeerProcessThatDiesFailsTheCollectiveNamingIt) {
   std::filesystem::remove_all(dir);
 }
 
+// A peer that dies in the middle of a collective must fail rank 0's collective naming it within
+// the dead-peer bound, not after the timeout. The peer is stopped first (so rank 0 is caught
+// mid-message: a 16 MiB ring message outgrows the socket buffers) and then killed, each round at
+// a different moment of a stream of 32 MiB all-reduces. Gloo never wakes a receive it was reading
+// into, nor a send it was writing, when their connection breaks: before the fix most rounds hung
+// until the timeout.
+TEST(GlooCommunicatorTest, APeerKilledMidCollectiveFailsItWithinTheDeadPeerBound) {
+  // The communicator names a dead peer within 0.7 s of its connection breaking (plus scheduling:
+  // gloo_communicator.h); 5 s leaves a loaded 2-core machine room and is still far below the
+  // 60 s timeout the test must not reach.
+  constexpr milliseconds kDetectedWithin = std::chrono::seconds(5);
+  constexpr int kRounds = 6;
+  constexpr int64_t kLargeCount = int64_t{1} << 23;  // the peer's --reduce-until-killed size
+  const auto dir =
+      std::filesystem::temp_directory_path() / ("lomo_gloo_kill_" + std::to_string(getpid()));
+  std::vector<float> values(kLargeCount, 1.0F);
+  for (int round = 0; round < kRounds; ++round) {
+    SCOPED_TRACE("round " + std::to_string(round));
+    std::filesystem::remove_all(dir);
+    std::filesystem::create_directories(dir / "store");
+    const std::string prefix = "job/9/attempt/" + std::to_string(round);
+    const pid_t peer = spawn_peer({(dir / "store").string(), prefix, "1", "2",
+                                   (dir / "unused").string(), "--reduce-until-killed"});
+    ASSERT_GT(peer, 0) << "fork failed";
+    gloo::rendezvous::FileStore store((dir / "store").string());
+    GlooCommunicatorOptions options;
+    options.rank = 0;
+    options.world_size = 2;
+    options.prefix = prefix;
+    options.timeout = std::chrono::seconds(60);
+    {
+      GlooCommunicator comm(options, store);
+      std::atomic<int64_t> killed_at{0};  // steady_clock ticks
+      std::thread killer([&] {
+        std::this_thread::sleep_for(milliseconds(30 + 23 * round));
+        kill(peer, SIGSTOP);
+        std::this_thread::sleep_for(milliseconds(100));
+        killed_at = Clock::now().time_since_epoch().count();
+        kill(peer, SIGKILL);
+      });
+      try {
+        for (;;) comm.all_reduce(values.data(), kLargeCount, ReduceOp::kMean);
+      } catch (const CommunicatorError& error) {
+        const auto detected = Clock::now();
+        killer.join();
+        EXPECT_EQ(error.peer(), 1) << error.what();
+        EXPECT_NE(std::string(error.what()).find("rank 1"), std::string::npos) << error.what();
+        const Clock::time_point killed{Clock::duration{killed_at.load()}};
+        EXPECT_LT(std::chrono::duration_cast<milliseconds>(detected - killed), kDetectedWithin)
+            << error.what();
+      }
+      if (killer.joinable()) killer.join();
+    }
+    int status = 0;
+    ASSERT_EQ(waitpid(peer, &status, 0), peer);
+  }
+  std::filesystem::remove_all(dir);
+}
+
+// A closing rank tells its peers the first collective it did not finish, not how many it issued:
+// rank 1 issued #1 but closed before rank 0 joined it, so rank 0's #1 must fail on the notice
+// ("after finishing 1"), at once, rather than run against a closed connection.
+TEST(GlooCommunicatorTest, AClosedPeerNamesTheFirstCollectiveItDidNotFinish) {
+  World world = make_gloo_world(2, kHealthyTimeout);
+  run_ranks(2, [&](int rank) { world[rank]->barrier(); });  // #0, finished by both
+  float value = 1;
+  auto unfinished = world[1]->all_reduce_async(&value, 1, CommDType::kF32, ReduceOp::kSum);
+  world[1].reset();  // closes with #1 issued, not finished
+  EXPECT_THROW(unfinished->wait(), CommunicatorError);
+  // Rank 0's listener thread handles the notice independently of this thread; a second is far
+  // more than it needs to be scheduled, even on a loaded machine.
+  std::this_thread::sleep_for(std::chrono::seconds(1));
+  try {
+    world[0]->all_reduce(&value, 1, ReduceOp::kSum);
+    ADD_FAILURE() << "all_reduce with a closed peer returned";
+  } catch (const CommunicatorError& error) {
+    EXPECT_EQ(error.peer(), 1) << error.what();
+    EXPECT_NE(std::string(error.what()).find("rank 1 closed its communicator after finishing 1 "),
+              std::string::npos)
+        << error.what();
+  }
+}
+
 TEST(GlooCommunicatorTest, RanksUnderDifferentAttemptPrefixesNeverMeet) {
   // Rank 0 of attempt 1 and rank 1 of attempt 2 share a store but not a prefix: neither finds a
   // full world, so both rendezvous fail within their timeout instead of joining each other.
@@ -623,6 +708,34 @@ void expect_every_rank_names(const std::vector<std::string>& errors, const std::
   for (size_t r = 0; r < errors.size(); ++r) {
     EXPECT_NE(errors[r].find(fragment), std::string::npos) << "rank " << r << ": " << errors[r];
   }
+}
+
+// The figures behind Metrics.communication_seconds/bytes: a rank that waits for a late peer spends
+// that wait in the collective, and every all-reduce's payload is counted (not broadcasts or
+// gathers, and nothing with one rank).
+TEST(MeteredCommunicatorTest, CountsTheWaitForALatePeerAndEveryAllReducedByte) {
+  constexpr milliseconds kLate{300};
+  World world = make_in_process_world(2, kHealthyTimeout);
+  std::vector<std::unique_ptr<MeteredCommunicator>> metered;
+  for (auto& comm : world) metered.push_back(std::make_unique<MeteredCommunicator>(*comm));
+  run_ranks(2, [&](int rank) {
+    if (rank == 1) std::this_thread::sleep_for(kLate);
+    std::vector<float> gradient(1000, 1.0F);
+    double norm = 2.0;
+    metered[rank]->all_reduce(gradient.data(), 1000, ReduceOp::kSum);
+    metered[rank]->all_reduce_async(&norm, 1, CommDType::kF64, ReduceOp::kSum)->wait();
+    metered[rank]->broadcast(&norm, sizeof(norm), 0);
+  });
+  EXPECT_EQ(metered[0]->totals().all_reduce_bytes, 1000 * 4 + 8);
+  EXPECT_EQ(metered[1]->totals().all_reduce_bytes, 1000 * 4 + 8);
+  // Rank 0 waited for rank 1's sleep (less a little: the clock is read on different threads).
+  EXPECT_GE(metered[0]->totals().seconds, 0.9 * std::chrono::duration<double>(kLate).count());
+
+  LocalCommunicator local;
+  MeteredCommunicator alone(local);
+  float value = 1;
+  alone.all_reduce(&value, 1, ReduceOp::kSum);
+  EXPECT_EQ(alone.totals().all_reduce_bytes, 0) << "one rank communicates nothing";
 }
 
 TEST(InProcessCommunicatorTest, CountThatDiffersBetweenRanksFailsEveryRankNamingIt) {

@@ -62,6 +62,12 @@ TEST_F(StoreTest, JobRoundTripsEveryField) {
   record.job.set_original_spec("{\"model\": {\"path\": \"m\"}}");
   record.job.add_spec_overrides("training.seed=9223372036854775807");
   record.job.add_spec_overrides("name=a \"quoted\"\nline");
+  for (int rank = 0; rank < 2; ++rank) {
+    v1::RankAssignment* assignment = record.job.add_assignments();
+    assignment->set_rank(rank);
+    assignment->set_worker_id(rank == 0 ? "w1" : "w \"2\"");
+  }
+  record.rank_states = {v1::JOB_STATE_SUCCEEDED, v1::JOB_STATE_UNSPECIFIED};
   record.cancel_requested = true;
   std::vector<v1::JobEvent> events;
   store.insert_job(record, events);
@@ -71,6 +77,7 @@ TEST_F(StoreTest, JobRoundTripsEveryField) {
   ASSERT_TRUE(read.has_value());
   EXPECT_EQ(read->job.SerializeAsString(), record.job.SerializeAsString());
   EXPECT_TRUE(read->cancel_requested);
+  EXPECT_EQ(read->rank_states, record.rank_states);
   EXPECT_EQ(read->submit_order, record.submit_order);
   EXPECT_FALSE(read->job.has_end_time());
   EXPECT_FALSE(store.get_job("nope").has_value());
@@ -306,6 +313,68 @@ TEST_F(StoreTest, AVersion1DatabaseIsMigratedAndKeepsItsJobs) {
             std::to_string(Store::kSchemaVersion));
   sqlite3_finalize(select);
   sqlite3_close(raw);
+}
+
+// A database written by a version 2 coordinator (one worker per job, no assignments column)
+// opens: it is migrated in place, a job that was assigned gets its worker as rank 0, a queued job
+// none, and the gang of a new job is kept.
+TEST_F(StoreTest, AVersion2DatabaseIsMigratedAndItsAssignedJobsGetRankZero) {
+  sqlite3* raw = nullptr;
+  ASSERT_EQ(sqlite3_open(db().c_str(), &raw), SQLITE_OK);
+  const char* v2_schema = R"sql(
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    INSERT INTO meta (key, value) VALUES ('schema_version', '2');
+    CREATE TABLE jobs (
+      submit_order INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE,
+      name TEXT NOT NULL, state INTEGER NOT NULL, priority INTEGER NOT NULL,
+      spec_json TEXT NOT NULL, create_time_us INTEGER NOT NULL, start_time_us INTEGER,
+      end_time_us INTEGER, worker_id TEXT NOT NULL, failure_reason TEXT NOT NULL,
+      attempt INTEGER NOT NULL, cancel_requested INTEGER NOT NULL, progress BLOB NOT NULL,
+      last_sequence INTEGER NOT NULL, spec_canonical TEXT NOT NULL DEFAULT '',
+      spec_original TEXT NOT NULL DEFAULT '', spec_overrides TEXT NOT NULL DEFAULT '[]');
+    INSERT INTO jobs (id, name, state, priority, spec_json, create_time_us, worker_id,
+                      failure_reason, attempt, cancel_requested, progress, last_sequence,
+                      spec_canonical)
+      VALUES ('running', 'r', 3, 0, '{}', 1700000000000000, 'w-old', '', 2, 0, x'', 0, 'c: 1'),
+             ('queued', 'q', 1, 0, '{}', 1700000000000001, '', '', 0, 0, x'', 0, 'c: 2');
+  )sql";
+  ASSERT_EQ(sqlite3_exec(raw, v2_schema, nullptr, nullptr, nullptr), SQLITE_OK)
+      << sqlite3_errmsg(raw);
+  sqlite3_close(raw);
+
+  {
+    Store store(db());
+    const std::optional<JobRecord> running = store.get_job("running");
+    ASSERT_TRUE(running.has_value());
+    EXPECT_EQ(running->job.state(), v1::JOB_STATE_RUNNING);
+    EXPECT_EQ(running->job.worker_id(), "w-old");
+    EXPECT_EQ(running->job.attempt(), 2);
+    EXPECT_EQ(running->job.canonical_spec(), "c: 1");
+    ASSERT_EQ(running->job.assignments_size(), 1);
+    EXPECT_EQ(running->job.assignments(0).rank(), 0);
+    EXPECT_EQ(running->job.assignments(0).worker_id(), "w-old");
+    const std::optional<JobRecord> queued = store.get_job("queued");
+    ASSERT_TRUE(queued.has_value());
+    EXPECT_EQ(queued->job.assignments_size(), 0);
+    EXPECT_EQ(store.jobs_in_states({v1::JOB_STATE_QUEUED, v1::JOB_STATE_RUNNING}).size(), 2u);
+
+    JobRecord gang = job("gang", v1::JOB_STATE_ASSIGNED);
+    gang.job.set_worker_id("w0");
+    for (const char* worker : {"w0", "w1"}) {
+      v1::RankAssignment* assignment = gang.job.add_assignments();
+      assignment->set_rank(gang.job.assignments_size() - 1);
+      assignment->set_worker_id(worker);
+    }
+    std::vector<v1::JobEvent> events;
+    store.insert_job(gang, events);
+  }
+  Store reopened(db());  // now version 3: opening again migrates nothing
+  const std::optional<JobRecord> gang = reopened.get_job("gang");
+  ASSERT_TRUE(gang.has_value());
+  ASSERT_EQ(gang->job.assignments_size(), 2);
+  EXPECT_EQ(gang->job.assignments(1).rank(), 1);
+  EXPECT_EQ(gang->job.assignments(1).worker_id(), "w1");
+  EXPECT_EQ(reopened.get_job("running")->job.assignments_size(), 1);
 }
 
 TEST_F(StoreTest, UsesWriteAheadLoggingAndSyncsIt) {

@@ -5,7 +5,11 @@
 // With --crash-after-rendezvous it instead exits at once after connecting and one barrier, without
 // closing its communicator: to its peers, a crashed rank.
 //
-// Usage: gloo_allreduce_peer STORE_DIR PREFIX RANK WORLD_SIZE OUT_FILE [--crash-after-rendezvous]
+// With --reduce-until-killed it all-reduces kLargeCount floats over and over until the test kills
+// it: a rank that dies at an arbitrary point of a collective, mid-message included.
+//
+// Usage: gloo_allreduce_peer STORE_DIR PREFIX RANK WORLD_SIZE OUT_FILE
+//                            [--crash-after-rendezvous | --reduce-until-killed]
 #include <gloo/rendezvous/file_store.h>
 #include <unistd.h>
 
@@ -34,6 +38,12 @@ int main(int argc, char** argv) {
     if (argc == 7 && std::string(argv[6]) == "--crash-after-rendezvous") {
       comm.barrier();  // so that its peers are connected too
       _exit(0);
+    }
+    if (argc == 7 && std::string(argv[6]) == "--reduce-until-killed") {
+      // 32 MiB: each ring message (16 MiB) outgrows the loopback socket buffers.
+      constexpr int64_t kLargeCount = int64_t{1} << 23;
+      std::vector<float> values(kLargeCount, 1.0F);
+      for (;;) comm.all_reduce(values.data(), kLargeCount, lomo::ReduceOp::kMean);
     }
     std::vector<float> values(kCount);
     for (int64_t i = 0; i < kCount; ++i) values[i] = static_cast<float>(i - 3 * options.rank);

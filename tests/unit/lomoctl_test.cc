@@ -172,6 +172,69 @@ TEST(RenderTest, TheProgressBarShowsStepLossThroughputAndEta) {
             "step 10/20  loss 2.3456  1000 tok/s  ETA 10s");
 }
 
+// A job of world size 2 as the coordinator reports it: rank -> worker in Job.assignments.
+lomo::v1::Job gang_job(lomo::v1::JobState state, std::vector<std::string> workers) {
+  lomo::v1::Job job;
+  job.set_id("j-1");
+  job.set_state(state);
+  for (size_t r = 0; r < workers.size(); ++r) {
+    auto* a = job.add_assignments();
+    a->set_rank(static_cast<int32_t>(r));
+    a->set_worker_id(workers[r]);
+  }
+  if (!workers.empty()) job.set_worker_id(workers[0]);
+  return job;
+}
+
+TEST(RenderTest, AGangShowsEveryRanksWorkerInRankOrder) {
+  const lomo::v1::Job job = gang_job(lomo::v1::JOB_STATE_RUNNING, {"w-a", "w-b"});
+  EXPECT_EQ(gang_lines(job), (std::vector<std::string>{"rank 0  w-a", "rank 1  w-b"}));
+  EXPECT_EQ(workers_cell(job), "w-a,w-b");
+  const lomo::v1::Job five = gang_job(lomo::v1::JOB_STATE_RUNNING, {"w0", "w1", "w2", "w3", "w4"});
+  EXPECT_EQ(workers_cell(five), "w0,w1,w2 +2");
+  // One rank: the worker alone, as before gangs existed.
+  const lomo::v1::Job single = gang_job(lomo::v1::JOB_STATE_RUNNING, {"w-a"});
+  EXPECT_TRUE(gang_lines(single).empty());
+  EXPECT_EQ(workers_cell(single), "w-a");
+}
+
+TEST(RenderTest, AQueuedJobSaysWhyItWaits) {
+  lomo::v1::Job job = gang_job(lomo::v1::JOB_STATE_QUEUED, {});
+  EXPECT_EQ(workers_cell(job), "-");
+  job.set_wait_reason("waiting for 2 idle cpu workers, 1 idle");
+  EXPECT_EQ(workers_cell(job), "(waiting for 2 idle cpu workers, 1 idle)");
+  // A long reason is cut in the table (lomoctl get shows it whole).
+  job.set_wait_reason(
+      "needs 4 cpu workers, 2 connected: waiting for more to connect (jobs behind it are served "
+      "meanwhile)");
+  EXPECT_EQ(workers_cell(job), "(needs 4 cpu workers, 2 connected: waiting for more to connec...)");
+}
+
+TEST(RenderTest, ControlCharactersFromTheServerAreEscaped) {
+  // A worker id or reason that would clear the screen and move the cursor if printed as is.
+  EXPECT_EQ(terminal_text("a\x1b[2Jb\nc\x7f"), "a\\x1b[2Jb\\x0ac\\x7f");
+  EXPECT_EQ(terminal_text("h\xc3\xa9llo"), "h\xc3\xa9llo");  // UTF-8 is text, not control
+  lomo::v1::Job job = gang_job(lomo::v1::JOB_STATE_RUNNING, {"w\r0",
+                                                             "w\x1b"
+                                                             "1"});
+  EXPECT_EQ(gang_lines(job), (std::vector<std::string>{"rank 0  w\\x0d0", "rank 1  w\\x1b1"}));
+  EXPECT_EQ(workers_cell(job), "w\\x0d0,w\\x1b1");
+  job = gang_job(lomo::v1::JOB_STATE_QUEUED, {});
+  job.set_wait_reason("wait\x1b[0m");
+  EXPECT_EQ(workers_cell(job), "(wait\\x1b[0m)");
+}
+
+TEST(RenderTest, JsonOutputCarriesTheGangAndTheWaitReason) {
+  lomo::v1::Job job = gang_job(lomo::v1::JOB_STATE_RUNNING, {"w-a", "w-b"});
+  const std::string running = message_to_json(job, false);
+  EXPECT_THAT(running, HasSubstr(R"("assignments":[{"rank":0,"worker_id":"w-a"},)"
+                                 R"({"rank":1,"worker_id":"w-b"}])"));
+  job = gang_job(lomo::v1::JOB_STATE_QUEUED, {});
+  job.set_wait_reason("waiting for 2 idle cpu workers, 1 idle");
+  EXPECT_THAT(message_to_json(job, false),
+              HasSubstr(R"("wait_reason":"waiting for 2 idle cpu workers, 1 idle")"));
+}
+
 TEST(LocalModeTest, ReadsTheCoordinatorsReadyFile) {
   TempDir dir;
   const fs::path ready = dir.path / "ready";
@@ -196,6 +259,65 @@ TEST(LocalModeTest, FindsProgramsByFlagThenCandidatesAndSaysWhereItLooked) {
   } catch (const std::runtime_error& e) {
     EXPECT_THAT(e.what(), HasSubstr((dir.path / "missing").string()));
     EXPECT_THAT(e.what(), HasSubstr("LOMO_TEST_UNSET_VAR"));
+  }
+}
+
+TEST(LocalModeTest, WorkersDefaultToTheSpecsWorldSizeAndSetItWhenTheSpecDoesNot) {
+  EXPECT_EQ(plan_local_gang(std::nullopt, 1).workers, 1);
+  EXPECT_TRUE(plan_local_gang(std::nullopt, 1).overrides.empty());
+  EXPECT_EQ(plan_local_gang(std::nullopt, 3).workers, 3);  // the spec asks for a gang of 3
+  EXPECT_TRUE(plan_local_gang(std::nullopt, 3).overrides.empty());
+  const LocalGangPlan two = plan_local_gang("2", 1);
+  EXPECT_EQ(two.workers, 2);
+  EXPECT_EQ(two.overrides, std::vector<std::string>{"resources.world_size=2"});
+  EXPECT_TRUE(plan_local_gang("3", 3).overrides.empty());
+  EXPECT_TRUE(plan_local_gang("1", 1).overrides.empty());
+}
+
+// The message of the UsageError plan_local_gang throws, or "" when it throws none.
+std::string gang_plan_error(const std::optional<std::string>& workers, int64_t world_size) {
+  try {
+    plan_local_gang(workers, world_size);
+  } catch (const UsageError& e) {
+    return e.what();
+  }
+  return "";
+}
+
+TEST(LocalModeTest, AWorkerCountThatCannotBeRightIsRefusedClearly) {
+  EXPECT_THAT(gang_plan_error("0", 1), HasSubstr("--workers 0: expected 1 to 64"));
+  EXPECT_THAT(gang_plan_error("-2", 1), HasSubstr("--workers -2: expected 1 to 64"));
+  EXPECT_THAT(gang_plan_error("100000", 1), HasSubstr("--workers 100000: expected 1 to 64"));
+  EXPECT_THAT(gang_plan_error("two", 1), HasSubstr("--workers"));
+  EXPECT_THAT(gang_plan_error("2", 3),
+              HasSubstr("--workers 2 differs from the spec's resources.world_size 3"));
+  EXPECT_THAT(gang_plan_error(std::nullopt, 1000),
+              HasSubstr("resources.world_size 1000 is more than the 64 workers"));
+}
+
+TEST(LocalModeTest, OpenMpThreadsAreSharedOutUnlessTheUserSetThem) {
+  EXPECT_EQ(threads_per_local_worker(1, 16, nullptr), std::nullopt);  // as before: every core
+  EXPECT_EQ(threads_per_local_worker(2, 16, nullptr), 8);
+  EXPECT_EQ(threads_per_local_worker(3, 16, nullptr), 5);
+  EXPECT_EQ(threads_per_local_worker(4, 2, nullptr), 1);  // at least one each
+  EXPECT_EQ(threads_per_local_worker(2, 16, ""), 8);      // set but empty: not a choice
+  EXPECT_EQ(threads_per_local_worker(2, 16, "3"), std::nullopt);
+}
+
+TEST(LocalModeTest, EachWorkerHasItsOwnIdWorkDirectoryAndLog) {
+  const fs::path state = "/s";
+  const auto one = local_worker_layouts(state, 1);
+  ASSERT_EQ(one.size(), 1u);  // the names one worker always had
+  EXPECT_EQ(one[0].id, "local-cpu");
+  EXPECT_EQ(one[0].work_dir, state / "worker");
+  EXPECT_EQ(one[0].log, state / "worker.log");
+  const auto three = local_worker_layouts(state, 3);
+  ASSERT_EQ(three.size(), 3u);
+  for (int i = 0; i < 3; ++i) {
+    const std::string n = std::to_string(i);
+    EXPECT_EQ(three[i].id, "local-cpu-" + n);
+    EXPECT_EQ(three[i].work_dir, state / ("worker-" + n));
+    EXPECT_EQ(three[i].log, state / ("worker-" + n + ".log"));
   }
 }
 

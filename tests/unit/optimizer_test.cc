@@ -13,25 +13,13 @@
 #include <vector>
 
 #include "kernels/counter_hash.h"
+#include "tests/unit/tiny_model.h"
 #include "worker/engine/llama_model.h"
 #include "worker/optim/loss_scaler.h"
 #include "worker/optim/lr_schedule.h"
 
 namespace lomo {
 namespace {
-
-LlamaConfig tiny_config() {
-  LlamaConfig c;
-  c.vocab_size = 17;
-  c.hidden_size = 16;
-  c.intermediate_size = 24;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.head_dim = 4;
-  c.max_position_embeddings = 32;
-  return c;
-}
 
 TokenBatch batch_for_step(int step) {
   TokenBatch b;
@@ -64,12 +52,6 @@ std::string first_difference(const LlamaWeights& a, const LlamaWeights& b) {
   return "";
 }
 
-std::map<std::string, std::vector<float>> snapshot(const LlamaWeights& w) {
-  std::map<std::string, std::vector<float>> s;
-  for (const Parameter& p : w.parameters()) s[p.name] = values_of(p);
-  return s;
-}
-
 // Empty when every weight of `w` is bit for bit what `before` recorded (NaN included), else the
 // first element that changed.
 std::string first_change_since(const std::map<std::string, std::vector<float>>& before,
@@ -93,18 +75,8 @@ class FullGradient : public GradientSink {
   std::map<std::string, std::vector<float>> grads;
 };
 
-struct Fixture {
-  explicit Fixture(DType dtype = DType::kF32, uint64_t seed = 5)
-      : weights(tiny_config(), dtype, accountant), model(weights, accountant) {
-    weights.init_random(seed, 0.3f);
-  }
-  MemoryAccountant accountant;
-  LlamaWeights weights;
-  LlamaModel model;
-};
-
 TEST(LomoOptimizer, LomoStepEqualsSgdOnTheFullGradient) {
-  Fixture fused, materialized, reference;
+  TinyReplica fused, materialized, reference;
   OptimizerOptions options;
   options.kind = OptimizerOptions::Kind::kLomo;
   options.weight_decay = 0.1;
@@ -142,7 +114,7 @@ TEST(LomoOptimizer, LomoStepEqualsSgdOnTheFullGradient) {
 }
 
 TEST(LomoOptimizer, TwoPassClippedLomoEqualsClipThenSgd) {
-  Fixture fused, reference;
+  TinyReplica fused, reference;
   OptimizerOptions options;
   options.kind = OptimizerOptions::Kind::kLomo;
   options.clip_grad_norm = 0.5;  // well below this model's gradient norm: clipping is active
@@ -175,7 +147,7 @@ TEST(LomoOptimizer, TwoPassClippedLomoEqualsClipThenSgd) {
 
 TEST(LomoOptimizer, PeakGradientMemoryIsTheLargestTensorForLomoAndEverythingForSgd) {
   for (auto kind : {OptimizerOptions::Kind::kLomo, OptimizerOptions::Kind::kSgd}) {
-    Fixture f;
+    TinyReplica f;
     OptimizerOptions options;
     options.kind = kind;
     auto optimizer = make_optimizer(options, f.weights, f.accountant, nullptr);
@@ -256,7 +228,7 @@ class ReferenceAdaLomo {
 };
 
 TEST(AdaLomoOptimizer, MatchesAStraightforwardReferenceOverSeveralSteps) {
-  Fixture fused, reference;
+  TinyReplica fused, reference;
   OptimizerOptions options;
   options.kind = OptimizerOptions::Kind::kAdaLomo;
   options.weight_decay = 0.01;
@@ -289,7 +261,7 @@ TEST(AdaLomoOptimizer, MatchesAStraightforwardReferenceOverSeveralSteps) {
 }
 
 TEST(AdamWOptimizer, MatchesAFloat64ReferenceOverSeveralSteps) {
-  Fixture materialized, reference;
+  TinyReplica materialized, reference;
   OptimizerOptions options;
   options.kind = OptimizerOptions::Kind::kAdamW;
   options.weight_decay = 0.1;
@@ -352,7 +324,7 @@ TEST(LossScaler, OverflowSkipsAndHalvesThenGrowsAfterTheWindow) {
 }
 
 TEST(LossScaler, Fp16OverflowSkipsTheStepWithoutTouchingAnyWeight) {
-  Fixture f(DType::kF16);
+  TinyReplica f(DType::kF16);
   OptimizerOptions options;
   options.kind = OptimizerOptions::Kind::kLomo;
   options.loss_scaling = LossScalerOptions{std::ldexp(1.0, 40), 1000, 2.0, 1.0};
@@ -373,7 +345,7 @@ TEST(LossScaler, Fp16OverflowSkipsTheStepWithoutTouchingAnyWeight) {
 }
 
 TEST(LomoOptimizer, NonFiniteGradientWithoutScalerStopsWithTheTensorName) {
-  Fixture f;
+  TinyReplica f;
   // A NaN in the final norm makes every logit NaN: the first gradient backward delivers, the LM
   // head's (the embeddings are not tied here), is the first non-finite one.
   ASSERT_FALSE(f.weights.config().tie_word_embeddings);
@@ -396,7 +368,7 @@ TEST(LomoOptimizer, NonFiniteGradientWithoutScalerStopsWithTheTensorName) {
 }
 
 TEST(SgdOptimizer, NonFiniteGradientStopsBeforeAnyUpdateAndNamesTheFirstTensor) {
-  Fixture f;
+  TinyReplica f;
   f.weights.final_norm().storage.as<float>()[0] = std::nanf("");
   const auto before = snapshot(f.weights);
   OptimizerOptions options;
@@ -417,7 +389,7 @@ TEST(SgdOptimizer, NonFiniteGradientStopsBeforeAnyUpdateAndNamesTheFirstTensor) 
 
 TEST(OptimizerState, SavedAndRestoredStateContinuesBitIdentically) {
   for (auto kind : {OptimizerOptions::Kind::kAdaLomo, OptimizerOptions::Kind::kAdamW}) {
-    Fixture a, b;
+    TinyReplica a, b;
     OptimizerOptions options;
     options.kind = kind;
     auto first = make_optimizer(options, a.weights, a.accountant, nullptr);
@@ -472,7 +444,7 @@ TEST(StochasticRounding, RoundsUpWithProbabilityEqualToTheDiscardedFraction) {
 }
 
 TEST(StochasticRounding, Bf16UpdatesBelowHalfAnUlpAreNotAllLost) {
-  Fixture nearest(DType::kBF16), stochastic(DType::kBF16);
+  TinyReplica nearest(DType::kBF16), stochastic(DType::kBF16);
   OptimizerOptions options;
   options.kind = OptimizerOptions::Kind::kLomo;
   auto plain = make_optimizer(options, nearest.weights, nearest.accountant, nullptr);
@@ -490,7 +462,7 @@ TEST(StochasticRounding, Bf16UpdatesBelowHalfAnUlpAreNotAllLost) {
   int64_t eligible = 0, changed_nearest = 0, changed_stochastic = 0;
   double expected_changes = 0.0, variance = 0.0;
   FullGradient full;
-  Fixture probe(DType::kBF16);
+  TinyReplica probe(DType::kBF16);
   probe.model.forward(batch_for_step(1));
   probe.model.backward(full);
   for (const Parameter& p : stochastic.weights.parameters()) {

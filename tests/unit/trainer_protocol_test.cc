@@ -45,7 +45,10 @@ std::vector<Record> every_kind_of_record() {
                   /*tokens=*/512,
                   /*tokens_per_second=*/12345.678,
                   /*elapsed_seconds=*/1.5,
-                  {{"total", 1 << 20}, {"parameters", 1000}}};
+                  {{"total", 1 << 20}, {"parameters", 1000}},
+                  /*step_seconds=*/0.123456789012345,
+                  /*communication_seconds=*/0.01 / 3.0,
+                  /*communication_bytes=*/(int64_t{1} << 40) + 7};
   return {Started{20, 5, "/out/checkpoints/step-00000005"},
           metrics,
           Eval{20, 3.25, std::exp(3.25), 256, 0.75, 4},

@@ -255,6 +255,62 @@ TEST(Trainer, RanksStartingFromDifferentWeightsFailNamingTheRank) {
   EXPECT_FALSE(fs::exists(fs::path(ws.root / "out" / "checkpoints"))) << "a step was taken";
 }
 
+// Every rank reports its own step: wall time, the part of it in collectives, and the payload it
+// all-reduced — for LOMO every gradient in f32 plus the token count and loss sum (16 bytes), and
+// nothing with one rank. Rank 0 also writes them to metrics.jsonl.
+TEST(Trainer, EveryRankReportsItsStepTimeAndWhatItCommunicated) {
+  Workspace ws("communication_figures");
+  int64_t parameters = 0;
+  {
+    MemoryAccountant accountant;
+    const LlamaWeights weights = load_llama_checkpoint(ws.root / "model", DType::kF32, accountant);
+    for (const Parameter& p : weights.parameters()) parameters += p.numel();
+  }
+  std::vector<std::unique_ptr<Communicator>> world =
+      make_in_process_world(2, std::chrono::seconds(20));
+  std::vector<std::vector<TrainingMetrics>> steps(2);
+  std::vector<std::thread> ranks;
+  for (int r = 0; r < 2; ++r) {
+    ranks.emplace_back([&, r] {
+      JobSpec spec = ws.spec("lomo", "gang");
+      spec.training.batch_size = 4;
+      spec.training.steps = 3;
+      spec.resources.world_size = 2;
+      TrainerOptions options;
+      options.communicator = world[static_cast<size_t>(r)].get();
+      TrainerHooks hooks;
+      hooks.on_step = [&, r](const TrainingMetrics& m) { steps[r].push_back(m); };
+      train(spec, options, hooks);
+    });
+  }
+  for (std::thread& t : ranks) t.join();
+  for (int r = 0; r < 2; ++r) {
+    ASSERT_EQ(steps[r].size(), 3u) << "rank " << r;
+    for (const TrainingMetrics& m : steps[r]) {
+      EXPECT_GT(m.step_seconds, 0) << "rank " << r << " step " << m.step;
+      EXPECT_GE(m.communication_seconds, 0) << "rank " << r << " step " << m.step;
+      EXPECT_LE(m.communication_seconds, m.step_seconds) << "rank " << r << " step " << m.step;
+      EXPECT_EQ(m.communication_bytes, 4 * parameters + 16) << "rank " << r << " step " << m.step;
+    }
+  }
+  std::ifstream lines(ws.root / "gang" / "metrics.jsonl");
+  std::string first;
+  std::getline(lines, first);
+  EXPECT_NE(first.find("\"communication_bytes\":" + std::to_string(4 * parameters + 16)),
+            std::string::npos)
+      << first;
+  EXPECT_NE(first.find("\"step_seconds\":"), std::string::npos) << first;
+
+  JobSpec alone = ws.spec("lomo", "alone");
+  alone.training.steps = 2;
+  TrainerHooks hooks;
+  hooks.on_step = [](const TrainingMetrics& m) {
+    EXPECT_EQ(m.communication_bytes, 0) << "one rank communicates nothing";
+    EXPECT_GT(m.step_seconds, 0);
+  };
+  train(alone, {}, hooks);
+}
+
 TEST(Trainer, ASpecForTwoRanksIsRefusedByOneRank) {
   Workspace ws("world_mismatch");
   JobSpec spec = ws.spec("lomo", "out");

@@ -1,6 +1,7 @@
 // The worker daemon's pieces on their own (daemon/): backoff, outbox, the trainer protocol's file
-// tail, device description, the spec of an assignment, the checkpoint uploader, and the job
-// runner deciding an attempt's outcome from a fake training child's protocol records.
+// tail, device description, the spec of an assignment, the checkpoint uploader, the job
+// runner deciding an attempt's outcome from a fake training child's protocol records (and what a
+// gang rank sends), the rendezvous relay's lines and the advertised address.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <sys/stat.h>
@@ -11,6 +12,9 @@
 #include <set>
 #include <thread>
 
+#include "common/advertise_address.h"
+#include "common/checkpoint_layout.h"
+#include "common/rendezvous_relay.h"
 #include "common/sha256.h"
 #include "daemon/assignment_spec.h"
 #include "daemon/backoff.h"
@@ -27,6 +31,7 @@ namespace {
 namespace fs = std::filesystem;
 using std::chrono::milliseconds;
 using ::testing::HasSubstr;
+using ::testing::Not;
 
 struct TempDir {
   TempDir() {
@@ -457,8 +462,19 @@ class RecordingListener : public JobRunnerListener {
     std::lock_guard lock(mutex);
     evals.push_back(eval);
   }
+  void on_rank_step(const std::string& job_id, int rank,
+                    const trainer_protocol::Metrics& m) override {
+    std::lock_guard lock(mutex);
+    rank_steps.push_back({job_id, rank, m});
+  }
 
+  struct RankStepSeen {
+    std::string job_id;
+    int rank;
+    trainer_protocol::Metrics metrics;
+  };
   std::mutex mutex;
+  std::vector<RankStepSeen> rank_steps;
   std::vector<lomo::v1::JobStatusUpdate> statuses;
   std::vector<lomo::v1::JobEvent> events;
   std::vector<lomo::v1::TrainingMetrics> metrics;
@@ -486,23 +502,36 @@ std::string say(const std::vector<std::string>& lines) {
   return script;
 }
 
+// A rank's place in a gang (world_size 1: a job of its own) and how it meets its peers.
+struct GangPlace {
+  int rank = 0;
+  int world_size = 1;
+  GangOptions gang;
+  std::chrono::milliseconds finish_timeout{10000};  // for the last checkpoint's upload
+};
+
 // Runs one attempt of job "job-p" with `script_body` as the training program; its final status.
+// `channel`, when given, receives the checkpoint uploads.
 lomo::v1::JobStatusUpdate run_attempt(const TempDir& dir, const std::string& script_body,
-                                      RecordingListener& listener) {
+                                      RecordingListener& listener, const GangPlace& place = {},
+                                      FakeChannel* channel = nullptr) {
   const fs::path program = dir.path / "fake-trainer";
   write_file(program, "#!/bin/sh\n" + script_body);
   ::chmod(program.c_str(), 0755);
   lomo::v1::Assignment assignment;
   assignment.set_job_id("job-p");
   assignment.set_attempt(1);
+  assignment.set_rank(place.rank);
+  assignment.set_world_size(place.world_size);
   *assignment.mutable_spec() = small_spec();
   JobRunnerOptions options;
   options.work_dir = dir.path / "work";
   options.trainer_program = program;
   options.poll_interval = milliseconds(20);
-  options.finish_timeout = std::chrono::seconds(10);
-  FakeChannel channel;
-  JobRunner runner(assignment, options, listener, channel, nullptr);
+  options.finish_timeout = place.finish_timeout;
+  options.gang = place.gang;
+  FakeChannel own_channel;
+  JobRunner runner(assignment, options, listener, channel ? *channel : own_channel, nullptr);
   runner.join();
   return runner.final_status();
 }
@@ -636,6 +665,187 @@ TEST(WorkerMetricsTest, NamesFollowTheConventions) {
   EXPECT_THAT(text, HasSubstr("lomo_worker_device_memory_peak_bytes{kind=\"total\"} 4096"));
   EXPECT_THAT(text, HasSubstr("lomo_worker_jobs_total{outcome=\"cancelled\"} 1"));
   EXPECT_EQ(metrics.port(), 0);
+}
+
+}  // namespace
+}  // namespace lomo::daemon
+
+namespace lomo::daemon {
+namespace {
+
+namespace protocol = trainer_protocol;
+
+// Shell lines that commit checkpoint `step` where the runner looks for it (the attempt's out/
+// directory beside job.yaml, "$2") and report it.
+std::string commit_checkpoint(int64_t step) {
+  return "d=\"$(dirname \"$2\")/out/checkpoints/" + checkpoint_directory_name(step) +
+         "\"\nmkdir -p \"$d\"\necho weights > \"$d/model.safetensors\"\n" +
+         report(protocol::Checkpoint{step, "ignored"});
+}
+
+// What a rank's trainer reports: a step's metrics, an evaluation, a committed checkpoint, success.
+std::string a_short_run() {
+  protocol::Metrics step{2, 2, 2.5, 0.01, 1.0, 1.0, false, 0, 512, 100.0, 0.1, {}};
+  step.step_seconds = 0.25;
+  step.communication_seconds = 0.125;
+  step.communication_bytes = 4096;
+  return report(protocol::Started{2, 0, ""}) + report(step) +
+         report(protocol::Eval{2, 1.5, 4.48, 64, std::nullopt, 0}) + commit_checkpoint(2) +
+         report(protocol::Outcome{protocol::Status::kSucceeded, "", 2, 2}) + "exit 0\n";
+}
+
+GangPlace rank_of_two(int rank) {
+  return {rank, 2, {"coordinator.example:50051", "worker-b", "10.0.0.7"}, milliseconds(10000)};
+}
+
+TEST(JobRunnerGangTest, ARankIsStartedWithItsPlaceInTheGangAndTheRendezvous) {
+  TempDir dir;
+  RecordingListener listener;
+  const fs::path args_file = dir.path / "args";
+  const auto status = run_attempt(
+      dir,
+      "printf '%s\\n' \"$@\" > " + shell_quote(args_file.string()) + "\n" +
+          report(protocol::Outcome{protocol::Status::kSucceeded, "", 0, 0}) + "exit 0\n",
+      listener, rank_of_two(1));
+  EXPECT_EQ(status.state(), lomo::v1::JOB_STATE_SUCCEEDED) << status.reason();
+  std::vector<std::string> args;
+  std::ifstream in(args_file);
+  for (std::string line; std::getline(in, line);) args.push_back(line);
+  ASSERT_GE(args.size(), 4u);
+  EXPECT_EQ(args[0], "train");
+  EXPECT_EQ(args[2], "--protocol-file");
+  EXPECT_EQ(std::vector<std::string>(args.begin() + 4, args.end()),
+            (std::vector<std::string>{"--rank", "1", "--world-size", "2", "--rendezvous",
+                                      "coordinator://coordinator.example:50051", "--worker-id",
+                                      "worker-b", "--job-id", "job-p", "--attempt", "1",
+                                      "--advertise-address", "10.0.0.7"}));
+}
+
+TEST(JobRunnerGangTest, AJobOfItsOwnGetsNoRankFlags) {
+  TempDir dir;
+  RecordingListener listener;
+  const fs::path args_file = dir.path / "args";
+  const auto status = run_attempt(
+      dir,
+      "printf '%s\\n' \"$@\" > " + shell_quote(args_file.string()) + "\n" +
+          report(protocol::Outcome{protocol::Status::kSucceeded, "", 0, 0}) + "exit 0\n",
+      listener, {0, 1, rank_of_two(0).gang, milliseconds(10000)});
+  EXPECT_EQ(status.state(), lomo::v1::JOB_STATE_SUCCEEDED) << status.reason();
+  std::ifstream in(args_file);
+  size_t count = 0;
+  for (std::string line; std::getline(in, line);) ++count;
+  EXPECT_EQ(count, 4u) << "train JOB.yaml --protocol-file FILE, nothing more";
+}
+
+// A rank above 0 reports its status and output, keeps its step times for this worker's /metrics,
+// and sends neither metrics nor eval events nor checkpoints: rank 0 speaks for the job. Had the
+// checkpoint been offered, the upload would wait for an ack the fake channel never sends and the
+// attempt would fail after finish_timeout.
+TEST(JobRunnerGangTest, ARankAboveZeroSendsNoMetricsEvalOrCheckpoint) {
+  TempDir dir;
+  RecordingListener listener;
+  FakeChannel channel;
+  const auto status =
+      run_attempt(dir, "echo 'rank 1 here'\n" + a_short_run(), listener, rank_of_two(1), &channel);
+  EXPECT_EQ(status.state(), lomo::v1::JOB_STATE_SUCCEEDED) << status.reason();
+  EXPECT_TRUE(listener.metrics.empty());
+  EXPECT_TRUE(listener.evals.empty());
+  EXPECT_TRUE(channel.chunks.empty());
+  bool logged = false;
+  for (const auto& e : listener.events) {
+    EXPECT_FALSE(e.has_metrics() || e.has_eval()) << e.DebugString();
+    logged = logged || e.log().text() == "rank 1 here";
+  }
+  EXPECT_TRUE(logged);
+  ASSERT_EQ(listener.rank_steps.size(), 1u);
+  EXPECT_EQ(listener.rank_steps[0].job_id, "job-p");
+  EXPECT_EQ(listener.rank_steps[0].rank, 1);
+  EXPECT_EQ(listener.rank_steps[0].metrics.step, 2);
+  EXPECT_EQ(listener.rank_steps[0].metrics.step_seconds, 0.25);
+  EXPECT_EQ(listener.rank_steps[0].metrics.communication_seconds, 0.125);
+  EXPECT_EQ(listener.rank_steps[0].metrics.communication_bytes, 4096);
+  // RUNNING, then the terminal status.
+  ASSERT_EQ(listener.statuses.size(), 2u);
+  EXPECT_EQ(listener.statuses[0].state(), lomo::v1::JOB_STATE_RUNNING);
+}
+
+// Rank 0 of the same gang sends the job's metrics and eval events and uploads its checkpoint.
+TEST(JobRunnerGangTest, RankZeroSpeaksForTheJob) {
+  TempDir dir;
+  RecordingListener listener;
+  FakeChannel channel;
+  GangPlace place = rank_of_two(0);
+  place.finish_timeout = milliseconds(1000);
+  const auto status = run_attempt(dir, a_short_run(), listener, place, &channel);
+  // The upload waits for an ack this fake channel never sends: the attempt fails for that reason
+  // alone, after finish_timeout, with the checkpoint sent and committed from the worker's side.
+  EXPECT_EQ(status.state(), lomo::v1::JOB_STATE_FAILED);
+  EXPECT_THAT(status.reason(), HasSubstr("upload"));
+  EXPECT_EQ(channel.commits(), 1u);
+  EXPECT_EQ(listener.metrics.size(), 1u);
+  EXPECT_EQ(listener.evals.size(), 1u);
+  ASSERT_EQ(listener.rank_steps.size(), 1u);
+  EXPECT_EQ(listener.rank_steps[0].rank, 0);
+}
+
+TEST(WorkerMetricsTest, EachRanksStepAndCommunicationTimesAreLabelledWithJobAndRank) {
+  WorkerMetrics metrics("");
+  metrics.observe_rank_step("job-a", 1, {0.5, 0.125, 4096});
+  metrics.observe_rank_step("job-a", 1, {0.25, 0.0625, 4096});
+  std::string text = metrics.render();
+  // Gauges hold the latest step; counters its sums (all values exact in binary).
+  EXPECT_THAT(text, HasSubstr("lomo_worker_step_seconds{job=\"job-a\",rank=\"1\"} 0.25"));
+  EXPECT_THAT(text,
+              HasSubstr("lomo_worker_communication_seconds{job=\"job-a\",rank=\"1\"} 0.0625"));
+  EXPECT_THAT(text, HasSubstr("lomo_worker_step_seconds_total{job=\"job-a\",rank=\"1\"} 0.75"));
+  EXPECT_THAT(
+      text, HasSubstr("lomo_worker_communication_seconds_total{job=\"job-a\",rank=\"1\"} 0.1875"));
+  EXPECT_THAT(text,
+              HasSubstr("lomo_worker_communication_bytes_total{job=\"job-a\",rank=\"1\"} 8192"));
+  // The next job's series replace the last one's: the labels stay bounded.
+  metrics.observe_rank_step("job-b", 0, {1.0, 0.5, 16});
+  text = metrics.render();
+  EXPECT_THAT(text, HasSubstr("lomo_worker_step_seconds{job=\"job-b\",rank=\"0\"} 1"));
+  EXPECT_THAT(text, Not(HasSubstr("job-a")));
+}
+
+TEST(RendezvousRelayLinesTest, RequestsAndRepliesCarryAnyBytesAndEmptyFields) {
+  namespace relay = rendezvous_relay;
+  const std::string binary("a\0 b\n\xff", 6);
+  const std::vector<relay::Request> requests = {
+      relay::SetRequest{"job/1/attempt/2/rank_0", binary}, relay::SetRequest{"k", ""},
+      relay::GetRequest{{"a", binary, "c"}, milliseconds(1500)}};
+  for (const relay::Request& request : requests) {
+    const std::string line = relay::format_request(request);
+    EXPECT_EQ(line.find('\n'), std::string::npos);
+    EXPECT_EQ(relay::parse_request(line), request);
+  }
+  const std::vector<relay::Reply> replies = {
+      {true, {}, ""}, {true, {binary, ""}, ""}, {false, {}, "key 'x' not set within 5 ms"}};
+  for (const relay::Reply& reply : replies) {
+    const std::string line = relay::format_reply(reply);
+    EXPECT_EQ(line.find('\n'), std::string::npos);
+    EXPECT_EQ(relay::parse_reply(line), reply);
+  }
+  EXPECT_THROW(relay::parse_request("get 10"), std::invalid_argument);  // no key
+  EXPECT_THROW(relay::parse_request("set 6"), std::invalid_argument);   // no value
+  EXPECT_THROW(relay::parse_request("set 6 0g"), std::invalid_argument);
+  EXPECT_THROW(relay::parse_reply("okay"), std::invalid_argument);
+}
+
+TEST(AdvertiseAddressTest, ALoopbackCoordinatorGivesTheLoopbackAddress) {
+  EXPECT_EQ(local_address_toward("127.0.0.1:50051"), "127.0.0.1");
+  EXPECT_EQ(local_address_toward("localhost:50051"), "127.0.0.1");  // IPv4 first
+}
+
+TEST(AdvertiseAddressTest, AnUnresolvableCoordinatorIsAnErrorNamingIt) {
+  try {
+    local_address_toward("no-such-host.invalid:50051");
+    FAIL() << "no error";
+  } catch (const std::runtime_error& e) {
+    EXPECT_THAT(e.what(), HasSubstr("no-such-host.invalid:50051"));
+  }
+  EXPECT_THROW(local_address_toward("no-port"), std::runtime_error);
 }
 
 }  // namespace

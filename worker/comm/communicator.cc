@@ -29,6 +29,20 @@ std::string_view comm_dtype_name(CommDType dtype) {
   return "unknown";
 }
 
+const char* collective_kind_name(CollectiveKind kind) {
+  switch (kind) {
+    case CollectiveKind::kAllReduce:
+      return "all_reduce";
+    case CollectiveKind::kBroadcast:
+      return "broadcast";
+    case CollectiveKind::kAllGather:
+      return "all_gather";
+    case CollectiveKind::kBarrier:
+      return "barrier";
+  }
+  return "unknown";
+}
+
 namespace {
 std::string error_message(const std::string& op, std::optional<int> peer,
                           const std::string& detail) {

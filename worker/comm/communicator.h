@@ -30,9 +30,16 @@
 
 namespace lomo {
 
+class MemoryAccountant;  // worker/engine/memory.h
+
 enum class CommDType : uint8_t { kF32, kF64, kI64 };
 size_t comm_dtype_size(CommDType dtype);
 std::string_view comm_dtype_name(CommDType dtype);
+
+// Which collective a call is; implementations compare it across ranks and name it in errors.
+enum class CollectiveKind : uint8_t { kAllReduce, kBroadcast, kAllGather, kBarrier };
+// "all_reduce", "broadcast", "all_gather", "barrier": the op a CommunicatorError names.
+const char* collective_kind_name(CollectiveKind kind);
 
 // kMean: the sum divided by world_size (for kI64 an integer division, which truncates toward zero).
 enum class ReduceOp : uint8_t { kSum, kMean };
@@ -85,6 +92,13 @@ class Communicator {
   // nothing.
   virtual void abort(const std::string& reason) = 0;
 
+  // Counts this communicator's own buffers (staging of messages) against `accountant` under
+  // MemoryKind::kCommunication from now on, or against none for nullptr; what was counted against
+  // the previous accountant moves to the new one. The memory itself stays the communicator's:
+  // a collective that failed may still be written into later, after the accountant is gone.
+  // Any thread, never throws. Implementations with no buffers of their own count nothing.
+  virtual void set_buffer_accountant(MemoryAccountant* accountant) {}
+
   // Blocking forms.
   void all_reduce(void* data, int64_t count, CommDType dtype, ReduceOp op) {
     all_reduce_async(data, count, dtype, op)->wait();
@@ -104,6 +118,22 @@ class Communicator {
   void all_gather(const void* send, void* recv, int64_t bytes_per_rank) {
     all_gather_async(send, recv, bytes_per_rank)->wait();
   }
+};
+
+// Counts `communicator`'s buffers against `accountant` for this object's lifetime: declared after
+// the accountant it names, it detaches before that accountant is destroyed.
+class CommunicationBufferAccounting {
+ public:
+  CommunicationBufferAccounting(Communicator& communicator, MemoryAccountant& accountant)
+      : communicator_(communicator) {
+    communicator_.set_buffer_accountant(&accountant);
+  }
+  ~CommunicationBufferAccounting() { communicator_.set_buffer_accountant(nullptr); }
+  CommunicationBufferAccounting(const CommunicationBufferAccounting&) = delete;
+  CommunicationBufferAccounting& operator=(const CommunicationBufferAccounting&) = delete;
+
+ private:
+  Communicator& communicator_;
 };
 
 }  // namespace lomo

@@ -21,33 +21,34 @@
 #include <utility>
 #include <vector>
 
+#include "worker/engine/memory.h"
+
 namespace lomo {
 namespace {
 
 using Clock = std::chrono::steady_clock;
 using gloo::transport::UnboundBuffer;
 
-enum class Kind : uint8_t { kAllReduce, kBroadcast, kAllGather, kBarrier };
-
-const char* kind_name(Kind kind) {
-  switch (kind) {
-    case Kind::kAllReduce:
-      return "all_reduce";
-    case Kind::kBroadcast:
-      return "broadcast";
-    case Kind::kAllGather:
-      return "all_gather";
-    case Kind::kBarrier:
-      return "barrier";
-  }
-  return "unknown";
-}
+using Kind = CollectiveKind;
 
 // What every Gloo wait is given. Our own deadline (the watchdog) always ends a wait first: Gloo's
 // timeout would close every connection of the context, which peers cannot tell from a crash.
 constexpr std::chrono::milliseconds kBackstop = std::chrono::hours(24 * 365);
 // How long a closing rank waits for its notices to reach its peers.
 constexpr std::chrono::milliseconds kNoticeFlush = std::chrono::seconds(2);
+// Gloo does not wake a receive it was reading into, nor a send it was writing, when their
+// connection breaks (tcp::Pair::signalException skips the in-flight unbound buffers), so a peer
+// that dies mid-message would leave this rank waiting for the full timeout. Gloo does signal the
+// receives still pending on a connection, so each peer gets a sentinel: a receive posted once on a
+// slot nobody sends to. The watchdog checks the sentinels every kPeerCheckInterval. A broken
+// connection is a dead peer once kCloseNoticeGrace has passed without that peer's close notice
+// (which it sends before closing, but which our listener thread may not have handled yet). A dead
+// peer is thus named within 2·kPeerCheckInterval + kCloseNoticeGrace (0.7 s) of its connection
+// breaking, plus scheduling delays.
+constexpr std::chrono::milliseconds kPeerCheckInterval{100};
+constexpr std::chrono::milliseconds kCloseNoticeGrace{500};
+// Slot of the sentinels: never sent to, so they stay pending for the connection's life.
+constexpr uint64_t kSentinelSlot = (uint64_t{1} << 63) | 1;
 
 // The first message of every collective, sent by every rank to every other.
 struct Header {
@@ -62,12 +63,12 @@ struct Header {
 
 enum class NoticeType : int32_t { kFailed = 1, kClosed = 2 };
 
-// A control message: the group failed (naming the rank at fault), or a rank closed after issuing
-// `issued` collectives.
+// A control message: the group failed (naming the rank at fault), or a rank closed having
+// finished `finished` collectives (its collectives from that sequence on will never run).
 struct Notice {
   NoticeType type = NoticeType::kFailed;
   int32_t peer = -1;  // -1: unknown
-  uint64_t issued = 0;
+  uint64_t finished = 0;
   char detail[240] = {};
 };
 
@@ -177,8 +178,11 @@ struct Failure {
 class GlooCommunicator::Impl {
  public:
   Impl(const GlooCommunicatorOptions& options, gloo::rendezvous::Store& store)
-      : options_(options), headers_(static_cast<size_t>(options.world_size)) {
+      : options_(options),
+        broken_since_(static_cast<size_t>(options.world_size)),
+        headers_(static_cast<size_t>(options.world_size)) {
     connect(store);
+    post_sentinels();
     executor_ = std::thread([this] { execute_loop(); });
     watchdog_ = std::thread([this] { watch_loop(); });
     if (options_.world_size > 1) listener_ = std::thread([this] { listen_loop(); });
@@ -203,7 +207,7 @@ class GlooCommunicator::Impl {
   // breaks now, naming this rank.
   [[noreturn]] void fail_here(Kind kind, const std::string& detail) {
     record_and_notify({options_.rank, "rank " + std::to_string(options_.rank) + ": " + detail});
-    throw CommunicatorError(kind_name(kind), options_.rank, detail);
+    throw CommunicatorError(collective_kind_name(kind), options_.rank, detail);
   }
 
   void abort(const std::string& reason) {
@@ -232,7 +236,9 @@ class GlooCommunicator::Impl {
   // --- Failure state (guarded by mutex_) ---
 
   void throw_if_failed_locked(Kind kind) const {
-    if (failure_) throw CommunicatorError(kind_name(kind), failure_->peer, failure_->detail);
+    if (failure_) {
+      throw CommunicatorError(collective_kind_name(kind), failure_->peer, failure_->detail);
+    }
   }
 
   // Ends every wait of the running collective; Gloo keeps the abort until the next wait.
@@ -301,6 +307,8 @@ class GlooCommunicator::Impl {
         begin(task);
         run(task);
         end(/*failed=*/false);
+        std::lock_guard lock(mutex_);
+        ++finished_;
       } catch (const CommunicatorError& failure) {
         error = failure;
         end(/*failed=*/true);
@@ -308,7 +316,8 @@ class GlooCommunicator::Impl {
         // A Gloo call that threw outside a wait (e.g. posting on a closed connection).
         record_and_notify({std::nullopt, std::string("transport error: ") + failure.what()});
         std::lock_guard lock(mutex_);
-        error = CommunicatorError(kind_name(task.kind), failure_->peer, failure_->detail);
+        error =
+            CommunicatorError(collective_kind_name(task.kind), failure_->peer, failure_->detail);
         end_locked(/*failed=*/true);
       }
       task.state->finish(std::move(error));
@@ -334,6 +343,7 @@ class GlooCommunicator::Impl {
   // memory they point into) are kept until the connections are closed.
   void end_locked(bool failed) {
     running_.reset();
+    changed_.notify_all();  // close() waits for the running collective to end
     waiting_on_.clear();
     if (failed) {
       for (auto& buffer : buffers_) retained_.push_back(std::move(buffer));
@@ -343,8 +353,8 @@ class GlooCommunicator::Impl {
 
   Failure closed_failure_locked() const {
     return {closed_peer_, "rank " + std::to_string(closed_peer_) +
-                              " closed its communicator after " + std::to_string(closed_from_) +
-                              " collectives"};
+                              " closed its communicator after finishing " +
+                              std::to_string(closed_from_) + " collectives"};
   }
 
   UnboundBuffer* make_buffer(void* memory, size_t bytes) {
@@ -393,15 +403,15 @@ class GlooCommunicator::Impl {
     lock.unlock();
     // Woken without a failure: the deadline passed.
     fail_detected(kind, {peer, "rank " + std::to_string(peer) + " did not " + missing + " " +
-                                   kind_name(kind) + " #" + std::to_string(*running_) + " within " +
-                                   std::to_string(options_.timeout.count()) + " ms"});
+                                   collective_kind_name(kind) + " #" + std::to_string(*running_) +
+                                   " within " + std::to_string(options_.timeout.count()) + " ms"});
   }
 
   // Throws the group's first failure: this one, or one that came a moment earlier.
   [[noreturn]] void fail_detected(Kind kind, Failure failure) {
     record_and_notify(std::move(failure));
     std::lock_guard lock(mutex_);
-    throw CommunicatorError(kind_name(kind), failure_->peer, failure_->detail);
+    throw CommunicatorError(collective_kind_name(kind), failure_->peer, failure_->detail);
   }
 
   void run(const Task& task) {
@@ -464,8 +474,8 @@ class GlooCommunicator::Impl {
       const Header& other = headers_[static_cast<size_t>(r)];
       std::string what;
       if (other.kind != first.kind) {
-        what = std::string("issued ") + kind_name(static_cast<Kind>(other.kind)) +
-               " where rank 0 issued " + kind_name(static_cast<Kind>(first.kind));
+        what = std::string("issued ") + collective_kind_name(static_cast<Kind>(other.kind)) +
+               " where rank 0 issued " + collective_kind_name(static_cast<Kind>(first.kind));
       } else if (other.count != first.count) {
         what = "gave count " + std::to_string(other.count) + " where rank 0 gave " +
                std::to_string(first.count);
@@ -502,11 +512,47 @@ class GlooCommunicator::Impl {
   }
 
   char* scratch(int which, size_t bytes) {
-    auto& buffer = scratch_[which];
-    if (buffer.size() < bytes) buffer.resize(bytes);
-    return buffer.data();
+    Staging& staging = scratch_[which];
+    if (staging.bytes < bytes) {
+      // Freed before the larger one is made: the peak is the larger one alone.
+      staging.memory.reset();
+      count_staging(-static_cast<int64_t>(staging.bytes));
+      staging.bytes = 0;
+      staging.memory = std::make_unique_for_overwrite<char[]>(bytes);
+      staging.bytes = bytes;
+      count_staging(static_cast<int64_t>(bytes));
+    }
+    return staging.memory.get();
   }
 
+  // Staging bytes grew (or shrank) by `delta`: the accountant, when there is one, hears of it.
+  void count_staging(int64_t delta) {
+    std::lock_guard lock(staging_mutex_);
+    staging_bytes_ = static_cast<uint64_t>(static_cast<int64_t>(staging_bytes_) + delta);
+    if (staging_accountant_ == nullptr || delta == 0) return;
+    if (delta > 0) {
+      staging_accountant_->record_allocation(MemoryKind::kCommunication,
+                                             static_cast<uint64_t>(delta));
+    } else {
+      staging_accountant_->record_release(MemoryKind::kCommunication,
+                                          static_cast<uint64_t>(-delta));
+    }
+  }
+
+ public:
+  void set_buffer_accountant(MemoryAccountant* accountant) {
+    std::lock_guard lock(staging_mutex_);
+    if (accountant == staging_accountant_) return;
+    if (staging_accountant_ != nullptr && staging_bytes_ > 0) {
+      staging_accountant_->record_release(MemoryKind::kCommunication, staging_bytes_);
+    }
+    staging_accountant_ = accountant;
+    if (staging_accountant_ != nullptr && staging_bytes_ > 0) {
+      staging_accountant_->record_allocation(MemoryKind::kCommunication, staging_bytes_);
+    }
+  }
+
+ private:
   // Ring reduce-scatter, then ring all-gather. Chunk c starts at rank c and is summed by each next
   // rank in turn (partial + own); the rank that adds the last part owns the total, divides it for
   // a mean, and the all-gather only copies it. One chain of additions per chunk: the same bits on
@@ -599,22 +645,74 @@ class GlooCommunicator::Impl {
     std::memcpy(task.data, gathered, bytes * static_cast<size_t>(n));
   }
 
-  // --- Watchdog: ends the running collective's waits at its deadline ---
+  // --- Watchdog: ends the running collective's waits at its deadline, and finds dead peers ---
 
   void watch_loop() {
     std::unique_lock lock(mutex_);
+    auto next_check = Clock::now() + kPeerCheckInterval;
     while (!stopping_) {
-      if (running_ && !timed_out_) {
-        if (Clock::now() >= deadline_) {
-          timed_out_ = true;
-          wake_locked();
-        } else {
-          changed_.wait_until(lock, deadline_);
-        }
+      const auto now = Clock::now();
+      if (running_ && !timed_out_ && now >= deadline_) {
+        timed_out_ = true;
+        wake_locked();
+      } else if (options_.world_size > 1 && now >= next_check) {
+        lock.unlock();
+        check_peers();
+        lock.lock();
+        next_check = Clock::now() + kPeerCheckInterval;
       } else {
-        changed_.wait(lock);
+        auto until = options_.world_size > 1 ? next_check : Clock::time_point::max();
+        if (running_ && !timed_out_) until = std::min(until, deadline_);
+        changed_.wait_until(lock, until);
       }
     }
+  }
+
+  // Fails the group naming the first peer whose connection has been broken for kCloseNoticeGrace
+  // without a close notice from it.
+  void check_peers() {
+    for (int peer = 0; peer < options_.world_size; ++peer) {
+      if (peer == options_.rank) continue;
+      const std::optional<std::string> broken = probe(peer);
+      std::unique_lock lock(mutex_);
+      if (!broken || failure_ || stopping_ || closed_peers_.count(peer) > 0) continue;
+      auto& since = broken_since_[static_cast<size_t>(peer)];
+      if (!since) since = Clock::now();
+      if (Clock::now() - *since < kCloseNoticeGrace) continue;
+      lock.unlock();
+      record_and_notify(
+          {peer, "connection to rank " + std::to_string(peer) + " failed: " + *broken});
+      return;
+    }
+  }
+
+  // Posts the sentinels; a connection already broken shows at the first check.
+  void post_sentinels() {
+    sentinels_.resize(static_cast<size_t>(options_.world_size));
+    for (int peer = 0; peer < options_.world_size; ++peer) {
+      if (peer == options_.rank) continue;
+      Sentinel& sentinel = sentinels_[static_cast<size_t>(peer)];
+      sentinel.buffer = context_->createUnboundBuffer(nullptr, 0);
+      try {
+        sentinel.buffer->recv(peer, kSentinelSlot);
+      } catch (const gloo::Exception& error) {
+        sentinel.broken = error.what();
+      }
+    }
+  }
+
+  // The error of peer's connection, if it broke. Aborting the sentinel's wait first makes the
+  // wait return at once: it throws if Gloo signalled the connection's error, else returns false.
+  std::optional<std::string> probe(int peer) {
+    Sentinel& sentinel = sentinels_[static_cast<size_t>(peer)];
+    if (sentinel.broken) return sentinel.broken;
+    try {
+      sentinel.buffer->abortWaitRecv();
+      sentinel.buffer->waitRecv(nullptr, kBackstop);
+    } catch (const gloo::Exception& error) {
+      return std::string(error.what());
+    }
+    return std::nullopt;
   }
 
   // --- Listener: receives the peers' notices ---
@@ -671,8 +769,8 @@ class GlooCommunicator::Impl {
       return;
     }
     closed_peers_.insert(notice.peer);
-    if (notice.issued < closed_from_) {
-      closed_from_ = notice.issued;
+    if (notice.finished < closed_from_) {
+      closed_from_ = notice.finished;
       closed_peer_ = notice.peer;
     }
     if (running_ && *running_ >= closed_from_) wake_locked();
@@ -681,19 +779,23 @@ class GlooCommunicator::Impl {
   // --- Closing ---
 
   void close() {
-    uint64_t issued = 0;
+    uint64_t finished = 0;
     {
-      std::lock_guard lock(mutex_);
-      issued = issued_;
-      // Collectives still queued on this rank can no longer run.
+      std::unique_lock lock(mutex_);
+      // Collectives still queued on this rank can no longer run, and the running one is woken.
       record_locked(
           {options_.rank, "rank " + std::to_string(options_.rank) + " closed its communicator"});
+      // Once the running collective has ended, every later one fails in begin(): the peers learn
+      // the first collective this rank did not finish, not merely how many it issued (a peer
+      // waiting in one of those would otherwise never be woken by the notice).
+      changed_.wait(lock, [&] { return !running_; });
+      finished = finished_;
     }
     if (options_.world_size > 1) {
       Notice notice;
       notice.type = NoticeType::kClosed;
       notice.peer = options_.rank;
-      notice.issued = issued;
+      notice.finished = finished;
       send_notice(notice);
       flush_notices();
     }
@@ -709,10 +811,12 @@ class GlooCommunicator::Impl {
     // Buffers hold the transport context; the connections close when the last of them is gone.
     buffers_.clear();
     retained_.clear();
+    sentinels_.clear();
     listening_.clear();
     notices_.clear();
     context_.reset();
     device_.reset();
+    set_buffer_accountant(nullptr);
   }
 
   // Waits (bounded) until the peers took this rank's notices, so they arrive before the close.
@@ -750,6 +854,13 @@ class GlooCommunicator::Impl {
   std::set<int> closed_peers_;
   std::deque<Task> queue_;
   uint64_t issued_ = 0;
+  uint64_t finished_ = 0;  // collectives completed (in issue order, so the next one is unfinished)
+  std::vector<std::optional<Clock::time_point>> broken_since_;  // per peer, by the watchdog
+  struct Sentinel {
+    std::unique_ptr<UnboundBuffer> buffer;
+    std::optional<std::string> broken;  // the error of posting it
+  };
+  std::vector<Sentinel> sentinels_;  // per peer; set before the threads start
   bool stopping_ = false;
   std::optional<uint64_t> running_;  // sequence of the collective the executor runs
   Clock::time_point deadline_;
@@ -765,7 +876,15 @@ class GlooCommunicator::Impl {
   // The executor's own.
   std::vector<Header> headers_;
   Header header_out_;
-  std::vector<char> scratch_[2];
+  struct Staging {
+    std::unique_ptr<char[]> memory;
+    size_t bytes = 0;
+  };
+  Staging scratch_[2];
+
+  std::mutex staging_mutex_;  // guards the two below; the executor grows, any thread moves them
+  MemoryAccountant* staging_accountant_ = nullptr;
+  uint64_t staging_bytes_ = 0;  // scratch_'s bytes, counted against staging_accountant_
 
   std::thread executor_;
   std::thread watchdog_;
@@ -821,5 +940,9 @@ std::unique_ptr<CollectiveWork> GlooCommunicator::all_gather_async(const void* s
 void GlooCommunicator::barrier() { impl_->issue({.kind = Kind::kBarrier})->wait(); }
 
 void GlooCommunicator::abort(const std::string& reason) { impl_->abort(reason); }
+
+void GlooCommunicator::set_buffer_accountant(MemoryAccountant* accountant) {
+  impl_->set_buffer_accountant(accountant);
+}
 
 }  // namespace lomo

@@ -19,6 +19,12 @@
 //   watchdog at the deadline, abort(), or a peer's notice), and the rank that detected a failure
 //   sends a notice naming the rank at fault to every peer on a control slot; a listener thread on
 //   each rank receives it and wakes that rank's pending collective.
+// - Dead peers found in bounded time: Gloo does not wake a send or receive that is mid-message when
+//   its connection breaks, so each peer's connection carries a sentinel receive that Gloo does
+//   fail, checked by the watchdog every 100 ms. A peer whose connection broke without its close
+//   notice fails this rank's running and later collectives, naming it ("connection to rank P
+//   failed"), within 0.7 s of the connection breaking (two checks plus a 500 ms grace for the
+//   close notice; plus scheduling delays), whatever the timeout.
 // Asynchronous works run on one executor thread per communicator, in issue order; wait() blocks on
 // the work's result. Messages are sent from and received into the communicator's own scratch
 // buffers, so a collective that failed halfway can never write into the caller's memory later.
@@ -68,6 +74,9 @@ class GlooCommunicator final : public Communicator {
                                                    int64_t bytes_per_rank) override;
   void barrier() override;
   void abort(const std::string& reason) override;
+  // The ring all-reduce stages one chunk out and one in (2·⌈count/N⌉ elements of the largest
+  // all-reduce so far), broadcast and all_gather their payload; kept for reuse, grown as needed.
+  void set_buffer_accountant(MemoryAccountant* accountant) override;
 
   class Impl;
 

@@ -15,21 +15,7 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-enum class Kind : uint8_t { kAllReduce, kBroadcast, kAllGather, kBarrier };
-
-const char* kind_name(Kind kind) {
-  switch (kind) {
-    case Kind::kAllReduce:
-      return "all_reduce";
-    case Kind::kBroadcast:
-      return "broadcast";
-    case Kind::kAllGather:
-      return "all_gather";
-    case Kind::kBarrier:
-      return "barrier";
-  }
-  return "unknown";
-}
+using Kind = CollectiveKind;
 
 // now + timeout, capped at a year so that a timeout of milliseconds::max() means "no timeout"
 // without overflowing the clock.
@@ -102,7 +88,7 @@ class Group {
   // once if the group is broken.
   std::shared_ptr<Slot> arrive(int rank, uint64_t sequence, const Arrival& arrival) {
     std::lock_guard lock(mutex_);
-    throw_if_failed(kind_name(arrival.kind));
+    throw_if_failed(collective_kind_name(arrival.kind));
     auto& slot = slots_[sequence];
     if (!slot) {
       slot = std::make_shared<Slot>();
@@ -124,7 +110,7 @@ class Group {
         changed_.wait_until(lock, deadline, [&] { return slot.done || failure_.has_value(); });
     if (slot.done) return;
     if (!settled) fail_locked(missing_peer(slot, sequence, kind));
-    throw_if_failed(kind_name(kind));
+    throw_if_failed(collective_kind_name(kind));
   }
 
   bool is_done(const Slot& slot, Clock::time_point deadline) {
@@ -160,7 +146,7 @@ class Group {
       ++count;
     }
     return {first, (count == 1 ? "rank " : "ranks ") + missing + " did not join " +
-                       kind_name(kind) + " #" + std::to_string(sequence) + " within " +
+                       collective_kind_name(kind) + " #" + std::to_string(sequence) + " within " +
                        std::to_string(timeout_.count()) + " ms"};
   }
 
@@ -171,8 +157,8 @@ class Group {
       const Arrival& other = *slot.arrivals[static_cast<size_t>(r)];
       std::string what;
       if (other.kind != first.kind) {
-        what = std::string("issued ") + kind_name(other.kind) + " where rank 0 issued " +
-               kind_name(first.kind);
+        what = std::string("issued ") + collective_kind_name(other.kind) + " where rank 0 issued " +
+               collective_kind_name(first.kind);
       } else if (other.count != first.count) {
         what = "gave count " + std::to_string(other.count) + " where rank 0 gave " +
                std::to_string(first.count);
@@ -321,7 +307,7 @@ class InProcessCommunicator final : public Communicator {
   // breaks now, naming this rank.
   [[noreturn]] void fail_here(Kind kind, const std::string& detail) {
     group_->fail({rank_, "rank " + std::to_string(rank_) + ": " + detail});
-    throw CommunicatorError(kind_name(kind), rank_, detail);
+    throw CommunicatorError(collective_kind_name(kind), rank_, detail);
   }
 
   std::shared_ptr<Group> group_;

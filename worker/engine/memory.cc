@@ -19,6 +19,8 @@ std::string_view memory_kind_name(MemoryKind kind) {
       return "activations";
     case MemoryKind::kWorkspace:
       return "workspace";
+    case MemoryKind::kCommunication:
+      return "communication";
   }
   return "?";
 }

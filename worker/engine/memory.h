@@ -21,8 +21,11 @@ enum class MemoryKind : uint8_t {
   kOptimizerState,
   kActivations,
   kWorkspace,
+  // A communicator's own buffers (message staging of the collectives), counted through
+  // Communicator::set_buffer_accountant: what data parallelism adds to a rank's memory.
+  kCommunication,
 };
-inline constexpr size_t kMemoryKindCount = 5;
+inline constexpr size_t kMemoryKindCount = 6;
 std::string_view memory_kind_name(MemoryKind kind);
 
 struct MemoryReport {

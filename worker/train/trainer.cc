@@ -16,6 +16,7 @@
 #include "common/checkpoint_layout.h"
 #include "common/read_file.h"
 #include "worker/comm/local_communicator.h"
+#include "worker/comm/metered_communicator.h"
 #include "worker/engine/checkpoint_io.h"
 #include "worker/engine/llama_model.h"
 #include "worker/optim/lr_schedule.h"
@@ -279,7 +280,9 @@ int64_t rows_per_rank(const JobSpec& spec, const Communicator& communicator) {
   return spec.training.batch_size / communicator.world_size();
 }
 
-nlohmann::json metrics_line(const TrainingMetrics& m) {
+// In this order (not sorted): the step's deterministic figures first, then the measured ones
+// (timings, memory), so two runs' lines can be compared up to "tokens_per_second".
+nlohmann::ordered_json metrics_line(const TrainingMetrics& m) {
   return {{"step", m.step},
           {"loss", m.loss},
           {"lr", m.lr},
@@ -288,6 +291,9 @@ nlohmann::json metrics_line(const TrainingMetrics& m) {
           {"skipped", m.skipped},
           {"skipped_records", m.skipped_records},
           {"tokens_per_second", m.tokens_per_second},
+          {"step_seconds", m.step_seconds},
+          {"communication_seconds", m.communication_seconds},
+          {"communication_bytes", m.communication_bytes},
           {"memory", memory_json(m.memory)}};
 }
 
@@ -310,12 +316,13 @@ class TrainingRun {
       : spec_(spec),
         options_(options),
         hooks_(hooks),
-        communicator_(options.communicator != nullptr ? *options.communicator
-                                                      : local_communicator_),
+        metered_(options.communicator != nullptr ? *options.communicator : local_communicator_),
+        communicator_(metered_),
         rank_(communicator_.rank()),
         rows_per_rank_(rows_per_rank(spec, communicator_)),
         output_dir_(spec.output.dir),
         resume_from_(resume_point(output_dir_, options)),
+        buffer_accounting_(communicator_, accountant_),
         weights_(load_weights(spec, resume_from_ ? *resume_from_ : fs::path(spec.model.path),
                               accountant_)),
         data_(load_training_data(spec, weights_.config(), rank_, communicator_.world_size())),
@@ -401,12 +408,14 @@ class TrainingRun {
   // Forward, backward and update of the next batch; its metrics go to metrics.jsonl and on_step.
   void train_step() {
     const auto step_start = Clock::now();
+    const CommunicationTotals communication_before = metered_.totals();
     const TokenBatch batch = train_data_.next_batch(rows_per_rank_);
     ++state_.step;
     model_.forward(batch);
     const double lr = schedule_.at(state_.step);
     const StepResult step = optimizer_->step(model_, state_.step, lr);
     const double step_seconds = std::chrono::duration<double>(Clock::now() - step_start).count();
+    const CommunicationTotals communication_after = metered_.totals();
 
     TrainingMetrics m;
     m.step = state_.step;
@@ -420,6 +429,10 @@ class TrainingRun {
     m.tokens = batch.batch_size * batch.seq_len;  // this rank's share, then every rank's
     if (communicator_.world_size() > 1) communicator_.all_reduce(&m.tokens, 1, ReduceOp::kSum);
     m.tokens_per_second = static_cast<double>(m.tokens) / step_seconds;
+    m.step_seconds = step_seconds;
+    m.communication_seconds = communication_after.seconds - communication_before.seconds;
+    m.communication_bytes =
+        communication_after.all_reduce_bytes - communication_before.all_reduce_bytes;
     m.elapsed_seconds = std::chrono::duration<double>(Clock::now() - start_).count();
     m.memory = accountant_.report();
     if (rank_ == 0) metrics_ << metrics_line(m).dump() << "\n" << std::flush;
@@ -503,12 +516,14 @@ class TrainingRun {
   const TrainerOptions& options_;
   const TrainerHooks& hooks_;
   LocalCommunicator local_communicator_;
-  Communicator& communicator_;  // options.communicator, else local_communicator_
+  MeteredCommunicator metered_;  // options.communicator, else local_communicator_, measured
+  Communicator& communicator_;   // metered_
   const int rank_;
   const int64_t rows_per_rank_;
   const fs::path output_dir_;
   const std::optional<fs::path> resume_from_;
   MemoryAccountant accountant_;
+  CommunicationBufferAccounting buffer_accounting_;  // the communicator's staging, in accountant_
   LlamaWeights weights_;
   TrainingData data_;
   TokenDataset& train_data_;

@@ -29,6 +29,12 @@ struct TrainingMetrics {
   double tokens_per_second = 0.0;  // input positions (padding included) per second of the step
   double elapsed_seconds = 0.0;
   MemoryReport memory;
+  // This rank's own (not reduced): the step's wall time (forward to update), the part of it spent
+  // in collectives (waiting for peers included), and the payload bytes it all-reduced (0 with one
+  // rank). Their share shows a straggler or a communication-bound step.
+  double step_seconds = 0.0;
+  double communication_seconds = 0.0;
+  int64_t communication_bytes = 0;
 };
 
 struct EvalMetrics {
