@@ -56,7 +56,7 @@ void CoordinatorRendezvous::fail(const std::string& what, const grpc::Status& st
                         code_name(status.error_code()) + " (" + status.error_message() + ")");
 }
 
-void CoordinatorRendezvous::set(const std::string& key, const std::string& value) {
+grpc::Status CoordinatorRendezvous::try_set(const std::string& key, const std::string& value) {
   lomo::v1::RendezvousSetRequest request;
   request.set_worker_id(options_.worker_id);
   request.set_job_id(options_.job_id);
@@ -66,8 +66,35 @@ void CoordinatorRendezvous::set(const std::string& key, const std::string& value
   lomo::v1::RendezvousSetResponse response;
   grpc::ClientContext context;
   context.set_deadline(std::chrono::system_clock::now() + options_.rpc_deadline);
-  const grpc::Status status = stub_->RendezvousSet(&context, request, &response);
-  if (!status.ok()) fail("setting key '" + printable_excerpt(key, 200) + "'", status);
+  return stub_->RendezvousSet(&context, request, &response);
+}
+
+void CoordinatorRendezvous::set(const std::string& key, const std::string& value) {
+  const auto deadline = Clock::now() + options_.rpc_deadline;
+  std::chrono::milliseconds pause = options_.first_poll;
+  while (true) {
+    const grpc::Status status = try_set(key, value);
+    if (status.ok()) break;
+    if (status.error_code() != grpc::StatusCode::UNAVAILABLE || Clock::now() + pause > deadline) {
+      fail("setting key '" + printable_excerpt(key, 200) + "'", status);
+    }
+    republish_pending_ = true;
+    std::this_thread::sleep_for(pause);
+    pause = std::min(pause * 2, options_.last_poll);
+  }
+  published_[key] = value;
+  last_published_ = Clock::now();
+}
+
+bool CoordinatorRendezvous::republish() {
+  for (const auto& [key, value] : published_) {
+    const grpc::Status status = try_set(key, value);
+    if (status.error_code() == grpc::StatusCode::UNAVAILABLE) return false;
+    if (!status.ok()) fail("setting key '" + printable_excerpt(key, 200) + "' again", status);
+  }
+  republish_pending_ = false;
+  last_published_ = Clock::now();
+  return true;
 }
 
 std::vector<std::string> CoordinatorRendezvous::get(const std::vector<std::string>& keys,
@@ -85,9 +112,18 @@ std::vector<std::string> CoordinatorRendezvous::get(const std::vector<std::strin
     const auto left = std::max(deadline - Clock::now(), Clock::duration::zero());
     context.set_deadline(std::chrono::system_clock::now() +
                          std::min<Clock::duration>(options_.rpc_deadline, left + pause));
-    const grpc::Status status = stub_->RendezvousGet(&context, request, &response);
-    if (!status.ok()) fail("reading " + describe_keys(keys), status);
-    if (response.ready()) {
+    const bool due = republish_pending_ || (!published_.empty() && Clock::now() - last_published_ >=
+                                                                       options_.republish_every);
+    const bool reachable = !due || republish();
+    const grpc::Status status =
+        reachable ? stub_->RendezvousGet(&context, request, &response)
+                  : grpc::Status(grpc::StatusCode::UNAVAILABLE, "setting this rank's keys again");
+    const bool unavailable = status.error_code() == grpc::StatusCode::UNAVAILABLE;
+    if (unavailable) republish_pending_ = true;
+    if (!status.ok() && (!unavailable || Clock::now() + pause > deadline)) {
+      fail("reading " + describe_keys(keys), status);
+    }
+    if (status.ok() && response.ready()) {
       if (response.values_size() != static_cast<int>(keys.size())) {
         throw RendezvousError("rendezvous of job " + options_.job_id + " on the coordinator " +
                               options_.coordinator + ": " + std::to_string(response.values_size()) +

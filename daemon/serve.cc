@@ -99,7 +99,14 @@ std::filesystem::path find_trainer(const std::filesystem::path& flag, std::strin
 // when the coordinator cannot be resolved yet (the daemon keeps dialling it anyway).
 std::string default_advertise_address(const std::string& coordinator) {
   try {
-    return local_address_toward(coordinator);
+    std::string address = local_address_toward(coordinator);
+    // Right for a gang on this host only; a peer on another host would dial its own loopback.
+    if (address == "127.0.0.1" || address == "::1") {
+      log_line("advertising " + address + " to gang peers (the coordinator " + coordinator +
+               " is reached over loopback): gangs with workers on other hosts need "
+               "--advertise-address set to an address they can reach");
+    }
+    return address;
   } catch (const std::runtime_error& e) {
     log_line(std::string(e.what()) + "; advertising the host name " + host_name() +
              " to gang peers (set --advertise-address)");

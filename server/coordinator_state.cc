@@ -89,7 +89,11 @@ void CoordinatorState::release_worker_locked(Worker& worker) {
   worker.assigned_on = worker.confirmed_on = worker.cancel_sent_on = 0;
   worker.restored = false;
   if (worker.connection != nullptr && !shutting_down) {
-    scheduler.add_idle_worker(worker.id, worker.device.kind());
+    if (worker.unsettled) {
+      scheduler.add_busy_worker(worker.id, worker.device.kind());
+    } else {
+      scheduler.add_idle_worker(worker.id, worker.device.kind());
+    }
   }
 }
 

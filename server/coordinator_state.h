@@ -81,6 +81,17 @@ struct Worker {
   uint64_t confirmed_on = 0;    // connection whose heartbeat or status named the attempt
   uint64_t cancel_sent_on = 0;  // connection that received CancelAssignment
   bool restored = false;        // job restored at startup and the worker not seen since
+  // Not known to run nothing: set from Register until a heartbeat names no attempt, and whenever
+  // a heartbeat names an attempt the worker does not own. Such a worker is never idle: after a
+  // coordinator restart (or a long absence) it may still be stopping a rank of a job that ended,
+  // and its daemon would refuse the next job as busy, failing that job.
+  bool unsettled = false;
+  uint64_t idle_ticket = 0;  // Scheduler::idle_ticket() taken at Register (0: none)
+  // The ended attempt a heartbeat freed this worker from (its rank had stopped): the terminal
+  // status that follows is still recorded on that job. Empty job_id: none.
+  std::string freed_job_id;
+  int64_t freed_attempt = 0;
+  int freed_rank = 0;
 };
 
 class CoordinatorState {
@@ -122,8 +133,8 @@ class CoordinatorState {
   void send_cancel_locked(Worker& worker);
   // Forgets the worker's connection (it keeps its job, if any). Requires mu.
   void disconnect_locked(Worker& worker);
-  // The job the worker ran has ended: the worker owns nothing and, if connected, is idle.
-  // Requires mu.
+  // The job the worker ran has ended: the worker owns nothing and, if connected, is idle (busy
+  // while unsettled). Requires mu.
   void release_worker_locked(Worker& worker);
   // `prefix` followed by 48 random bits in hex. Requires mu.
   std::string new_id_locked(const std::string& prefix);

@@ -37,6 +37,17 @@ grpc::Status read_spec(const v1::SubmitJobRequest& request, SubmittedSpec* submi
 
 }  // namespace
 
+std::string end_job_by_rank(JobRecord& updated, v1::JobState rank_end, const std::string& what) {
+  *updated.job.mutable_end_time() = now_timestamp();
+  if (updated.cancel_requested) {
+    updated.job.set_state(v1::JOB_STATE_CANCELLED);
+    return "cancelled by request; " + what;
+  }
+  updated.job.set_state(rank_end);
+  if (rank_end == v1::JOB_STATE_FAILED) updated.job.set_failure_reason(what);
+  return what;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Startup.
 
@@ -220,15 +231,7 @@ void JobLifecycle::end_orphaned_job_locked(Worker& worker, const std::string& re
   // One rank names itself; a gang's reason says which rank was lost.
   const std::string what =
       active.world_size > 1 ? "rank " + std::to_string(rank) + ": " + reason : reason;
-  std::string why = what;
-  if (updated.cancel_requested) {
-    updated.job.set_state(v1::JOB_STATE_CANCELLED);
-    why = std::string("cancelled by request; the worker did not confirm: ") + what;
-  } else {
-    updated.job.set_state(v1::JOB_STATE_FAILED);
-    updated.job.set_failure_reason(what);
-  }
-  *updated.job.mutable_end_time() = now_timestamp();
+  const std::string why = end_job_by_rank(updated, v1::JOB_STATE_FAILED, what);
   // On a store error the worker keeps the job and the next scan tries again.
   (void)commit_locked(active, std::move(updated), why);
 }

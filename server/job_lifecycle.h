@@ -25,6 +25,14 @@
 
 namespace lomo::server {
 
+// The one rule for how a rank's end ends its job, whichever way it ended (the rank failed,
+// stopped, or its worker is gone): with a cancel pending the job is CANCELLED, `what` (what the
+// rank said or what happened to it) kept as the detail, since a rank failing while its gang stops
+// (e.g. "rank 0 closed its communicator") is the cancel taking effect; otherwise the job ends
+// `rank_end` (FAILED records `what` as the failure reason). Sets the state and end time of
+// `updated` and returns the state change's reason.
+std::string end_job_by_rank(JobRecord& updated, v1::JobState rank_end, const std::string& what);
+
 class JobLifecycle {
  public:
   explicit JobLifecycle(CoordinatorState& state) : state_(state) {}
@@ -43,9 +51,9 @@ class JobLifecycle {
   // worker of a job that ended. `active` is invalid afterwards if the job ended. Requires mu.
   grpc::Status commit_locked(ActiveJob& active, JobRecord updated, const std::string& reason,
                              std::vector<v1::JobEvent> extra = {});
-  // Ends an assigned or running job one of whose workers is gone: CANCELLED if a cancel was
-  // pending, else FAILED with `reason` (prefixed with the rank in a gang). A worker whose job has
-  // already ended just becomes free. Requires mu.
+  // Ends an assigned or running job one of whose workers is gone (end_job_by_rank with FAILED and
+  // `reason`, prefixed with the rank in a gang). A worker whose job has already ended just becomes
+  // free. Requires mu.
   void end_orphaned_job_locked(Worker& worker, const std::string& reason);
   // Assigns queued jobs to idle workers while both exist. Requires mu.
   void dispatch_locked();

@@ -69,10 +69,15 @@ void Scheduler::remove_job(const std::string& job_id) {
 }
 
 void Scheduler::add_idle_worker(const std::string& worker_id, v1::DeviceKind device) {
+  add_idle_worker(worker_id, device, idle_counter_++);
+}
+
+void Scheduler::add_idle_worker(const std::string& worker_id, v1::DeviceKind device,
+                                uint64_t ticket) {
   const auto it = workers_.find(worker_id);
   if (it != workers_.end() && it->second.first == device) return;
   add_busy_worker(worker_id, device);  // connected, in case it was not counted yet
-  WorkerKey key{idle_counter_++, worker_id};
+  WorkerKey key{ticket, worker_id};
   idle_[device].insert(key);
   workers_.emplace(worker_id, std::make_pair(device, std::move(key)));
   publish();

@@ -68,8 +68,12 @@ class Scheduler {
                v1::DeviceKind device, int64_t world_size = 1);
   void remove_job(const std::string& job_id);
   // Marks a connected worker idle (ready for a job). Calling it for a worker already idle keeps
-  // its place.
+  // its place. With a ticket (from idle_ticket()), it ranks as idle since the ticket was taken.
   void add_idle_worker(const std::string& worker_id, v1::DeviceKind device);
+  void add_idle_worker(const std::string& worker_id, v1::DeviceKind device, uint64_t ticket);
+  // A place in the idle order, taken now and used later: a worker that registers becomes idle
+  // only at its first heartbeat, yet ranks by when it registered.
+  uint64_t idle_ticket() { return idle_counter_++; }
   // A worker connected while it runs a job: it counts as connected, not idle.
   void add_busy_worker(const std::string& worker_id, v1::DeviceKind device);
   // The worker is gone (disconnected, draining): neither idle nor connected.
@@ -112,7 +116,7 @@ class Scheduler {
   std::unordered_map<std::string, std::pair<v1::DeviceKind, WorkerKey>> workers_;
   std::unordered_map<std::string, v1::DeviceKind> connected_;  // idle or busy
   std::map<v1::DeviceKind, int64_t> connected_by_kind_;
-  uint64_t idle_counter_ = 0;
+  uint64_t idle_counter_ = 1;  // 0 is no ticket
 
   mutable std::mutex published_mu_;
   std::shared_ptr<const QueueHeads> published_;  // guarded by published_mu_

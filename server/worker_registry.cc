@@ -80,6 +80,22 @@ std::string rank_text(int rank, const std::string& worker_id) {
   return "rank " + std::to_string(rank) + " (worker " + worker_id + ")";
 }
 
+// What a rank ending FAILED or CANCELLED says, for end_job_by_rank: "W: REASON" for a failure
+// ("rank R (worker W): ..." in a gang; a single job's failure is the worker's reason as it is),
+// "W stopped" or "W cancelled it" (without a cancel request) for a cancellation.
+std::string end_text(const JobRecord& record, const std::string& who,
+                     const v1::JobStatusUpdate& message) {
+  const std::string& said = message.reason();
+  if (message.state() == v1::JOB_STATE_CANCELLED) {
+    return who + (record.cancel_requested ? " stopped" : " cancelled it") +
+           (said.empty() ? "" : ": " + said);
+  }
+  if (record.job.assignments_size() > 1) {
+    return who + ": " + (said.empty() ? "reported a failure" : said);
+  }
+  return said.empty() ? who + " reported a failure" : said;
+}
+
 }  // namespace
 
 grpc::Status WorkerRegistry::on_register(const std::shared_ptr<WorkerConnection>& connection,
@@ -120,12 +136,12 @@ grpc::Status WorkerRegistry::on_register(const std::shared_ptr<WorkerConnection>
   reply.mutable_registered()->set_worker_id(id);
   reply.mutable_registered()->set_heartbeat_interval_ms(state_.options.heartbeat_interval_ms);
   connection->send(reply);
-  if (worker.job_id.empty()) {
-    state_.scheduler.add_idle_worker(id, worker.device.kind());
-    lifecycle_.dispatch_locked();
-  } else {
-    state_.scheduler.add_busy_worker(id, worker.device.kind());
-  }
+  // Not idle yet, even without a job here: a worker may still be stopping a rank of a job that
+  // ended while it was away (jobs that ended are not restored after a coordinator restart). Its
+  // first heartbeat, sent as soon as it is registered, says whether it runs nothing.
+  worker.unsettled = worker.job_id.empty();
+  worker.idle_ticket = worker.unsettled ? state_.scheduler.idle_ticket() : 0;
+  state_.scheduler.add_busy_worker(id, worker.device.kind());
   return grpc::Status::OK;
 }
 
@@ -139,6 +155,7 @@ void WorkerRegistry::on_heartbeat(const std::shared_ptr<WorkerConnection>& conne
                                message.attempt() == worker->attempt;
   const bool draining =
       !worker->job_id.empty() && state_.draining_locked(*worker, worker->job_id, worker->attempt);
+  const bool settles = update_settled_locked(*worker, message, reports_own_job);
   if (reports_own_job) {
     worker->confirmed_on = here;
     // A rank of an ended gang job keeps being told to stop (once per stream).
@@ -149,6 +166,9 @@ void WorkerRegistry::on_heartbeat(const std::shared_ptr<WorkerConnection>& conne
     // A rank told to stop, which had confirmed it ran, now runs something else: it stopped.
     log_line("worker " + worker->id + " stopped job " + worker->job_id + " attempt " +
              std::to_string(worker->attempt) + ", which had ended; it is free");
+    worker->freed_job_id = worker->job_id;
+    worker->freed_attempt = worker->attempt;
+    worker->freed_rank = worker->rank;
     state_.release_worker_locked(*worker);
     lifecycle_.dispatch_locked();
   } else if (!worker->job_id.empty() && worker->assigned_on != here &&
@@ -165,6 +185,27 @@ void WorkerRegistry::on_heartbeat(const std::shared_ptr<WorkerConnection>& conne
     cancel.mutable_cancel()->set_attempt(message.attempt());
     connection->send(cancel);
   }
+  if (settles && worker->job_id.empty()) {
+    // Idle since it registered (when it was unsettled from the start): workers rank by that.
+    if (worker->idle_ticket != 0) {
+      state_.scheduler.add_idle_worker(worker->id, worker->device.kind(), worker->idle_ticket);
+    } else {
+      state_.scheduler.add_idle_worker(worker->id, worker->device.kind());
+    }
+    lifecycle_.dispatch_locked();
+  }
+  worker->idle_ticket = 0;  // one use, right after Register
+}
+
+bool WorkerRegistry::update_settled_locked(Worker& worker, const v1::Heartbeat& message,
+                                           bool reports_own_job) {
+  const bool was_unsettled = worker.unsettled;
+  worker.unsettled = !message.job_id().empty() && !reports_own_job;
+  if (worker.unsettled && !was_unsettled && worker.job_id.empty()) {
+    // It was idle but runs an attempt it does not own: no job until that one stops.
+    state_.scheduler.add_busy_worker(worker.id, worker.device.kind());
+  }
+  return was_unsettled && !worker.unsettled;
 }
 
 void WorkerRegistry::lose_unconfirmed_attempt_locked(Worker& worker, const v1::Heartbeat& message) {
@@ -185,6 +226,13 @@ void WorkerRegistry::on_status(const std::shared_ptr<WorkerConnection>& connecti
   Worker* worker = state_.worker_for_locked(*connection);
   if (worker != nullptr && state_.draining_locked(*worker, message.job_id(), message.attempt())) {
     end_draining_rank_locked(*worker, message);
+    return;
+  }
+  if (worker != nullptr && is_terminal(message.state()) && !worker->freed_job_id.empty() &&
+      worker->freed_job_id == message.job_id() && worker->freed_attempt == message.attempt()) {
+    // The rank's heartbeat freed the worker before its end arrived: the job still hears it.
+    record_late_rank_end_locked(*worker, worker->freed_rank, message);
+    worker->freed_job_id.clear();
     return;
   }
   const std::string problem =
@@ -224,8 +272,15 @@ void WorkerRegistry::end_draining_rank_locked(Worker& worker, const v1::JobStatu
     state_.send_cancel_locked(worker);  // still running: it was told to stop (once per stream)
     return;
   }
-  std::string text = rank_text(worker.rank, worker.id) + ": " + state_name(message.state()) +
-                     " after the job ended";
+  record_late_rank_end_locked(worker, worker.rank, message);
+  state_.release_worker_locked(worker);
+  lifecycle_.dispatch_locked();
+}
+
+void WorkerRegistry::record_late_rank_end_locked(const Worker& worker, int rank,
+                                                 const v1::JobStatusUpdate& message) {
+  std::string text =
+      rank_text(rank, worker.id) + ": " + state_name(message.state()) + " after the job ended";
   if (!message.reason().empty()) text += ": " + message.reason();
   log_line("job " + message.job_id() + ": " + text + "; the worker is free");
   std::vector<v1::JobEvent> events{log_event(text)};
@@ -236,8 +291,6 @@ void WorkerRegistry::end_draining_rank_locked(Worker& worker, const v1::JobStatu
   } catch (const StoreError& error) {
     internal_error("cannot record the end of a rank of job " + message.job_id(), error);
   }
-  state_.release_worker_locked(worker);
-  lifecycle_.dispatch_locked();
 }
 
 bool WorkerRegistry::apply_status(const Worker& worker, const v1::JobStatusUpdate& message,
@@ -254,16 +307,9 @@ bool WorkerRegistry::apply_status(const Worker& worker, const v1::JobStatusUpdat
       *reason = message.reason().empty() ? "finished on worker " + worker.id : message.reason();
       break;
     case v1::JOB_STATE_FAILED:
-      updated->job.set_state(v1::JOB_STATE_FAILED);
-      *reason = message.reason().empty() ? "worker " + worker.id + " reported a failure"
-                                         : message.reason();
-      updated->job.set_failure_reason(*reason);
-      break;
     case v1::JOB_STATE_CANCELLED:
-      updated->job.set_state(v1::JOB_STATE_CANCELLED);
-      *reason = updated->cancel_requested ? "cancelled by request; worker " + worker.id + " stopped"
-                                          : "worker " + worker.id + " cancelled it";
-      if (!message.reason().empty()) *reason += ": " + message.reason();
+      *reason = end_job_by_rank(*updated, message.state(),
+                                end_text(*updated, "worker " + worker.id, message));
       break;
     default:
       log_line("ignoring status " + state_name(message.state()) + " for job " + message.job_id() +
@@ -310,14 +356,8 @@ bool WorkerRegistry::apply_rank_status(const ActiveJob& active, int rank, const 
       break;
     }
     case v1::JOB_STATE_FAILED:
-      updated->job.set_state(v1::JOB_STATE_FAILED);
-      *reason = who + ": " + (message.reason().empty() ? "reported a failure" : message.reason());
-      updated->job.set_failure_reason(*reason);
-      break;
     case v1::JOB_STATE_CANCELLED:
-      updated->job.set_state(v1::JOB_STATE_CANCELLED);
-      *reason = updated->cancel_requested ? "cancelled by request; " + who + " stopped" + said
-                                          : who + " cancelled it" + said;
+      *reason = end_job_by_rank(*updated, message.state(), end_text(*updated, who, message));
       break;
     default:
       log_line("ignoring status " + state_name(message.state()) + " for job " + message.job_id() +
@@ -379,6 +419,14 @@ grpc::Status WorkerRegistry::rendezvous_problem_locked(const std::string& worker
   const std::string what =
       "the rendezvous of job " + job_id + " attempt " + std::to_string(attempt);
   const auto worker = state_.workers.find(worker_id);
+  if (worker != state_.workers.end() && worker->second.connection == nullptr &&
+      worker->second.job_id == job_id && worker->second.attempt == attempt) {
+    // Its daemon is reconnecting (after a coordinator restart or a network blip): the rank may
+    // retry, as it does for an unreachable coordinator.
+    return grpc::Status(
+        grpc::StatusCode::UNAVAILABLE,
+        what + ": worker " + worker_id + " runs one of its ranks but is not connected right now");
+  }
   if (worker == state_.workers.end() || worker->second.connection == nullptr) {
     return grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
                         what + " is open only to its ranks' connected workers; worker " +

@@ -4,6 +4,9 @@
 // count only from a worker that runs a rank of the job's current attempt. A worker silent for
 // heartbeat_timeout is dead: its job ends (through JobLifecycle) and its stream is closed.
 //
+// A worker is given no job until a heartbeat says it runs nothing (Worker::unsettled): the
+// daemon sends one as soon as it is registered, so a new worker waits at most that long.
+//
 // Gangs: every rank reports states, logs and heartbeats; only rank 0's metrics and evaluations
 // count (the others' are dropped) and only rank 0 uploads checkpoints (CheckpointCommit); a
 // gang's log lines and status reasons are recorded as "rank R (worker W): ...". The rendezvous
@@ -74,6 +77,13 @@ class WorkerRegistry {
                          std::string* reason, std::vector<v1::JobEvent>* events) const;
   // A rank of an ended job reports: its end frees the worker (and is recorded on the job).
   void end_draining_rank_locked(Worker& worker, const v1::JobStatusUpdate& message);
+  // Records "rank R (worker W): STATE after the job ended[: reason]" on the job.
+  void record_late_rank_end_locked(const Worker& worker, int rank,
+                                   const v1::JobStatusUpdate& message);
+  // Worker::unsettled after this heartbeat (set while it names an attempt the worker does not
+  // own, cleared once it names none or the worker's own); an idle worker that becomes unsettled
+  // is made busy. Returns true when the worker just settled.
+  bool update_settled_locked(Worker& worker, const v1::Heartbeat& message, bool reports_own_job);
   grpc::Status rendezvous_problem_locked(const std::string& worker_id, const std::string& job_id,
                                          int64_t attempt) const;
   // A worker silent for `silent` seconds: ends its job and closes its stream. Returns true when

@@ -21,6 +21,11 @@
 //       address on its route to the coordinator). Every rank writes its own protocol file;
 //       rank 0 alone writes metrics.jsonl and checkpoints. A stop signal while the ranks are
 //       still meeting ends the rank at once, interrupted (nothing was trained).
+//       Test hook, never set otherwise: LOMO_TEST_FAULT=break_all_reduce_on_last_rank in the
+//       environment makes the last rank of a gang keep its own gradients instead of the reduced
+//       ones (worker/comm/fault_injection.h), so that tests can show the trajectory comparison and
+//       the weight-hash check at a checkpoint catch a broken reduction. Any other non-empty value
+//       fails the run.
 //   lomo-worker init-model DIR [--preset tiny|reference] [--seed N]
 //       Writes a randomly initialised LLaMA in Hugging Face layout (for demos and benchmarks).
 //   lomo-worker serve --coordinator HOST:PORT [--device cpu|N] [--work-dir DIR] ...
@@ -53,6 +58,7 @@
 #include "common/flags.h"
 #include "common/trainer_protocol.h"
 #include "jobspec/job_spec.h"
+#include "worker/comm/fault_injection.h"
 #include "worker/engine/checkpoint_io.h"
 #include "worker/optim/optimizer.h"
 #include "worker/train/trainer.h"
@@ -96,6 +102,8 @@ constexpr const char* kUsage =
     "                    --worker-id W --job-id J --attempt A [--advertise-address ADDR]\n"
     "                    [--protocol-file FILE]\n"
     "      one rank of a gang scheduled by the coordinator (the worker daemon starts it)\n"
+    "  test hook: LOMO_TEST_FAULT=break_all_reduce_on_last_rank makes a gang's last rank keep its\n"
+    "      own gradients (a broken reduction the checks must catch); never set it otherwise\n"
     "  lomo-worker init-model DIR [--preset tiny|reference] [--seed N]\n"
     "  lomo-worker serve --coordinator HOST:PORT [--device cpu|N] [--work-dir DIR]\n"
     "                    [--metrics-listen ADDR:PORT] [--worker-id ID]\n"
@@ -490,6 +498,13 @@ std::unique_ptr<lomo::Communicator> connect_through_coordinator(
 }
 #endif
 
+// The LOMO_TEST_FAULT test hook (worker/comm/fault_injection.h): kNone unless a test sets it.
+// Throws std::invalid_argument for a name that is no fault.
+lomo::CommunicatorFault fault_from_environment() {
+  const char* name = std::getenv(lomo::kTestFaultVariable);
+  return lomo::parse_communicator_fault(name == nullptr ? "" : name);
+}
+
 // This rank's communicator: its peers meet it through the coordinator (coordinator://HOST:PORT)
 // or through the FileStore in args.rendezvous under a prefix of the launching process's id.
 // Throws CommunicatorError when they do not all arrive.
@@ -527,6 +542,7 @@ int train_rank(const TrainArgs& args) {
   }
   try {
     const lomo::JobSpec spec = load_spec(args);
+    const lomo::CommunicatorFault fault = fault_from_environment();
     std::unique_ptr<lomo::Communicator> communicator;
     try {
       communicator = connect_rank(args);
@@ -539,6 +555,12 @@ int train_rank(const TrainArgs& args) {
       reporter->outcome(protocol::Status::kInterrupted,
                         std::string("stopped before training began: ") + e.what());
       return protocol::exit_code_for(protocol::Status::kInterrupted);
+    }
+    if (fault != lomo::CommunicatorFault::kNone) {
+      std::cerr << who << ": " << lomo::kTestFaultVariable << "="
+                << std::getenv(lomo::kTestFaultVariable)
+                << ": a test fault is injected into the gang's collectives\n";
+      communicator = lomo::with_fault(std::move(communicator), fault);
     }
     reporter->set_log_every(spec.training.log_every);
     const protocol::Status status = run_training(spec, args, reporter->hooks(), communicator.get());
@@ -656,6 +678,7 @@ int train_command(const std::vector<std::string>& args) {
   std::optional<lomo::JobSpec> spec;
   try {
     spec = load_spec(*parsed);
+    fault_from_environment();  // a misspelt test fault fails every run, not only a gang's ranks
   } catch (const std::exception& e) {
     RunReporter reporter(parsed->protocol_file);  // a spec that does not parse is reported too
     return fail(e, "lomo-worker train", &reporter);

@@ -356,6 +356,7 @@ TEST_F(CoordinatorApiTest, SigtermStopsGracefullyWithStreamsOpen) {
   const v1::Job job = submit_ok("watched");
   TestWorker worker(coordinator_->channel());
   worker.register_as("w-sigterm");
+  worker.heartbeat();  // it runs nothing: ready for a job
   ASSERT_TRUE(worker.next_assignment(seconds(5)).has_value());
 
   // A followed watch of a running job never ends by itself.

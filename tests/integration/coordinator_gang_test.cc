@@ -109,7 +109,7 @@ TEST_F(CoordinatorGangTest, TwoRanksRunOneJobAndOnlyRankZeroReportsProgressAndCh
   auto a = worker("w-a");  // idle longest: rank 0
   auto b = worker("w-b");
   const v1::Job submitted = submit_ok(gang_request("pair", 2));
-  const std::string id = submitted.id();
+  const std::string& id = submitted.id();
   const v1::Assignment first = assignment_of(*a);
   const v1::Assignment second = assignment_of(*b);
   EXPECT_EQ(first.job_id(), id);
@@ -283,6 +283,65 @@ TEST_F(CoordinatorGangTest, CancellingAGangCancelsEveryRank) {
       [&] { return history(id).find("rank 1 (worker w-b): CANCELLED after") != std::string::npos; },
       seconds(10)));
   EXPECT_THAT(history(id), HasSubstr("cancelled by request; rank 0 (worker w-a) stopped\n"));
+}
+
+// A rank may fail rather than confirm a cancel: rank 0 stops first and rank 1's collective then
+// fails ("rank 0 closed its communicator"). With the cancel pending, that end is the cancel taking
+// effect: the job is CANCELLED, the rank's words kept as the detail, and no failure is recorded.
+TEST_F(CoordinatorGangTest, CancellingAGangEndsCancelledEvenWhenARankFailsWhileStopping) {
+  auto a = worker("w-a");
+  auto b = worker("w-b");
+  const std::string id = submit_ok(gang_request("cancel-then-fail", 2)).id();
+  assignment_of(*a);
+  assignment_of(*b);
+  ASSERT_TRUE(a->report(id, 1, v1::JOB_STATE_RUNNING));
+  ASSERT_TRUE(b->report(id, 1, v1::JOB_STATE_RUNNING));
+  ASSERT_TRUE(cancel(*jobs_, id, nullptr).ok());
+  ASSERT_TRUE(b->next_of(v1::CoordinatorMessage::kCancel, seconds(10)).has_value());
+  ASSERT_TRUE(b->report(id, 1, v1::JOB_STATE_FAILED, "rank 0 closed its communicator"));
+  const v1::Job ended = wait_for_state(*jobs_, id, v1::JOB_STATE_CANCELLED, seconds(10));
+  EXPECT_THAT(ended.failure_reason(), IsEmpty());
+  EXPECT_THAT(history(id), HasSubstr("cancelled by request; rank 1 (worker w-b): rank 0 closed "
+                                     "its communicator\n"));
+}
+
+// A stopping rank's heartbeat may say it runs nothing before its terminal status arrives (the
+// daemon stops naming the attempt once it has reported): the worker is freed then, and the status
+// that follows is still recorded on the job that ended.
+TEST_F(CoordinatorGangTest, ALateRankEndIsRecordedEvenAfterItsHeartbeatFreedTheWorker) {
+  auto a = worker("w-a");
+  auto b = worker("w-b");
+  const std::string id = submit_ok(gang_request("late end", 2)).id();
+  assignment_of(*a);
+  assignment_of(*b);
+  ASSERT_TRUE(a->report(id, 1, v1::JOB_STATE_RUNNING));
+  ASSERT_TRUE(b->report(id, 1, v1::JOB_STATE_FAILED, "out of memory"));
+  wait_for_state(*jobs_, id, v1::JOB_STATE_FAILED, seconds(10));
+  ASSERT_TRUE(a->next_of(v1::CoordinatorMessage::kCancel, seconds(10)).has_value());
+  // One stream delivers in order: rank 0 still runs, then has stopped (its heartbeat names
+  // nothing, which frees its worker), then its terminal status comes.
+  a->stop_heartbeats();
+  ASSERT_TRUE(a->heartbeat(id, 1));
+  a->set_current("", 0);
+  ASSERT_TRUE(a->heartbeat());
+  ASSERT_TRUE(a->report(id, 1, v1::JOB_STATE_CANCELLED, "cancelled"));
+  EXPECT_TRUE(wait_until(
+      [&] {
+        return history(id).find(
+                   "rank 0 (worker w-a): CANCELLED after the job ended: cancelled\n") !=
+               std::string::npos;
+      },
+      seconds(10)))
+      << history(id);
+  EXPECT_EQ(job_now(id).state(), v1::JOB_STATE_FAILED) << "a late rank changes nothing";
+  // Both workers are free: two jobs go to them.
+  a->start_heartbeats(milliseconds(200));
+  const std::string next1 = submit_ok(submit_request("next-1")).id();
+  const std::string next2 = submit_ok(submit_request("next-2")).id();
+  const std::string got_a = assignment_of(*a).job_id();
+  const std::string got_b = assignment_of(*b).job_id();
+  EXPECT_TRUE((got_a == next1 && got_b == next2) || (got_a == next2 && got_b == next1))
+      << got_a << " " << got_b;
 }
 
 TEST_F(CoordinatorGangTest, RanksMeetThroughTheRendezvousOfTheirAttemptOnly) {

@@ -91,6 +91,8 @@ class TestWorker {
   ~TestWorker();  // cancels the stream
 
   // Sends Register and waits for Registered. Throws std::runtime_error if none comes in 10 s.
+  // The coordinator gives the worker no job until a heartbeat says it runs nothing (a daemon
+  // sends one at once).
   v1::Registered register_as(const std::string& worker_id,
                              v1::DeviceKind kind = v1::DEVICE_KIND_CPU);
   bool send(const v1::WorkerMessage& message);

@@ -128,6 +128,57 @@ TEST_F(CoordinatorRendezvousTest, AKeyNeverSetTimesOutNamingTheKeyAndTheCoordina
   EXPECT_LT(Clock::now() - start, seconds(5));
 }
 
+// The namespace lives in the coordinator's memory: a coordinator that restarts (killed, then
+// started again on the same port and data directory, restoring the assigned gang) has lost it. A
+// rank that set its key before the restart and waits through it — its polls failing UNAVAILABLE
+// while nobody listens, then while its worker reconnects — sets its key again, so the ranks still
+// meet. (Without the retry the wait fails at the first poll; without setting again it times out.)
+TEST_F(CoordinatorRendezvousTest, RanksStillMeetWhenTheCoordinatorRestartsWhileOneWaits) {
+  CoordinatorRendezvous a(as("rank-a"));
+  a.set("rank_0", "A");
+  const std::string address = coordinator_->grpc_address();
+  workers_.clear();
+  coordinator_->kill9();
+
+  std::vector<std::string> seen_by_a;
+  std::string a_error;
+  std::thread waiter([&] {
+    try {
+      seen_by_a = a.get({"rank_0", "rank_1"}, seconds(30));
+    } catch (const std::exception& e) {
+      a_error = e.what();
+    }
+  });
+  std::this_thread::sleep_for(milliseconds(500));  // rank a polls a coordinator that is down
+
+  ProcessOptions again(dir_.path() / "data", 5.0);
+  again.extra_args = {"--grpc-listen", address};
+  coordinator_ = std::make_unique<CoordinatorProcess>(again);
+  std::this_thread::sleep_for(milliseconds(300));  // rank a polls while its worker is away
+  for (const std::string id : {"rank-a", "rank-b"}) {
+    auto worker = std::make_unique<TestWorker>(coordinator_->channel());
+    worker->register_as(id);
+    worker->set_current(job_id_, attempt_);
+    worker->heartbeat(job_id_, attempt_);
+    worker->start_heartbeats(milliseconds(200));
+    workers_.push_back(std::move(worker));
+  }
+  std::vector<std::string> seen_by_b;
+  std::string b_error;
+  try {
+    CoordinatorRendezvous b(as("rank-b"));
+    b.set("rank_1", "B");
+    seen_by_b = b.get({"rank_0", "rank_1"}, seconds(10));
+  } catch (const std::exception& e) {
+    b_error = e.what();
+  }
+  waiter.join();
+  EXPECT_EQ(a_error, "");
+  EXPECT_EQ(b_error, "");
+  EXPECT_EQ(seen_by_a, (std::vector<std::string>{"A", "B"}));
+  EXPECT_EQ(seen_by_b, (std::vector<std::string>{"A", "B"}));
+}
+
 // A rank of another attempt (here one that does not exist yet) is refused: it can never meet the
 // ranks of this one. The error names the key, the coordinator and the gRPC status.
 TEST_F(CoordinatorRendezvousTest, AnotherAttemptIsRefusedWithTheGrpcStatus) {

@@ -115,6 +115,7 @@ TEST_F(CoordinatorRestartTest, KillNineLosesNoJobEventOrCheckpoint) {
   // Queued jobs are still queued, and served in priority order by a new worker.
   TestWorker fresh(coordinator_->channel());
   fresh.register_as("w-fresh");
+  fresh.heartbeat();  // it runs nothing: ready for a job
   const auto next = fresh.next_assignment(seconds(5));
   ASSERT_TRUE(next.has_value());
   EXPECT_EQ(next->job_id(), ids[3]);
@@ -125,11 +126,13 @@ TEST_F(CoordinatorRestartTest, AWorkerThatReconnectsAfterARestartKeepsItsJob) {
   const v1::Job lost = submit_ok("lost");
   TestWorker returning(coordinator_->channel());
   returning.register_as("w-returns");
+  returning.heartbeat();  // it runs nothing: ready for a job
   const auto first = returning.next_assignment(seconds(5));
   ASSERT_TRUE(first.has_value());
   ASSERT_EQ(first->job_id(), kept.id());
   TestWorker vanishing(coordinator_->channel());
   vanishing.register_as("w-vanishes");
+  vanishing.heartbeat();  // it runs nothing: ready for a job
   const auto second = vanishing.next_assignment(seconds(5));
   ASSERT_TRUE(second.has_value());
   ASSERT_EQ(second->job_id(), lost.id());
@@ -168,6 +171,7 @@ TEST_F(CoordinatorRestartTest, EveryRankOfAGangIsWaitedForAfterARestart) {
   for (const char* id : {"w-k0", "w-k1", "w-l0", "w-l1"}) {
     before.push_back(std::make_unique<TestWorker>(coordinator_->channel()));
     before.back()->register_as(id);
+    before.back()->heartbeat();  // it runs nothing: ready for a job
   }
   v1::Job kept, lost;
   ASSERT_TRUE(submit(*jobs_, gang_request("kept", 2), &kept).ok());
@@ -220,10 +224,56 @@ TEST_F(CoordinatorRestartTest, EveryRankOfAGangIsWaitedForAfterARestart) {
             v1::JOB_STATE_SUCCEEDED);
 }
 
+// Jobs that ended are not restored, so after a restart the coordinator does not know that a worker
+// is still stopping a rank of a gang that failed. That worker registers and heartbeats the old
+// attempt: it is told to stop it and gets no job until its heartbeat names nothing (its daemon
+// would refuse the job as busy, failing it); then it gets the next job at once.
+TEST_F(CoordinatorRestartTest, AWorkerStillStoppingARankOfAnEndedGangGetsNoJobUntilItStops) {
+  TestWorker a(coordinator_->channel());
+  TestWorker b(coordinator_->channel());
+  for (auto [w, id] : {std::pair{&a, "w-a"}, std::pair{&b, "w-b"}}) {
+    w->register_as(id);
+    w->heartbeat();
+  }
+  v1::Job gang;
+  ASSERT_TRUE(submit(*jobs_, gang_request("fails", 2), &gang).ok());
+  ASSERT_TRUE(a.next_assignment(seconds(5)).has_value());
+  ASSERT_TRUE(b.next_assignment(seconds(5)).has_value());
+  ASSERT_TRUE(a.report(gang.id(), 1, v1::JOB_STATE_RUNNING));
+  ASSERT_TRUE(b.report(gang.id(), 1, v1::JOB_STATE_FAILED, "out of memory"));
+  wait_for_state(*jobs_, gang.id(), v1::JOB_STATE_FAILED, seconds(30));
+  ASSERT_TRUE(a.next_of(v1::CoordinatorMessage::kCancel, seconds(5)).has_value());
+
+  coordinator_->kill9();
+  a.disconnect();
+  b.disconnect();
+  start();
+  const v1::Job innocent = submit_ok("innocent");
+
+  TestWorker back(coordinator_->channel());
+  back.set_current(gang.id(), 1);  // rank 0 is still stopping
+  back.register_as("w-a");
+  back.start_heartbeats(milliseconds(200));
+  const auto cancel = back.next_of(v1::CoordinatorMessage::kCancel, seconds(5));
+  ASSERT_TRUE(cancel.has_value()) << "the old attempt is told to stop";
+  EXPECT_EQ(cancel->cancel().job_id(), gang.id());
+  EXPECT_FALSE(back.next_assignment(seconds(1)).has_value()) << "it still runs the old attempt";
+  v1::Job job;
+  ASSERT_TRUE(get(*jobs_, innocent.id(), &job).ok());
+  EXPECT_EQ(job.state(), v1::JOB_STATE_QUEUED);
+  EXPECT_EQ(job.wait_reason(), "waiting for 1 idle cpu worker, 0 idle");
+
+  back.set_current("", 0);  // it stopped
+  const auto assignment = back.next_assignment(seconds(5));
+  ASSERT_TRUE(assignment.has_value());
+  EXPECT_EQ(assignment->job_id(), innocent.id());
+}
+
 TEST_F(CoordinatorRestartTest, ACancelRequestSurvivesARestart) {
   const v1::Job submitted = submit_ok("cancel-across-restart");
   TestWorker worker(coordinator_->channel());
   worker.register_as("w-slow");
+  worker.heartbeat();  // it runs nothing: ready for a job
   ASSERT_TRUE(worker.next_assignment(seconds(5)).has_value());
   ASSERT_TRUE(worker.report(submitted.id(), 1, v1::JOB_STATE_RUNNING));
   wait_for_state(*jobs_, submitted.id(), v1::JOB_STATE_RUNNING, seconds(30));

@@ -21,6 +21,7 @@ using google::protobuf::util::MessageDifferencer;
 using std::chrono::milliseconds;
 using std::chrono::seconds;
 using ::testing::HasSubstr;
+using ::testing::IsEmpty;
 using ::testing::SizeIs;
 
 constexpr double kHeartbeatTimeout = 2.0;
@@ -373,6 +374,41 @@ TEST_F(CoordinatorWorkerTest, CancellationReachesTheWorker) {
   const std::vector<v1::JobEvent> events = all_events(*jobs_, submitted.id());
   ASSERT_FALSE(events.empty());
   EXPECT_THAT(events.back().state_change().reason(), HasSubstr("cancelled by request"));
+}
+
+// The training process may exit with an error when it is stopped: with a cancel pending, that is
+// the cancel taking effect, not a failure.
+TEST_F(CoordinatorWorkerTest, ACancelledJobWhoseWorkerReportsAFailureIsCancelled) {
+  const v1::Job submitted = submit_ok("cancel-then-fail");
+  auto w = worker("w-cancel");
+  ASSERT_TRUE(w->next_assignment(seconds(5)).has_value());
+  w->set_current(submitted.id(), 1);
+  ASSERT_TRUE(w->report(submitted.id(), 1, v1::JOB_STATE_RUNNING));
+  ASSERT_TRUE(cancel(*jobs_, submitted.id(), nullptr).ok());
+  ASSERT_TRUE(w->next_of(v1::CoordinatorMessage::kCancel, seconds(5)).has_value());
+  ASSERT_TRUE(w->report(submitted.id(), 1, v1::JOB_STATE_FAILED, "exited with signal 15"));
+  const v1::Job job = wait_for_state(*jobs_, submitted.id(), v1::JOB_STATE_CANCELLED, seconds(10));
+  EXPECT_THAT(job.failure_reason(), IsEmpty());
+  const std::vector<v1::JobEvent> events = all_events(*jobs_, submitted.id());
+  ASSERT_FALSE(events.empty());
+  EXPECT_EQ(events.back().state_change().reason(), "cancelled by request; exited with signal 15");
+}
+
+// A worker gets no job until a heartbeat says it runs nothing (it may still be stopping an
+// attempt the coordinator has forgotten); the daemon sends one at once, so this costs a new
+// worker at most one heartbeat interval.
+TEST_F(CoordinatorWorkerTest, AWorkerGetsNoJobBeforeAHeartbeatSaysItRunsNothing) {
+  const v1::Job submitted = submit_ok("waits for a heartbeat");
+  TestWorker w(coordinator_->channel());
+  w.register_as("w-quiet");
+  EXPECT_FALSE(w.next_assignment(milliseconds(500)).has_value());
+  v1::Job job;
+  ASSERT_TRUE(get(*jobs_, submitted.id(), &job).ok());
+  EXPECT_EQ(job.wait_reason(), "waiting for 1 idle cpu worker, 0 idle");
+  ASSERT_TRUE(w.heartbeat());
+  const auto assignment = w.next_assignment(seconds(5));
+  ASSERT_TRUE(assignment.has_value());
+  EXPECT_EQ(assignment->job_id(), submitted.id());
 }
 
 TEST_F(CoordinatorWorkerTest, ACancelledJobWhoseWorkerDiesIsCancelled) {

@@ -71,6 +71,20 @@ TEST(CoordinatorScheduler, LongestIdleWorkerFirst) {
   EXPECT_EQ(scheduler.next()->worker_id, "second");
 }
 
+// A worker becomes idle at its first heartbeat but ranks by when it registered (its ticket), so
+// rank 0 of a gang is the worker that registered first, whichever heartbeat came first.
+TEST(CoordinatorScheduler, AWorkerIdleByTicketRanksFromWhenItTookIt) {
+  Scheduler scheduler;
+  const uint64_t early = scheduler.idle_ticket();
+  scheduler.add_busy_worker("registered-first", kCpu);
+  scheduler.add_idle_worker("idle-since", kCpu);
+  scheduler.add_idle_worker("registered-first", kCpu, early);
+  scheduler.add_job("gang", 0, 1, kCpu, 2);
+  const std::optional<Placement> placement = scheduler.next();
+  ASSERT_TRUE(placement.has_value());
+  EXPECT_THAT(placement->workers, ElementsAre("registered-first", "idle-since"));
+}
+
 TEST(CoordinatorScheduler, RemovedJobsAndWorkersAreNotPlaced) {
   Scheduler scheduler;
   scheduler.add_job("cancelled", 9, 1, kCpu);

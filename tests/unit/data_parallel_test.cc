@@ -15,7 +15,6 @@
 #include <bit>
 #include <chrono>
 #include <cmath>
-#include <cstring>
 #include <exception>
 #include <limits>
 #include <map>
@@ -34,6 +33,7 @@
 #include "worker/comm/gloo_communicator.h"
 #endif
 #include "worker/comm/communicator.h"
+#include "worker/comm/fault_injection.h"
 #include "worker/comm/in_process_communicator.h"
 #include "worker/comm/local_communicator.h"
 #include "worker/engine/llama_model.h"
@@ -82,56 +82,24 @@ TokenBatch rank_slice(const TokenBatch& global, int rank, int world_size) {
 }
 
 // ---- Test communicators wrapping a real one ---------------------------------------------------
-
-// Forwards everything to `inner`; subclasses change what one f32 all-reduce sees or returns.
-class WrappedCommunicator : public Communicator {
- public:
-  explicit WrappedCommunicator(std::unique_ptr<Communicator> inner) : inner_(std::move(inner)) {}
-  int world_size() const override { return inner_->world_size(); }
-  int rank() const override { return inner_->rank(); }
-  std::chrono::milliseconds timeout() const override { return inner_->timeout(); }
-  std::unique_ptr<CollectiveWork> all_reduce_async(void* data, int64_t count, CommDType dtype,
-                                                   ReduceOp op) override {
-    if (dtype != CommDType::kF32) return inner_->all_reduce_async(data, count, dtype, op);
-    return gradient_all_reduce(static_cast<float*>(data), count, op);
-  }
-  std::unique_ptr<CollectiveWork> broadcast_async(void* data, int64_t bytes, int root) override {
-    return inner_->broadcast_async(data, bytes, root);
-  }
-  std::unique_ptr<CollectiveWork> all_gather_async(const void* send, void* recv,
-                                                   int64_t bytes_per_rank) override {
-    return inner_->all_gather_async(send, recv, bytes_per_rank);
-  }
-  void barrier() override { inner_->barrier(); }
-  void abort(const std::string& reason) override { inner_->abort(reason); }
-
- protected:
-  // The only f32 all-reduces of a step are the gradients'.
-  virtual std::unique_ptr<CollectiveWork> gradient_all_reduce(float* data, int64_t count,
-                                                              ReduceOp op) {
-    return inner_->all_reduce_async(data, count, CommDType::kF32, op);
-  }
-  Communicator& inner() { return *inner_; }
-
- private:
-  std::unique_ptr<Communicator> inner_;
-};
+// ForwardingCommunicator and the last rank's broken reduction are shared with lomo-worker's
+// LOMO_TEST_FAULT hook (worker/comm/fault_injection.h); the only f32 all-reduces of a step are
+// the gradients'.
 
 // Stands for an fp16 overflow in this rank's gradient: when armed, the next gradient this rank
 // contributes to the sum carries +inf, as round_gradient_to_dtype makes of a value beyond 65504.
-class OverflowingCommunicator final : public WrappedCommunicator {
+class OverflowingCommunicator final : public ForwardingCommunicator {
  public:
-  using WrappedCommunicator::WrappedCommunicator;
+  using ForwardingCommunicator::ForwardingCommunicator;
   void arm() { armed_ = true; }
 
  protected:
-  std::unique_ptr<CollectiveWork> gradient_all_reduce(float* data, int64_t count,
-                                                      ReduceOp op) override {
+  std::unique_ptr<CollectiveWork> f32_all_reduce(float* data, int64_t count, ReduceOp op) override {
     if (armed_ && count > 0) {
       data[0] = std::numeric_limits<float>::infinity();
       armed_ = false;
     }
-    return WrappedCommunicator::gradient_all_reduce(data, count, op);
+    return ForwardingCommunicator::f32_all_reduce(data, count, op);
   }
 
  private:
@@ -145,33 +113,29 @@ enum class Breakage {
   kMeanInsteadOfSum,      // every rank divides by the world size: ranks agree, but wrongly
 };
 
-class BrokenCommunicator final : public WrappedCommunicator {
+class MeanInsteadOfSumCommunicator final : public ForwardingCommunicator {
  public:
-  BrokenCommunicator(std::unique_ptr<Communicator> inner, Breakage breakage)
-      : WrappedCommunicator(std::move(inner)), breakage_(breakage) {}
+  using ForwardingCommunicator::ForwardingCommunicator;
 
  protected:
-  std::unique_ptr<CollectiveWork> gradient_all_reduce(float* data, int64_t count,
-                                                      ReduceOp op) override {
-    if (breakage_ == Breakage::kMeanInsteadOfSum) {
-      return WrappedCommunicator::gradient_all_reduce(data, count, ReduceOp::kMean);
-    }
-    const bool keep_local =
-        breakage_ == Breakage::kLocalValueOnLastRank && rank() == world_size() - 1;
-    std::vector<float> local;
-    if (keep_local) local.assign(data, data + count);
-    WrappedCommunicator::gradient_all_reduce(data, count, op)->wait();
-    if (keep_local) std::memcpy(data, local.data(), local.size() * sizeof(float));
-    return std::make_unique<DoneWork>();
+  std::unique_ptr<CollectiveWork> f32_all_reduce(float* data, int64_t count, ReduceOp) override {
+    return ForwardingCommunicator::f32_all_reduce(data, count, ReduceOp::kMean);
   }
-
- private:
-  struct DoneWork final : CollectiveWork {
-    void wait() override {}
-    bool is_done() const override { return true; }
-  };
-  Breakage breakage_;
 };
+
+// `communicator` with `breakage` (always wrapped, so every scenario runs the same layers).
+std::unique_ptr<Communicator> broken(std::unique_ptr<Communicator> communicator,
+                                     Breakage breakage) {
+  switch (breakage) {
+    case Breakage::kLocalValueOnLastRank:
+      return std::make_unique<LocalValueOnLastRankCommunicator>(std::move(communicator));
+    case Breakage::kMeanInsteadOfSum:
+      return std::make_unique<MeanInsteadOfSumCommunicator>(std::move(communicator));
+    case Breakage::kNone:
+      break;
+  }
+  return std::make_unique<ForwardingCommunicator>(std::move(communicator));
+}
 
 // ---- Running one world ------------------------------------------------------------------------
 
@@ -206,8 +170,7 @@ RankRun run_rank(const Scenario& scenario, int rank, int world_size,
                  std::unique_ptr<Communicator> communicator) {
   // One OpenMP thread per rank: the ranks share the machine's cores, as one-thread ranks would.
   omp_set_num_threads(1);
-  OverflowingCommunicator overflow(
-      std::make_unique<BrokenCommunicator>(std::move(communicator), scenario.breakage));
+  OverflowingCommunicator overflow(broken(std::move(communicator), scenario.breakage));
   TinyReplica replica(scenario.dtype);  // the same seed on every rank: identical at the start
   LlamaWeights& weights = replica.weights;
   LlamaModel& model = replica.model;
