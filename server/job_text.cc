@@ -20,12 +20,18 @@ std::string state_name(v1::JobState state) {
   return name.rfind(prefix, 0) == 0 ? name.substr(prefix.size()) : name;
 }
 
-std::string device_text(const v1::DeviceInfo& device) {
-  std::string kind = v1::DeviceKind_Name(device.kind());
+std::string device_kind_name(v1::DeviceKind kind) {
+  std::string name = v1::DeviceKind_IsValid(kind) ? v1::DeviceKind_Name(kind) : "";
   const std::string prefix = "DEVICE_KIND_";
-  if (kind.rfind(prefix, 0) == 0) kind = kind.substr(prefix.size());
-  std::transform(kind.begin(), kind.end(), kind.begin(),
+  if (name.rfind(prefix, 0) != 0) return "unspecified";
+  name = name.substr(prefix.size());
+  std::transform(name.begin(), name.end(), name.begin(),
                  [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+  return name;
+}
+
+std::string device_text(const v1::DeviceInfo& device) {
+  const std::string kind = device_kind_name(device.kind());
   return device.name().empty() ? kind : kind + " " + device.name();
 }
 

@@ -17,6 +17,8 @@ bool is_terminal(v1::JobState state);
 
 // "RUNNING" for JOB_STATE_RUNNING.
 std::string state_name(v1::JobState state);
+// "cpu", "cuda", "unspecified": a device kind in messages and metric labels.
+std::string device_kind_name(v1::DeviceKind kind);
 // "cuda NVIDIA H100 80GB HBM3", or just the kind when the device has no name.
 std::string device_text(const v1::DeviceInfo& device);
 // "1.5": seconds in log lines and reasons.

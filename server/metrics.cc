@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <cctype>
 
+#include "server/job_text.h"
+
 namespace lomo::server {
 
 namespace {
@@ -16,17 +18,6 @@ using prometheus::BuildHistogram;
 constexpr v1::JobState kStates[] = {v1::JOB_STATE_QUEUED,  v1::JOB_STATE_ASSIGNED,
                                     v1::JOB_STATE_RUNNING, v1::JOB_STATE_SUCCEEDED,
                                     v1::JOB_STATE_FAILED,  v1::JOB_STATE_CANCELLED};
-
-std::string device_label(v1::DeviceKind device) {
-  switch (device) {
-    case v1::DEVICE_KIND_CPU:
-      return "cpu";
-    case v1::DEVICE_KIND_CUDA:
-      return "cuda";
-    default:
-      return "unspecified";
-  }
-}
 
 }  // namespace
 
@@ -60,7 +51,7 @@ Metrics::Metrics()
                     .Register(*registry_)) {
   for (v1::JobState state : kStates) jobs_.Add({{"state", state_label(state)}}).Set(0);
   for (v1::DeviceKind device : {v1::DEVICE_KIND_CPU, v1::DEVICE_KIND_CUDA}) {
-    workers_.Add({{"device", device_label(device)}}).Set(0);
+    workers_.Add({{"device", device_kind_name(device)}}).Set(0);
   }
   // 1 ms .. ~9 h in steps of x4: an idle cluster assigns in milliseconds, a busy one in hours.
   prometheus::Histogram::BucketBoundaries buckets;
@@ -112,7 +103,7 @@ void Metrics::add_jobs(v1::JobState state, int64_t delta) {
 }
 
 void Metrics::add_workers_connected(v1::DeviceKind device, int64_t delta) {
-  workers_.Add({{"device", device_label(device)}}).Increment(static_cast<double>(delta));
+  workers_.Add({{"device", device_kind_name(device)}}).Increment(static_cast<double>(delta));
 }
 
 void Metrics::observe_scheduling_latency(double seconds) {

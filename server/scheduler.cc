@@ -1,24 +1,15 @@
 #include "server/scheduler.h"
 
+#include "server/job_text.h"
+
 namespace lomo::server {
 
 namespace {
 
-std::string kind_name(v1::DeviceKind device) {
-  switch (device) {
-    case v1::DEVICE_KIND_CPU:
-      return "cpu";
-    case v1::DEVICE_KIND_CUDA:
-      return "cuda";
-    default:
-      return "unspecified-device";
-  }
-}
-
 // "1 idle cpu worker", "2 idle cpu workers".
 std::string workers_text(int64_t count, const std::string& adjective, v1::DeviceKind device) {
   return std::to_string(count) + " " + adjective + (adjective.empty() ? "" : " ") +
-         kind_name(device) + (count == 1 ? " worker" : " workers");
+         device_kind_name(device) + (count == 1 ? " worker" : " workers");
 }
 
 std::string need_text(int64_t world_size, int64_t idle, v1::DeviceKind device) {

@@ -205,6 +205,12 @@ TEST_F(CoordinatorGangTest, GangsWaitWithAReasonAndTwoGangsOnThreeWorkersRunInOr
   // The first gang ends (rank 1 first): the second takes the longest-idle workers, w3 and w2,
   // and the small job the last one.
   ASSERT_TRUE(w2->report(first, 1, v1::JOB_STATE_SUCCEEDED));
+  // The two reports travel on different streams: w1's waits until w2's is taken, so that w2 is
+  // the one idle longer.
+  ASSERT_TRUE(wait_until(
+      [&] { return history(first).find("rank 1 (worker w2): finished") != std::string::npos; },
+      seconds(10)))
+      << history(first);
   ASSERT_TRUE(w1->report(first, 1, v1::JOB_STATE_SUCCEEDED));
   wait_for_state(*jobs_, first, v1::JOB_STATE_SUCCEEDED, seconds(10));
   const v1::Assignment rank0 = assignment_of(*w3);

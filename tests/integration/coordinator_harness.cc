@@ -223,10 +223,20 @@ void TestWorker::start_heartbeats(std::chrono::milliseconds interval) {
   heartbeater_ = std::thread([this, interval] {
     std::unique_lock lock(mu_);
     while (heartbeating_ && !closed_) {
-      const std::string job = current_job_;
-      const int64_t attempt = current_attempt_;
       lock.unlock();
-      heartbeat(job, attempt);
+      {
+        // Read and sent in one step with report(): like the daemon's, a heartbeat never names
+        // an attempt after the worker reported its end.
+        std::lock_guard order(report_order_mu_);
+        std::string job;
+        int64_t attempt = 0;
+        {
+          std::lock_guard current(mu_);
+          job = current_job_;
+          attempt = current_attempt_;
+        }
+        heartbeat(job, attempt);
+      }
       lock.lock();
       changed_.wait_for(lock, interval, [this] { return !heartbeating_; });
     }
@@ -249,7 +259,16 @@ bool TestWorker::report(const std::string& job_id, int64_t attempt, v1::JobState
   message.mutable_status()->set_attempt(attempt);
   message.mutable_status()->set_state(state);
   message.mutable_status()->set_reason(reason);
-  return send(message);
+  std::lock_guard order(report_order_mu_);
+  const bool sent = send(message);
+  const bool terminal = state == v1::JOB_STATE_SUCCEEDED || state == v1::JOB_STATE_FAILED ||
+                        state == v1::JOB_STATE_CANCELLED;
+  std::lock_guard lock(mu_);
+  if (terminal && current_job_ == job_id && current_attempt_ == attempt) {
+    current_job_.clear();
+    current_attempt_ = 0;
+  }
+  return sent;
 }
 
 bool TestWorker::send_metrics(const std::string& job_id, int64_t attempt, int64_t step, double loss,

@@ -102,6 +102,7 @@ class TestWorker {
   void stop_heartbeats();
   void set_current(const std::string& job_id, int64_t attempt);
 
+  // A terminal state also stops the heartbeats naming that attempt, as the daemon does.
   bool report(const std::string& job_id, int64_t attempt, v1::JobState state,
               const std::string& reason = "");
   bool send_metrics(const std::string& job_id, int64_t attempt, int64_t step, double loss,
@@ -137,6 +138,7 @@ class TestWorker {
   std::condition_variable changed_;
   std::deque<v1::CoordinatorMessage> inbox_;
   std::optional<grpc::Status> closed_;
+  std::mutex report_order_mu_;  // orders a heartbeat against a report of the attempt's end
   std::string current_job_;
   int64_t current_attempt_ = 0;
   bool heartbeating_ = false;
