@@ -89,13 +89,31 @@ std::vector<int64_t> TokenDataset::epoch_order(int64_t epoch, int64_t rank) cons
   return order;
 }
 
+std::vector<int64_t> TokenDataset::walk_order(int64_t epoch) const {
+  if (options_.packing) return epoch_order(epoch, options_.rank);
+  return permutation(store_.size(), options_.seed, options_.shuffle, epoch);
+}
+
 template <typename OrderFor>
 TokenBatch TokenDataset::build(DatasetCursor& cursor, int64_t batch_size, bool stay_in_epoch,
-                               bool packing, OrderFor&& order) const {
+                               bool packing, int64_t world, OrderFor&& order) const {
   const int64_t max_length = options_.max_length;
   std::vector<std::vector<int64_t>> rows;
   int64_t longest = 0;
-  while (static_cast<int64_t>(rows.size()) < batch_size) {
+  // Unpacked: the next batch_size × world samples of the walk are the global batch; this rank's
+  // rows are those at positions ≡ rank (mod world).
+  for (int64_t i = 0; !packing && i < batch_size * world; ++i) {
+    if (cursor.offset == static_cast<int64_t>(order(cursor.epoch).size())) {
+      if (stay_in_epoch) break;
+      ++cursor.epoch;
+      cursor.offset = 0;
+    }
+    const int64_t sample = order(cursor.epoch)[static_cast<size_t>(cursor.offset++)];
+    if (i % world != (world == 1 ? 0 : options_.rank)) continue;
+    longest = std::max(longest, positions(sample));
+    rows.push_back({sample});
+  }
+  while (packing && static_cast<int64_t>(rows.size()) < batch_size) {
     std::vector<int64_t> row;
     int64_t fill = 0;
     while (true) {
@@ -106,11 +124,10 @@ TokenBatch TokenDataset::build(DatasetCursor& cursor, int64_t batch_size, bool s
       }
       const int64_t sample = order(cursor.epoch)[static_cast<size_t>(cursor.offset)];
       const int64_t p = positions(sample);
-      if (!row.empty() && (!packing || fill + p > max_length)) break;
+      if (!row.empty() && fill + p > max_length) break;
       row.push_back(sample);
       fill += p;
       ++cursor.offset;
-      if (!packing) break;
     }
     if (row.empty()) break;
     longest = std::max(longest, fill);
@@ -151,10 +168,10 @@ TokenBatch TokenDataset::build(DatasetCursor& cursor, int64_t batch_size, bool s
 
 TokenBatch TokenDataset::next_batch(int64_t batch_size) {
   if (batch_size < 1) throw std::invalid_argument("batch size must be positive");
-  return build(cursor_, batch_size, /*stay_in_epoch=*/false, options_.packing,
+  return build(cursor_, batch_size, /*stay_in_epoch=*/false, options_.packing, options_.world_size,
                [this](int64_t epoch) -> const std::vector<int64_t>& {
                  if (order_epoch_ != epoch) {
-                   order_ = epoch_order(epoch, options_.rank);
+                   order_ = walk_order(epoch);
                    order_epoch_ = epoch;
                  }
                  return order_;
@@ -163,13 +180,13 @@ TokenBatch TokenDataset::next_batch(int64_t batch_size) {
 
 std::vector<TokenBatch> TokenDataset::first_batches(int64_t batch_size, int64_t max_batches) const {
   if (batch_size < 1) throw std::invalid_argument("batch size must be positive");
-  const std::vector<int64_t> order = epoch_order(0, options_.rank);
+  const std::vector<int64_t> order = walk_order(0);
   auto order_for = [&](int64_t) -> const std::vector<int64_t>& { return order; };
   std::vector<TokenBatch> batches;
   DatasetCursor cursor;
   while (static_cast<int64_t>(batches.size()) < max_batches) {
-    TokenBatch batch =
-        build(cursor, batch_size, /*stay_in_epoch=*/true, options_.packing, order_for);
+    TokenBatch batch = build(cursor, batch_size, /*stay_in_epoch=*/true, options_.packing,
+                             options_.world_size, order_for);
     if (batch.batch_size == 0) break;
     batches.push_back(std::move(batch));
   }
@@ -184,15 +201,15 @@ TokenBatch TokenDataset::rows_in_order(int64_t first, int64_t count) const {
   std::vector<int64_t> order(static_cast<size_t>(count));
   std::iota(order.begin(), order.end(), first);
   DatasetCursor cursor;
-  return build(cursor, count, /*stay_in_epoch=*/true, /*packing=*/false,
+  return build(cursor, count, /*stay_in_epoch=*/true, /*packing=*/false, /*world=*/1,
                [&](int64_t) -> const std::vector<int64_t>& { return order; });
 }
 
 int64_t TokenDataset::batches_for_epochs(int64_t epochs, int64_t batch_size) const {
   if (epochs < 1 || batch_size < 1)
     throw std::invalid_argument("epochs and batch size must be >= 1");
-  auto batches = [&](int64_t rows) { return (rows + batch_size - 1) / batch_size; };
-  if (!options_.packing) return batches(epochs * per_rank_);
+  auto batches = [](int64_t rows, int64_t per_batch) { return (rows + per_batch - 1) / per_batch; };
+  if (!options_.packing) return batches(epochs * store_.size(), batch_size * options_.world_size);
   // Replays the packing of build(), for every rank, over the epochs' orders.
   const int64_t world = options_.world_size;
   std::vector<int64_t> rows(static_cast<size_t>(world), 0), fill(static_cast<size_t>(world), 0);
@@ -215,7 +232,7 @@ int64_t TokenDataset::batches_for_epochs(int64_t epochs, int64_t batch_size) con
   int64_t fewest = -1;
   for (int64_t r = 0; r < world; ++r) {
     const int64_t n =
-        batches(rows[static_cast<size_t>(r)] + (open[static_cast<size_t>(r)] ? 1 : 0));
+        batches(rows[static_cast<size_t>(r)] + (open[static_cast<size_t>(r)] ? 1 : 0), batch_size);
     fewest = fewest < 0 ? n : std::min(fewest, n);
   }
   return fewest;
@@ -238,10 +255,10 @@ uint64_t TokenDataset::fingerprint() const {
 }
 
 void TokenDataset::restore(const DatasetCursor& cursor) {
-  if (cursor.epoch < 0 || cursor.offset < 0 || cursor.offset > per_rank_) {
+  if (cursor.epoch < 0 || cursor.offset < 0 || cursor.offset > sample_count()) {
     throw std::invalid_argument("data cursor (epoch " + std::to_string(cursor.epoch) + ", offset " +
                                 std::to_string(cursor.offset) + ") does not fit a dataset of " +
-                                std::to_string(per_rank_) +
+                                std::to_string(sample_count()) +
                                 " samples: the data changed since the "
                                 "checkpoint");
   }

@@ -18,13 +18,20 @@
 //     (row r = stream[r·T, r·T + T + 1)): every row is full, nothing is padded.
 //
 // Order. Epoch e visits the samples in a Fisher-Yates permutation of the store seeded by
-// (seed, e) (identity without shuffle). With world_size W, rank r takes the permutation's
-// elements r, r + W, r + 2W, ... up to floor(N / W) of them, so ranks see disjoint samples of
-// equal count and together all but the N mod W left over (different ones each epoch when
-// shuffled). A batch that runs past the end of an epoch continues with the next epoch's order.
+// (seed, e) (identity without shuffle). A batch that runs past the end of an epoch continues with
+// the next epoch's order. With world_size W:
+//   - Unpacked, every rank walks the whole permutation with the same cursor: a step's global batch
+//     is the next batch_size × W samples, and rank r takes those at positions r, r + W, ... of it.
+//     The global batches are therefore the ones a single rank takes with batch_size × W rows,
+//     whatever W, and no sample is left over: a data-parallel run follows the single-process
+//     trajectory across epoch boundaries too (up to fp32 summation order).
+//   - Packed, rank r packs the permutation's elements r, r + W, r + 2W, ... up to floor(N / W) of
+//     them (disjoint samples of equal count; the N mod W left over differ each epoch when
+//     shuffled). The trainer refuses packing with several ranks; this form is kept for the tests.
 //
-// Cursor. (epoch, offset): offset samples of epoch's order for this rank are consumed. Batches are
-// whole rows, so the cursor after a batch fully determines every later batch.
+// Cursor. (epoch, offset): offset samples of the epoch's walk are consumed (unpacked: the global
+// walk, the same on every rank; packed: this rank's). Batches are whole rows, so the cursor after
+// a batch fully determines every later batch.
 #pragma once
 
 #include <cstdint>
@@ -59,9 +66,10 @@ class TokenDataset {
   // unpacked, one rank. Throws std::invalid_argument when the stream is too short for one row.
   TokenDataset(const std::vector<int32_t>& tokens, int64_t row_length, uint64_t seed, bool shuffle);
 
-  // Samples this rank visits per epoch (for a stream: rows).
-  int64_t sample_count() const { return per_rank_; }
-  int64_t row_count() const { return per_rank_; }
+  // Samples an epoch's walk holds (for a stream: rows): all of them unpacked (the ranks share
+  // each global batch), this rank's share packed.
+  int64_t sample_count() const { return options_.packing ? per_rank_ : store_.size(); }
+  int64_t row_count() const { return sample_count(); }
   int64_t row_length() const { return options_.max_length; }
   const DatasetOptions& options() const { return options_; }
   const SampleStore& store() const { return store_; }
@@ -70,7 +78,8 @@ class TokenDataset {
   TokenBatch next_batch(int64_t batch_size);
 
   // Evaluation: the rows of epoch 0 (this rank's share, in visiting order: store order without
-  // shuffle), `batch_size` rows a batch, at most `max_batches` batches; the last may be smaller.
+  // shuffle), `batch_size` rows a batch, at most `max_batches` batches; the last may be smaller
+  // (with several ranks, a rank's last may be missing: the global batches are what counts).
   // Does not move the cursor.
   std::vector<TokenBatch> first_batches(int64_t batch_size, int64_t max_batches) const;
 
@@ -82,7 +91,8 @@ class TokenDataset {
   // depends on the order; the smallest over all ranks is returned, so that every rank agrees.
   int64_t batches_for_epochs(int64_t epochs, int64_t batch_size) const;
 
-  // Store indices of the samples `rank` visits in `epoch`, in order.
+  // Store indices of the samples `rank` packs in `epoch`, in order (with one rank: the epoch's
+  // permutation).
   std::vector<int64_t> epoch_order(int64_t epoch, int64_t rank) const;
 
   // A hash of the samples, T and packing: equal fingerprints mean equal batches for equal
@@ -97,16 +107,20 @@ class TokenDataset {
   int64_t positions(int64_t sample) const;
   // Up to `batch_size` rows from `cursor` on, advancing it; stops early at the end of the epoch
   // when `stay_in_epoch`. order(epoch) gives an epoch's visiting order (store indices).
+  // The order the cursor walks in `epoch`: the whole permutation unpacked, this rank's share
+  // packed.
+  std::vector<int64_t> walk_order(int64_t epoch) const;
+  // Unpacked, this rank's rows of the global batch of batch_size × world samples.
   template <typename OrderFor>
   TokenBatch build(DatasetCursor& cursor, int64_t batch_size, bool stay_in_epoch, bool packing,
-                   OrderFor&& order) const;
+                   int64_t world, OrderFor&& order) const;
 
   SampleStore store_;
   DatasetOptions options_;
   int64_t per_rank_ = 0;
   DatasetCursor cursor_;
   int64_t order_epoch_ = -1;
-  std::vector<int64_t> order_;  // this rank's order for order_epoch_
+  std::vector<int64_t> order_;  // walk_order(order_epoch_)
 };
 
 }  // namespace lomo

@@ -462,7 +462,7 @@ class TrainingRun {
   }
 
   // Rank 0 writes what every rank holds (after checking that they do): the weights, its optimizer
-  // state and its data cursor, which differ between ranks only in the rows it has visited.
+  // state and the data cursor (the same on every rank: they walk one global order).
   void checkpoint() {
     check_same_weights(weights_, communicator_, "at step " + std::to_string(state_.step));
     state_.cursor = train_data_.cursor();
