@@ -44,6 +44,18 @@ const char* collective_kind_name(CollectiveKind kind);
 // kMean: the sum divided by world_size (for kI64 an integer division, which truncates toward zero).
 enum class ReduceOp : uint8_t { kSum, kMean };
 
+// One rank's collective call as an implementation records it: what it asked for and where its
+// buffers are.
+struct CollectiveCall {
+  CollectiveKind kind = CollectiveKind::kBarrier;
+  void* data = nullptr;        // all_reduce, broadcast: in place; all_gather: recv
+  const void* send = nullptr;  // all_gather
+  int64_t count = 0;           // all_reduce: elements; broadcast, all_gather: bytes (per rank)
+  CommDType dtype = CommDType::kF32;
+  ReduceOp op = ReduceOp::kSum;
+  int root = 0;
+};
+
 // A collective that failed or timed out. op: e.g. "all_reduce"; peer: the rank that failed or did
 // not answer, when the implementation knows it.
 class CommunicatorError : public std::runtime_error {

@@ -156,13 +156,7 @@ class GlooWork final : public CollectiveWork {
 };
 
 struct Task {
-  Kind kind = Kind::kBarrier;
-  void* data = nullptr;  // all_reduce, broadcast: in place; all_gather: recv
-  const void* send = nullptr;
-  int64_t count = 0;  // all_reduce: elements; broadcast, all_gather: bytes (per rank)
-  CommDType dtype = CommDType::kF32;
-  ReduceOp op = ReduceOp::kSum;
-  int root = 0;
+  CollectiveCall call;
   uint64_t sequence = 0;
   std::shared_ptr<WorkState> state = nullptr;
 };
@@ -192,13 +186,11 @@ class GlooCommunicator::Impl {
 
   const GlooCommunicatorOptions& options() const { return options_; }
 
-  std::unique_ptr<CollectiveWork> issue(Task task) {
+  std::unique_ptr<CollectiveWork> issue(const CollectiveCall& call) {
     auto state = std::make_shared<WorkState>();
     std::lock_guard lock(mutex_);
-    throw_if_failed_locked(task.kind);
-    task.sequence = issued_++;
-    task.state = state;
-    queue_.push_back(std::move(task));
+    throw_if_failed_locked(call.kind);
+    queue_.push_back({call, issued_++, state});
     changed_.notify_all();
     return std::make_unique<GlooWork>(std::move(state));
   }
@@ -316,8 +308,8 @@ class GlooCommunicator::Impl {
         // A Gloo call that threw outside a wait (e.g. posting on a closed connection).
         record_and_notify({std::nullopt, std::string("transport error: ") + failure.what()});
         std::lock_guard lock(mutex_);
-        error =
-            CommunicatorError(collective_kind_name(task.kind), failure_->peer, failure_->detail);
+        error = CommunicatorError(collective_kind_name(task.call.kind), failure_->peer,
+                                  failure_->detail);
         end_locked(/*failed=*/true);
       }
       task.state->finish(std::move(error));
@@ -327,7 +319,7 @@ class GlooCommunicator::Impl {
   void begin(const Task& task) {
     std::lock_guard lock(mutex_);
     if (task.sequence >= closed_from_) record_locked(closed_failure_locked());
-    throw_if_failed_locked(task.kind);
+    throw_if_failed_locked(task.call.kind);
     running_ = task.sequence;
     deadline_ = Clock::now() + std::min<Clock::duration>(options_.timeout, kBackstop);
     timed_out_ = false;
@@ -416,8 +408,9 @@ class GlooCommunicator::Impl {
 
   void run(const Task& task) {
     handshake(task);
-    if (task.count == 0) return;  // an empty collective moves nothing (its buffers may be null)
-    switch (task.kind) {
+    if (task.call.count == 0)
+      return;  // an empty collective moves nothing (its buffers may be null)
+    switch (task.call.kind) {
       case Kind::kAllReduce:
         return ring_all_reduce(task);
       case Kind::kBroadcast:
@@ -437,11 +430,11 @@ class GlooCommunicator::Impl {
     const int me = options_.rank;
     Header& mine = headers_[static_cast<size_t>(me)];
     mine = {.sequence = task.sequence,
-            .count = task.count,
-            .root = task.root,
-            .kind = static_cast<uint8_t>(task.kind),
-            .dtype = static_cast<uint8_t>(task.dtype),
-            .op = static_cast<uint8_t>(task.op)};
+            .count = task.call.count,
+            .root = task.call.root,
+            .kind = static_cast<uint8_t>(task.call.kind),
+            .dtype = static_cast<uint8_t>(task.call.dtype),
+            .op = static_cast<uint8_t>(task.call.op)};
     if (n == 1) return;
     const uint64_t slot = slot_of(task.sequence, kHandshake, 0);
     std::vector<UnboundBuffer*> receives(static_cast<size_t>(n), nullptr);
@@ -449,22 +442,22 @@ class GlooCommunicator::Impl {
     for (int peer = 0; peer < n; ++peer) {
       if (peer == me) continue;
       receives[peer] = make_buffer(&headers_[static_cast<size_t>(peer)], sizeof(Header));
-      post(receives[peer], true, peer, slot, task.kind);
+      post(receives[peer], true, peer, slot, task.call.kind);
     }
     header_out_ = mine;
     for (int peer = 0; peer < n; ++peer) {
       if (peer == me) continue;
       sends[peer] = make_buffer(&header_out_, sizeof(Header));
-      post(sends[peer], false, peer, slot, task.kind);
+      post(sends[peer], false, peer, slot, task.call.kind);
     }
     // In rank order, so a timeout names the lowest rank that did not join.
     for (int peer = 0; peer < n; ++peer) {
-      if (peer != me) await(receives[peer], true, peer, task.kind, "join");
+      if (peer != me) await(receives[peer], true, peer, task.call.kind, "join");
     }
     for (int peer = 0; peer < n; ++peer) {
-      if (peer != me) await(sends[peer], false, peer, task.kind, "accept the header of");
+      if (peer != me) await(sends[peer], false, peer, task.call.kind, "accept the header of");
     }
-    check_agreement(task.kind);
+    check_agreement(task.call.kind);
   }
 
   // Every rank compares every header with rank 0's, so all name the same first disagreeing rank.
@@ -560,15 +553,15 @@ class GlooCommunicator::Impl {
   void ring_all_reduce(const Task& task) {
     const int n = options_.world_size;
     const int me = options_.rank;
-    const size_t element = comm_dtype_size(task.dtype);
-    const auto count = static_cast<size_t>(task.count);
+    const size_t element = comm_dtype_size(task.call.dtype);
+    const auto count = static_cast<size_t>(task.call.count);
     if (n == 1) return;  // the sum (and mean) over one rank is the value itself
     const size_t base = count / static_cast<size_t>(n);
     const size_t extra = count % static_cast<size_t>(n);
     auto begin_of = [&](int c) { return c * base + std::min<size_t>(c, extra); };
     auto length_of = [&](int c) { return base + (static_cast<size_t>(c) < extra ? 1 : 0); };
     auto wrap = [&](int c) { return ((c % n) + n) % n; };
-    char* data = static_cast<char*>(task.data);
+    char* data = static_cast<char*>(task.call.data);
     const size_t largest = (base + (extra ? 1 : 0)) * element;
     char* outgoing = scratch(0, largest);
     char* incoming = scratch(1, largest);
@@ -580,18 +573,19 @@ class GlooCommunicator::Impl {
       const int sent = wrap(me - step);
       const int received = wrap(me - step - 1);
       exchange(outgoing, length_of(sent) * element, right, incoming, length_of(received) * element,
-               left, slot_of(task.sequence, kData, step), task.kind);
-      add(task.dtype, outgoing, incoming, data + begin_of(received) * element, length_of(received));
+               left, slot_of(task.sequence, kData, step), task.call.kind);
+      add(task.call.dtype, outgoing, incoming, data + begin_of(received) * element,
+          length_of(received));
     }
     const int owned = wrap(me + 1);
-    if (task.op == ReduceOp::kMean) divide(task.dtype, outgoing, length_of(owned), n);
+    if (task.call.op == ReduceOp::kMean) divide(task.call.dtype, outgoing, length_of(owned), n);
     std::memcpy(data + begin_of(owned) * element, outgoing, length_of(owned) * element);
 
     for (int step = 0; step < n - 1; ++step) {
       const int sent = wrap(me + 1 - step);
       const int received = wrap(me - step);
       exchange(outgoing, length_of(sent) * element, right, incoming, length_of(received) * element,
-               left, slot_of(task.sequence, kGather, step), task.kind);
+               left, slot_of(task.sequence, kGather, step), task.call.kind);
       std::memcpy(data + begin_of(received) * element, incoming, length_of(received) * element);
       std::swap(outgoing, incoming);
     }
@@ -599,50 +593,51 @@ class GlooCommunicator::Impl {
 
   // The root sends to every rank directly.
   void broadcast(const Task& task) {
-    const auto bytes = static_cast<size_t>(task.count);
+    const auto bytes = static_cast<size_t>(task.call.count);
     const uint64_t slot = slot_of(task.sequence, kData, 0);
-    if (options_.rank != task.root) {
+    if (options_.rank != task.call.root) {
       char* incoming = scratch(1, bytes);
       UnboundBuffer* receiving = make_buffer(incoming, bytes);
-      post(receiving, true, task.root, slot, task.kind);
-      await(receiving, true, task.root, task.kind, "send");
-      std::memcpy(task.data, incoming, bytes);
+      post(receiving, true, task.call.root, slot, task.call.kind);
+      await(receiving, true, task.call.root, task.call.kind, "send");
+      std::memcpy(task.call.data, incoming, bytes);
       return;
     }
     char* outgoing = scratch(0, bytes);
-    std::memcpy(outgoing, task.data, bytes);
+    std::memcpy(outgoing, task.call.data, bytes);
     std::vector<std::pair<int, UnboundBuffer*>> sends;
     for (int peer = 0; peer < options_.world_size; ++peer) {
-      if (peer == task.root) continue;
+      if (peer == task.call.root) continue;
       sends.emplace_back(peer, make_buffer(outgoing, bytes));
-      post(sends.back().second, false, peer, slot, task.kind);
+      post(sends.back().second, false, peer, slot, task.call.kind);
     }
-    for (auto& [peer, sending] : sends) await(sending, false, peer, task.kind, "take");
+    for (auto& [peer, sending] : sends) await(sending, false, peer, task.call.kind, "take");
   }
 
   // Every rank sends its part to every other (small values).
   void all_gather(const Task& task) {
     const int n = options_.world_size;
     const int me = options_.rank;
-    const auto bytes = static_cast<size_t>(task.count);
+    const auto bytes = static_cast<size_t>(task.call.count);
     const uint64_t slot = slot_of(task.sequence, kData, 0);
     char* gathered = scratch(0, bytes * static_cast<size_t>(n));
-    std::memcpy(gathered + static_cast<size_t>(me) * bytes, task.send, bytes);
+    std::memcpy(gathered + static_cast<size_t>(me) * bytes, task.call.send, bytes);
     std::vector<std::pair<int, UnboundBuffer*>> receives, sends;
     for (int peer = 0; peer < n; ++peer) {
       if (peer == me) continue;
       receives.emplace_back(peer, make_buffer(gathered + static_cast<size_t>(peer) * bytes, bytes));
-      post(receives.back().second, true, peer, slot, task.kind);
+      post(receives.back().second, true, peer, slot, task.call.kind);
     }
     for (int peer = 0; peer < n; ++peer) {
       if (peer == me) continue;
       sends.emplace_back(peer, make_buffer(gathered + static_cast<size_t>(me) * bytes, bytes));
-      post(sends.back().second, false, peer, slot, task.kind);
+      post(sends.back().second, false, peer, slot, task.call.kind);
     }
     for (auto& [peer, receiving] : receives)
-      await(receiving, true, peer, task.kind, "send its part of");
-    for (auto& [peer, sending] : sends) await(sending, false, peer, task.kind, "take its part of");
-    std::memcpy(task.data, gathered, bytes * static_cast<size_t>(n));
+      await(receiving, true, peer, task.call.kind, "send its part of");
+    for (auto& [peer, sending] : sends)
+      await(sending, false, peer, task.call.kind, "take its part of");
+    std::memcpy(task.call.data, gathered, bytes * static_cast<size_t>(n));
   }
 
   // --- Watchdog: ends the running collective's waits at its deadline, and finds dead peers ---

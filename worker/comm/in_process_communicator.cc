@@ -24,16 +24,7 @@ Clock::time_point deadline_after(std::chrono::milliseconds timeout) {
   return Clock::now() + std::min<Clock::duration>(timeout, kYear);
 }
 
-// One rank's call: what it asked for and where its buffers are.
-struct Arrival {
-  Kind kind = Kind::kBarrier;
-  void* data = nullptr;  // all_reduce, broadcast: in place; all_gather: recv
-  const void* send = nullptr;
-  int64_t count = 0;  // all_reduce: elements; broadcast, all_gather: bytes (per rank)
-  CommDType dtype = CommDType::kF32;
-  ReduceOp op = ReduceOp::kSum;
-  int root = 0;
-};
+using Arrival = CollectiveCall;  // one rank's call
 
 // The n-th collective of every rank.
 struct Slot {
