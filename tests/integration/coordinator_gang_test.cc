@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "tests/integration/coordinator_harness.h"
+#include "tests/integration/coordinator_test_fixture.h"
 
 namespace lomo::server::testing {
 namespace {
@@ -23,16 +24,9 @@ using ::testing::StartsWith;
 
 constexpr double kHeartbeatTimeout = 2.0;
 
-class CoordinatorGangTest : public ::testing::Test {
+class CoordinatorGangTest : public CoordinatorTest {
  protected:
-  void SetUp() override {
-    coordinator_ = std::make_unique<CoordinatorProcess>(
-        ProcessOptions(dir_.path() / "data", kHeartbeatTimeout));
-    jobs_ = coordinator_->jobs();
-  }
-  void TearDown() override {
-    if (HasFailure() && coordinator_) std::cerr << "coordinator log:\n" << coordinator_->log();
-  }
+  CoordinatorGangTest() : CoordinatorTest(kHeartbeatTimeout) {}
 
   v1::Job submit_ok(const v1::SubmitJobRequest& request) {
     v1::Job job;
@@ -91,10 +85,6 @@ class CoordinatorGangTest : public ::testing::Test {
     }
     return reader->Finish();
   }
-
-  TempDir dir_;
-  std::unique_ptr<CoordinatorProcess> coordinator_;
-  std::unique_ptr<v1::JobService::Stub> jobs_;
 };
 
 std::vector<std::pair<int, std::string>> ranks_of(const v1::Job& job) {

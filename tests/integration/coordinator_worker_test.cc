@@ -12,6 +12,7 @@
 
 #include "common/sha256.h"
 #include "tests/integration/coordinator_harness.h"
+#include "tests/integration/coordinator_test_fixture.h"
 
 namespace lomo::server::testing {
 namespace {
@@ -26,16 +27,9 @@ using ::testing::SizeIs;
 
 constexpr double kHeartbeatTimeout = 2.0;
 
-class CoordinatorWorkerTest : public ::testing::Test {
+class CoordinatorWorkerTest : public CoordinatorTest {
  protected:
-  void SetUp() override {
-    coordinator_ = std::make_unique<CoordinatorProcess>(
-        ProcessOptions(dir_.path() / "data", kHeartbeatTimeout));
-    jobs_ = coordinator_->jobs();
-  }
-  void TearDown() override {
-    if (HasFailure() && coordinator_) std::cerr << "coordinator log:\n" << coordinator_->log();
-  }
+  CoordinatorWorkerTest() : CoordinatorTest(kHeartbeatTimeout) {}
 
   v1::Job submit_ok(const std::string& name, int64_t priority = 0,
                     const std::string& device = "cpu") {
@@ -112,10 +106,6 @@ class CoordinatorWorkerTest : public ::testing::Test {
     }
     return reader->Finish();
   }
-
-  TempDir dir_;
-  std::unique_ptr<CoordinatorProcess> coordinator_;
-  std::unique_ptr<v1::JobService::Stub> jobs_;
 };
 
 TEST_F(CoordinatorWorkerTest, AssignmentEventsCheckpointsAndSuccess) {
