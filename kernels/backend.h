@@ -71,9 +71,10 @@ class Backend {
                                 int64_t dim) = 0;
 
   // ---- Rotary embeddings on x [rows, num_heads, head_dim] in place; positions [rows] ----------
-  virtual void rope_forward(float* x, const int32_t* positions, const RopeTable& table,
+  // The table (cos/sin) is in this backend's memory too.
+  virtual void rope_forward(float* x, const int32_t* positions, const RopeTableView& table,
                             int64_t rows, int64_t num_heads) = 0;
-  virtual void rope_backward(float* dx, const int32_t* positions, const RopeTable& table,
+  virtual void rope_backward(float* dx, const int32_t* positions, const RopeTableView& table,
                              int64_t rows, int64_t num_heads) = 0;
 
   // ---- Causal grouped-query attention (kernels/cpu/attention.h has the layouts) ----------------

@@ -29,4 +29,13 @@ struct RopeTable {
 };
 RopeTable rope_table(const std::vector<float>& inverse_frequencies, int64_t max_position);
 
+// What the rope kernels read: a RopeTable's cos and sin [max_position, half_dim] in the computing
+// backend's device memory (the engine uploads the host table once and keeps it with the model).
+struct RopeTableView {
+  int64_t half_dim = 0;
+  int64_t max_position = 0;
+  const float* cos = nullptr;
+  const float* sin = nullptr;
+};
+
 }  // namespace lomo

@@ -73,11 +73,11 @@ void CpuBackend::rmsnorm_backward(float* dx, float* dweight, const float* dout, 
   cpu::rmsnorm_backward(dx, dweight, dout, x, weight, rstd, rows, dim);
 }
 
-void CpuBackend::rope_forward(float* x, const int32_t* positions, const RopeTable& table,
+void CpuBackend::rope_forward(float* x, const int32_t* positions, const RopeTableView& table,
                               int64_t rows, int64_t num_heads) {
   cpu::rope_forward(x, positions, table, rows, num_heads);
 }
-void CpuBackend::rope_backward(float* dx, const int32_t* positions, const RopeTable& table,
+void CpuBackend::rope_backward(float* dx, const int32_t* positions, const RopeTableView& table,
                                int64_t rows, int64_t num_heads) {
   cpu::rope_backward(dx, positions, table, rows, num_heads);
 }

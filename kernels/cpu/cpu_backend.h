@@ -33,9 +33,9 @@ class CpuBackend final : public Backend {
   void rmsnorm_backward(float* dx, float* dweight, const float* dout, const float* x,
                         const float* weight, const float* rstd, int64_t rows, int64_t dim) override;
 
-  void rope_forward(float* x, const int32_t* positions, const RopeTable& table, int64_t rows,
+  void rope_forward(float* x, const int32_t* positions, const RopeTableView& table, int64_t rows,
                     int64_t num_heads) override;
-  void rope_backward(float* dx, const int32_t* positions, const RopeTable& table, int64_t rows,
+  void rope_backward(float* dx, const int32_t* positions, const RopeTableView& table, int64_t rows,
                      int64_t num_heads) override;
 
   void attention_forward(float* out, float* probs, const float* q, const float* k, const float* v,

@@ -245,11 +245,14 @@ TEST_P(BackendKernels, RopeRotatesByTheTableAndBackwardAppliesTheTranspose) {
           want[at] = x[at] * c - x[at + half] * s;
           want[at + half] = x[at + half] * c + x[at] * s;
         }
-    Buffer bx = upload(x), bpos = upload(positions);
+    Buffer bx = upload(x), bpos = upload(positions), bcos = upload(table.cos),
+           bsin = upload(table.sin);
+    const RopeTableView view{table.half_dim, table.max_position, bcos.as<float>(),
+                             bsin.as<float>()};
     if (direction > 0) {
-      backend().rope_forward(bx.as<float>(), bpos.as<int32_t>(), table, rows, heads);
+      backend().rope_forward(bx.as<float>(), bpos.as<int32_t>(), view, rows, heads);
     } else {
-      backend().rope_backward(bx.as<float>(), bpos.as<int32_t>(), table, rows, heads);
+      backend().rope_backward(bx.as<float>(), bpos.as<int32_t>(), view, rows, heads);
     }
     expect_close(download(bx), want, kFp32Tolerance, direction > 0 ? "rope" : "rope backward");
   }

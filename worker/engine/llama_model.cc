@@ -23,6 +23,8 @@ struct LlamaModel::Activations {
   int64_t batch_size = 0, seq_len = 0;
   std::vector<int32_t> input_ids, targets, positions;
   std::vector<int32_t> first_key;  // packed batches: first attendable position of each token's row
+  // The same index arrays in the backend's memory (what the kernels read): [B·T] int32 each.
+  Buffer device_input_ids, device_targets, device_positions, device_first_key;
   Buffer residual;  // layer inputs: [layers + 1, B·T, hidden]; entry L feeds the final norm
   std::vector<LayerActivations> layers;  // one per layer, or a single reused set when checkpointing
   Buffer final_normed, final_rstd;
@@ -177,6 +179,13 @@ void LlamaModel::prepare_forward_buffers(int64_t batch_size, int64_t seq_len) {
   acts->final_rstd = activation(rows);
   acts->logits = activation(rows * static_cast<size_t>(c.vocab_size));
   acts->logsumexp = activation(rows);
+  auto indices = [&]() {
+    return Buffer(accountant_, MemoryKind::kActivations, rows * sizeof(int32_t));
+  };
+  acts->device_input_ids = indices();
+  acts->device_targets = indices();
+  acts->device_positions = indices();
+  acts->device_first_key = indices();
   activations_ = std::move(acts);
 }
 
@@ -229,8 +238,26 @@ void LlamaModel::ensure_rope_table(int64_t max_position) {
     scaling.original_max_position_embeddings =
         static_cast<double>(c.rope_scaling.original_max_position_embeddings);
   }
-  rope_table_ =
+  const RopeTable table =
       rope_table(rope_inverse_frequencies(c.head_dim, c.rope_theta, scaling), max_position);
+  // The kernels read the table from the backend's memory: upload it once per size.
+  const size_t bytes = table.cos.size() * sizeof(float);
+  rope_cos_ = Buffer(accountant_, MemoryKind::kWorkspace, bytes);
+  rope_sin_ = Buffer(accountant_, MemoryKind::kWorkspace, bytes);
+  backend_.copy_from_host(rope_cos_.data(), table.cos.data(), bytes);
+  backend_.copy_from_host(rope_sin_.data(), table.sin.data(), bytes);
+  rope_table_ = RopeTableView{table.half_dim, table.max_position, rope_cos_.as<float>(),
+                              rope_sin_.as<float>()};
+}
+
+void LlamaModel::upload_indices(Activations& acts) {
+  const size_t bytes = acts.input_ids.size() * sizeof(int32_t);
+  backend_.copy_from_host(acts.device_input_ids.data(), acts.input_ids.data(), bytes);
+  backend_.copy_from_host(acts.device_targets.data(), acts.targets.data(), bytes);
+  backend_.copy_from_host(acts.device_positions.data(), acts.positions.data(), bytes);
+  if (!acts.first_key.empty()) {
+    backend_.copy_from_host(acts.device_first_key.data(), acts.first_key.data(), bytes);
+  }
 }
 
 ForwardResult LlamaModel::forward(const TokenBatch& batch) {
@@ -262,9 +289,11 @@ ForwardResult LlamaModel::forward(const TokenBatch& batch) {
     }
   }
   ensure_rope_table(*std::max_element(acts.positions.begin(), acts.positions.end()) + 1);
+  upload_indices(acts);
 
   float* residual = f32(acts.residual);
-  backend_.embedding_forward(residual, acts.input_ids.data(), weight_f32(weights_.embed_tokens()),
+  backend_.embedding_forward(residual, acts.device_input_ids.as<int32_t>(),
+                             weight_f32(weights_.embed_tokens()),
                              rows, hidden);
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     LayerActivations& layer = acts.layers[options_.activation_checkpointing ? 0 : l];
@@ -277,7 +306,8 @@ ForwardResult LlamaModel::forward(const TokenBatch& batch) {
                           rows, c.vocab_size, hidden, /*accumulate=*/false);
   logits_valid_ = true;
   acts.loss_sum = backend_.cross_entropy_forward(f32(acts.logsumexp), f32(acts.logits),
-                                                 acts.targets.data(), rows, c.vocab_size);
+                                                 acts.device_targets.as<int32_t>(), rows,
+                                                 c.vocab_size);
   acts.counted_tokens = std::count_if(acts.targets.begin(), acts.targets.end(),
                                       [](int32_t t) { return t != kIgnoreIndex; });
   has_forward_ = true;
@@ -302,7 +332,7 @@ void LlamaModel::layer_forward(int64_t l, const float* x_in, LayerActivations& a
   const int64_t q_width = c.num_attention_heads * c.head_dim;
   const int64_t kv_width = c.num_key_value_heads * c.head_dim;
   const float eps = static_cast<float>(c.rms_norm_eps);
-  const int32_t* positions = activations_->positions.data();
+  const int32_t* positions = activations_->device_positions.as<int32_t>();
 
   backend_.rmsnorm_forward(f32(a.h1), f32(a.rstd1), x_in, weight_f32(*w.input_norm), rows, hidden,
                            eps);
@@ -316,7 +346,7 @@ void LlamaModel::layer_forward(int64_t l, const float* x_in, LayerActivations& a
   backend_.rope_forward(f32(a.k), positions, rope_table_, rows, c.num_key_value_heads);
   backend_.attention_forward(
       f32(a.attn_out), f32(a.probs), f32(a.q), f32(a.k), f32(a.v),
-      activations_->first_key.empty() ? nullptr : activations_->first_key.data(),
+      activations_->first_key.empty() ? nullptr : activations_->device_first_key.as<int32_t>(),
       attention_shape(activations_->batch_size, activations_->seq_len));
   backend_.copy(f32(a.x_mid), x_in, static_cast<size_t>(rows * hidden) * sizeof(float));
   backend_.matmul_forward(f32(a.x_mid), f32(a.attn_out), weight_f32(*w.o_proj), rows, hidden,
@@ -376,8 +406,8 @@ void LlamaModel::backward(GradientSink& sink, float loss_scale, int64_t loss_tok
   }
   const float scale = loss_tokens > 0 ? loss_scale / static_cast<float>(loss_tokens) : 0.0f;
   float* dlogits = f32(acts.logits);  // in place: the logits are not needed again
-  backend_.cross_entropy_backward(dlogits, dlogits, f32(acts.logsumexp), acts.targets.data(), rows,
-                                  c.vocab_size, scale);
+  backend_.cross_entropy_backward(dlogits, dlogits, f32(acts.logsumexp),
+                                  acts.device_targets.as<int32_t>(), rows, c.vocab_size, scale);
   logits_valid_ = false;
 
   // LM head: input gradient first (it reads the old weight), then the weight gradient.
@@ -409,7 +439,8 @@ void LlamaModel::backward(GradientSink& sink, float loss_scale, int64_t loss_tok
   if (!c.tie_word_embeddings) {
     backend_.fill_zero(embedding_gradient, static_cast<size_t>(embedding.numel()) * sizeof(float));
   }
-  backend_.embedding_backward(embedding_gradient, d_residual, acts.input_ids.data(), rows, hidden);
+  backend_.embedding_backward(embedding_gradient, d_residual, acts.device_input_ids.as<int32_t>(),
+                              rows, hidden);
   deliver(sink, embedding, embedding_gradient);
 }
 
@@ -422,7 +453,7 @@ void LlamaModel::layer_backward(int64_t l, GradientSink& sink, const float* x_in
   const int64_t hidden = c.hidden_size, inter = c.intermediate_size;
   const int64_t q_width = c.num_attention_heads * c.head_dim;
   const int64_t kv_width = c.num_key_value_heads * c.head_dim;
-  const int32_t* positions = activations_->positions.data();
+  const int32_t* positions = activations_->device_positions.as<int32_t>();
   float* gradient = f32(ws.gradient);
   float* d_normed = f32(ws.d_normed);
 

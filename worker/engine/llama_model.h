@@ -70,7 +70,8 @@ class LlamaModel {
   // The result of the last forward (throws std::logic_error before the first).
   ForwardResult last_forward() const;
 
-  // Logits [batch·seq_len, vocab] of the last forward; valid until backward runs.
+  // Logits [batch·seq_len, vocab] of the last forward, in the backend's memory (host memory for
+  // the CPU); valid until backward runs.
   const float* logits() const;
 
   const ModelOptions& options() const { return options_; }
@@ -94,6 +95,8 @@ class LlamaModel {
   const float* weight_f32(const Parameter& parameter);
   AttentionShape attention_shape(int64_t batch_size, int64_t seq_len) const;
   void ensure_rope_table(int64_t max_position);
+  // Copies the batch's token ids, targets, positions (and first keys) to the backend's memory.
+  void upload_indices(Activations& acts);
   // Hands `gradient` (the parameter's shape, fp32, on this device) to the sink.
   void deliver(GradientSink& sink, Parameter& parameter, float* gradient);
 
@@ -101,7 +104,8 @@ class LlamaModel {
   LlamaWeights& weights_;
   MemoryAccountant& accountant_;
   ModelOptions options_;
-  RopeTable rope_table_;
+  Buffer rope_cos_, rope_sin_;  // the RoPE table in the backend's memory (kWorkspace)
+  RopeTableView rope_table_;
   std::unique_ptr<Activations> activations_;
   std::unique_ptr<Workspace> workspace_;
   Buffer weight_scratch_;  // fp32 copy of one non-fp32 weight (kWorkspace)

@@ -5,6 +5,7 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "kernels/backend.h"
 #include "kernels/counter_hash.h"
 
 namespace lomo {
@@ -111,7 +112,44 @@ void LlamaWeights::init_random(uint64_t seed, float stddev) {
       const double normal = std::sqrt(-2.0 * std::log(u1)) * std::cos(2.0 * M_PI * u2);
       values[static_cast<size_t>(i)] = static_cast<float>(normal * stddev);
     }
-    convert_from_float(p.dtype, values.data(), p.storage.data(), values.size());
+    if (p.storage.device().is_cpu()) {
+      convert_from_float(p.dtype, values.data(), p.storage.data(), values.size());
+    } else {
+      std::vector<char> stored(p.size_bytes());
+      convert_from_float(p.dtype, values.data(), stored.data(), values.size());
+      backend_for(p.storage.device()).copy_from_host(p.storage.data(), stored.data(), stored.size());
+    }
+  }
+}
+
+void LlamaWeights::copy_values_from(const LlamaWeights& source) {
+  if (source.parameters_.size() != parameters_.size() || source.storage_dtype_ != storage_dtype_) {
+    throw std::invalid_argument("LlamaWeights::copy_values_from: the weights differ in " +
+                                std::string(source.storage_dtype_ != storage_dtype_
+                                                ? "storage dtype"
+                                                : "parameter count"));
+  }
+  for (size_t t = 0; t < parameters_.size(); ++t) {
+    Parameter& to = parameters_[t];
+    const Parameter& from = source.parameters_[t];
+    if (from.name != to.name || from.shape != to.shape) {
+      throw std::invalid_argument("LlamaWeights::copy_values_from: " + from.name + " " +
+                                  from.shape_string() + " does not match " + to.name + " " +
+                                  to.shape_string());
+    }
+    const Device from_device = from.storage.device(), to_device = to.storage.device();
+    if (from_device == to_device) {
+      backend_for(to_device).copy(to.storage.data(), from.storage.data(), to.size_bytes());
+    } else if (from_device.is_cpu()) {
+      backend_for(to_device).copy_from_host(to.storage.data(), from.storage.data(),
+                                            to.size_bytes());
+    } else if (to_device.is_cpu()) {
+      backend_for(from_device).copy_to_host(to.storage.data(), from.storage.data(),
+                                            to.size_bytes());
+    } else {
+      throw std::invalid_argument("LlamaWeights::copy_values_from: " + device_name(from_device) +
+                                  " to " + device_name(to_device) + " goes through the host");
+    }
   }
 }
 

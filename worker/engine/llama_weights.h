@@ -63,8 +63,13 @@ class LlamaWeights {
   // The largest single tensor's element count: the LOMO step's gradient buffer size.
   int64_t largest_parameter_numel() const;
 
-  // Deterministic initialisation: matrices ~ N(0, stddev^2), norm weights = 1.
+  // Deterministic initialisation: matrices ~ N(0, stddev^2), norm weights = 1 (the same values on
+  // every device: they are drawn on the host and copied).
   void init_random(uint64_t seed, float stddev);
+  // Copies every parameter's values from `source`, which must have the same config and storage
+  // dtype and may live on another device (host ↔ GPU): how weights read on the host reach a GPU and
+  // come back to be saved. Throws std::invalid_argument when the two do not match.
+  void copy_values_from(const LlamaWeights& source);
 
  private:
   LlamaConfig config_;

@@ -35,9 +35,16 @@ MultipleChoiceResult score_multiple_choice(LlamaModel& model,
   std::vector<double> scores;
   scores.reserve(static_cast<size_t>(rows.sample_count()));
   const int64_t vocab = model.weights().config().vocab_size;
+  std::vector<float> host_logits;
   for (const TokenBatch& batch : batches) {
     model.forward(batch);
     const float* logits = model.logits();
+    if (!model.backend().device().is_cpu()) {  // score on the host: copy the logits back once
+      const size_t count = static_cast<size_t>(batch.batch_size * batch.seq_len * vocab);
+      host_logits.resize(count);
+      model.backend().copy_to_host(host_logits.data(), logits, count * sizeof(float));
+      logits = host_logits.data();
+    }
     for (int64_t r = 0; r < batch.batch_size; ++r) {
       double sum = 0.0;
       for (int64_t t = 0; t < batch.seq_len; ++t) {
