@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one command, for the moment a GPU machine is available: the
+# backend kernel suite on the GPU, the gpu-labelled tests (whole model and optimizers GPU vs CPU,
+# NCCL), the kernel suite under compute-sanitizer, and the GPU benchmark rows of
+# docs/PERFORMANCE.md; then a short summary. Sized to finish within 8 minutes on one H100.
+#
+#   scripts/gpu_check.sh                      build with CUDA here (needs scripts/setup.sh's packages)
+#   scripts/gpu_check.sh --bundle B.tar.xz    use binaries from scripts/gpu_bundle.sh (a GPU machine
+#                                             without the build dependencies)
+#   options: --out DIR (logs; default gpu-check-out), --quick (tests only, no benchmark)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+bundle="" out="gpu-check-out" quick=0
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --bundle) bundle="$2"; shift 2 ;;
+    --out) out="$2"; shift 2 ;;
+    --quick) quick=1; shift ;;
+    *) echo "gpu_check: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+mkdir -p "$out"
+log="$out/gpu_check.log"
+: >"$log"
+say() { echo "$*" | tee -a "$log"; }
+
+say "== gpu_check $(date -u +%FT%TZ) on $(hostname)"
+if ! command -v nvidia-smi >/dev/null || ! nvidia-smi -L >/dev/null 2>&1; then
+  say "gpu_check: no NVIDIA GPU here (nvidia-smi -L failed): nothing to check"
+  exit 3
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee -a "$log"
+
+if [[ -n "$bundle" ]]; then
+  bin="$(mktemp -d)/lomo-gpu"
+  mkdir -p "$bin"
+  tar -xJf "$bundle" -C "$bin" || { say "gpu_check: cannot unpack $bundle"; exit 2; }
+  # CUDA's own libraries come from the machine: the toolkit's, or the ones pip installed.
+  cuda_dirs=$(find /usr/local/cuda*/lib64 /usr/local/cuda*/targets/x86_64-linux/lib \
+    /usr/lib/x86_64-linux-gnu /opt /usr/local/lib -maxdepth 7 \
+    \( -name 'libcublasLt.so.13' -o -name 'libnccl.so.2' -o -name 'libcudart.so.13' \) \
+    -printf '%h\n' 2>/dev/null | sort -u | paste -sd:)
+  export LD_LIBRARY_PATH="$bin/lib:${cuda_dirs}:${LD_LIBRARY_PATH:-}"
+  tests="$bin" benches="$bin"
+else
+  build=build-gpu
+  cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DLOMO_CUDA=ON -DLOMO_WERROR=ON \
+    >>"$log" 2>&1 || { say "gpu_check: configure failed (see $log)"; exit 2; }
+  cmake --build "$build" -j"$(nproc)" --target backend_kernels_test gpu_model_test \
+    rmsnorm_cuda_test gpu_bench $(grep -q nccl_communicator_test tests/CMakeLists.txt &&
+      echo nccl_communicator_test) >>"$log" 2>&1 ||
+    { say "gpu_check: build failed (see $log)"; exit 2; }
+  tests="$build/tests" benches="$build/bench"
+fi
+
+failures=0
+run() {  # run NAME TIMEOUT COMMAND...: logs to $out/NAME.log, one summary line
+  local name="$1" limit="$2"
+  shift 2
+  local start=$SECONDS
+  timeout "$limit" "$@" >"$out/$name.log" 2>&1
+  local rc=$?
+  local tail_line
+  tail_line=$(grep -E '^\[  (PASSED|FAILED|SKIPPED) ' "$out/$name.log" | tr '\n' ' ')
+  say "$(printf '%-28s rc=%-3s %4ss  %s' "$name" "$rc" "$((SECONDS - start))" "$tail_line")"
+  if [[ $rc -ne 0 ]]; then
+    failures=$((failures + 1))
+    grep -E 'FAILED|Failure|error|Error|what\(\)' "$out/$name.log" | head -40 | tee -a "$log"
+  fi
+}
+
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
+say "== tests"
+run backend_kernels 300 "$tests/backend_kernels_test"
+run gpu_model 300 "$tests/gpu_model_test"
+run rmsnorm_cuda 120 "$tests/rmsnorm_cuda_test"
+[[ -x "$tests/nccl_communicator_test" ]] && run nccl_communicator 180 "$tests/nccl_communicator_test"
+grep -hE '^\[[A-Za-z0-9]+\] ' "$out/gpu_model.log" | tee -a "$log"
+if command -v compute-sanitizer >/dev/null; then
+  run sanitizer_memcheck 240 compute-sanitizer --tool memcheck --error-exitcode 9 \
+    "$tests/backend_kernels_test" --gtest_filter='*cuda*'
+fi
+
+if [[ $quick -eq 0 ]]; then
+  say "== benchmark (bench/gpu_bench; random weights, real shapes)"
+  bench() {  # bench NAME ARGS...
+    local name="$1"
+    shift
+    run "bench_$name" 240 "$benches/gpu_bench" "$@"
+    grep -vE '^\s*$' "$out/bench_$name.log" | tee -a "$log"
+  }
+  bench 7b_s512_b8_ckpt_lomo --model 7b --seq 512 --batch 8 --checkpointing on --steps 2
+  bench 7b_s1024_b1_lomo --model 7b --seq 1024 --batch 1 --checkpointing off --steps 3
+  bench 7b_s1024_b1_lomo_clip --model 7b --seq 1024 --batch 1 --checkpointing off --steps 3 \
+    --optimizer lomo-clip
+  bench 7b_s1024_b1_adalomo --model 7b --seq 1024 --batch 1 --checkpointing off --steps 3 \
+    --optimizer adalomo
+  bench 7b_s1024_b1_profile --model 7b --seq 1024 --batch 1 --checkpointing off --steps 2 \
+    --profile-ops
+  bench 7b_s1024_b8_ckpt_lomo --model 7b --seq 1024 --batch 8 --checkpointing on --steps 2
+  bench 13b_s512_b8_ckpt_lomo --model 13b --seq 512 --batch 8 --checkpointing on --steps 1
+  bench 30b_s512_b8_ckpt_lomo --model 30b --seq 512 --batch 8 --checkpointing on --steps 1
+fi
+
+say "== summary: $failures failing step(s); logs in $out/"
+[[ $failures -eq 0 ]]
