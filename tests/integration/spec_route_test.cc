@@ -220,30 +220,24 @@ TEST_F(SpecRouteTest, EveryProblemIsReportedWithItsFieldAndLine) {
       "data: {train: [a.txt]}\n"
       "optimizer: {lr: -1}\n"
       "training: {steps: 0}\n"
-      "resources: {device: cuda}\n");
+      "resources: {device: cuda, world_size: 2}\n");
   v1::Job job;
   const grpc::Status status = submit(*jobs_, request, &job);
   EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_EQ(status.error_message(),
             "invalid job spec: optimizer.lr: must be > 0, got -1 (line 3); training.steps: must "
-            "be >= 1, got 0 (line 4); resources.device: cuda is not available yet: this build "
-            "trains on the CPU only (the CUDA backend is tracked separately); use device: cpu "
-            "(line 5)");
+            "be >= 1, got 0 (line 4); resources.device: cuda with world_size 2: data-parallel GPU "
+            "ranks need the NCCL communicator, which training does not use yet; use world_size 1 "
+            "on cuda, or device: cpu (line 5)");
 }
 
-TEST_F(SpecRouteTest, ACudaJobIsRefusedAtSubmissionNotRunOnTheCpu) {
+TEST_F(SpecRouteTest, ACudaJobWaitsForACudaWorkerInsteadOfRunningOnTheCpu) {
   v1::Job job;
-  const grpc::Status status = submit(*jobs_, submit_request("gpu", 0, "cuda"), &job);
-  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
-  EXPECT_THAT(status.error_message(),
-              HasSubstr("resources.device: cuda is not available yet: this build trains on the "
-                        "CPU only"));
-  v1::ListJobsRequest list;
-  v1::ListJobsResponse listed;
-  grpc::ClientContext context;
-  context.set_deadline(deadline_in(10));
-  ASSERT_TRUE(jobs_->ListJobs(&context, list, &listed).ok());
-  EXPECT_EQ(listed.jobs_size(), 0) << "nothing was stored";
+  ASSERT_TRUE(submit(*jobs_, submit_request("gpu", 0, "cuda"), &job).ok());
+  v1::Job got;
+  ASSERT_TRUE(get(*jobs_, job.id(), &got).ok());
+  EXPECT_EQ(got.state(), v1::JOB_STATE_QUEUED);
+  EXPECT_THAT(got.wait_reason(), HasSubstr("cuda"));
 }
 
 }  // namespace

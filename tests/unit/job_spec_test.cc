@@ -438,7 +438,7 @@ TEST(JobSpecTest, EveryValueProblemIsReportedWithItsPath) {
   try {
     parse_job_spec(with_sections({{"optimizer", "{lr: -1, beta1: 2}"},
                                   {"training", "{steps: 0, batch_size: 0}"},
-                                  {"resources", "{device: cuda}"}}),
+                                  {"resources", "{device: cuda, world_size: 2}"}}),
                    "job.yaml");
     ADD_FAILURE() << "parsed an invalid spec";
   } catch (const JobSpecError& error) {
@@ -450,7 +450,7 @@ TEST(JobSpecTest, EveryValueProblemIsReportedWithItsPath) {
     // One line per problem, each as a single error would read.
     EXPECT_THAT(error.what(), StartsWith("job.yaml: optimizer.lr: must be > 0, got -1 (line "));
     EXPECT_THAT(error.what(), HasSubstr("\njob.yaml: training.steps: must be >= 1, got 0"));
-    EXPECT_THAT(error.what(), HasSubstr("\njob.yaml: resources.device: cuda is not available"));
+    EXPECT_THAT(error.what(), HasSubstr("\njob.yaml: resources.device: cuda with world_size 2"));
   }
 }
 
@@ -489,12 +489,19 @@ TEST(JobSpecTest, EveryTypeProblemIsReportedBeforeAnyValueRule) {
   }
 }
 
-TEST(JobSpecTest, CudaIsRefusedUntilTheBackendExists) {
-  const JobSpecError error = parse_error(with_sections({{"resources", "{device: cuda}"}}));
+TEST(JobSpecTest, ACudaJobOfOneRankIsAccepted) {
+  const JobSpec spec =
+      parse_job_spec(with_sections({{"resources", "{device: cuda}"}}), "job.yaml");
+  EXPECT_EQ(spec.resources.device, "cuda");
+}
+
+TEST(JobSpecTest, CudaWithSeveralRanksIsRefusedUntilNcclIsWiredIntoTraining) {
+  const JobSpecError error = parse_error(
+      with_sections({{"training", "{steps: 10, batch_size: 8}"},
+                     {"resources", "{device: cuda, world_size: 2}"}}));
   EXPECT_EQ(error.field(), "resources.device");
-  EXPECT_STREQ(error.what(),
-               "job.yaml: resources.device: cuda is not available yet: this build trains on the "
-               "CPU only (the CUDA backend is tracked separately); use device: cpu (line 3)");
+  EXPECT_THAT(error.what(), HasSubstr("resources.device: cuda with world_size 2: data-parallel "
+                                      "GPU ranks need the NCCL communicator"));
 }
 
 TEST(JobSpecTest, RejectedOverrideLeavesTheSpecUnchanged) {

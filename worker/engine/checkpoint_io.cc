@@ -368,6 +368,17 @@ LlamaWeights load_llama_checkpoint(const std::filesystem::path& model_dir, DType
   const std::filesystem::path config_path = model_dir / kConfigFileName;
   const LlamaConfig config = load_llama_config(config_path);
   const CheckpointSources sources = open_sources(model_dir);
+  if (!accountant.device().is_cpu()) {
+    // Files are read on the host: read into host weights, then copy them to the device. The host
+    // copy is freed on return (a streamed per-tensor upload would need no host model).
+    MemoryAccountant host_accountant;
+    LlamaWeights host(config, storage, host_accountant);
+    check_tensors_match(host, sources, config_path);
+    read_parameters(host, sources, host_accountant);
+    LlamaWeights weights(config, storage, accountant);
+    weights.copy_values_from(host);
+    return weights;
+  }
   // Parameter buffers are only reserved here; their pages are touched when read into.
   LlamaWeights weights(config, storage, accountant);
   check_tensors_match(weights, sources, config_path);
@@ -379,6 +390,14 @@ void save_llama_checkpoint(const LlamaWeights& weights, const std::filesystem::p
                            const SaveOptions& options) {
   if (options.max_shard_bytes == 0) {
     throw std::invalid_argument("save_llama_checkpoint: max_shard_bytes must be positive");
+  }
+  if (!weights.parameters().empty() && !weights.parameters()[0].storage.device().is_cpu()) {
+    // Files are written from the host: copy the device's weights back first.
+    MemoryAccountant host_accountant;
+    LlamaWeights host(weights.config(), weights.storage_dtype(), host_accountant);
+    host.copy_values_from(weights);
+    save_llama_checkpoint(host, dir, options);
+    return;
   }
   std::filesystem::create_directories(dir);
   LlamaConfig config = weights.config();

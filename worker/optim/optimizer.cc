@@ -68,10 +68,21 @@ class StateTensors {
     entries_.push_back(std::move(entry));
     return entries_.back().buffer.as<float>();
   }
-  std::vector<SafetensorsTensorView> views() const {
+  // Views of the tensors in host memory: the buffers themselves on the CPU, else copies made in
+  // `host_copies` (which must outlive the views).
+  std::vector<SafetensorsTensorView> host_views(std::vector<std::vector<char>>& host_copies) const {
     std::vector<SafetensorsTensorView> views;
-    for (const Entry& e : entries_)
-      views.push_back({e.name, DType::kF32, e.shape, e.buffer.data()});
+    const bool on_host = accountant_.device().is_cpu();
+    for (const Entry& e : entries_) {
+      const void* data = e.buffer.data();
+      if (!on_host) {
+        host_copies.emplace_back(e.buffer.size_bytes());
+        backend_for(accountant_.device())
+            .copy_to_host(host_copies.back().data(), data, e.buffer.size_bytes());
+        data = host_copies.back().data();
+      }
+      views.push_back({e.name, DType::kF32, e.shape, data});
+    }
     return views;
   }
   void load(const SafetensorsFile& file) {
@@ -86,7 +97,13 @@ class StateTensors {
                               "' has dtype " + std::string(dtype_name(info->dtype)) + " shape " +
                               info->shape_string() + ", expected F32 of the parameter's shape");
       }
-      file.read_tensor(e.name, e.buffer.data());
+      if (accountant_.device().is_cpu()) {
+        file.read_tensor(e.name, e.buffer.data());
+      } else {
+        std::vector<char> host(e.buffer.size_bytes());
+        file.read_tensor(e.name, host.data());
+        backend_for(accountant_.device()).copy_from_host(e.buffer.data(), host.data(), host.size());
+      }
     }
   }
 
@@ -115,7 +132,8 @@ void save_common(const std::filesystem::path& file, const OptimizerOptions& opti
     metadata["loss_scale_clean_steps"] = std::to_string(common.scaler->state().clean_steps);
     metadata["loss_scale_overflows"] = std::to_string(common.scaler->state().overflows);
   }
-  write_safetensors(file, tensors.views(), metadata);
+  std::vector<std::vector<char>> host_copies;
+  write_safetensors(file, tensors.host_views(host_copies), metadata);
 }
 
 void load_common(const std::filesystem::path& path, const OptimizerOptions& options,

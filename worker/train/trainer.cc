@@ -3,6 +3,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <iterator>
@@ -194,12 +195,18 @@ EvalMetrics evaluate_choices(LlamaModel& model, const std::vector<MultipleChoice
   return m;
 }
 
-// FNV-1a over every parameter's bytes (host memory: the trainer runs on the CPU): equal weights
-// give equal hashes, and ranks that drifted apart almost surely differ.
+// FNV-1a over every parameter's bytes (copied to the host first when they live on a GPU): equal
+// weights give equal hashes, and ranks that drifted apart almost surely differ.
 uint64_t weights_hash(const LlamaWeights& weights) {
   uint64_t hash = 14695981039346656037ull;
+  std::vector<unsigned char> host;
   for (const Parameter& p : weights.parameters()) {
     const auto* bytes = static_cast<const unsigned char*>(p.storage.data());
+    if (!p.storage.device().is_cpu()) {
+      host.resize(p.size_bytes());
+      backend_for(p.storage.device()).copy_to_host(host.data(), bytes, host.size());
+      bytes = host.data();
+    }
     for (size_t i = 0; i < p.size_bytes(); ++i) hash = (hash ^ bytes[i]) * 1099511628211ull;
   }
   return hash;
@@ -253,6 +260,27 @@ LlamaWeights load_weights(const JobSpec& spec, const fs::path& model_dir,
                            std::to_string(weights.config().max_position_embeddings));
   }
   return weights;
+}
+
+// The device this rank computes on: the CPU, or for `resources.device: cuda` the first GPU this
+// process sees (a worker daemon started with --device N shows its child only GPU N, through
+// CUDA_VISIBLE_DEVICES). Throws JobSpecError when there is none.
+Device training_device(const JobSpec& spec) {
+  if (spec.resources.device != "cuda") return Device::cpu();
+  if (spec.resources.world_size > 1) {
+    throw JobSpecError("job", "resources.device",
+                       "cuda with world_size " + std::to_string(spec.resources.world_size) +
+                           ": data-parallel GPU ranks need the NCCL communicator, which the "
+                           "trainer does not use yet; use world_size 1 on cuda, or device: cpu");
+  }
+  for (Device device : available_backends()) {
+    if (!device.is_cpu()) return device;
+  }
+  const char* visible = std::getenv("CUDA_VISIBLE_DEVICES");
+  throw JobSpecError("job", "resources.device",
+                     "cuda, but this trainer finds no usable CUDA device (CUDA_VISIBLE_DEVICES=" +
+                         std::string(visible != nullptr ? visible : "unset") +
+                         "; a build without the CUDA backend finds none either)");
 }
 
 // The checkpoint an earlier attempt left in output.dir, when the run may resume from it.
@@ -322,6 +350,7 @@ class TrainingRun {
         rows_per_rank_(rows_per_rank(spec, communicator_)),
         output_dir_(spec.output.dir),
         resume_from_(resume_point(output_dir_, options)),
+        accountant_(training_device(spec)),
         buffer_accounting_(communicator_, accountant_),
         weights_(load_weights(spec, resume_from_ ? *resume_from_ : fs::path(spec.model.path),
                               accountant_)),
