@@ -6,7 +6,7 @@
 //   gpu_bench [--model 7b|13b|30b|1b|tiny] [--seq T] [--batch B] [--steps N]
 //             [--optimizer lomo|lomo-clip|adalomo] [--checkpointing on|off] [--dtype
 //             bf16|fp16|fp32]
-//             [--device cuda:0|cpu] [--profile-ops]
+//             [--device cuda:0|cpu] [--matmul fp32|tf32] [--profile-ops]
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -28,6 +28,8 @@
 
 #ifdef LOMO_HAVE_CUDA
 #include <cuda_runtime_api.h>
+
+#include "kernels/cuda/cuda_backend.h"
 #endif
 
 namespace {
@@ -122,13 +124,8 @@ double flops_per_token(const lomo::LlamaConfig& c, int64_t parameters, int64_t s
 uint64_t pool_reserved_high(lomo::Device device) {
 #ifdef LOMO_HAVE_CUDA
   if (device.is_cpu()) return 0;
-  cudaMemPool_t pool = nullptr;
-  uint64_t high = 0;
-  if (cudaDeviceGetMemPool(&pool, device.index) == cudaSuccess &&
-      cudaMemPoolGetAttribute(pool, cudaMemPoolAttrReservedMemHigh, &high) == cudaSuccess) {
-    return high;
-  }
-  cudaGetLastError();
+  return dynamic_cast<lomo::cuda::CudaBackend&>(lomo::backend_for(device))
+      .pool_reserved_high_bytes();
 #endif
   (void)device;
   return 0;
@@ -148,6 +145,7 @@ std::string device_label(lomo::Device device) {
 
 struct Args {
   std::string model = "7b", optimizer = "lomo", dtype = "bf16", device = "cuda:0";
+  std::string matmul;  // fp32 | tf32; default: what the trainer picks (tf32 for bf16/fp16)
   int64_t seq = 1024, batch = 1;
   int steps = 3;
   bool checkpointing = true, profile_ops = false;
@@ -180,6 +178,8 @@ Args parse(int argc, char** argv) {
       a.device = value();
     } else if (flag == "--checkpointing") {
       a.checkpointing = value() == "on";
+    } else if (flag == "--matmul") {
+      a.matmul = value();
     } else if (flag == "--profile-ops") {
       a.profile_ops = true;
     } else {
@@ -225,6 +225,11 @@ int main(int argc, char** argv) {
     lomo::LlamaWeights weights(config, dtype, accountant);
     fill_weights(weights);
     lomo::Backend& backend = lomo::backend_for(device);
+    const std::string matmul = !args.matmul.empty() ? args.matmul
+                               : dtype == lomo::DType::kF32 ? "fp32"
+                                                            : "tf32";
+    backend.set_matmul_precision(matmul == "tf32" ? lomo::Backend::MatmulPrecision::kTf32
+                                                  : lomo::Backend::MatmulPrecision::kFp32);
     lomo::ProfilingBackend profiler(backend);
     lomo::Backend& model_backend =
         args.profile_ops ? static_cast<lomo::Backend&>(profiler) : backend;
@@ -256,10 +261,10 @@ int main(int argc, char** argv) {
     constexpr double kH100Bf16DenseFlops = 989e12;  // H100 SXM, dense bf16 tensor cores
     const lomo::MemoryReport memory = accountant.report();
     std::printf(
-        "gpu_bench device=%s model=%s params=%.3gB dtype=%s optimizer=%s seq=%lld batch=%lld "
-        "checkpointing=%s\n",
+        "gpu_bench device=%s model=%s params=%.3gB dtype=%s matmul=%s optimizer=%s seq=%lld "
+        "batch=%lld checkpointing=%s\n",
         device_label(device).c_str(), args.model.c_str(),
-        static_cast<double>(weights.parameter_count()) / 1e9, args.dtype.c_str(),
+        static_cast<double>(weights.parameter_count()) / 1e9, args.dtype.c_str(), matmul.c_str(),
         args.optimizer.c_str(), static_cast<long long>(args.seq),
         static_cast<long long>(args.batch), args.checkpointing ? "on" : "off");
     std::printf(

@@ -67,6 +67,10 @@ class ProfilingBackend final : public Backend {
 
   void synchronize() override { return inner_.synchronize(); }
 
+  void set_matmul_precision(MatmulPrecision precision) override {
+    inner_.set_matmul_precision(precision);
+  }
+
   void convert_to_f32(float* out, const void* in, DType dtype, int64_t count) override {
     const Timer timer(*this, "weight widening");
     inner_.convert_to_f32(out, in, dtype, count);

@@ -44,6 +44,14 @@ class Backend {
   // Returns when every call issued so far has finished.
   virtual void synchronize() = 0;
 
+  // ---- Settings ---------------------------------------------------------------------------------
+  // How fp32 matrix products may round their inputs: kFp32 keeps every bit; kTf32 lets a GPU use
+  // TF32 tensor cores (inputs rounded to 10 mantissa bits, fp32 accumulation; several times
+  // faster, ~1e-3 relative). A backend without such hardware ignores it. The trainer asks for
+  // kTf32 when the weights are stored in bf16/fp16, whose 7/10 mantissa bits are no finer.
+  enum class MatmulPrecision : uint8_t { kFp32, kTf32 };
+  virtual void set_matmul_precision(MatmulPrecision precision) { (void)precision; }
+
   // ---- Dtype ----------------------------------------------------------------------------------
   // out[i] = float(in[i]) for `count` values stored as `dtype` (weights widened before use).
   virtual void convert_to_f32(float* out, const void* in, DType dtype, int64_t count) = 0;

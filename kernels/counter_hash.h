@@ -6,9 +6,11 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "kernels/host_device.h"
+
 namespace lomo {
 
-inline uint64_t mix_bits(uint64_t x) {
+LOMO_HOST_DEVICE inline uint64_t mix_bits(uint64_t x) {
   x += 0x9e3779b97f4a7c15ull;
   x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
   x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;

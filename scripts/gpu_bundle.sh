@@ -14,16 +14,21 @@ cmake --build "$build" -j"$(nproc)" --target "${targets[@]}"
 
 stage="$(mktemp -d)"
 mkdir -p "$stage/lib"
+# The product's programs too, for the end-to-end check (trainer, worker daemon, coordinator, CLI).
+targets+=(lomo-worker lomo-workerd lomo-coordinator lomoctl)
+cmake --build "$build" -j"$(nproc)" --target lomo-worker lomo-workerd lomo-coordinator lomoctl
 for target in "${targets[@]}"; do
   cp "$(find "$build" -type f -name "$target" -perm -u+x | head -1)" "$stage/"
 done
-# Shared libraries from Debian's packages (OpenBLAS and its Fortran runtime, OpenMP); CUDA's own
-# (cudart, cuBLAS, NCCL) are the GPU machine's.
+# Shared libraries from Debian's packages (OpenBLAS, gRPC, protobuf, yaml-cpp, ...). Left to the
+# GPU machine: the C library and the C++ runtime (newer there, and compatible), and CUDA's own
+# (cudart, cuBLAS, NCCL), which come with its driver and toolkit.
 for binary in "$stage"/*; do
   [[ -f "$binary" ]] || continue
   ldd "$binary" | awk '$3 ~ /^\// {print $3}' |
-    grep -E 'openblas|gfortran|quadmath|gomp' | while read -r library; do
-      cp -L "$library" "$stage/lib/"
+    grep -vE '/(libc|libm|libdl|librt|libpthread|libgcc_s|libstdc\+\+)\.so|/ld-linux|libcuda|libcublas|libcudart|libnccl' |
+    while read -r library; do
+      cp -Ln "$library" "$stage/lib/"
     done
 done
 tar -cJf "$archive" -C "$stage" .

@@ -42,16 +42,18 @@ if [[ -n "$bundle" ]]; then
     \( -name 'libcublasLt.so.13' -o -name 'libnccl.so.2' -o -name 'libcudart.so.13' \) \
     -printf '%h\n' 2>/dev/null | sort -u | paste -sd:)
   export LD_LIBRARY_PATH="$bin/lib:${cuda_dirs}:${LD_LIBRARY_PATH:-}"
-  tests="$bin" benches="$bin"
+  tests="$bin" benches="$bin" programs="$bin"
 else
   build=build-gpu
   cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DLOMO_CUDA=ON -DLOMO_WERROR=ON \
     >>"$log" 2>&1 || { say "gpu_check: configure failed (see $log)"; exit 2; }
   cmake --build "$build" -j"$(nproc)" --target backend_kernels_test gpu_model_test \
-    rmsnorm_cuda_test gpu_bench $(grep -q nccl_communicator_test tests/CMakeLists.txt &&
-      echo nccl_communicator_test) >>"$log" 2>&1 ||
-    { say "gpu_check: build failed (see $log)"; exit 2; }
-  tests="$build/tests" benches="$build/bench"
+    rmsnorm_cuda_test gpu_bench lomo-worker lomo-workerd lomo-coordinator lomoctl \
+    $(grep -q nccl_communicator_test tests/CMakeLists.txt && echo nccl_communicator_test) \
+    >>"$log" 2>&1 || { say "gpu_check: build failed (see $log)"; exit 2; }
+  tests="$build/tests" benches="$build/bench" programs="$(mktemp -d)"
+  ln -s "$PWD/$build/worker/lomo-worker" "$PWD/$build/worker/lomo-workerd" \
+    "$PWD/$build/server/lomo-coordinator" "$PWD/$build/client/lomoctl" "$programs/"
 fi
 
 failures=0
@@ -77,10 +79,65 @@ run gpu_model 300 "$tests/gpu_model_test"
 run rmsnorm_cuda 120 "$tests/rmsnorm_cuda_test"
 [[ -x "$tests/nccl_communicator_test" ]] && run nccl_communicator 180 "$tests/nccl_communicator_test"
 grep -hE '^\[[A-Za-z0-9]+\] ' "$out/gpu_model.log" | tee -a "$log"
-if command -v compute-sanitizer >/dev/null; then
-  run sanitizer_memcheck 240 compute-sanitizer --tool memcheck --error-exitcode 9 \
-    "$tests/backend_kernels_test" --gtest_filter='*cuda*'
+
+say "== end to end: the product's entry points on the GPU (examples/tiny-lomo.yaml, 60 steps)"
+e2e="$(mktemp -d)"
+"$programs/lomo-worker" init-model "$e2e/tiny-llama" --preset tiny >>"$log" 2>&1
+spec=(examples/tiny-lomo.yaml --set "model.path=$e2e/tiny-llama" --set training.steps=60
+  --set training.checkpoint_every=30)
+step60() {  # the loss at step 60 of a run's metrics.jsonl
+  grep -E '"step": ?60[,}]' "$1/metrics.jsonl" | head -1 | grep -oE '"loss": ?[0-9.e+-]+' |
+    cut -d: -f2
+}
+# fp32 on both devices (the GPU in full fp32 products), then bf16 weights with stochastic rounding
+# (the GPU then multiplies in TF32): the step-60 losses must agree to 1e-4 and 2e-2 relative.
+for dtype in fp32 bf16; do
+  for device in cpu cuda; do
+    run "train_${dtype}_$device" 120 "$programs/lomo-worker" train "${spec[@]}" \
+      --set "resources.device=$device" --set "precision.dtype=$dtype" \
+      --set optimizer.stochastic_rounding=$([[ $dtype == bf16 ]] && echo true || echo false) \
+      --set "output.dir=$e2e/train-$dtype-$device"
+  done
+  cpu_loss=$(step60 "$e2e/train-$dtype-cpu") cuda_loss=$(step60 "$e2e/train-$dtype-cuda")
+  tolerance=$([[ $dtype == fp32 ]] && echo 1e-4 || echo 2e-2)
+  if awk -v a="$cpu_loss" -v b="$cuda_loss" -v t="$tolerance" \
+    'BEGIN { d = a - b; if (d < 0) d = -d; exit !(a != "" && b != "" && d <= t * a) }'; then
+    say "  $dtype step-60 loss: cpu $cpu_loss, cuda $cuda_loss (within $tolerance relative)"
+  else
+    say "  $dtype step-60 loss: cpu $cpu_loss, cuda $cuda_loss: NOT within $tolerance relative"
+    failures=$((failures + 1))
+  fi
+done
+grep -hoE '"tokens_per_second": ?[0-9.e+-]+' "$e2e/train-fp32-cuda/metrics.jsonl" | tail -1 |
+  sed 's/^/  fp32 cuda /' | tee -a "$log"
+# The GPU run's checkpoint in transformers (the image's python has torch and transformers).
+if python3 -c 'import transformers, torch' 2>/dev/null; then
+  run transformers_load 120 python3 - "$e2e/train-fp32-cuda/checkpoints/step-00000060" <<'PY'
+import sys, torch, transformers
+model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+ids = torch.tensor([list(b"lomo trains on the GPU")])
+out = model(input_ids=ids, labels=ids)
+assert torch.isfinite(out.logits).all(), "non-finite logits"
+print(f"transformers loaded {sys.argv[1]}: {type(model).__name__}, loss {out.loss.item():.4f}")
+PY
+  cat "$out/transformers_load.log" | tee -a "$log"
 fi
+# Through the control plane: coordinator, a worker daemon on GPU 0, lomoctl submit --watch.
+"$programs/lomo-coordinator" --grpc-listen 127.0.0.1:7611 --http-listen 127.0.0.1:7612 \
+  --data-dir "$e2e/coordinator" >"$out/coordinator.log" 2>&1 &
+coordinator=$!
+"$programs/lomo-worker" serve --coordinator 127.0.0.1:7611 --device 0 --worker-id gpu0 \
+  --work-dir "$e2e/worker" >"$out/worker.log" 2>&1 &
+worker=$!
+sleep 3
+run lomoctl_submit_cuda 150 "$programs/lomoctl" --coordinator 127.0.0.1:7611 submit "${spec[@]}" \
+  --set resources.device=cuda --set "output.dir=$e2e/ignored" --watch
+"$programs/lomoctl" --coordinator 127.0.0.1:7611 list 2>&1 | tee -a "$log"
+curl -s http://127.0.0.1:7612/v1/jobs 2>/dev/null | head -c 1500 | tee -a "$log"
+echo | tee -a "$log"
+kill "$worker" "$coordinator" 2>/dev/null
+wait "$worker" "$coordinator" 2>/dev/null
+grep -iE 'cuda|H100|error' "$out/worker.log" | head -5 | tee -a "$log"
 
 if [[ $quick -eq 0 ]]; then
   say "== benchmark (bench/gpu_bench; random weights, real shapes)"
@@ -90,7 +147,11 @@ if [[ $quick -eq 0 ]]; then
     run "bench_$name" 240 "$benches/gpu_bench" "$@"
     grep -vE '^\s*$' "$out/bench_$name.log" | tee -a "$log"
   }
+  # bf16 weights multiply in TF32 (Backend::MatmulPrecision), as the trainer does; one fp32 row
+  # shows the difference.
   bench 7b_s512_b8_ckpt_lomo --model 7b --seq 512 --batch 8 --checkpointing on --steps 2
+  bench 7b_s512_b8_ckpt_lomo_fp32 --model 7b --seq 512 --batch 8 --checkpointing on --steps 2 \
+    --matmul fp32
   bench 7b_s1024_b1_lomo --model 7b --seq 1024 --batch 1 --checkpointing off --steps 3
   bench 7b_s1024_b1_lomo_clip --model 7b --seq 1024 --batch 1 --checkpointing off --steps 3 \
     --optimizer lomo-clip
@@ -98,7 +159,14 @@ if [[ $quick -eq 0 ]]; then
     --optimizer adalomo
   bench 7b_s1024_b1_profile --model 7b --seq 1024 --batch 1 --checkpointing off --steps 2 \
     --profile-ops
-  bench 7b_s1024_b8_ckpt_lomo --model 7b --seq 1024 --batch 8 --checkpointing on --steps 2
+  bench 7b_s1024_b8_ckpt_lomo --model 7b --seq 1024 --batch 8 --checkpointing on --steps 1
+fi
+# Out-of-bounds accesses and races the comparisons could miss (slow: after the main figures).
+if command -v compute-sanitizer >/dev/null; then
+  run sanitizer_memcheck 240 compute-sanitizer --tool memcheck --error-exitcode 9 \
+    "$tests/backend_kernels_test" --gtest_filter='*cuda*'
+fi
+if [[ $quick -eq 0 ]]; then
   bench 13b_s512_b8_ckpt_lomo --model 13b --seq 512 --batch 8 --checkpointing on --steps 1
   bench 30b_s512_b8_ckpt_lomo --model 30b --seq 512 --batch 8 --checkpointing on --steps 1
 fi

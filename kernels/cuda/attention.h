@@ -12,8 +12,7 @@
 namespace lomo::cuda {
 
 void attention_forward(float* out, float* probs, const float* q, const float* k, const float* v,
-                       const int32_t* first_key, const AttentionShape& shape,
-                       cudaStream_t stream);
+                       const int32_t* first_key, const AttentionShape& shape, cudaStream_t stream);
 // Floats of scratch attention_backward needs (the caller allocates it).
 int64_t attention_backward_scratch_floats(const AttentionShape& shape);
 // Overwrites dq, dk, dv; leaves probs and the inputs intact. Deterministic.

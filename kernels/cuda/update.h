@@ -27,7 +27,6 @@ void adalomo_update(void* parameter, DType dtype, int64_t rows, int64_t cols, fl
                     const GradientStatistics* skip, double* partials, cudaStream_t stream);
 void adamw_update(void* parameter, DType dtype, int64_t count, const float* gradient,
                   float* exp_avg, float* exp_avg_sq, const AdamWUpdate& update,
-                  const WriteBack& write_back, const GradientStatistics* skip,
-                  cudaStream_t stream);
+                  const WriteBack& write_back, const GradientStatistics* skip, cudaStream_t stream);
 
 }  // namespace lomo::cuda

@@ -383,6 +383,74 @@ TEST_P(BackendKernels, AttentionForwardAndBackwardMatchLoopsWithGroupedHeadsAndP
   }
 }
 
+// Odd shapes (T = 1, head_dim not a multiple of 32, GQA ratios 1/2/4/8, batch > 1), causal and
+// packed; forward and backward twice give the same bits (determinism: resume is bit-identical) and
+// backward leaves probs and its inputs intact. Tolerance 2e-5: the sums here run over up to
+// 128 head_dim terms and 37 keys, longer than the 1e-5 budget's 64 terms.
+TEST_P(BackendKernels, AttentionOverOddShapesIsRightDeterministicAndLeavesItsInputs) {
+  constexpr double kTolerance = 2e-5;
+  const AttentionShape shapes[] = {{1, 1, 2, 1, 8},  {3, 1, 4, 4, 12},  {2, 9, 8, 1, 12},
+                                   {1, 7, 8, 2, 80}, {2, 5, 4, 1, 128}, {1, 37, 8, 8, 33}};
+  uint64_t seed = 100;
+  for (const AttentionShape& s : shapes) {
+    const int64_t rows = s.batch * s.seq_len;
+    const auto q = random_values(rows * s.num_heads * s.head_dim, seed++, 2.0f);
+    const auto k = random_values(rows * s.num_kv_heads * s.head_dim, seed++, 2.0f);
+    const auto v = random_values(rows * s.num_kv_heads * s.head_dim, seed++);
+    const auto dout = random_values(q.size(), seed++);
+    std::vector<int32_t> packed(static_cast<size_t>(rows));  // samples of 3 tokens in each row
+    for (int64_t i = 0; i < rows; ++i) packed[i] = static_cast<int32_t>((i % s.seq_len) / 3 * 3);
+    for (const std::vector<int32_t>& first_key : {std::vector<int32_t>{}, packed}) {
+      const std::string what = "attention B" + std::to_string(s.batch) + " T" +
+                               std::to_string(s.seq_len) + " H" + std::to_string(s.num_heads) +
+                               "/" + std::to_string(s.num_kv_heads) + " D" +
+                               std::to_string(s.head_dim) + (first_key.empty() ? "" : " packed");
+      const AttentionReference want = reference_attention(s, q, k, v, dout, first_key);
+      Buffer bq = upload(q), bk = upload(k), bv = upload(v), bdout = upload(dout);
+      Buffer bfirst = first_key.empty() ? Buffer() : upload(first_key);
+      const size_t probs_floats =
+          static_cast<size_t>(s.batch * s.num_heads * s.seq_len * s.seq_len);
+      std::vector<float> out_first, probs_first;
+      for (int repeat = 0; repeat < 2; ++repeat) {
+        Buffer bout = zeros(q.size()), probs = zeros(probs_floats);
+        backend().attention_forward(bout.as<float>(), probs.as<float>(), bq.as<float>(),
+                                    bk.as<float>(), bv.as<float>(),
+                                    first_key.empty() ? nullptr : bfirst.as<int32_t>(), s);
+        if (repeat == 0) {
+          out_first = download(bout);
+          probs_first = download(probs);
+          expect_close(out_first, want.out, kTolerance, what + " out");
+          continue;
+        }
+        ASSERT_EQ(download(bout), out_first) << what << ": forward not deterministic";
+        ASSERT_EQ(download(probs), probs_first) << what << ": probs not deterministic";
+        Buffer scratch = zeros(static_cast<size_t>(backend().attention_backward_scratch_floats(s)));
+        std::vector<float> dq_first, dk_first, dv_first;
+        for (int pass = 0; pass < 2; ++pass) {
+          Buffer dq = zeros(q.size()), dk = zeros(k.size()), dv = zeros(v.size());
+          backend().attention_backward(dq.as<float>(), dk.as<float>(), dv.as<float>(),
+                                       scratch.as<float>(), bdout.as<float>(), probs.as<float>(),
+                                       bq.as<float>(), bk.as<float>(), bv.as<float>(), s);
+          if (pass == 0) {
+            dq_first = download(dq), dk_first = download(dk), dv_first = download(dv);
+            expect_close(dq_first, want.dq, kTolerance, what + " dq");
+            expect_close(dk_first, want.dk, kTolerance, what + " dk");
+            expect_close(dv_first, want.dv, kTolerance, what + " dv");
+          } else {
+            ASSERT_EQ(download(dq), dq_first) << what << ": dq not deterministic";
+            ASSERT_EQ(download(dk), dk_first) << what << ": dk not deterministic";
+            ASSERT_EQ(download(dv), dv_first) << what << ": dv not deterministic";
+          }
+        }
+        ASSERT_EQ(download(probs), probs_first) << what << ": backward changed probs";
+        ASSERT_EQ(download(bq), q) << what << ": backward changed q";
+        ASSERT_EQ(download(bk), k) << what << ": backward changed k";
+        ASSERT_EQ(download(bv), v) << what << ": backward changed v";
+      }
+    }
+  }
+}
+
 // ---- Cross-entropy ------------------------------------------------------------------------------
 
 TEST_P(BackendKernels, CrossEntropyMatchesLoopsAndSkipsIgnoredTargets) {
@@ -594,7 +662,9 @@ void reference_adalomo(std::vector<double>& p, std::vector<double>& row, std::ve
 }
 
 TEST_P(BackendKernels, AdaLomoUpdateMatchesADoubleReferenceForMatricesAndVectors) {
-  for (const auto& [rows, cols] : {std::pair<int64_t, int64_t>{6, 10}, {24, 0}}) {
+  // 400×700 and 200000 values: more than one grid-stride sweep of the device reductions.
+  for (const auto& [rows, cols] :
+       {std::pair<int64_t, int64_t>{6, 10}, {24, 0}, {1, 1}, {700, 3}, {400, 700}, {200000, 0}}) {
     const int64_t count = cols > 0 ? rows * cols : rows;
     const auto p0 = random_values(count, 40);
     std::vector<double> p = widen(p0), row(rows, 0.0), col(std::max<int64_t>(cols, 1), 0.0),
@@ -625,6 +695,164 @@ TEST_P(BackendKernels, AdaLomoUpdateMatchesADoubleReferenceForMatricesAndVectors
       }
     }
   }
+}
+
+TEST_P(BackendKernels, UpdatesLeaveParameterStateAndGradientUntouchedWhenTheSkipFlagIsSet) {
+  const int64_t rows = 37, cols = 30, count = rows * cols;
+  const auto p0 = random_values(count, 50), g0 = random_values(count, 51),
+             m0 = random_values(count, 52), r0 = random_values(rows, 53),
+             c0 = random_values(cols, 54);
+  GradientStatistics flagged;
+  flagged.first_non_finite = 2;
+  Buffer skip = upload(std::vector<GradientStatistics>{flagged});
+  const auto* flag = skip.as<GradientStatistics>();
+  Buffer p = upload(p0), g = upload(g0), m = upload(m0), v = upload(m0), row = upload(r0),
+         col = upload(c0);
+  backend().lomo_update(p.data(), DType::kF32, count, g.as<float>(), SgdUpdate{0.9f, 0.1f},
+                        WriteBack{}, flag);
+  backend().adamw_update(p.data(), DType::kF32, count, g.as<float>(), m.as<float>(), v.as<float>(),
+                         AdamWUpdate{}, WriteBack{}, flag);
+  AdaLomoUpdate adalomo;
+  adalomo.lr = 1e-2;
+  adalomo.beta = 0.5;
+  backend().adalomo_update(p.data(), DType::kF32, rows, cols, g.as<float>(), row.as<float>(),
+                           col.as<float>(), nullptr, adalomo, WriteBack{}, flag);
+  EXPECT_EQ(download(p), p0) << "parameter";
+  EXPECT_EQ(download(g), g0) << "gradient";
+  EXPECT_EQ(download(m), m0) << "AdamW first moment";
+  EXPECT_EQ(download(v), m0) << "AdamW second moment";
+  EXPECT_EQ(download(row), r0) << "AdaLomo row moment";
+  EXPECT_EQ(download(col), c0) << "AdaLomo column moment";
+}
+
+// ---- Shapes beyond one CUDA block: the grid-stride and multi-block paths of device kernels --
+
+TEST_P(BackendKernels, RmsnormRowsWiderThanABlockAndNoRowsStillOverwritesDweight) {
+  const int64_t rows = 40, dim = 1000;  // dim > 256 and not a multiple of 32; rows > 16 slices
+  const auto x = random_values(rows * dim, 40), w = random_values(dim, 41);
+  const auto dout = random_values(rows * dim, 42);
+  std::vector<double> out(rows * dim), dw(dim, 0.0);
+  for (int64_t r = 0; r < rows; ++r) {
+    double ms = 0.0;
+    for (int64_t i = 0; i < dim; ++i) ms += double(x[r * dim + i]) * x[r * dim + i];
+    const double rstd = 1.0 / std::sqrt(ms / dim + 1e-5);
+    for (int64_t i = 0; i < dim; ++i) {
+      out[r * dim + i] = w[i] * x[r * dim + i] * rstd;
+      dw[i] += double(dout[r * dim + i]) * x[r * dim + i] * rstd;
+    }
+  }
+  Buffer bx = upload(x), bw = upload(w), bout = zeros(rows * dim), brstd = zeros(rows);
+  backend().rmsnorm_forward(bout.as<float>(), brstd.as<float>(), bx.as<float>(), bw.as<float>(),
+                            rows, dim, 1e-5f);
+  expect_close(download(bout), out, kFp32Tolerance, "rmsnorm out");
+  Buffer bdout = upload(dout), bdx = zeros(rows * dim), bdw = upload(random_values(dim, 43));
+  backend().rmsnorm_backward(bdx.as<float>(), bdw.as<float>(), bdout.as<float>(), bx.as<float>(),
+                             bw.as<float>(), brstd.as<float>(), rows, dim);
+  expect_close(download(bdw), dw, kFp32Tolerance, "rmsnorm dweight");
+  backend().rmsnorm_backward(bdx.as<float>(), bdw.as<float>(), bdout.as<float>(), bx.as<float>(),
+                             bw.as<float>(), brstd.as<float>(), 0, dim);
+  EXPECT_EQ(download(bdw), std::vector<float>(dim, 0.0f)) << "no rows: dweight overwritten by 0";
+}
+
+TEST_P(BackendKernels, RopeReadsLargePositionsOfALongTable) {
+  const int64_t rows = 37, heads = 3, head_dim = 128, half = head_dim / 2, max_position = 4096;
+  const RopeTable table =
+      rope_table(rope_inverse_frequencies(head_dim, 500000.0, {}), max_position);
+  std::vector<int32_t> positions(rows);
+  for (int64_t r = 0; r < rows; ++r) positions[r] = static_cast<int32_t>((r * 977 + 4095) % 4096);
+  const auto x = random_values(rows * heads * head_dim, 44);
+  for (double direction : {1.0, -1.0}) {
+    std::vector<double> want(x.size());
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t h = 0; h < heads; ++h)
+        for (int64_t i = 0; i < half; ++i) {
+          const size_t at = static_cast<size_t>((r * heads + h) * head_dim + i);
+          const double c = table.cos[positions[r] * half + i];
+          const double s = direction * table.sin[positions[r] * half + i];
+          want[at] = x[at] * c - x[at + half] * s;
+          want[at + half] = x[at + half] * c + x[at] * s;
+        }
+    Buffer bx = upload(x), bpos = upload(positions), bcos = upload(table.cos),
+           bsin = upload(table.sin);
+    const RopeTableView view{half, max_position, bcos.as<float>(), bsin.as<float>()};
+    if (direction > 0) {
+      backend().rope_forward(bx.as<float>(), bpos.as<int32_t>(), view, rows, heads);
+    } else {
+      backend().rope_backward(bx.as<float>(), bpos.as<int32_t>(), view, rows, heads);
+    }
+    expect_close(download(bx), want, kFp32Tolerance, direction > 0 ? "rope" : "rope backward");
+  }
+}
+
+TEST_P(BackendKernels, SwigluOverManyBlocksSaturatesWithoutNaN) {
+  const int64_t count = 1000;
+  auto gate = random_values(count, 45, 6.0f);
+  gate[0] = -90.0f, gate[1] = 90.0f;  // exp(90) overflows fp32: σ must still be 0 and 1
+  const auto up = random_values(count, 46), dout = random_values(count, 47);
+  std::vector<double> out(count), dgate(count), dup(count);
+  for (int64_t i = 0; i < count; ++i) {
+    const double g = gate[i], sigmoid = 1.0 / (1.0 + std::exp(-g));
+    out[i] = g * sigmoid * up[i];
+    dup[i] = dout[i] * g * sigmoid;
+    dgate[i] = dout[i] * up[i] * sigmoid * (1.0 + g * (1.0 - sigmoid));
+  }
+  Buffer bg = upload(gate), bu = upload(up), bd = upload(dout), bo = zeros(count);
+  Buffer bdg = zeros(count), bdu = zeros(count);
+  backend().swiglu_forward(bo.as<float>(), bg.as<float>(), bu.as<float>(), count);
+  backend().swiglu_backward(bdg.as<float>(), bdu.as<float>(), bd.as<float>(), bg.as<float>(),
+                            bu.as<float>(), count);
+  expect_close(download(bo), out, kFp32Tolerance, "swiglu out");
+  expect_close(download(bdg), dgate, kFp32Tolerance, "swiglu dgate");
+  expect_close(download(bdu), dup, kFp32Tolerance, "swiglu dup");
+}
+
+TEST_P(BackendKernels, EmbeddingBackwardAddsRepeatsAcrossWideRows) {
+  const int64_t vocab = 40, dim = 300, count = 100;  // dim > 256, not a multiple of 32
+  std::vector<int32_t> tokens(count);
+  for (int64_t i = 0; i < count; ++i) tokens[i] = static_cast<int32_t>(i * 7 % vocab);
+  const auto dout = random_values(count * dim, 48), dtable0 = random_values(vocab * dim, 49);
+  std::vector<double> dtable = widen(dtable0);
+  for (int64_t t = 0; t < count; ++t)
+    for (int64_t i = 0; i < dim; ++i) dtable[tokens[t] * dim + i] += dout[t * dim + i];
+  Buffer bt = upload(tokens), bdt = upload(dtable0), bd = upload(dout);
+  backend().embedding_backward(bdt.as<float>(), bd.as<float>(), bt.as<int32_t>(), count, dim);
+  expect_close(download(bdt), dtable, kFp32Tolerance, "embedding dtable");
+}
+
+TEST_P(BackendKernels, CrossEntropyOverAVocabularyWiderThanABlockAndAllIgnoredRows) {
+  const int64_t rows = 5, vocab = 1000;  // > 256 and not a multiple of it
+  const auto logits = random_values(rows * vocab, 50, 8.0f);
+  const std::vector<int32_t> targets = {999, kIgnoreIndex, 0, 500, kIgnoreIndex};
+  const float scale = 0.5f;
+  std::vector<double> dlogits(rows * vocab, 0.0);
+  double loss = 0.0;
+  for (int64_t r = 0; r < rows; ++r) {
+    if (targets[r] == kIgnoreIndex) continue;
+    double max_logit = -1e300, sum = 0.0;
+    for (int64_t c = 0; c < vocab; ++c)
+      max_logit = std::max(max_logit, double(logits[r * vocab + c]));
+    for (int64_t c = 0; c < vocab; ++c) sum += std::exp(logits[r * vocab + c] - max_logit);
+    const double lse = max_logit + std::log(sum);
+    loss += lse - logits[r * vocab + targets[r]];
+    for (int64_t c = 0; c < vocab; ++c) {
+      dlogits[r * vocab + c] =
+          scale * (std::exp(logits[r * vocab + c] - lse) - (c == targets[r] ? 1.0 : 0.0));
+    }
+  }
+  Buffer bl = upload(logits), bt = upload(targets), blse = zeros(rows);
+  const double got = backend().cross_entropy_forward(blse.as<float>(), bl.as<float>(),
+                                                     bt.as<int32_t>(), rows, vocab);
+  EXPECT_NEAR(got, loss, kFp32Tolerance * std::abs(loss)) << "loss sum, relative 1e-5";
+  backend().cross_entropy_backward(bl.as<float>(), bl.as<float>(), blse.as<float>(),
+                                   bt.as<int32_t>(), rows, vocab, scale);
+  expect_close(download(bl), dlogits, kFp32Tolerance, "dlogits");
+  // Only ignored rows (the last one), and no rows: the loss sum is written as 0.
+  const double ignored = backend().cross_entropy_forward(
+      blse.as<float>(), bl.as<float>() + 4 * vocab, bt.as<int32_t>() + 4, 1, vocab);
+  EXPECT_EQ(ignored, 0.0);
+  EXPECT_EQ(
+      backend().cross_entropy_forward(blse.as<float>(), bl.as<float>(), bt.as<int32_t>(), 0, vocab),
+      0.0);
 }
 
 }  // namespace

@@ -1,0 +1,121 @@
+// The Backend on one NVIDIA GPU: every call queues the lomo::cuda kernel of the same name (or a
+// cuBLAS product) on the backend's own stream and returns; calls that hand a value to the host
+// (copy_to_host, sum_squares, cross_entropy_forward) wait for that stream.
+//
+// Device memory comes from a stream-ordered pool on that stream (cudaMallocFromPoolAsync) whose
+// release threshold is unlimited: a freed block goes back to the pool, not to the driver, and the
+// next allocation on the stream reuses it without a device synchronisation, as a caching allocator
+// would. cuBLAS gets a fixed workspace allocated once, so it allocates nothing behind our back.
+#pragma once
+
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+
+#include "kernels/backend.h"
+
+namespace lomo::cuda {
+
+class CudaBackend final : public Backend {
+ public:
+  // Sets up GPU `index` (throws CudaError when it cannot).
+  explicit CudaBackend(int index);
+  ~CudaBackend() override;
+  CudaBackend(const CudaBackend&) = delete;
+  CudaBackend& operator=(const CudaBackend&) = delete;
+
+  Device device() const override { return Device::cuda(index_); }
+  cudaStream_t stream() const { return stream_; }
+  // The most device memory the pool has held at once (what the process really took for Buffers,
+  // fragmentation included), for comparison with the accountant's peak.
+  uint64_t pool_reserved_high_bytes() const;
+  void set_matmul_precision(MatmulPrecision precision) override;
+
+  void* allocate(size_t bytes) override;
+  void deallocate(void* data) override;
+  void copy(void* destination, const void* source, size_t bytes) override;
+  void copy_to_host(void* host_destination, const void* source, size_t bytes) override;
+  void copy_from_host(void* destination, const void* host_source, size_t bytes) override;
+  void fill_zero(void* data, size_t bytes) override;
+  void synchronize() override;
+
+  void convert_to_f32(float* out, const void* in, DType dtype, int64_t count) override;
+
+  void matmul_forward(float* y, const float* x, const float* weight, int64_t m, int64_t n,
+                      int64_t k, bool accumulate) override;
+  void matmul_backward_input(float* dx, const float* dy, const float* weight, int64_t m, int64_t n,
+                             int64_t k, bool accumulate) override;
+  void matmul_backward_weight(float* dweight, const float* dy, const float* x, int64_t m, int64_t n,
+                              int64_t k, bool accumulate) override;
+  void gemm(const GemmArgs& args) override;
+
+  void rmsnorm_forward(float* out, float* rstd, const float* x, const float* weight, int64_t rows,
+                       int64_t dim, float eps) override;
+  void rmsnorm_backward(float* dx, float* dweight, const float* dout, const float* x,
+                        const float* weight, const float* rstd, int64_t rows, int64_t dim) override;
+
+  void rope_forward(float* x, const int32_t* positions, const RopeTableView& table, int64_t rows,
+                    int64_t num_heads) override;
+  void rope_backward(float* dx, const int32_t* positions, const RopeTableView& table, int64_t rows,
+                     int64_t num_heads) override;
+
+  void attention_forward(float* out, float* probs, const float* q, const float* k, const float* v,
+                         const int32_t* first_key, const AttentionShape& shape) override;
+  int64_t attention_backward_scratch_floats(const AttentionShape& shape) override;
+  void attention_backward(float* dq, float* dk, float* dv, float* scratch, const float* dout,
+                          const float* probs, const float* q, const float* k, const float* v,
+                          const AttentionShape& shape) override;
+
+  void swiglu_forward(float* out, const float* gate, const float* up, int64_t count) override;
+  void swiglu_backward(float* dgate, float* dup, const float* dout, const float* gate,
+                       const float* up, int64_t count) override;
+
+  void embedding_forward(float* out, const int32_t* tokens, const float* table, int64_t count,
+                         int64_t dim) override;
+  void embedding_backward(float* dtable, const float* dout, const int32_t* tokens, int64_t count,
+                          int64_t dim) override;
+
+  double cross_entropy_forward(float* logsumexp, const float* logits, const int32_t* targets,
+                               int64_t rows, int64_t vocab) override;
+  void cross_entropy_backward(float* dlogits, const float* logits, const float* logsumexp,
+                              const int32_t* targets, int64_t rows, int64_t vocab,
+                              float scale) override;
+
+  void round_gradient_to_dtype(float* gradient, int64_t count, DType dtype) override;
+  void unscale_gradient(float* gradient, int64_t count, float unscale, int64_t tensor_index,
+                        GradientStatistics* statistics) override;
+  void clip_gradient(float* gradient, int64_t count, bool clip_by_value, float clip_value,
+                     float coefficient) override;
+
+  double sum_squares(const void* x, DType dtype, int64_t count) override;
+
+  void lomo_update(void* parameter, DType dtype, int64_t count, const float* gradient,
+                   const SgdUpdate& update, const WriteBack& write_back,
+                   const GradientStatistics* skip) override;
+  void adalomo_update(void* parameter, DType dtype, int64_t rows, int64_t cols, float* gradient,
+                      float* exp_avg_sq_row, float* exp_avg_sq_col, float* exp_avg_sq,
+                      const AdaLomoUpdate& update, const WriteBack& write_back,
+                      const GradientStatistics* skip) override;
+  void adamw_update(void* parameter, DType dtype, int64_t count, const float* gradient,
+                    float* exp_avg, float* exp_avg_sq, const AdamWUpdate& update,
+                    const WriteBack& write_back, const GradientStatistics* skip) override;
+
+ private:
+  // Makes this backend's GPU the calling thread's current device (the runtime keeps one per
+  // thread, and a process may drive several GPUs).
+  void activate() const;
+  // Frees whatever the constructor got so far (also on its failure).
+  void release() noexcept;
+  void* try_allocate(size_t bytes, cudaError_t* status);
+  // Copies the device double result_ to the host, waiting for the stream.
+  double read_result();
+
+  int index_;
+  cudaStream_t stream_ = nullptr;
+  cudaMemPool_t pool_ = nullptr;
+  cublasHandle_t cublas_ = nullptr;
+  void* cublas_workspace_ = nullptr;
+  double* partials_ = nullptr;  // kReductionBlocks doubles (kernels/cuda/launch.h)
+  double* result_ = nullptr;    // one double for values returned to the host
+};
+
+}  // namespace lomo::cuda
