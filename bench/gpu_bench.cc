@@ -225,7 +225,7 @@ int main(int argc, char** argv) {
     lomo::LlamaWeights weights(config, dtype, accountant);
     fill_weights(weights);
     lomo::Backend& backend = lomo::backend_for(device);
-    const std::string matmul = !args.matmul.empty() ? args.matmul
+    const std::string matmul = !args.matmul.empty()         ? args.matmul
                                : dtype == lomo::DType::kF32 ? "fp32"
                                                             : "tf32";
     backend.set_matmul_precision(matmul == "tf32" ? lomo::Backend::MatmulPrecision::kTf32

@@ -313,10 +313,10 @@ uint64_t CudaBackend::pool_reserved_high_bytes() const {
 
 void CudaBackend::set_matmul_precision(MatmulPrecision precision) {
   LOMO_CUDA_CHECK(cudaSetDevice(index_));
-  check_cublas(cublasSetMathMode(cublas_, precision == MatmulPrecision::kTf32
-                                              ? CUBLAS_TF32_TENSOR_OP_MATH
-                                              : CUBLAS_DEFAULT_MATH),
-               "cublasSetMathMode", index_);
+  check_cublas(
+      cublasSetMathMode(cublas_, precision == MatmulPrecision::kTf32 ? CUBLAS_TF32_TENSOR_OP_MATH
+                                                                     : CUBLAS_DEFAULT_MATH),
+      "cublasSetMathMode", index_);
 }
 
 }  // namespace lomo::cuda

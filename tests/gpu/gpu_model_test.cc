@@ -1,15 +1,17 @@
 // The whole model and the optimizers on every GPU backend against the CPU backend: the same
-// weights, the same batch, and the engine and optimizers unchanged, so any difference comes from the
-// GPU kernels. Runs where a GPU is present (label gpu); elsewhere every test skips and says why.
+// weights, the same batch, and the engine and optimizers unchanged, so any difference comes from
+// the GPU kernels. Runs where a GPU is present (label gpu); elsewhere every test skips and says
+// why.
 //
 // Tolerances (fp32): both backends compute in fp32 but sum in different orders (cuBLAS against
 // OpenBLAS, block reductions against OpenMP loops), so results differ by a few fp32 roundings per
-// reduction. Logits and the loss pass through ~10 dependent reductions: 1e-5 relative to the largest
-// magnitude. Gradients pass through twice as many: 2e-5 of each tensor's largest magnitude. Weights
-// after K optimizer steps: 1e-5 of the tensor's largest magnitude (an update is small next to the
-// weight). bf16 storage: one bf16 ulp (2^-8 relative) may flip where the fp32 values straddle a
-// rounding boundary, so 1e-2 of the largest magnitude, and at most 1% of the elements may differ.
-// Every comparison prints the largest difference it saw, so a GPU run's log records the margins.
+// reduction. Logits and the loss pass through ~10 dependent reductions: 1e-5 relative to the
+// largest magnitude. Gradients pass through twice as many: 2e-5 of each tensor's largest magnitude.
+// Weights after K optimizer steps: 1e-5 of the tensor's largest magnitude (an update is small next
+// to the weight). bf16 storage: one bf16 ulp (2^-8 relative) may flip where the fp32 values
+// straddle a rounding boundary, so 1e-2 of the largest magnitude, and at most 1% of the elements
+// may differ. Every comparison prints the largest difference it saw, so a GPU run's log records the
+// margins.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -38,11 +40,11 @@ std::vector<Device> gpus() {
 }
 
 // The first GPU, or skips the test.
-#define REQUIRE_GPU(device)                                                                    \
-  if (gpus().empty()) {                                                                        \
-    GTEST_SKIP() << "no CUDA device on this machine (or a build without the CUDA backend): "   \
-                    "the GPU is compared with the CPU only where one is present";              \
-  }                                                                                            \
+#define REQUIRE_GPU(device)                                                                  \
+  if (gpus().empty()) {                                                                      \
+    GTEST_SKIP() << "no CUDA device on this machine (or a build without the CUDA backend): " \
+                    "the GPU is compared with the CPU only where one is present";            \
+  }                                                                                          \
   const Device device = gpus().front()
 
 struct Shape {
@@ -84,8 +86,7 @@ TokenBatch batch_of(const Shape& s, uint64_t seed) {
   for (int64_t i = 0; i < rows; ++i) {
     const uint64_t r = mix_bits(seed * 1000003u + static_cast<uint64_t>(i));
     batch.input_ids.push_back(static_cast<int32_t>(r % static_cast<uint64_t>(s.vocab)));
-    batch.targets.push_back(r % 7 == 3 ? kIgnoreIndex
-                                       : static_cast<int32_t>((r >> 20) % s.vocab));
+    batch.targets.push_back(r % 7 == 3 ? kIgnoreIndex : static_cast<int32_t>((r >> 20) % s.vocab));
     if (s.packed) batch.segment_ids.push_back(static_cast<int32_t>((i % s.seq_len) / 5));
   }
   return batch;
@@ -137,8 +138,8 @@ struct PassResult {
 PassResult forward_backward(DeviceModel& m, const TokenBatch& batch) {
   PassResult result;
   result.forward = m.model->forward(batch);
-  result.logits.resize(static_cast<size_t>(batch.batch_size * batch.seq_len *
-                                           m.weights.config().vocab_size));
+  result.logits.resize(
+      static_cast<size_t>(batch.batch_size * batch.seq_len * m.weights.config().vocab_size));
   m.model->backend().copy_to_host(result.logits.data(), m.model->logits(),
                                   result.logits.size() * sizeof(float));
   HostCopySink sink;
@@ -189,8 +190,8 @@ TEST_P(GpuModelTest, LogitsLossAndEveryGradientMatchTheCpu) {
   // backends' attention scratch differs).
   const MemoryReport cpu_memory = cpu_model.accountant.report();
   const MemoryReport gpu_memory = gpu_model.accountant.report();
-  for (MemoryKind kind : {MemoryKind::kParameters, MemoryKind::kGradients,
-                          MemoryKind::kActivations, MemoryKind::kOptimizerState}) {
+  for (MemoryKind kind : {MemoryKind::kParameters, MemoryKind::kGradients, MemoryKind::kActivations,
+                          MemoryKind::kOptimizerState}) {
     EXPECT_EQ(gpu_memory.peak(kind), cpu_memory.peak(kind)) << memory_kind_name(kind);
   }
 }

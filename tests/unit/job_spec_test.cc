@@ -490,15 +490,14 @@ TEST(JobSpecTest, EveryTypeProblemIsReportedBeforeAnyValueRule) {
 }
 
 TEST(JobSpecTest, ACudaJobOfOneRankIsAccepted) {
-  const JobSpec spec =
-      parse_job_spec(with_sections({{"resources", "{device: cuda}"}}), "job.yaml");
+  const JobSpec spec = parse_job_spec(with_sections({{"resources", "{device: cuda}"}}), "job.yaml");
   EXPECT_EQ(spec.resources.device, "cuda");
 }
 
 TEST(JobSpecTest, CudaWithSeveralRanksIsRefusedUntilNcclIsWiredIntoTraining) {
-  const JobSpecError error = parse_error(
-      with_sections({{"training", "{steps: 10, batch_size: 8}"},
-                     {"resources", "{device: cuda, world_size: 2}"}}));
+  const JobSpecError error =
+      parse_error(with_sections({{"training", "{steps: 10, batch_size: 8}"},
+                                 {"resources", "{device: cuda, world_size: 2}"}}));
   EXPECT_EQ(error.field(), "resources.device");
   EXPECT_THAT(error.what(), HasSubstr("resources.device: cuda with world_size 2: data-parallel "
                                       "GPU ranks need the NCCL communicator"));

@@ -293,8 +293,7 @@ ForwardResult LlamaModel::forward(const TokenBatch& batch) {
 
   float* residual = f32(acts.residual);
   backend_.embedding_forward(residual, acts.device_input_ids.as<int32_t>(),
-                             weight_f32(weights_.embed_tokens()),
-                             rows, hidden);
+                             weight_f32(weights_.embed_tokens()), rows, hidden);
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     LayerActivations& layer = acts.layers[options_.activation_checkpointing ? 0 : l];
     layer_forward(l, residual + l * rows * hidden, layer, residual + (l + 1) * rows * hidden);
@@ -305,9 +304,8 @@ ForwardResult LlamaModel::forward(const TokenBatch& batch) {
   backend_.matmul_forward(f32(acts.logits), f32(acts.final_normed), weight_f32(weights_.lm_head()),
                           rows, c.vocab_size, hidden, /*accumulate=*/false);
   logits_valid_ = true;
-  acts.loss_sum = backend_.cross_entropy_forward(f32(acts.logsumexp), f32(acts.logits),
-                                                 acts.device_targets.as<int32_t>(), rows,
-                                                 c.vocab_size);
+  acts.loss_sum = backend_.cross_entropy_forward(
+      f32(acts.logsumexp), f32(acts.logits), acts.device_targets.as<int32_t>(), rows, c.vocab_size);
   acts.counted_tokens = std::count_if(acts.targets.begin(), acts.targets.end(),
                                       [](int32_t t) { return t != kIgnoreIndex; });
   has_forward_ = true;

@@ -117,17 +117,17 @@ void LlamaWeights::init_random(uint64_t seed, float stddev) {
     } else {
       std::vector<char> stored(p.size_bytes());
       convert_from_float(p.dtype, values.data(), stored.data(), values.size());
-      backend_for(p.storage.device()).copy_from_host(p.storage.data(), stored.data(), stored.size());
+      backend_for(p.storage.device())
+          .copy_from_host(p.storage.data(), stored.data(), stored.size());
     }
   }
 }
 
 void LlamaWeights::copy_values_from(const LlamaWeights& source) {
   if (source.parameters_.size() != parameters_.size() || source.storage_dtype_ != storage_dtype_) {
-    throw std::invalid_argument("LlamaWeights::copy_values_from: the weights differ in " +
-                                std::string(source.storage_dtype_ != storage_dtype_
-                                                ? "storage dtype"
-                                                : "parameter count"));
+    throw std::invalid_argument(
+        "LlamaWeights::copy_values_from: the weights differ in " +
+        std::string(source.storage_dtype_ != storage_dtype_ ? "storage dtype" : "parameter count"));
   }
   for (size_t t = 0; t < parameters_.size(); ++t) {
     Parameter& to = parameters_[t];
@@ -144,8 +144,8 @@ void LlamaWeights::copy_values_from(const LlamaWeights& source) {
       backend_for(to_device).copy_from_host(to.storage.data(), from.storage.data(),
                                             to.size_bytes());
     } else if (to_device.is_cpu()) {
-      backend_for(from_device).copy_to_host(to.storage.data(), from.storage.data(),
-                                            to.size_bytes());
+      backend_for(from_device)
+          .copy_to_host(to.storage.data(), from.storage.data(), to.size_bytes());
     } else {
       throw std::invalid_argument("LlamaWeights::copy_values_from: " + device_name(from_device) +
                                   " to " + device_name(to_device) + " goes through the host");
