@@ -285,10 +285,10 @@ int main(int argc, char** argv) {
     if (args.profile_ops) {
       profiler.print(std::accumulate(step_seconds.begin(), step_seconds.end(), 0.0));
     }
-  } catch (const std::bad_alloc&) {
-    std::printf("gpu_bench model=%s seq=%lld batch=%lld: out of device memory\n",
-                args.model.c_str(), static_cast<long long>(args.seq),
-                static_cast<long long>(args.batch));
+  } catch (const std::bad_alloc& error) {  // OutOfMemoryError says what was in use
+    std::printf("gpu_bench model=%s seq=%lld batch=%lld: %s\n", args.model.c_str(),
+                static_cast<long long>(args.seq), static_cast<long long>(args.batch),
+                error.what());
     return 1;
   } catch (const std::exception& error) {
     std::fprintf(stderr, "gpu_bench: %s\n", error.what());

@@ -160,6 +160,9 @@ if [[ $quick -eq 0 ]]; then
   bench 7b_s1024_b1_profile --model 7b --seq 1024 --batch 1 --checkpointing off --steps 2 \
     --profile-ops
   bench 7b_s1024_b8_ckpt_lomo --model 7b --seq 1024 --batch 8 --checkpointing on --steps 1
+  # Too large on purpose: the out-of-memory error names the device and the memory in use by kind.
+  timeout 120 "$benches/gpu_bench" --model 7b --seq 4096 --batch 16 --checkpointing off \
+    --steps 1 2>&1 | grep -E 'out of memory' | tee -a "$log"
 fi
 # Out-of-bounds accesses and races the comparisons could miss (slow: after the main figures).
 if command -v compute-sanitizer >/dev/null; then

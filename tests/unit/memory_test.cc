@@ -58,5 +58,22 @@ TEST(MemoryAccountant, ABufferOnADeviceWithoutABackendIsRefusedAndNotCounted) {
   EXPECT_EQ(gpu.report().peak_total_bytes, 0u);
 }
 
+// An allocation the device cannot satisfy fails with a message a user can act on: the device, the
+// request, and what the accountant holds by kind. It is still a std::bad_alloc. (The same path
+// carries a CUDA out-of-memory: scripts/gpu_check.sh shows it on a GPU.)
+TEST(MemoryAccountant, AnAllocationThatFailsNamesTheDeviceTheRequestAndWhatIsInUse) {
+  MemoryAccountant accountant;
+  Buffer params(accountant, MemoryKind::kParameters, 3u << 20);
+  try {
+    Buffer huge(accountant, MemoryKind::kActivations, size_t{1} << 62);
+    ADD_FAILURE() << "a 4 EiB allocation succeeded";
+  } catch (const std::bad_alloc& error) {
+    EXPECT_STREQ(error.what(),
+                 "out of memory on cpu allocating 4294967296.00 GiB of activations; in use "
+                 "3.0 MiB: parameters 3.0 MiB");
+  }
+  EXPECT_EQ(accountant.report().current(MemoryKind::kActivations), 0u) << "nothing counted";
+}
+
 }  // namespace
 }  // namespace lomo

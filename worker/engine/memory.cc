@@ -86,10 +86,45 @@ void MemoryAccountant::reset_peaks() {
   peak_total_.store(current_total_.load(std::memory_order_relaxed), std::memory_order_relaxed);
 }
 
+namespace {
+
+// "12.55 GiB" from 1 GiB up, else "3.0 MiB".
+std::string human_bytes(uint64_t bytes) {
+  std::ostringstream out;
+  out << std::fixed;
+  if (bytes >= (uint64_t{1} << 30)) {
+    out.precision(2);
+    out << static_cast<double>(bytes) / 1073741824.0 << " GiB";
+  } else {
+    out.precision(1);
+    out << static_cast<double>(bytes) / 1048576.0 << " MiB";
+  }
+  return out.str();
+}
+
+}  // namespace
+
+OutOfMemoryError::OutOfMemoryError(const MemoryAccountant& accountant, MemoryKind kind,
+                                   size_t bytes) {
+  const MemoryReport report = accountant.report();
+  message_ = "out of memory on " + device_name(accountant.device()) + " allocating " +
+             human_bytes(bytes) + " of " + std::string(memory_kind_name(kind)) + "; in use " +
+             human_bytes(report.current_total_bytes) + ":";
+  for (size_t k = 0; k < kMemoryKindCount; ++k) {
+    if (report.current_bytes[k] == 0) continue;
+    message_ += " " + std::string(memory_kind_name(static_cast<MemoryKind>(k))) + " " +
+                human_bytes(report.current_bytes[k]);
+  }
+}
+
 Buffer::Buffer(MemoryAccountant& accountant, MemoryKind kind, size_t bytes)
     : accountant_(&accountant), kind_(kind), bytes_(bytes) {
   if (bytes == 0) return;
-  data_ = backend_for(accountant.device()).allocate(bytes);
+  try {
+    data_ = backend_for(accountant.device()).allocate(bytes);
+  } catch (const std::bad_alloc&) {
+    throw OutOfMemoryError(accountant, kind, bytes);
+  }
   accountant_->record_allocation(kind_, bytes_);
 }
 

@@ -8,6 +8,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <new>
 #include <string>
 #include <string_view>
 
@@ -61,6 +62,19 @@ class MemoryAccountant {
   std::array<std::atomic<uint64_t>, kMemoryKindCount> peak_{};
   std::atomic<uint64_t> current_total_{0};
   std::atomic<uint64_t> peak_total_{0};
+};
+
+// A Buffer the device could not provide. A std::bad_alloc (so every handler of allocation failure
+// still catches it) whose what() says which device, how much of which kind was asked for, and what
+// the accountant holds by kind: "out of memory on cuda:0 allocating 1024.0 MiB of activations;
+// in use 17.3 GiB: parameters 12.55 GiB, ...".
+class OutOfMemoryError : public std::bad_alloc {
+ public:
+  OutOfMemoryError(const MemoryAccountant& accountant, MemoryKind kind, size_t bytes);
+  const char* what() const noexcept override { return message_.c_str(); }
+
+ private:
+  std::string message_;
 };
 
 // An owned, 64-byte aligned, uninitialised allocation in the memory of the accountant's device
