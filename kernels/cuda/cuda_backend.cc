@@ -216,7 +216,7 @@ void CudaBackend::attention_forward(float* out, float* probs, const float* q, co
                                     const float* v, const int32_t* first_key,
                                     const AttentionShape& shape) {
   activate();
-  cuda::attention_forward(out, probs, q, k, v, first_key, shape, stream_);
+  cuda::attention_forward(cublas_, out, probs, q, k, v, first_key, shape, stream_);
 }
 int64_t CudaBackend::attention_backward_scratch_floats(const AttentionShape& shape) {
   return cuda::attention_backward_scratch_floats(shape);
@@ -225,7 +225,7 @@ void CudaBackend::attention_backward(float* dq, float* dk, float* dv, float* scr
                                      const float* dout, const float* probs, const float* q,
                                      const float* k, const float* v, const AttentionShape& shape) {
   activate();
-  cuda::attention_backward(dq, dk, dv, scratch, dout, probs, q, k, v, shape, stream_);
+  cuda::attention_backward(cublas_, dq, dk, dv, scratch, dout, probs, q, k, v, shape, stream_);
 }
 
 void CudaBackend::swiglu_forward(float* out, const float* gate, const float* up, int64_t count) {
