@@ -1,14 +1,87 @@
 #include "apiclient/lomo_client.h"
 
+#include <stdlib.h>
+
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <system_error>
 #include <thread>
 
+#include "common/checkpoint_manifest.h"
 #include "common/file_transfer.h"
 
 namespace lomo::client {
 namespace {
 
 namespace fs = std::filesystem;
+
+// The download's destination as one name: "out/ckpt/" and "out/ckpt" are the same directory.
+fs::path destination_path(const fs::path& directory) {
+  fs::path path = directory.lexically_normal();
+  if (!path.has_filename() && path.has_parent_path()) path = path.parent_path();
+  return path;
+}
+
+// ".<name>.download-XXXXXX" beside the destination (same file system, so the rename is atomic),
+// removed by the destructor unless commit_to() renamed it into place.
+class TemporaryDirectory {
+ public:
+  explicit TemporaryDirectory(const fs::path& destination) {
+    const fs::path parent =
+        destination.has_parent_path() ? destination.parent_path() : fs::path(".");
+    fs::create_directories(parent);
+    std::string pattern =
+        (parent / ("." + destination.filename().string() + ".download-XXXXXX")).string();
+    if (::mkdtemp(pattern.data()) == nullptr) {
+      throw ClientError(grpc::StatusCode::INTERNAL, "cannot create a temporary directory in " +
+                                                        parent.string() + ": " +
+                                                        std::strerror(errno));
+    }
+    path_ = pattern;
+  }
+  ~TemporaryDirectory() {
+    if (path_.empty()) return;
+    std::error_code ignored;
+    fs::remove_all(path_, ignored);
+  }
+  TemporaryDirectory(const TemporaryDirectory&) = delete;
+  TemporaryDirectory& operator=(const TemporaryDirectory&) = delete;
+
+  const fs::path& path() const { return path_; }
+  // Replaces an empty (or absent) destination with the temporary directory.
+  void commit_to(const fs::path& destination) {
+    std::error_code error;
+    fs::remove(destination, error);  // only ever an empty directory here
+    fs::rename(path_, destination, error);
+    if (error) {
+      throw ClientError(
+          grpc::StatusCode::INTERNAL,
+          "cannot move " + path_.string() + " to " + destination.string() + ": " + error.message());
+    }
+    path_.clear();
+  }
+
+ private:
+  fs::path path_;
+};
+
+// A downloaded checkpoint with a manifest must match it (the trainer's digests), so that what
+// lands at the destination is what was trained, not only what the coordinator holds.
+template <typename MakeError>
+void verify_against_manifest(const fs::path& directory, const MakeError& data_loss) {
+  try {
+    const auto manifest = read_checkpoint_manifest(directory);
+    if (!manifest) return;
+    if (const std::string mismatch = checkpoint_manifest_mismatch(directory, *manifest);
+        !mismatch.empty()) {
+      throw data_loss("it does not match its " + std::string(kCheckpointManifestFile) + ": " +
+                      mismatch);
+    }
+  } catch (const ManifestError& error) {
+    throw data_loss(error.what());
+  }
+}
 
 bool contains(const std::string& text, const char* needle) {
   std::string lower = text;
@@ -253,9 +326,17 @@ DownloadResult Client::download_checkpoint(
                        "download of " + checkpoint_id + " failed: " + why);
   };
 
-  fs::create_directories(directory);
+  const fs::path destination = destination_path(directory);
+  if (std::error_code error; fs::exists(destination, error) && !fs::is_empty(destination, error)) {
+    throw ClientError(grpc::StatusCode::FAILED_PRECONDITION,
+                      destination.string() +
+                          " exists and is not empty: a download never mixes its files with others");
+  }
+  // Everything lands in a temporary directory beside the destination, renamed into place only
+  // when complete and verified; on any failure it is removed.
+  TemporaryDirectory staging(destination);
   auto reader = stub_->DownloadCheckpoint(&context, request);
-  FileReceiver receiver(directory);
+  FileReceiver receiver(staging.path());
   lomo::v1::DownloadCheckpointResponse response;
   ChunkStream stream;
   stream.next = [&]() { return reader->Read(&response) ? &response.chunk() : nullptr; };
@@ -277,6 +358,8 @@ DownloadResult Client::download_checkpoint(
     throw data_loss(error.what());
   }
   if (receiver.files().empty()) throw data_loss("the coordinator sent no files");
+  verify_against_manifest(staging.path(), data_loss);
+  staging.commit_to(destination);
   return DownloadResult{receiver.files(), receiver.bytes_received()};
 }
 

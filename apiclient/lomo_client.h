@@ -74,10 +74,13 @@ class Client {
   void watch_job(const std::string& job_id, int64_t after_sequence, bool follow,
                  const std::function<bool(const lomo::v1::WatchJobResponse&)>& on_event);
 
-  // Downloads a checkpoint into `directory` (created if needed) with common/file_transfer.h's
-  // FileReceiver: each file is written under "<name>.partial", checked against the SHA-256 the
-  // coordinator sends with its last chunk, and only then renamed; a mismatch, a gap, or a path
-  // that would leave `directory` throws ClientError DATA_LOSS.
+  // Downloads a checkpoint into `directory` (absent or empty; anything else throws ClientError
+  // FAILED_PRECONDITION) with common/file_transfer.h's FileReceiver: each file is checked against
+  // the SHA-256 the coordinator sends with its last chunk, and the whole checkpoint against its
+  // lomo_manifest.json when it has one. Files land in a temporary directory beside `directory`
+  // that is renamed to it only when all of them are complete and verified, and removed on any
+  // failure: `directory` holds the whole checkpoint or is left as it was. A mismatch, a gap, or a
+  // path that would leave the directory throws ClientError DATA_LOSS.
   // `expected`, when not empty, must match the files received (names, sizes, checksums).
   DownloadResult download_checkpoint(
       const std::string& checkpoint_id, const std::filesystem::path& directory,

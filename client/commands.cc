@@ -201,6 +201,10 @@ int get_command(CommandContext& context) {
   rows.push_back({"state:", state_name(job.state())});
   if (!job.failure_reason().empty()) rows.push_back({"reason:", job.failure_reason()});
   rows.push_back({"attempt:", std::to_string(job.attempt())});
+  const std::vector<std::string> attempts = attempt_lines(job);
+  for (size_t i = 0; i < attempts.size(); ++i) {
+    rows.push_back({i == 0 ? "attempts:" : "", attempts[i]});
+  }
   if (!job.wait_reason().empty()) rows.push_back({"waiting:", terminal_text(job.wait_reason())});
   const std::vector<std::string> gang = gang_lines(job);
   for (size_t i = 0; i < gang.size(); ++i) rows.push_back({i == 0 ? "gang:" : "", gang[i]});

@@ -119,6 +119,23 @@ std::vector<std::string> gang_lines(const lomo::v1::Job& job) {
   return lines;
 }
 
+std::vector<std::string> attempt_lines(const lomo::v1::Job& job) {
+  std::vector<std::string> lines;
+  for (const lomo::v1::JobAttempt& attempt : job.attempts()) {
+    std::string workers;
+    for (const auto& a : attempt.assignments()) {
+      workers += (workers.empty() ? "" : ",") + terminal_text(a.worker_id());
+    }
+    std::string line = std::to_string(attempt.attempt()) + "  " + state_name(attempt.state()) +
+                       " at step " + std::to_string(attempt.step());
+    if (!workers.empty()) line += " on " + workers;
+    if (attempt.restarted()) line += ", restarted";
+    if (!attempt.reason().empty()) line += ": " + terminal_text(attempt.reason());
+    lines.push_back(std::move(line));
+  }
+  return lines;
+}
+
 // A table column wide enough for "waiting for 2 idle cpu workers, 1 idle"; the longer reasons
 // (waiting behind another job, too few workers connected) are cut, and `lomoctl get` has them
 // whole.

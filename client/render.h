@@ -38,6 +38,9 @@ std::string terminal_text(std::string_view text);
 // The job's gang, rank -> worker, in rank order: {"rank 0  w-a", "rank 1  w-b"}; empty when the
 // job has at most one assignment (its worker is Job.worker_id). Terminal-safe.
 std::vector<std::string> gang_lines(const lomo::v1::Job& job);
+// `lomoctl get`'s history of ended attempts, one line each (Job.attempts, oldest first):
+// "1  FAILED at step 12 on w1, restarted: training process killed by SIGKILL".
+std::vector<std::string> attempt_lines(const lomo::v1::Job& job);
 // The WORKER cell of `lomoctl list`: the worker, or the gang's workers in rank order ("a,b,c",
 // then "+N" beyond `max_named`), or "(wait reason)" for a queued job that says why it waits (cut
 // at 60 bytes with "..."), or "-". Terminal-safe.

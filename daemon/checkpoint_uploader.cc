@@ -1,8 +1,11 @@
 #include "daemon/checkpoint_uploader.h"
 
+#include <google/protobuf/util/time_util.h>
+
 #include <algorithm>
 #include <vector>
 
+#include "common/checkpoint_manifest.h"
 #include "common/file_transfer.h"
 #include "common/log.h"
 
@@ -101,8 +104,15 @@ void CheckpointUploader::run() {
       int64_t total_bytes = 0;
       try {
         if (!send_checkpoint(target, generation, &total_bytes)) continue;
+      } catch (const ManifestMismatch& e) {
+        // Corrupted after the trainer committed it: retrying would send the same wrong bytes.
+        failure = "checkpoint " + name + " is not uploaded: it no longer matches its " +
+                  kCheckpointManifestFile + " (" + e.what() + ")";
+        report_failure(*failure, generation);
+        break;
       } catch (const std::exception& e) {
         failure = "checkpoint " + name + " could not be read for upload: " + e.what();
+        report_failure(*failure, generation);
         break;
       }
       const auto ack_until =
@@ -141,15 +151,58 @@ void CheckpointUploader::run() {
   }
 }
 
+void CheckpointUploader::report_failure(const std::string& failure, uint64_t generation) {
+  log_line(failure);
+  lomo::v1::WorkerMessage message;
+  lomo::v1::JobEvents* events = message.mutable_events();
+  events->set_job_id(job_id_);
+  events->set_attempt(attempt_);
+  lomo::v1::JobEvent* event = events->add_events();
+  *event->mutable_time() = google::protobuf::util::TimeUtil::GetCurrentTime();
+  event->mutable_log()->set_text("lomo-worker: " + failure);
+  channel_.send(std::move(message), generation);  // best effort: the job's end names it too
+}
+
+// The files to send and the manifest that goes with the commit. With a manifest, only its files
+// (and the manifest itself) are sent, each checked against its digest as it is read; without one
+// (a checkpoint written before manifests existed), whatever is in the directory.
+std::vector<TransferFile> CheckpointUploader::files_to_send(
+    const fs::path& directory, std::vector<lomo::v1::CheckpointFile>* manifest) {
+  const std::optional<std::vector<ManifestEntry>> entries = read_checkpoint_manifest(directory);
+  if (!entries) return list_transfer_files(directory);
+  std::vector<TransferFile> files;
+  for (const ManifestEntry& entry : *entries) {
+    files.push_back({entry.path, entry.size_bytes, entry.sha256});
+    lomo::v1::CheckpointFile& file = manifest->emplace_back();
+    file.set_path(entry.path);
+    file.set_size_bytes(entry.size_bytes);
+    file.set_sha256(entry.sha256);
+  }
+  std::error_code error;
+  const auto manifest_size = fs::file_size(directory / kCheckpointManifestFile, error);
+  if (error) throw ManifestError(std::string(kCheckpointManifestFile) + ": " + error.message());
+  files.push_back({kCheckpointManifestFile, static_cast<int64_t>(manifest_size), ""});
+  return files;
+}
+
 bool CheckpointUploader::send_checkpoint(const Target& target, uint64_t generation,
                                          int64_t* total_bytes) {
-  std::vector<TransferFile> files = list_transfer_files(target.directory);
+  std::vector<lomo::v1::CheckpointFile> manifest;
+  std::vector<TransferFile> files = files_to_send(target.directory, &manifest);
   int64_t size = 0;
   for (const TransferFile& file : files) size += file.size_bytes;
   log_line("uploading checkpoint " + target.directory.filename().string() + " (" +
            std::to_string(files.size()) + " files, " + mib(size) + ")");
   FileSender sender(target.directory, std::move(files), options_.chunk_bytes);
-  while (std::optional<lomo::v1::FileChunk> file_chunk = sender.next()) {
+  while (true) {
+    std::optional<lomo::v1::FileChunk> file_chunk;
+    try {
+      file_chunk = sender.next();
+    } catch (const TransferError& e) {
+      if (manifest.empty()) throw;
+      throw ManifestMismatch(e.what());
+    }
+    if (!file_chunk) break;
     if (abandoned()) return false;
     const auto bytes = static_cast<int64_t>(file_chunk->data().size());
     lomo::v1::WorkerMessage message;
@@ -168,6 +221,7 @@ bool CheckpointUploader::send_checkpoint(const Target& target, uint64_t generati
   chunk->set_attempt(attempt_);
   chunk->set_step(target.step);
   chunk->set_commit(true);
+  for (lomo::v1::CheckpointFile& file : manifest) *chunk->add_manifest() = std::move(file);
   if (!channel_.send(std::move(commit), generation)) return false;
   *total_bytes = size;
   return true;

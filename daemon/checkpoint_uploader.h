@@ -2,7 +2,11 @@
 // checkpoint's files as a chunked transfer (common/file_transfer.h's FileSender: chunks of at most
 // 1 MiB, the last chunk of each file carrying the file's SHA-256), then a commit message; the
 // coordinator answers with a CheckpointAck. A broken connection restarts the upload on the next
-// one; a rejection is retried a few times and then reported.
+// one; a rejection is retried a few times and then reported. A checkpoint with a manifest
+// (common/checkpoint_manifest.h) is uploaded against it: its files are checked against their
+// digests as they are read, and the manifest goes with the commit for the coordinator to check
+// what it received. A file that no longer matches (corrupted after the trainer wrote it) ends that
+// checkpoint's upload without a commit, never retried, with a log event naming the file.
 #pragma once
 
 #include <chrono>
@@ -12,9 +16,12 @@
 #include <map>
 #include <mutex>
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <thread>
+#include <vector>
 
+#include "common/file_transfer.h"
 #include "lomo/v1/workers.pb.h"
 
 namespace lomo::daemon {
@@ -67,7 +74,16 @@ class CheckpointUploader {
     int64_t step = 0;
     std::filesystem::path directory;
   };
+  // A file on disk differs from the checkpoint's manifest.
+  class ManifestMismatch : public std::runtime_error {
+   public:
+    using std::runtime_error::runtime_error;
+  };
   void run();
+  // Logs why a checkpoint is given up on, here and (best effort) as a job event.
+  void report_failure(const std::string& failure, uint64_t generation);
+  static std::vector<TransferFile> files_to_send(const std::filesystem::path& directory,
+                                                 std::vector<lomo::v1::CheckpointFile>* manifest);
   // One pass over the checkpoint on connection `generation`. Returns false if the connection
   // ended (or abandon()) before the commit message was queued; throws on a read error.
   bool send_checkpoint(const Target& target, uint64_t generation, int64_t* total_bytes);

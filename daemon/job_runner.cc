@@ -217,7 +217,10 @@ std::optional<lomo::v1::JobStatusUpdate> JobRunner::prepare_attempt(const fs::pa
   try {
     spec = spec_from_assignment(assignment_, "job " + job_id() + " spec");
   } catch (const JobSpecError& e) {
-    return status_update(assignment_, lomo::v1::JOB_STATE_FAILED, e.what());
+    lomo::v1::JobStatusUpdate refused =
+        status_update(assignment_, lomo::v1::JOB_STATE_FAILED, e.what());
+    refused.set_permanent(true);  // the same spec fails the same way on any worker
+    return refused;
   }
   spec.output.dir = out_dir_.string();
   tokens_per_step_ = spec.training.batch_size * spec.data.max_length;
@@ -364,8 +367,20 @@ lomo::v1::JobStatusUpdate JobRunner::supervise() {
 
 lomo::v1::JobStatusUpdate JobRunner::outcome_of(const ExitStatus& exit) {
   if (cancel_requested_) {
+    // The checkpoint the trainer wrote when it was stopped goes up before the cancel is
+    // confirmed (while the coordinator still accepts it): a cancelled job keeps its newest step.
+    // Bounded by the cancel's grace period, so that a cancel stays prompt.
+    std::string upload_error;
+    const auto upload = uploader_->wait_idle(Clock::now() + options_.cancel_grace, &upload_error);
     uploader_->abandon();
-    return status_update(assignment_, lomo::v1::JOB_STATE_CANCELLED, "cancelled");
+    if (upload == CheckpointUploader::Outcome::kDone) {
+      return status_update(assignment_, lomo::v1::JOB_STATE_CANCELLED, "cancelled");
+    }
+    if (upload == CheckpointUploader::Outcome::kTimedOut) {
+      upload_error = "its upload did not finish within the cancel grace period";
+    }
+    return status_update(assignment_, lomo::v1::JOB_STATE_CANCELLED,
+                         "cancelled; the last checkpoint was not kept: " + upload_error);
   }
   if (kill_requested_) {
     return status_update(assignment_, lomo::v1::JOB_STATE_FAILED,
@@ -408,7 +423,13 @@ lomo::v1::JobStatusUpdate JobRunner::outcome_of_report(const ExitStatus& exit, b
   }
   const protocol::Status result = outcome_->status;
   if (result != protocol::Status::kSucceeded && result != protocol::Status::kInterrupted) {
-    return failed(failure_reason(how));
+    lomo::v1::JobStatusUpdate status = failed(failure_reason(how));
+    // A spec or data that cannot be used, or weights gone non-finite, fail again on any attempt;
+    // anything else (an I/O error, a lost peer) may not.
+    status.set_permanent(result == protocol::Status::kBadSpec ||
+                         result == protocol::Status::kBadData ||
+                         result == protocol::Status::kNonFinite);
+    return status;
   }
   if (!uploaded) {
     return status_update(assignment_, lomo::v1::JOB_STATE_FAILED,

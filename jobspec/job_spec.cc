@@ -232,6 +232,11 @@ class Section {
     return Section(context_, path(key), find(key), keys);
   }
 
+  bool has(std::string_view key) const { return find(key) != nullptr; }
+  void report(std::string_view key, const std::string& message) {
+    context_.report(path(key), message);
+  }
+
   void read(std::string_view key, std::string& out) {
     const YAML::Node* node = find(key);
     if (node == nullptr) return;
@@ -447,6 +452,17 @@ class Section {
   std::vector<std::pair<std::string, YAML::Node>> entries_;
 };
 
+// resources.max_restarts, or `retries`, its name until restarts existed: every canonical spec
+// stored before then says "retries: 0" (a job that was never restarted), and a coordinator must
+// still restore those jobs. Both at once is ambiguous and refused.
+void read_max_restarts(Section& resources, ResourcesSpec& out) {
+  if (resources.has("retries") && resources.has("max_restarts")) {
+    resources.report("retries", "renamed to resources.max_restarts; give only max_restarts");
+    return;
+  }
+  resources.read(resources.has("retries") ? "retries" : "max_restarts", out.max_restarts);
+}
+
 JobSpec read_spec(Context& context, const YAML::Node& root) {
   JobSpec spec;
   Section top(context, "", &root,
@@ -530,10 +546,10 @@ JobSpec read_spec(Context& context, const YAML::Node& root) {
   Section output = top.section("output", {"dir"});
   output.read("dir", spec.output.dir);
 
-  Section resources = top.section("resources", {"world_size", "device", "retries"});
+  Section resources = top.section("resources", {"world_size", "device", "max_restarts", "retries"});
   resources.read("world_size", spec.resources.world_size);
   resources.read("device", spec.resources.device);
-  resources.read("retries", spec.resources.retries);
+  read_max_restarts(resources, spec.resources);
   return spec;
 }
 
@@ -725,7 +741,7 @@ void validate(Context& c, const JobSpec& spec) {
                  ": data-parallel GPU ranks need the NCCL communicator, which training does not "
                  "use yet; use world_size 1 on cuda, or device: cpu");
   }
-  at_least(c, "resources.retries", r.retries, 0);
+  at_least(c, "resources.max_restarts", r.max_restarts, 0);
 }
 
 // yaml-cpp may throw from node access in ways its API does not document; every such exception
@@ -922,7 +938,7 @@ YAML::Node to_node(const JobSpec& spec, bool tag_strings = false) {
 
   root["resources"]["world_size"] = std::to_string(spec.resources.world_size);
   root["resources"]["device"] = text(spec.resources.device);
-  root["resources"]["retries"] = std::to_string(spec.resources.retries);
+  root["resources"]["max_restarts"] = std::to_string(spec.resources.max_restarts);
   return root;
 }
 

@@ -152,7 +152,10 @@ struct ResourcesSpec {
   // cpu. "cuda" is a known value that validation refuses until the CUDA backend lands: the
   // training child runs on the CPU only, and a GPU job must not silently train there.
   std::string device = "cpu";
-  int64_t retries = 0;
+  // How many times the coordinator restarts the job's gang after a failure that can be transient
+  // (a crash, a lost worker, a collective timeout) before the job fails; each new attempt resumes
+  // from the last committed checkpoint. `retries` is read as its former name.
+  int64_t max_restarts = 3;
 
   bool operator==(const ResourcesSpec&) const = default;
 };

@@ -61,8 +61,37 @@ std::string CheckpointCommit::commit_locked(const WorkerConnection& connection,
   log_line("job " + upload.job_id + ": checkpoint " + upload.info.checkpoint_id() + " committed (" +
            std::to_string(upload.info.files_size()) + " files, " +
            std::to_string(upload.info.size_bytes()) + " bytes)");
+  apply_retention_locked(upload.job_id);
   state_.hub.publish(upload.job_id);
   return "";
+}
+
+void CheckpointCommit::apply_retention_locked(const std::string& job_id) {
+  const int keep = state_.options.keep_checkpoints;
+  if (keep <= 0) return;
+  try {
+    const std::vector<v1::CheckpointInfo> checkpoints = state_.store.list_checkpoints(job_id);
+    if (checkpoints.size() <= static_cast<size_t>(keep)) return;
+    // Oldest step first: all but the last `keep` go.
+    for (size_t i = 0; i + keep < checkpoints.size(); ++i) {
+      const v1::CheckpointInfo& old = checkpoints[i];
+      state_.store.delete_checkpoint(old.checkpoint_id());
+      // Files go once the deletion is durable: a power cut before it must not leave a record
+      // whose files are gone (a directory without a record is removed at startup instead).
+      CheckpointStore& files = state_.checkpoints;
+      const int64_t step = old.step();
+      state_.when_durable(
+          [&files, job_id, step](const grpc::Status& durable) {
+            if (durable.ok()) files.unpublish(job_id, step);
+          },
+          "deletion of checkpoint " + old.checkpoint_id());
+      log_line("job " + job_id + ": checkpoint " + old.checkpoint_id() +
+               " deleted (keeping the newest " + std::to_string(keep) + ")");
+    }
+  } catch (const StoreError& error) {
+    // The new checkpoint is committed either way; the old ones wait for the next commit.
+    log_line("error: job " + job_id + ": retention of old checkpoints: " + error.what());
+  }
 }
 
 std::string CheckpointCommit::record_locked(const VerifiedUpload& upload) {

@@ -5,6 +5,7 @@
 // checkpoint recorded in the store, and the worker gets exactly one CheckpointAck: committed=true
 // only once the record is durable against a power cut, since the worker may then delete its copy.
 // In a gang only rank 0 uploads; another rank's upload is refused with that rule as its error.
+// After a commit, only the newest --keep-checkpoints of the job are kept.
 #pragma once
 
 #include <memory>
@@ -34,6 +35,12 @@ class CheckpointCommit {
                             const VerifiedUpload& upload);
   // Records a published checkpoint with its event; returns the error, or "". Requires mu.
   std::string record_locked(const VerifiedUpload& upload);
+  // Retention after a commit: deletes the job's committed checkpoints beyond the newest
+  // options.keep_checkpoints, record first and then, once that is durable, files (a crash
+  // between leaves a directory without a record, which CheckpointStore::recover removes). The
+  // newest is always kept, and a new attempt resumes from the newest at its start; a newer commit
+  // means the attempt that resumed from an older one has moved past it. Requires mu.
+  void apply_retention_locked(const std::string& job_id);
   // Sends the CheckpointAck: at once for a rejection, after the durability sync for a commit.
   void acknowledge(const std::shared_ptr<WorkerConnection>& connection,
                    const v1::CheckpointChunk& chunk, const std::string& error,

@@ -4,14 +4,18 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <map>
 #include <system_error>
 #include <vector>
 
 #include "common/checkpoint_layout.h"
+#include "common/checkpoint_manifest.h"
 #include "common/file_transfer.h"
+#include "common/sha256.h"
 
 namespace lomo::server {
 
@@ -20,6 +24,48 @@ namespace fs = std::filesystem;
 namespace {
 
 std::string errno_text() { return std::strerror(errno); }
+
+std::string lowercase(std::string text) {
+  std::transform(text.begin(), text.end(), text.begin(),
+                 [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+  return text;
+}
+
+// "" when the files received are exactly those of the commit's manifest, byte for byte (their
+// SHA-256 as the receiver computed it from what it wrote); else the first difference, naming the
+// file. The manifest file itself may come along unlisted: it cannot list its own digest.
+std::string manifest_problem(const std::vector<v1::CheckpointFile>& received,
+                             const v1::CheckpointChunk& commit) {
+  // A daemon older than manifests sends none: its files are verified by their chunks' digests.
+  if (commit.manifest().empty()) return "";
+  std::map<std::string, const v1::CheckpointFile*> by_path;
+  for (const v1::CheckpointFile& file : received) by_path[file.path()] = &file;
+  std::set<std::string> listed;
+  for (const v1::CheckpointFile& want : commit.manifest()) {
+    if (const std::string problem = transfer_path_problem(want.path()); !problem.empty()) {
+      return "the manifest names a bad path: " + problem;
+    }
+    if (!is_sha256_hex(want.sha256())) {
+      return "the manifest's SHA-256 of file " + want.path() + " is malformed";
+    }
+    listed.insert(want.path());
+    const auto it = by_path.find(want.path());
+    if (it == by_path.end()) return "file " + want.path() + " is in the manifest but not uploaded";
+    if (lowercase(it->second->sha256()) != lowercase(want.sha256()) ||
+        it->second->size_bytes() != want.size_bytes()) {
+      return "file " + want.path() + " does not match the manifest: received " +
+             std::to_string(it->second->size_bytes()) + " bytes with SHA-256 " +
+             it->second->sha256() + ", the manifest says " + std::to_string(want.size_bytes()) +
+             " bytes with SHA-256 " + want.sha256();
+    }
+  }
+  for (const v1::CheckpointFile& file : received) {
+    if (!listed.count(file.path()) && file.path() != kCheckpointManifestFile) {
+      return "file " + file.path() + " was uploaded but is not in the manifest";
+    }
+  }
+  return "";
+}
 
 // fsync on a file or directory: data and the directory entries that name it survive a power cut.
 bool sync_path(const fs::path& path, bool directory) {
@@ -170,10 +216,10 @@ ChunkResult CheckpointStore::receive_locked(Upload& upload, const v1::Checkpoint
     }
   }
   if (!chunk.commit()) return ChunkResult{};
-  return commit_locked(upload);
+  return commit_locked(upload, chunk);
 }
 
-ChunkResult CheckpointStore::commit_locked(Upload& upload) {
+ChunkResult CheckpointStore::commit_locked(Upload& upload, const v1::CheckpointChunk& commit) {
   if (upload.error.empty()) {
     try {
       if (upload.receiver) upload.receiver->finish();
@@ -183,6 +229,12 @@ ChunkResult CheckpointStore::commit_locked(Upload& upload) {
   }
   if (upload.error.empty() && (!upload.receiver || upload.receiver->files().empty())) {
     fail(upload, "no files were uploaded for step " + std::to_string(upload.step));
+  }
+  if (upload.error.empty()) {
+    if (const std::string problem = manifest_problem(upload.receiver->files(), commit);
+        !problem.empty()) {
+      fail(upload, problem);
+    }
   }
   if (upload.error.empty()) sync_directories(upload);
   ChunkResult result;

@@ -7,13 +7,17 @@
 // Upload protocol (lomo.v1.CheckpointChunk on the worker stream): the checkpoint's files as a
 // chunked transfer (FileChunk, received by common/file_transfer.h's FileReceiver into the
 // temporary directory, each file fsynced and verified by its SHA-256). A chunk with commit=true
-// ends the upload: every file must be complete and verified. The commit chunk is answered by
-// exactly one CheckpointAck (and nothing else is): committed=true, or committed=false with the
-// first problem found. After a bad chunk the upload's remaining chunks are ignored and its
-// temporary directory is removed at once; the reason waits for the commit. An upload belongs to one
-// connection and attempt: if the worker reconnects it starts the step again. An upload that is
-// discarded or replaced is failed, not only removed: a chunk of it still on its way writes nothing,
-// and its temporary directory (named by connection and attempt) is never the next upload's.
+// ends the upload: every file must be complete and verified, and the files must be exactly those
+// of the manifest the commit carries (the trainer's digests, common/checkpoint_manifest.h), so a
+// file corrupted before it was sent is refused although its chunks hash consistently. (A commit
+// without a manifest, from a daemon older than manifests, is verified by the chunks' digests.) The
+// commit chunk is answered by exactly one CheckpointAck (and nothing else is): committed=true, or
+// committed=false with the first problem found. After a bad chunk the upload's remaining chunks are
+// ignored and its temporary directory is removed at once; the reason waits for the commit. An
+// upload belongs to one connection and attempt: if the worker reconnects it starts the step again.
+// An upload that is discarded or replaced is failed, not only removed: a chunk of it still on its
+// way writes nothing, and its temporary directory (named by connection and attempt) is never the
+// next upload's.
 //
 // This class verifies and places files; the coordinator records the commit in the store, and only
 // a recorded checkpoint is committed (a renamed directory without a record is removed at startup).
@@ -93,8 +97,9 @@ class CheckpointStore {
   void abandon(Upload& upload, const std::string& why);
   ChunkResult receive_locked(Upload& upload, const v1::CheckpointChunk& chunk,
                              const std::string& rejection);
-  // The commit chunk: every file complete, directories synced; the verified upload or the error.
-  ChunkResult commit_locked(Upload& upload);
+  // The commit chunk: every file complete and exactly those of its manifest, directories synced;
+  // the verified upload or the error.
+  ChunkResult commit_locked(Upload& upload, const v1::CheckpointChunk& commit);
   void sync_directories(Upload& upload);
 
   std::filesystem::path root_;

@@ -15,7 +15,7 @@ const char* const kCoordinatorUsage =
     "usage: lomo-coordinator [--config FILE] [--grpc-listen HOST:PORT] [--http-listen HOST:PORT]\n"
     "                        [--data-dir DIR] [--heartbeat-timeout SECONDS]\n"
     "                        [--heartbeat-interval-ms MS] [--threads N] [--ready-file PATH]\n"
-    "                        [--log-format text|json]\n"
+    "                        [--log-format text|json] [--keep-checkpoints K]\n"
     "Serves the lomo JobService and WorkerService over gRPC, REST/JSON and /metrics over HTTP.\n"
     "A port of 0 lets the system choose; --ready-file receives the addresses in use.\n";
 
@@ -83,11 +83,13 @@ CoordinatorConfig parse_config(const std::string& yaml_text, const std::string& 
       config.shutdown_grace_seconds = scalar<double>(value, source, key);
     } else if (key == "log_format") {
       config.log_format = scalar<std::string>(value, source, key);
+    } else if (key == "keep_checkpoints") {
+      config.keep_checkpoints = scalar<int>(value, source, key);
     } else {
       throw ConfigError(key_error(source, key,
                                   "unknown key (expected listen, data_dir, heartbeat_interval_ms, "
                                   "heartbeat_timeout_seconds, threads, http_threads, "
-                                  "shutdown_grace_seconds, log_format)"));
+                                  "shutdown_grace_seconds, log_format, keep_checkpoints)"));
     }
   }
   validate_config(config, source);
@@ -123,6 +125,10 @@ void validate_config(const CoordinatorConfig& config, const std::string& source)
   if (config.http_threads < 1 || config.http_threads > 1024) {
     fail("http_threads", "must be in [1, 1024], got " + std::to_string(config.http_threads));
   }
+  if (config.keep_checkpoints < 0) {
+    fail("keep_checkpoints",
+         "must be >= 0 (0 keeps all), got " + std::to_string(config.keep_checkpoints));
+  }
   if (!(config.shutdown_grace_seconds >= 0)) {
     fail("shutdown_grace_seconds", "must be >= 0");
   }
@@ -149,6 +155,8 @@ void apply_flag(const std::string& flag, const std::string& value, CoordinatorCo
     config->heartbeat_interval_ms = flag_int(flag, value);
   } else if (flag == "--threads") {
     config->threads = static_cast<int>(flag_int(flag, value));
+  } else if (flag == "--keep-checkpoints") {
+    config->keep_checkpoints = static_cast<int>(flag_int(flag, value));
   } else if (flag == "--ready-file") {
     config->ready_file = value;
   } else if (flag == "--log-format") {

@@ -10,6 +10,7 @@
 //   http_threads: 16            # REST connections (an event stream holds one)
 //   shutdown_grace_seconds: 5   # SIGTERM: how long calls in flight may take to finish
 //   log_format: text            # or json: one JSON object per log line
+//   keep_checkpoints: 3         # committed checkpoints kept per job (newest); 0 keeps all
 #pragma once
 
 #include <cstdint>
@@ -29,6 +30,7 @@ struct CoordinatorConfig {
   int http_threads = 16;
   double shutdown_grace_seconds = 5.0;
   std::string log_format = "text";  // common/log.h: text or json
+  int keep_checkpoints = 3;         // committed checkpoints kept per job, newest first; 0: all
   // Not in the file: where to write {"grpc": "host:port", "http": "host:port"} once both listen
   // (ports chosen by the system when the address says :0). Tests and scripts wait for it.
   std::string ready_file;
@@ -46,7 +48,7 @@ CoordinatorConfig parse_config(const std::string& yaml_text, const std::string& 
 
 // Reads --config FILE first (if given), then applies --grpc-listen, --http-listen, --data-dir,
 // --heartbeat-timeout SECONDS, --heartbeat-interval-ms MS, --threads N, --ready-file PATH,
-// --log-format text|json on top.
+// --log-format text|json, --keep-checkpoints K on top.
 // Both "--flag value" and "--flag=value" work. Throws ConfigError; `*help` is set for --help.
 CoordinatorConfig config_from_command_line(const std::vector<std::string>& args, bool* help);
 

@@ -89,6 +89,7 @@ void Coordinator::background_loop() {
       registry_.check_heartbeats();
       next_scan = Clock::now() + scan_period;
     }
+    lifecycle_.start_due_restarts();  // a restart's backoff ends within one tick
     // What workers reported (states, events) becomes durable within kDurabilityDelay without
     // making their streams wait for a disk sync; no sync when nothing was committed since.
     state_.when_durable([](const grpc::Status&) {}, "recent job updates");

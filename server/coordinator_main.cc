@@ -143,9 +143,9 @@ int run(const CoordinatorConfig& config) {
   Store store(data_dir / "coordinator.db");
   CheckpointStore checkpoints(data_dir / "checkpoints");
   Metrics metrics;
-  Coordinator coordinator(
-      CoordinatorOptions{config.heartbeat_timeout_seconds, config.heartbeat_interval_ms}, store,
-      checkpoints, metrics);
+  Coordinator coordinator(CoordinatorOptions{config.heartbeat_timeout_seconds,
+                                             config.heartbeat_interval_ms, config.keep_checkpoints},
+                          store, checkpoints, metrics);
   coordinator.start();
   Executor executor(config.threads);
 

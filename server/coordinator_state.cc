@@ -61,7 +61,10 @@ bool CoordinatorState::draining_locked(const Worker& worker, const std::string& 
                                        int64_t attempt) const {
   if (worker.job_id.empty() || worker.job_id != job_id || worker.attempt != attempt) return false;
   const auto it = active.find(job_id);
-  return it == active.end() || it->second.record.job.attempt() != attempt;
+  // A job queued again (a restart) keeps the number of the attempt that ended until the next
+  // one is assigned: that attempt's ranks drain too.
+  return it == active.end() || it->second.record.job.attempt() != attempt ||
+         it->second.record.job.state() == v1::JOB_STATE_QUEUED;
 }
 
 void CoordinatorState::send_cancel_locked(Worker& worker) {

@@ -47,6 +47,9 @@ namespace lomo::server {
 struct CoordinatorOptions {
   double heartbeat_timeout_seconds = 10.0;
   int64_t heartbeat_interval_ms = 1000;
+  // Committed checkpoints kept per job, newest first; older ones are deleted after a commit
+  // (0: keep all). CheckpointCommit::apply_retention_locked.
+  int keep_checkpoints = 3;
 };
 
 // Called exactly once: at once with an error, or with OK once what the call changed is durable
@@ -59,7 +62,8 @@ using Clock = std::chrono::steady_clock;
 struct ActiveJob {
   JobRecord record;
   v1::DeviceKind device = v1::DEVICE_KIND_UNSPECIFIED;
-  int64_t world_size = 1;  // resources.world_size: the ranks of each attempt
+  int64_t world_size = 1;    // resources.world_size: the ranks of each attempt
+  int64_t max_restarts = 0;  // resources.max_restarts: new attempts after failures
 
   // The rank `worker_id` runs in the current attempt, or -1.
   int rank_of(const std::string& worker_id) const;
@@ -119,6 +123,9 @@ class CoordinatorState {
   std::unordered_map<uint64_t, std::string> connections;  // connection id → worker id
   Scheduler scheduler;
   Rendezvous rendezvous;  // namespaces of the current attempts of active gang jobs
+  // QUEUED jobs backing off before their next attempt (a restart): each enters the scheduler's
+  // queue at its time (JobLifecycle::start_due_restarts).
+  std::unordered_map<std::string, Clock::time_point> restart_at;
 
   // The worker whose current connection this is, or nullptr. Requires mu.
   Worker* worker_for_locked(const WorkerConnection& connection);
@@ -126,8 +133,9 @@ class CoordinatorState {
   // that attempt of an active job. Requires mu.
   std::string ownership_problem_locked(const Worker* worker, const std::string& job_id,
                                        int64_t attempt) const;
-  // The job has ended but this worker still runs its rank of (job_id, attempt): it was told to
-  // stop and stays busy until it reports its end. Requires mu.
+  // The attempt has ended (the job ended, or was queued again to restart) but this worker still
+  // runs its rank of (job_id, attempt): it was told to stop and stays busy until it reports its
+  // end. Requires mu.
   bool draining_locked(const Worker& worker, const std::string& job_id, int64_t attempt) const;
   // Sends CancelAssignment for the worker's attempt, once per connection. Requires mu.
   void send_cancel_locked(Worker& worker);

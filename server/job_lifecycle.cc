@@ -3,6 +3,9 @@
 #include <google/protobuf/util/json_util.h>
 #include <google/protobuf/util/time_util.h>
 
+#include <algorithm>
+#include <chrono>
+
 #include "common/log.h"
 #include "jobspec/job_spec.h"
 #include "jobspec/proto/spec_proto.h"
@@ -33,6 +36,62 @@ grpc::Status read_spec(const v1::SubmitJobRequest& request, SubmittedSpec* submi
         "invalid job spec: " + spec_problems_for_api(error, spec_lines_are_meaningful(request)));
   }
   return grpc::Status::OK;
+}
+
+bool is_attempt_running(v1::JobState state) {
+  return state == v1::JOB_STATE_ASSIGNED || state == v1::JOB_STATE_RUNNING;
+}
+
+// The backoff before restart number `restart` (1-based): 1, 2, 4, ... s, at most 60 s, so that a
+// cause that needs time to clear (a node rebooting, memory freed) gets it.
+std::chrono::seconds restart_backoff(int64_t restart) {
+  constexpr int64_t kMaxSeconds = 60;
+  const int64_t shift = std::clamp<int64_t>(restart - 1, 0, 6);
+  return std::chrono::seconds(std::min<int64_t>(int64_t{1} << shift, kMaxSeconds));
+}
+
+int64_t restarts_used(const v1::Job& job) {
+  int64_t used = 0;
+  for (const v1::JobAttempt& attempt : job.attempts()) used += attempt.restarted() ? 1 : 0;
+  return used;
+}
+
+std::string restarts_text(int64_t restarts) {
+  return std::to_string(restarts) + (restarts == 1 ? " restart" : " restarts");
+}
+
+// "attempt 2 failed on worker W: REASON" (a gang's reason names its rank and worker already).
+std::string attempt_failure_text(const v1::Job& job, const std::string& what) {
+  std::string text = "attempt " + std::to_string(job.attempt()) + " failed";
+  if (job.assignments_size() == 1) text += " on worker " + job.assignments(0).worker_id();
+  return text + ": " + what;
+}
+
+// The record of the attempt `job` ran, which `next` (the job after this transition) ends.
+v1::JobAttempt ended_attempt(const v1::Job& job, const v1::Job& next, const std::string& reason) {
+  v1::JobAttempt entry;
+  entry.set_attempt(job.attempt());
+  entry.set_state(next.state());
+  entry.set_reason(next.state() == v1::JOB_STATE_FAILED ? next.failure_reason() : reason);
+  *entry.mutable_end_time() = next.has_end_time() ? next.end_time() : now_timestamp();
+  entry.set_step(next.progress().step());
+  *entry.mutable_assignments() = job.assignments();
+  return entry;
+}
+
+// The attempt failed as the restarted one before it did (same reason, same step): a cause that
+// a new attempt would meet a third time.
+bool repeats(const v1::JobAttempt* previous, const v1::JobAttempt& entry) {
+  return previous != nullptr && previous->restarted() &&
+         previous->state() == v1::JOB_STATE_FAILED && previous->reason() == entry.reason() &&
+         previous->step() == entry.step();
+}
+
+std::string repeated_text(const v1::JobAttempt& previous, const v1::JobAttempt& entry,
+                          int64_t used) {
+  return " (failed the same way at step " + std::to_string(entry.step()) + " in attempts " +
+         std::to_string(previous.attempt()) + " and " + std::to_string(entry.attempt()) +
+         "; not restarted again" + (used > 0 ? ", after " + restarts_text(used) : "") + ")";
 }
 
 }  // namespace
@@ -85,6 +144,7 @@ JobLifecycle::Restored JobLifecycle::restore_job_locked(const JobRecord& record,
     const JobSpec spec = stored_job_spec(record.job, "spec");
     active.device = device_kind(spec.resources.device);
     active.world_size = spec.resources.world_size;
+    active.max_restarts = spec.resources.max_restarts;
     if (active.record.job.canonical_spec().empty()) {
       active.record.job.set_canonical_spec(job_spec_to_yaml(spec));
     }
@@ -100,8 +160,22 @@ JobLifecycle::Restored JobLifecycle::restore_job_locked(const JobRecord& record,
     updated.job.set_state(v1::JOB_STATE_FAILED);
     updated.job.set_failure_reason(problem);
     *updated.job.mutable_end_time() = now_timestamp();
-    if (!commit_locked(active, updated, problem).ok()) state_.active.erase(id);
+    // A stored job that cannot be read or placed would fail the same way on every restart.
+    if (!commit_locked(active, updated, problem, {}, /*permanent_failure=*/true).ok()) {
+      state_.active.erase(id);
+    }
     return Restored::kFailed;
+  }
+  const int attempts = record.job.attempts_size();
+  if (attempts > 0 && record.job.attempts(attempts - 1).restarted()) {
+    // Queued to restart before the coordinator stopped: the backoff still runs out when it said.
+    const int64_t left_us =
+        TimeUtil::TimestampToMicroseconds(record.job.attempts(attempts - 1).restart_time()) -
+        TimeUtil::TimestampToMicroseconds(now_timestamp());
+    if (left_us > 0) {
+      state_.restart_at[id] = now + std::chrono::microseconds(left_us);
+      return Restored::kQueued;
+    }
   }
   state_.scheduler.add_job(id, record.job.priority(), record.submit_order, active.device,
                            active.world_size);
@@ -154,12 +228,21 @@ std::string JobLifecycle::wait_for_workers_locked(ActiveJob& active, Clock::time
 // Transitions.
 
 grpc::Status JobLifecycle::commit_locked(ActiveJob& active, JobRecord updated,
-                                         const std::string& reason,
-                                         std::vector<v1::JobEvent> extra) {
+                                         const std::string& reason, std::vector<v1::JobEvent> extra,
+                                         bool permanent_failure) {
   const v1::JobState before = active.record.job.state();
+  std::string why = reason;
+  std::optional<Clock::duration> backoff;
+  v1::Job ended;
+  std::vector<v1::JobState> ended_ranks;
+  if (is_attempt_running(before) && !is_attempt_running(updated.job.state())) {
+    ended = active.record.job;
+    ended_ranks = updated.rank_states;
+    backoff = end_attempt_locked(active, updated, why, permanent_failure);
+  }
   const v1::JobState after = updated.job.state();
   std::vector<v1::JobEvent> events;
-  if (before != after) events.push_back(state_change_event(after, reason));
+  if (before != after) events.push_back(state_change_event(after, why));
   for (v1::JobEvent& event : extra) events.push_back(std::move(event));
   try {
     state_.store.update_job(updated, events);
@@ -168,8 +251,83 @@ grpc::Status JobLifecycle::commit_locked(ActiveJob& active, JobRecord updated,
                           error);
   }
   state_.metrics.count_events(static_cast<int64_t>(events.size()));
-  after_commit_locked(active, std::move(updated), before, reason);
+  after_commit_locked(active, std::move(updated), before, why);
+  if (backoff) after_restart_locked(ended, ended_ranks, *backoff);
   return grpc::Status::OK;
+}
+
+std::optional<Clock::duration> JobLifecycle::end_attempt_locked(const ActiveJob& active,
+                                                                JobRecord& updated,
+                                                                std::string& reason,
+                                                                bool permanent_failure) {
+  const v1::Job& job = active.record.job;
+  v1::Job& next = updated.job;
+  const bool failed = next.state() == v1::JOB_STATE_FAILED;
+  v1::JobAttempt entry = ended_attempt(job, next, reason);
+  const int64_t used = restarts_used(job);
+  const v1::JobAttempt* previous =
+      job.attempts_size() > 0 ? &job.attempts(job.attempts_size() - 1) : nullptr;
+  const bool repeated = repeats(previous, entry);
+  const bool restartable = failed && !updated.cancel_requested && !permanent_failure;
+  const bool restarts = restartable && !repeated && used < active.max_restarts;
+  if (restartable && !restarts) {
+    // Say why there is no new attempt, so that nobody waits for one.
+    next.set_failure_reason(next.failure_reason() +
+                            (repeated   ? repeated_text(*previous, entry, used)
+                             : used > 0 ? " (after " + restarts_text(used) + ")"
+                                        : ""));
+    if (reason == entry.reason()) reason = next.failure_reason();
+  }
+  if (!restarts) {
+    *next.add_attempts() = std::move(entry);
+    return std::nullopt;
+  }
+  const int64_t restart = used + 1;
+  const Clock::duration backoff = restart_backoff(restart);
+  const int64_t backoff_us = std::chrono::duration_cast<std::chrono::microseconds>(backoff).count();
+  entry.set_restarted(true);
+  *entry.mutable_restart_time() = TimeUtil::MicrosecondsToTimestamp(
+      TimeUtil::TimestampToMicroseconds(now_timestamp()) + backoff_us);
+  reason = "restarting after " + attempt_failure_text(job, entry.reason()) + " (restart " +
+           std::to_string(restart) + " of " + std::to_string(active.max_restarts) + ") in " +
+           std::to_string(backoff_us / 1000000) + " s";
+  *next.add_attempts() = std::move(entry);
+  next.set_state(v1::JOB_STATE_QUEUED);
+  next.clear_end_time();
+  next.clear_failure_reason();
+  next.clear_worker_id();
+  next.clear_assignments();
+  updated.rank_states.clear();
+  return backoff;
+}
+
+void JobLifecycle::after_restart_locked(const v1::Job& ended,
+                                        const std::vector<v1::JobState>& rank_states,
+                                        Clock::duration backoff) {
+  state_.metrics.count_restart();
+  state_.rendezvous.drop_job(ended.id());
+  end_ranks_locked(ended, rank_states);
+  state_.restart_at[ended.id()] = Clock::now() + backoff;
+}
+
+void JobLifecycle::start_due_restarts() {
+  std::lock_guard lock(state_.mu);
+  if (state_.restart_at.empty()) return;
+  const Clock::time_point now = Clock::now();
+  bool queued = false;
+  for (auto it = state_.restart_at.begin(); it != state_.restart_at.end();) {
+    if (it->second > now) {
+      ++it;
+      continue;
+    }
+    const auto job = state_.active.find(it->first);
+    if (job != state_.active.end() && job->second.record.job.state() == v1::JOB_STATE_QUEUED) {
+      requeue_locked(job->second);
+      queued = true;
+    }
+    it = state_.restart_at.erase(it);
+  }
+  if (queued) dispatch_locked();
 }
 
 void JobLifecycle::after_commit_locked(ActiveJob& active, JobRecord updated, v1::JobState before,
@@ -186,6 +344,7 @@ void JobLifecycle::after_commit_locked(ActiveJob& active, JobRecord updated, v1:
     state_.scheduler.remove_job(job_id);
   }
   if (is_terminal(after)) {
+    state_.restart_at.erase(job_id);
     const std::vector<v1::JobState> rank_states = updated.rank_states;
     state_.active.erase(job_id);  // `active` is gone from here on
     state_.metrics.remove_job(job_id);
@@ -374,6 +533,7 @@ grpc::Status JobLifecycle::submit(const v1::SubmitJobRequest& request,
   active.record = record;
   active.device = device_kind(spec.resources.device);
   active.world_size = spec.resources.world_size;
+  active.max_restarts = spec.resources.max_restarts;
   requeue_locked(active);
   log_line("job " + job.id() + ": submitted" + (job.name().empty() ? "" : " (" + job.name() + ")") +
            ", priority " + std::to_string(job.priority()) + ", device " + spec.resources.device +

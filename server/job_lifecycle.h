@@ -11,12 +11,20 @@
 // rank has, and FAILED (or CANCELLED) as soon as one rank fails (or confirms a cancel) or its
 // worker dies; the ranks still running are then told to stop and their workers stay busy until
 // they report their end or die. World size 1 is the same machine with one rank.
-// Restarts (a failed attempt re-queued within its budget) belong here too: dispatch_locked and
-// end_orphaned_job_locked are the places.
+//
+// Restarts: an attempt that ends FAILED, without a cancel pending and not permanently (a bad spec
+// or data, a non-finite gradient: JobStatusUpdate.permanent), puts the job back to QUEUED while
+// fewer than resources.max_restarts restarts were used: every other rank is told to stop, the
+// ended attempt is recorded in Job.attempts (rank, worker, reason, step), and after a backoff of
+// 1, 2, 4, ... s (at most 60 s) the job is queued again; its next attempt resumes from the job's
+// last committed checkpoint (the daemon fetches it). An attempt that fails with the same reason at
+// the same step as the one before it stops the job early; a spent budget ends it FAILED "after N
+// restarts". Every attempt that ends is recorded in Job.attempts, whatever its end.
 #pragma once
 
 #include <grpcpp/support/status.h>
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -49,14 +57,17 @@ class JobLifecycle {
   // Persists `updated` (a changed copy of active.record) with a StateChange event when the state
   // changed, plus `extra` events; then updates memory, metrics and the scheduler, and frees the
   // worker of a job that ended. `active` is invalid afterwards if the job ended. Requires mu.
+  // `permanent_failure`: an attempt ending FAILED must not be restarted (see Restarts above).
   grpc::Status commit_locked(ActiveJob& active, JobRecord updated, const std::string& reason,
-                             std::vector<v1::JobEvent> extra = {});
+                             std::vector<v1::JobEvent> extra = {}, bool permanent_failure = false);
   // Ends an assigned or running job one of whose workers is gone (end_job_by_rank with FAILED and
   // `reason`, prefixed with the rank in a gang). A worker whose job has already ended just becomes
   // free. Requires mu.
   void end_orphaned_job_locked(Worker& worker, const std::string& reason);
   // Assigns queued jobs to idle workers while both exist. Requires mu.
   void dispatch_locked();
+  // Queues the jobs whose restart backoff has passed and dispatches. Takes mu.
+  void start_due_restarts();
 
  private:
   enum class Restored { kQueued, kWaitingForWorker, kFailed };
@@ -67,6 +78,14 @@ class JobLifecycle {
   // Stores a new QUEUED job under a fresh random id (retrying a collision); INTERNAL when the
   // store fails.
   grpc::Status insert_new_job_locked(JobRecord& record, std::vector<v1::JobEvent>& events);
+  // Records the attempt that `updated` ends in Job.attempts and decides whether the job restarts:
+  // then `updated` becomes QUEUED, `reason` says why and the backoff is returned.
+  std::optional<Clock::duration> end_attempt_locked(const ActiveJob& active, JobRecord& updated,
+                                                    std::string& reason, bool permanent_failure);
+  // After a restart's commit: the ended attempt's ranks are freed or told to stop, and the job
+  // waits `backoff` before it is queued.
+  void after_restart_locked(const v1::Job& ended, const std::vector<v1::JobState>& rank_states,
+                            Clock::duration backoff);
   // The state-change bookkeeping after a commit: metrics, log line, scheduler, hub.
   void after_commit_locked(ActiveJob& active, JobRecord updated, v1::JobState before,
                            const std::string& reason);

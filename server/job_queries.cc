@@ -1,5 +1,7 @@
 #include "server/job_queries.h"
 
+#include <google/protobuf/util/time_util.h>
+
 #include <algorithm>
 #include <stdexcept>
 #include <vector>
@@ -9,6 +11,8 @@
 namespace lomo::server {
 
 namespace {
+
+using google::protobuf::util::TimeUtil;
 
 constexpr int kDefaultPageSize = 50;
 constexpr int kMaxPageSize = 1000;
@@ -32,9 +36,11 @@ grpc::Status read_state_filter(const v1::ListJobsRequest& request,
 }
 
 // The queued job's resources as its stored spec (validated, every field present) says.
-void resources_of(const v1::Job& job, v1::DeviceKind* device, int64_t* world_size) {
+void resources_of(const v1::Job& job, v1::DeviceKind* device, int64_t* world_size,
+                  int64_t* max_restarts) {
   *device = v1::DEVICE_KIND_CPU;
   *world_size = 1;
+  *max_restarts = 0;
   const auto resources = job.spec().fields().find("resources");
   if (resources == job.spec().fields().end()) return;
   const auto& fields = resources->second.struct_value().fields();
@@ -44,6 +50,26 @@ void resources_of(const v1::Job& job, v1::DeviceKind* device, int64_t* world_siz
   if (const auto it = fields.find("world_size"); it != fields.end()) {
     *world_size = static_cast<int64_t>(it->second.number_value());
   }
+  // A spec stored before max_restarts existed says "retries" (jobspec reads it as the same).
+  for (const char* key : {"max_restarts", "retries"}) {
+    if (const auto it = fields.find(key); it != fields.end()) {
+      *max_restarts = static_cast<int64_t>(it->second.number_value());
+    }
+  }
+}
+
+// "restarting after attempt 1 failed on worker W: REASON (restart 1 of 3)" for a job queued again
+// after a failure, or "".
+std::string restart_text(const v1::Job& job, int64_t max_restarts) {
+  if (job.attempts_size() == 0 || !job.attempts(job.attempts_size() - 1).restarted()) return "";
+  const v1::JobAttempt& last = job.attempts(job.attempts_size() - 1);
+  int64_t restart = 0;
+  for (const v1::JobAttempt& attempt : job.attempts()) restart += attempt.restarted() ? 1 : 0;
+  std::string who;
+  if (last.assignments_size() == 1) who = " on worker " + last.assignments(0).worker_id();
+  return "restarting after attempt " + std::to_string(last.attempt()) + " failed" + who + ": " +
+         last.reason() + " (restart " + std::to_string(restart) + " of " +
+         std::to_string(max_restarts) + ")";
 }
 
 }  // namespace
@@ -51,9 +77,18 @@ void resources_of(const v1::Job& job, v1::DeviceKind* device, int64_t* world_siz
 void JobQueries::explain_wait(v1::Job& job, const QueueHeads& heads) const {
   if (job.state() != v1::JOB_STATE_QUEUED) return;
   v1::DeviceKind device;
-  int64_t world_size;
-  resources_of(job, &device, &world_size);
-  job.set_wait_reason(wait_reason(heads, job.id(), device, world_size));
+  int64_t world_size, max_restarts;
+  resources_of(job, &device, &world_size, &max_restarts);
+  std::string reason = wait_reason(heads, job.id(), device, world_size);
+  if (const std::string restart = restart_text(job, max_restarts); !restart.empty()) {
+    const v1::JobAttempt& last = job.attempts(job.attempts_size() - 1);
+    const int64_t left_us = TimeUtil::TimestampToMicroseconds(last.restart_time()) -
+                            TimeUtil::TimestampToMicroseconds(TimeUtil::GetCurrentTime());
+    // Rounded up: "in 0 s" would read as if it had started.
+    reason = left_us > 0 ? restart + " in " + std::to_string((left_us + 999999) / 1000000) + " s"
+                         : restart + ": " + reason;
+  }
+  job.set_wait_reason(reason);
 }
 
 grpc::Status JobQueries::get_job(const v1::GetJobRequest& request, v1::GetJobResponse* response) {

@@ -21,10 +21,11 @@ namespace {
 
 using google::protobuf::util::TimeUtil;
 
-// Version 3. Scalar job fields are columns so that the sqlite3 shell can answer questions; the
+// Version 4. Scalar job fields are columns so that the sqlite3 shell can answer questions; the
 // spec is kept as submitted (spec_original, with spec_overrides as a JSON array of strings), as
 // validated (spec_canonical: the YAML the worker runs) and as the Struct's JSON (spec_json); the
-// current attempt's gang as a JSON array of {"rank", "worker_id"} objects (assignments);
+// current attempt's gang as a JSON array of {"rank", "worker_id"} objects (assignments); the
+// ended attempts as a JSON array of lomo.v1.JobAttempt in protobuf's JSON form (attempts);
 // progress and events are serialized lomo.v1 messages (protobuf keeps them readable by every
 // later v1 coordinator).
 constexpr const char* kSchema = R"sql(
@@ -51,7 +52,8 @@ CREATE TABLE IF NOT EXISTS jobs (
   spec_canonical TEXT NOT NULL DEFAULT '',
   spec_original TEXT NOT NULL DEFAULT '',
   spec_overrides TEXT NOT NULL DEFAULT '[]',
-  assignments TEXT NOT NULL DEFAULT '[]'
+  assignments TEXT NOT NULL DEFAULT '[]',
+  attempts TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, submit_order);
 CREATE TABLE IF NOT EXISTS job_events (
@@ -76,8 +78,8 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 constexpr const char* kJobColumns =
     "submit_order, id, name, state, priority, spec_json, create_time_us, start_time_us, "
     "end_time_us, worker_id, failure_reason, attempt, cancel_requested, progress, spec_canonical, "
-    "spec_original, spec_overrides, assignments";
-constexpr int kJobColumnCount = 18;
+    "spec_original, spec_overrides, assignments, attempts";
+constexpr int kJobColumnCount = 19;
 
 // Version 1 -> 2: the spec's canonical and original texts. ALTER TABLE ... ADD COLUMN with a
 // constant default rewrites nothing, so this is instant however many jobs the file holds.
@@ -94,6 +96,12 @@ constexpr const char* kMigrateToVersion3 = R"sql(
 ALTER TABLE jobs ADD COLUMN assignments TEXT NOT NULL DEFAULT '[]';
 UPDATE jobs SET assignments = json_array(json_object('rank', 0, 'worker_id', worker_id))
   WHERE worker_id != '';
+)sql";
+
+// Version 3 -> 4: each job's ended attempts (Job.attempts). Jobs of a version 3 file were never
+// restarted; their history starts empty.
+constexpr const char* kMigrateToVersion4 = R"sql(
+ALTER TABLE jobs ADD COLUMN attempts TEXT NOT NULL DEFAULT '[]';
 )sql";
 
 int64_t to_micros(const google::protobuf::Timestamp& time) {
@@ -176,6 +184,33 @@ void read_assignments(const std::string& text, JobRecord& record) {
   }
 }
 
+// Job.attempts as a JSON array of JobAttempt objects (protobuf's JSON form).
+std::string attempts_json(const v1::Job& job) {
+  nlohmann::json list = nlohmann::json::array();
+  for (const v1::JobAttempt& attempt : job.attempts()) {
+    std::string json;
+    const auto status = google::protobuf::util::MessageToJsonString(attempt, &json);
+    if (!status.ok()) {
+      throw StoreError("cannot encode the attempts of " + job.id() + ": " +
+                       std::string(status.message()));
+    }
+    list.push_back(nlohmann::json::parse(json));
+  }
+  return list.dump();
+}
+
+void read_attempts(const std::string& text, v1::Job& job) {
+  try {
+    for (const nlohmann::json& entry : nlohmann::json::parse(text)) {
+      const auto status =
+          google::protobuf::util::JsonStringToMessage(entry.dump(), job.add_attempts());
+      if (!status.ok()) throw StoreError(std::string(status.message()));
+    }
+  } catch (const std::exception& error) {
+    throw StoreError("job " + job.id() + ": stored attempts are not valid: " + error.what());
+  }
+}
+
 // Reads the kJobColumns of the current row.
 JobRecord read_job(const sqlite::Statement& row) {
   JobRecord record;
@@ -209,6 +244,7 @@ JobRecord read_job(const sqlite::Statement& row) {
   job.set_original_spec(row.column_text(15));
   read_overrides(row.column_text(16), job);
   read_assignments(row.column_text(17), record);
+  read_attempts(row.column_text(18), job);
   return record;
 }
 
@@ -302,6 +338,7 @@ Store::Store(const std::filesystem::path& file, int reader_connections) : file_(
       // transaction.
       if (version == 1) writer_->exec(kMigrateToVersion2);
       if (version >= 1 && version <= 2) writer_->exec(kMigrateToVersion3);
+      if (version >= 1 && version <= 3) writer_->exec(kMigrateToVersion4);
       auto upsert =
           writer_->prepare("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)");
       upsert->bind(1, std::to_string(kSchemaVersion));
@@ -423,8 +460,9 @@ void Store::insert_job(JobRecord& record, std::vector<v1::JobEvent>& events) {
       auto insert = writer_->prepare(
           "INSERT INTO jobs (id, name, state, priority, spec_json, create_time_us, start_time_us, "
           "end_time_us, worker_id, failure_reason, attempt, cancel_requested, progress, "
-          "spec_canonical, spec_original, spec_overrides, assignments, last_sequence) "
-          "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0) RETURNING submit_order");
+          "spec_canonical, spec_original, spec_overrides, assignments, attempts, last_sequence) "
+          "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0) RETURNING "
+          "submit_order");
       insert->bind(1, job.id())
           .bind(2, job.name())
           .bind(3, static_cast<int64_t>(job.state()))
@@ -441,7 +479,8 @@ void Store::insert_job(JobRecord& record, std::vector<v1::JobEvent>& events) {
           .bind(14, job.canonical_spec())
           .bind(15, job.original_spec())
           .bind(16, overrides_json(job))
-          .bind(17, assignments_json(record));
+          .bind(17, assignments_json(record))
+          .bind(18, attempts_json(job));
       if (!insert->step()) throw StoreError("INSERT returned no submit order");
       record.submit_order = insert->column_int(0);
     }
@@ -460,7 +499,7 @@ void Store::update_job(const JobRecord& record, std::vector<v1::JobEvent>& event
       auto update = writer_->prepare(
           "UPDATE jobs SET name = ?, state = ?, priority = ?, start_time_us = ?, end_time_us = ?, "
           "worker_id = ?, failure_reason = ?, attempt = ?, cancel_requested = ?, progress = ?, "
-          "assignments = ? WHERE id = ?");
+          "assignments = ?, attempts = ? WHERE id = ?");
       update->bind(1, job.name())
           .bind(2, static_cast<int64_t>(job.state()))
           .bind(3, job.priority());
@@ -472,7 +511,8 @@ void Store::update_job(const JobRecord& record, std::vector<v1::JobEvent>& event
           .bind(9, static_cast<int64_t>(record.cancel_requested))
           .bind_blob(10, job.progress().SerializeAsString())
           .bind(11, assignments_json(record))
-          .bind(12, job.id());
+          .bind(12, attempts_json(job))
+          .bind(13, job.id());
       update->run();
     }
     if (writer_->changes() != 1) throw StoreError("job " + job.id() + " does not exist");
@@ -518,6 +558,20 @@ void Store::insert_checkpoint(const std::string& job_id, const v1::CheckpointInf
     std::vector<v1::JobEvent> events{event};
     append_events_locked(job_id, events);
     event = events.front();
+    transaction.commit();
+    ++commits_;
+  });
+}
+
+void Store::delete_checkpoint(const std::string& checkpoint_id) {
+  guarded("deleting checkpoint " + checkpoint_id, [&] {
+    std::lock_guard lock(writer_mu_);
+    sqlite::Transaction transaction(*writer_, sqlite::Transaction::Kind::kWrite);
+    {
+      auto remove = writer_->prepare("DELETE FROM checkpoints WHERE checkpoint_id = ?");
+      remove->bind(1, checkpoint_id);
+      remove->run();
+    }
     transaction.commit();
     ++commits_;
   });

@@ -77,7 +77,7 @@ class Store {
   // in place when opened; its jobs have only the Struct form until they end).
   // 3: jobs gained assignments, the current attempt's gang (a version 1 or 2 file is migrated in
   // place when opened: a job that was assigned gets rank 0 on its worker_id).
-  static constexpr int64_t kSchemaVersion = 3;
+  static constexpr int64_t kSchemaVersion = 4;
 
   // Opens or creates the database file. Throws StoreError (also for a schema newer than ours).
   explicit Store(const std::filesystem::path& file, int reader_connections = 8);
@@ -98,6 +98,9 @@ class Store {
   // Throws StoreError if the job has a checkpoint at that step already.
   void insert_checkpoint(const std::string& job_id, const v1::CheckpointInfo& info,
                          v1::JobEvent& event);
+  // Forgets a committed checkpoint (retention); its commit event stays in the job's history.
+  // Nothing happens if there is no such checkpoint.
+  void delete_checkpoint(const std::string& checkpoint_id);
 
   std::optional<JobRecord> get_job(const std::string& job_id) const;
   // Newest first; `states` empty means all. page_token is "" or a next_page_token from an

@@ -257,7 +257,9 @@ void WorkerRegistry::on_status(const std::shared_ptr<WorkerConnection>& connecti
     updated.rank_states[static_cast<size_t>(rank)] = message.state();
   }
   const bool job_ends = is_terminal(updated.job.state());
-  if (!lifecycle_.commit_locked(active, std::move(updated), reason, std::move(events)).ok()) {
+  const bool permanent = message.state() == v1::JOB_STATE_FAILED && message.permanent();
+  if (!lifecycle_.commit_locked(active, std::move(updated), reason, std::move(events), permanent)
+           .ok()) {
     return;
   }
   if (!job_ends && is_terminal(message.state())) {

@@ -7,6 +7,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <regex>
+#include <set>
 #include <thread>
 
 #include "apiclient/lomo_client.h"
@@ -212,6 +213,26 @@ TEST_F(ControlPlaneTest, CancelMidRunEndsCancelledWithinSeconds) {
   EXPECT_LT(std::chrono::steady_clock::now() - start, seconds(10));
 }
 
+// The checkpoint the trainer writes when a cancel stops it is uploaded before the worker confirms
+// the cancel: the cancelled job keeps the step it had reached (checkpoint_every 0: no other).
+TEST_F(ControlPlaneTest, ACancelledJobKeepsTheCheckpointItsTrainerWroteWhenStopped) {
+  const std::string id = submit(100000, 0);
+  ASSERT_FALSE(id.empty());
+  const auto running = wait_for(
+      id, [](const auto& j) { return j.progress().step() >= 3 || terminal(j.state()); },
+      seconds(60));
+  ASSERT_EQ(running.state(), lomo::v1::JOB_STATE_RUNNING);
+  std::string output;
+  ASSERT_EQ(lomoctl({"cancel", id}, &output), 0) << output;
+  EXPECT_EQ(lomoctl({"watch", id}, &output), 2) << output;
+  const auto job = client_->get_job(id);
+  EXPECT_EQ(job.state(), lomo::v1::JOB_STATE_CANCELLED);
+  ASSERT_EQ(lomoctl({"checkpoints", id, "--output", "json"}, &output), 0) << output;
+  const auto checkpoints = nlohmann::json::parse(output)["checkpoints"];
+  ASSERT_EQ(checkpoints.size(), 1u) << output;
+  EXPECT_GE(std::stoll(checkpoints[0]["step"].get<std::string>()), running.progress().step());
+}
+
 TEST_F(ControlPlaneTest, AWorkerKilledWithSigkillFailsItsJobWithinTheHeartbeatTimeout) {
   const std::string id = submit(100000, 0);
   ASSERT_FALSE(id.empty());
@@ -335,6 +356,75 @@ TEST_F(ControlPlaneTest, LocalModeRunsTheExampleToSuccessAndLeavesTheCheckpoint)
   EXPECT_TRUE(fs::exists(out / "trainer_state.json"));
   // Both processes are gone.
   EXPECT_THAT(read_file(state / "worker.log"), HasSubstr("stopped"));
+}
+
+// The restart policy end to end: the training child of a running job is killed with SIGKILL (as
+// the kernel's OOM killer would); the coordinator restarts the job, its second attempt resumes
+// from the last committed checkpoint, and the job ends with exactly the weights and optimizer
+// state of an uninterrupted run of the same spec.
+TEST_F(ControlPlaneTest, AKilledTrainerIsRestartedAndEndsWithTheWeightsOfAnUninterruptedRun) {
+  constexpr int kSteps = 200;
+  constexpr int kCheckpointEvery = 20;
+  const std::string reference = submit(kSteps, kCheckpointEvery);
+  ASSERT_FALSE(reference.empty());
+  ASSERT_EQ(wait_for(
+                reference, [](const auto& j) { return terminal(j.state()); }, seconds(120))
+                .state(),
+            lomo::v1::JOB_STATE_SUCCEEDED);
+
+  const std::string id = submit(kSteps, kCheckpointEvery, {"resources.max_restarts=2"});
+  ASSERT_FALSE(id.empty());
+  const std::regex pattern("job " + id + R"( attempt 1: training in pid (\d+))");
+  int child = 0;
+  ASSERT_TRUE(wait_until(
+      [&] {
+        std::smatch match;
+        const std::string text = read_file(dir() / "worker.log");
+        if (std::regex_search(text, match, pattern)) child = std::stoi(match[1].str());
+        return child != 0;
+      },
+      seconds(60)));
+  // Past a committed checkpoint and well before the end, so the restart has something to resume.
+  const auto before = wait_for(
+      id, [](const auto& j) { return j.progress().step() >= 50 || terminal(j.state()); },
+      seconds(60));
+  ASSERT_EQ(before.state(), lomo::v1::JOB_STATE_RUNNING) << "finished before it could be killed";
+  ASSERT_EQ(::kill(child, SIGKILL), 0);
+
+  const auto job = wait_for(
+      id, [](const auto& j) { return terminal(j.state()); }, seconds(120));
+  ASSERT_EQ(job.state(), lomo::v1::JOB_STATE_SUCCEEDED) << job.failure_reason();
+  ASSERT_EQ(job.attempts_size(), 2);
+  EXPECT_EQ(job.attempts(0).state(), lomo::v1::JOB_STATE_FAILED);
+  EXPECT_TRUE(job.attempts(0).restarted());
+  EXPECT_THAT(job.attempts(0).reason(), HasSubstr("killed by SIGKILL"));
+  EXPECT_EQ(job.attempts(1).state(), lomo::v1::JOB_STATE_SUCCEEDED);
+  std::string output;
+  ASSERT_EQ(lomoctl({"logs", id}, &output), 0) << output;
+  EXPECT_THAT(output, HasSubstr("resuming from the job's committed checkpoint at step"));
+  ASSERT_EQ(lomoctl({"get", id}, &output), 0) << output;
+  EXPECT_THAT(output, HasSubstr("FAILED at step"));
+  EXPECT_THAT(output, HasSubstr(", restarted: training process killed by SIGKILL"));
+
+  // Every file of the final checkpoint, byte for byte, except the job spec the checkpoint keeps
+  // (its output.dir names the attempt's directory, and max_restarts differs) and the manifest
+  // that holds that file's SHA-256.
+  const std::set<std::string> differ_by_design{"job.yaml", "lomo_manifest.json"};
+  char name[32];
+  std::snprintf(name, sizeof(name), "step-%08d", kSteps);
+  const fs::path uninterrupted =
+      dir() / "worker/jobs" / reference / "attempt-1/out/checkpoints" / name;
+  const fs::path resumed = dir() / "worker/jobs" / id / "attempt-2/out/checkpoints" / name;
+  size_t files = 0;
+  for (const auto& entry : fs::recursive_directory_iterator(uninterrupted)) {
+    if (!entry.is_regular_file()) continue;
+    ++files;
+    const fs::path relative = fs::relative(entry.path(), uninterrupted);
+    if (differ_by_design.count(relative.string())) continue;
+    EXPECT_TRUE(read_file(resumed / relative) == read_file(entry.path()))
+        << relative << " differs from the uninterrupted run's";
+  }
+  EXPECT_GE(files, 4u);
 }
 
 }  // namespace

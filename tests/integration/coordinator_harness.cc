@@ -254,11 +254,31 @@ void TestWorker::stop_heartbeats() {
 
 bool TestWorker::report(const std::string& job_id, int64_t attempt, v1::JobState state,
                         const std::string& reason) {
+  v1::JobStatusUpdate status;
+  status.set_job_id(job_id);
+  status.set_attempt(attempt);
+  status.set_state(state);
+  status.set_reason(reason);
+  return report(status);
+}
+
+bool TestWorker::report_permanent_failure(const std::string& job_id, int64_t attempt,
+                                          const std::string& reason) {
+  v1::JobStatusUpdate status;
+  status.set_job_id(job_id);
+  status.set_attempt(attempt);
+  status.set_state(v1::JOB_STATE_FAILED);
+  status.set_reason(reason);
+  status.set_permanent(true);
+  return report(status);
+}
+
+bool TestWorker::report(const v1::JobStatusUpdate& status) {
+  const std::string job_id = status.job_id();
+  const int64_t attempt = status.attempt();
+  const v1::JobState state = status.state();
   v1::WorkerMessage message;
-  message.mutable_status()->set_job_id(job_id);
-  message.mutable_status()->set_attempt(attempt);
-  message.mutable_status()->set_state(state);
-  message.mutable_status()->set_reason(reason);
+  *message.mutable_status() = status;
   std::lock_guard order(report_order_mu_);
   const bool sent = send(message);
   const bool terminal = state == v1::JOB_STATE_SUCCEEDED || state == v1::JOB_STATE_FAILED ||
@@ -290,7 +310,8 @@ bool TestWorker::send_metrics(const std::string& job_id, int64_t attempt, int64_
 std::optional<v1::CheckpointAck> TestWorker::upload_checkpoint(
     const std::string& job_id, int64_t attempt, int64_t step,
     const std::map<std::string, std::string>& files, size_t chunk_bytes,
-    const std::string& corrupt_path) {
+    const std::string& corrupt_path,
+    const std::optional<std::map<std::string, std::string>>& manifest_files) {
   for (const auto& [path, data] : files) {
     std::string sent = data;
     if (path == corrupt_path && !sent.empty()) sent[sent.size() / 2] ^= 0x40;
@@ -319,6 +340,12 @@ std::optional<v1::CheckpointAck> TestWorker::upload_checkpoint(
   commit.mutable_checkpoint_chunk()->set_attempt(attempt);
   commit.mutable_checkpoint_chunk()->set_step(step);
   commit.mutable_checkpoint_chunk()->set_commit(true);
+  for (const auto& [path, data] : manifest_files.value_or(files)) {
+    v1::CheckpointFile* entry = commit.mutable_checkpoint_chunk()->add_manifest();
+    entry->set_path(path);
+    entry->set_size_bytes(static_cast<int64_t>(data.size()));
+    entry->set_sha256(sha256_hex(data));
+  }
   send(commit);
   const auto ack = next_of(v1::CoordinatorMessage::kCheckpointAck, std::chrono::seconds(10));
   if (!ack) return std::nullopt;
@@ -385,7 +412,8 @@ google::protobuf::Struct valid_spec(const std::string& name, int64_t priority,
   nlohmann::json spec = {{"model", {{"path", "/models/tiny"}}},
                          {"data", {{"train", {"train.txt"}}}},
                          {"training", {{"steps", 10}}},
-                         {"resources", {{"device", device}}},
+                         // No restarts unless a test asks: a failure ends the job.
+                         {"resources", {{"device", device}, {"max_restarts", 0}}},
                          {"priority", priority}};
   if (!name.empty()) spec["name"] = name;
   google::protobuf::Struct result;

@@ -105,14 +105,21 @@ class TestWorker {
   // A terminal state also stops the heartbeats naming that attempt, as the daemon does.
   bool report(const std::string& job_id, int64_t attempt, v1::JobState state,
               const std::string& reason = "");
+  // FAILED with JobStatusUpdate.permanent: a failure no new attempt can get past.
+  bool report_permanent_failure(const std::string& job_id, int64_t attempt,
+                                const std::string& reason);
+  bool report(const v1::JobStatusUpdate& status);
   bool send_metrics(const std::string& job_id, int64_t attempt, int64_t step, double loss,
                     double tokens_per_second);
-  // Sends `files` (path → bytes) in chunks of `chunk_bytes`, then the commit, and waits for the
-  // ack. `corrupt_path`, if set, has one byte flipped in its data but not in its SHA-256.
+  // Sends `files` (path → bytes) in chunks of `chunk_bytes`, then the commit with a manifest of
+  // `files` (as the daemon does), and waits for the ack. `corrupt_path`, if set, has one byte
+  // flipped in its data but not in its SHA-256. `manifest_files`, if set, is what the manifest
+  // describes instead of `files` (a checkpoint corrupted before it was sent).
   std::optional<v1::CheckpointAck> upload_checkpoint(
       const std::string& job_id, int64_t attempt, int64_t step,
       const std::map<std::string, std::string>& files, size_t chunk_bytes = 1000,
-      const std::string& corrupt_path = "");
+      const std::string& corrupt_path = "",
+      const std::optional<std::map<std::string, std::string>>& manifest_files = std::nullopt);
 
   // The next message from the coordinator, waiting up to `timeout`.
   std::optional<v1::CoordinatorMessage> next(std::chrono::milliseconds timeout);

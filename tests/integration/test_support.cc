@@ -164,6 +164,8 @@ std::string tiny_job_yaml(const fs::path& source_dir, const fs::path& model_dir,
       "training.eval_every=0",
       "training.log_every=5",
       "optimizer.warmup_steps=2",
+      // No restarts unless a test asks for them: a test of a failure sees it end the job.
+      "resources.max_restarts=0",
   };
   all.insert(all.end(), overrides.begin(), overrides.end());
   apply_job_spec_overrides(spec, all);

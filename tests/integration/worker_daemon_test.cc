@@ -7,8 +7,11 @@
 #include <gtest/gtest.h>
 #include <signal.h>
 
+#include <fstream>
+#include <optional>
 #include <regex>
 
+#include "common/checkpoint_layout.h"
 #include "common/sha256.h"
 #include "tests/integration/fake_coordinator.h"
 #include "tests/integration/test_support.h"
@@ -291,6 +294,51 @@ TEST_F(WorkerDaemonTest, SigtermCheckpointsUploadsReportsAndExits) {
   ASSERT_EQ(committed.size(), 1u);
   EXPECT_GE(committed.begin()->first, 3);
   EXPECT_THAT(status->reason(), HasSubstr("step " + std::to_string(committed.begin()->first)));
+}
+
+// A checkpoint file that changes between the trainer's commit and the upload (bit rot, another
+// process) is refused by the daemon against the checkpoint's manifest: no commit reaches the
+// coordinator, and the job's end and its log name the file. The daemon is paused (SIGSTOP) while
+// the trainer, told to stop, writes its last checkpoint; the test corrupts it, then lets the
+// daemon go on.
+TEST_F(WorkerDaemonTest, ACheckpointCorruptedBeforeItsUploadIsRefusedNamingTheFile) {
+  start_worker();
+  ASSERT_TRUE(coordinator_->assign("job-c", 1, tiny_job_struct(kSourceDir, model_, 100000, 0)));
+  ASSERT_TRUE(wait_until([&] { return metrics_events("job-c") >= 3; }, seconds(60)));
+  const int pid = training_pid();
+  ASSERT_GT(pid, 0);
+  worker_->send_signal(SIGSTOP);
+  ::kill(pid, SIGTERM);  // the trainer checkpoints the step it is at, reports, and exits
+  const fs::path attempt = work_dir() / "jobs/job-c/attempt-1";
+  ASSERT_TRUE(wait_until(
+      [&] {
+        return read_file(attempt / "protocol.jsonl").find("\"outcome\"") != std::string::npos;
+      },
+      seconds(60)))
+      << "the trainer wrote no outcome";
+  std::optional<fs::path> checkpoint;
+  ASSERT_NO_THROW(checkpoint = read_latest_checkpoint(attempt / "out/checkpoints"));
+  ASSERT_TRUE(checkpoint);
+  ASSERT_TRUE(fs::exists(*checkpoint / "lomo_manifest.json"));
+  std::string weights = read_file(*checkpoint / "model.safetensors");
+  weights[weights.size() - 5] ^= 0x10;
+  std::ofstream(*checkpoint / "model.safetensors", std::ios::binary | std::ios::trunc) << weights;
+  worker_->send_signal(SIGCONT);
+
+  const auto status = coordinator_->wait_terminal("job-c", seconds(60));
+  ASSERT_TRUE(status);
+  EXPECT_EQ(status->state(), lomo::v1::JOB_STATE_FAILED);
+  EXPECT_THAT(status->reason(), HasSubstr("no longer matches its lomo_manifest.json"));
+  EXPECT_THAT(status->reason(), HasSubstr("model.safetensors"));
+  EXPECT_TRUE(coordinator_->committed("job-c").empty());
+  EXPECT_TRUE(coordinator_->commit_answers().empty()) << "a commit reached the coordinator";
+  bool logged = false;
+  for (const auto& e : coordinator_->events("job-c")) {
+    logged =
+        logged || (e.has_log() && e.log().text().find("model.safetensors") != std::string::npos &&
+                   e.log().text().find("lomo_manifest.json") != std::string::npos);
+  }
+  EXPECT_TRUE(logged) << "no event names the corrupted file";
 }
 
 TEST_F(WorkerDaemonTest, ARejectedCheckpointIsRetriedAndTheJobStillSucceeds) {

@@ -117,6 +117,41 @@ TEST_F(CheckpointStoreTest, VerifiedUploadIsPublishedUnderItsStep) {
   EXPECT_FALSE(fs::exists(result.verified->temporary_dir));
 }
 
+// The chunks of a file that changed on the worker's disk before it was sent hash consistently;
+// only the manifest (the trainer's digests) tells. The manifest file itself may come unlisted.
+TEST_F(CheckpointStoreTest, FilesThatDifferFromTheCommitsManifestAreRefusedNamingTheFile) {
+  auto manifest_entry = [](v1::CheckpointChunk& c, const std::string& path,
+                           const std::string& bytes) {
+    v1::CheckpointFile* file = c.add_manifest();
+    file->set_path(path);
+    file->set_size_bytes(static_cast<int64_t>(bytes.size()));
+    file->set_sha256(sha256_hex(bytes));
+  };
+  send(chunk("model.safetensors", 0, "rotted", true, sha256_hex("rotted")));
+  v1::CheckpointChunk refused = commit();
+  manifest_entry(refused, "model.safetensors", "as written");
+  ChunkResult result = send(refused);
+  EXPECT_THAT(result.error, HasSubstr("file model.safetensors does not match the manifest"));
+  EXPECT_FALSE(result.verified.has_value());
+  EXPECT_FALSE(fs::exists(temporary()));
+
+  send(chunk("model.safetensors", 0, "as written", true, sha256_hex("as written")));
+  v1::CheckpointChunk missing = commit();
+  manifest_entry(missing, "model.safetensors", "as written");
+  manifest_entry(missing, "optimizer.safetensors", "state");
+  EXPECT_THAT(send(missing).error,
+              HasSubstr("file optimizer.safetensors is in the manifest but not uploaded"));
+
+  send(chunk("model.safetensors", 0, "as written", true, sha256_hex("as written")));
+  send(chunk("lomo_manifest.json", 0, "{}", true, sha256_hex("{}")));
+  v1::CheckpointChunk matching = commit();
+  manifest_entry(matching, "model.safetensors", "as written");
+  result = send(matching);
+  EXPECT_EQ(result.error, "");
+  ASSERT_TRUE(result.verified.has_value());
+  EXPECT_EQ(result.verified->info.files_size(), 2);  // the manifest file is kept
+}
+
 TEST_F(CheckpointStoreTest, CorruptedChunkIsReportedAtTheCommitAndLeavesNothing) {
   const std::string data = "the real bytes";
   std::string corrupted = data;

@@ -68,6 +68,15 @@ TEST(CoordinatorConfig, ProblemsNameTheSourceAndKey) {
               HasSubstr("heartbeat_interval_ms: must be at most half"));
 }
 
+TEST(CoordinatorConfig, KeepCheckpointsDefaultsToThreeAndZeroKeepsAll) {
+  EXPECT_EQ(parse_config("", "c.yaml").keep_checkpoints, 3);
+  EXPECT_EQ(parse_config("keep_checkpoints: 0", "c.yaml").keep_checkpoints, 0);
+  EXPECT_THAT(error_of([] { parse_config("keep_checkpoints: -1", "c.yaml"); }),
+              HasSubstr("c.yaml: keep_checkpoints: must be >= 0 (0 keeps all), got -1"));
+  bool help = false;
+  EXPECT_EQ(config_from_command_line({"--keep-checkpoints", "5"}, &help).keep_checkpoints, 5);
+}
+
 TEST(CoordinatorConfig, CommandLineOverridesTheFile) {
   char pattern[] = "/tmp/lomo-config-test-XXXXXX";
   ASSERT_NE(mkdtemp(pattern), nullptr);

@@ -69,6 +69,15 @@ TEST_F(StoreTest, JobRoundTripsEveryField) {
   }
   record.rank_states = {v1::JOB_STATE_SUCCEEDED, v1::JOB_STATE_UNSPECIFIED};
   record.cancel_requested = true;
+  v1::JobAttempt* ended = record.job.add_attempts();
+  ended->set_attempt(2);
+  ended->set_state(v1::JOB_STATE_FAILED);
+  ended->set_reason("rank 1 (worker w \"2\"): killed\nby SIGKILL");
+  ended->set_step(12);
+  ended->set_restarted(true);
+  *ended->mutable_end_time() = TimeUtil::MicrosecondsToTimestamp(1700000002000001);
+  *ended->mutable_restart_time() = TimeUtil::MicrosecondsToTimestamp(1700000004000001);
+  *ended->mutable_assignments() = record.job.assignments();
   std::vector<v1::JobEvent> events;
   store.insert_job(record, events);
   EXPECT_GT(record.submit_order, 0);
@@ -76,6 +85,10 @@ TEST_F(StoreTest, JobRoundTripsEveryField) {
   const std::optional<JobRecord> read = store.get_job("j1");
   ASSERT_TRUE(read.has_value());
   EXPECT_EQ(read->job.SerializeAsString(), record.job.SerializeAsString());
+  // An update writes the attempt history too.
+  record.job.add_attempts()->set_attempt(3);
+  store.update_job(record, events);
+  EXPECT_EQ(store.get_job("j1")->job.attempts_size(), 2);
   EXPECT_TRUE(read->cancel_requested);
   EXPECT_EQ(read->rank_states, record.rank_states);
   EXPECT_EQ(read->submit_order, record.submit_order);
@@ -375,6 +388,47 @@ TEST_F(StoreTest, AVersion2DatabaseIsMigratedAndItsAssignedJobsGetRankZero) {
   EXPECT_EQ(gang->job.assignments(1).rank(), 1);
   EXPECT_EQ(gang->job.assignments(1).worker_id(), "w1");
   EXPECT_EQ(reopened.get_job("running")->job.assignments_size(), 1);
+}
+
+// A database written by a version 3 coordinator (no attempts column) opens: its jobs keep every
+// field and start with no attempt history, which new updates then record.
+TEST_F(StoreTest, AVersion3DatabaseIsMigratedAndItsJobsHaveNoAttemptHistory) {
+  sqlite3* raw = nullptr;
+  ASSERT_EQ(sqlite3_open(db().c_str(), &raw), SQLITE_OK);
+  const char* v3_schema = R"sql(
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    INSERT INTO meta (key, value) VALUES ('schema_version', '3');
+    CREATE TABLE jobs (
+      submit_order INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE,
+      name TEXT NOT NULL, state INTEGER NOT NULL, priority INTEGER NOT NULL,
+      spec_json TEXT NOT NULL, create_time_us INTEGER NOT NULL, start_time_us INTEGER,
+      end_time_us INTEGER, worker_id TEXT NOT NULL, failure_reason TEXT NOT NULL,
+      attempt INTEGER NOT NULL, cancel_requested INTEGER NOT NULL, progress BLOB NOT NULL,
+      last_sequence INTEGER NOT NULL, spec_canonical TEXT NOT NULL DEFAULT '',
+      spec_original TEXT NOT NULL DEFAULT '', spec_overrides TEXT NOT NULL DEFAULT '[]',
+      assignments TEXT NOT NULL DEFAULT '[]');
+    INSERT INTO jobs (id, name, state, priority, spec_json, create_time_us, worker_id,
+                      failure_reason, attempt, cancel_requested, progress, last_sequence,
+                      spec_canonical, assignments)
+      VALUES ('running', 'r', 3, 0, '{}', 1700000000000000, 'w-old', '', 1, 0, x'', 0,
+              'resources: {retries: 0}', '[{"rank": 0, "worker_id": "w-old"}]');
+  )sql";
+  ASSERT_EQ(sqlite3_exec(raw, v3_schema, nullptr, nullptr, nullptr), SQLITE_OK)
+      << sqlite3_errmsg(raw);
+  sqlite3_close(raw);
+
+  Store store(db());
+  std::optional<JobRecord> running = store.get_job("running");
+  ASSERT_TRUE(running.has_value());
+  EXPECT_EQ(running->job.state(), v1::JOB_STATE_RUNNING);
+  EXPECT_EQ(running->job.canonical_spec(), "resources: {retries: 0}");
+  ASSERT_EQ(running->job.assignments_size(), 1);
+  EXPECT_EQ(running->job.attempts_size(), 0);
+  running->job.add_attempts()->set_reason("crashed");
+  std::vector<v1::JobEvent> events;
+  store.update_job(*running, events);
+  ASSERT_EQ(store.get_job("running")->job.attempts_size(), 1);
+  EXPECT_EQ(store.get_job("running")->job.attempts(0).reason(), "crashed");
 }
 
 TEST_F(StoreTest, UsesWriteAheadLoggingAndSyncsIt) {

@@ -19,6 +19,7 @@ namespace fs = std::filesystem;
 using ::testing::AllOf;
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
+using ::testing::Not;
 using ::testing::StartsWith;
 
 // Every field set to something other than its default, except resources.device: its only other
@@ -86,7 +87,7 @@ output:
 resources:
   world_size: 1
   device: cpu
-  retries: 2
+  max_restarts: 2
 )";
 
 // The same spec as the REST API sends it.
@@ -110,7 +111,7 @@ constexpr const char* kFullJson = R"({
 	       "activation_checkpointing": true, "seed": 18446744073709551615,
 	       "eval_every": 200, "eval_batches": 4, "checkpoint_every": 1000, "log_every": 5},
   "output": {"dir": "out/alpaca"},
-  "resources": {"world_size": 1, "device": "cpu", "retries": 2}
+  "resources": {"world_size": 1, "device": "cpu", "max_restarts": 2}
 })";
 
 // The smallest spec that runs: the three required things.
@@ -216,7 +217,7 @@ TEST(JobSpecTest, FullExampleParsesToEveryValue) {
   EXPECT_EQ(spec.output.dir, "out/alpaca");
   EXPECT_EQ(spec.resources.world_size, 1);
   EXPECT_EQ(spec.resources.device, "cpu");
-  EXPECT_EQ(spec.resources.retries, 2);
+  EXPECT_EQ(spec.resources.max_restarts, 2);
 }
 
 TEST(JobSpecTest, AbsentFieldsTakeTheDeclaredDefaults) {
@@ -239,6 +240,22 @@ TEST(JobSpecTest, AbsentFieldsTakeTheDeclaredDefaults) {
   EXPECT_TRUE(spec.data.shuffle);
   EXPECT_EQ(spec.data.token_dtype, "uint16");
   EXPECT_EQ(spec.data.on_bad_record, "fail");
+  EXPECT_EQ(spec.resources.max_restarts, 3);
+}
+
+// Every canonical spec stored before restarts existed says "retries: 0": such a job must still
+// restore, and means what it did then (never restarted).
+TEST(JobSpecTest, RetriesIsReadAsTheFormerNameOfMaxRestarts) {
+  EXPECT_EQ(parse_job_spec(std::string(kMinimalYaml) + "resources: {retries: 0}\n", "old.yaml")
+                .resources.max_restarts,
+            0);
+  EXPECT_EQ(parse_job_spec(std::string(kMinimalYaml) + "resources: {max_restarts: 7}\n", "new.yaml")
+                .resources.max_restarts,
+            7);
+  const std::string canonical = job_spec_to_yaml(
+      parse_job_spec(std::string(kMinimalYaml) + "resources: {retries: 2}\n", "old.yaml"));
+  EXPECT_THAT(canonical, HasSubstr("  max_restarts: 2\n"));
+  EXPECT_THAT(canonical, Not(HasSubstr("retries")));
 }
 
 TEST(JobSpecTest, JsonFormParsesLikeYaml) {
@@ -344,7 +361,7 @@ TEST(JobSpecTest, CanonicalYamlNamesEveryFieldAndNullForUnset) {
        {"name: \"\"", "priority: 0", "  path: m", "  kind: bytes", "  train: [a.txt]", "  eval: []",
         "  max_length: 512", "  lr: 0.001", "  clip_grad_norm: null", "    eps1: 1e-30",
         "    decay_rate: -0.8", "    initial: 65536", "  steps: 10", "  epochs: null", "  seed: 1",
-        "  dir: out/run", "  device: cpu", "  retries: 0"}) {
+        "  dir: out/run", "  device: cpu", "  max_restarts: 3"}) {
     EXPECT_THAT(yaml, HasSubstr(std::string(line) + "\n"));
   }
   for (const char* line :
@@ -842,7 +859,12 @@ const Rejection kRejections[] = {
      "data.packing", "not available with resources.world_size > 1 yet"},
     {"DeviceUnknown", s({{"resources", "{device: tpu}"}}), "resources.device",
      "must be one of cpu, cuda; got \"tpu\""},
-    {"RetriesNegative", s({{"resources", "{retries: -1}"}}), "resources.retries", "must be >= 0"},
+    {"MaxRestartsNegative", s({{"resources", "{max_restarts: -1}"}}), "resources.max_restarts",
+     "must be >= 0"},
+    {"MaxRestartsNotAnInteger", s({{"resources", "{max_restarts: 1.5}"}}), "resources.max_restarts",
+     "expected an integer"},
+    {"RetriesAndMaxRestartsTogether", s({{"resources", "{retries: 1, max_restarts: 2}"}}),
+     "resources.retries", "renamed to resources.max_restarts; give only max_restarts"},
 };
 
 INSTANTIATE_TEST_SUITE_P(EveryRule, JobSpecRejectionTest, ::testing::ValuesIn(kRejections),

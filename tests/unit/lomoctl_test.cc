@@ -210,6 +210,27 @@ TEST(RenderTest, AQueuedJobSaysWhyItWaits) {
   EXPECT_EQ(workers_cell(job), "(needs 4 cpu workers, 2 connected: waiting for more to connec...)");
 }
 
+TEST(RenderTest, GetListsEveryEndedAttemptAndHowItEnded) {
+  lomo::v1::Job job = gang_job(lomo::v1::JOB_STATE_SUCCEEDED, {"w-a"});
+  EXPECT_TRUE(attempt_lines(job).empty()) << "a job whose attempts never ended shows none";
+  lomo::v1::JobAttempt* first = job.add_attempts();
+  first->set_attempt(1);
+  first->set_state(lomo::v1::JOB_STATE_FAILED);
+  first->set_step(12);
+  first->set_restarted(true);
+  first->set_reason("rank 1 (worker w-b): training process killed by SIGKILL");
+  for (const char* worker : {"w-a", "w-b"}) first->add_assignments()->set_worker_id(worker);
+  lomo::v1::JobAttempt* second = job.add_attempts();
+  second->set_attempt(2);
+  second->set_state(lomo::v1::JOB_STATE_SUCCEEDED);
+  second->set_step(20);
+  second->add_assignments()->set_worker_id("w-c\x1b");
+  EXPECT_EQ(attempt_lines(job),
+            (std::vector<std::string>{"1  FAILED at step 12 on w-a,w-b, restarted: rank 1 (worker "
+                                      "w-b): training process killed by SIGKILL",
+                                      "2  SUCCEEDED at step 20 on w-c\\x1b"}));
+}
+
 TEST(RenderTest, ControlCharactersFromTheServerAreEscaped) {
   // A worker id or reason that would clear the screen and move the cursor if printed as is.
   EXPECT_EQ(terminal_text("a\x1b[2Jb\nc\x7f"), "a\\x1b[2Jb\\x0ac\\x7f");

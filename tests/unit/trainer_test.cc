@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstring>
@@ -13,6 +14,8 @@
 #include <thread>
 #include <vector>
 
+#include "common/checkpoint_manifest.h"
+#include "common/sha256.h"
 #include "worker/comm/in_process_communicator.h"
 #include "worker/engine/checkpoint_io.h"
 #include "worker/train/token_dataset.h"
@@ -157,6 +160,54 @@ INSTANTIATE_TEST_SUITE_P(Optimizers, ResumeTest,
                                            ResumeCase{"adalomo", "bf16", true, false},
                                            ResumeCase{"lomo", "fp16", false, false},
                                            ResumeCase{"adamw", "fp32", true, false}));
+
+// Every checkpoint carries a manifest of its files as written, and a resume refuses a checkpoint
+// whose files no longer match it, naming the file, rather than training on from corrupted state.
+TEST(Trainer, ACheckpointsManifestListsItsFilesAndAResumeRefusesATamperedOne) {
+  Workspace ws("manifest");
+  const JobSpec spec = ws.spec("lomo", "out");
+  std::atomic<bool> stop{false};
+  TrainerHooks hooks;
+  hooks.on_step = [&](const TrainingMetrics& m) {
+    if (m.step == 5) stop = true;
+  };
+  TrainerOptions options;
+  options.stop_requested = &stop;
+  const fs::path checkpoint = train(spec, options, hooks).last_checkpoint;
+  ASSERT_EQ(checkpoint.filename(), "step-00000005");
+
+  const std::optional<std::vector<ManifestEntry>> manifest = read_checkpoint_manifest(checkpoint);
+  ASSERT_TRUE(manifest.has_value()) << "no " << kCheckpointManifestFile << " in " << checkpoint;
+  std::vector<std::string> listed;
+  for (const ManifestEntry& entry : *manifest) {
+    listed.push_back(entry.path);
+    EXPECT_EQ(entry.sha256, sha256_file_hex(checkpoint / entry.path)) << entry.path;
+    EXPECT_EQ(entry.size_bytes, static_cast<int64_t>(fs::file_size(checkpoint / entry.path)));
+  }
+  std::vector<std::string> on_disk;
+  for (const auto& file : fs::recursive_directory_iterator(checkpoint)) {
+    const std::string path = fs::relative(file.path(), checkpoint).generic_string();
+    if (file.is_regular_file() && path != kCheckpointManifestFile) on_disk.push_back(path);
+  }
+  std::sort(on_disk.begin(), on_disk.end());
+  EXPECT_EQ(listed, on_disk);
+  EXPECT_NE(std::find(listed.begin(), listed.end(), "optimizer.safetensors"), listed.end());
+
+  // One byte of the optimizer state flips (bit rot, a bad copy): same size, another digest.
+  std::string bytes = file_bytes(checkpoint / "optimizer.safetensors");
+  bytes[bytes.size() / 2] ^= 0x01;
+  std::ofstream(checkpoint / "optimizer.safetensors", std::ios::binary | std::ios::trunc) << bytes;
+  try {
+    train(spec, {}, {});
+    FAIL() << "resumed from a checkpoint whose optimizer state does not match its manifest";
+  } catch (const CheckpointError& e) {
+    EXPECT_NE(std::string(e.what()).find("optimizer.safetensors"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("does not match its manifest"), std::string::npos)
+        << e.what();
+  }
+  // Nothing was trained past it.
+  EXPECT_FALSE(fs::exists(fs::path(spec.output.dir) / "checkpoints" / "step-00000012"));
+}
 
 TEST(Trainer, LossFallsAndEvalIsReported) {
   Workspace ws("loss_falls");

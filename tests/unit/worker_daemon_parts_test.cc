@@ -14,6 +14,7 @@
 
 #include "common/advertise_address.h"
 #include "common/checkpoint_layout.h"
+#include "common/checkpoint_manifest.h"
 #include "common/rendezvous_relay.h"
 #include "common/sha256.h"
 #include "daemon/assignment_spec.h"
@@ -440,6 +441,58 @@ TEST(CheckpointUploaderTest, GivesUpAfterRepeatedRejectionsWithTheCoordinatorsRe
   EXPECT_THAT(error, HasSubstr("step-00000004"));
 }
 
+TEST(CheckpointUploaderTest, SendsTheManifestWithTheCommitAndTheManifestFileAlong) {
+  TempDir dir;
+  const fs::path checkpoint = dir.path / "step-00000006";
+  write_file(checkpoint / "model.safetensors", std::string(1500, 'm'));
+  write_file(checkpoint / "trainer_state.json", "{}");
+  const std::vector<ManifestEntry> manifest = write_checkpoint_manifest(checkpoint);
+  FakeChannel channel;
+  CheckpointUploader uploader("job", 1, channel);
+  uploader.offer(6, checkpoint);
+  ASSERT_TRUE(testing_wait([&] { return channel.commits() == 1; }));
+  uploader.on_ack(ack(6, true));
+  EXPECT_EQ(
+      uploader.wait_idle(std::chrono::steady_clock::now() + std::chrono::seconds(30), nullptr),
+      CheckpointUploader::Outcome::kDone);
+  const lomo::v1::CheckpointChunk& commit = channel.chunks.back();
+  ASSERT_TRUE(commit.commit());
+  ASSERT_EQ(commit.manifest_size(), 2);
+  for (int i = 0; i < 2; ++i) {
+    EXPECT_EQ(commit.manifest(i).path(), manifest[i].path);
+    EXPECT_EQ(commit.manifest(i).size_bytes(), manifest[i].size_bytes);
+    EXPECT_EQ(commit.manifest(i).sha256(), manifest[i].sha256);
+  }
+  std::set<std::string> sent;
+  for (const auto& c : channel.chunks) {
+    if (c.has_file()) sent.insert(c.file().path());
+  }
+  EXPECT_EQ(sent, (std::set<std::string>{"lomo_manifest.json", "model.safetensors",
+                                         "trainer_state.json"}));
+}
+
+// A file that changed after the trainer committed the checkpoint is never committed: no commit
+// message goes out, the upload is not retried, and the reason names the file.
+TEST(CheckpointUploaderTest, AFileThatNoLongerMatchesTheManifestIsNotUploadedAndNamed) {
+  TempDir dir;
+  const fs::path checkpoint = dir.path / "step-00000008";
+  write_file(checkpoint / "model.safetensors", std::string(1500, 'm'));
+  write_file(checkpoint / "trainer_state.json", "{}");
+  write_checkpoint_manifest(checkpoint);
+  write_file(checkpoint / "model.safetensors", std::string(1499, 'm') + "X");  // same size
+  FakeChannel channel;
+  CheckpointUploader uploader("job", 1, channel);
+  uploader.offer(8, checkpoint);
+  std::string error;
+  EXPECT_EQ(uploader.wait_idle(std::chrono::steady_clock::now() + std::chrono::seconds(30), &error),
+            CheckpointUploader::Outcome::kFailed);
+  EXPECT_THAT(error, HasSubstr("step-00000008"));
+  EXPECT_THAT(error, HasSubstr("no longer matches its lomo_manifest.json"));
+  EXPECT_THAT(error, HasSubstr("model.safetensors"));
+  EXPECT_EQ(channel.commits(), 0u);
+  EXPECT_EQ(uploader.last_committed_step(), -1);
+}
+
 // --- The job runner's decision, against a fake training child (a shell script) -------------
 // The script gets lomo-worker train's command line (train JOB --protocol-file FILE), prints what
 // it is told to, appends protocol lines made by the real writer, and exits with a chosen code.
@@ -593,6 +646,30 @@ TEST(JobRunnerProtocolTest, AFailureReportedInTheProtocolFailsWhateverTheChildPr
   }
 }
 
+// The coordinator restarts a failed job unless its failure is marked permanent: only the outcomes
+// that a new attempt would meet again (exit codes 3, 4 and 5) are.
+TEST(JobRunnerProtocolTest, OnlyABadSpecBadDataOrNonFiniteOutcomeIsAPermanentFailure) {
+  const struct {
+    protocol::Status status;
+    bool permanent;
+  } cases[] = {{protocol::Status::kBadSpec, true},
+               {protocol::Status::kBadData, true},
+               {protocol::Status::kNonFinite, true},
+               {protocol::Status::kFailed, false}};
+  for (const auto& c : cases) {
+    const auto status = run_attempt(report(protocol::Started{20, 0, ""}) +
+                                    report(protocol::Outcome{c.status, "why", 3, 20}) + "exit " +
+                                    std::to_string(protocol::exit_code_for(c.status)) + "\n");
+    EXPECT_EQ(status.state(), lomo::v1::JOB_STATE_FAILED) << protocol::status_name(c.status);
+    EXPECT_EQ(status.permanent(), c.permanent) << protocol::status_name(c.status);
+  }
+  // A child that dies without an outcome (killed, crashed) may well succeed next time.
+  const auto killed = run_attempt(report(protocol::Started{20, 0, ""}) + "kill -9 $$\n");
+  EXPECT_EQ(killed.state(), lomo::v1::JOB_STATE_FAILED);
+  EXPECT_THAT(killed.reason(), HasSubstr("SIGKILL"));
+  EXPECT_FALSE(killed.permanent());
+}
+
 TEST(JobRunnerProtocolTest, ACleanExitWithoutAnOutcomeRecordIsAFailure) {
   const auto status =
       run_attempt(say(kCheerfulText) + report(protocol::Started{20, 0, ""}) + "exit 0\n");
@@ -692,6 +769,65 @@ std::string a_short_run() {
   return report(protocol::Started{2, 0, ""}) + report(step) +
          report(protocol::Eval{2, 1.5, 4.48, 64, std::nullopt, 0}) + commit_checkpoint(2) +
          report(protocol::Outcome{protocol::Status::kSucceeded, "", 2, 2}) + "exit 0\n";
+}
+
+// A trainer that, when a cancel's SIGTERM stops it, commits checkpoint 7 and reports that it was
+// interrupted (as lomo-worker train does); `ready` exists once its handler is installed.
+std::string stops_with_a_checkpoint(const fs::path& ready) {
+  return "on_term() {\n" + commit_checkpoint(7) +
+         report(protocol::Outcome{protocol::Status::kInterrupted, "", 7, 100}) + "exit 6\n}\n" +
+         "trap 'on_term \"$@\"' TERM\n" + report(protocol::Started{100, 0, ""}) + "touch " +
+         shell_quote(ready.string()) + "\nwhile :; do sleep 0.02; done\n";
+}
+
+// Runs that trainer, cancels it once it is ready and returns the final status; `acked` says
+// whether the coordinator (here the test) acknowledges the checkpoint's commit.
+lomo::v1::JobStatusUpdate cancel_a_trainer_that_checkpoints(bool acked, FakeChannel& channel) {
+  TempDir dir;
+  const fs::path program = dir.path / "fake-trainer";
+  write_file(program, "#!/bin/sh\n" + stops_with_a_checkpoint(dir.path / "ready"));
+  ::chmod(program.c_str(), 0755);
+  lomo::v1::Assignment assignment;
+  assignment.set_job_id("job-p");
+  assignment.set_attempt(1);
+  *assignment.mutable_spec() = small_spec();
+  JobRunnerOptions options;
+  options.work_dir = dir.path / "work";
+  options.trainer_program = program;
+  options.poll_interval = milliseconds(20);
+  options.cancel_grace = milliseconds(1500);
+  RecordingListener listener;
+  JobRunner runner(assignment, options, listener, channel, nullptr);
+  EXPECT_TRUE(testing_wait([&] { return fs::exists(dir.path / "ready"); }));
+  runner.cancel();
+  if (acked) {
+    EXPECT_TRUE(testing_wait([&] { return channel.commits() == 1; }));
+    lomo::v1::CheckpointAck ack;
+    ack.set_job_id("job-p");
+    ack.set_step(7);
+    ack.set_committed(true);
+    runner.on_ack(ack);
+  }
+  runner.join();
+  return runner.final_status();
+}
+
+TEST(JobRunnerCancelTest, ACancelConfirmsOnlyOnceTheCheckpointWrittenOnStopIsCommitted) {
+  FakeChannel channel;
+  const auto status = cancel_a_trainer_that_checkpoints(true, channel);
+  EXPECT_EQ(status.state(), lomo::v1::JOB_STATE_CANCELLED);
+  EXPECT_EQ(status.reason(), "cancelled");
+  ASSERT_EQ(channel.commits(), 1u);
+  EXPECT_EQ(channel.chunks.back().step(), 7);
+}
+
+TEST(JobRunnerCancelTest, ACancelWhoseCheckpointIsNotCommittedInTheGracePeriodSaysSo) {
+  FakeChannel channel;
+  const auto status = cancel_a_trainer_that_checkpoints(false, channel);
+  EXPECT_EQ(status.state(), lomo::v1::JOB_STATE_CANCELLED);
+  EXPECT_EQ(status.reason(),
+            "cancelled; the last checkpoint was not kept: its upload did not finish within the "
+            "cancel grace period");
 }
 
 GangPlace rank_of_two(int rank) {

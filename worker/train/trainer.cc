@@ -15,6 +15,7 @@
 
 #include "common/atomic_file.h"
 #include "common/checkpoint_layout.h"
+#include "common/checkpoint_manifest.h"
 #include "common/read_file.h"
 #include "worker/comm/local_communicator.h"
 #include "worker/comm/metered_communicator.h"
@@ -124,6 +125,8 @@ fs::path write_checkpoint(const fs::path& output_dir, const JobSpec& spec,
   optimizer.save_state(temporary / kOptimizerStateFile);
   write_file_atomically(temporary / kTrainerStateFile, to_json(state).dump(2) + "\n");
   write_file_atomically(temporary / kJobSpecFile, job_spec_to_yaml(spec));
+  // Last, so that it lists every file: what a resume, the upload and a download check against.
+  write_checkpoint_manifest(temporary);
   fs::remove_all(final_dir);  // a checkpoint of the same step from an attempt that crashed after it
   fs::rename(temporary, final_dir);
   write_latest_checkpoint(root, state.step);
@@ -283,11 +286,39 @@ Device training_device(const JobSpec& spec) {
                          "; a build without the CUDA backend finds none either)");
 }
 
+// Refuses a checkpoint whose files differ from its manifest: resuming from corrupted weights or
+// optimizer state would silently train something else. A checkpoint without a manifest (written
+// before manifests existed) is used as before, and the log says it was not verified.
+void verify_checkpoint_files(const fs::path& checkpoint, const TrainerHooks& hooks) {
+  std::optional<std::vector<ManifestEntry>> manifest;
+  try {
+    manifest = read_checkpoint_manifest(checkpoint);
+  } catch (const ManifestError& e) {
+    throw CheckpointError(e.what());
+  }
+  if (!manifest) {
+    if (hooks.on_log) {
+      hooks.on_log("checkpoint " + checkpoint.string() + " has no " + kCheckpointManifestFile +
+                   "; its files are not verified");
+    }
+    return;
+  }
+  if (const std::string mismatch = checkpoint_manifest_mismatch(checkpoint, *manifest);
+      !mismatch.empty()) {
+    throw CheckpointError("checkpoint " + checkpoint.string() +
+                          " does not match its manifest, refusing to resume from it: " +
+                          (checkpoint / mismatch).string());
+  }
+}
+
 // The checkpoint an earlier attempt left in output.dir, when the run may resume from it.
-std::optional<fs::path> resume_point(const fs::path& output_dir, const TrainerOptions& options) {
+std::optional<fs::path> resume_point(const fs::path& output_dir, const TrainerOptions& options,
+                                     const TrainerHooks& hooks) {
   fs::create_directories(output_dir);
   if (!options.resume) return std::nullopt;
-  return latest_checkpoint(output_dir);
+  std::optional<fs::path> checkpoint = latest_checkpoint(output_dir);
+  if (checkpoint) verify_checkpoint_files(*checkpoint, hooks);
+  return checkpoint;
 }
 
 // Every rank steps this many times: batches_for_epochs agrees across ranks.
@@ -349,7 +380,7 @@ class TrainingRun {
         rank_(communicator_.rank()),
         rows_per_rank_(rows_per_rank(spec, communicator_)),
         output_dir_(spec.output.dir),
-        resume_from_(resume_point(output_dir_, options)),
+        resume_from_(resume_point(output_dir_, options, hooks)),
         accountant_(training_device(spec)),
         buffer_accounting_(communicator_, accountant_),
         weights_(load_weights(spec, resume_from_ ? *resume_from_ : fs::path(spec.model.path),

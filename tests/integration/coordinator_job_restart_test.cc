@@ -1,0 +1,246 @@
+// The restart policy against a real lomo-coordinator: test workers on real gRPC streams fail
+// attempts in the ways a daemon reports them. A transient failure (a crash, a lost worker) queues
+// the job again as its next attempt after a backoff, within resources.max_restarts; a permanent
+// one (JobStatusUpdate.permanent: bad spec or data, non-finite weights) or the same failure twice
+// at the same step ends it; every ended attempt is in Job.attempts and each restart is counted in
+// lomo_job_restarts_total.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <string>
+#include <vector>
+
+#include "tests/integration/coordinator_harness.h"
+#include "tests/integration/coordinator_test_fixture.h"
+
+namespace lomo::server::testing {
+namespace {
+
+using std::chrono::milliseconds;
+using std::chrono::seconds;
+using ::testing::HasSubstr;
+using ::testing::Not;
+using ::testing::StartsWith;
+
+constexpr double kHeartbeatTimeout = 2.0;
+
+// A job with a restart budget (the harness's jobs have none).
+v1::SubmitJobRequest with_restarts(v1::SubmitJobRequest request, int max_restarts) {
+  auto& fields = *request.mutable_spec()->mutable_fields();
+  (*fields["resources"].mutable_struct_value()->mutable_fields())["max_restarts"].set_number_value(
+      max_restarts);
+  return request;
+}
+
+class CoordinatorJobRestartTest : public CoordinatorTest {
+ protected:
+  CoordinatorJobRestartTest() : CoordinatorTest(kHeartbeatTimeout) {}
+
+  std::string submit_ok(const v1::SubmitJobRequest& request) {
+    v1::Job job;
+    const grpc::Status status = submit(*jobs_, request, &job);
+    EXPECT_TRUE(status.ok()) << status.error_message();
+    return job.id();
+  }
+
+  std::unique_ptr<TestWorker> worker(const std::string& id) {
+    auto w = std::make_unique<TestWorker>(coordinator_->channel());
+    w->register_as(id);
+    w->start_heartbeats(milliseconds(200));
+    return w;
+  }
+
+  // The assignment `w` receives (within the longest backoff a test uses); it heartbeats it from
+  // then on, as a daemon would.
+  v1::Assignment assignment_of(TestWorker& w) {
+    const auto assignment = w.next_assignment(seconds(20));
+    EXPECT_TRUE(assignment.has_value()) << "no assignment";
+    if (!assignment) return {};
+    w.set_current(assignment->job_id(), assignment->attempt());
+    return *assignment;
+  }
+
+  v1::Job job_now(const std::string& job_id) {
+    v1::Job job;
+    EXPECT_TRUE(get(*jobs_, job_id, &job).ok());
+    return job;
+  }
+
+  std::string state_changes(const std::string& job_id) {
+    std::string text;
+    for (const v1::JobEvent& event : all_events(*jobs_, job_id)) {
+      if (event.has_state_change()) text += event.state_change().reason() + "\n";
+    }
+    return text;
+  }
+
+  // Runs attempt `attempt` on `w` and fails it with `reason`.
+  void fail_attempt(TestWorker& w, const std::string& id, int64_t attempt,
+                    const std::string& reason) {
+    const v1::Assignment assignment = assignment_of(w);
+    ASSERT_EQ(assignment.job_id(), id);
+    ASSERT_EQ(assignment.attempt(), attempt);
+    ASSERT_TRUE(w.report(id, attempt, v1::JOB_STATE_RUNNING));
+    ASSERT_TRUE(w.report(id, attempt, v1::JOB_STATE_FAILED, reason));
+  }
+};
+
+TEST_F(CoordinatorJobRestartTest, ATransientFailureQueuesTheNextAttemptWhichCanSucceed) {
+  auto w = worker("w1");
+  const std::string id = submit_ok(with_restarts(submit_request("flaky"), 3));
+  fail_attempt(*w, id, 1, "training process killed by SIGKILL (out of memory?)");
+
+  const v1::Job queued = wait_for_state(*jobs_, id, v1::JOB_STATE_QUEUED, seconds(10));
+  EXPECT_EQ(queued.attempt(), 1) << "the next attempt is numbered when it is assigned";
+  EXPECT_TRUE(queued.assignments().empty());
+  EXPECT_TRUE(queued.failure_reason().empty());
+  EXPECT_THAT(queued.wait_reason(),
+              StartsWith("restarting after attempt 1 failed on worker w1: training process killed "
+                         "by SIGKILL (out of memory?) (restart 1 of 3)"));
+  EXPECT_THAT(state_changes(id),
+              HasSubstr("restarting after attempt 1 failed on worker w1: training process killed "
+                        "by SIGKILL (out of memory?) (restart 1 of 3) in 1 s\n"));
+
+  const v1::Assignment second = assignment_of(*w);
+  EXPECT_EQ(second.job_id(), id);
+  EXPECT_EQ(second.attempt(), 2);
+  ASSERT_TRUE(w->report(id, 2, v1::JOB_STATE_RUNNING));
+  ASSERT_TRUE(w->report(id, 2, v1::JOB_STATE_SUCCEEDED));
+  const v1::Job done = wait_for_state(*jobs_, id, v1::JOB_STATE_SUCCEEDED, seconds(10));
+  ASSERT_EQ(done.attempts_size(), 2);
+  EXPECT_EQ(done.attempts(0).attempt(), 1);
+  EXPECT_EQ(done.attempts(0).state(), v1::JOB_STATE_FAILED);
+  EXPECT_EQ(done.attempts(0).reason(), "training process killed by SIGKILL (out of memory?)");
+  EXPECT_TRUE(done.attempts(0).restarted());
+  ASSERT_EQ(done.attempts(0).assignments_size(), 1);
+  EXPECT_EQ(done.attempts(0).assignments(0).worker_id(), "w1");
+  EXPECT_EQ(done.attempts(1).attempt(), 2);
+  EXPECT_EQ(done.attempts(1).state(), v1::JOB_STATE_SUCCEEDED);
+  EXPECT_FALSE(done.attempts(1).restarted());
+
+  const std::string metrics = "\n" + http_request(*coordinator_, "GET", "/metrics").body;
+  EXPECT_THAT(metrics, HasSubstr("\nlomo_job_restarts_total 1\n"));
+}
+
+TEST_F(CoordinatorJobRestartTest, ASpentBudgetFailsTheJobAfterItsRestarts) {
+  auto w = worker("w1");
+  const std::string id = submit_ok(with_restarts(submit_request("doomed"), 3));
+  for (int attempt = 1; attempt <= 4; ++attempt) {
+    // A different reason each time: the same failure twice would stop the job early.
+    fail_attempt(*w, id, attempt, "crash " + std::to_string(attempt));
+    if (HasFatalFailure()) return;
+  }
+  const v1::Job failed = wait_for_state(*jobs_, id, v1::JOB_STATE_FAILED, seconds(10));
+  EXPECT_EQ(failed.failure_reason(), "crash 4 (after 3 restarts)");
+  ASSERT_EQ(failed.attempts_size(), 4);
+  for (int i = 0; i < 4; ++i) {
+    EXPECT_EQ(failed.attempts(i).state(), v1::JOB_STATE_FAILED);
+    EXPECT_EQ(failed.attempts(i).restarted(), i < 3) << "attempt " << i + 1;
+  }
+  EXPECT_THAT(state_changes(id), HasSubstr("(restart 3 of 3) in 4 s\n"));
+  const std::string metrics = "\n" + http_request(*coordinator_, "GET", "/metrics").body;
+  EXPECT_THAT(metrics, HasSubstr("\nlomo_job_restarts_total 3\n"));
+}
+
+TEST_F(CoordinatorJobRestartTest, ThePermanentFailureOfABadSpecOrNonFiniteWeightsIsNotRestarted) {
+  auto w = worker("w1");
+  const std::string id = submit_ok(with_restarts(submit_request("non-finite"), 3));
+  const v1::Assignment assignment = assignment_of(*w);
+  ASSERT_TRUE(w->report(id, 1, v1::JOB_STATE_RUNNING));
+  ASSERT_TRUE(w->report_permanent_failure(
+      id, 1, "training process exited with code 5: non-finite gradient at step 3"));
+  const v1::Job failed = wait_for_state(*jobs_, id, v1::JOB_STATE_FAILED, seconds(10));
+  EXPECT_EQ(failed.failure_reason(),
+            "training process exited with code 5: non-finite gradient at step 3");
+  ASSERT_EQ(failed.attempts_size(), 1);
+  EXPECT_FALSE(failed.attempts(0).restarted());
+  EXPECT_THAT(state_changes(id), Not(HasSubstr("restarting")));
+}
+
+TEST_F(CoordinatorJobRestartTest, TheSameFailureAtTheSameStepTwiceStopsTheJobEarly) {
+  auto w = worker("w1");
+  const std::string id = submit_ok(with_restarts(submit_request("deterministic crash"), 3));
+  fail_attempt(*w, id, 1, "training process killed by SIGSEGV (crashed)");
+  if (HasFatalFailure()) return;
+  fail_attempt(*w, id, 2, "training process killed by SIGSEGV (crashed)");
+  if (HasFatalFailure()) return;
+  const v1::Job failed = wait_for_state(*jobs_, id, v1::JOB_STATE_FAILED, seconds(10));
+  EXPECT_EQ(failed.failure_reason(),
+            "training process killed by SIGSEGV (crashed) (failed the same way at step 0 in "
+            "attempts 1 and 2; not restarted again, after 1 restart)");
+  EXPECT_EQ(failed.attempts_size(), 2);
+}
+
+TEST_F(CoordinatorJobRestartTest, CancellingAJobWaitingToRestartEndsItWithoutANewAttempt) {
+  auto w = worker("w1");
+  const std::string id = submit_ok(with_restarts(submit_request("cancel in backoff"), 3));
+  fail_attempt(*w, id, 1, "lost");
+  if (HasFatalFailure()) return;
+  wait_for_state(*jobs_, id, v1::JOB_STATE_QUEUED, seconds(10));
+  ASSERT_TRUE(cancel(*jobs_, id, nullptr).ok());
+  EXPECT_EQ(wait_for_state(*jobs_, id, v1::JOB_STATE_CANCELLED, seconds(10)).attempt(), 1);
+  EXPECT_FALSE(w->next_assignment(milliseconds(1500)).has_value())
+      << "no attempt starts once its backoff ends";
+}
+
+TEST_F(CoordinatorJobRestartTest, AJobWaitingToRestartKeepsItsHistoryAcrossACoordinatorRestart) {
+  auto w = worker("w1");
+  const std::string id = submit_ok(with_restarts(submit_request("restart twice"), 3));
+  fail_attempt(*w, id, 1, "lost its peers");
+  if (HasFatalFailure()) return;
+  wait_for_state(*jobs_, id, v1::JOB_STATE_QUEUED, seconds(10));
+  coordinator_->kill9();
+  w->disconnect();
+  coordinator_ = std::make_unique<CoordinatorProcess>(
+      ProcessOptions(dir_.path() / "data", heartbeat_timeout_seconds_));
+  jobs_ = coordinator_->jobs();
+
+  auto next = worker("w2");
+  const v1::Assignment second = assignment_of(*next);
+  EXPECT_EQ(second.job_id(), id);
+  EXPECT_EQ(second.attempt(), 2);
+  const v1::Job running = job_now(id);
+  ASSERT_EQ(running.attempts_size(), 1);
+  EXPECT_EQ(running.attempts(0).reason(), "lost its peers");
+  EXPECT_TRUE(running.attempts(0).restarted());
+}
+
+TEST_F(CoordinatorJobRestartTest, AGangWhoseRankLosesItsWorkerIsRestartedWhole) {
+  auto a = worker("w-a");
+  auto b = worker("w-b");
+  const std::string id = submit_ok(with_restarts(gang_request("gang", 2), 3));
+  assignment_of(*a);
+  assignment_of(*b);
+  ASSERT_TRUE(a->report(id, 1, v1::JOB_STATE_RUNNING));
+  ASSERT_TRUE(b->report(id, 1, v1::JOB_STATE_RUNNING));
+  b->disconnect();  // rank 1's worker dies
+
+  const auto stop = a->next_of(v1::CoordinatorMessage::kCancel, seconds(20));
+  ASSERT_TRUE(stop.has_value()) << "rank 0 is told to stop";
+  EXPECT_EQ(stop->cancel().attempt(), 1);
+  const v1::Job queued = job_now(id);
+  EXPECT_EQ(queued.state(), v1::JOB_STATE_QUEUED);
+  ASSERT_EQ(queued.attempts_size(), 1);
+  EXPECT_THAT(queued.attempts(0).reason(), StartsWith("rank 1: worker w-b missed heartbeats"));
+  EXPECT_EQ(queued.attempts(0).assignments_size(), 2);
+  EXPECT_THAT(state_changes(id),
+              HasSubstr("restarting after attempt 1 failed: rank 1: worker w-b missed heartbeats"));
+
+  // Rank 0 stops; with a new worker in place of the dead one the whole gang runs attempt 2.
+  ASSERT_TRUE(a->report(id, 1, v1::JOB_STATE_CANCELLED, "cancelled"));
+  auto c = worker("w-c");
+  const v1::Assignment first = assignment_of(*a);
+  const v1::Assignment second = assignment_of(*c);
+  EXPECT_EQ(first.attempt(), 2);
+  EXPECT_EQ(second.attempt(), 2);
+  for (TestWorker* w : {a.get(), c.get()}) {
+    ASSERT_TRUE(w->report(id, 2, v1::JOB_STATE_RUNNING));
+    ASSERT_TRUE(w->report(id, 2, v1::JOB_STATE_SUCCEEDED));
+  }
+  const v1::Job done = wait_for_state(*jobs_, id, v1::JOB_STATE_SUCCEEDED, seconds(10));
+  ASSERT_EQ(done.attempts_size(), 2);
+  EXPECT_EQ(done.attempts(1).state(), v1::JOB_STATE_SUCCEEDED);
+}
+
+}  // namespace
+}  // namespace lomo::server::testing
