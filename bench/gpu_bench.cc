@@ -287,8 +287,7 @@ int main(int argc, char** argv) {
     }
   } catch (const std::bad_alloc& error) {  // OutOfMemoryError says what was in use
     std::printf("gpu_bench model=%s seq=%lld batch=%lld: %s\n", args.model.c_str(),
-                static_cast<long long>(args.seq), static_cast<long long>(args.batch),
-                error.what());
+                static_cast<long long>(args.seq), static_cast<long long>(args.batch), error.what());
     return 1;
   } catch (const std::exception& error) {
     std::fprintf(stderr, "gpu_bench: %s\n", error.what());
