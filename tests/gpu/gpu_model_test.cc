@@ -8,10 +8,10 @@
 // reduction. Logits and the loss pass through ~10 dependent reductions: 1e-5 relative to the
 // largest magnitude. Gradients pass through twice as many: 2e-5 of each tensor's largest magnitude.
 // Weights after K optimizer steps: 1e-5 of the tensor's largest magnitude (an update is small next
-// to the weight). bf16 storage: one bf16 ulp (2^-8 relative) may flip where the fp32 values
-// straddle a rounding boundary, so 1e-2 of the largest magnitude, and at most 1% of the elements
-// may differ. Every comparison prints the largest difference it saw, so a GPU run's log records the
-// margins.
+// to the weight; AdamW 1e-4, its case says why). bf16 storage: one bf16 ulp (2^-8 relative) may
+// flip where the fp32 values straddle a rounding boundary, so 1e-2 of the largest magnitude, and at
+// most 1% of the elements may differ. Every comparison prints the largest difference it saw, so a
+// GPU run's log records the margins.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -217,6 +217,8 @@ struct OptimizerCase {
   std::string name;
   OptimizerOptions options;
   DType dtype = DType::kF32;
+  // fp32 weights after K steps, relative to each tensor's largest magnitude.
+  double fp32_tolerance = 1e-5;
 };
 
 void PrintTo(const OptimizerCase& c, std::ostream* os) { *os << c.name; }
@@ -239,7 +241,11 @@ std::vector<OptimizerCase> optimizer_cases() {
   OptimizerOptions adamw;
   adamw.kind = OptimizerOptions::Kind::kAdamW;
   adamw.weight_decay = 0.01;
-  cases.push_back({"AdamW", adamw});
+  // AdamW divides by √v: an element whose gradient nearly cancels gets a step of up to lr whatever
+  // its size, so fp32 noise in that gradient moves the weight by a fraction of lr rather than of
+  // the gradient. Measured on an H100: 3.3e-6 with per-row attention kernels, 1.04e-5 with the
+  // cuBLAS-built attention (another summation order); 1e-4 ≈ 1e-3·lr·K in absolute terms here.
+  cases.push_back({"AdamW", adamw, DType::kF32, 1e-4});
   OptimizerOptions sgd;
   sgd.kind = OptimizerOptions::Kind::kSgd;
   sgd.clip_grad_norm = 1.0;
@@ -289,7 +295,7 @@ TEST_P(GpuOptimizerTest, KStepsLeaveTheSameWeightsAsTheCpu) {
     const std::vector<float> got = to_host_f32(gpu_model.weights.parameters()[t]);
     const double d = relative_difference(got, want, p.name);
     worst = std::max(worst, d);
-    EXPECT_LE(d, low_precision ? 1e-2 : 1e-5) << p.name;
+    EXPECT_LE(d, low_precision ? 1e-2 : c.fp32_tolerance) << p.name;
     if (low_precision) {
       size_t differing = 0;
       for (size_t i = 0; i < want.size(); ++i) differing += got[i] != want[i] ? 1 : 0;
