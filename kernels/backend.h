@@ -48,7 +48,8 @@ class Backend {
   // How fp32 matrix products may round their inputs: kFp32 keeps every bit; kTf32 lets a GPU use
   // TF32 tensor cores (inputs rounded to 10 mantissa bits, fp32 accumulation; several times
   // faster, ~1e-3 relative). A backend without such hardware ignores it. The trainer asks for
-  // kTf32 when the weights are stored in bf16/fp16, whose 7/10 mantissa bits are no finer.
+  // kTf32 when the weights are stored in bf16/fp16, whose 7/10 mantissa bits are no finer. On the
+  // CUDA backend the setting covers every cuBLAS product, attention's (fp32 activations) too.
   enum class MatmulPrecision : uint8_t { kFp32, kTf32 };
   virtual void set_matmul_precision(MatmulPrecision precision) { (void)precision; }
 

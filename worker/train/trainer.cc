@@ -398,9 +398,12 @@ class TrainingRun {
     report_skips(data_.eval_report, "data.eval");
     state_.total_steps = total_steps_;
     result_.total_steps = total_steps_;
-    if (weights_.storage_dtype() != DType::kF32) {  // see Backend::MatmulPrecision
-      backend_for(accountant_.device()).set_matmul_precision(Backend::MatmulPrecision::kTf32);
-    }
+    // See Backend::MatmulPrecision. Set either way: the backend outlives this run, and a later
+    // fp32 run in the same process must not inherit TF32.
+    backend_for(accountant_.device())
+        .set_matmul_precision(weights_.storage_dtype() != DType::kF32
+                                  ? Backend::MatmulPrecision::kTf32
+                                  : Backend::MatmulPrecision::kFp32);
     if (resume_from_) restore(*resume_from_);
     check_same_weights(weights_, communicator_, "at the start");
     if (rank_ == 0) metrics_ = reopen_metrics(output_dir_ / kMetricsFile, state_.step);
