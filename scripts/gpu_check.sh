@@ -123,17 +123,24 @@ PY
   cat "$out/transformers_load.log" | tee -a "$log"
 fi
 # Through the control plane: coordinator, a worker daemon on GPU 0, lomoctl submit --watch.
-"$programs/lomo-coordinator" --grpc-listen 127.0.0.1:7611 --http-listen 127.0.0.1:7612 \
-  --data-dir "$e2e/coordinator" >"$out/coordinator.log" 2>&1 &
+# Ports the kernel says are free now (a fixed pair could be taken on a shared machine); the trap
+# stops both servers however this script ends.
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+grpc_port=$(free_port) http_port=$(free_port)
+"$programs/lomo-coordinator" --grpc-listen "127.0.0.1:$grpc_port" \
+  --http-listen "127.0.0.1:$http_port" --data-dir "$e2e/coordinator" >"$out/coordinator.log" 2>&1 &
 coordinator=$!
-"$programs/lomo-worker" serve --coordinator 127.0.0.1:7611 --device 0 --worker-id gpu0 \
+"$programs/lomo-worker" serve --coordinator "127.0.0.1:$grpc_port" --device 0 --worker-id gpu0 \
   --work-dir "$e2e/worker" >"$out/worker.log" 2>&1 &
 worker=$!
+trap 'kill "$worker" "$coordinator" 2>/dev/null' EXIT
 sleep 3
-run lomoctl_submit_cuda 150 "$programs/lomoctl" --coordinator 127.0.0.1:7611 submit "${spec[@]}" \
+run lomoctl_submit_cuda 150 "$programs/lomoctl" --coordinator "127.0.0.1:$grpc_port" submit "${spec[@]}" \
   --set resources.device=cuda --set "output.dir=$e2e/ignored" --watch
-"$programs/lomoctl" --coordinator 127.0.0.1:7611 list 2>&1 | tee -a "$log"
-curl -s http://127.0.0.1:7612/v1/jobs 2>/dev/null | head -c 1500 | tee -a "$log"
+"$programs/lomoctl" --coordinator "127.0.0.1:$grpc_port" list 2>&1 | tee -a "$log"
+curl -s "http://127.0.0.1:$http_port/v1/jobs" 2>/dev/null | head -c 1500 | tee -a "$log"
 echo | tee -a "$log"
 kill "$worker" "$coordinator" 2>/dev/null
 wait "$worker" "$coordinator" 2>/dev/null
@@ -161,8 +168,13 @@ if [[ $quick -eq 0 ]]; then
     --profile-ops
   bench 7b_s1024_b8_ckpt_lomo --model 7b --seq 1024 --batch 8 --checkpointing on --steps 1
   # Too large on purpose: the out-of-memory error names the device and the memory in use by kind.
-  timeout 120 "$benches/gpu_bench" --model 7b --seq 4096 --batch 16 --checkpointing off \
-    --steps 1 2>&1 | grep -E 'out of memory' | tee -a "$log"
+  # A missing message counts as a failure (the probe proves the message, not only the refusal).
+  if ! timeout 120 "$benches/gpu_bench" --model 7b --seq 4096 --batch 16 --checkpointing off \
+    --steps 1 2>&1 | grep -E 'out of memory on cuda:[0-9]+ allocating .* in use .*parameters' \
+    | tee -a "$log" | grep -q .; then
+    say "FAIL oom_message: no 'out of memory on cuda:N allocating ... in use ... parameters' line"
+    failures=$((failures + 1))
+  fi
 fi
 # Out-of-bounds accesses and races the comparisons could miss (slow: after the main figures).
 if command -v compute-sanitizer >/dev/null; then
