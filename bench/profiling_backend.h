@@ -141,6 +141,16 @@ class ProfilingBackend final : public Backend {
     inner_.attention_backward(dq, dk, dv, scratch, dout, probs, q, k, v, shape);
   }
 
+  void bias_forward(float* y, const float* bias, int64_t rows, int64_t cols) override {
+    const Timer timer(*this, "bias");
+    inner_.bias_forward(y, bias, rows, cols);
+  }
+
+  void bias_backward(float* dbias, const float* dy, int64_t rows, int64_t cols) override {
+    const Timer timer(*this, "bias");
+    inner_.bias_backward(dbias, dy, rows, cols);
+  }
+
   void swiglu_forward(float* out, const float* gate, const float* up, int64_t count) override {
     const Timer timer(*this, "swiglu");
     inner_.swiglu_forward(out, gate, up, count);

@@ -98,6 +98,12 @@ class Backend {
                                   const float* dout, const float* probs, const float* q,
                                   const float* k, const float* v, const AttentionShape& shape) = 0;
 
+  // ---- Bias of a linear layer (kernels/cpu/bias.h): y [rows, cols] ----------------------------
+  // y[r, c] += bias[c].
+  virtual void bias_forward(float* y, const float* bias, int64_t rows, int64_t cols) = 0;
+  // dbias[c] = Σ_r dy[r, c]; overwrites dbias [cols]. Deterministic.
+  virtual void bias_backward(float* dbias, const float* dy, int64_t rows, int64_t cols) = 0;
+
   // ---- SwiGLU: out = silu(gate) ∘ up -----------------------------------------------------------
   virtual void swiglu_forward(float* out, const float* gate, const float* up, int64_t count) = 0;
   // Overwrites dgate and dup.

@@ -14,6 +14,9 @@ struct AttentionShape {
   int64_t num_heads = 0;
   int64_t num_kv_heads = 0;
   int64_t head_dim = 0;
+  // Sliding-window attention (Mistral): query i attends to keys (i − sliding_window, i] only, as
+  // transformers' `kv_idx > q_idx − sliding_window`; 0 leaves the window unlimited.
+  int64_t sliding_window = 0;
 };
 
 // Row-major C[i] = alpha·op(A[i])·op(B[i]) + beta·C[i] for i < batch, where X[i] starts at

@@ -7,7 +7,8 @@
         --expected tests/data/hf/untied_mha/expected.json
 
 Loads MODEL_DIR (a local directory only; the hub is never contacted) with
-LlamaForCausalLM.from_pretrained(MODEL_DIR, dtype=float32, output_loading_info=True) and prints
+AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=float32, output_loading_info=True) (Llama,
+Mistral, Qwen2: the class config.json names) and prints
 the parameter count, the stored and loaded dtypes, and the logits and loss for a fixed input.
 
 Exits non-zero when:
@@ -33,7 +34,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from safetensors import safe_open  # noqa: E402
-from transformers import LlamaForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 
 
 def fail(message: str) -> None:
@@ -84,7 +85,7 @@ def main() -> int:
     print(f"transformers {transformers.__version__}, torch {torch.__version__}")
     print(f"model dir: {args.model_dir.resolve()}")
 
-    model, info = LlamaForCausalLM.from_pretrained(
+    model, info = AutoModelForCausalLM.from_pretrained(
         str(args.model_dir),
         dtype=torch.float32,
         attn_implementation="eager",

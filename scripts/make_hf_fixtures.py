@@ -9,7 +9,8 @@ the files it leaves):
     .venv/bin/python scripts/make_hf_fixtures.py            # writes tests/data/hf/<variant>/
 
 (The torch wheel on PyPI pulls the nvidia-* CUDA wheels, about 4 GiB; everything here runs on
-CPU.) Nothing is downloaded from the Hugging Face hub: the models are built from LlamaConfig.
+CPU.) Nothing is downloaded from the Hugging Face hub: the models are built from LlamaConfig,
+MistralConfig and Qwen2Config.
 
 For each variant it writes tests/data/hf/<variant>/:
   config.json, generation_config.json, model.safetensors  -- from model.save_pretrained()
@@ -34,11 +35,17 @@ Variants:
   bf16_untied     like untied_mha but stored in bfloat16; the expected values come from loading
                   that checkpoint back upcast to float32, so an fp32 engine reading bf16 storage
                   should match to fp32 tolerance
+  llama_bias      fp32 Llama with attention_bias and mlp_bias (biases on all seven projections),
+                  4 heads / 2 kv heads, untied, pad_token_id set
+  qwen2_tied      fp32 Qwen2ForCausalLM: q/k/v biases, 4 heads / 2 kv heads, tied embeddings,
+                  rope_theta 1e4 in rope_parameters, pad_token_id set
+  mistral_window  fp32 MistralForCausalLM with sliding_window 3 (shorter than the 7-token batch,
+                  so the window masks keys), 4 heads / 1 kv head, untied
 
-Weights: every matrix ~ N(0, 0.5^2), every RMSNorm weight = 1 + 0.1 * N(0, 1), so a mix-up of
-norm weights or a missed transpose shows. The expected values are always computed from the saved
-checkpoint loaded back with LlamaForCausalLM.from_pretrained (local directory), which also checks
-that the files round-trip through transformers.
+Weights: every matrix ~ N(0, 0.5^2), every bias ~ N(0, 0.5^2), every RMSNorm weight
+= 1 + 0.1 * N(0, 1), so a mix-up of norm weights, a missed bias or a missed transpose shows. The expected values are always computed from the saved
+checkpoint loaded back with AutoModelForCausalLM.from_pretrained (local directory), which also
+checks that the files round-trip through transformers.
 """
 
 import argparse
@@ -53,7 +60,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "tests" / "data" / "hf"
@@ -97,22 +109,50 @@ VARIANTS = {
         dtype=torch.float32,
     ),
     "bf16_untied": dict(seed=1003, config=dict(BASE), dtype=torch.bfloat16),
+    "llama_bias": dict(
+        seed=1004,
+        config=dict(
+            BASE, num_key_value_heads=2, attention_bias=True, mlp_bias=True, pad_token_id=0
+        ),
+        dtype=torch.float32,
+    ),
+    "qwen2_tied": dict(
+        seed=1005,
+        family=Qwen2Config,
+        config=dict(
+            {k: v for k, v in BASE.items() if k != "rope_theta"},
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            rms_norm_eps=1e-6,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),
+        dtype=torch.float32,
+    ),
+    "mistral_window": dict(
+        seed=1006,
+        family=MistralConfig,
+        config=dict(BASE, num_key_value_heads=1, sliding_window=3),
+        dtype=torch.float32,
+    ),
 }
 
 
-def init_weights(model: LlamaForCausalLM) -> None:
+def init_weights(model) -> None:
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
                 param.copy_(1.0 + 0.1 * torch.randn_like(param))
-            elif param.dim() >= 2:
+            elif param.dim() >= 2 or name.endswith(".bias"):
                 torch.nn.init.normal_(param, mean=0.0, std=0.5)
             else:
                 raise RuntimeError(f"unexpected 1-D parameter {name}")
 
 
-def load_fp32(directory: Path) -> LlamaForCausalLM:
-    model, info = LlamaForCausalLM.from_pretrained(
+def load_fp32(directory: Path):
+    model, info = AutoModelForCausalLM.from_pretrained(
         str(directory),
         dtype=torch.float32,
         attn_implementation="eager",
@@ -139,8 +179,8 @@ def make_batch(vocab: int, seed: int):
 
 def build_variant(name: str, spec: dict, out_root: Path) -> dict:
     torch.manual_seed(spec["seed"])
-    config = LlamaConfig(**spec["config"], attn_implementation="eager")
-    model = LlamaForCausalLM(config).to(torch.float32)
+    config = spec.get("family", LlamaConfig)(**spec["config"], attn_implementation="eager")
+    model = AutoModelForCausalLM.from_config(config).to(torch.float32)
     init_weights(model)
     model.eval()
 
@@ -157,6 +197,7 @@ def build_variant(name: str, spec: dict, out_root: Path) -> dict:
 
     # Expected values come from the checkpoint as transformers loads it back, in float32.
     ref = load_fp32(directory)
+    assert type(ref.config) is type(config), (type(ref.config), type(config))
     assert ref.config.tie_word_embeddings == spec["config"]["tie_word_embeddings"]
     if ref.config.tie_word_embeddings:
         assert ref.lm_head.weight.data_ptr() == ref.model.embed_tokens.weight.data_ptr()
@@ -175,6 +216,15 @@ def build_variant(name: str, spec: dict, out_root: Path) -> dict:
         ignore_index=IGNORE,
     )
     assert abs(manual.item() - loss.item()) < 1e-5, (manual.item(), loss.item())
+    if getattr(ref.config, "sliding_window", None):
+        # The window must shape the result, or the fixture would not test it.
+        assert config.sliding_window < SEQ
+        unlimited = AutoModelForCausalLM.from_config(
+            type(config)(**dict(spec["config"], sliding_window=None), attn_implementation="eager")
+        ).to(torch.float32)
+        unlimited.load_state_dict(ref.state_dict())
+        with torch.no_grad():
+            assert not torch.allclose(unlimited(input_ids).logits, logits.detach(), atol=1e-3)
 
     loss.backward()
     grad_norm_sq = 0.0
@@ -191,6 +241,7 @@ def build_variant(name: str, spec: dict, out_root: Path) -> dict:
         "storage_dtype": str(spec["dtype"]).replace("torch.", ""),
         "compute_dtype": "float32",
         "attn_implementation": "eager",
+        "architecture": ref.config.architectures[0],
         "tie_word_embeddings": bool(ref.config.tie_word_embeddings),
         "batch": BATCH,
         "seq": SEQ,

@@ -18,6 +18,8 @@ packages=(
   libssl-dev               # SHA-256 of checkpoint files (common/sha256)
   libcpp-httplib-dev       # REST/JSON for dashboards
   libgloo-dev              # collectives between the CPU ranks of a data-parallel job (worker/comm)
+  prometheus yamllint      # promtool and yamllint: offline checks of deploy/ (tests/deploy)
+  python3-venv             # tests/hf/hf_roundtrip_test.sh: its transformers environment
 )
 
 missing=()

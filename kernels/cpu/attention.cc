@@ -2,6 +2,7 @@
 
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -44,7 +45,8 @@ void attention_forward(float* out, float* probs, const float* q, const float* k,
     const int32_t* starts = first_key == nullptr ? nullptr : first_key + b * T;
     for (int64_t i = 0; i < T; ++i) {
       float* row = p + i * T;
-      const int64_t start = starts == nullptr ? 0 : starts[i];
+      int64_t start = starts == nullptr ? 0 : starts[i];
+      if (s.sliding_window > 0) start = std::max(start, i - s.sliding_window + 1);
       for (int64_t j = 0; j < start; ++j) row[j] = 0.0f;
       float max_score = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : max_score)
@@ -95,7 +97,8 @@ void attention_backward(float* dq, float* dk, float* dv, float* scratch, const f
       for (int64_t i = 0; i < T; ++i) {
         const float* prow = p + i * T;
         float* row = ds + i * T;
-        // Probabilities outside [first key, i] are exactly 0, so their dS is 0 too.
+        // Probabilities outside [first key, i] (and the sliding window) are exactly 0, so their dS
+        // is 0 too.
         float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
         for (int64_t j = 0; j <= i; ++j) dot += prow[j] * row[j];

@@ -13,7 +13,8 @@ namespace lomo::cpu {
 // the attended range), which the backward pass needs.
 // first_key: null for plain causal attention, or [batch·seq_len] giving for each query position
 // the first key position (within its row) it may attend to: packed samples attend only inside
-// their own sample. Must satisfy first_key[i] <= i.
+// their own sample. Must satisfy first_key[i] <= i. shape.sliding_window > 0 further limits query i
+// to the keys after i − sliding_window (both limits apply).
 void attention_forward(float* out, float* probs, const float* q, const float* k, const float* v,
                        const int32_t* first_key, const AttentionShape& shape);
 
@@ -22,7 +23,7 @@ int64_t attention_backward_scratch_floats(const AttentionShape& shape);
 
 // Overwrites dq, dk, dv (shapes of q, k, v) with the gradients; probs and the inputs are kept
 // intact so that backward can run twice over one forward. The attended ranges are read from the
-// zeros in probs, so no first_key is needed.
+// zeros in probs, so neither first_key nor the sliding window is needed.
 void attention_backward(float* dq, float* dk, float* dv, float* scratch, const float* dout,
                         const float* probs, const float* q, const float* k, const float* v,
                         const AttentionShape& shape);

@@ -7,6 +7,7 @@
 #include "kernels/cpu/adalomo_update.h"
 #include "kernels/cpu/adamw_update.h"
 #include "kernels/cpu/attention.h"
+#include "kernels/cpu/bias.h"
 #include "kernels/cpu/cross_entropy.h"
 #include "kernels/cpu/embedding.h"
 #include "kernels/cpu/gradient.h"
@@ -94,6 +95,13 @@ void CpuBackend::attention_backward(float* dq, float* dk, float* dv, float* scra
                                     const float* dout, const float* probs, const float* q,
                                     const float* k, const float* v, const AttentionShape& shape) {
   cpu::attention_backward(dq, dk, dv, scratch, dout, probs, q, k, v, shape);
+}
+
+void CpuBackend::bias_forward(float* y, const float* bias, int64_t rows, int64_t cols) {
+  cpu::bias_forward(y, bias, rows, cols);
+}
+void CpuBackend::bias_backward(float* dbias, const float* dy, int64_t rows, int64_t cols) {
+  cpu::bias_backward(dbias, dy, rows, cols);
 }
 
 void CpuBackend::swiglu_forward(float* out, const float* gate, const float* up, int64_t count) {

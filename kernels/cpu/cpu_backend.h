@@ -45,6 +45,9 @@ class CpuBackend final : public Backend {
                           const float* probs, const float* q, const float* k, const float* v,
                           const AttentionShape& shape) override;
 
+  void bias_forward(float* y, const float* bias, int64_t rows, int64_t cols) override;
+  void bias_backward(float* dbias, const float* dy, int64_t rows, int64_t cols) override;
+
   void swiglu_forward(float* out, const float* gate, const float* up, int64_t count) override;
   void swiglu_backward(float* dgate, float* dup, const float* dout, const float* gate,
                        const float* up, int64_t count) override;

@@ -53,15 +53,17 @@ __device__ WarpIndex warp_index() {
 }
 
 // One warp per probs row r = (b·num_heads + h)·T + i, holding scale·q·kᵀ: softmax over the keys
-// [start, i] in place, zeros elsewhere. Each lane reads and writes only its own columns j ≡ lane
+// [start, i] in place, zeros elsewhere; start is the row's first key, raised to i − window + 1 by a
+// sliding window (window > 0). Each lane reads and writes only its own columns j ≡ lane
 // (mod 32), so no synchronisation is needed between the passes.
 __global__ void softmax_rows_kernel(float* probs, const int32_t* first_key, int64_t rows,
-                                    int64_t seq_len, int64_t num_heads) {
+                                    int64_t seq_len, int64_t num_heads, int64_t window) {
   const int lane = threadIdx.x % kWarp;
   const WarpIndex w = warp_index();
   for (int64_t r = w.first; r < rows; r += w.count) {
     const int64_t i = r % seq_len, b = r / (num_heads * seq_len);
-    const int64_t start = first_key == nullptr ? 0 : first_key[b * seq_len + i];
+    int64_t start = first_key == nullptr ? 0 : first_key[b * seq_len + i];
+    if (window > 0 && i - window + 1 > start) start = i - window + 1;
     float* row = probs + r * seq_len;
     float max_score = -INFINITY;
     for (int64_t j = lane; j < seq_len; j += kWarp)
@@ -119,7 +121,7 @@ void attention_forward(cublasHandle_t handle, float* out, float* probs, const fl
       gemm(handle, attention_plan::scores(probs, q, k, shape, b, g, scale));
   const int64_t rows = shape.batch * shape.num_heads * shape.seq_len;
   softmax_rows_kernel<<<warp_row_blocks(rows), kThreadsPerBlock, 0, stream>>>(
-      probs, first_key, rows, shape.seq_len, shape.num_heads);
+      probs, first_key, rows, shape.seq_len, shape.num_heads, shape.sliding_window);
   LOMO_CUDA_CHECK(cudaGetLastError());
   for (int64_t b = 0; b < shape.batch; ++b)
     for (int64_t g = 0; g < group; ++g)

@@ -5,6 +5,7 @@
 #include <string>
 
 #include "kernels/cuda/attention.h"
+#include "kernels/cuda/bias.h"
 #include "kernels/cuda/cross_entropy.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/embedding.h"
@@ -226,6 +227,15 @@ void CudaBackend::attention_backward(float* dq, float* dk, float* dv, float* scr
                                      const float* k, const float* v, const AttentionShape& shape) {
   activate();
   cuda::attention_backward(cublas_, dq, dk, dv, scratch, dout, probs, q, k, v, shape, stream_);
+}
+
+void CudaBackend::bias_forward(float* y, const float* bias, int64_t rows, int64_t cols) {
+  activate();
+  cuda::bias_forward(y, bias, rows, cols, stream_);
+}
+void CudaBackend::bias_backward(float* dbias, const float* dy, int64_t rows, int64_t cols) {
+  activate();
+  cuda::bias_backward(dbias, dy, rows, cols, stream_);
 }
 
 void CudaBackend::swiglu_forward(float* out, const float* gate, const float* up, int64_t count) {

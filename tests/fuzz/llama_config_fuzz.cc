@@ -23,7 +23,9 @@ bool same(const lomo::LlamaConfig& a, const lomo::LlamaConfig& b) {
          x.high_freq_factor == y.high_freq_factor &&
          x.original_max_position_embeddings == y.original_max_position_embeddings &&
          a.tie_word_embeddings == b.tie_word_embeddings && a.bos_token_id == b.bos_token_id &&
-         a.eos_token_id == b.eos_token_id && a.torch_dtype == b.torch_dtype;
+         a.eos_token_id == b.eos_token_id && a.torch_dtype == b.torch_dtype &&
+         a.family == b.family && a.qkv_bias == b.qkv_bias && a.o_proj_bias == b.o_proj_bias &&
+         a.mlp_bias == b.mlp_bias && a.sliding_window == b.sliding_window;
 }
 
 }  // namespace

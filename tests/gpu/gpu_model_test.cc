@@ -52,6 +52,9 @@ struct Shape {
   int64_t vocab, hidden, intermediate, layers, heads, kv_heads, head_dim;
   int64_t batch, seq_len;
   bool tied = false, checkpointing = false, llama3_rope = false, packed = false;
+  // Llama attention_bias + mlp_bias (biases on all seven projections); Mistral's window (> 0).
+  bool biases = false;
+  int64_t sliding_window = 0;
 };
 
 void PrintTo(const Shape& s, std::ostream* os) { *os << s.name; }
@@ -69,6 +72,11 @@ LlamaConfig config_of(const Shape& s) {
   c.rms_norm_eps = 1e-5;
   c.rope_theta = 500.0;
   c.tie_word_embeddings = s.tied;
+  c.qkv_bias = c.o_proj_bias = c.mlp_bias = s.biases;
+  if (s.sliding_window > 0) {
+    c.family = ModelFamily::kMistral;
+    c.sliding_window = s.sliding_window;
+  }
   if (s.llama3_rope) {
     c.rope_scaling.type = RopeScaling::Type::kLlama3;
     c.rope_scaling.factor = 8.0;
@@ -121,6 +129,12 @@ struct DeviceModel {
     // the softmax so sharp that the fp32 rounding of the logits (5e-6 relative at 0.3·√hidden
     // scale) moves dlogits by 1e-4: then both backends are right and still 4e-5 apart.
     host.init_random(11, static_cast<float>(0.5 / std::sqrt(static_cast<double>(s.hidden))));
+    for (Parameter& p : host.parameters()) {  // init_random zeroes biases: make them count
+      if (!p.is_bias) continue;
+      std::vector<float> values(static_cast<size_t>(p.numel()));
+      for (size_t i = 0; i < values.size(); ++i) values[i] = 0.1f * std::sin(1.3f * (i + 1));
+      convert_from_float(p.dtype, values.data(), p.storage.data(), values.size());
+    }
     weights.copy_values_from(host);
     model = std::make_unique<LlamaModel>(weights, accountant, ModelOptions{s.checkpointing});
   }
@@ -206,6 +220,9 @@ const Shape kShapes[] = {
     // Sizes that are not multiples of any tile: vocab 1000, hidden 72, head_dim 12, T = 37.
     {"OddShapesGqa8", 1000, 96, 200, 2, 8, 1, 12, 3, 37},
     {"OddShapesGqa2", 1001, 72, 130, 2, 6, 3, 12, 2, 67, false, true},
+    // Projection biases (kernels/cuda/bias.cu) and Mistral's sliding window, packed too.
+    {"LlamaBiasesOddShapes", 1000, 72, 130, 2, 6, 3, 12, 2, 37, false, false, false, false, true},
+    {"MistralWindow3Packed", 13, 16, 20, 2, 4, 2, 4, 2, 37, false, true, false, true, false, 3},
 };
 
 INSTANTIATE_TEST_SUITE_P(Shapes, GpuModelTest, ::testing::ValuesIn(kShapes),

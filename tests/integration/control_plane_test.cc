@@ -353,7 +353,7 @@ TEST_F(ControlPlaneTest, LocalModeRunsTheExampleToSuccessAndLeavesTheCheckpoint)
                                 (state / "worker" / "jobs").string()));
   MemoryAccountant accountant;
   EXPECT_NO_THROW(load_llama_checkpoint(out, DType::kF32, accountant)) << output;
-  EXPECT_TRUE(fs::exists(out / "trainer_state.json"));
+  EXPECT_TRUE(fs::exists(out / "lomo_trainer_state.json"));
   // Both processes are gone.
   EXPECT_THAT(read_file(state / "worker.log"), HasSubstr("stopped"));
 }

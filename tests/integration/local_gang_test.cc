@@ -101,7 +101,7 @@ TEST_F(LocalGangTest, TwoWorkersTrainTheStandaloneLaunchersWeightsBitForBit) {
     MemoryAccountant accountant;
     EXPECT_NO_THROW(load_llama_checkpoint(out, DType::kF32, accountant)) << output;
   }
-  EXPECT_TRUE(fs::exists(out / "trainer_state.json"));
+  EXPECT_TRUE(fs::exists(out / "lomo_trainer_state.json"));
   // Each worker had its own directory and log, and both were stopped at the end.
   for (const std::string i : {"0", "1"}) {
     EXPECT_TRUE(fs::is_directory(state / ("worker-" + i)));

@@ -279,6 +279,40 @@ TEST_P(BackendKernels, SwigluForwardAndBackwardMatchLoops) {
   expect_close(download(bdu), dup, kFp32Tolerance, "swiglu dup");
 }
 
+// A linear layer's bias: added to every row; its gradient the column sums, over more columns than
+// a CPU block or a GPU thread block and more rows than a block, in the same bits every time.
+TEST_P(BackendKernels, BiasForwardAddsToEveryRowAndBackwardSumsTheColumns) {
+  for (const auto& [rows, cols] : {std::pair<int64_t, int64_t>{1, 1},
+                                   {7, 3},
+                                   {300, 70},
+                                   std::pair<int64_t, int64_t>{65, 513}}) {
+    const auto y0 = random_values(rows * cols, 80 + cols), bias = random_values(cols, 81 + cols);
+    const auto dy = random_values(rows * cols, 82 + cols);
+    std::vector<double> y = widen(y0), dbias(cols, 0.0);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) {
+        y[r * cols + c] += bias[c];
+        dbias[c] += dy[r * cols + c];
+      }
+    const std::string what = std::to_string(rows) + "x" + std::to_string(cols);
+    Buffer by = upload(y0), bb = upload(bias), bdy = upload(dy);
+    backend().bias_forward(by.as<float>(), bb.as<float>(), rows, cols);
+    EXPECT_EQ(download(by), std::vector<float>(y.begin(), y.end()))
+        << "one fp32 addition: " << what;
+    std::vector<float> first;
+    for (int repeat = 0; repeat < 2; ++repeat) {
+      Buffer bdb = upload(random_values(cols, 83));  // overwritten, not added to
+      backend().bias_backward(bdb.as<float>(), bdy.as<float>(), rows, cols);
+      // Sums of up to 300 terms of |x| <= 1: fp32 rounding stays far below 1e-5 of their scale.
+      expect_close(download(bdb), dbias, kFp32Tolerance, "bias dbias " + what);
+      if (repeat == 0)
+        first = download(bdb);
+      else
+        EXPECT_EQ(download(bdb), first) << "bias backward is deterministic: " << what;
+    }
+  }
+}
+
 TEST_P(BackendKernels, EmbeddingGathersRowsAndBackwardAddsIntoThem) {
   const int64_t vocab = 6, dim = 5;
   const std::vector<int32_t> tokens = {3, 0, 3, 5, 3, 1};  // repeats must add up
@@ -305,7 +339,8 @@ struct AttentionReference {
   std::vector<double> out, dq, dk, dv;
 };
 
-// Causal grouped-query attention in float64, straight from the definition, with optional packing.
+// Causal grouped-query attention in float64, straight from the definition, with optional packing
+// and shape.sliding_window (query i sees keys j > i − window).
 AttentionReference reference_attention(const AttentionShape& s, const std::vector<float>& q,
                                        const std::vector<float>& k, const std::vector<float>& v,
                                        const std::vector<float>& dout,
@@ -323,7 +358,8 @@ AttentionReference reference_attention(const AttentionShape& s, const std::vecto
       auto V = [&](int64_t t, int64_t d) { return double(v[(b * T + t) * kw + kh * D + d]); };
       auto dO = [&](int64_t t, int64_t d) { return double(dout[(b * T + t) * qw + h * D + d]); };
       for (int64_t i = 0; i < T; ++i) {
-        const int64_t start = first_key.empty() ? 0 : first_key[b * T + i];
+        int64_t start = first_key.empty() ? 0 : first_key[b * T + i];
+        if (s.sliding_window > 0) start = std::max(start, i - s.sliding_window + 1);
         std::vector<double> p(T, 0.0), dp(T, 0.0);
         double max_score = -1e300, sum = 0.0;
         for (int64_t j = start; j <= i; ++j) {
@@ -380,6 +416,41 @@ TEST_P(BackendKernels, AttentionForwardAndBackwardMatchLoopsWithGroupedHeadsAndP
     expect_close(download(dq), want.dq, kFp32Tolerance, "attention dq" + mode);
     expect_close(download(dk), want.dk, kFp32Tolerance, "attention dk" + mode);
     expect_close(download(dv), want.dv, kFp32Tolerance, "attention dv" + mode);
+  }
+}
+
+// Mistral's sliding window, alone and together with packing: windows of 1 (each token sees only
+// itself), 2, 3 and one longer than the row (no effect), over a row longer than a warp.
+TEST_P(BackendKernels, AttentionWithASlidingWindowMatchesLoops) {
+  for (const int64_t window : {1, 2, 3, 64}) {
+    const AttentionShape s{2, 37, 4, 2, 8, window};
+    const int64_t rows = s.batch * s.seq_len;
+    const auto q = random_values(rows * s.num_heads * s.head_dim, 40 + window, 2.0f);
+    const auto k = random_values(rows * s.num_kv_heads * s.head_dim, 50 + window, 2.0f);
+    const auto v = random_values(rows * s.num_kv_heads * s.head_dim, 60 + window);
+    const auto dout = random_values(q.size(), 70 + window);
+    std::vector<int32_t> packed(static_cast<size_t>(rows));  // samples of 5 tokens
+    for (int64_t i = 0; i < rows; ++i) packed[i] = static_cast<int32_t>((i % s.seq_len) / 5 * 5);
+    for (const std::vector<int32_t>& first_key : {std::vector<int32_t>{}, packed}) {
+      const std::string what =
+          "window " + std::to_string(window) + (first_key.empty() ? "" : " packed");
+      const AttentionReference want = reference_attention(s, q, k, v, dout, first_key);
+      Buffer bq = upload(q), bk = upload(k), bv = upload(v), bdout = upload(dout);
+      Buffer bfirst = first_key.empty() ? Buffer() : upload(first_key);
+      Buffer bout = zeros(q.size()), probs = zeros(s.batch * s.num_heads * s.seq_len * s.seq_len);
+      backend().attention_forward(bout.as<float>(), probs.as<float>(), bq.as<float>(),
+                                  bk.as<float>(), bv.as<float>(),
+                                  first_key.empty() ? nullptr : bfirst.as<int32_t>(), s);
+      expect_close(download(bout), want.out, 2e-5, what + " out");
+      Buffer scratch = zeros(static_cast<size_t>(backend().attention_backward_scratch_floats(s)));
+      Buffer dq = zeros(q.size()), dk = zeros(k.size()), dv = zeros(v.size());
+      backend().attention_backward(dq.as<float>(), dk.as<float>(), dv.as<float>(),
+                                   scratch.as<float>(), bdout.as<float>(), probs.as<float>(),
+                                   bq.as<float>(), bk.as<float>(), bv.as<float>(), s);
+      expect_close(download(dq), want.dq, 2e-5, what + " dq");
+      expect_close(download(dk), want.dk, 2e-5, what + " dk");
+      expect_close(download(dv), want.dv, 2e-5, what + " dv");
+    }
   }
 }
 

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -477,6 +478,50 @@ TEST_F(CheckpointIoTest, LoadsCheckpointsWrittenByTransformers) {
   }
 
   EXPECT_NO_THROW(load_llama_checkpoint(fixtures / "untied_mha", DType::kF32, accountant_));
+}
+
+// Each family's transformers checkpoint saves back as itself: every tensor (biases included) bit
+// for bit, and config.json with every key it had (layer_types, pad_token_id, rope_parameters,
+// transformers_version...) unchanged.
+TEST_F(CheckpointIoTest, FamilyCheckpointsSaveBackWithEveryTensorAndConfigKey) {
+  const fs::path fixtures = fs::path(LOMO_TEST_DATA_DIR) / "hf";
+  for (const char* variant : {"llama_bias", "qwen2_tied", "mistral_window", "tied_gqa_llama3"}) {
+    SCOPED_TRACE(variant);
+    const LlamaWeights loaded = load_llama_checkpoint(fixtures / variant, DType::kF32, accountant_);
+    fs::remove_all(dir_);
+    save_llama_checkpoint(loaded, dir_);
+    EXPECT_EQ(read_json(dir_ / "config.json"), read_json(fixtures / variant / "config.json"));
+    const SafetensorsFile original =
+        SafetensorsFile::open(fixtures / variant / "model.safetensors");
+    const SafetensorsFile resaved = SafetensorsFile::open(dir_ / "model.safetensors");
+    ASSERT_EQ(original.tensors().size(), resaved.tensors().size());
+    for (const SafetensorsTensorInfo& tensor : original.tensors()) {
+      std::vector<char> a(tensor.size_bytes()), b(tensor.size_bytes());
+      original.read_tensor(tensor.name, a.data());
+      resaved.read_tensor(tensor.name, b.data());
+      EXPECT_EQ(a, b) << tensor.name;
+    }
+  }
+}
+
+// A bias the config does not describe is an unknown tensor, and one it describes must be there.
+TEST_F(CheckpointIoTest, BiasTensorsMustMatchTheConfig) {
+  LlamaConfig config = tiny_config(false);
+  config.family = ModelFamily::kQwen2;
+  config.qkv_bias = true;
+  const LlamaWeights biased = random_weights(config, DType::kF32, accountant_);
+  std::vector<SafetensorsTensorView> views = views_of(biased);
+  const auto bias = std::find_if(views.begin(), views.end(), [](const SafetensorsTensorView& v) {
+    return v.name == "model.layers.1.self_attn.k_proj.bias";
+  });
+  ASSERT_NE(bias, views.end());
+  views.erase(bias);
+  write_checkpoint(config, views);
+  EXPECT_THAT(load_error(), HasSubstr("missing tensor 'model.layers.1.self_attn.k_proj.bias'"));
+
+  fs::remove_all(dir_);
+  write_checkpoint(tiny_config(false), views_of(biased));
+  EXPECT_THAT(load_error(), HasSubstr("'model.layers.0.self_attn.k_proj.bias'"));
 }
 
 TEST_F(CheckpointIoTest, ZeroShardLimitIsRejected) {

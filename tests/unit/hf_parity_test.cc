@@ -101,7 +101,31 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, HfParityTest,
                          ::testing::Values(ParityCase{"untied_mha", DType::kF32},
                                            ParityCase{"tied_gqa_llama3", DType::kF32},
                                            ParityCase{"bf16_untied", DType::kBF16},
-                                           ParityCase{"bf16_untied", DType::kF32}));
+                                           ParityCase{"bf16_untied", DType::kF32},
+                                           ParityCase{"llama_bias", DType::kF32},
+                                           ParityCase{"qwen2_tied", DType::kF32},
+                                           ParityCase{"mistral_window", DType::kF32}));
+
+// The families' fixtures are what they claim to be: the config lomo parsed has the biases and the
+// window that transformers built the model with (a fixture that lost them would pass the parity
+// test for the wrong reason).
+TEST(HfParityFixtures, FamilyFixturesCarryTheirBiasesAndWindow) {
+  MemoryAccountant accountant;
+  const LlamaWeights llama =
+      load_llama_checkpoint(kFixtures / "llama_bias", DType::kF32, accountant);
+  EXPECT_EQ(llama.config().family, ModelFamily::kLlama);
+  EXPECT_TRUE(llama.config().qkv_bias && llama.config().o_proj_bias && llama.config().mlp_bias);
+  const LlamaWeights qwen =
+      load_llama_checkpoint(kFixtures / "qwen2_tied", DType::kF32, accountant);
+  EXPECT_EQ(qwen.config().family, ModelFamily::kQwen2);
+  EXPECT_TRUE(qwen.config().qkv_bias);
+  EXPECT_FALSE(qwen.config().o_proj_bias || qwen.config().mlp_bias);
+  const LlamaWeights mistral =
+      load_llama_checkpoint(kFixtures / "mistral_window", DType::kF32, accountant);
+  EXPECT_EQ(mistral.config().family, ModelFamily::kMistral);
+  EXPECT_EQ(mistral.config().sliding_window, 3);
+  EXPECT_LT(mistral.config().sliding_window, read_expected("mistral_window")["seq"].get<int>());
+}
 
 }  // namespace
 }  // namespace lomo

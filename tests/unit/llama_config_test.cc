@@ -107,7 +107,41 @@ json with(json config, const std::string& key, json value) {
   return config;
 }
 
+// Qwen2.5-0.5B's config.json as published (transformers 4.x field names).
+json qwen2_config() {
+  return json::parse(R"({
+    "architectures": ["Qwen2ForCausalLM"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 151643,
+    "eos_token_id": 151643,
+    "hidden_act": "silu",
+    "hidden_size": 896,
+    "initializer_range": 0.02,
+    "intermediate_size": 4864,
+    "max_position_embeddings": 32768,
+    "max_window_layers": 24,
+    "model_type": "qwen2",
+    "num_attention_heads": 14,
+    "num_hidden_layers": 24,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0,
+    "sliding_window": 32768,
+    "tie_word_embeddings": true,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.40.1",
+    "use_cache": true,
+    "use_sliding_window": false,
+    "vocab_size": 151936
+  })");
+}
+
 void expect_same_config(const LlamaConfig& a, const LlamaConfig& b) {
+  EXPECT_EQ(a.family, b.family);
+  EXPECT_EQ(a.qkv_bias, b.qkv_bias);
+  EXPECT_EQ(a.o_proj_bias, b.o_proj_bias);
+  EXPECT_EQ(a.mlp_bias, b.mlp_bias);
+  EXPECT_EQ(a.sliding_window, b.sliding_window);
   EXPECT_EQ(a.vocab_size, b.vocab_size);
   EXPECT_EQ(a.hidden_size, b.hidden_size);
   EXPECT_EQ(a.intermediate_size, b.intermediate_size);
@@ -237,16 +271,21 @@ TEST(LlamaConfigTest, ReadsTransformers5FieldNames) {
 }
 
 TEST(LlamaConfigTest, RejectsOtherArchitecturesNamingThem) {
-  json mistral = minimal_config();
-  mistral["model_type"] = "mistral";
-  EXPECT_THAT(parse_error(mistral),
-              AllOf(HasSubstr("config.json"), HasSubstr("'model_type'"), HasSubstr("mistral")));
+  json gemma = minimal_config();
+  gemma["model_type"] = "gemma";
+  EXPECT_THAT(parse_error(gemma),
+              AllOf(HasSubstr("config.json"), HasSubstr("'model_type'"), HasSubstr("gemma")));
 
-  json qwen = minimal_config();
-  qwen.erase("model_type");
-  qwen["architectures"] = json::array({"Qwen2ForCausalLM"});
-  EXPECT_THAT(parse_error(qwen), AllOf(HasSubstr("config.json"), HasSubstr("'architectures'"),
-                                       HasSubstr("Qwen2ForCausalLM")));
+  json phi = minimal_config();
+  phi.erase("model_type");
+  phi["architectures"] = json::array({"Phi3ForCausalLM"});
+  EXPECT_THAT(parse_error(phi), AllOf(HasSubstr("config.json"), HasSubstr("'architectures'"),
+                                      HasSubstr("Phi3ForCausalLM")));
+
+  // A config whose two names disagree describes no single model.
+  json mixed = minimal_config();
+  mixed["architectures"] = json::array({"Qwen2ForCausalLM"});
+  EXPECT_THAT(parse_error(mixed), AllOf(HasSubstr("'model_type'"), HasSubstr("contradicts")));
 
   json unnamed = minimal_config();
   unnamed.erase("model_type");
@@ -259,12 +298,97 @@ TEST(LlamaConfigTest, RejectsOtherArchitecturesNamingThem) {
 TEST(LlamaConfigTest, RejectsComputationLomoDoesNotImplement) {
   EXPECT_THAT(parse_error(with(minimal_config(), "hidden_act", "gelu")),
               AllOf(HasSubstr("config.json: field 'hidden_act'"), HasSubstr("gelu")));
-  EXPECT_THAT(parse_error(with(minimal_config(), "attention_bias", true)),
-              HasSubstr("config.json: field 'attention_bias'"));
-  EXPECT_THAT(parse_error(with(minimal_config(), "mlp_bias", true)),
-              HasSubstr("config.json: field 'mlp_bias'"));
   EXPECT_THAT(parse_error(with(minimal_config(), "attention_bias", "no")),
               HasSubstr("config.json: field 'attention_bias': expected true or false"));
+  // Qwen2's sliding window covers only the layers from max_window_layers on: a per-layer mix.
+  json qwen_window = qwen2_config();
+  qwen_window["use_sliding_window"] = true;
+  qwen_window["sliding_window"] = 4096;
+  qwen_window["max_window_layers"] = 1;
+  EXPECT_THAT(parse_error(qwen_window), AllOf(HasSubstr("config.json: field 'use_sliding_window'"),
+                                              HasSubstr("qwen2"), HasSubstr("max_window_layers")));
+  json qwen_layers = qwen2_config();
+  qwen_layers["layer_types"] = json::array({"full_attention", "sliding_attention"});
+  EXPECT_THAT(parse_error(qwen_layers), HasSubstr("config.json: field 'layer_types'"));
+  // An explicit all-full layer_types list wins over use_sliding_window, as in Qwen2Config.
+  qwen_window["layer_types"] = json::array();
+  for (int i = 0; i < 24; ++i) qwen_window["layer_types"].push_back("full_attention");
+  EXPECT_EQ(parse(qwen_window).sliding_window, 0);
+}
+
+// Llama's attention_bias puts a bias on q/k/v/o_proj, mlp_bias on gate/up/down_proj.
+TEST(LlamaConfigTest, LlamaBiasFlagsChooseTheProjectionsWithBias) {
+  const LlamaConfig plain = parse(minimal_config());
+  EXPECT_EQ(plain.family, ModelFamily::kLlama);
+  EXPECT_FALSE(plain.qkv_bias || plain.o_proj_bias || plain.mlp_bias);
+  const LlamaConfig attention = parse(with(minimal_config(), "attention_bias", true));
+  EXPECT_TRUE(attention.qkv_bias && attention.o_proj_bias);
+  EXPECT_FALSE(attention.mlp_bias);
+  const LlamaConfig mlp = parse(with(minimal_config(), "mlp_bias", true));
+  EXPECT_FALSE(mlp.qkv_bias || mlp.o_proj_bias);
+  EXPECT_TRUE(mlp.mlp_bias);
+  EXPECT_EQ(plain.sliding_window, 0);
+}
+
+// Qwen2/Qwen2.5: q/k/v biases always (no config key says so), o_proj none; the sliding window is
+// off unless use_sliding_window, and then only if some layer reaches max_window_layers.
+TEST(LlamaConfigTest, ParsesQwen2WithQkvBiasesAndItsDefaults) {
+  json config = qwen2_config();
+  config.erase("max_position_embeddings");
+  const LlamaConfig c = parse(config);
+  EXPECT_EQ(c.family, ModelFamily::kQwen2);
+  EXPECT_TRUE(c.qkv_bias);
+  EXPECT_FALSE(c.o_proj_bias || c.mlp_bias);
+  EXPECT_EQ(c.sliding_window, 0);
+  EXPECT_EQ(c.max_position_embeddings, 32768);  // Qwen2Config's default
+  EXPECT_EQ(c.rope_theta, 1000000.0);
+  EXPECT_TRUE(c.tie_word_embeddings);
+  // use_sliding_window with every layer below max_window_layers slides nowhere.
+  config["use_sliding_window"] = true;
+  config["max_window_layers"] = 28;
+  EXPECT_EQ(parse(config).sliding_window, 0);
+  // Identified by its architecture alone, too.
+  config.erase("model_type");
+  EXPECT_EQ(parse(config).family, ModelFamily::kQwen2);
+}
+
+// MistralConfig defaults sliding_window to 4096 when the key is absent and num_key_value_heads to
+// 8; null switches the window off.
+TEST(LlamaConfigTest, ParsesMistralSlidingWindowAndItsDefaults) {
+  json config = minimal_config();
+  config["model_type"] = "mistral";
+  config["num_attention_heads"] = 8;
+  config["hidden_size"] = 32;
+  const LlamaConfig absent = parse(config);
+  EXPECT_EQ(absent.family, ModelFamily::kMistral);
+  EXPECT_EQ(absent.sliding_window, 4096);
+  EXPECT_EQ(absent.num_key_value_heads, 8);
+  EXPECT_EQ(absent.max_position_embeddings, 4096 * 32);
+  EXPECT_FALSE(absent.qkv_bias || absent.o_proj_bias || absent.mlp_bias);
+  EXPECT_EQ(parse(with(config, "sliding_window", nullptr)).sliding_window, 0);
+  EXPECT_EQ(parse(with(config, "sliding_window", 16)).sliding_window, 16);
+  EXPECT_THAT(parse_error(with(config, "sliding_window", 0)),
+              HasSubstr("config.json: field 'sliding_window': expected a positive integer"));
+  config["architectures"] = json::array({"MistralForCausalLM"});
+  EXPECT_EQ(parse(config).family, ModelFamily::kMistral);
+}
+
+TEST(LlamaConfigTest, ValidateRejectsBiasesAndWindowsTheFamilyCannotHave) {
+  LlamaConfig config = parse(minimal_config());
+  config.qkv_bias = true;  // without o_proj's: not expressible as attention_bias
+  EXPECT_THAT([&] { config.validate(); },
+              ::testing::ThrowsMessage<std::invalid_argument>(HasSubstr("'attention_bias'")));
+  config = parse(minimal_config());
+  config.sliding_window = 8;
+  EXPECT_THAT([&] { config.validate(); },
+              ::testing::ThrowsMessage<std::invalid_argument>(HasSubstr("'sliding_window'")));
+  config = parse(qwen2_config());
+  config.qkv_bias = false;
+  EXPECT_THROW(config.validate(), std::invalid_argument);
+  config = parse(minimal_config());
+  config.family = ModelFamily::kMistral;
+  config.mlp_bias = true;
+  EXPECT_THROW(config.validate(), std::invalid_argument);
 }
 
 TEST(LlamaConfigTest, RejectsRopeScalingOtherThanLlama3) {
@@ -388,9 +512,11 @@ TEST(LlamaConfigTest, JsonRoundTripPreservesEveryField) {
   expect_same_config(parse_llama_config(llama_config_to_json(tied), "again.json"), tied);
 }
 
-// The fields transformers.LlamaConfig reads, under their Hugging Face names and types.
+// The fields transformers.LlamaConfig reads, under their Hugging Face names and types, for a config
+// built in code (a parsed one writes its own document back: ToJsonKeepsEveryKeyLomoDoesNotOwn).
 TEST(LlamaConfigTest, ToJsonWritesHuggingFaceFieldNames) {
   LlamaConfig config = parse(minimal_config());
+  config.source_json.clear();
   config.torch_dtype = DType::kBF16;
   const json out = json::parse(llama_config_to_json(config));
   EXPECT_EQ(out["architectures"], json::array({"LlamaForCausalLM"}));
@@ -411,6 +537,65 @@ TEST(LlamaConfigTest, ToJsonWritesHuggingFaceFieldNames) {
   EXPECT_EQ(llama31["rope_scaling"]["rope_type"], "llama3");
   EXPECT_EQ(llama31["rope_scaling"]["factor"], 8.0);
   EXPECT_EQ(llama31["rope_scaling"]["original_max_position_embeddings"], 8192);
+}
+
+// What lomo does not model survives a save: the key transformers added (pad_token_id), keys of
+// newer versions it cannot know, the eos list, and the document's own forms (dtype,
+// rope_parameters) are written back as they were.
+TEST(LlamaConfigTest, ToJsonKeepsEveryKeyLomoDoesNotOwn) {
+  json original = minimal_config();
+  original["pad_token_id"] = 0;
+  original["some_future_key"] = {{"nested", json::array({1, 2})}};
+  original["eos_token_id"] = json::array({2, 7});
+  original["dtype"] = "bfloat16";
+  original["rope_parameters"] = {
+      {"rope_type", "default"}, {"rope_theta", 250000.0}, {"partial_rotary_factor", 1.0}};
+  LlamaConfig config = parse(original);
+  config.torch_dtype = DType::kF32;  // saved in another storage dtype
+  const json out = json::parse(llama_config_to_json(config));
+  EXPECT_EQ(out["pad_token_id"], 0);
+  EXPECT_EQ(out["some_future_key"], original["some_future_key"]);
+  EXPECT_EQ(out["eos_token_id"], json::array({2, 7}));
+  EXPECT_EQ(out["dtype"], "float32");
+  EXPECT_FALSE(out.contains("torch_dtype"));
+  EXPECT_EQ(out["rope_parameters"]["rope_theta"], 250000.0);
+  EXPECT_EQ(out["rope_parameters"]["partial_rotary_factor"], 1.0);
+  EXPECT_FALSE(out.contains("rope_scaling"));
+  EXPECT_FALSE(out.contains("rope_theta"));
+  for (const auto& [key, value] : original.items()) {
+    if (key == "dtype") continue;
+    EXPECT_EQ(out[key], value) << key;
+  }
+  expect_same_config(parse_llama_config(out.dump(), "again.json"), config);
+}
+
+TEST(LlamaConfigTest, ToJsonWritesEachFamilysArchitectureAndOptions) {
+  const LlamaConfig qwen = parse(qwen2_config());
+  const json qwen_out = json::parse(llama_config_to_json(qwen));
+  EXPECT_EQ(qwen_out["architectures"], json::array({"Qwen2ForCausalLM"}));
+  EXPECT_EQ(qwen_out["model_type"], "qwen2");
+  EXPECT_EQ(qwen_out["use_sliding_window"], false);
+  EXPECT_EQ(qwen_out["max_window_layers"], 24);  // kept
+  expect_same_config(parse_llama_config(qwen_out.dump(), "again.json"), qwen);
+
+  LlamaConfig mistral = parse(minimal_config());  // built in code: no source document
+  mistral.source_json.clear();
+  mistral.family = ModelFamily::kMistral;
+  mistral.sliding_window = 5;
+  const json mistral_out = json::parse(llama_config_to_json(mistral));
+  EXPECT_EQ(mistral_out["architectures"], json::array({"MistralForCausalLM"}));
+  EXPECT_EQ(mistral_out["sliding_window"], 5);
+  EXPECT_FALSE(mistral_out.contains("attention_bias"));
+  expect_same_config(parse_llama_config(mistral_out.dump(), "again.json"), mistral);
+  mistral.sliding_window = 0;  // written as null: absent would mean MistralConfig's 4096
+  EXPECT_TRUE(json::parse(llama_config_to_json(mistral))["sliding_window"].is_null());
+  expect_same_config(parse_llama_config(llama_config_to_json(mistral), "again.json"), mistral);
+
+  LlamaConfig biased = parse(with(minimal_config(), "mlp_bias", true));
+  biased.source_json.clear();
+  const json biased_out = json::parse(llama_config_to_json(biased));
+  EXPECT_EQ(biased_out["mlp_bias"], true);
+  EXPECT_EQ(biased_out["attention_bias"], false);
 }
 
 TEST(LlamaConfigTest, LoadNamesTheFile) {

@@ -24,6 +24,11 @@ struct Variant {
   bool checkpointing;
   bool llama3_rope;
   bool packed = false;
+  // The family's projection biases and sliding window (ModelFamily::kLlama: biases on every
+  // projection, as attention_bias + mlp_bias).
+  ModelFamily family = ModelFamily::kLlama;
+  bool biases = false;
+  int64_t sliding_window = 0;
 };
 
 void PrintTo(const Variant& v, std::ostream* os) { *os << v.name; }
@@ -41,6 +46,11 @@ LlamaConfig tiny_config(const Variant& v) {
   c.rms_norm_eps = 1e-5;
   c.rope_theta = 50.0;  // small theta so the short test sequences rotate visibly
   c.tie_word_embeddings = v.tied;
+  c.family = v.family;
+  c.qkv_bias = v.biases;
+  c.o_proj_bias = v.biases && v.family == ModelFamily::kLlama;
+  c.mlp_bias = v.biases && v.family == ModelFamily::kLlama;
+  c.sliding_window = v.sliding_window;
   if (v.llama3_rope) {
     c.rope_scaling.type = RopeScaling::Type::kLlama3;
     c.rope_scaling.factor = 8.0;
@@ -89,6 +99,16 @@ class RecordingSink : public GradientSink {
   MemoryAccountant& accountant_;
 };
 
+// init_random zeroes biases (as transformers does); visible biases make a test see whether they
+// enter the forward pass. Deterministic values of about the weights' size.
+void randomize_biases(LlamaWeights& weights) {
+  for (Parameter& p : weights.parameters()) {
+    if (!p.is_bias) continue;
+    float* values = p.storage.as<float>();
+    for (int64_t i = 0; i < p.numel(); ++i) values[i] = 0.4f * std::sin(1.7f * (i + 1));
+  }
+}
+
 class LlamaModelTest : public ::testing::TestWithParam<Variant> {};
 
 TEST_P(LlamaModelTest, LogitsAndLossMatchFloat64Reference) {
@@ -96,6 +116,7 @@ TEST_P(LlamaModelTest, LogitsAndLossMatchFloat64Reference) {
   MemoryAccountant accountant;
   LlamaWeights weights(tiny_config(v), DType::kF32, accountant);
   weights.init_random(7, 0.5f);
+  randomize_biases(weights);
   LlamaModel model(weights, accountant, {v.checkpointing});
   const TokenBatch batch = tiny_batch(v);
 
@@ -120,6 +141,7 @@ TEST_P(LlamaModelTest, GradientsMatchFloat64FiniteDifferences) {
   MemoryAccountant accountant;
   LlamaWeights weights(tiny_config(v), DType::kF32, accountant);
   weights.init_random(11, 0.5f);
+  randomize_biases(weights);
   LlamaModel model(weights, accountant, {v.checkpointing});
   const TokenBatch batch = tiny_batch(v);
   RecordingSink sink(accountant);
@@ -157,6 +179,7 @@ TEST_P(LlamaModelTest, EachGradientIsDeliveredOnceInReverseOrderWithOneBuffer) {
   MemoryAccountant accountant;
   LlamaWeights weights(tiny_config(v), DType::kF32, accountant);
   weights.init_random(3, 0.5f);
+  randomize_biases(weights);
   LlamaModel model(weights, accountant, {v.checkpointing});
   RecordingSink sink(accountant);
   model.forward(tiny_batch(false));
@@ -184,6 +207,7 @@ TEST_P(LlamaModelTest, SecondBackwardOverOneForwardGivesIdenticalGradients) {
   MemoryAccountant accountant;
   LlamaWeights weights(tiny_config(v), DType::kF32, accountant);
   weights.init_random(5, 0.5f);
+  randomize_biases(weights);
   LlamaModel model(weights, accountant, {v.checkpointing});
   RecordingSink first(accountant), second(accountant);
   model.forward(tiny_batch(v));
@@ -194,14 +218,24 @@ TEST_P(LlamaModelTest, SecondBackwardOverOneForwardGivesIdenticalGradients) {
 
 INSTANTIATE_TEST_SUITE_P(
     Variants, LlamaModelTest,
-    ::testing::Values(Variant{"UntiedMultiHead", false, 4, false, false},
-                      Variant{"UntiedMultiHeadCheckpointed", false, 4, true, false},
-                      Variant{"TiedGroupedQuery", true, 2, false, false},
-                      Variant{"TiedGroupedQueryCheckpointed", true, 2, true, false},
-                      Variant{"MultiQueryLlama3Rope", false, 1, false, true},
-                      Variant{"MultiQueryLlama3RopeCheckpointed", false, 1, true, true},
-                      Variant{"PackedSamples", false, 2, false, false, true},
-                      Variant{"PackedSamplesTiedCheckpointed", true, 2, true, false, true}),
+    ::testing::Values(
+        Variant{"UntiedMultiHead", false, 4, false, false},
+        Variant{"UntiedMultiHeadCheckpointed", false, 4, true, false},
+        Variant{"TiedGroupedQuery", true, 2, false, false},
+        Variant{"TiedGroupedQueryCheckpointed", true, 2, true, false},
+        Variant{"MultiQueryLlama3Rope", false, 1, false, true},
+        Variant{"MultiQueryLlama3RopeCheckpointed", false, 1, true, true},
+        Variant{"PackedSamples", false, 2, false, false, true},
+        Variant{"PackedSamplesTiedCheckpointed", true, 2, true, false, true},
+        Variant{"LlamaAttentionAndMlpBiases", false, 2, false, false, false, ModelFamily::kLlama,
+                true},
+        Variant{"LlamaBiasesCheckpointed", false, 4, true, false, false, ModelFamily::kLlama, true},
+        Variant{"Qwen2QkvBiasesTied", true, 2, false, false, false, ModelFamily::kQwen2, true},
+        Variant{"Qwen2QkvBiasesPacked", false, 2, false, false, true, ModelFamily::kQwen2, true},
+        Variant{"MistralSlidingWindow", false, 2, false, false, false, ModelFamily::kMistral, false,
+                2},
+        Variant{"MistralSlidingWindowPackedCheckpointed", false, 1, true, false, true,
+                ModelFamily::kMistral, false, 2}),
     [](const ::testing::TestParamInfo<Variant>& info) { return info.param.name; });
 
 TEST(LlamaModelCheckpointing, GradientsAreBitIdenticalWithAndWithoutCheckpointing) {

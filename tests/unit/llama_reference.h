@@ -1,5 +1,7 @@
 // A straightforward float64 LLaMA forward written from the Hugging Face definition, independent of
 // the engine's kernels: loops, no BLAS, no shared helpers. Tests compare the engine against it.
+// Projection biases (Llama attention_bias/mlp_bias, Qwen2) are added when the parameters hold
+// them; Mistral's sliding window masks keys as transformers does.
 #pragma once
 
 #include <cmath>
@@ -36,6 +38,19 @@ inline Tensor64 reference_linear(const Tensor64& x, const Tensor64& w, size_t ro
       for (size_t i = 0; i < in; ++i) sum += x[r * in + i] * w[o * in + i];
       y[r * out + o] = sum;
     }
+  return y;
+}
+
+// reference_linear plus the projection's bias `name` + ".bias" when the parameters hold one (the
+// weight is `name` + ".weight").
+inline Tensor64 reference_projection(const Tensor64& x, const std::map<std::string, Tensor64>& p,
+                                     const std::string& name, size_t rows, size_t in, size_t out) {
+  Tensor64 y = reference_linear(x, p.at(name + ".weight"), rows, in, out);
+  const auto bias = p.find(name + ".bias");
+  if (bias != p.end()) {
+    for (size_t r = 0; r < rows; ++r)
+      for (size_t o = 0; o < out; ++o) y[r * out + o] += bias->second[o];
+  }
   return y;
 }
 
@@ -126,9 +141,9 @@ inline double reference_loss(const LlamaConfig& c, const std::map<std::string, T
     const std::string pre = "model.layers." + std::to_string(l) + ".";
     Tensor64 h =
         reference_rmsnorm(x, p.at(pre + "input_layernorm.weight"), rows, H, c.rms_norm_eps);
-    Tensor64 q = reference_linear(h, p.at(pre + "self_attn.q_proj.weight"), rows, H, nh * d);
-    Tensor64 k = reference_linear(h, p.at(pre + "self_attn.k_proj.weight"), rows, H, nkv * d);
-    Tensor64 v = reference_linear(h, p.at(pre + "self_attn.v_proj.weight"), rows, H, nkv * d);
+    Tensor64 q = reference_projection(h, p, pre + "self_attn.q_proj", rows, H, nh * d);
+    Tensor64 k = reference_projection(h, p, pre + "self_attn.k_proj", rows, H, nkv * d);
+    Tensor64 v = reference_projection(h, p, pre + "self_attn.v_proj", rows, H, nkv * d);
     reference_rope(q, positions, nh, c);
     reference_rope(k, positions, nkv, c);
     Tensor64 attn(rows * nh * d, 0.0);
@@ -139,7 +154,11 @@ inline double reference_loss(const LlamaConfig& c, const std::map<std::string, T
           std::vector<double> score(i + 1);
           double max_score = -1e300;
           for (size_t j = 0; j <= i; ++j) {
-            if (!same_sample(b * T + j, b * T + i)) {
+            // Mistral's window: keys j with j > i − sliding_window only.
+            const bool outside_window =
+                c.sliding_window > 0 &&
+                static_cast<int64_t>(i) - static_cast<int64_t>(j) >= c.sliding_window;
+            if (!same_sample(b * T + j, b * T + i) || outside_window) {
               score[j] = -1e300;  // exp underflows to exactly 0
               continue;
             }
@@ -158,14 +177,14 @@ inline double reference_loss(const LlamaConfig& c, const std::map<std::string, T
                   score[j] / sum * v[((b * T + j) * nkv + kv_head) * d + e];
         }
       }
-    Tensor64 o = reference_linear(attn, p.at(pre + "self_attn.o_proj.weight"), rows, nh * d, H);
+    Tensor64 o = reference_projection(attn, p, pre + "self_attn.o_proj", rows, nh * d, H);
     for (size_t i = 0; i < x.size(); ++i) x[i] += o[i];
     h = reference_rmsnorm(x, p.at(pre + "post_attention_layernorm.weight"), rows, H,
                           c.rms_norm_eps);
-    Tensor64 gate = reference_linear(h, p.at(pre + "mlp.gate_proj.weight"), rows, H, I);
-    Tensor64 up = reference_linear(h, p.at(pre + "mlp.up_proj.weight"), rows, H, I);
+    Tensor64 gate = reference_projection(h, p, pre + "mlp.gate_proj", rows, H, I);
+    Tensor64 up = reference_projection(h, p, pre + "mlp.up_proj", rows, H, I);
     for (size_t i = 0; i < gate.size(); ++i) gate[i] = gate[i] / (1 + std::exp(-gate[i])) * up[i];
-    Tensor64 down = reference_linear(gate, p.at(pre + "mlp.down_proj.weight"), rows, I, H);
+    Tensor64 down = reference_projection(gate, p, pre + "mlp.down_proj", rows, I, H);
     for (size_t i = 0; i < x.size(); ++i) x[i] += down[i];
   }
   Tensor64 h = reference_rmsnorm(x, p.at("model.norm.weight"), rows, H, c.rms_norm_eps);

@@ -75,6 +75,53 @@ class FullGradient : public GradientSink {
   std::map<std::string, std::vector<float>> grads;
 };
 
+// Biases (Llama attention_bias + mlp_bias) are parameters like any other for the fused optimizers:
+// their gradients reach LOMO and AdaLomo, and like norm weights they are exempt from weight decay
+// (as Hugging Face's Trainer exempts them).
+TEST(LomoOptimizer, BiasesAreUpdatedFromTheirGradientsAndExemptFromWeightDecay) {
+  LlamaConfig config = tiny_config();
+  config.qkv_bias = config.o_proj_bias = config.mlp_bias = true;
+  const double lr = 0.05, weight_decay = 0.1;
+  for (const auto kind : {OptimizerOptions::Kind::kLomo, OptimizerOptions::Kind::kAdaLomo}) {
+    MemoryAccountant accountant;
+    LlamaWeights weights(config, DType::kF32, accountant),
+        reference(config, DType::kF32, accountant);
+    weights.init_random(5, 0.3f);
+    reference.init_random(5, 0.3f);
+    for (LlamaWeights* w : {&weights, &reference}) {
+      for (Parameter& p : w->parameters()) {
+        if (!p.is_bias) continue;
+        for (int64_t i = 0; i < p.numel(); ++i)
+          p.storage.as<float>()[i] = 0.1f * std::cos(i + 1.0f);
+      }
+    }
+    LlamaModel model(weights, accountant), reference_model(reference, accountant);
+    OptimizerOptions options;
+    options.kind = kind;
+    options.weight_decay = weight_decay;
+    auto optimizer = make_optimizer(options, weights, accountant, nullptr);
+    FullGradient full;
+    reference_model.forward(batch_for_step(1));
+    reference_model.backward(full);
+    model.forward(batch_for_step(1));
+    optimizer->step(model, 1, lr);
+    int biases = 0;
+    for (Parameter& p : reference.parameters()) {
+      if (!p.is_bias) continue;
+      ++biases;
+      EXPECT_TRUE(p.skips_weight_decay()) << p.name;
+      const std::vector<float> before = values_of(p), after = values_of(*weights.find(p.name));
+      EXPECT_NE(before, after) << p.name << " was not updated";
+      if (kind != OptimizerOptions::Kind::kLomo) continue;
+      for (int64_t i = 0; i < p.numel(); ++i) {
+        const double want = before[i] - lr * full.grads[p.name][i];  // keep = 1: no decay
+        ASSERT_NEAR(after[i], want, 1e-6 * (1.0 + std::abs(want))) << p.name << "[" << i << "]";
+      }
+    }
+    EXPECT_EQ(biases, 2 * 7);  // seven projections in each of two layers
+  }
+}
+
 TEST(LomoOptimizer, LomoStepEqualsSgdOnTheFullGradient) {
   TinyReplica fused, materialized, reference;
   OptimizerOptions options;

@@ -574,12 +574,13 @@ TEST(TrainerOnJsonl, PackedChatTrainingResumesBitForBitAndReportsAccuracy) {
   EXPECT_TRUE(train(interrupted, options, stop_hooks).stopped);
   const TrainResult second = train(interrupted, {}, {});
   EXPECT_EQ(second.steps_done, 8);
-  for (const char* file : {"model.safetensors", "optimizer.safetensors", "trainer_state.json"}) {
+  for (const char* file :
+       {"model.safetensors", "optimizer.safetensors", "lomo_trainer_state.json"}) {
     EXPECT_EQ(file_bytes(full.last_checkpoint / file), file_bytes(second.last_checkpoint / file))
         << file;
   }
   const nlohmann::json state =
-      nlohmann::json::parse(file_bytes(full.last_checkpoint / "trainer_state.json"));
+      nlohmann::json::parse(file_bytes(full.last_checkpoint / "lomo_trainer_state.json"));
   EXPECT_EQ(state["data_cursor"]["fingerprint"].get<std::string>().size(), 16u);
 
   const std::vector<nlohmann::json> lines = metric_lines(straight);

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <thread>
 #include <vector>
@@ -136,7 +137,7 @@ TEST_P(ResumeTest, ResumedRunEqualsUninterruptedRunBitForBit) {
   EXPECT_EQ(b.filename(), "step-00000012");
   EXPECT_EQ(file_bytes(a / "model.safetensors"), file_bytes(b / "model.safetensors"));
   EXPECT_EQ(file_bytes(a / "optimizer.safetensors"), file_bytes(b / "optimizer.safetensors"));
-  EXPECT_EQ(file_bytes(a / "trainer_state.json"), file_bytes(b / "trainer_state.json"));
+  EXPECT_EQ(file_bytes(a / "lomo_trainer_state.json"), file_bytes(b / "lomo_trainer_state.json"));
   // The metrics of both runs agree line for line (the interrupted one logged every step once).
   std::ifstream ma(fs::path(straight.output.dir) / "metrics.jsonl"),
       mb(fs::path(interrupted.output.dir) / "metrics.jsonl");
@@ -207,6 +208,65 @@ TEST(Trainer, ACheckpointsManifestListsItsFilesAndAResumeRefusesATamperedOne) {
   }
   // Nothing was trained past it.
   EXPECT_FALSE(fs::exists(fs::path(spec.output.dir) / "checkpoints" / "step-00000012"));
+}
+
+// A checkpoint is a complete Hugging Face model directory: the model's tokenizer files and
+// generation_config.json byte for byte, config.json with the keys lomo does not own, and lomo's
+// own state under a name of its own (Hugging Face's Trainer writes trainer_state.json).
+TEST(Trainer, ACheckpointCarriesTheTokenizerGenerationConfigAndEveryConfigKey) {
+  Workspace ws("complete_hf_output");
+  const fs::path model = ws.root / "model";
+  const fs::path tokenizers = fs::path(LOMO_TEST_DATA_DIR) / "tokenizers" / "qwen2_style";
+  fs::copy_file(tokenizers / "tokenizer.json", model / "tokenizer.json");
+  fs::copy_file(tokenizers / "tokenizer_config.json", model / "tokenizer_config.json");
+  std::ofstream(model / "generation_config.json") << R"({"do_sample": true, "temperature": 0.7})";
+  nlohmann::json config = nlohmann::json::parse(file_bytes(model / "config.json"));
+  config["pad_token_id"] = 3;
+  config["a_key_of_a_newer_transformers"] = {{"kept", true}};
+  std::ofstream(model / "config.json", std::ios::trunc) << config.dump(2);
+
+  JobSpec spec = ws.spec("lomo", "out");
+  spec.training.steps = 2;
+  const fs::path checkpoint = train(spec, {}, {}).last_checkpoint;
+  for (const char* file : {"tokenizer.json", "tokenizer_config.json", "generation_config.json"}) {
+    EXPECT_EQ(file_bytes(checkpoint / file), file_bytes(model / file)) << file;
+  }
+  EXPECT_EQ(nlohmann::json::parse(file_bytes(checkpoint / "config.json")), config);
+  EXPECT_TRUE(fs::exists(checkpoint / "lomo_trainer_state.json"));
+  EXPECT_FALSE(fs::exists(checkpoint / "trainer_state.json"));
+
+  // Without a generation_config.json of its own, the model gets transformers' derived one.
+  fs::remove(model / "generation_config.json");
+  spec.output.dir = (ws.root / "derived").string();
+  const fs::path derived = train(spec, {}, {}).last_checkpoint;
+  const nlohmann::json generation =
+      nlohmann::json::parse(file_bytes(derived / "generation_config.json"));
+  EXPECT_EQ(generation["pad_token_id"], 3);
+  EXPECT_EQ(generation["eos_token_id"], config["eos_token_id"]);
+  EXPECT_EQ(generation["_from_model_config"], true);
+}
+
+// A checkpoint written before the state file was renamed (trainer_state.json) still resumes, to
+// the same weights as an uninterrupted run.
+TEST(Trainer, ACheckpointWithTheOldStateFileNameResumes) {
+  Workspace ws("legacy_state_name");
+  const TrainResult full = train(ws.spec("adalomo", "straight"), {}, {});
+  const JobSpec spec = ws.spec("adalomo", "old");
+  std::atomic<bool> stop{false};
+  TrainerHooks hooks;
+  hooks.on_step = [&](const TrainingMetrics& m) {
+    if (m.step == 5) stop = true;
+  };
+  TrainerOptions options;
+  options.stop_requested = &stop;
+  const fs::path old = train(spec, options, hooks).last_checkpoint;
+  fs::rename(old / "lomo_trainer_state.json", old / "trainer_state.json");
+  write_checkpoint_manifest(old);  // as the older trainer wrote it
+
+  const TrainResult resumed = train(spec, {}, {});
+  EXPECT_EQ(resumed.steps_done, 12);
+  EXPECT_EQ(file_bytes(resumed.last_checkpoint / "model.safetensors"),
+            file_bytes(full.last_checkpoint / "model.safetensors"));
 }
 
 TEST(Trainer, LossFallsAndEvalIsReported) {

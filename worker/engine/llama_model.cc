@@ -223,8 +223,8 @@ void LlamaModel::prepare_backward_buffers() {
 
 AttentionShape LlamaModel::attention_shape(int64_t batch_size, int64_t seq_len) const {
   const LlamaConfig& c = weights_.config();
-  return AttentionShape{batch_size, seq_len, c.num_attention_heads, c.num_key_value_heads,
-                        c.head_dim};
+  return AttentionShape{batch_size, seq_len,         c.num_attention_heads, c.num_key_value_heads,
+                        c.head_dim, c.sliding_window};
 }
 
 void LlamaModel::ensure_rope_table(int64_t max_position) {
@@ -340,6 +340,9 @@ void LlamaModel::layer_forward(int64_t l, const float* x_in, LayerActivations& a
                           /*accumulate=*/false);
   backend_.matmul_forward(f32(a.v), f32(a.h1), weight_f32(*w.v_proj), rows, kv_width, hidden,
                           /*accumulate=*/false);
+  add_bias(f32(a.q), w.q_bias, rows);
+  add_bias(f32(a.k), w.k_bias, rows);
+  add_bias(f32(a.v), w.v_bias, rows);
   backend_.rope_forward(f32(a.q), positions, rope_table_, rows, c.num_attention_heads);
   backend_.rope_forward(f32(a.k), positions, rope_table_, rows, c.num_key_value_heads);
   backend_.attention_forward(
@@ -350,6 +353,7 @@ void LlamaModel::layer_forward(int64_t l, const float* x_in, LayerActivations& a
   backend_.matmul_forward(f32(a.x_mid), f32(a.attn_out), weight_f32(*w.o_proj), rows, hidden,
                           q_width,
                           /*accumulate=*/true);
+  add_bias(f32(a.x_mid), w.o_bias, rows);
 
   backend_.rmsnorm_forward(f32(a.h2), f32(a.rstd2), f32(a.x_mid),
                            weight_f32(*w.post_attention_norm), rows, hidden, eps);
@@ -357,11 +361,26 @@ void LlamaModel::layer_forward(int64_t l, const float* x_in, LayerActivations& a
                           /*accumulate=*/false);
   backend_.matmul_forward(f32(a.up), f32(a.h2), weight_f32(*w.up_proj), rows, inter, hidden,
                           /*accumulate=*/false);
+  add_bias(f32(a.gate), w.gate_bias, rows);
+  add_bias(f32(a.up), w.up_bias, rows);
   backend_.swiglu_forward(f32(a.act), f32(a.gate), f32(a.up), rows * inter);
   if (x_out == nullptr) return;
   backend_.copy(x_out, f32(a.x_mid), static_cast<size_t>(rows * hidden) * sizeof(float));
   backend_.matmul_forward(x_out, f32(a.act), weight_f32(*w.down_proj), rows, hidden, inter,
                           /*accumulate=*/true);
+  add_bias(x_out, w.down_bias, rows);
+}
+
+void LlamaModel::add_bias(float* y, const Parameter* bias, int64_t rows) {
+  if (bias == nullptr) return;
+  backend_.bias_forward(y, weight_f32(*bias), rows, bias->numel());
+}
+
+void LlamaModel::deliver_bias(GradientSink& sink, Parameter* bias, const float* dy, int64_t rows) {
+  if (bias == nullptr) return;
+  float* gradient = f32(workspace_->gradient);
+  backend_.bias_backward(gradient, dy, rows, bias->numel());
+  deliver(sink, *bias, gradient);
 }
 
 void LlamaModel::deliver(GradientSink& sink, Parameter& parameter, float* gradient) {
@@ -462,6 +481,7 @@ void LlamaModel::layer_backward(int64_t l, GradientSink& sink, const float* x_in
   backend_.matmul_backward_weight(gradient, d_residual, f32(a.act), rows, hidden, inter,
                                   /*accumulate=*/false);
   deliver(sink, *w.down_proj, gradient);
+  deliver_bias(sink, w.down_bias, d_residual, rows);
   backend_.swiglu_backward(f32(ws.d_gate), f32(ws.d_up), f32(ws.d_act), f32(a.gate), f32(a.up),
                            rows * inter);
   backend_.matmul_backward_input(d_normed, f32(ws.d_gate), weight_f32(*w.gate_proj), rows, inter,
@@ -472,9 +492,11 @@ void LlamaModel::layer_backward(int64_t l, GradientSink& sink, const float* x_in
   backend_.matmul_backward_weight(gradient, f32(ws.d_gate), f32(a.h2), rows, inter, hidden,
                                   /*accumulate=*/false);
   deliver(sink, *w.gate_proj, gradient);
+  deliver_bias(sink, w.gate_bias, f32(ws.d_gate), rows);
   backend_.matmul_backward_weight(gradient, f32(ws.d_up), f32(a.h2), rows, inter, hidden,
                                   /*accumulate=*/false);
   deliver(sink, *w.up_proj, gradient);
+  deliver_bias(sink, w.up_bias, f32(ws.d_up), rows);
   backend_.rmsnorm_backward(d_residual, gradient, d_normed, f32(a.x_mid),
                             weight_f32(*w.post_attention_norm), f32(a.rstd2), rows, hidden);
   deliver(sink, *w.post_attention_norm, gradient);
@@ -485,6 +507,7 @@ void LlamaModel::layer_backward(int64_t l, GradientSink& sink, const float* x_in
   backend_.matmul_backward_weight(gradient, d_residual, f32(a.attn_out), rows, hidden, q_width,
                                   /*accumulate=*/false);
   deliver(sink, *w.o_proj, gradient);
+  deliver_bias(sink, w.o_bias, d_residual, rows);
   backend_.attention_backward(f32(ws.dq), f32(ws.dk), f32(ws.dv), f32(ws.attention_scratch),
                               f32(ws.d_attn_out), f32(a.probs), f32(a.q), f32(a.k), f32(a.v),
                               attention_shape(activations_->batch_size, activations_->seq_len));
@@ -501,12 +524,15 @@ void LlamaModel::layer_backward(int64_t l, GradientSink& sink, const float* x_in
   backend_.matmul_backward_weight(gradient, f32(ws.dq), f32(a.h1), rows, q_width, hidden,
                                   /*accumulate=*/false);
   deliver(sink, *w.q_proj, gradient);
+  deliver_bias(sink, w.q_bias, f32(ws.dq), rows);
   backend_.matmul_backward_weight(gradient, f32(ws.dk), f32(a.h1), rows, kv_width, hidden,
                                   /*accumulate=*/false);
   deliver(sink, *w.k_proj, gradient);
+  deliver_bias(sink, w.k_bias, f32(ws.dk), rows);
   backend_.matmul_backward_weight(gradient, f32(ws.dv), f32(a.h1), rows, kv_width, hidden,
                                   /*accumulate=*/false);
   deliver(sink, *w.v_proj, gradient);
+  deliver_bias(sink, w.v_bias, f32(ws.dv), rows);
   backend_.rmsnorm_backward(d_residual, gradient, d_normed, x_in, weight_f32(*w.input_norm),
                             f32(a.rstd1), rows, hidden);
   deliver(sink, *w.input_norm, gradient);

@@ -99,6 +99,11 @@ class LlamaModel {
   void upload_indices(Activations& acts);
   // Hands `gradient` (the parameter's shape, fp32, on this device) to the sink.
   void deliver(GradientSink& sink, Parameter& parameter, float* gradient);
+  // y [rows, bias width] += bias; nothing when the projection has no bias (null).
+  void add_bias(float* y, const Parameter* bias, int64_t rows);
+  // The bias's gradient, the column sums of its projection's output gradient dy [rows, width],
+  // to the sink; nothing for a null bias. Uses the shared gradient buffer.
+  void deliver_bias(GradientSink& sink, Parameter* bias, const float* dy, int64_t rows);
 
   Backend& backend_;
   LlamaWeights& weights_;

@@ -35,30 +35,43 @@ LlamaWeights::LlamaWeights(const LlamaConfig& config, DType storage, MemoryAccou
   const int64_t hidden = config.hidden_size;
   const int64_t q_width = config.num_attention_heads * config.head_dim;
   const int64_t kv_width = config.num_key_value_heads * config.head_dim;
-  auto add = [&](std::string name, std::vector<int64_t> shape, bool is_norm = false) {
+  enum class Kind { kMatrix, kNorm, kBias };
+  auto add = [&](std::string name, std::vector<int64_t> shape, Kind kind = Kind::kMatrix) {
     Parameter p;
     p.name = std::move(name);
     p.shape = std::move(shape);
     p.dtype = storage;
-    p.is_norm_weight = is_norm;
+    p.is_norm_weight = kind == Kind::kNorm;
+    p.is_bias = kind == Kind::kBias;
     p.storage = Buffer(accountant, MemoryKind::kParameters, p.size_bytes());
     parameters_.push_back(std::move(p));
+    return parameters_.size() - 1;
+  };
+  // A projection's weight, then its bias when the config gives it one (Hugging Face's order).
+  auto add_projection = [&](const std::string& name, int64_t out, int64_t in, bool bias,
+                            size_t& weight_index, size_t& bias_index) {
+    weight_index = add(name + ".weight", {out, in});
+    if (bias) bias_index = add(name + ".bias", {out}, Kind::kBias);
   };
   add("model.embed_tokens.weight", {config.vocab_size, hidden});
+  const int64_t inter = config.intermediate_size;
   for (int64_t i = 0; i < config.num_hidden_layers; ++i) {
     const std::string prefix = "model.layers." + std::to_string(i) + ".";
-    add(prefix + "input_layernorm.weight", {hidden}, true);
-    add(prefix + "self_attn.q_proj.weight", {q_width, hidden});
-    add(prefix + "self_attn.k_proj.weight", {kv_width, hidden});
-    add(prefix + "self_attn.v_proj.weight", {kv_width, hidden});
-    add(prefix + "self_attn.o_proj.weight", {hidden, q_width});
-    add(prefix + "post_attention_layernorm.weight", {hidden}, true);
-    add(prefix + "mlp.gate_proj.weight", {config.intermediate_size, hidden});
-    add(prefix + "mlp.up_proj.weight", {config.intermediate_size, hidden});
-    add(prefix + "mlp.down_proj.weight", {hidden, config.intermediate_size});
+    LayerIndices l{};
+    l.input_norm = add(prefix + "input_layernorm.weight", {hidden}, Kind::kNorm);
+    const std::string attn = prefix + "self_attn.";
+    add_projection(attn + "q_proj", q_width, hidden, config.qkv_bias, l.q_proj, l.q_bias);
+    add_projection(attn + "k_proj", kv_width, hidden, config.qkv_bias, l.k_proj, l.k_bias);
+    add_projection(attn + "v_proj", kv_width, hidden, config.qkv_bias, l.v_proj, l.v_bias);
+    add_projection(attn + "o_proj", hidden, q_width, config.o_proj_bias, l.o_proj, l.o_bias);
+    l.post_attention_norm = add(prefix + "post_attention_layernorm.weight", {hidden}, Kind::kNorm);
+    const std::string mlp = prefix + "mlp.";
+    add_projection(mlp + "gate_proj", inter, hidden, config.mlp_bias, l.gate_proj, l.gate_bias);
+    add_projection(mlp + "up_proj", inter, hidden, config.mlp_bias, l.up_proj, l.up_bias);
+    add_projection(mlp + "down_proj", hidden, inter, config.mlp_bias, l.down_proj, l.down_bias);
+    layers_.push_back(l);
   }
-  final_norm_index_ = parameters_.size();
-  add("model.norm.weight", {hidden}, true);
+  final_norm_index_ = add("model.norm.weight", {hidden}, Kind::kNorm);
   if (!config.tie_word_embeddings) add("lm_head.weight", {config.vocab_size, hidden});
 }
 
@@ -77,9 +90,14 @@ LlamaLayerWeights LlamaWeights::layer(int64_t index) {
   if (index < 0 || index >= config_.num_hidden_layers) {
     throw std::out_of_range("layer index " + std::to_string(index) + " out of range");
   }
-  Parameter* base = &parameters_[1 + static_cast<size_t>(index) * 9];
-  return LlamaLayerWeights{base,     base + 1, base + 2, base + 3, base + 4,
-                           base + 5, base + 6, base + 7, base + 8};
+  const LayerIndices& l = layers_[static_cast<size_t>(index)];
+  auto at = [this](size_t i) { return i == kNone ? nullptr : &parameters_[i]; };
+  return LlamaLayerWeights{at(l.input_norm), at(l.q_proj),    at(l.k_proj),
+                           at(l.v_proj),     at(l.o_proj),    at(l.post_attention_norm),
+                           at(l.gate_proj),  at(l.up_proj),   at(l.down_proj),
+                           at(l.q_bias),     at(l.k_bias),    at(l.v_bias),
+                           at(l.o_bias),     at(l.gate_bias), at(l.up_bias),
+                           at(l.down_bias)};
 }
 
 int64_t LlamaWeights::parameter_count() const {
@@ -102,8 +120,8 @@ void LlamaWeights::init_random(uint64_t seed, float stddev) {
     const uint64_t stream = mix_bits(seed ^ mix_bits(t + 1));
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < count; ++i) {
-      if (p.is_norm_weight) {
-        values[static_cast<size_t>(i)] = 1.0f;
+      if (p.is_norm_weight || p.is_bias) {
+        values[static_cast<size_t>(i)] = p.is_norm_weight ? 1.0f : 0.0f;
         continue;
       }
       // Box-Muller on two hashed uniforms.

@@ -39,7 +39,8 @@ double parse_exact(const std::map<std::string, std::string>& metadata, const std
 }
 
 bool decays(const OptimizerOptions& options, const Parameter& parameter) {
-  return options.weight_decay > 0.0 && (!parameter.is_norm_weight || options.weight_decay_on_norms);
+  return options.weight_decay > 0.0 &&
+         (!parameter.skips_weight_decay() || options.weight_decay_on_norms);
 }
 
 // p ← p·(1 − lr·wd) − lr·g: LOMO's rule and SGD's.

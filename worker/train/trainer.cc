@@ -21,6 +21,7 @@
 #include "worker/comm/metered_communicator.h"
 #include "worker/engine/checkpoint_io.h"
 #include "worker/engine/llama_model.h"
+#include "worker/engine/model_files.h"
 #include "worker/optim/lr_schedule.h"
 #include "worker/optim/optimizer.h"
 #include "worker/train/multiple_choice_eval.h"
@@ -31,7 +32,11 @@ namespace lomo {
 namespace fs = std::filesystem;
 namespace {
 
-constexpr const char* kTrainerStateFile = "trainer_state.json";
+// lomo's own state, named apart from the trainer_state.json of Hugging Face's Trainer (another
+// schema) so that tools reading a checkpoint never mistake one for the other. Checkpoints written
+// before the rename hold kLegacyTrainerStateFile, which resume still reads.
+constexpr const char* kTrainerStateFile = "lomo_trainer_state.json";
+constexpr const char* kLegacyTrainerStateFile = "trainer_state.json";
 constexpr const char* kOptimizerStateFile = "optimizer.safetensors";
 constexpr const char* kJobSpecFile = "job.yaml";
 constexpr const char* kMetricsFile = "metrics.jsonl";
@@ -111,17 +116,49 @@ TrainerState read_trainer_state(const fs::path& file) {
   }
 }
 
+// The state file of a checkpoint: lomo_trainer_state.json, or the name older checkpoints used.
+fs::path trainer_state_file(const fs::path& checkpoint) {
+  fs::path current = checkpoint / kTrainerStateFile;
+  std::error_code error;
+  if (!fs::exists(current, error) && fs::exists(checkpoint / kLegacyTrainerStateFile, error)) {
+    return checkpoint / kLegacyTrainerStateFile;
+  }
+  return current;
+}
+
+// Where the files that make a checkpoint a complete Hugging Face model directory come from: the
+// model directory (the tokenizer's own directory when tokenizer.path names one); a resumed run
+// whose model directory is not on this machine takes them from the checkpoint it resumed, which
+// carries them.
+struct CompanionSources {
+  fs::path model_dir;
+  fs::path tokenizer_dir;
+};
+
+CompanionSources companion_sources(const JobSpec& spec,
+                                   const std::optional<fs::path>& resumed_from) {
+  CompanionSources sources{spec.model.path, spec.model.path};
+  std::error_code error;
+  if (!fs::is_directory(sources.model_dir, error) && resumed_from) {
+    sources = {*resumed_from, *resumed_from};
+  }
+  if (!spec.tokenizer.path.empty()) sources.tokenizer_dir = spec.tokenizer.path;
+  return sources;
+}
+
 // Writes everything a resume needs into a temporary directory, then renames it into place and
 // points `latest` at it: a crash at any moment leaves the previous checkpoint as the latest.
 fs::path write_checkpoint(const fs::path& output_dir, const JobSpec& spec,
                           const LlamaWeights& weights, const Optimizer& optimizer,
-                          const TrainerState& state) {
+                          const TrainerState& state, const CompanionSources& companions) {
   const fs::path root = checkpoints_directory(output_dir);
   fs::create_directories(root);
   const fs::path temporary = temporary_checkpoint_directory(root, state.step);
   fs::path final_dir = checkpoint_directory(root, state.step);
   fs::remove_all(temporary);
   save_llama_checkpoint(weights, temporary);
+  write_model_companion_files(companions.model_dir, companions.tokenizer_dir, temporary,
+                              weights.config());
   optimizer.save_state(temporary / kOptimizerStateFile);
   write_file_atomically(temporary / kTrainerStateFile, to_json(state).dump(2) + "\n");
   write_file_atomically(temporary / kJobSpecFile, job_spec_to_yaml(spec));
@@ -448,7 +485,7 @@ class TrainingRun {
   // Continues from `checkpoint`: step, optimizer state and data cursor, after checking that the
   // job still describes the run that wrote it.
   void restore(const fs::path& checkpoint) {
-    const fs::path state_file = checkpoint / kTrainerStateFile;
+    const fs::path state_file = trainer_state_file(checkpoint);
     state_ = read_trainer_state(state_file);
     if (state_.total_steps != total_steps_) {
       throw CheckpointError(state_file.string() + ": was written for " +
@@ -534,7 +571,8 @@ class TrainingRun {
     state_.cursor = train_data_.cursor();
     state_.data_fingerprint = data_fingerprint_;
     if (rank_ == 0) {
-      result_.last_checkpoint = write_checkpoint(output_dir_, spec_, weights_, *optimizer_, state_);
+      result_.last_checkpoint = write_checkpoint(output_dir_, spec_, weights_, *optimizer_, state_,
+                                                 companion_sources(spec_, resume_from_));
     } else {
       result_.last_checkpoint =
           checkpoint_directory(checkpoints_directory(output_dir_), state_.step);
