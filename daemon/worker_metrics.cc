@@ -1,9 +1,13 @@
 #include "daemon/worker_metrics.h"
 
-#include <prometheus/text_serializer.h>
+#include <httplib.h>
+#include <sys/socket.h>
 
 #include <algorithm>
+#include <chrono>
 #include <stdexcept>
+
+#include "common/process_metrics.h"
 
 namespace lomo::daemon {
 namespace {
@@ -28,6 +32,25 @@ prometheus::Family<prometheus::Counter>* counter_family(prometheus::Registry& re
                                                         const std::string& name,
                                                         const std::string& help) {
   return &prometheus::BuildCounter().Name(name).Help(help).Register(registry);
+}
+
+// "HOST:PORT" or "[V6]:PORT" split in two; std::runtime_error naming the flag when malformed.
+std::pair<std::string, int> split_listen(const std::string& listen) {
+  const size_t colon = listen.rfind(':');
+  int port = -1;
+  if (colon != std::string::npos && colon + 1 < listen.size() &&
+      listen.find_first_not_of("0123456789", colon + 1) == std::string::npos &&
+      listen.size() - colon <= 6) {
+    port = std::stoi(listen.substr(colon + 1));
+  }
+  if (port < 0 || port > 65535) {
+    throw std::runtime_error("--metrics-listen " + listen + ": expected HOST:PORT");
+  }
+  std::string host = listen.substr(0, colon);
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
+    host = host.substr(1, host.size() - 2);
+  }
+  return {host.empty() ? "0.0.0.0" : host, port};
 }
 
 }  // namespace
@@ -83,22 +106,57 @@ WorkerMetrics::WorkerMetrics(const std::string& listen)
                      "Time this rank spent in collectives, waiting included");
   communication_bytes_total_family_ = counter_family(r, "lomo_worker_communication_bytes_total",
                                                      "Payload bytes this rank all-reduced");
-  if (!listen.empty()) {
-    try {
-      exposer_ = std::make_unique<prometheus::Exposer>(listen);
-    } catch (const std::exception& e) {
-      throw std::runtime_error("--metrics-listen " + listen +
-                               ": cannot serve /metrics: " + e.what());
-    }
-    exposer_->RegisterCollectable(registry_);
-  }
+  if (!listen.empty()) serve(listen);
 }
 
-int WorkerMetrics::port() const {
-  if (!exposer_) return 0;
-  const std::vector<int> ports = exposer_->GetListeningPorts();
-  return ports.empty() ? 0 : ports.front();
+WorkerMetrics::~WorkerMetrics() {
+  if (!server_thread_.joinable()) return;
+  // httplib's stop() does nothing before the listening loop runs, which would then never end:
+  // wait for the loop (or its early return) first.
+  while (!server_->is_running() && !listen_returned_) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  server_->stop();
+  server_thread_.join();
 }
+
+void WorkerMetrics::serve(const std::string& listen) {
+  const auto [host, port] = split_listen(listen);
+  server_ = std::make_unique<httplib::Server>();
+  // httplib's default SO_REUSEPORT would let a second worker bind the same port and share its
+  // scrapes; SO_REUSEADDR alone makes an address in use an error.
+  server_->set_socket_options([](socket_t sock) {
+    int yes = 1;
+    ::setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
+  });
+  server_->new_task_queue = [] { return new httplib::ThreadPool(2); };
+  server_->Get("/metrics", [this](const httplib::Request&, httplib::Response& response) {
+    response.set_content(render(), kPrometheusContentType);
+  });
+  // Liveness: the daemon's process answers. Losing the coordinator is not a reason to restart a
+  // worker (it reconnects by itself), so that is /readyz's business only.
+  server_->Get("/healthz", [](const httplib::Request&, httplib::Response& response) {
+    response.set_content("ok\n", "text/plain; charset=utf-8");
+  });
+  server_->Get("/readyz", [this](const httplib::Request&, httplib::Response& response) {
+    const bool ready = connected_now_.load();
+    response.status = ready ? 200 : 503;
+    response.set_content(ready ? "ok\n" : "not registered with the coordinator\n",
+                         "text/plain; charset=utf-8");
+  });
+  port_ = port == 0 ? server_->bind_to_any_port(host) : port;
+  if (port_ <= 0 || (port != 0 && !server_->bind_to_port(host, port))) {
+    throw std::runtime_error("--metrics-listen " + listen +
+                             ": cannot serve /metrics (port in use, or not an address of this "
+                             "host)");
+  }
+  server_thread_ = std::thread([this] {
+    server_->listen_after_bind();
+    listen_returned_ = true;
+  });
+}
+
+int WorkerMetrics::port() const { return port_; }
 
 void WorkerMetrics::observe_step(const lomo::v1::TrainingMetrics& m, int64_t tokens_per_step) {
   steps_->Increment();
@@ -139,7 +197,7 @@ void WorkerMetrics::replace_rank_series(const prometheus::Labels& labels) {
 }
 
 void WorkerMetrics::observe_rank_step(const std::string& job_id, int rank, const RankStep& step) {
-  const prometheus::Labels labels{{"job", job_id}, {"rank", std::to_string(rank)}};
+  const prometheus::Labels labels{{"job_id", job_id}, {"rank", std::to_string(rank)}};
   if (!rank_series_ || labels != rank_labels_) replace_rank_series(labels);
   rank_series_->step_seconds->Set(step.step_seconds);
   rank_series_->communication_seconds->Set(step.communication_seconds);
@@ -161,7 +219,10 @@ void WorkerMetrics::job_finished(lomo::v1::JobState state) {
   jobs_family_->Add({{"outcome", outcome}}).Increment();
 }
 
-void WorkerMetrics::set_connected(bool connected) { connected_->Set(connected ? 1 : 0); }
+void WorkerMetrics::set_connected(bool connected) {
+  connected_->Set(connected ? 1 : 0);
+  connected_now_ = connected;
+}
 
 void WorkerMetrics::connection_established() { connections_->Increment(); }
 
@@ -170,7 +231,7 @@ void WorkerMetrics::checkpoint_bytes_uploaded(int64_t bytes) {
 }
 
 std::string WorkerMetrics::render() const {
-  return prometheus::TextSerializer().Serialize(registry_->Collect());
+  return serialize_with_process_metrics(registry_->Collect());
 }
 
 }  // namespace lomo::daemon

@@ -1,23 +1,30 @@
 // The worker's Prometheus metrics (DESIGN.md, "Observability"): prefix lomo_, base units, counters
-// ending in _total, no per-step labels. Served on --metrics-listen at /metrics. The per-rank step
-// and communication metrics carry {job, rank} so that the ranks of a gang, each on its own worker,
-// can be compared (a straggler is the rank whose peers spend their steps waiting in
-// collectives); only the latest job's series are kept, so the labels stay bounded.
+// ending in _total, no per-step labels. Served on --metrics-listen at /metrics, beside /healthz
+// (the daemon answers: liveness) and /readyz (registered with the coordinator). The per-rank step
+// and communication metrics carry {job_id, rank} so that the ranks of a gang, each on its own
+// worker, can be compared (a straggler is the rank whose peers spend their steps waiting in
+// collectives); only the latest job's series are kept, so the labels stay bounded. The label is
+// job_id, not job: Prometheus gives every target a `job` label of its own.
 #pragma once
 
 #include <prometheus/counter.h>
-#include <prometheus/exposer.h>
 #include <prometheus/family.h>
 #include <prometheus/gauge.h>
 #include <prometheus/histogram.h>
 #include <prometheus/registry.h>
 
+#include <atomic>
 #include <map>
 #include <memory>
 #include <optional>
 #include <string>
+#include <thread>
 
 #include "lomo/v1/jobs.pb.h"
+
+namespace httplib {
+class Server;
+}
 
 namespace lomo::daemon {
 
@@ -30,9 +37,13 @@ struct RankStep {
 
 class WorkerMetrics {
  public:
-  // `listen` ("127.0.0.1:9400", "0.0.0.0:0"): serve /metrics there; empty: keep the metrics
-  // without serving them. Throws std::runtime_error when the address cannot be bound.
+  // `listen` ("127.0.0.1:9400", "0.0.0.0:0", "[::]:9400"): serve /metrics, /healthz and /readyz
+  // there; empty: keep the metrics without serving them. Throws std::runtime_error when the
+  // address cannot be bound.
   explicit WorkerMetrics(const std::string& listen);
+  ~WorkerMetrics();
+  WorkerMetrics(const WorkerMetrics&) = delete;
+  WorkerMetrics& operator=(const WorkerMetrics&) = delete;
 
   // The bound port (0 when not serving): "…:0" picks a free one.
   int port() const;
@@ -47,12 +58,18 @@ class WorkerMetrics {
   void connection_established();
   void checkpoint_bytes_uploaded(int64_t bytes);
 
-  // The text exposition format, as /metrics serves it.
+  // The text exposition format, as /metrics serves it (lomo_build_info and process_* included).
   std::string render() const;
 
  private:
+  void serve(const std::string& listen);
+
   std::shared_ptr<prometheus::Registry> registry_;
-  std::unique_ptr<prometheus::Exposer> exposer_;
+  std::unique_ptr<httplib::Server> server_;
+  std::thread server_thread_;
+  int port_ = 0;
+  std::atomic<bool> listen_returned_{false};
+  std::atomic<bool> connected_now_{false};
 
   prometheus::Histogram* step_duration_;
   prometheus::Counter* steps_;
@@ -72,7 +89,7 @@ class WorkerMetrics {
   prometheus::Counter* connections_;
   prometheus::Counter* checkpoint_bytes_;
 
-  // The series of the rank that reported last, under {job, rank}.
+  // The series of the rank that reported last, under {job_id, rank}.
   struct RankSeries {
     prometheus::Gauge* step_seconds;
     prometheus::Gauge* communication_seconds;

@@ -1,10 +1,9 @@
 #include "server/metrics.h"
 
-#include <prometheus/text_serializer.h>
-
 #include <algorithm>
 #include <cctype>
 
+#include "common/process_metrics.h"
 #include "server/job_text.h"
 
 namespace lomo::server {
@@ -123,7 +122,9 @@ void Metrics::set_job_progress(const std::string& job_id, const v1::TrainingMetr
   std::lock_guard lock(jobs_mu_);
   auto it = job_gauges_.find(job_id);
   if (it == job_gauges_.end()) {
-    const prometheus::Labels labels{{"job", job_id}};
+    // job_id, not job: Prometheus gives each target a `job` label of its own, and a scraped `job`
+    // would be renamed exported_job.
+    const prometheus::Labels labels{{"job_id", job_id}};
     it = job_gauges_
              .emplace(job_id, JobGauges{&job_loss_.Add(labels), &job_tokens_per_second_.Add(labels),
                                         &job_step_.Add(labels)})
@@ -145,7 +146,7 @@ void Metrics::remove_job(const std::string& job_id) {
 }
 
 std::string Metrics::serialize() const {
-  return prometheus::TextSerializer().Serialize(registry_->Collect());
+  return serialize_with_process_metrics(registry_->Collect());
 }
 
 }  // namespace lomo::server

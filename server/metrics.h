@@ -39,12 +39,13 @@ class Metrics {
   void count_heartbeat_timeout() { heartbeat_timeouts_->Increment(); }
   void count_checkpoint(bool committed, int64_t bytes);
 
-  // Per-job training gauges (lomo_job_loss, lomo_job_tokens_per_second, lomo_job_step).
+  // Per-job training gauges (lomo_job_loss, lomo_job_tokens_per_second, lomo_job_step), labelled
+  // {job_id}.
   void set_job_progress(const std::string& job_id, const v1::TrainingMetrics& metrics);
   // The job ended: its series disappear from the next scrape.
   void remove_job(const std::string& job_id);
 
-  // The Prometheus text exposition format of every series.
+  // The Prometheus text exposition format of every series, lomo_build_info and process_* included.
   std::string serialize() const;
 
  private:

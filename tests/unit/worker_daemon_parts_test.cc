@@ -930,18 +930,19 @@ TEST(WorkerMetricsTest, EachRanksStepAndCommunicationTimesAreLabelledWithJobAndR
   metrics.observe_rank_step("job-a", 1, {0.25, 0.0625, 4096});
   std::string text = metrics.render();
   // Gauges hold the latest step; counters its sums (all values exact in binary).
-  EXPECT_THAT(text, HasSubstr("lomo_worker_step_seconds{job=\"job-a\",rank=\"1\"} 0.25"));
+  EXPECT_THAT(text, HasSubstr("lomo_worker_step_seconds{job_id=\"job-a\",rank=\"1\"} 0.25"));
   EXPECT_THAT(text,
-              HasSubstr("lomo_worker_communication_seconds{job=\"job-a\",rank=\"1\"} 0.0625"));
-  EXPECT_THAT(text, HasSubstr("lomo_worker_step_seconds_total{job=\"job-a\",rank=\"1\"} 0.75"));
+              HasSubstr("lomo_worker_communication_seconds{job_id=\"job-a\",rank=\"1\"} 0.0625"));
+  EXPECT_THAT(text, HasSubstr("lomo_worker_step_seconds_total{job_id=\"job-a\",rank=\"1\"} 0.75"));
   EXPECT_THAT(
-      text, HasSubstr("lomo_worker_communication_seconds_total{job=\"job-a\",rank=\"1\"} 0.1875"));
+      text,
+      HasSubstr("lomo_worker_communication_seconds_total{job_id=\"job-a\",rank=\"1\"} 0.1875"));
   EXPECT_THAT(text,
-              HasSubstr("lomo_worker_communication_bytes_total{job=\"job-a\",rank=\"1\"} 8192"));
+              HasSubstr("lomo_worker_communication_bytes_total{job_id=\"job-a\",rank=\"1\"} 8192"));
   // The next job's series replace the last one's: the labels stay bounded.
   metrics.observe_rank_step("job-b", 0, {1.0, 0.5, 16});
   text = metrics.render();
-  EXPECT_THAT(text, HasSubstr("lomo_worker_step_seconds{job=\"job-b\",rank=\"0\"} 1"));
+  EXPECT_THAT(text, HasSubstr("lomo_worker_step_seconds{job_id=\"job-b\",rank=\"0\"} 1"));
   EXPECT_THAT(text, Not(HasSubstr("job-a")));
 }
 
