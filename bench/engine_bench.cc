@@ -2,6 +2,7 @@
 // against this machine's own sgemm rate. Prints figures; asserts nothing (see docs/PERFORMANCE.md).
 //
 //   engine_bench [--steps N] [--batch B] [--seq T] [--layers L] [--checkpointing off|on|both]
+//                [--precision fp32|bf16]
 #include <omp.h>
 
 #include <algorithm>
@@ -14,6 +15,7 @@
 
 #include "bench/reference_workload.h"
 #include "kernels/backend.h"
+#include "kernels/cpu/gemm_dispatch.h"
 #include "worker/engine/llama_model.h"
 
 namespace {
@@ -54,6 +56,7 @@ class SquaredNormSink : public lomo::GradientSink {
 
 struct Args {
   std::string checkpointing = "both";  // off | on | both
+  std::string precision = "fp32";      // fp32 | bf16 (Backend::MatmulPrecision of the model step)
   int steps = 3;
   int64_t batch = 4, seq = 256, layers = 8;
 };
@@ -65,6 +68,8 @@ Args parse_args(int argc, char** argv) {
     const long value = std::strtol(argv[i + 1], nullptr, 10);
     if (flag == "--checkpointing")
       args.checkpointing = argv[i + 1];
+    else if (flag == "--precision")
+      args.precision = argv[i + 1];
     else if (flag == "--steps")
       args.steps = static_cast<int>(value);
     else if (flag == "--batch")
@@ -81,6 +86,16 @@ Args parse_args(int argc, char** argv) {
   return args;
 }
 
+// What the CPU offers (cpuid) and which kernel class the GEMM library chose for it.
+void print_gemm_kernel() {
+  const lomo::cpu::CpuFeatures f = lomo::cpu::cpu_features();
+  const lomo::cpu::GemmKernel k = lomo::cpu::gemm_kernel();
+  std::printf("cpu: avx2 %d, avx512f %d, avx512_bf16 %d, amx_bf16 %d\n", f.avx2, f.avx512f,
+              f.avx512_bf16, f.amx_bf16);
+  std::printf("gemm: %s, kernel isa %s%s, bf16 %s\n", k.library.c_str(), k.isa.c_str(),
+              k.generic ? " (GENERIC)" : "", lomo::cpu::bf16_matmul_supported() ? "yes" : "no");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -88,12 +103,28 @@ int main(int argc, char** argv) {
   const lomo::LlamaConfig config = lomo::bench::reference_config(args.layers);
 
   std::printf("threads: %d\n", omp_get_max_threads());
+  print_gemm_kernel();
   const double square = sgemm_gflops(2048, 2048, 2048);
   std::printf("sgemm 2048^3: %.1f GFLOP/s  (roofline used below)\n", square);
   const int64_t rows = args.batch * args.seq;
   std::printf("sgemm model shapes: qkvo %.1f, mlp-up %.1f, mlp-down %.1f, lm-head %.1f GFLOP/s\n",
               sgemm_gflops(rows, 512, 512), sgemm_gflops(rows, 1376, 512),
               sgemm_gflops(rows, 512, 1376), sgemm_gflops(rows, 32000, 512));
+  if (args.precision == "bf16") {
+    lomo::backend_for(lomo::Device::cpu())
+        .set_matmul_precision(lomo::Backend::MatmulPrecision::kBf16);
+    std::printf(
+        "bf16 matmul (%s): 2048^3 %.1f GFLOP/s; model shapes: qkvo %.1f, mlp-up %.1f, "
+        "mlp-down %.1f, lm-head %.1f GFLOP/s\n",
+        lomo::cpu::bf16_matmul_implementation(rows, 512, 512).c_str(),
+        sgemm_gflops(2048, 2048, 2048), sgemm_gflops(rows, 512, 512), sgemm_gflops(rows, 1376, 512),
+        sgemm_gflops(rows, 512, 1376), sgemm_gflops(rows, 32000, 512));
+  } else if (args.precision != "fp32") {
+    std::fprintf(stderr, "--precision: expected fp32 or bf16, got %s\n", args.precision.c_str());
+    return 2;
+  }
+  std::printf("model step matmul precision: %s (rooflines below are fp32 sgemm)\n",
+              args.precision.c_str());
 
   for (bool checkpointing : {false, true}) {
     if (args.checkpointing != "both" && (args.checkpointing == "on") != checkpointing) continue;

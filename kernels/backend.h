@@ -50,7 +50,10 @@ class Backend {
   // faster, ~1e-3 relative). A backend without such hardware ignores it. The trainer asks for
   // kTf32 when the weights are stored in bf16/fp16, whose 7/10 mantissa bits are no finer. On the
   // CUDA backend the setting covers every cuBLAS product, attention's (fp32 activations) too.
-  enum class MatmulPrecision : uint8_t { kFp32, kTf32 };
+  // kBf16 (CPU): the linear layers' products take bf16-rounded inputs with fp32 accumulation on
+  // AVX512-BF16/AMX; attention's batched products stay fp32. CpuBackend throws when the CPU has
+  // neither; the CUDA backend treats it as kFp32.
+  enum class MatmulPrecision : uint8_t { kFp32, kTf32, kBf16 };
   virtual void set_matmul_precision(MatmulPrecision precision) { (void)precision; }
 
   // ---- Dtype ----------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ cmake --build "$build" -j"$(nproc)" --target lomo-worker lomo-workerd lomo-coord
 for target in "${targets[@]}"; do
   cp "$(find "$build" -type f -name "$target" -perm -u+x | head -1)" "$stage/"
 done
-# Shared libraries from Debian's packages (OpenBLAS, gRPC, protobuf, yaml-cpp, ...). Left to the
+# Shared libraries from Debian's packages (oneDNN, gRPC, protobuf, yaml-cpp, ...). Left to the
 # GPU machine: the C library and the C++ runtime (newer there, and compatible), and CUDA's own
 # (cudart, cuBLAS, NCCL), which come with its driver and toolkit.
 for binary in "$stage"/*; do

@@ -3,6 +3,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <stdexcept>
 
 #include "kernels/cpu/adalomo_update.h"
 #include "kernels/cpu/adamw_update.h"
@@ -10,6 +11,7 @@
 #include "kernels/cpu/bias.h"
 #include "kernels/cpu/cross_entropy.h"
 #include "kernels/cpu/embedding.h"
+#include "kernels/cpu/gemm_dispatch.h"
 #include "kernels/cpu/gradient.h"
 #include "kernels/cpu/lomo_update.h"
 #include "kernels/cpu/matmul.h"
@@ -45,16 +47,38 @@ void CpuBackend::convert_to_f32(float* out, const void* in, DType dtype, int64_t
   convert_to_float(dtype, in, out, static_cast<size_t>(count));
 }
 
+void CpuBackend::set_matmul_precision(MatmulPrecision precision) {
+  if (precision == MatmulPrecision::kBf16 && !bf16_matmul_supported()) {
+    throw std::runtime_error(
+        "matmul precision bf16 needs AVX512-BF16 or AMX-BF16; this CPU offers neither (oneDNN "
+        "ISA " +
+        gemm_kernel().isa + "): use fp32");
+  }
+  precision_ = precision;
+}
+
 void CpuBackend::matmul_forward(float* y, const float* x, const float* weight, int64_t m, int64_t n,
                                 int64_t k, bool accumulate) {
+  if (precision_ == MatmulPrecision::kBf16) {
+    gemm_bf16(false, true, m, n, k, x, k, weight, k, accumulate, y, n);
+    return;
+  }
   cpu::matmul_forward(y, x, weight, m, n, k, accumulate);
 }
 void CpuBackend::matmul_backward_input(float* dx, const float* dy, const float* weight, int64_t m,
                                        int64_t n, int64_t k, bool accumulate) {
+  if (precision_ == MatmulPrecision::kBf16) {
+    gemm_bf16(false, false, m, k, n, dy, n, weight, k, accumulate, dx, k);
+    return;
+  }
   cpu::matmul_backward_input(dx, dy, weight, m, n, k, accumulate);
 }
 void CpuBackend::matmul_backward_weight(float* dweight, const float* dy, const float* x, int64_t m,
                                         int64_t n, int64_t k, bool accumulate) {
+  if (precision_ == MatmulPrecision::kBf16) {
+    gemm_bf16(true, false, n, k, m, dy, n, x, k, accumulate, dweight, k);
+    return;
+  }
   cpu::matmul_backward_weight(dweight, dy, x, m, n, k, accumulate);
 }
 void CpuBackend::gemm(const GemmArgs& g) {

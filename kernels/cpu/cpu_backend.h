@@ -18,6 +18,10 @@ class CpuBackend final : public Backend {
   void fill_zero(void* data, size_t bytes) override;
   void synchronize() override {}
 
+  // kBf16 needs AVX512-BF16 or AMX (throws otherwise, naming the CPU's ISA); kTf32 has no CPU
+  // hardware and means kFp32.
+  void set_matmul_precision(MatmulPrecision precision) override;
+
   void convert_to_f32(float* out, const void* in, DType dtype, int64_t count) override;
 
   void matmul_forward(float* y, const float* x, const float* weight, int64_t m, int64_t n,
@@ -81,6 +85,9 @@ class CpuBackend final : public Backend {
   void adamw_update(void* parameter, DType dtype, int64_t count, const float* gradient,
                     float* exp_avg, float* exp_avg_sq, const AdamWUpdate& update,
                     const WriteBack& write_back, const GradientStatistics* skip) override;
+
+ private:
+  MatmulPrecision precision_ = MatmulPrecision::kFp32;
 };
 
 }  // namespace lomo::cpu

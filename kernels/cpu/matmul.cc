@@ -1,16 +1,24 @@
 #include "kernels/cpu/matmul.h"
 
-#include <cblas.h>
+#include <oneapi/dnnl/dnnl.h>
+
+#include <stdexcept>
+#include <string>
 
 namespace lomo::cpu {
 
 void gemm(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, float alpha,
           const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
           int64_t ldc) {
-  cblas_sgemm(CblasRowMajor, transpose_a ? CblasTrans : CblasNoTrans,
-              transpose_b ? CblasTrans : CblasNoTrans, static_cast<blasint>(m),
-              static_cast<blasint>(n), static_cast<blasint>(k), alpha, a, static_cast<blasint>(lda),
-              b, static_cast<blasint>(ldb), beta, c, static_cast<blasint>(ldc));
+  // oneDNN picks its kernel from cpuid at run time (see gemm_dispatch.h for why not OpenBLAS).
+  const dnnl_status_t status = dnnl_sgemm(transpose_a ? 'T' : 'N', transpose_b ? 'T' : 'N', m, n, k,
+                                          alpha, a, lda, b, ldb, beta, c, ldc);
+  if (status != dnnl_success) {
+    throw std::runtime_error("sgemm " + std::to_string(m) + "x" + std::to_string(n) + "x" +
+                             std::to_string(k) + " (lda " + std::to_string(lda) + ", ldb " +
+                             std::to_string(ldb) + ", ldc " + std::to_string(ldc) +
+                             ") failed in oneDNN with status " + std::to_string(status));
+  }
 }
 
 void matmul_forward(float* y, const float* x, const float* weight, int64_t m, int64_t n, int64_t k,
