@@ -224,7 +224,9 @@ std::optional<Status> status_from_name(std::string_view name) {
 std::string to_line(const Record& record) {
   ordered_json line = {{"v", kVersion}};
   line.update(std::visit([](const auto& r) { return to_json(r); }, record));
-  return line.dump() + "\n";
+  // Reasons quote the trainer's inputs (file names, dataset text), which need not be UTF-8: the
+  // bytes that are not become U+FFFD instead of an exception that would lose the outcome.
+  return line.dump(-1, ' ', false, ordered_json::error_handler_t::replace) + "\n";
 }
 
 Record parse_line(std::string_view line, int64_t line_number) {

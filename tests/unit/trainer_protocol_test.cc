@@ -92,6 +92,14 @@ TEST(TrainerProtocolTest, NonFiniteNumbersSurviveAsWords) {
   EXPECT_TRUE(std::isinf(back.lr) && back.lr < 0);
 }
 
+TEST(TrainerProtocolTest, AReasonWithBytesThatAreNotUtf8IsWrittenWithReplacementCharacters) {
+  const std::string line =
+      to_line(Outcome{Status::kBadData, "bad line in data/\xff\xfe.jsonl", 3, 20});
+  const auto back = std::get<Outcome>(parse_line(line.substr(0, line.size() - 1)));
+  EXPECT_EQ(back.reason, "bad line in data/\xEF\xBF\xBD\xEF\xBF\xBD.jsonl");
+  EXPECT_EQ(back.status, Status::kBadData);
+}
+
 TEST(TrainerProtocolTest, EachStatusHasItsOwnExitCodeAndWord) {
   const Status all[] = {Status::kSucceeded, Status::kFailed,    Status::kBadSpec,
                         Status::kBadData,   Status::kNonFinite, Status::kInterrupted};
