@@ -7,6 +7,7 @@
 #include "client/render.h"
 #include "client/watch.h"
 #include "common/flags.h"
+#include "common/printable.h"
 #include "jobspec/job_spec.h"
 
 namespace lomo::client {
@@ -177,12 +178,12 @@ int list_command(CommandContext& context) {
       {"JOB ID", "NAME", "STATE", "STEP", "LOSS", "WORKER", "CREATED"}};
   for (const auto& job : jobs) {
     const auto& p = job.progress();
-    rows.push_back({job.id(), job.name().empty() ? "-" : job.name(), state_name(job.state()),
-                    p.total_steps() > 0
-                        ? std::to_string(p.step()) + "/" + std::to_string(p.total_steps())
-                        : "-",
-                    p.step() > 0 ? number_text(p.loss(), "%.4f") : "-", workers_cell(job),
-                    age_text(job.create_time())});
+    rows.push_back(
+        {job.id(), job.name().empty() ? "-" : terminal_text(job.name()), state_name(job.state()),
+         p.total_steps() > 0 ? std::to_string(p.step()) + "/" + std::to_string(p.total_steps())
+                             : "-",
+         p.step() > 0 ? number_text(p.loss(), "%.4f") : "-", workers_cell(job),
+         age_text(job.create_time())});
   }
   std::cout << format_table(rows);
   return 0;
@@ -197,9 +198,11 @@ int get_command(CommandContext& context) {
   }
   const auto& p = job.progress();
   std::vector<std::vector<std::string>> rows{{"job:", job.id()}};
-  if (!job.name().empty()) rows.push_back({"name:", job.name()});
+  if (!job.name().empty()) rows.push_back({"name:", terminal_text(job.name())});
   rows.push_back({"state:", state_name(job.state())});
-  if (!job.failure_reason().empty()) rows.push_back({"reason:", job.failure_reason()});
+  if (!job.failure_reason().empty()) {
+    rows.push_back({"reason:", terminal_paragraph(job.failure_reason(), "         ")});
+  }
   rows.push_back({"attempt:", std::to_string(job.attempt())});
   const std::vector<std::string> attempts = attempt_lines(job);
   for (size_t i = 0; i < attempts.size(); ++i) {
@@ -217,6 +220,10 @@ int get_command(CommandContext& context) {
     if (p.eval_loss() > 0) progress += ", eval loss " + number_text(p.eval_loss(), "%.4f");
     if (p.has_eval_accuracy()) {
       progress += ", eval accuracy " + number_text(p.eval_accuracy(), "%.3f");
+    }
+    // The ETA `watch` shows, from the job's metrics events (tqdm's smoothing, client/eta.h).
+    if (const auto eta = smoothed_eta_seconds(context.client(), job)) {
+      progress += ", ETA " + format_duration(*eta);
     }
     rows.push_back({"progress:", progress});
   }
@@ -245,7 +252,7 @@ int logs_command(CommandContext& context) {
     if (context.json) {
       std::cout << message_to_json(r.event(), false) << "\n";
     } else {
-      std::cout << r.event().log().text() << "\n";
+      std::cout << lomo::terminal_line(r.event().log().text()) << "\n";
     }
     std::cout << std::flush;
     return true;

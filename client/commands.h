@@ -50,7 +50,8 @@ int logs_command(CommandContext& context);
 int cancel_command(CommandContext& context);
 int checkpoints_command(CommandContext& context);
 int download_command(CommandContext& context);
-int local_command(CommandContext& context);  // local_mode.cc
+int local_command(CommandContext& context);     // local_mode.cc
+int generate_command(CommandContext& context);  // generate.cc: lomo-worker generate, here
 
 // A command's arguments: positionals, "--flag value" / "--flag=value" for the flags in
 // `with_value` (repeatable), and the switches. Anything else starting with '-' is a UsageError.

@@ -16,8 +16,10 @@
 #include <vector>
 
 #include "client/commands.h"
+#include "client/help.h"
 #include "client/render.h"
 #include "common/flags.h"
+#include "common/version.h"
 #include "jobspec/job_spec.h"
 
 namespace {
@@ -41,8 +43,13 @@ commands:
                                                     (default: the spec's world size, 1), run
                                                     the job on all of them, keep its final
                                                     checkpoint
+  generate CHECKPOINT_DIR --prompt TEXT [--chat] [--max-new-tokens N] [--temperature T] ...
+                                                    text from a downloaded checkpoint, here
+                                                    (runs lomo-worker generate: its --help
+                                                    lists every flag)
 
-The coordinator's address: --coordinator, else $LOMO_COORDINATOR, else "coordinator:" in
+`lomoctl COMMAND --help` (or `lomoctl help COMMAND`) shows a command's flags and examples;
+`lomoctl --version` the version. The coordinator's address: --coordinator, else $LOMO_COORDINATOR, else "coordinator:" in
 ~/.config/lomo/lomoctl.yaml, else 127.0.0.1:7070.
 Exit status: 0 ok / job SUCCEEDED, 1 job FAILED, 2 job CANCELLED (watch, submit --watch, local),
 3 lomoctl failed (usage, coordinator unreachable or rejecting the request), 130 interrupted.
@@ -59,6 +66,7 @@ struct GlobalFlags {
   std::optional<std::string> timeout;
   std::string output = "text";
   bool help = false;
+  bool version = false;
   std::string command;
   std::vector<std::string> command_args;  // in order, for the command's own parse
 };
@@ -67,13 +75,16 @@ struct GlobalFlags {
 // name is the first argument that is not "--flag=value". Throws lomo::FlagError.
 GlobalFlags parse_global_flags(const std::vector<std::string>& args) {
   const lomo::ParsedFlags parsed =
-      lomo::parse_flags(args, {.allow_positional = true,
+      lomo::parse_flags(args, {.switches = {"--version"},
+                               .allow_positional = true,
                                .with_value = {"--coordinator", "--output", "-o", "--timeout"},
                                .unknown = lomo::UnknownFlags::kPassOn});
   GlobalFlags global;
   global.help = parsed.help;
   for (const auto& [flag, value] : parsed.flags) {
-    if (flag == "--coordinator") {
+    if (flag == "--version") {
+      global.version = true;
+    } else if (flag == "--coordinator") {
       global.coordinator = value;
     } else if (flag == "--timeout") {
       global.timeout = value;
@@ -102,8 +113,23 @@ int main(int argc, char** argv) {
     std::cerr << "lomoctl: " << e.what() << "\n" << kUsage;
     return kExitError;
   }
+  if (global.version) {
+    std::cout << lomo::version_text("lomoctl");
+    return 0;
+  }
+  // "lomoctl COMMAND --help": that command's text; "lomoctl --help": the overview.
   if (global.help) {
-    std::cout << kUsage;
+    const auto help = command_help(global.command);
+    std::cout << (help ? *help : std::string(kUsage));
+    return 0;
+  }
+  if (global.command == "help" && !global.command_args.empty()) {
+    const auto help = command_help(global.command_args[0]);
+    if (!help) {
+      std::cerr << "lomoctl help: unknown command '" << global.command_args[0] << "'\n" << kUsage;
+      return kExitError;
+    }
+    std::cout << *help;
     return 0;
   }
   const std::string& command = global.command;
@@ -127,7 +153,8 @@ int main(int argc, char** argv) {
       {"cancel", cancel_command},
       {"checkpoints", checkpoints_command},
       {"download", download_command},
-      {"local", local_command}};
+      {"local", local_command},
+      {"generate", generate_command}};
   const auto it = commands.find(command);
   if (it == commands.end()) {
     std::cerr << "lomoctl: unknown command '" << command << "'\n" << kUsage;

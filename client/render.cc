@@ -1,12 +1,11 @@
 #include "client/render.h"
 
-#include <google/protobuf/util/json_util.h>
-
 #include <algorithm>
 #include <cctype>
 #include <cmath>
 #include <cstdio>
 
+#include "common/api_json.h"
 #include "common/printable.h"
 
 namespace lomo::client {
@@ -98,17 +97,20 @@ std::string format_table(const std::vector<std::vector<std::string>>& rows) {
 }
 
 std::string message_to_json(const google::protobuf::Message& message, bool pretty) {
-  google::protobuf::util::JsonPrintOptions options;
-  options.add_whitespace = pretty;
-  options.always_print_primitive_fields = true;
-  options.preserve_proto_field_names = true;
-  std::string json;
-  google::protobuf::util::MessageToJsonString(message, &json, options);
-  if (!json.empty() && json.back() == '\n') json.pop_back();
-  return json;
+  return api_json(message, pretty);  // the REST gateway's JSON, byte for byte when not pretty
 }
 
 std::string terminal_text(std::string_view text) { return printable_excerpt(text, text.size()); }
+
+std::string terminal_paragraph(std::string_view text, const std::string& indent) {
+  std::string out;
+  size_t start = 0;
+  for (size_t end = text.find('\n'); end != std::string_view::npos; end = text.find('\n', start)) {
+    out += terminal_text(text.substr(start, end - start)) + "\n" + indent;
+    start = end + 1;
+  }
+  return out + terminal_text(text.substr(start));
+}
 
 std::vector<std::string> gang_lines(const lomo::v1::Job& job) {
   std::vector<std::string> lines;
@@ -126,10 +128,13 @@ std::vector<std::string> attempt_lines(const lomo::v1::Job& job) {
     for (const auto& a : attempt.assignments()) {
       workers += (workers.empty() ? "" : ",") + terminal_text(a.worker_id());
     }
-    std::string line = std::to_string(attempt.attempt()) + "  " + state_name(attempt.state()) +
+    // A preempted attempt (its worker was drained) is stored FAILED but was no failure.
+    std::string line = std::to_string(attempt.attempt()) + "  " +
+                       (attempt.preempted() ? "PREEMPTED" : state_name(attempt.state())) +
                        " at step " + std::to_string(attempt.step());
     if (!workers.empty()) line += " on " + workers;
     if (attempt.restarted()) line += ", restarted";
+    if (attempt.preempted()) line += ", queued again";
     if (!attempt.reason().empty()) line += ": " + terminal_text(attempt.reason());
     lines.push_back(std::move(line));
   }
@@ -160,22 +165,13 @@ std::string workers_cell(const lomo::v1::Job& job, size_t max_named) {
 }
 
 void ProgressTracker::observe(const lomo::v1::TrainingMetrics& m, double time_seconds) {
-  if (!seen_ || m.step() < progress_.step) {  // first event, or an attempt that resumed earlier
-    first_step_ = m.step();
-    first_time_ = time_seconds;
-  }
+  eta_.observe(m.step(), time_seconds);  // a step below the last one starts it again
   seen_ = true;
   progress_.step = m.step();
   if (m.total_steps() > 0) progress_.total_steps = m.total_steps();
   progress_.loss = m.loss();
   progress_.tokens_per_second = m.tokens_per_second();
-  progress_.eta_seconds.reset();
-  const double elapsed = time_seconds - first_time_;
-  const int64_t done = m.step() - first_step_;
-  if (done > 0 && elapsed > 0 && progress_.total_steps >= m.step()) {
-    progress_.eta_seconds =
-        elapsed / static_cast<double>(done) * static_cast<double>(progress_.total_steps - m.step());
-  }
+  progress_.eta_seconds = eta_.eta_seconds(progress_.total_steps);
 }
 
 namespace {

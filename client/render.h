@@ -9,6 +9,7 @@
 #include <string_view>
 #include <vector>
 
+#include "client/eta.h"
 #include "lomo/v1/jobs.pb.h"
 
 namespace lomo::client {
@@ -28,13 +29,18 @@ std::string format_duration(double seconds);
 std::string format_bytes(int64_t bytes);
 // Columns padded to their widest cell, two spaces apart; the first row is the header.
 std::string format_table(const std::vector<std::vector<std::string>>& rows);
-// Proto JSON (field names as in the .proto, enums by name, defaults included).
+// The REST API's JSON (common/api_json.h: protobuf's JSON mapping, lowerCamelCase names, enums
+// by name, defaults included).
 std::string message_to_json(const google::protobuf::Message& message, bool pretty);
 
 // A string from the coordinator (an id, a name, a reason) made safe for a terminal: control
 // characters and DEL become \xNN, so a hostile or broken server cannot move the cursor or clear
 // the screen. Nothing is cut.
 std::string terminal_text(std::string_view text);
+// Text of several lines (a failure reason with the trainer's last stderr lines) for a terminal:
+// each line escaped as terminal_text() does, the lines after the first indented by `indent`, so
+// that no line of it can pass for a row of its own.
+std::string terminal_paragraph(std::string_view text, const std::string& indent);
 // The job's gang, rank -> worker, in rank order: {"rank 0  w-a", "rank 1  w-b"}; empty when the
 // job has at most one assignment (its worker is Job.worker_id). Terminal-safe.
 std::vector<std::string> gang_lines(const lomo::v1::Job& job);
@@ -55,7 +61,8 @@ struct Progress {
 };
 
 // Follows TrainingMetrics events to estimate the time left from the step rate of the current
-// attempt (a restart from a checkpoint starts the estimate again).
+// attempt, smoothed as tqdm smooths it (client/eta.h); a restart from a checkpoint starts the
+// estimate again.
 class ProgressTracker {
  public:
   // `time_seconds`: when the step was logged (the event's time).
@@ -66,8 +73,7 @@ class ProgressTracker {
  private:
   Progress progress_;
   bool seen_ = false;
-  int64_t first_step_ = 0;
-  double first_time_ = 0.0;
+  EtaEstimator eta_;
 };
 
 // "[##########----------]  12/20  loss 2.3456  1,234 tok/s  ETA 0:07", fitted to `width`

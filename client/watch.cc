@@ -79,7 +79,9 @@ class WatchPrinter {
                     static_cast<long long>(p.step), static_cast<long long>(p.total_steps), p.loss);
       text += stats;
     }
-    if (!job.failure_reason().empty()) text += ": " + job.failure_reason();
+    if (!job.failure_reason().empty()) {
+      text += ": " + terminal_paragraph(job.failure_reason(), "  ");
+    }
     out_ << text << "\n" << std::flush;
   }
 
@@ -159,6 +161,20 @@ bool retryable(const ClientError& e, Client& client) {
 }
 
 }  // namespace
+
+std::optional<double> smoothed_eta_seconds(Client& client, const lomo::v1::Job& job) {
+  if (job.state() != lomo::v1::JOB_STATE_RUNNING || job.progress().total_steps() <= 0) {
+    return std::nullopt;
+  }
+  ProgressTracker tracker;
+  client.watch_job(job.id(), 0, /*follow=*/false, [&](const lomo::v1::WatchJobResponse& r) {
+    if (r.has_event() && r.event().has_metrics() && r.event().has_time()) {
+      tracker.observe(r.event().metrics(), seconds_of(r.event().time()));
+    }
+    return true;
+  });
+  return tracker.progress().eta_seconds;
+}
 
 lomo::v1::Job watch_job_to_end(Client& client, const std::string& job_id,
                                const WatchOptions& options, std::ostream& out) {

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <chrono>
+#include <optional>
 #include <ostream>
 #include <string>
 
@@ -24,5 +25,10 @@ struct WatchOptions {
 // window, or refuses the watch (unknown job).
 lomo::v1::Job watch_job_to_end(Client& client, const std::string& job_id,
                                const WatchOptions& options, std::ostream& out);
+
+// The time left of a RUNNING job as `watch` would show it now: its TrainingMetrics events so far
+// (a non-follow WatchJob) through the tqdm-smoothed estimator. nullopt for a job that is not
+// running, has no total step count, or fewer than two steps reported. Throws ClientError.
+std::optional<double> smoothed_eta_seconds(Client& client, const lomo::v1::Job& job);
 
 }  // namespace lomo::client

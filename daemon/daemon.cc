@@ -92,6 +92,7 @@ int Daemon::run() {
 void Daemon::request_shutdown() {
   std::lock_guard lock(mutex_);
   ++shutdown_requests_;
+  draining_ = true;
   if (shutdown_requests_ >= 2 && runner_) {
     log_line("second stop signal: killing the training process");
     runner_->kill();
@@ -104,6 +105,12 @@ void Daemon::reap_finished_runner() {
   runner_->join();
   metrics_->job_finished(runner_->final_status().state());
   runner_.reset();
+  // The attempt's results are delivered (or it is kept, unmarked): old attempts go now, not while
+  // one trains.
+  for (const auto& dir :
+       remove_old_attempt_directories(options_.work_dir, options_.keep_attempts)) {
+    log_line("removed old attempt directory " + dir.string());
+  }
 }
 
 void Daemon::start_attempt(const lomo::v1::Assignment& assignment) {
@@ -127,6 +134,7 @@ void Daemon::start_attempt(const lomo::v1::Assignment& assignment) {
 }
 
 void Daemon::report(lomo::v1::JobStatusUpdate status) {
+  status.set_draining(draining_.load());
   lomo::v1::WorkerMessage message;
   *message.mutable_status() = std::move(status);
   outbox_.push(std::move(message));
@@ -157,13 +165,31 @@ void Daemon::on_message(const lomo::v1::CoordinatorMessage& message) {
       return;
     }
     if (shutdown_requests_ > 0) {
-      // Not started: the stream closes soon and the coordinator reassigns it.
-      log_line("ignoring job " + a.job_id() + ": shutting down");
+      // Not started, and not a failure: the job goes back to the queue at once.
+      log_line("refusing job " + a.job_id() + ": shutting down");
+      lomo::v1::JobStatusUpdate refused;
+      refused.set_job_id(a.job_id());
+      refused.set_attempt(a.attempt());
+      refused.set_state(lomo::v1::JOB_STATE_FAILED);
+      refused.set_preempted(true);
+      refused.set_reason("worker " + session_->worker_id() +
+                         " is shutting down (preempted); the attempt was not started");
+      report(std::move(refused));
       return;
     }
     start_attempt(a);
   } else if (message.has_cancel()) {
     const auto& c = message.cancel();
+    if (c.stale() && runner_ && !runner_->reported() && runner_->job_id() == c.job_id() &&
+        c.attempt() == runner_->attempt()) {
+      // The job moved on while this worker was away: nothing more of this attempt may be
+      // written or uploaded (a new attempt may already train from the same checkpoint).
+      log_line("job " + c.job_id() + " attempt " + std::to_string(c.attempt()) +
+               " is stale (the job moved on while this worker was away): SIGKILL to the training "
+               "process, nothing uploaded");
+      runner_->kill();
+      return;
+    }
     if (runner_ && !runner_->reported() && runner_->job_id() == c.job_id() &&
         (c.attempt() == 0 || c.attempt() == runner_->attempt())) {
       log_line("cancelling job " + c.job_id() + " (SIGTERM to the training process)");
@@ -190,6 +216,7 @@ void Daemon::on_message(const lomo::v1::CoordinatorMessage& message) {
 lomo::v1::Heartbeat Daemon::heartbeat() {
   std::lock_guard lock(mutex_);
   lomo::v1::Heartbeat beat;
+  beat.set_draining(draining_.load());
   if (runner_ && !runner_->reported()) {
     beat.set_job_id(runner_->job_id());
     beat.set_attempt(runner_->attempt());

@@ -33,7 +33,10 @@ struct DaemonOptions {
   std::chrono::milliseconds cancel_grace{30000};
   // After SIGTERM: how long the running attempt may take to checkpoint, upload and report.
   std::chrono::milliseconds shutdown_timeout{std::chrono::minutes(10)};
-  std::chrono::milliseconds connect_timeout{5000};
+  std::chrono::milliseconds connect_timeout = kWorkerConnectTimeout;  // common/reconnect.h
+  // Ended attempts whose checkpoints are all committed keep their directories for debugging, the
+  // newest this many; older ones are removed (remove_old_attempt_directories).
+  int keep_attempts = 3;
   std::string version;
 };
 
@@ -87,6 +90,8 @@ class Daemon : private SessionHandler, private JobRunnerListener, private ChunkC
   std::condition_variable changed_;
   std::unique_ptr<JobRunner> runner_;
   int shutdown_requests_ = 0;
+  // Set with the first shutdown request; read on the runner's thread (which never takes mutex_).
+  std::atomic<bool> draining_{false};
 };
 
 }  // namespace lomo::daemon

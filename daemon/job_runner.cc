@@ -9,6 +9,7 @@
 #include "common/checkpoint_layout.h"
 #include "common/child_process.h"
 #include "common/log.h"
+#include "common/printable.h"
 #include "daemon/assignment_spec.h"
 
 namespace lomo::daemon {
@@ -36,6 +37,34 @@ lomo::v1::JobStatusUpdate status_update(const lomo::v1::Assignment& a, lomo::v1:
 }
 
 }  // namespace
+
+std::vector<fs::path> remove_old_attempt_directories(const fs::path& work_dir, int keep) {
+  // (when it was marked, directory) of every delivered attempt; the others are never touched.
+  std::vector<std::pair<fs::file_time_type, fs::path>> delivered;
+  std::error_code error;
+  for (const auto& job : fs::directory_iterator(work_dir / "jobs", error)) {
+    if (!job.is_directory()) continue;
+    for (const auto& attempt : fs::directory_iterator(job.path(), error)) {
+      const fs::path marker = attempt.path() / kDeliveredMarker;
+      const auto marked = fs::last_write_time(marker, error);
+      if (!error) delivered.emplace_back(marked, attempt.path());
+    }
+  }
+  std::sort(delivered.begin(), delivered.end(), [](const auto& a, const auto& b) {
+    return a.first != b.first ? a.first > b.first : a.second > b.second;  // newest first
+  });
+  std::vector<fs::path> removed;
+  for (size_t i = static_cast<size_t>(std::max(keep, 0)); i < delivered.size(); ++i) {
+    const fs::path& dir = delivered[i].second;
+    if (fs::remove_all(dir, error) == static_cast<std::uintmax_t>(-1) || error) {
+      log_line("cannot remove old attempt directory " + dir.string() + ": " + error.message());
+      continue;
+    }
+    removed.push_back(dir);
+    fs::remove(dir.parent_path(), error);  // the job's directory, once it holds no attempt
+  }
+  return removed;
+}
 
 std::string describe_child_end(bool signaled, int code, int signal) {
   if (!signaled) return "exited with code " + std::to_string(code);
@@ -93,6 +122,7 @@ void JobRunner::run() {
   }
   flush_events();
   uploader_->abandon();
+  if (delivered_) mark_delivered();
   log_line("job " + job_id() + " attempt " + std::to_string(attempt()) + " ended " +
            lomo::v1::JobState_Name(status.state()) +
            (status.reason().empty() ? "" : ": " + status.reason()));
@@ -105,6 +135,12 @@ void JobRunner::run() {
   reported_ = true;
   listener_.on_status(status);
   finished_ = true;
+}
+
+void JobRunner::mark_delivered() const {
+  const fs::path dir = attempt_directory(options_.work_dir, job_id(), attempt());
+  if (!fs::is_directory(dir)) return;
+  std::ofstream(dir / kDeliveredMarker) << "every checkpoint of this attempt is committed\n";
 }
 
 void JobRunner::emit(lomo::v1::JobEvent event) {
@@ -136,7 +172,9 @@ void JobRunner::emit_log(const std::string& text) {
 
 // Output lines are for people: they become log events and the words of a failure reason, and
 // nothing is decided from them.
-void JobRunner::handle_output_line(const std::string& line, bool is_stderr) {
+void JobRunner::handle_output_line(const std::string& raw_line, bool is_stderr) {
+  // Protobuf strings must be UTF-8 (gRPC would drop the event, and the stream with it).
+  const std::string line = valid_utf8(raw_line);
   if (is_stderr) {
     if (!line.empty()) stderr_tail_.push_back(line);
     if (stderr_tail_.size() > kStderrTailLines) stderr_tail_.pop_front();
@@ -220,6 +258,7 @@ std::optional<lomo::v1::JobStatusUpdate> JobRunner::prepare_attempt(const fs::pa
     lomo::v1::JobStatusUpdate refused =
         status_update(assignment_, lomo::v1::JOB_STATE_FAILED, e.what());
     refused.set_permanent(true);  // the same spec fails the same way on any worker
+    delivered_ = true;            // nothing was written
     return refused;
   }
   spec.output.dir = out_dir_.string();
@@ -374,6 +413,7 @@ lomo::v1::JobStatusUpdate JobRunner::outcome_of(const ExitStatus& exit) {
     const auto upload = uploader_->wait_idle(Clock::now() + options_.cancel_grace, &upload_error);
     uploader_->abandon();
     if (upload == CheckpointUploader::Outcome::kDone) {
+      delivered_ = true;
       return status_update(assignment_, lomo::v1::JOB_STATE_CANCELLED, "cancelled");
     }
     if (upload == CheckpointUploader::Outcome::kTimedOut) {
@@ -394,7 +434,26 @@ lomo::v1::JobStatusUpdate JobRunner::outcome_of(const ExitStatus& exit) {
     upload_error = "the upload of the last checkpoint did not finish within " +
                    std::to_string(options_.finish_timeout.count() / 1000) + "s";
   }
-  return outcome_of_report(exit, upload == CheckpointUploader::Outcome::kDone, upload_error);
+  delivered_ = upload == CheckpointUploader::Outcome::kDone;
+  return outcome_of_report(exit, delivered_, upload_error);
+}
+
+// The trainer stopped cleanly when told to and its checkpoint is committed: a drain (this worker's
+// SIGTERM) or a gang peer's (the ranks stop together), not a failure. The coordinator queues the
+// job again without using its restart budget.
+lomo::v1::JobStatusUpdate JobRunner::preempted_status() const {
+  const std::string where = "training stopped at step " + std::to_string(outcome_->steps_done) +
+                            " of " + std::to_string(outcome_->total_steps);
+  lomo::v1::JobStatusUpdate status = status_update(
+      assignment_, lomo::v1::JOB_STATE_FAILED,
+      stop_requested_ ? "interrupted: the worker was shut down (preempted); " + where +
+                            " and its checkpoint is on the coordinator"
+                      : "interrupted: the training process was stopped by a signal from outside "
+                        "the worker (preempted; in a gang, a peer's worker may have been shut "
+                        "down); " +
+                            where + " and its checkpoint is on the coordinator");
+  status.set_preempted(true);
+  return status;
 }
 
 // The decision: the protocol's outcome record, which must agree with the exit code.
@@ -435,18 +494,7 @@ lomo::v1::JobStatusUpdate JobRunner::outcome_of_report(const ExitStatus& exit, b
     return status_update(assignment_, lomo::v1::JOB_STATE_FAILED,
                          "training finished but " + upload_error);
   }
-  if (result == protocol::Status::kInterrupted) {
-    const std::string where = "training stopped at step " + std::to_string(outcome_->steps_done) +
-                              " of " + std::to_string(outcome_->total_steps);
-    return status_update(
-        assignment_, lomo::v1::JOB_STATE_FAILED,
-        stop_requested_
-            ? "interrupted: the worker was shut down; " + where +
-                  " and its checkpoint is on the coordinator"
-            : "interrupted: the training process was stopped by a signal from outside the "
-              "worker; " +
-                  where + " and its checkpoint is on the coordinator");
-  }
+  if (result == protocol::Status::kInterrupted) return preempted_status();
   return status_update(assignment_, lomo::v1::JOB_STATE_SUCCEEDED, "");
 }
 

@@ -142,6 +142,9 @@ class JobRunner {
   lomo::v1::JobStatusUpdate outcome_of(const ExitStatus& exit);
   lomo::v1::JobStatusUpdate outcome_of_report(const ExitStatus& exit, bool uploaded,
                                               const std::string& upload_error);
+  lomo::v1::JobStatusUpdate preempted_status() const;
+  // Every checkpoint of the attempt is committed: its directory may be removed later.
+  void mark_delivered() const;
   void emit(lomo::v1::JobEvent event);
   void emit_log(const std::string& text);
   void flush_events();
@@ -159,6 +162,8 @@ class JobRunner {
   std::atomic<bool> kill_requested_{false};
   std::atomic<bool> reported_{false};
   std::atomic<bool> finished_{false};
+  // Set on the runner's thread before it reports: nothing of the attempt is left to upload.
+  bool delivered_ = false;
 
   // Owned by the runner's thread.
   std::filesystem::path out_dir_;
@@ -175,6 +180,17 @@ class JobRunner {
   lomo::v1::JobStatusUpdate final_status_;
   std::thread thread_;
 };
+
+// In an attempt directory once the attempt has ended and every checkpoint it offered was committed
+// (or it wrote none): only such directories are ever removed.
+inline constexpr const char* kDeliveredMarker = "delivered";
+
+// Keeps the `keep` attempt directories under `work_dir` delivered most recently and removes the
+// other delivered ones (with their job directory once empty); an attempt still running, or one
+// whose checkpoint never reached the coordinator, has no marker and stays. Returns what it
+// removed; a directory that cannot be removed is logged and skipped.
+std::vector<std::filesystem::path> remove_old_attempt_directories(
+    const std::filesystem::path& work_dir, int keep);
 
 // "killed by SIGKILL (out of memory?)" and the like: the words a failure reason uses for how the
 // training process ended.

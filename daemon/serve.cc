@@ -24,6 +24,7 @@ constexpr const char* kUsage =
     "                         [--advertise-address ADDR]  (gang peers connect to it; default:\n"
     "                          this host's address on its route to the coordinator)\n"
     "                         [--cancel-grace SECONDS] [--shutdown-timeout SECONDS]\n"
+    "                         [--keep-attempts N]  (ended attempt directories kept; default 3)\n"
     "                         [--trainer PATH]  (lomo-worker, run as `PATH train JOB.yaml`)\n"
     "                         [--log-format text|json]\n";
 
@@ -60,6 +61,10 @@ void read_flags(const ParsedFlags& parsed, DaemonOptions* options, std::string* 
       options->cancel_grace = flag_seconds(flag, value);
     } else if (flag == "--shutdown-timeout") {
       options->shutdown_timeout = flag_seconds(flag, value);
+    } else if (flag == "--keep-attempts") {
+      const int64_t keep = flag_int(flag, value);
+      if (keep < 0 || keep > 100000) throw FlagError(flag + ": expected 0 to 100000, got " + value);
+      options->keep_attempts = static_cast<int>(keep);
     } else if (flag == "--log-format") {
       try {
         set_log_format(parse_log_format(value));

@@ -15,6 +15,7 @@
 #include <string>
 #include <thread>
 
+#include "common/reconnect.h"
 #include "daemon/outbox.h"
 #include "lomo/v1/workers.grpc.pb.h"
 
@@ -36,10 +37,11 @@ class SessionHandler {
 struct SessionOptions {
   std::string address;  // host:port
   lomo::v1::Register registration;
-  // Dialling plus the Register/Registered exchange must finish within this.
-  std::chrono::milliseconds connect_timeout{5000};
-  std::chrono::milliseconds initial_backoff{250};
-  std::chrono::milliseconds max_backoff{15000};
+  // Dialling plus the Register/Registered exchange must finish within this. The defaults are
+  // common/reconnect.h's: the coordinator's re-attach window is derived from them.
+  std::chrono::milliseconds connect_timeout = kWorkerConnectTimeout;
+  std::chrono::milliseconds initial_backoff = kWorkerInitialBackoff;
+  std::chrono::milliseconds max_backoff = kWorkerMaxBackoff;
   // Used until Registered names one (and when it names none).
   std::chrono::milliseconds default_heartbeat_interval{5000};
   // A stream ending this soon after registering does not reset the backoff: a coordinator that

@@ -517,8 +517,9 @@ JobSpec read_spec(Context& context, const YAML::Node& root) {
   adalomo.read("clip_threshold", o.adalomo.clip_threshold);
   adalomo.read("decay_rate", o.adalomo.decay_rate);
 
-  Section precision = top.section("precision", {"dtype", "loss_scale"});
+  Section precision = top.section("precision", {"dtype", "loss_scale", "matmul"});
   precision.read("dtype", spec.precision.dtype);
+  precision.read("matmul", spec.precision.matmul);
   LossScaleSpec& s = spec.precision.loss_scale;
   Section loss_scale =
       precision.section("loss_scale", {"initial", "growth_interval", "factor", "min"});
@@ -613,15 +614,14 @@ void validate(Context& c, const JobSpec& spec) {
   at_least(c, "data.max_length", d.max_length, 2);
   const bool chat = d.format == "chat" || d.eval_format == "chat";
   if (d.chat_template) {
-    one_of(c, "data.chat_template", *d.chat_template, {"llama-2", "llama-3", "chatml"});
+    one_of(c, "data.chat_template", *d.chat_template, {"auto", "llama-2", "llama-3", "chatml"});
     if (!chat) {
       c.report("data.chat_template",
                "only used with data.format (or data.eval_format) chat; got format " +
                    in_quotes(d.format));
     }
-  } else if (chat) {
-    c.report("data.chat_template", "required for format chat: one of llama-2, llama-3, chatml");
-  }
+  }  // absent means auto: the model's own tokenizer_config.json chat_template (checked by the
+     // worker, which has the model directory)
   if (chat && spec.tokenizer.kind == "bytes") {
     c.report("tokenizer.kind",
              "bytes has no special tokens, which chat templates need: use auto with a model "
@@ -680,6 +680,11 @@ void validate(Context& c, const JobSpec& spec) {
   }
 
   one_of(c, "precision.dtype", spec.precision.dtype, {"fp32", "bf16", "fp16"});
+  one_of(c, "precision.matmul", spec.precision.matmul, {"auto", "fp32", "bf16"});
+  if (spec.precision.matmul == "bf16" && spec.resources.device == "cuda") {
+    c.report("precision.matmul",
+             "bf16 is a CPU mode (AVX512-BF16/AMX); on resources.device cuda use auto or fp32");
+  }
   const LossScaleSpec& s = spec.precision.loss_scale;
   positive(c, "precision.loss_scale.initial", s.initial);
   at_least(c, "precision.loss_scale.growth_interval", s.growth_interval, 1);
@@ -914,6 +919,7 @@ YAML::Node to_node(const JobSpec& spec, bool tag_strings = false) {
   const LossScaleSpec& s = spec.precision.loss_scale;
   YAML::Node precision(YAML::NodeType::Map);
   precision["dtype"] = text(spec.precision.dtype);
+  precision["matmul"] = text(spec.precision.matmul);
   precision["loss_scale"]["initial"] = number_text(s.initial);
   precision["loss_scale"]["growth_interval"] = std::to_string(s.growth_interval);
   precision["loss_scale"]["factor"] = number_text(s.factor);

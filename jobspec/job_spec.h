@@ -4,6 +4,7 @@
 // field's path ("optimizer.lr: must be positive, got -1").
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <optional>
 #include <stdexcept>
@@ -12,6 +13,10 @@
 #include <vector>
 
 namespace lomo {
+
+// The largest spec accepted anywhere (as submitted: YAML/JSON text or its Struct). A spec is a
+// page of settings; a bigger one is a mistake or abuse, and every stored copy is kept and listed.
+constexpr size_t kMaxSpecBytes = 256 * 1024;
 
 // One problem of a spec: where (`source`: the file, "spec", or the override that set the field;
 // `field`: the path, empty for the text as a whole) and what ("must be > 0, got -1 (line 7)").
@@ -71,10 +76,12 @@ struct TokenizerSpec {
 struct DataSpec {
   std::string format = "text";
   std::vector<std::string> train;
-  std::vector<std::string> eval;             // empty: evaluation uses nothing and is skipped
-  std::optional<std::string> eval_format;    // unset: data.format
-  int64_t max_length = 512;                  // input positions per training row
-  std::optional<std::string> chat_template;  // llama-2 | llama-3 | chatml (format chat only)
+  std::vector<std::string> eval;           // empty: evaluation uses nothing and is skipped
+  std::optional<std::string> eval_format;  // unset: data.format
+  int64_t max_length = 512;                // input positions per training row
+  // auto (the model's tokenizer_config.json chat_template; also when unset) | llama-2 | llama-3 |
+  // chatml (format chat only)
+  std::optional<std::string> chat_template;
   bool train_on_prompt = false;        // alpaca, prompt_completion, chat: also train on the prompt
   bool packing = false;                // several samples per row, attention kept inside each
   bool shuffle = true;                 // visit training samples in a seeded order per epoch
@@ -122,6 +129,9 @@ struct OptimizerSpec {
 struct PrecisionSpec {
   std::string dtype = "fp32";  // fp32 | bf16 | fp16 (storage; arithmetic is fp32)
   LossScaleSpec loss_scale;    // used with fp16 only
+  // Inputs of the linear layers' matrix products: auto (fp32, or TF32 on a GPU for bf16/fp16
+  // weights) | fp32 | bf16 (CPU with AVX512-BF16 or AMX: bf16 inputs, fp32 accumulation).
+  std::string matmul = "auto";
 
   bool operator==(const PrecisionSpec&) const = default;
 };

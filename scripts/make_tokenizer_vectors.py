@@ -2,7 +2,8 @@
 """Builds the byte-level BPE test tokenizers and their parity vectors with Hugging Face
 `tokenizers`, the reference lomo's C++ BPE (worker/data/bpe_tokenizer.cc) must agree with.
 
-Writes, for each style (llama3_style, gpt2_style, qwen2_style):
+Writes, for each style (llama3_style, gpt2_style, qwen2_style, and o200k_style, normalized_style,
+behaviors_style, byte_fallback_style for tokenizer.json features beyond the three classic ones):
     tests/data/tokenizers/<style>/tokenizer.json         trained here on a small multilingual text
     tests/data/tokenizers/<style>/tokenizer_config.json  BOS/EOS/pad as a model directory has them
     tests/data/tokenizers/<style>/vectors.json           [{text, ids[, decoded]}] from tokenizers
@@ -19,7 +20,8 @@ import random
 import sys
 
 import tokenizers
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, normalizers,
+                        pre_tokenizers, trainers)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data" / "tokenizers"
@@ -30,6 +32,16 @@ LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{
                   r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
                  r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# GPT-4o's (tiktoken o200k_base), as its tokenizer.json spells it.
+O200K_PATTERN = "|".join([
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"\p{N}{1,3}",
+    r" ?[^\s\p{L}\p{N}]+[\r\n/]*",
+    r"\s*[\r\n]+",
+    r"\s+(?!\S)",
+    r"\s+",
+])
 
 # The training text: several scripts, digits, code and whitespace, so that merges exist for all.
 CORPUS = """\
@@ -66,10 +78,16 @@ def training_lines():
     return CORPUS.splitlines(keepends=True) * 3
 
 
-def train(pattern, vocab_size, ignore_merges, add_prefix_space, special_tokens=()):
-    """A byte-level BPE: `pattern` None means ByteLevel's own GPT-2 split (use_regex)."""
+def train(pattern, vocab_size, ignore_merges, add_prefix_space, special_tokens=(),
+          normalizer=None, pre_tokenizer=None):
+    """A byte-level BPE: `pattern` None means ByteLevel's own GPT-2 split (use_regex);
+    `pre_tokenizer`, when given, replaces the pattern's."""
     tok = Tokenizer(models.BPE(ignore_merges=ignore_merges))
-    if pattern is None:
+    if normalizer is not None:
+        tok.normalizer = normalizer
+    if pre_tokenizer is not None:
+        tok.pre_tokenizer = pre_tokenizer
+    elif pattern is None:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space,
                                                      use_regex=True)
     else:
@@ -371,6 +389,104 @@ def qwen2_style():
     save_style("qwen2_style", tok, config, texts)
 
 
+NORMALIZATION_TEXTS = [
+    "ﬁne ﬂour", "Ａｂｃ１２３", "①②", "e\u0301 vs \u00e9", "A\u030a", "Å", "İstanbul", "ΣΑΣ ΟΔΟΣ",
+    "ẞ STRASSE", "ǅungla", "x\u00b2 + y\u2075", "\u2126 \u212b", "\u1e9b\u0323", "``quoted''",
+    "TAB\tAND  SPACES", "Ⅷ ⅷ", "㎏ ㍱", "\uff76\uff9e", "한국어", "\u1100\u1161\u11a8",
+    "x\u0301\u0301\u0316", "MiXeD CaSe İİ", "- dash-separated-words -",
+    "a...b,,c!!d", "3.14 and 2,5", "one--two", "99 bottles: 1 2 3",
+]
+
+
+def tokenizer_with(spec_change, tok):
+    spec = json.loads(tok.to_str())
+    spec_change(spec)
+    return Tokenizer.from_str(json.dumps(spec))
+
+
+def o200k_style():
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = train(O200K_PATTERN, 800, ignore_merges=False, add_prefix_space=False)
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    texts = (COMMON_TEXTS + NORMALIZATION_TEXTS + special_texts(specials) +
+             ["HelloWorld FooBAR camelCaseWord URLs/like/this\n", "ÉCOLE École's", "a/b//\n"] +
+             random_texts(random.Random(4), specials, 150))
+    config = {"bos_token": None, "eos_token": "<|endoftext|>"}
+    save_style("o200k_style", tok, config, texts)
+
+
+def normalized_style():
+    """Normalizers NFKC, Lowercase, Replace (String and Regex) and Prepend; WhitespaceSplit and
+    Whitespace pre-tokenizers; a normalized added token that only matches after normalization."""
+    normalizer = normalizers.Sequence([
+        normalizers.NFKC(),
+        normalizers.Replace("``", '"'),
+        normalizers.Replace(Regex(r"[ \t]{2,}"), " "),
+        normalizers.Lowercase(),
+        normalizers.Prepend("\u2581"),
+    ])
+    pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Whitespace(),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok = train(None, 700, ignore_merges=False, add_prefix_space=False,
+                normalizer=normalizer, pre_tokenizer=pre_tokenizer)
+    tok.add_special_tokens([AddedToken("<|EOT|>", special=True, normalized=False)])
+    tok.add_tokens([AddedToken("[note]", special=False, normalized=True)])
+    texts = (COMMON_TEXTS + NORMALIZATION_TEXTS +
+             ["<|EOT|>", "a<|EOT|>b", "[NOTE] x [note]", "［ＮＯＴＥ］", "<|eot|>"] +
+             random_texts(random.Random(5), ["<|EOT|>", "[NOTE]"], 150))
+    save_style("normalized_style", tok, {"bos_token": None, "eos_token": "<|EOT|>"}, texts)
+
+
+def behaviors_style():
+    """Every Split behavior, invert, a String pattern and an NFC normalizer, ahead of a ByteLevel
+    that splits again with its own regex."""
+    pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split("-", behavior="merged_with_next"),
+        pre_tokenizers.Split(Regex(r"[.,;:!?]"), behavior="merged_with_previous"),
+        pre_tokenizers.Split(Regex(r"\p{N}"), behavior="contiguous"),
+        pre_tokenizers.Split(Regex(r"\n+"), behavior="removed"),
+        pre_tokenizers.Split(Regex(r"[^\p{Han}]+"), behavior="isolated", invert=True),
+        pre_tokenizers.Split(Regex(r"\b"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=True, use_regex=True),
+    ])
+    tok = train(None, 600, ignore_merges=False, add_prefix_space=False,
+                normalizer=normalizers.NFC(), pre_tokenizer=pre_tokenizer)
+    texts = (COMMON_TEXTS + NORMALIZATION_TEXTS + random_texts(random.Random(6), ["-", "..."], 150))
+    save_style("behaviors_style", tok, {"bos_token": None, "eos_token": None}, texts)
+
+
+def byte_fallback_style():
+    """byte_fallback on a byte-level vocabulary missing some byte characters: their UTF-8 bytes
+    as <0xXX> tokens where those exist, else the (fused) unknown token."""
+    tok = train(None, 500, ignore_merges=False, add_prefix_space=False)
+    byte_char = bytes_to_unicode()
+    removed = [byte_char[0xC3], byte_char[0xA9], byte_char[0xF0], byte_char[0x7E]]
+
+    def change(spec):
+        model = spec["model"]
+        vocab = model["vocab"]
+        freed = sorted(vocab.pop(c) for c in removed)
+        model["merges"] = [m for m in model["merges"] if m[0] not in removed and m[1] not in removed]
+        # <0xB0> stays missing, so 0xF0 ('ð', UTF-8 C3 B0) falls back to <unk>.
+        new = ["<0xC3>", "<0x83>", "<0xC2>", "<0xA9>", "<0x7E>", "<unk>"]
+        ids = freed + list(range(len(vocab) + len(freed), len(vocab) + len(new)))
+        for token, token_id in zip(new, ids):
+            vocab[token] = token_id
+        model["byte_fallback"] = True
+        model["unk_token"] = "<unk>"
+        model["fuse_unk"] = True
+
+    tok = tokenizer_with(change, tok)
+    tok.add_special_tokens([AddedToken("</s>", special=True, normalized=False)])
+    texts = (COMMON_TEXTS + NORMALIZATION_TEXTS +
+             ["é", "ð", "©é~", "😀😀", "x\u00f0\u00f0y", "~~~", "é😀é"] +
+             random_texts(random.Random(7), ["</s>", "~"], 150))
+    save_style("byte_fallback_style", tok, {"bos_token": None, "eos_token": "</s>"}, texts)
+
+
 def fuzz_seeds():
     """Small tokenizer.json inputs for the fuzz target: tiny vocabularies (the byte alphabet and
     a few merges) in each supported shape, and broken variants of them."""
@@ -394,15 +510,23 @@ def fuzz_seeds():
         change(spec)
         return spec
 
-    seeds["invalid_normalizer_nfc.json"] = variant(
-        lambda s: s.__setitem__("normalizer", {"type": "NFC"}))
+    seeds["valid_normalizer_sequence.json"] = variant(lambda s: s.__setitem__("normalizer", {
+        "type": "Sequence", "normalizers": [
+            {"type": "NFKC"}, {"type": "Lowercase"}, {"type": "Prepend", "prepend": "_"},
+            {"type": "Replace", "pattern": {"Regex": "\\s+"}, "content": " "}]}))
+    seeds["valid_whitespace_split.json"] = variant(
+        lambda s: s["pre_tokenizer"]["pretokenizers"].insert(0, {"type": "WhitespaceSplit"}))
+    seeds["invalid_regex.json"] = variant(
+        lambda s: s["pre_tokenizer"]["pretokenizers"][0]["pattern"].__setitem__("Regex", "(a"))
+    seeds["invalid_normalizer_bert.json"] = variant(
+        lambda s: s.__setitem__("normalizer", {"type": "BertNormalizer"}))
     seeds["invalid_model_wordpiece.json"] = variant(
         lambda s: s["model"].__setitem__("type", "WordPiece"))
-    seeds["invalid_pattern.json"] = variant(
+    seeds["valid_word_pattern.json"] = variant(
         lambda s: s["pre_tokenizer"]["pretokenizers"][0]["pattern"].__setitem__("Regex", r"\w+"))
     seeds["invalid_merge_unknown_token.json"] = variant(
         lambda s: s["model"]["merges"].append(["zz", "top"]))
-    seeds["invalid_byte_fallback.json"] = variant(
+    seeds["valid_byte_fallback.json"] = variant(
         lambda s: s["model"].__setitem__("byte_fallback", True))
     for name, spec in seeds.items():
         write_json(FUZZ_CORPUS / name, spec)
@@ -424,6 +548,10 @@ def main():
     llama3_style()
     gpt2_style()
     qwen2_style()
+    o200k_style()
+    normalized_style()
+    behaviors_style()
+    byte_fallback_style()
     fuzz_seeds()
 
 

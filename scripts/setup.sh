@@ -6,10 +6,12 @@ set -euo pipefail
 packages=(
   build-essential cmake ninja-build ccache pkg-config
   libgtest-dev libgmock-dev
-  libopenblas-openmp-dev   # OpenMP flavour: BLAS threads cooperate with our own OpenMP loops
+  libdnnl-dev              # oneDNN: CPU GEMMs with runtime ISA dispatch, bf16 on AVX512-BF16/AMX
   nlohmann-json3-dev
   libyaml-cpp-dev          # job spec YAML (0.7 on Debian 12)
   libsentencepiece-dev     # SentencePiece tokenizer.model (LLaMA-1/2, Mistral)
+  libonig-dev              # Oniguruma: tokenizer.json split/replace regexes, as HF tokenizers
+  libutf8proc-dev          # NFC/NFKC normalizers of tokenizer.json
   clang libclang-rt-14-dev # libFuzzer for the parser fuzz targets
   clang-format clang-tidy  # scripts/check_format.sh, scripts/check_tidy.sh (CI)
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler  # control plane API

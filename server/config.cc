@@ -16,6 +16,8 @@ const char* const kCoordinatorUsage =
     "                        [--data-dir DIR] [--heartbeat-timeout SECONDS]\n"
     "                        [--heartbeat-interval-ms MS] [--threads N] [--ready-file PATH]\n"
     "                        [--log-format text|json] [--keep-checkpoints K]\n"
+    "                        [--assigned-timeout SECONDS] [--cancel-timeout SECONDS]\n"
+    "                        [--reattach-window SECONDS]\n"
     "Serves the lomo JobService and WorkerService over gRPC, REST/JSON and /metrics over HTTP.\n"
     "A port of 0 lets the system choose; --ready-file receives the addresses in use.\n";
 
@@ -85,11 +87,19 @@ CoordinatorConfig parse_config(const std::string& yaml_text, const std::string& 
       config.log_format = scalar<std::string>(value, source, key);
     } else if (key == "keep_checkpoints") {
       config.keep_checkpoints = scalar<int>(value, source, key);
+    } else if (key == "assigned_timeout_seconds") {
+      config.assigned_timeout_seconds = scalar<double>(value, source, key);
+    } else if (key == "cancel_timeout_seconds") {
+      config.cancel_timeout_seconds = scalar<double>(value, source, key);
+    } else if (key == "reattach_window_seconds") {
+      config.reattach_window_seconds = scalar<double>(value, source, key);
     } else {
       throw ConfigError(key_error(source, key,
                                   "unknown key (expected listen, data_dir, heartbeat_interval_ms, "
                                   "heartbeat_timeout_seconds, threads, http_threads, "
-                                  "shutdown_grace_seconds, log_format, keep_checkpoints)"));
+                                  "shutdown_grace_seconds, log_format, keep_checkpoints, "
+                                  "assigned_timeout_seconds, cancel_timeout_seconds, "
+                                  "reattach_window_seconds)"));
     }
   }
   validate_config(config, source);
@@ -129,6 +139,14 @@ void validate_config(const CoordinatorConfig& config, const std::string& source)
     fail("keep_checkpoints",
          "must be >= 0 (0 keeps all), got " + std::to_string(config.keep_checkpoints));
   }
+  for (const auto& [key, value] :
+       {std::pair{"assigned_timeout_seconds", config.assigned_timeout_seconds},
+        std::pair{"cancel_timeout_seconds", config.cancel_timeout_seconds},
+        std::pair{"reattach_window_seconds", config.reattach_window_seconds}}) {
+    if (!(value > 0) || value > 7 * 86400) {
+      fail(key, "must be in (0, 604800], got " + std::to_string(value));
+    }
+  }
   if (!(config.shutdown_grace_seconds >= 0)) {
     fail("shutdown_grace_seconds", "must be >= 0");
   }
@@ -157,6 +175,12 @@ void apply_flag(const std::string& flag, const std::string& value, CoordinatorCo
     config->threads = static_cast<int>(flag_int(flag, value));
   } else if (flag == "--keep-checkpoints") {
     config->keep_checkpoints = static_cast<int>(flag_int(flag, value));
+  } else if (flag == "--assigned-timeout") {
+    config->assigned_timeout_seconds = flag_double(flag, value);
+  } else if (flag == "--cancel-timeout") {
+    config->cancel_timeout_seconds = flag_double(flag, value);
+  } else if (flag == "--reattach-window") {
+    config->reattach_window_seconds = flag_double(flag, value);
   } else if (flag == "--ready-file") {
     config->ready_file = value;
   } else if (flag == "--log-format") {

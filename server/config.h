@@ -11,12 +11,18 @@
 //   shutdown_grace_seconds: 5   # SIGTERM: how long calls in flight may take to finish
 //   log_format: text            # or json: one JSON object per log line
 //   keep_checkpoints: 3         # committed checkpoints kept per job (newest); 0 keeps all
+//   assigned_timeout_seconds: 600 # ASSIGNED without any rank reporting RUNNING: a transient
+//   failure cancel_timeout_seconds: 300 # a cancel no worker confirms: CANCELLED, saying so
+//   reattach_window_seconds: 25 # a worker whose stream broke may take this long to come back
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
 #include <vector>
+
+#include "common/reconnect.h"
 
 namespace lomo::server {
 
@@ -31,6 +37,15 @@ struct CoordinatorConfig {
   double shutdown_grace_seconds = 5.0;
   std::string log_format = "text";  // common/log.h: text or json
   int keep_checkpoints = 3;         // committed checkpoints kept per job, newest first; 0: all
+  // Operational timeouts (JobLifecycle::check_timeouts). The assignment's includes the workers'
+  // fetch of the checkpoint to resume from, which precedes RUNNING: hence minutes.
+  double assigned_timeout_seconds = 600;
+  double cancel_timeout_seconds = 300;
+  // How long a worker whose stream broke (or which has not come back since a coordinator restart)
+  // keeps its job attempt. Derived from the workers' reconnect backoff (common/reconnect.h): the
+  // default exceeds their largest backoff delay plus one dial, so an outage of the coordinator
+  // never ends attempts of workers that are still training. Never below heartbeat_timeout.
+  double reattach_window_seconds = std::chrono::duration<double>(kDefaultReattachWindow).count();
   // Not in the file: where to write {"grpc": "host:port", "http": "host:port"} once both listen
   // (ports chosen by the system when the address says :0). Tests and scripts wait for it.
   std::string ready_file;
@@ -48,7 +63,8 @@ CoordinatorConfig parse_config(const std::string& yaml_text, const std::string& 
 
 // Reads --config FILE first (if given), then applies --grpc-listen, --http-listen, --data-dir,
 // --heartbeat-timeout SECONDS, --heartbeat-interval-ms MS, --threads N, --ready-file PATH,
-// --log-format text|json, --keep-checkpoints K on top.
+// --log-format text|json, --keep-checkpoints K, --assigned-timeout SECONDS,
+// --cancel-timeout SECONDS, --reattach-window SECONDS on top.
 // Both "--flag value" and "--flag=value" work. Throws ConfigError; `*help` is set for --help.
 CoordinatorConfig config_from_command_line(const std::vector<std::string>& args, bool* help);
 

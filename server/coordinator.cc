@@ -73,6 +73,15 @@ void Coordinator::cancel_job(const v1::CancelJobRequest& request, v1::CancelJobR
   state_.when_durable(std::move(done), "the cancellation of job " + request.job_id());
 }
 
+Clock::duration Coordinator::stall_threshold(const CoordinatorOptions& options,
+                                             Clock::duration tick) {
+  // Well above a late tick on a loaded machine, well below the heartbeat timeout.
+  const auto half_timeout = std::chrono::duration_cast<Clock::duration>(
+      std::chrono::duration<double>(options.heartbeat_timeout_seconds / 2));
+  return std::max<Clock::duration>(std::min<Clock::duration>(std::chrono::seconds(2), half_timeout),
+                                   5 * tick);
+}
+
 void Coordinator::background_loop() {
   // Scanning ten times per timeout bounds the detection delay to 1.1 timeouts.
   const auto scan_period =
@@ -80,16 +89,29 @@ void Coordinator::background_loop() {
           std::clamp(state_.options.heartbeat_timeout_seconds / 10, 0.02, 1.0)));
   const auto tick = std::min<Clock::duration>(scan_period, kDurabilityDelay);
   Clock::time_point next_scan = Clock::now() + scan_period;
+  Clock::time_point last_tick = Clock::now();
   std::unique_lock lock(sweeper_mu_);
   while (!sweeper_stop_) {
     sweeper_wake_.wait_for(lock, tick, [this] { return sweeper_stop_; });
     if (sweeper_stop_) break;
     lock.unlock();
+    const Clock::time_point now = Clock::now();
+    if (now - last_tick > stall_threshold(state_.options, tick)) {
+      // This process did not run (SIGSTOP, a paused VM, swapping): the heartbeats sent meanwhile
+      // are still unread in the streams. Judge nobody by a silence that was ours.
+      log_line("the coordinator stalled for " +
+               std::to_string(
+                   std::chrono::duration_cast<std::chrono::milliseconds>(now - last_tick).count()) +
+               " ms; workers get a full heartbeat timeout from now before any is judged dead");
+      registry_.grant_grace(now);
+    }
+    last_tick = now;
     if (Clock::now() >= next_scan) {
       registry_.check_heartbeats();
       next_scan = Clock::now() + scan_period;
     }
     lifecycle_.start_due_restarts();  // a restart's backoff ends within one tick
+    lifecycle_.check_timeouts();      // ASSIGNED without RUNNING, unconfirmed cancels
     // What workers reported (states, events) becomes durable within kDurabilityDelay without
     // making their streams wait for a disk sync; no sync when nothing was committed since.
     state_.when_durable([](const grpc::Status&) {}, "recent job updates");

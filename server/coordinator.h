@@ -139,6 +139,8 @@ class Coordinator {
 
  private:
   void background_loop();
+  // A gap between two background ticks longer than this means the coordinator itself stalled.
+  static Clock::duration stall_threshold(const CoordinatorOptions& options, Clock::duration tick);
 
   EventHub hub_;
   CoordinatorState state_;  // refers to hub_, so declared after it

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "common/log.h"
+#include "common/version.h"
 #include "server/checkpoint_store.h"
 #include "server/config.h"
 #include "server/coordinator.h"
@@ -94,6 +95,12 @@ std::unique_ptr<grpc::Server> start_grpc(const CoordinatorConfig& config, JobSer
     throw std::runtime_error("cannot listen for gRPC on " + config.grpc_listen +
                              " (in use, or not an address of this host)");
   }
+  // grpc.health.v1 per service, as Kubernetes' and grpc_health_probe's `-service` checks ask for
+  // it ("" is the server as a whole); SetServingStatus(false) at shutdown turns all of them.
+  for (const char* service :
+       {v1::JobService::service_full_name(), v1::WorkerService::service_full_name()}) {
+    server->GetHealthCheckService()->SetServingStatus(service, true);
+  }
   *address = with_port(config.grpc_listen, port);
   return server;
 }
@@ -143,9 +150,12 @@ int run(const CoordinatorConfig& config) {
   Store store(data_dir / "coordinator.db");
   CheckpointStore checkpoints(data_dir / "checkpoints");
   Metrics metrics;
-  Coordinator coordinator(CoordinatorOptions{config.heartbeat_timeout_seconds,
-                                             config.heartbeat_interval_ms, config.keep_checkpoints},
-                          store, checkpoints, metrics);
+  CoordinatorOptions options{config.heartbeat_timeout_seconds, config.heartbeat_interval_ms,
+                             config.keep_checkpoints};
+  options.assigned_timeout_seconds = config.assigned_timeout_seconds;
+  options.cancel_timeout_seconds = config.cancel_timeout_seconds;
+  options.reattach_window_seconds = config.reattach_window_seconds;
+  Coordinator coordinator(options, store, checkpoints, metrics);
   coordinator.start();
   Executor executor(config.threads);
 
@@ -156,6 +166,12 @@ int run(const CoordinatorConfig& config) {
   std::unique_ptr<grpc::Server> server =
       start_grpc(config, job_service, worker_service, &grpc_address);
   std::unique_ptr<RestServer> rest = start_rest(config, coordinator, metrics, &http_address);
+  // A corrupt store found while serving: both health checks say NOT_SERVING from then on.
+  if (rest != nullptr) rest->set_health_problem([&store] { return store.corruption(); });
+  store.set_on_corruption([&server](const std::string& what) {
+    log_line("store: " + what + "; health is NOT_SERVING");
+    server->GetHealthCheckService()->SetServingStatus(false);
+  });
   log_line("serving gRPC on " + grpc_address +
            (http_address.empty() ? "" : ", HTTP on " + http_address) + "; data in " +
            data_dir.string());
@@ -166,6 +182,7 @@ int run(const CoordinatorConfig& config) {
   log_line(std::string("received ") + (signal == SIGTERM ? "SIGTERM" : "SIGINT") +
            "; shutting down");
   shut_down(config.shutdown_grace_seconds, *server, rest.get(), coordinator, in_flight, executor);
+  store.set_on_corruption(nullptr);
   ::close(lock_fd);
   log_line("stopped");
   return 0;
@@ -178,6 +195,10 @@ int main(int argc, char** argv) {
   using namespace lomo::server;
   lomo::set_log_program("lomo-coordinator");
   const std::vector<std::string> args(argv + 1, argv + argc);
+  if (lomo::asks_for_version(args)) {
+    std::cout << lomo::version_text("lomo-coordinator");
+    return 0;
+  }
   CoordinatorConfig config;
   try {
     bool help = false;

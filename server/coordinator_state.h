@@ -33,6 +33,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "common/reconnect.h"
 #include "lomo/v1/workers.pb.h"
 #include "server/checkpoint_store.h"
 #include "server/event_hub.h"
@@ -50,6 +51,13 @@ struct CoordinatorOptions {
   // Committed checkpoints kept per job, newest first; older ones are deleted after a commit
   // (0: keep all). CheckpointCommit::apply_retention_locked.
   int keep_checkpoints = 3;
+  // An ASSIGNED job none of whose ranks reports RUNNING fails (transient) after this; a cancel no
+  // rank confirms ends CANCELLED after this (JobLifecycle::check_timeouts).
+  double assigned_timeout_seconds = 600;
+  double cancel_timeout_seconds = 300;
+  // A worker whose stream broke keeps its attempt this long (at least heartbeat_timeout); see
+  // server/config.h and common/reconnect.h for how it relates to the workers' backoff.
+  double reattach_window_seconds = std::chrono::duration<double>(kDefaultReattachWindow).count();
 };
 
 // Called exactly once: at once with an error, or with OK once what the call changed is durable
@@ -64,6 +72,10 @@ struct ActiveJob {
   v1::DeviceKind device = v1::DEVICE_KIND_UNSPECIFIED;
   int64_t world_size = 1;    // resources.world_size: the ranks of each attempt
   int64_t max_restarts = 0;  // resources.max_restarts: new attempts after failures
+  // In memory only (a restored job counts from the coordinator's start): when the current attempt
+  // was assigned and when its cancel was requested, for the operational timeouts.
+  Clock::time_point assigned_at{};
+  Clock::time_point cancel_requested_at{};
 
   // The rank `worker_id` runs in the current attempt, or -1.
   int rank_of(const std::string& worker_id) const;

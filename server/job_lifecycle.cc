@@ -4,7 +4,9 @@
 #include <google/protobuf/util/time_util.h>
 
 #include <algorithm>
+#include <cctype>
 #include <chrono>
+#include <string_view>
 
 #include "common/log.h"
 #include "jobspec/job_spec.h"
@@ -67,6 +69,43 @@ std::string attempt_failure_text(const v1::Job& job, const std::string& what) {
   return text + ": " + what;
 }
 
+// "attempt 2 was preempted on worker W: REASON".
+std::string attempt_preempted_text(const v1::Job& job, const std::string& what) {
+  std::string text = "attempt " + std::to_string(job.attempt()) + " was preempted";
+  if (job.assignments_size() == 1) text += " on worker " + job.assignments(0).worker_id();
+  return text + ": " + what;
+}
+
+// The job goes back to the queue for a new attempt: nothing of the ended one stays current.
+void clear_attempt(JobRecord& updated) {
+  v1::Job& next = updated.job;
+  next.set_state(v1::JOB_STATE_QUEUED);
+  next.clear_end_time();
+  next.clear_failure_reason();
+  next.clear_worker_id();
+  next.clear_assignments();
+  updated.rank_states.clear();
+}
+
+// "worker W" for a job of its own, "rank R (worker W)" for each rank of a gang that `pending`
+// holds, joined with commas.
+std::string ranks_text(const ActiveJob& active, const std::vector<v1::JobState>& states,
+                       bool (*pending)(v1::JobState)) {
+  std::string text;
+  for (const v1::RankAssignment& assignment : active.record.job.assignments()) {
+    const size_t rank = static_cast<size_t>(assignment.rank());
+    if (rank < states.size() && !pending(states[rank])) continue;
+    text += text.empty() ? "" : ", ";
+    text += active.world_size > 1
+                ? "rank " + std::to_string(rank) + " (worker " + assignment.worker_id() + ")"
+                : "worker " + assignment.worker_id();
+  }
+  return text;
+}
+
+bool not_running_yet(v1::JobState state) { return state == v1::JOB_STATE_UNSPECIFIED; }
+bool not_ended(v1::JobState state) { return !is_terminal(state); }
+
 // The record of the attempt `job` ran, which `next` (the job after this transition) ends.
 v1::JobAttempt ended_attempt(const v1::Job& job, const v1::Job& next, const std::string& reason) {
   v1::JobAttempt entry;
@@ -79,11 +118,38 @@ v1::JobAttempt ended_attempt(const v1::Job& job, const v1::Job& next, const std:
   return entry;
 }
 
+// `reason` with each path into a daemon's attempt directory (".../jobs/JOB/attempt-N/out/...")
+// written as "<attempt dir>/out/...": every attempt runs in a new directory, so a trainer error
+// that names a file of its output differs from the same error of the attempt before only there.
+std::string without_attempt_dirs(const std::string& reason) {
+  static constexpr std::string_view kMarker = "/attempt-";
+  std::string text;
+  size_t copied = 0;
+  for (size_t at = reason.find(kMarker); at != std::string::npos;
+       at = reason.find(kMarker, at + 1)) {
+    size_t end = at + kMarker.size();
+    while (end < reason.size() && std::isdigit(static_cast<unsigned char>(reason[end]))) ++end;
+    if (end == at + kMarker.size() ||
+        (end < reason.size() && reason[end] != '/' && reason[end] != ':' && reason[end] != ' ')) {
+      continue;  // "/attempt-" without a number, or a longer name: not an attempt directory
+    }
+    size_t start = at;  // back to the start of the path
+    while (start > copied && reason[start - 1] != ' ' && reason[start - 1] != '\'' &&
+           reason[start - 1] != '"' && reason[start - 1] != '(') {
+      --start;
+    }
+    text.append(reason, copied, start - copied).append("<attempt dir>");
+    copied = end;
+  }
+  return text.append(reason, copied);
+}
+
 // The attempt failed as the restarted one before it did (same reason, same step): a cause that
 // a new attempt would meet a third time.
 bool repeats(const v1::JobAttempt* previous, const v1::JobAttempt& entry) {
   return previous != nullptr && previous->restarted() &&
-         previous->state() == v1::JOB_STATE_FAILED && previous->reason() == entry.reason() &&
+         previous->state() == v1::JOB_STATE_FAILED &&
+         without_attempt_dirs(previous->reason()) == without_attempt_dirs(entry.reason()) &&
          previous->step() == entry.step();
 }
 
@@ -229,16 +295,23 @@ std::string JobLifecycle::wait_for_workers_locked(ActiveJob& active, Clock::time
 
 grpc::Status JobLifecycle::commit_locked(ActiveJob& active, JobRecord updated,
                                          const std::string& reason, std::vector<v1::JobEvent> extra,
-                                         bool permanent_failure) {
+                                         bool permanent_failure, bool preempted) {
   const v1::JobState before = active.record.job.state();
   std::string why = reason;
-  std::optional<Clock::duration> backoff;
+  std::optional<Restart> restart;
   v1::Job ended;
   std::vector<v1::JobState> ended_ranks;
   if (is_attempt_running(before) && !is_attempt_running(updated.job.state())) {
+    if (const std::string hold = hold_for_rank0_locked(active, updated, preempted); !hold.empty()) {
+      // The attempt goes on until rank 0 has uploaded: only the rank's end is recorded.
+      JobRecord held = active.record;
+      held.rank_states = updated.rank_states;
+      extra.push_back(log_event(hold + (reason.empty() ? "" : " (" + reason + ")")));
+      return commit_locked(active, std::move(held), "", std::move(extra));
+    }
     ended = active.record.job;
     ended_ranks = updated.rank_states;
-    backoff = end_attempt_locked(active, updated, why, permanent_failure);
+    restart = end_attempt_locked(active, updated, why, permanent_failure, preempted);
   }
   const v1::JobState after = updated.job.state();
   std::vector<v1::JobEvent> events;
@@ -252,18 +325,63 @@ grpc::Status JobLifecycle::commit_locked(ActiveJob& active, JobRecord updated,
   }
   state_.metrics.count_events(static_cast<int64_t>(events.size()));
   after_commit_locked(active, std::move(updated), before, why);
-  if (backoff) after_restart_locked(ended, ended_ranks, *backoff);
+  if (restart) after_restart_locked(ended, ended_ranks, *restart);
   return grpc::Status::OK;
 }
 
-std::optional<Clock::duration> JobLifecycle::end_attempt_locked(const ActiveJob& active,
-                                                                JobRecord& updated,
-                                                                std::string& reason,
-                                                                bool permanent_failure) {
+std::string JobLifecycle::hold_for_rank0_locked(const ActiveJob& active, const JobRecord& updated,
+                                                bool preempted) const {
+  const v1::Job& job = active.record.job;
+  const std::vector<v1::JobState>& was = active.record.rank_states;
+  const std::vector<v1::JobState>& now = updated.rank_states;
+  const bool cancelled = updated.cancel_requested && updated.job.state() == v1::JOB_STATE_CANCELLED;
+  if (active.world_size <= 1 || (!preempted && !cancelled) || now.size() != was.size() ||
+      now.empty() || now[0] != v1::JOB_STATE_RUNNING) {
+    return "";
+  }
+  // A rank other than 0 ends with this update (not a timeout). For a cancel it confirmed it
+  // (a rank failing while it stops ends the job at once, as before); for a preemption it had
+  // trained: its trainer's stop reaches rank 0's through their collectives, while a rank that
+  // never started leaves rank 0 nothing to checkpoint.
+  bool rank_ends = false;
+  for (size_t r = 1; r < now.size(); ++r) {
+    rank_ends |=
+        !is_terminal(was[r]) && (preempted ? is_terminal(now[r]) && was[r] == v1::JOB_STATE_RUNNING
+                                           : now[r] == v1::JOB_STATE_CANCELLED);
+  }
+  if (!rank_ends) return "";
+  std::string rank0_worker;
+  for (const v1::RankAssignment& assignment : job.assignments()) {
+    if (assignment.rank() == 0) rank0_worker = assignment.worker_id();
+  }
+  const auto worker = state_.workers.find(rank0_worker);
+  if (worker == state_.workers.end() || worker->second.connection == nullptr ||
+      worker->second.job_id != job.id() || worker->second.attempt != job.attempt()) {
+    return "";
+  }
+  return std::string(preempted ? "a rank was preempted" : "a rank stopped for the cancel") +
+         "; the attempt ends when rank 0 (worker " + rank0_worker +
+         ") has uploaded its last checkpoint and reported its end";
+}
+
+std::optional<JobLifecycle::Restart> JobLifecycle::end_attempt_locked(const ActiveJob& active,
+                                                                      JobRecord& updated,
+                                                                      std::string& reason,
+                                                                      bool permanent_failure,
+                                                                      bool preempted) {
   const v1::Job& job = active.record.job;
   v1::Job& next = updated.job;
   const bool failed = next.state() == v1::JOB_STATE_FAILED;
   v1::JobAttempt entry = ended_attempt(job, next, reason);
+  if (failed && preempted && !updated.cancel_requested && !permanent_failure) {
+    // A drain, not a failure: back to the queue at once, the budget untouched.
+    entry.set_preempted(true);
+    reason = "queued again after " + attempt_preempted_text(job, entry.reason()) +
+             " (the restart budget is not used)";
+    *next.add_attempts() = std::move(entry);
+    clear_attempt(updated);
+    return Restart{Clock::duration::zero(), false};
+  }
   const int64_t used = restarts_used(job);
   const v1::JobAttempt* previous =
       job.attempts_size() > 0 ? &job.attempts(job.attempts_size() - 1) : nullptr;
@@ -292,22 +410,61 @@ std::optional<Clock::duration> JobLifecycle::end_attempt_locked(const ActiveJob&
            std::to_string(restart) + " of " + std::to_string(active.max_restarts) + ") in " +
            std::to_string(backoff_us / 1000000) + " s";
   *next.add_attempts() = std::move(entry);
-  next.set_state(v1::JOB_STATE_QUEUED);
-  next.clear_end_time();
-  next.clear_failure_reason();
-  next.clear_worker_id();
-  next.clear_assignments();
-  updated.rank_states.clear();
-  return backoff;
+  clear_attempt(updated);
+  return Restart{backoff, true};
 }
 
 void JobLifecycle::after_restart_locked(const v1::Job& ended,
                                         const std::vector<v1::JobState>& rank_states,
-                                        Clock::duration backoff) {
-  state_.metrics.count_restart();
+                                        const Restart& restart) {
+  if (restart.counted) state_.metrics.count_restart();
   state_.rendezvous.drop_job(ended.id());
   end_ranks_locked(ended, rank_states);
-  state_.restart_at[ended.id()] = Clock::now() + backoff;
+  state_.restart_at[ended.id()] = Clock::now() + restart.backoff;
+}
+
+void JobLifecycle::check_timeouts() {
+  std::lock_guard lock(state_.mu);
+  const Clock::time_point now = Clock::now();
+  std::vector<std::string> running;
+  for (const auto& [id, active] : state_.active) {
+    if (is_attempt_running(active.record.job.state())) running.push_back(id);
+  }
+  bool ended = false;
+  for (const std::string& id : running) {
+    const auto it = state_.active.find(id);
+    if (it == state_.active.end()) continue;
+    const v1::JobState before = it->second.record.job.state();
+    check_timeouts_locked(it->second, now);
+    const auto after = state_.active.find(id);
+    ended |= after == state_.active.end() || after->second.record.job.state() != before;
+  }
+  if (ended) dispatch_locked();
+}
+
+void JobLifecycle::check_timeouts_locked(ActiveJob& active, Clock::time_point now) {
+  const JobRecord& record = active.record;
+  // A job restored at startup has no times yet: its timeouts count from here.
+  Clock::time_point& since =
+      record.cancel_requested ? active.cancel_requested_at : active.assigned_at;
+  if (since == Clock::time_point{}) since = now;
+  const double limit = record.cancel_requested ? state_.options.cancel_timeout_seconds
+                                               : state_.options.assigned_timeout_seconds;
+  const bool applies = record.cancel_requested || record.job.state() == v1::JOB_STATE_ASSIGNED;
+  if (!applies || now - since < std::chrono::duration<double>(limit)) return;
+  JobRecord updated = record;
+  std::string what;
+  if (record.cancel_requested) {
+    what = ranks_text(active, record.rank_states, not_ended) +
+           " did not confirm the cancellation within " + seconds_text(limit) + " s" +
+           " (still told to stop; no new job until it reports its end or is gone)";
+  } else {
+    what = ranks_text(active, record.rank_states, not_running_yet) +
+           " did not acknowledge the assignment (no RUNNING) within " + seconds_text(limit) + " s";
+  }
+  const std::string why = end_job_by_rank(updated, v1::JOB_STATE_FAILED, what);
+  // On a store error the next check tries again.
+  (void)commit_locked(active, std::move(updated), why);
 }
 
 void JobLifecycle::start_due_restarts() {
@@ -383,6 +540,12 @@ void JobLifecycle::end_orphaned_job_locked(Worker& worker, const std::string& re
     return;
   }
   ActiveJob& active = it->second;
+  if (static_cast<size_t>(rank) < active.record.rank_states.size() &&
+      is_terminal(active.record.rank_states[static_cast<size_t>(rank)])) {
+    // Its rank had ended (a held gang waits for rank 0): losing the worker changes nothing.
+    state_.release_worker_locked(worker);
+    return;
+  }
   JobRecord updated = active.record;
   if (static_cast<size_t>(rank) < updated.rank_states.size()) {
     updated.rank_states[static_cast<size_t>(rank)] = v1::JOB_STATE_FAILED;  // its worker is gone
@@ -469,6 +632,8 @@ bool JobLifecycle::assign_locked(ActiveJob& job, const std::vector<Worker*>& gan
     for (Worker* worker : gang) state_.scheduler.add_idle_worker(worker->id, worker->device.kind());
     return false;
   }
+  job.assigned_at = Clock::now();
+  job.cancel_requested_at = {};
   const int64_t queued_us = TimeUtil::TimestampToMicroseconds(assigned.create_time());
   const int64_t now_us = TimeUtil::TimestampToMicroseconds(now_timestamp());
   state_.metrics.observe_scheduling_latency(static_cast<double>(now_us - queued_us) * 1e-6);
@@ -624,6 +789,7 @@ grpc::Status JobLifecycle::request_cancel_locked(ActiveJob& active) {
       !status.ok()) {
     return status;
   }
+  active.cancel_requested_at = Clock::now();
   log_line("job " + job.id() + ": cancellation requested, telling " + whom);
   for (const v1::RankAssignment& assignment : job.assignments()) {
     const auto worker = state_.workers.find(assignment.worker_id());

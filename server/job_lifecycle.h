@@ -20,6 +20,20 @@
 // last committed checkpoint (the daemon fetches it). An attempt that fails with the same reason at
 // the same step as the one before it stops the job early; a spent budget ends it FAILED "after N
 // restarts". Every attempt that ends is recorded in Job.attempts, whatever its end.
+//
+// Preemption: an attempt a rank ends FAILED with JobStatusUpdate.preempted (its worker got SIGTERM,
+// or a gang peer's did; its checkpoint is committed) is not a failure: the job is QUEUED again at
+// once, the attempt recorded with JobAttempt.preempted, and the restart budget is not used.
+//
+// A gang's last checkpoint: rank 0 alone uploads, after its trainer stopped. So when another rank
+// ends first by confirming a cancel or by a preemption, the attempt is held (its state unchanged,
+// that rank recorded as ended) until rank 0 reports its own end, its worker is gone, or the cancel
+// timeout passes; rank 0's checkpoint is then committed before the attempt ends.
+//
+// Operational timeouts (check_timeouts): an ASSIGNED job none of whose ranks reported RUNNING
+// within CoordinatorOptions::assigned_timeout_seconds fails (transient: restarted within budget);
+// a cancel not confirmed within cancel_timeout_seconds ends the job CANCELLED, the reason naming
+// the workers that did not confirm (they are still told to stop and get no job until they do).
 #pragma once
 
 #include <grpcpp/support/status.h>
@@ -59,7 +73,8 @@ class JobLifecycle {
   // worker of a job that ended. `active` is invalid afterwards if the job ended. Requires mu.
   // `permanent_failure`: an attempt ending FAILED must not be restarted (see Restarts above).
   grpc::Status commit_locked(ActiveJob& active, JobRecord updated, const std::string& reason,
-                             std::vector<v1::JobEvent> extra = {}, bool permanent_failure = false);
+                             std::vector<v1::JobEvent> extra = {}, bool permanent_failure = false,
+                             bool preempted = false);
   // Ends an assigned or running job one of whose workers is gone (end_job_by_rank with FAILED and
   // `reason`, prefixed with the rank in a gang). A worker whose job has already ended just becomes
   // free. Requires mu.
@@ -68,6 +83,8 @@ class JobLifecycle {
   void dispatch_locked();
   // Queues the jobs whose restart backoff has passed and dispatches. Takes mu.
   void start_due_restarts();
+  // Ends the jobs whose ASSIGNED or cancel timeout has passed (see above). Takes mu.
+  void check_timeouts();
 
  private:
   enum class Restored { kQueued, kWaitingForWorker, kFailed };
@@ -80,12 +97,23 @@ class JobLifecycle {
   grpc::Status insert_new_job_locked(JobRecord& record, std::vector<v1::JobEvent>& events);
   // Records the attempt that `updated` ends in Job.attempts and decides whether the job restarts:
   // then `updated` becomes QUEUED, `reason` says why and the backoff is returned.
-  std::optional<Clock::duration> end_attempt_locked(const ActiveJob& active, JobRecord& updated,
-                                                    std::string& reason, bool permanent_failure);
+  struct Restart {
+    Clock::duration backoff{};
+    bool counted = true;  // false for a preemption: not a restart of the budget
+  };
+  std::optional<Restart> end_attempt_locked(const ActiveJob& active, JobRecord& updated,
+                                            std::string& reason, bool permanent_failure,
+                                            bool preempted);
   // After a restart's commit: the ended attempt's ranks are freed or told to stop, and the job
-  // waits `backoff` before it is queued.
+  // waits `restart.backoff` before it is queued.
   void after_restart_locked(const v1::Job& ended, const std::vector<v1::JobState>& rank_states,
-                            Clock::duration backoff);
+                            const Restart& restart);
+  // A gang's rank other than 0 ended by a cancel or a preemption while rank 0, still running on a
+  // connected worker, has yet to upload its last checkpoint: the text of the hold, else "".
+  std::string hold_for_rank0_locked(const ActiveJob& active, const JobRecord& updated,
+                                    bool preempted) const;
+  // Ends `active` if one of its operational timeouts has passed. Requires mu.
+  void check_timeouts_locked(ActiveJob& active, Clock::time_point now);
   // The state-change bookkeeping after a commit: metrics, log line, scheduler, hub.
   void after_commit_locked(ActiveJob& active, JobRecord updated, v1::JobState before,
                            const std::string& reason);

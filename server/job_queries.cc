@@ -119,6 +119,11 @@ grpc::Status JobQueries::list_jobs(const v1::ListJobsRequest& request,
     const std::shared_ptr<const QueueHeads> heads = scheduler_.published();
     for (v1::Job& job : page.jobs) {
       explain_wait(job, *heads);
+      // Specs stay out of lists (GetJob has them): a page of 1000 jobs with specs up to
+      // kMaxSpecBytes, three copies each, would pass gRPC's 4 MiB message limit.
+      job.clear_spec();
+      job.clear_canonical_spec();
+      job.clear_original_spec();
       *response->add_jobs() = std::move(job);
     }
     response->set_next_page_token(page.next_page_token);

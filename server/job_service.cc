@@ -5,6 +5,7 @@
 #include <mutex>
 #include <optional>
 
+#include "jobspec/job_spec.h"
 #include "server/stream_reactor.h"
 
 namespace lomo::server {
@@ -100,9 +101,19 @@ grpc::ServerUnaryReactor* JobServiceImpl::finish_on_executor(
   return reactor;
 }
 
+grpc::Status check_spec_size(const v1::SubmitJobRequest& request) {
+  const size_t bytes = request.spec_text().size() + request.spec().ByteSizeLong();
+  if (bytes <= kMaxSpecBytes) return grpc::Status::OK;
+  return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                      "spec: " + std::to_string(bytes) + " bytes, over the limit of " +
+                          std::to_string(kMaxSpecBytes) + " bytes (" +
+                          std::to_string(kMaxSpecBytes / 1024) + " KiB) for a job spec");
+}
+
 grpc::ServerUnaryReactor* JobServiceImpl::SubmitJob(grpc::CallbackServerContext* /*context*/,
                                                     const v1::SubmitJobRequest* request,
                                                     v1::SubmitJobResponse* response) {
+  if (grpc::Status size = check_spec_size(*request); !size.ok()) return finish_now(size);
   return finish_on_executor([this, request, response](auto done) {
     coordinator_.submit_job(*request, response, std::move(done));
   });

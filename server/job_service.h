@@ -18,6 +18,10 @@
 
 namespace lomo::server {
 
+// INVALID_ARGUMENT naming the limit when the request's spec (spec_text or the Struct) is larger
+// than kMaxSpecBytes (jobspec/job_spec.h); checked by gRPC and REST before anything else.
+grpc::Status check_spec_size(const v1::SubmitJobRequest& request);
+
 class JobServiceImpl final : public v1::JobService::CallbackService {
  public:
   // Every call is counted in `in_flight` from its start to its end.

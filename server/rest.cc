@@ -1,16 +1,25 @@
 #include "server/rest.h"
 
+#include <arpa/inet.h>
 #include <google/protobuf/util/json_util.h>
 #include <httplib.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <charconv>
 #include <chrono>
 #include <condition_variable>
+#include <deque>
 #include <future>
 #include <mutex>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <stdexcept>
+
+#include "common/api_json.h"
+#include "server/job_service.h"
 
 namespace lomo::server {
 
@@ -20,6 +29,16 @@ constexpr int kEventBatch = 256;
 constexpr const char* kJson = "application/json";
 // How often a waiting event stream checks that its client is still connected.
 constexpr auto kStreamPoll = std::chrono::milliseconds(500);
+// A request body: a spec of kMaxSpecBytes with its envelope fits; nothing larger is read.
+constexpr size_t kMaxBodyBytes = 1 << 20;
+// JSON nesting accepted in a body (a spec is a few levels deep); checked in one linear pass
+// before any parser sees the body, as deep nesting is what makes JSON parsers slow or recurse.
+constexpr int kMaxJsonDepth = 64;
+// The kernel's queue of connections not yet accepted (httplib's own is 5).
+constexpr int kListenBacklog = 1024;
+// Connections one slow client can hold a thread for: a read or write that stalls this long ends
+// the connection, as does an idle keep-alive.
+constexpr int kIoTimeoutSeconds = 5;
 
 int http_status(grpc::StatusCode code) {
   switch (code) {
@@ -62,15 +81,8 @@ void reply_error(httplib::Response& response, const grpc::Status& status) {
   response.set_content(error_object(status).dump() + "\n", kJson);
 }
 
-std::string to_json(const google::protobuf::Message& message) {
-  google::protobuf::util::JsonPrintOptions options;
-  options.always_print_primitive_fields = true;  // dashboards see every field, zero or not
-  std::string json;
-  const auto status = google::protobuf::util::MessageToJsonString(message, &json, options);
-  if (!status.ok())
-    throw std::runtime_error("cannot encode JSON: " + std::string(status.message()));
-  return json;
-}
+// The JSON `lomoctl --output json` prints too (common/api_json.h).
+std::string to_json(const google::protobuf::Message& message) { return lomo::api_json(message); }
 
 void reply(httplib::Response& response, const grpc::Status& status,
            const google::protobuf::Message& message) {
@@ -138,6 +150,42 @@ grpc::Status parse_bool(const httplib::Request& request, const std::string& name
   return grpc::Status::OK;
 }
 
+// A query parameter by its proto name ("page_size") or its JSON name ("pageSize"), as gRPC-gateway
+// accepts both; the one the request used, so that errors name what the client wrote.
+std::string param_alias(const httplib::Request& request, const std::string& snake,
+                        const std::string& camel) {
+  return request.has_param(camel.c_str()) && !request.has_param(snake.c_str()) ? camel : snake;
+}
+
+// 400 naming every query parameter the route does not know (a misspelt "pagesize" would otherwise
+// be ignored silently) and any given under both of its names.
+grpc::Status check_params(const httplib::Request& request,
+                          std::initializer_list<std::pair<const char*, const char*>> known) {
+  std::set<std::string> unknown;
+  for (const auto& [name, value] : request.params) {
+    bool found = false;
+    for (const auto& [snake, camel] : known) found = found || name == snake || name == camel;
+    if (!found) unknown.insert(name.substr(0, 40));
+  }
+  if (!unknown.empty()) {
+    std::string names;
+    for (const std::string& name : unknown) names += (names.empty() ? "\"" : ", \"") + name + "\"";
+    std::string accepted;
+    for (const auto& [snake, camel] : known) {
+      accepted += (accepted.empty() ? "" : ", ") + std::string(snake);
+      if (std::string(camel) != snake) accepted += "/" + std::string(camel);
+    }
+    return invalid("unknown query parameter " + names + " (this route takes " +
+                   (accepted.empty() ? std::string("none") : accepted) + ")");
+  }
+  for (const auto& [snake, camel] : known) {
+    if (std::string(camel) != snake && request.has_param(snake) && request.has_param(camel)) {
+      return invalid(std::string(snake) + " and " + camel + " name one parameter; give one");
+    }
+  }
+  return grpc::Status::OK;
+}
+
 // "RUNNING", "running" or "JOB_STATE_RUNNING"; several as repeated parameters or comma-separated.
 grpc::Status parse_states(const httplib::Request& request, v1::ListJobsRequest* list) {
   for (const char* name : {"states", "state"}) {
@@ -173,6 +221,11 @@ struct EventStream {
   bool woken = false;
   uint64_t subscription = 0;
   int64_t after = 0;
+  // A follower holds one of RestServer's follower places until its last copy is gone.
+  std::atomic<int>* followers = nullptr;
+  ~EventStream() {
+    if (followers != nullptr) followers->fetch_sub(1);
+  }
 };
 
 // Writes the job's next events after stream.after to an NDJSON response; with `follow`, waits
@@ -207,6 +260,108 @@ bool write_events(Coordinator& coordinator, EventStream& stream, const std::stri
   stream.woken = false;
   return sink.is_writable();
 }
+
+// False when `body` nests arrays/objects deeper than `max_depth` (strings are skipped, escapes
+// included). One pass, no allocation: safe on any bytes.
+bool json_depth_within(std::string_view body, int max_depth) {
+  int depth = 0;
+  bool in_string = false;
+  for (size_t i = 0; i < body.size(); ++i) {
+    const char c = body[i];
+    if (in_string) {
+      if (c == '\\') {
+        ++i;
+      } else if (c == '"') {
+        in_string = false;
+      }
+    } else if (c == '"') {
+      in_string = true;
+    } else if (c == '{' || c == '[') {
+      if (++depth > max_depth) return false;
+    } else if (c == '}' || c == ']') {
+      --depth;
+    }
+  }
+  return true;
+}
+
+std::string lower(std::string text) {
+  std::transform(text.begin(), text.end(), text.begin(),
+                 [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+  return text;
+}
+
+// The host part of a Host header ("name", "name:port", "[v6]:port"), lower-cased.
+std::string host_name(const std::string& header) {
+  if (!header.empty() && header.front() == '[') {
+    const size_t close = header.find(']');
+    return close == std::string::npos ? header : lower(header.substr(1, close - 1));
+  }
+  return lower(header.substr(0, header.find(':')));
+}
+
+bool is_ip_literal(const std::string& host) {
+  unsigned char address[16];
+  return inet_pton(AF_INET, host.c_str(), address) == 1 ||
+         inet_pton(AF_INET6, host.c_str(), address) == 1;
+}
+
+// httplib's task queue (one task per connection) that starts threads as connections need them,
+// up to `max_threads`: a fixed pool of N lets N slow or streaming clients starve /healthz and
+// /metrics. Threads, once started, wait for the next connection until shutdown.
+class ElasticPool final : public httplib::TaskQueue {
+ public:
+  ElasticPool(size_t min_threads, size_t max_threads) : max_threads_(max_threads) {
+    std::lock_guard lock(mu_);
+    for (size_t i = 0; i < min_threads; ++i) spawn();
+  }
+  ~ElasticPool() override { shutdown(); }
+
+  void enqueue(std::function<void()> task) override {
+    std::lock_guard lock(mu_);
+    tasks_.push_back(std::move(task));
+    if (!stopping_ && idle_ < tasks_.size() && threads_.size() < max_threads_) spawn();
+    ready_.notify_one();
+  }
+
+  void shutdown() override {
+    {
+      std::lock_guard lock(mu_);
+      if (stopping_) return;
+      stopping_ = true;
+    }
+    ready_.notify_all();
+    for (std::thread& thread : threads_) thread.join();
+  }
+
+ private:
+  void spawn() {  // mu_ held
+    threads_.emplace_back([this] { run(); });
+  }
+
+  void run() {
+    std::unique_lock lock(mu_);
+    while (true) {
+      ++idle_;
+      ready_.wait(lock, [this] { return stopping_ || !tasks_.empty(); });
+      --idle_;
+      if (tasks_.empty()) return;  // stopping, nothing left
+      std::function<void()> task = std::move(tasks_.front());
+      tasks_.pop_front();
+      lock.unlock();
+      task();
+      lock.lock();
+    }
+  }
+
+  const size_t max_threads_;
+  std::mutex mu_;
+  std::condition_variable ready_;
+  std::deque<std::function<void()>> tasks_;
+  std::vector<std::thread> threads_;
+  size_t idle_ = 0;
+  bool stopping_ = false;
+};
 
 // JSON error bodies for what httplib answers on its own, and for exceptions from handlers.
 void install_error_handlers(httplib::Server& server) {
@@ -244,38 +399,114 @@ void install_error_handlers(httplib::Server& server) {
 }  // namespace
 
 RestServer::RestServer(Coordinator& coordinator, Metrics& metrics, int threads)
-    : coordinator_(coordinator), metrics_(metrics), server_(std::make_unique<httplib::Server>()) {
-  server_->new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
-  server_->set_payload_max_length(16 << 20);
+    : coordinator_(coordinator),
+      metrics_(metrics),
+      server_(std::make_unique<httplib::Server>()),
+      max_followers_(follower_limit(threads)) {
+  const size_t max_threads = static_cast<size_t>(connection_limit(threads));
+  server_->new_task_queue = [threads, max_threads] {
+    return new ElasticPool(static_cast<size_t>(threads), max_threads);
+  };
+  server_->set_payload_max_length(kMaxBodyBytes);
+  server_->set_read_timeout(kIoTimeoutSeconds);
+  server_->set_write_timeout(kIoTimeoutSeconds);
+  server_->set_keep_alive_timeout(kIoTimeoutSeconds);
+  // SO_REUSEADDR only: httplib's default SO_REUSEPORT would let a second coordinator bind the
+  // same port and take half of its requests. The socket is kept so bind() can raise its backlog.
+  server_->set_socket_options([this](int socket) {
+    const int yes = 1;
+    ::setsockopt(socket, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
+    listen_socket_ = socket;
+  });
+  allowed_hosts_ = {"localhost"};
+  char hostname[256] = {};
+  if (::gethostname(hostname, sizeof(hostname) - 1) == 0 && hostname[0] != '\0') {
+    allow_host(hostname);
+  }
   routes();
 }
+
+void RestServer::allow_host(const std::string& name) { allowed_hosts_.insert(lower(name)); }
+
+int RestServer::follower_limit(int threads) { return std::max(4, 2 * threads); }
+
+int RestServer::connection_limit(int threads) { return 4 * follower_limit(threads) + threads; }
 
 RestServer::~RestServer() { stop(); }
 
 int RestServer::bind(const std::string& host, int port) {
+  if (!is_ip_literal(host) && !host.empty() && host != "0.0.0.0" && host != "::") allow_host(host);
+  int bound = port;
   if (port == 0) {
-    const int bound = server_->bind_to_any_port(host);
+    bound = server_->bind_to_any_port(host);
     if (bound < 0) throw std::runtime_error("cannot listen for HTTP on " + host + ":0");
-    return bound;
-  }
-  if (!server_->bind_to_port(host, port)) {
+  } else if (!server_->bind_to_port(host, port)) {
     throw std::runtime_error("cannot listen for HTTP on " + host + ":" + std::to_string(port) +
                              " (in use, or not an address of this host)");
   }
-  return port;
+  // listen() again on a listening socket only changes its backlog (Linux).
+  if (listen_socket_ >= 0) ::listen(listen_socket_, kListenBacklog);
+  return bound;
 }
 
 void RestServer::start() {
-  thread_ = std::thread([this] { server_->listen_after_bind(); });
+  thread_ = std::thread([this] {
+    server_->listen_after_bind();
+    listen_returned_ = true;
+  });
 }
 
 void RestServer::stop() {
   if (!thread_.joinable()) return;
+  // httplib's stop() does nothing before the listening loop runs, which would then never end
+  // (a coordinator stopped right after it started would hang): wait for the loop first.
+  while (!server_->is_running() && !listen_returned_) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
   server_->stop();
   thread_.join();
 }
 
+// Before routing and before the body is read: a web page the operator opens may send requests to
+// loopback (CSRF) or rebind its own name to it (DNS rebinding). Its Host is then not one of ours,
+// and it cannot send application/json cross-origin without a preflight that we never answer.
+void RestServer::guard_requests() {
+  server_->set_pre_routing_handler(
+      [this](const httplib::Request& request, httplib::Response& response) {
+        const grpc::Status refused = refusal(request);
+        if (refused.ok()) return httplib::Server::HandlerResponse::Unhandled;
+        reply_error(response, refused);
+        response.status = refused.error_code() == grpc::StatusCode::PERMISSION_DENIED ? 421 : 415;
+        response.set_header("Connection", "close");
+        return httplib::Server::HandlerResponse::Handled;
+      });
+}
+
+grpc::Status RestServer::refusal(const httplib::Request& request) const {
+  // Probes and scrapers (kubelet, Prometheus) name the address they were given; these two
+  // endpoints change nothing and say nothing about jobs.
+  const bool operational = request.path == "/healthz" || request.path == "/metrics";
+  const std::string host = host_name(request.get_header_value("Host"));
+  if (!operational && !is_ip_literal(host) && allowed_hosts_.count(host) == 0) {
+    return grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
+                        "Host \"" + request.get_header_value("Host").substr(0, 100) +
+                            "\" is not a name of this coordinator (use its IP address, "
+                            "localhost or its host name)");
+  }
+  if (request.method == "POST") {
+    const std::string type = lower(request.get_header_value("Content-Type"));
+    if (type.rfind(kJson, 0) != 0 || (type.size() > 16 && type[16] != ';' && type[16] != ' ')) {
+      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                          "POST " + request.path +
+                              ": Content-Type must be application/json, got \"" +
+                              request.get_header_value("Content-Type").substr(0, 100) + "\"");
+    }
+  }
+  return grpc::Status::OK;
+}
+
 void RestServer::routes() {
+  guard_requests();
   job_routes();
   server_->Get(R"(/v1/jobs/([^/:]+)/events)",
                [this](const httplib::Request& request, httplib::Response& response) {
@@ -289,10 +520,15 @@ void RestServer::job_routes() {
   httplib::Server& server = *server_;
 
   server.Post("/v1/jobs", [this](const httplib::Request& request, httplib::Response& response) {
-    v1::SubmitJobRequest submit;
-    if (const grpc::Status parsed = parse_submit_body(request.body, &submit); !parsed.ok()) {
-      return reply_error(response, parsed);
+    if (!json_depth_within(request.body, kMaxJsonDepth)) {
+      return reply_error(response, invalid("request body: JSON nested deeper than " +
+                                           std::to_string(kMaxJsonDepth) + " levels"));
     }
+    v1::SubmitJobRequest submit;
+    grpc::Status parsed = check_params(request, {});
+    if (parsed.ok()) parsed = parse_submit_body(request.body, &submit);
+    if (parsed.ok()) parsed = check_spec_size(submit);
+    if (!parsed.ok()) return reply_error(response, parsed);
     v1::SubmitJobResponse submitted;
     const grpc::Status status = wait_for([&](Coordinator::Done done) {
       coordinator_.submit_job(submit, &submitted, std::move(done));
@@ -303,20 +539,29 @@ void RestServer::job_routes() {
   server.Get("/v1/jobs", [this](const httplib::Request& request, httplib::Response& response) {
     v1::ListJobsRequest list;
     int64_t page_size = 0;
-    grpc::Status status = parse_states(request, &list);
-    if (status.ok()) status = parse_int(request, "page_size", &page_size);
+    const std::string size_name = param_alias(request, "page_size", "pageSize");
+    grpc::Status status = check_params(request, {{"states", "states"},
+                                                 {"state", "state"},
+                                                 {"page_size", "pageSize"},
+                                                 {"page_token", "pageToken"}});
+    if (status.ok()) status = parse_states(request, &list);
+    if (status.ok()) status = parse_int(request, size_name, &page_size);
     if (status.ok() && (page_size < 0 || page_size > INT32_MAX)) {
-      status = invalid("page_size: must be in [0, 2^31), got " + std::to_string(page_size));
+      status = invalid(size_name + ": must be in [0, 2^31), got " + std::to_string(page_size));
     }
     if (!status.ok()) return reply_error(response, status);
     list.set_page_size(static_cast<int32_t>(page_size));
-    list.set_page_token(request.get_param_value("page_token"));
+    list.set_page_token(
+        request.get_param_value(param_alias(request, "page_token", "pageToken").c_str()));
     v1::ListJobsResponse jobs;
     reply(response, coordinator_.list_jobs(list, &jobs), jobs);
   });
 
   server.Get(R"(/v1/jobs/([^/:]+))",
              [this](const httplib::Request& request, httplib::Response& response) {
+               if (const auto bad = check_params(request, {}); !bad.ok()) {
+                 return reply_error(response, bad);
+               }
                v1::GetJobRequest get;
                get.set_job_id(request.matches[1]);
                v1::GetJobResponse job;
@@ -325,6 +570,9 @@ void RestServer::job_routes() {
 
   server.Post(R"(/v1/jobs/([^/:]+):cancel)",
               [this](const httplib::Request& request, httplib::Response& response) {
+                if (const auto bad = check_params(request, {}); !bad.ok()) {
+                  return reply_error(response, bad);
+                }
                 v1::CancelJobRequest cancel;
                 cancel.set_job_id(request.matches[1]);
                 v1::CancelJobResponse job;
@@ -336,6 +584,9 @@ void RestServer::job_routes() {
 
   server.Get(R"(/v1/jobs/([^/:]+)/checkpoints)",
              [this](const httplib::Request& request, httplib::Response& response) {
+               if (const auto bad = check_params(request, {}); !bad.ok()) {
+                 return reply_error(response, bad);
+               }
                v1::ListCheckpointsRequest list;
                list.set_job_id(request.matches[1]);
                v1::ListCheckpointsResponse checkpoints;
@@ -347,13 +598,26 @@ void RestServer::serve_events(const httplib::Request& request, httplib::Response
   const std::string job_id = request.matches[1];
   auto stream = std::make_shared<EventStream>();
   bool follow = false;
-  grpc::Status status = parse_int(request, "after_sequence", &stream->after);
+  grpc::Status status =
+      check_params(request, {{"after_sequence", "afterSequence"}, {"follow", "follow"}});
+  if (status.ok()) {
+    status =
+        parse_int(request, param_alias(request, "after_sequence", "afterSequence"), &stream->after);
+  }
   if (status.ok()) status = parse_bool(request, "follow", &follow);
   // A first read answers "no such job" with a proper status before the stream starts.
   EventBatch probe;
   if (status.ok()) status = coordinator_.read_events(job_id, stream->after, 0, &probe);
   if (!status.ok()) return reply_error(response, status);
   if (follow) {
+    if (followers_.fetch_add(1) >= max_followers_) {
+      followers_.fetch_sub(1);
+      return reply_error(response, grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                                                std::to_string(max_followers_) +
+                                                    " event streams are followed already; "
+                                                    "retry later, or use WatchJob over gRPC"));
+    }
+    stream->followers = &followers_;
     std::weak_ptr<EventStream> weak = stream;
     stream->subscription = coordinator_.event_hub().subscribe(job_id, [weak] {
       if (auto alive = weak.lock()) {
@@ -382,10 +646,12 @@ void RestServer::operational_routes() {
   });
 
   server.Get("/healthz", [this](const httplib::Request&, httplib::Response& response) {
-    const bool serving = !coordinator_.shutting_down();
+    const std::string problem = health_problem_ ? health_problem_() : "";
+    const bool serving = !coordinator_.shutting_down() && problem.empty();
     response.status = serving ? 200 : 503;
-    response.set_content(
-        nlohmann::json{{"status", serving ? "SERVING" : "NOT_SERVING"}}.dump() + "\n", kJson);
+    nlohmann::json body{{"status", serving ? "SERVING" : "NOT_SERVING"}};
+    if (!problem.empty()) body["reason"] = problem;
+    response.set_content(body.dump() + "\n", kJson);
   });
 }
 

@@ -11,12 +11,25 @@
 //   GET  /metrics                    Prometheus text format
 //   GET  /healthz                    {"status": "SERVING"} (503 while shutting down)
 //
+// Hardening (each a regression test in tests/integration/coordinator_hardening_test.cc):
+// - Host must be an IP address, localhost, this machine's host name, the listen host, or a name
+//   given to allow_host(); otherwise 421 (DNS rebinding). /healthz and /metrics take any Host.
+// - POST needs Content-Type: application/json, else 415 (a cross-site form cannot send it).
+// - Bodies up to 1 MiB (413 beyond), JSON nested at most 64 deep (400, found in one linear pass
+//   before parsing), specs up to kMaxSpecBytes (400 naming the limit).
+// - Connections get threads as they come, up to connection_limit(threads); followed event
+//   streams at most follower_limit(threads) at a time (429 beyond); reads, writes and idle
+//   keep-alives time out after 5 s; listen backlog 1024.
+//
 // Errors: {"code": <grpc status code>, "message": "..."} with the matching HTTP status (400 for
 // INVALID_ARGUMENT and FAILED_PRECONDITION, 404 NOT_FOUND, 503 UNAVAILABLE, ...). An error found
 // after an event stream started ends it with one {"error": {"code": ..., "message": ...}} line.
 #pragma once
 
+#include <atomic>
+#include <functional>
 #include <memory>
+#include <set>
 #include <string>
 #include <thread>
 
@@ -38,6 +51,16 @@ class RestServer {
   RestServer(const RestServer&) = delete;
   RestServer& operator=(const RestServer&) = delete;
 
+  // Also accept requests whose Host header names `name` (a DNS name of this coordinator).
+  void allow_host(const std::string& name);
+  // /healthz answers NOT_SERVING (503) with `problem()` while it is not "" (a corrupt store).
+  void set_health_problem(std::function<std::string()> problem) {
+    health_problem_ = std::move(problem);
+  }
+  // How many followed event streams, and how many connections with a thread each, at most.
+  static int follower_limit(int threads);
+  static int connection_limit(int threads);
+
   // Binds host:port (port 0: any free port) and returns the port. Throws std::runtime_error.
   int bind(const std::string& host, int port);
   // Serves on a background thread.
@@ -47,6 +70,9 @@ class RestServer {
 
  private:
   void routes();
+  // Host and Content-Type checks before routing.
+  void guard_requests();
+  grpc::Status refusal(const httplib::Request& request) const;
   // The job resources: submit, list, get, cancel, checkpoints.
   void job_routes();
   // GET /v1/jobs/{id}/events: NDJSON, followed through the event hub when asked.
@@ -58,6 +84,12 @@ class RestServer {
   Metrics& metrics_;
   std::unique_ptr<httplib::Server> server_;
   std::thread thread_;
+  std::atomic<bool> listen_returned_{false};  // the listening loop has ended (or never ran)
+  std::set<std::string> allowed_hosts_;       // lower-case
+  std::function<std::string()> health_problem_;
+  int listen_socket_ = -1;
+  const int max_followers_;
+  std::atomic<int> followers_{0};
 };
 
 }  // namespace lomo::server

@@ -276,12 +276,47 @@ std::string state_list(const std::vector<v1::JobState>& states) {
 }
 
 template <typename F>
-auto guarded(const std::string& what, F&& body) -> decltype(body()) {
+auto guarded(const Store* store, const std::string& what, F&& body) -> decltype(body()) {
   try {
     return body();
   } catch (const sqlite::Error& error) {
+    store->note_failure(error.code(), what + ": " + error.what());
     throw StoreError(what + ": " + error.what());
   }
+}
+
+// A file that must not be opened as a store: zero bytes (SQLite would take it for a new, empty
+// database and the jobs it should hold would silently be gone).
+void refuse_empty_file(const std::filesystem::path& file) {
+  std::error_code error;
+  const auto size = std::filesystem::file_size(file, error);
+  if (!error && size == 0) {
+    throw StoreError(file.string() +
+                     ": zero-length file; it is not a lomo store (restore it from a backup, or "
+                     "remove it to start with an empty store)");
+  }
+}
+
+// Tables but no meta table: another program's database, not ours to add tables to.
+void refuse_foreign_schema(sqlite::Connection& db, const std::filesystem::path& file) {
+  auto tables =
+      db.prepare("SELECT COUNT(*), SUM(name = 'meta') FROM sqlite_master WHERE type = 'table'");
+  if (tables->step() && tables->column_int(0) > 0 && tables->column_int(1) == 0) {
+    throw StoreError(file.string() + ": an SQLite database without lomo's schema (no meta table)");
+  }
+}
+
+// SQLite's quick_check: every page readable and well-formed (indexes not compared to tables).
+void refuse_corrupt_file(sqlite::Connection& db, const std::filesystem::path& file) {
+  auto check = db.prepare("PRAGMA quick_check(5)");
+  std::string problems;
+  while (check->step()) {
+    const std::string line = check->column_text(0);
+    if (line == "ok") return;
+    problems += (problems.empty() ? "" : "; ") + line;
+  }
+  throw StoreError(file.string() + ": failed SQLite's integrity check (" + problems +
+                   "); restore it from a backup");
 }
 
 }  // namespace
@@ -307,8 +342,11 @@ class Store::ReaderLease {
 };
 
 Store::Store(const std::filesystem::path& file, int reader_connections) : file_(file) {
-  guarded("opening " + file.string(), [&] {
+  refuse_empty_file(file);
+  guarded(this, "opening " + file.string(), [&] {
     writer_ = std::make_unique<sqlite::Connection>(file, /*create=*/true);
+    refuse_foreign_schema(*writer_, file);
+    refuse_corrupt_file(*writer_, file);
     {
       auto mode = writer_->prepare("PRAGMA journal_mode=WAL");
       if (!mode->step() || mode->column_text(0) != "wal") {
@@ -365,6 +403,34 @@ Store::Store(const std::filesystem::path& file, int reader_connections) : file_(
     }
   });
   sync_thread_ = std::thread([this] { sync_loop(); });
+}
+
+std::string Store::corruption() const {
+  std::lock_guard lock(corruption_mu_);
+  return corruption_;
+}
+
+void Store::note_failure(int sqlite_code, const std::string& error) const {
+  const int primary = sqlite_code & 0xff;
+  if (primary != SQLITE_CORRUPT && primary != SQLITE_NOTADB) return;
+  std::function<void(const std::string&)> notify;
+  {
+    std::lock_guard lock(corruption_mu_);
+    if (!corruption_.empty()) return;
+    corruption_ = file_.string() + " is corrupt: " + error;
+    notify = on_corruption_;
+  }
+  if (notify) notify(corruption());
+}
+
+void Store::set_on_corruption(std::function<void(const std::string&)> on_corruption) {
+  std::string found;
+  {
+    std::lock_guard lock(corruption_mu_);
+    on_corruption_ = on_corruption;
+    found = corruption_;
+  }
+  if (on_corruption && !found.empty()) on_corruption(found);
 }
 
 Store::~Store() {
@@ -453,7 +519,7 @@ int64_t Store::append_events_locked(const std::string& job_id, std::vector<v1::J
 
 void Store::insert_job(JobRecord& record, std::vector<v1::JobEvent>& events) {
   const v1::Job& job = record.job;
-  guarded("inserting job " + job.id(), [&] {
+  guarded(this, "inserting job " + job.id(), [&] {
     std::lock_guard lock(writer_mu_);
     sqlite::Transaction transaction(*writer_, sqlite::Transaction::Kind::kWrite);
     {
@@ -492,7 +558,7 @@ void Store::insert_job(JobRecord& record, std::vector<v1::JobEvent>& events) {
 
 void Store::update_job(const JobRecord& record, std::vector<v1::JobEvent>& events) {
   const v1::Job& job = record.job;
-  guarded("updating job " + job.id(), [&] {
+  guarded(this, "updating job " + job.id(), [&] {
     std::lock_guard lock(writer_mu_);
     sqlite::Transaction transaction(*writer_, sqlite::Transaction::Kind::kWrite);
     {
@@ -524,7 +590,7 @@ void Store::update_job(const JobRecord& record, std::vector<v1::JobEvent>& event
 
 void Store::append_events(const std::string& job_id, std::vector<v1::JobEvent>& events,
                           const v1::JobProgress* progress) {
-  guarded("appending events to job " + job_id, [&] {
+  guarded(this, "appending events to job " + job_id, [&] {
     std::lock_guard lock(writer_mu_);
     sqlite::Transaction transaction(*writer_, sqlite::Transaction::Kind::kWrite);
     if (progress != nullptr) {
@@ -540,7 +606,7 @@ void Store::append_events(const std::string& job_id, std::vector<v1::JobEvent>& 
 
 void Store::insert_checkpoint(const std::string& job_id, const v1::CheckpointInfo& info,
                               v1::JobEvent& event) {
-  guarded("recording checkpoint " + info.checkpoint_id(), [&] {
+  guarded(this, "recording checkpoint " + info.checkpoint_id(), [&] {
     std::lock_guard lock(writer_mu_);
     sqlite::Transaction transaction(*writer_, sqlite::Transaction::Kind::kWrite);
     {
@@ -564,7 +630,7 @@ void Store::insert_checkpoint(const std::string& job_id, const v1::CheckpointInf
 }
 
 void Store::delete_checkpoint(const std::string& checkpoint_id) {
-  guarded("deleting checkpoint " + checkpoint_id, [&] {
+  guarded(this, "deleting checkpoint " + checkpoint_id, [&] {
     std::lock_guard lock(writer_mu_);
     sqlite::Transaction transaction(*writer_, sqlite::Transaction::Kind::kWrite);
     {
@@ -578,7 +644,7 @@ void Store::delete_checkpoint(const std::string& checkpoint_id) {
 }
 
 std::optional<JobRecord> Store::get_job(const std::string& job_id) const {
-  return guarded("reading job " + job_id, [&]() -> std::optional<JobRecord> {
+  return guarded(this, "reading job " + job_id, [&]() -> std::optional<JobRecord> {
     ReaderLease reader = lease_reader();
     auto select = reader->prepare(std::string("SELECT ") + kJobColumns + " FROM jobs WHERE id = ?");
     select->bind(1, job_id);
@@ -599,7 +665,7 @@ JobPage Store::list_jobs(const std::vector<v1::JobState>& states, int page_size,
                                   "\" is not a next_page_token from ListJobs");
     }
   }
-  return guarded("listing jobs", [&] {
+  return guarded(this, "listing jobs", [&] {
     ReaderLease reader = lease_reader();
     // The state list is made of enum numbers, never user text; at most 2^6 distinct statements.
     std::string sql = std::string("SELECT ") + kJobColumns + " FROM jobs WHERE submit_order < ?";
@@ -623,7 +689,7 @@ JobPage Store::list_jobs(const std::vector<v1::JobState>& states, int page_size,
 }
 
 std::vector<JobRecord> Store::jobs_in_states(const std::vector<v1::JobState>& states) const {
-  return guarded("reading jobs by state", [&] {
+  return guarded(this, "reading jobs by state", [&] {
     ReaderLease reader = lease_reader();
     auto select =
         reader->prepare(std::string("SELECT ") + kJobColumns + " FROM jobs WHERE state IN (" +
@@ -636,7 +702,7 @@ std::vector<JobRecord> Store::jobs_in_states(const std::vector<v1::JobState>& st
 
 std::optional<EventBatch> Store::events_after(const std::string& job_id, int64_t after_sequence,
                                               int limit) const {
-  return guarded("reading events of job " + job_id, [&]() -> std::optional<EventBatch> {
+  return guarded(this, "reading events of job " + job_id, [&]() -> std::optional<EventBatch> {
     ReaderLease reader = lease_reader();
     sqlite::Transaction snapshot(*reader, sqlite::Transaction::Kind::kRead);
     EventBatch batch;
@@ -667,7 +733,7 @@ std::optional<EventBatch> Store::events_after(const std::string& job_id, int64_t
 }
 
 std::vector<v1::CheckpointInfo> Store::list_checkpoints(const std::string& job_id) const {
-  return guarded("listing checkpoints of job " + job_id, [&] {
+  return guarded(this, "listing checkpoints of job " + job_id, [&] {
     ReaderLease reader = lease_reader();
     auto select = reader->prepare("SELECT info FROM checkpoints WHERE job_id = ? ORDER BY step");
     select->bind(1, job_id);
@@ -684,22 +750,24 @@ std::vector<v1::CheckpointInfo> Store::list_checkpoints(const std::string& job_i
 }
 
 std::optional<StoredCheckpoint> Store::get_checkpoint(const std::string& checkpoint_id) const {
-  return guarded("reading checkpoint " + checkpoint_id, [&]() -> std::optional<StoredCheckpoint> {
-    ReaderLease reader = lease_reader();
-    auto select = reader->prepare("SELECT job_id, info FROM checkpoints WHERE checkpoint_id = ?");
-    select->bind(1, checkpoint_id);
-    if (!select->step()) return std::nullopt;
-    StoredCheckpoint checkpoint;
-    checkpoint.job_id = select->column_text(0);
-    if (!checkpoint.info.ParseFromString(select->column_blob(1))) {
-      throw StoreError("checkpoint " + checkpoint_id + ": stored record does not parse");
-    }
-    return checkpoint;
-  });
+  return guarded(
+      this, "reading checkpoint " + checkpoint_id, [&]() -> std::optional<StoredCheckpoint> {
+        ReaderLease reader = lease_reader();
+        auto select =
+            reader->prepare("SELECT job_id, info FROM checkpoints WHERE checkpoint_id = ?");
+        select->bind(1, checkpoint_id);
+        if (!select->step()) return std::nullopt;
+        StoredCheckpoint checkpoint;
+        checkpoint.job_id = select->column_text(0);
+        if (!checkpoint.info.ParseFromString(select->column_blob(1))) {
+          throw StoreError("checkpoint " + checkpoint_id + ": stored record does not parse");
+        }
+        return checkpoint;
+      });
 }
 
 std::vector<std::string> Store::all_checkpoint_ids() const {
-  return guarded("listing checkpoints", [&] {
+  return guarded(this, "listing checkpoints", [&] {
     ReaderLease reader = lease_reader();
     auto select = reader->prepare("SELECT checkpoint_id FROM checkpoints");
     std::vector<std::string> ids;
@@ -709,7 +777,7 @@ std::vector<std::string> Store::all_checkpoint_ids() const {
 }
 
 std::map<v1::JobState, int64_t> Store::count_jobs_by_state() const {
-  return guarded("counting jobs", [&] {
+  return guarded(this, "counting jobs", [&] {
     ReaderLease reader = lease_reader();
     auto select = reader->prepare("SELECT state, COUNT(*) FROM jobs GROUP BY state");
     std::map<v1::JobState, int64_t> counts;

@@ -79,7 +79,9 @@ class Store {
   // place when opened: a job that was assigned gets rank 0 on its worker_id).
   static constexpr int64_t kSchemaVersion = 4;
 
-  // Opens or creates the database file. Throws StoreError (also for a schema newer than ours).
+  // Opens or creates the database file. Throws StoreError naming the file for a schema newer than
+  // ours, a zero-length file, a file with tables but no lomo schema, and a file that fails SQLite's
+  // quick_check (corrupt pages): none of them may come up as an empty or broken store.
   explicit Store(const std::filesystem::path& file, int reader_connections = 8);
   ~Store();
   Store(const Store&) = delete;
@@ -128,6 +130,15 @@ class Store {
   // sync, and an answer with nothing new to sync none.
   uint64_t wal_syncs() const { return wal_syncs_.load(); }
 
+  // "" while no operation found the file corrupt (SQLITE_CORRUPT, SQLITE_NOTADB); after that, the
+  // first such error, naming the file. Health checks report NOT_SERVING from then on.
+  std::string corruption() const;
+  // Records `error` if it says the file is corrupt (called by every store operation).
+  void note_failure(int sqlite_code, const std::string& error) const;
+  // Called once, with corruption(), when corruption is first found (at once if it was already);
+  // nullptr stops the calls. Runs on the thread of the failed operation and must not block.
+  void set_on_corruption(std::function<void(const std::string&)> on_corruption);
+
  private:
   class ReaderLease;
   ReaderLease lease_reader() const;
@@ -150,6 +161,10 @@ class Store {
   uint64_t synced_ = 0;  // commits_ as of the last sync (sync thread only)
   std::atomic<uint64_t> wal_syncs_{0};
   std::thread sync_thread_;
+
+  mutable std::mutex corruption_mu_;
+  mutable std::string corruption_;
+  std::function<void(const std::string&)> on_corruption_;  // under corruption_mu_
 
   mutable std::mutex readers_mu_;
   mutable std::condition_variable reader_free_;

@@ -111,6 +111,18 @@ grpc::Status WorkerRegistry::on_register(const std::shared_ptr<WorkerConnection>
   }
   const std::string id =
       message.worker_id().empty() ? state_.new_id_locked("worker-") : message.worker_id();
+  // Two live workers started with one id would take the stream from each other in turn: the
+  // second is refused while the first still heartbeats (three intervals), and takes over only a
+  // stream gone silent (its process died or the network dropped it).
+  if (const auto same = state_.workers.find(id);
+      same != state_.workers.end() && same->second.connection != nullptr &&
+      Clock::now() - same->second.connection->last_heartbeat() <
+          std::chrono::milliseconds(3 * state_.options.heartbeat_interval_ms)) {
+    return grpc::Status(grpc::StatusCode::ALREADY_EXISTS,
+                        "worker " + id +
+                            " is connected already on another stream, which is alive; start this "
+                            "worker with another --worker-id");
+  }
   Worker& worker = state_.workers[id];
   worker.id = id;
   if (worker.connection != nullptr) {
@@ -179,10 +191,11 @@ void WorkerRegistry::on_heartbeat(const std::shared_ptr<WorkerConnection>& conne
     // An attempt this worker does not own (it failed or was cancelled while the worker was
     // away): tell the worker to stop it so that two attempts never train at once.
     log_line("worker " + worker->id + " reports job " + message.job_id() + " attempt " +
-             std::to_string(message.attempt()) + ", which it does not own; cancelling it");
+             std::to_string(message.attempt()) + ", which it does not own; it is stale");
     v1::CoordinatorMessage cancel;
     cancel.mutable_cancel()->set_job_id(message.job_id());
     cancel.mutable_cancel()->set_attempt(message.attempt());
+    cancel.mutable_cancel()->set_stale(true);
     connection->send(cancel);
   }
   if (settles && worker->job_id.empty()) {
@@ -200,7 +213,8 @@ void WorkerRegistry::on_heartbeat(const std::shared_ptr<WorkerConnection>& conne
 bool WorkerRegistry::update_settled_locked(Worker& worker, const v1::Heartbeat& message,
                                            bool reports_own_job) {
   const bool was_unsettled = worker.unsettled;
-  worker.unsettled = !message.job_id().empty() && !reports_own_job;
+  // A draining worker (shutting down) takes no new job: it stays unsettled, so never idle.
+  worker.unsettled = message.draining() || (!message.job_id().empty() && !reports_own_job);
   if (worker.unsettled && !was_unsettled && worker.job_id.empty()) {
     // It was idle but runs an attempt it does not own: no job until that one stops.
     state_.scheduler.add_busy_worker(worker.id, worker.device.kind());
@@ -258,7 +272,12 @@ void WorkerRegistry::on_status(const std::shared_ptr<WorkerConnection>& connecti
   }
   const bool job_ends = is_terminal(updated.job.state());
   const bool permanent = message.state() == v1::JOB_STATE_FAILED && message.permanent();
-  if (!lifecycle_.commit_locked(active, std::move(updated), reason, std::move(events), permanent)
+  const bool preempted = message.state() == v1::JOB_STATE_FAILED && message.preempted();
+  // A worker shutting down takes no new job: never idle again on this stream.
+  if (message.draining()) worker->unsettled = true;
+  if (!lifecycle_
+           .commit_locked(active, std::move(updated), reason, std::move(events), permanent,
+                          preempted)
            .ok()) {
     return;
   }
@@ -497,10 +516,11 @@ void WorkerRegistry::check_heartbeats() {
   std::vector<std::string> gone;
   bool freed = false;
   for (auto& [id, worker] : state_.workers) {
-    const Clock::time_point last =
-        worker.connection != nullptr ? worker.connection->last_heartbeat() : worker.last_seen;
+    const Clock::time_point last = std::max(
+        worker.connection != nullptr ? worker.connection->last_heartbeat() : worker.last_seen,
+        silence_counted_from_);
     const double silent = std::chrono::duration<double>(now - last).count();
-    if (silent <= state_.options.heartbeat_timeout_seconds) continue;
+    if (silent <= allowed_silence_locked(worker)) continue;
     if (expire_worker_locked(worker, silent)) freed = true;
     if (worker.job_id.empty()) gone.push_back(id);
   }
@@ -508,19 +528,34 @@ void WorkerRegistry::check_heartbeats() {
   if (freed) lifecycle_.dispatch_locked();
 }
 
-bool WorkerRegistry::expire_worker_locked(Worker& worker, double silent) {
+void WorkerRegistry::grant_grace(Clock::time_point woke) {
+  std::lock_guard lock(state_.mu);
+  silence_counted_from_ = std::max(silence_counted_from_, woke);
+}
+
+double WorkerRegistry::allowed_silence_locked(const Worker& worker) const {
   const double timeout = state_.options.heartbeat_timeout_seconds;
+  // A worker without a stream may be in its reconnect backoff (common/reconnect.h).
+  if (worker.connection == nullptr)
+    return std::max(timeout, state_.options.reattach_window_seconds);
+  return timeout;
+}
+
+bool WorkerRegistry::expire_worker_locked(Worker& worker, double silent) {
+  const double timeout = allowed_silence_locked(worker);
   const std::string& id = worker.id;
   if (worker.connection != nullptr || !worker.job_id.empty()) {
     state_.metrics.count_heartbeat_timeout();
   }
   if (!worker.job_id.empty()) {
     const std::string reason =
-        worker.restored ? "coordinator restarted and worker " + id +
-                              " did not reconnect within the heartbeat timeout (" +
-                              seconds_text(timeout) + " s)"
-                        : "worker " + id + " missed heartbeats for " + seconds_text(silent) +
-                              " s (timeout " + seconds_text(timeout) + " s)";
+        worker.restored
+            ? "coordinator restarted and worker " + id +
+                  " did not reconnect within the re-attach window (" + seconds_text(timeout) + " s)"
+            : "worker " + id + " missed heartbeats for " + seconds_text(silent) +
+                  (worker.connection == nullptr ? " s (disconnected; re-attach window "
+                                                : " s (timeout ") +
+                  seconds_text(timeout) + " s)";
     lifecycle_.end_orphaned_job_locked(worker, reason);
   }
   if (worker.connection == nullptr) return false;

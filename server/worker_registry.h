@@ -56,13 +56,21 @@ class WorkerRegistry {
                               v1::RendezvousGetResponse* response);
 
   // One dead-worker scan (the coordinator's background thread runs it every tenth of the
-  // timeout). Takes mu.
+  // timeout). A connected worker is dead after heartbeat_timeout of silence; one whose stream
+  // broke after the re-attach window (max of reattach_window and heartbeat_timeout), which covers
+  // its reconnect backoff. Takes mu.
   void check_heartbeats();
+  // The coordinator itself was not running (SIGSTOP, a paused VM, swapping) until `woke`: the
+  // silence of every worker counts from then, so that heartbeats which could not be read during
+  // the stall do not make healthy workers look dead. Takes mu.
+  void grant_grace(Clock::time_point woke);
   // Shutdown: ends every worker stream with UNAVAILABLE (workers keep training and reconnect to
   // the next coordinator). Requires mu.
   void close_streams_locked();
 
  private:
+  // grant_grace: silence is never counted from before this (guarded by mu).
+  Clock::time_point silence_counted_from_{};
   // The heartbeat names something other than the worker's own attempt, on a stream that never
   // confirmed it: the attempt is lost.
   void lose_unconfirmed_attempt_locked(Worker& worker, const v1::Heartbeat& message);
@@ -89,6 +97,8 @@ class WorkerRegistry {
   // A worker silent for `silent` seconds: ends its job and closes its stream. Returns true when
   // a stream was closed (the worker was connected).
   bool expire_worker_locked(Worker& worker, double silent);
+  // How long `worker` may stay silent before it is declared dead. Requires mu.
+  double allowed_silence_locked(const Worker& worker) const;
 
   CoordinatorState& state_;
   JobLifecycle& lifecycle_;

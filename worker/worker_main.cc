@@ -26,6 +26,9 @@
 //       ones (worker/comm/fault_injection.h), so that tests can show the trajectory comparison and
 //       the weight-hash check at a checkpoint catch a broken reduction. Any other non-empty value
 //       fails the run.
+//   lomo-worker generate --model DIR (--prompt TEXT | --prompt-file F | --prompt-ids 1,2,3) ...
+//       Text from a model directory or checkpoint with a KV cache (worker/generate/
+//       generate_command.h has every flag).
 //   lomo-worker init-model DIR [--preset tiny|reference] [--seed N]
 //       Writes a randomly initialised LLaMA in Hugging Face layout (for demos and benchmarks).
 //   lomo-worker serve --coordinator HOST:PORT [--device cpu|N] [--work-dir DIR] ...
@@ -57,9 +60,11 @@
 #include "common/child_process.h"
 #include "common/flags.h"
 #include "common/trainer_protocol.h"
+#include "common/version.h"
 #include "jobspec/job_spec.h"
 #include "worker/comm/fault_injection.h"
 #include "worker/engine/checkpoint_io.h"
+#include "worker/generate/generate_command.h"
 #include "worker/optim/optimizer.h"
 #include "worker/train/trainer.h"
 
@@ -110,7 +115,7 @@ constexpr const char* kUsage =
     "                    [--advertise-address ADDR]\n";
 
 int usage(const std::string& problem) {
-  std::cerr << "lomo-worker: " << problem << "\n" << kUsage;
+  std::cerr << "lomo-worker: " << problem << "\n" << kUsage << lomo::kGenerateUsage;
   return protocol::kExitUsage;
 }
 
@@ -141,10 +146,47 @@ std::optional<lomo::ParsedFlags> parse_subcommand(const std::vector<std::string>
   return parsed;
 }
 
-// --help prints the usage on stdout (exit 0); a problem prints it on stderr.
-int usage_or_help(const std::string& problem) {
+constexpr const char* kTrainHelp =
+    R"(usage: lomo-worker train JOB.yaml [--set key=value]... [--restart]
+                         [--protocol-file FILE] [--nproc N]
+
+Trains the job of JOB.yaml on this machine (CPU, or the spec's device), writing metrics.jsonl
+and Hugging Face checkpoints under the spec's output.dir.
+
+flags:
+  --set key=value       override a field of the spec (repeatable)
+  --restart             start from step 0 instead of resuming the latest checkpoint in
+                        the spec's output.dir
+  --protocol-file FILE  write the supervisor's JSON-lines channel here (lomo-worker serve)
+  --nproc N             train data-parallel on N local processes; N must equal the spec's
+                        resources.world_size, which is also the default
+  --rank R --world-size N --rendezvous coordinator://HOST:PORT --worker-id W --job-id J
+  --attempt A [--advertise-address ADDR]
+                        one rank of a gang scheduled by the coordinator (the worker daemon
+                        passes these)
+
+examples:
+  lomo-worker train examples/tiny-lomo.yaml
+  lomo-worker train job.yaml --set training.steps=50 --set resources.world_size=2 --nproc 2
+)";
+
+constexpr const char* kInitModelHelp =
+    R"(usage: lomo-worker init-model DIR [--preset tiny|reference] [--seed N]
+
+Writes a randomly initialised LLaMA in Hugging Face layout to DIR (demos and benchmarks).
+
+flags:
+  --preset tiny|reference   tiny (default): 0.76M parameters; reference: 58M
+  --seed N                  the initialisation's seed (default 1)
+
+example:
+  lomo-worker init-model out/tiny-model --preset tiny --seed 7
+)";
+
+// --help prints the command's usage on stdout (exit 0); a problem prints the overview on stderr.
+int usage_or_help(const std::string& problem, const char* help) {
   if (!problem.empty()) return usage(problem);
-  std::cout << kUsage;
+  std::cout << help;
   return 0;
 }
 
@@ -673,7 +715,7 @@ int launch_ranks(const TrainArgs& args, int n) {
 int train_command(const std::vector<std::string>& args) {
   std::string problem;
   const std::optional<TrainArgs> parsed = parse_train_args(args, &problem);
-  if (!parsed) return usage_or_help(problem);
+  if (!parsed) return usage_or_help(problem, kTrainHelp);
   if (parsed->rank) return train_rank(*parsed);
   std::optional<lomo::JobSpec> spec;
   try {
@@ -735,7 +777,7 @@ int init_model_command(const std::vector<std::string>& args) {
   std::string problem;
   const std::optional<lomo::ParsedFlags> flags = parse_subcommand(
       args, "init-model", "a directory", {.with_value = {"--preset", "--seed"}}, &problem);
-  if (!flags) return usage_or_help(problem);
+  if (!flags) return usage_or_help(problem, kInitModelHelp);
   const std::string& directory = flags->positional[0];
   std::string preset = "tiny";
   uint64_t seed = 1;
@@ -786,11 +828,21 @@ int init_model_command(const std::vector<std::string>& args) {
 int main(int argc, char** argv) {
   if (argc < 2) return usage("no command");
   const std::string command = argv[1];
-  if (command == "--help" || command == "-h" || command == "help") return usage_or_help("");
   const std::vector<std::string> args(argv + 2, argv + argc);
+  if (command == "--version" || lomo::asks_for_version(args)) {
+    std::cout << lomo::version_text("lomo-worker");
+    return 0;
+  }
+  if (command == "--help" || command == "-h" || command == "help") {
+    std::cout << kUsage << lomo::kGenerateUsage
+              << "\n`lomo-worker COMMAND --help` shows a command's flags and examples; "
+                 "`lomo-worker --version` the version.\n";
+    return 0;
+  }
   try {
     if (command == "train") return train_command(args);
     if (command == "init-model") return init_model_command(args);
+    if (command == "generate") return lomo::generate_command(args, std::cout, std::cerr);
     if (command == "serve") return serve_command(args);
     return usage("unknown command '" + command + "'");
   } catch (const std::exception& e) {

@@ -70,7 +70,10 @@ class ControlPlaneTest : public ::testing::Test {
         start_program({kCoordinator.string(), "--data-dir", (dir() / "coordinator").string(),
                        "--grpc-listen", "127.0.0.1:" + std::to_string(port), "--http-listen",
                        "127.0.0.1:0", "--ready-file", ready.string(), "--heartbeat-timeout",
-                       kHeartbeatTimeoutSeconds, "--heartbeat-interval-ms", "200"},
+                       kHeartbeatTimeoutSeconds, "--heartbeat-interval-ms", "200",
+                       // A killed worker's attempt ends after the heartbeat timeout here, not
+                       // after the default window made for the workers' 15 s backoff.
+                       "--reattach-window", kHeartbeatTimeoutSeconds},
                       dir() / "coordinator.log");
     std::optional<std::string> address;
     ASSERT_TRUE(wait_until(
@@ -161,7 +164,7 @@ TEST_F(ControlPlaneTest, SubmittedJobSucceedsAndItsDownloadedCheckpointIsTheWork
   ASSERT_EQ(lomoctl({"checkpoints", id, "--output", "json"}, &output), 0) << output;
   const auto checkpoints = nlohmann::json::parse(output)["checkpoints"];
   ASSERT_EQ(checkpoints.size(), 2u);  // steps 10 and 20
-  const std::string final_id = checkpoints[1]["checkpoint_id"];
+  const std::string final_id = checkpoints[1]["checkpointId"];
   EXPECT_EQ(final_id, id + "/step-00000020");
 
   const fs::path downloaded = dir() / "downloaded";
@@ -409,6 +412,71 @@ TEST_F(ControlPlaneTest, AKilledTrainerIsRestartedAndEndsWithTheWeightsOfAnUnint
   // Every file of the final checkpoint, byte for byte, except the job spec the checkpoint keeps
   // (its output.dir names the attempt's directory, and max_restarts differs) and the manifest
   // that holds that file's SHA-256.
+  const std::set<std::string> differ_by_design{"job.yaml", "lomo_manifest.json"};
+  char name[32];
+  std::snprintf(name, sizeof(name), "step-%08d", kSteps);
+  const fs::path uninterrupted =
+      dir() / "worker/jobs" / reference / "attempt-1/out/checkpoints" / name;
+  const fs::path resumed = dir() / "worker/jobs" / id / "attempt-2/out/checkpoints" / name;
+  size_t files = 0;
+  for (const auto& entry : fs::recursive_directory_iterator(uninterrupted)) {
+    if (!entry.is_regular_file()) continue;
+    ++files;
+    const fs::path relative = fs::relative(entry.path(), uninterrupted);
+    if (differ_by_design.count(relative.string())) continue;
+    EXPECT_TRUE(read_file(resumed / relative) == read_file(entry.path()))
+        << relative << " differs from the uninterrupted run's";
+  }
+  EXPECT_GE(files, 4u);
+}
+
+// A node drain: the worker daemon gets SIGTERM mid-run. Its trainer checkpoints, the daemon uploads
+// that checkpoint, reports the attempt preempted and exits 0; the job goes back to the queue
+// without using its restart budget (it has none), and a worker that comes later resumes it from
+// that checkpoint to exactly the weights of an uninterrupted run.
+TEST_F(ControlPlaneTest, ADrainedWorkersJobIsQueuedAgainAndEndsWithTheWeightsOfAnUninterruptedRun) {
+  constexpr int kSteps = 200;
+  constexpr int kCheckpointEvery = 20;
+  const std::string reference = submit(kSteps, kCheckpointEvery);
+  ASSERT_FALSE(reference.empty());
+  ASSERT_EQ(wait_for(
+                reference, [](const auto& j) { return terminal(j.state()); }, seconds(120))
+                .state(),
+            lomo::v1::JOB_STATE_SUCCEEDED);
+
+  const std::string id = submit(kSteps, kCheckpointEvery, {"resources.max_restarts=0"});
+  ASSERT_FALSE(id.empty());
+  const auto before = wait_for(
+      id, [](const auto& j) { return j.progress().step() >= 50 || terminal(j.state()); },
+      seconds(60));
+  ASSERT_EQ(before.state(), lomo::v1::JOB_STATE_RUNNING) << "finished before it could be drained";
+  worker_->send_signal(SIGTERM);
+  const auto exit = worker_->wait_for(seconds(60));
+  ASSERT_TRUE(exit) << "the daemon did not exit after SIGTERM";
+  EXPECT_TRUE(exit->success()) << exit->describe();
+  const auto queued = wait_for(
+      id, [](const auto& j) { return j.state() != lomo::v1::JOB_STATE_RUNNING; }, seconds(30));
+  ASSERT_EQ(queued.state(), lomo::v1::JOB_STATE_QUEUED) << queued.failure_reason();
+  ASSERT_EQ(queued.attempts_size(), 1);
+  EXPECT_TRUE(queued.attempts(0).preempted());
+  EXPECT_FALSE(queued.attempts(0).restarted());
+  // The step the trainer stopped at is committed: the next attempt starts from there.
+  const int64_t stopped_at = queued.attempts(0).step();
+  EXPECT_GE(stopped_at, 50);
+
+  start_worker();  // the node is back (or another one joins)
+  const auto job = wait_for(
+      id, [](const auto& j) { return terminal(j.state()); }, seconds(120));
+  ASSERT_EQ(job.state(), lomo::v1::JOB_STATE_SUCCEEDED) << job.failure_reason();
+  ASSERT_EQ(job.attempts_size(), 2);
+  EXPECT_EQ(job.attempts(1).state(), lomo::v1::JOB_STATE_SUCCEEDED);
+  std::string output;
+  ASSERT_EQ(lomoctl({"logs", id}, &output), 0) << output;
+  EXPECT_THAT(output, HasSubstr("resuming from the job's committed checkpoint at step " +
+                                std::to_string(stopped_at)));
+  ASSERT_EQ(lomoctl({"get", id}, &output), 0) << output;
+  EXPECT_THAT(output, HasSubstr("PREEMPTED at step " + std::to_string(stopped_at)));
+
   const std::set<std::string> differ_by_design{"job.yaml", "lomo_manifest.json"};
   char name[32];
   std::snprintf(name, sizeof(name), "step-%08d", kSteps);

@@ -75,6 +75,9 @@ CoordinatorProcess::CoordinatorProcess(const ProcessOptions& options) {
                                    std::to_string(options.heartbeat_timeout_seconds),
                                    "--heartbeat-interval-ms",
                                    std::to_string(options.heartbeat_interval_ms)};
+  const double window = options.reattach_window_seconds > 0 ? options.reattach_window_seconds
+                                                            : options.heartbeat_timeout_seconds;
+  args.insert(args.end(), {"--reattach-window", std::to_string(window)});
   args.insert(args.end(), options.extra_args.begin(), options.extra_args.end());
   std::vector<char*> argv;
   for (std::string& arg : args) argv.push_back(arg.data());

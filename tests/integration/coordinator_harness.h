@@ -50,6 +50,9 @@ struct ProcessOptions {
   std::filesystem::path data_dir;
   double heartbeat_timeout_seconds;
   int heartbeat_interval_ms = 200;
+  // --reattach-window; <= 0: the heartbeat timeout (tests' workers reconnect fast). Tests of the
+  // coordinator's default (common/reconnect.h) set it explicitly.
+  double reattach_window_seconds = 0;
   std::vector<std::string> extra_args;
 };
 

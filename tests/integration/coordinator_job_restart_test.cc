@@ -171,6 +171,27 @@ TEST_F(CoordinatorJobRestartTest, TheSameFailureAtTheSameStepTwiceStopsTheJobEar
   EXPECT_EQ(failed.attempts_size(), 2);
 }
 
+// A daemon runs each attempt in a new directory, so a trainer error naming a file of its output
+// (here the chaos test's "training data changed" on resume) differs between attempts only there.
+TEST_F(CoordinatorJobRestartTest, TheSameFailureInAnotherAttemptDirectoryStillStopsTheJobEarly) {
+  auto w = worker("w1");
+  const std::string id = submit_ok(with_restarts(submit_request("changed data"), 3));
+  const auto reason = [&](int64_t attempt) {
+    return "training process exited with code 1: lomo-worker train (rank 0): /var/lib/lomo/jobs/" +
+           id + "/attempt-" + std::to_string(attempt) +
+           "/out/checkpoints/step-00000018/lomo_trainer_state.json: the training data changed";
+  };
+  fail_attempt(*w, id, 1, reason(1));
+  if (HasFatalFailure()) return;
+  fail_attempt(*w, id, 2, reason(2));
+  if (HasFatalFailure()) return;
+  const v1::Job failed = wait_for_state(*jobs_, id, v1::JOB_STATE_FAILED, seconds(10));
+  EXPECT_EQ(failed.failure_reason(), reason(2) +
+                                         " (failed the same way at step 0 in attempts 1 and 2; "
+                                         "not restarted again, after 1 restart)");
+  EXPECT_EQ(failed.attempts_size(), 2);
+}
+
 TEST_F(CoordinatorJobRestartTest, CancellingAJobWaitingToRestartEndsItWithoutANewAttempt) {
   auto w = worker("w1");
   const std::string id = submit_ok(with_restarts(submit_request("cancel in backoff"), 3));

@@ -110,8 +110,8 @@ TEST_F(CoordinatorRestartTest, KillNineLosesNoJobEventOrCheckpoint) {
   const v1::Job failed = wait_for_state(*jobs_, running, v1::JOB_STATE_FAILED, seconds(30));
   ASSERT_EQ(failed.state(), v1::JOB_STATE_FAILED);
   EXPECT_EQ(failed.failure_reason(),
-            "coordinator restarted and worker w-doomed did not reconnect within the heartbeat "
-            "timeout (3.0 s)");
+            "coordinator restarted and worker w-doomed did not reconnect within the re-attach "
+            "window (3.0 s)");
   // Queued jobs are still queued, and served in priority order by a new worker.
   TestWorker fresh(coordinator_->channel());
   fresh.register_as("w-fresh");
@@ -208,8 +208,8 @@ TEST_F(CoordinatorRestartTest, EveryRankOfAGangIsWaitedForAfterARestart) {
   }
   const v1::Job failed = wait_for_state(*jobs_, lost.id(), v1::JOB_STATE_FAILED, seconds(30));
   EXPECT_EQ(failed.failure_reason(),
-            "rank 1: coordinator restarted and worker w-l1 did not reconnect within the heartbeat "
-            "timeout (3.0 s)");
+            "rank 1: coordinator restarted and worker w-l1 did not reconnect within the re-attach "
+            "window (3.0 s)");
   const auto cancel = back[1]->next_of(v1::CoordinatorMessage::kCancel, seconds(5));
   ASSERT_TRUE(cancel.has_value());
   EXPECT_EQ(cancel->cancel().job_id(), lost.id());

@@ -214,5 +214,65 @@ TEST_F(GangControlPlaneTest, TwoGangsOnThreeWorkersRunOneAfterTheOtherAndOnlyRan
   EXPECT_THAT(output, HasSubstr("rank 1  " + seen.gangs[first][1]));
 }
 
+// A drain of one rank's node preempts the whole gang: SIGTERM to rank 1's daemon stops both
+// trainers after the same step, rank 0 checkpoints and uploads that step before the attempt ends,
+// the job goes back to the queue without using its restart budget (it has none), and the next
+// attempt, on the two workers left, resumes from that checkpoint and succeeds.
+TEST_F(GangControlPlaneTest,
+       ASigtermOnOneRanksWorkerPreemptsTheGangWhichResumesFromRankZerosCheckpoint) {
+  lomo::v1::SubmitJobRequest request;
+  request.set_spec_text(tiny_job_yaml(kSourceDir, model_, 120, 10,
+                                      {"resources.world_size=2", "resources.max_restarts=0"}));
+  const std::string id = client_->submit_job(request).id();
+  lomo::v1::Job job;
+  ASSERT_TRUE(wait_until(
+      [&] {
+        job = client_->get_job(id);
+        return job.progress().step() >= 13 || terminal(job.state());
+      },
+      seconds(90)));
+  ASSERT_EQ(job.state(), lomo::v1::JOB_STATE_RUNNING) << "finished before it could be drained";
+  const std::vector<std::string> gang = gang_of(job);
+  ASSERT_EQ(gang.size(), 2u);
+  const int64_t step_before = job.progress().step();
+  int drained = -1;
+  for (int i = 0; i < kWorkers; ++i) drained = worker_id(i) == gang[1] ? i : drained;
+  ASSERT_GE(drained, 0);
+  workers_[static_cast<size_t>(drained)]->send_signal(SIGTERM);
+  const auto exit = workers_[static_cast<size_t>(drained)]->wait_for(seconds(60));
+  ASSERT_TRUE(exit) << "rank 1's daemon did not exit after SIGTERM";
+  EXPECT_TRUE(exit->success()) << exit->describe();
+
+  ASSERT_TRUE(wait_until(
+      [&] {
+        job = client_->get_job(id);
+        return job.attempts_size() > 0;
+      },
+      seconds(60)));
+  EXPECT_TRUE(job.attempts(0).preempted()) << job.attempts(0).reason();
+  EXPECT_FALSE(job.attempts(0).restarted());
+  // Rank 0's checkpoint of the step the gang stopped at was committed before the attempt ended.
+  const auto checkpoints = client_->list_checkpoints(id);
+  ASSERT_FALSE(checkpoints.empty());
+  const int64_t stopped_at = checkpoints.back().step();
+  EXPECT_GT(stopped_at, step_before - step_before % 10) << "only a scheduled checkpoint is there";
+
+  ASSERT_TRUE(wait_until(
+      [&] {
+        job = client_->get_job(id);
+        return terminal(job.state());
+      },
+      seconds(150)));
+  ASSERT_EQ(job.state(), lomo::v1::JOB_STATE_SUCCEEDED) << job.failure_reason();
+  ASSERT_EQ(job.attempts_size(), 2);
+  for (const auto& a : job.attempts(1).assignments()) EXPECT_NE(a.worker_id(), gang[1]);
+  std::string output;
+  const ExitStatus logs =
+      run_program({kLomoctl.string(), "--coordinator", address_, "logs", id}, &output);
+  ASSERT_TRUE(logs.success()) << output;
+  EXPECT_THAT(output, HasSubstr("resuming from the job's committed checkpoint at step " +
+                                std::to_string(stopped_at)));
+}
+
 }  // namespace
 }  // namespace lomo::testing

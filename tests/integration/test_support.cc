@@ -7,6 +7,8 @@
 
 #include <cstdlib>
 #include <fstream>
+#include <map>
+#include <memory>
 #include <mutex>
 #include <sstream>
 #include <stdexcept>
@@ -151,14 +153,31 @@ fs::path tiny_model(const fs::path& lomo_worker) {
   return dir->path() / "model";
 }
 
+fs::path tiny_job_data(const fs::path& source_dir) {
+  static std::mutex mutex;
+  static std::map<fs::path, std::unique_ptr<ScratchDir>> snapshots;
+  std::lock_guard lock(mutex);
+  std::unique_ptr<ScratchDir>& dir = snapshots[source_dir];
+  if (!dir) {
+    auto copy = std::make_unique<ScratchDir>("lomo-tiny-data");
+    for (const char* file : {"README.md", "worker/engine/llama_model.cc", "docs/ARCHITECTURE.md"}) {
+      fs::create_directories((copy->path() / file).parent_path());
+      fs::copy_file(source_dir / file, copy->path() / file);
+    }
+    dir = std::move(copy);
+  }
+  return dir->path();
+}
+
 std::string tiny_job_yaml(const fs::path& source_dir, const fs::path& model_dir, int steps,
                           int checkpoint_every, const std::vector<std::string>& overrides) {
   JobSpec spec = load_job_spec((source_dir / "examples" / "tiny-adalomo.yaml").string());
+  const fs::path data = tiny_job_data(source_dir);
   std::vector<std::string> all{
       "model.path=" + model_dir.string(),
-      "data.train=[" + (source_dir / "README.md").string() + ", " +
-          (source_dir / "worker/engine/llama_model.cc").string() + "]",
-      "data.eval=[" + (source_dir / "docs/ARCHITECTURE.md").string() + "]",
+      "data.train=[" + (data / "README.md").string() + ", " +
+          (data / "worker/engine/llama_model.cc").string() + "]",
+      "data.eval=[" + (data / "docs/ARCHITECTURE.md").string() + "]",
       "training.steps=" + std::to_string(steps),
       "training.checkpoint_every=" + std::to_string(checkpoint_every),
       "training.eval_every=0",

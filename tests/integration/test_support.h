@@ -54,9 +54,15 @@ int free_port();
 // one process; created on first use.
 std::filesystem::path tiny_model(const std::filesystem::path& lomo_worker);
 
-// The tiny AdaLomo example (examples/tiny-adalomo.yaml) on `model_dir`, with absolute data paths
-// (the worker's working directory is not the source tree), `steps` steps, a checkpoint every
-// `checkpoint_every`, plus `overrides`.
+// A copy of the tiny jobs' data files of `source_dir` (README.md, worker/engine/llama_model.cc,
+// docs/ARCHITECTURE.md under the same relative paths), taken on first use and shared by the tests
+// of one process. Every attempt of a job must read the same bytes: a resume refuses data that
+// changed since its checkpoint, and the source tree may be edited while the tests run.
+std::filesystem::path tiny_job_data(const std::filesystem::path& source_dir);
+
+// The tiny AdaLomo example (examples/tiny-adalomo.yaml) on `model_dir`, with absolute paths to
+// tiny_job_data (the worker's working directory is not the source tree), `steps` steps, a
+// checkpoint every `checkpoint_every`, plus `overrides`.
 std::string tiny_job_yaml(const std::filesystem::path& source_dir,
                           const std::filesystem::path& model_dir, int steps, int checkpoint_every,
                           const std::vector<std::string>& overrides = {});

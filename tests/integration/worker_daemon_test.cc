@@ -289,11 +289,35 @@ TEST_F(WorkerDaemonTest, SigtermCheckpointsUploadsReportsAndExits) {
   ASSERT_TRUE(status);
   EXPECT_EQ(status->state(), lomo::v1::JOB_STATE_FAILED);
   EXPECT_THAT(status->reason(), HasSubstr("interrupted: the worker was shut down"));
+  // A drain, not a failure: the coordinator queues the job again without using its budget.
+  EXPECT_TRUE(status->preempted());
+  EXPECT_TRUE(status->draining());
   // The checkpoint of the step it stopped at is on the coordinator.
   const auto committed = coordinator_->committed("job-t");
   ASSERT_EQ(committed.size(), 1u);
   EXPECT_GE(committed.begin()->first, 3);
   EXPECT_THAT(status->reason(), HasSubstr("step " + std::to_string(committed.begin()->first)));
+}
+
+// Issue 10: an attempt the coordinator calls stale (the job moved on while this worker was away)
+// is stopped at once (SIGKILL, not the SIGTERM that would write a checkpoint) and nothing of it
+// is uploaded; a plain cancel of the same job would have committed one (test above).
+TEST_F(WorkerDaemonTest, AStaleAttemptIsKilledWithoutWritingOrUploadingACheckpoint) {
+  start_worker();
+  ASSERT_TRUE(coordinator_->assign("job-s", 1, tiny_job_struct(kSourceDir, model_, 100000, 0)));
+  ASSERT_TRUE(wait_until([&] { return metrics_events("job-s") >= 3; }, seconds(60)));
+  const int child = training_pid();
+  lomo::v1::CoordinatorMessage stale;
+  stale.mutable_cancel()->set_job_id("job-s");
+  stale.mutable_cancel()->set_attempt(1);
+  stale.mutable_cancel()->set_stale(true);
+  ASSERT_TRUE(coordinator_->send(stale));
+  ASSERT_TRUE(coordinator_->wait_terminal("job-s", seconds(20)).has_value());
+  EXPECT_TRUE(wait_until([&] { return ::kill(child, 0) != 0; }, seconds(10)));
+  EXPECT_TRUE(coordinator_->committed("job-s").empty()) << "a stale attempt uploaded a checkpoint";
+  EXPECT_THAT(read_file(log()), HasSubstr("job-s attempt 1 is stale"));
+  EXPECT_TRUE(
+      wait_until([&] { return coordinator_->last_heartbeat().job_id().empty(); }, seconds(5)));
 }
 
 // A checkpoint file that changes between the trainer's commit and the upload (bit rot, another
@@ -362,6 +386,41 @@ TEST_F(WorkerDaemonTest, ACheckpointRejectedEveryTimeFailsTheJobWithTheReason) {
   ASSERT_TRUE(status);
   EXPECT_EQ(status->state(), lomo::v1::JOB_STATE_FAILED);
   EXPECT_THAT(status->reason(), HasSubstr("rejected by the test"));
+}
+
+// Ended attempts leave their directories for debugging, the newest --keep-attempts of them; older
+// ones are removed once a later attempt has delivered its results. An attempt whose checkpoint the
+// coordinator never committed is never removed (it may be all that is left of its training).
+TEST_F(WorkerDaemonTest, OldAttemptDirectoriesAreRemovedButNeverOneWithAnUncommittedCheckpoint) {
+  start_worker({"--keep-attempts", "1"});
+  const auto attempt_dir = [&](const std::string& job) {
+    return work_dir() / "jobs" / job / "attempt-1";
+  };
+  coordinator_->reject_commits(100);
+  ASSERT_TRUE(coordinator_->assign("job-x", 1, tiny_job_struct(kSourceDir, model_, 5, 0)));
+  const auto rejected = coordinator_->wait_terminal("job-x", seconds(60));
+  ASSERT_TRUE(rejected);
+  ASSERT_EQ(rejected->state(), lomo::v1::JOB_STATE_FAILED);
+  coordinator_->reject_commits(0);
+  for (const std::string job : {"job-a", "job-b"}) {
+    ASSERT_TRUE(coordinator_->assign(job, 1, tiny_job_struct(kSourceDir, model_, 5, 0)));
+    const auto status = coordinator_->wait_terminal(job, seconds(60));
+    ASSERT_TRUE(status);
+    ASSERT_EQ(status->state(), lomo::v1::JOB_STATE_SUCCEEDED) << status->reason();
+  }
+  // job-a's directory goes once job-b's results are delivered; job-b's is the one kept.
+  EXPECT_TRUE(wait_until([&] { return !fs::exists(work_dir() / "jobs" / "job-a"); }, seconds(20)))
+      << "job-a's attempt directory was not removed";
+  EXPECT_TRUE(fs::exists(attempt_dir("job-b") / "delivered"));
+  EXPECT_TRUE(fs::exists(attempt_dir("job-b") / "out" / "checkpoints"));
+  // job-x's checkpoint never reached the coordinator: its directory stays, unmarked.
+  EXPECT_TRUE(fs::is_directory(attempt_dir("job-x") / "out" / "checkpoints"));
+  EXPECT_FALSE(fs::exists(attempt_dir("job-x") / "delivered"));
+  // The line follows the removal: wait for it rather than race the daemon's log write.
+  EXPECT_TRUE(wait_until(
+      [&] { return read_file(log()).find("removed old attempt directory") != std::string::npos; },
+      seconds(10)))
+      << read_file(log());
 }
 
 TEST_F(WorkerDaemonTest, ReconnectsWhenTheCoordinatorComesBackAndDeliversTheOutcome) {

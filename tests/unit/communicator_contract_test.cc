@@ -638,6 +638,60 @@ TEST(GlooCommunicatorTest, APeerKilledMidCollectiveFailsItWithinTheDeadPeerBound
   std::filesystem::remove_all(dir);
 }
 
+// A peer that hangs (SIGSTOP: its sockets stay open, nothing breaks) must fail rank 0's
+// collective within the configured timeout, naming it, never hang (issue 10, deliverable 4). The
+// stop lands at a different moment of a stream of 32 MiB all-reduces each round; the collective
+// running then started before the stop, so it ends at most one timeout after it.
+TEST(GlooCommunicatorTest, AStoppedPeerFailsTheCollectiveWithinTheTimeoutNamingIt) {
+  constexpr milliseconds kTimeout = std::chrono::seconds(3);
+  // Scheduling on a loaded 2-core machine, on top of the timeout.
+  constexpr milliseconds kSlack = std::chrono::seconds(5);
+  constexpr int64_t kLargeCount = int64_t{1} << 23;  // the peer's --reduce-until-killed size
+  const auto dir =
+      std::filesystem::temp_directory_path() / ("lomo_gloo_stop_" + std::to_string(getpid()));
+  std::vector<float> values(kLargeCount, 1.0F);
+  for (int round = 0; round < 2; ++round) {
+    SCOPED_TRACE("round " + std::to_string(round));
+    std::filesystem::remove_all(dir);
+    std::filesystem::create_directories(dir / "store");
+    const std::string prefix = "job/10/attempt/" + std::to_string(round);
+    const pid_t peer = spawn_peer({(dir / "store").string(), prefix, "1", "2",
+                                   (dir / "unused").string(), "--reduce-until-killed"});
+    ASSERT_GT(peer, 0) << "fork failed";
+    gloo::rendezvous::FileStore store((dir / "store").string());
+    GlooCommunicatorOptions options;
+    options.rank = 0;
+    options.world_size = 2;
+    options.prefix = prefix;
+    options.timeout = kTimeout;
+    {
+      GlooCommunicator comm(options, store);
+      std::atomic<int64_t> stopped_at{0};  // steady_clock ticks
+      std::thread stopper([&] {
+        std::this_thread::sleep_for(milliseconds(50 + 97 * round));
+        stopped_at = Clock::now().time_since_epoch().count();
+        kill(peer, SIGSTOP);
+      });
+      try {
+        for (;;) comm.all_reduce(values.data(), kLargeCount, ReduceOp::kMean);
+      } catch (const CommunicatorError& error) {
+        const auto detected = Clock::now();
+        stopper.join();
+        EXPECT_EQ(error.peer(), 1) << error.what();
+        EXPECT_NE(std::string(error.what()).find("rank 1"), std::string::npos) << error.what();
+        const Clock::time_point stopped{Clock::duration{stopped_at.load()}};
+        EXPECT_LT(std::chrono::duration_cast<milliseconds>(detected - stopped), kTimeout + kSlack)
+            << error.what();
+      }
+      if (stopper.joinable()) stopper.join();
+    }
+    kill(peer, SIGKILL);  // a stopped process takes SIGKILL
+    int status = 0;
+    ASSERT_EQ(waitpid(peer, &status, 0), peer);
+  }
+  std::filesystem::remove_all(dir);
+}
+
 // A closing rank tells its peers the first collective it did not finish, not how many it issued:
 // rank 1 issued #1 but closed before rank 0 joined it, so rank 0's #1 must fail on the notice
 // ("after finishing 1"), at once, rather than run against a closed connection.

@@ -423,9 +423,13 @@ TEST(JobSpecTest, FileOverridesThatDependOnEachOtherPassInEitherOrder) {
     EXPECT_EQ(spec.data.format, "chat");
     EXPECT_EQ(spec.data.chat_template, "llama-3");
   }
-  // Either override alone is invalid: the test above is not passing for another reason.
-  EXPECT_THROW(parse_job_spec(text, "job.yaml", {chat[0]}), JobSpecError);
+  // The template alone is invalid (format is not chat): the test above is not passing for
+  // another reason. Format chat alone is valid: the template is then the model's own (auto).
   EXPECT_THROW(parse_job_spec(text, "job.yaml", {chat[1]}), JobSpecError);
+  EXPECT_EQ(parse_job_spec(text, "job.yaml", {chat[0]}).data.chat_template, std::nullopt);
+  EXPECT_EQ(
+      parse_job_spec(text, "job.yaml", {chat[0], "data.chat_template=auto"}).data.chat_template,
+      "auto");
   // A file without training.steps, completed by an override.
   const JobSpec completed =
       parse_job_spec(with_sections({{"training", ""}}), "job.yaml", {"training.steps=7"});
@@ -504,6 +508,14 @@ TEST(JobSpecTest, EveryTypeProblemIsReportedBeforeAnyValueRule) {
     EXPECT_THAT(fields, ElementsAre("data.train[1]", "optimizer.beta1", "training.stepz",
                                     "training.steps"));
   }
+}
+
+TEST(JobSpecTest, MatmulPrecisionDefaultsToAutoAndRoundTrips) {
+  EXPECT_EQ(minimal_spec().precision.matmul, "auto");
+  const JobSpec spec = parse_job_spec(with_sections({{"precision", "{matmul: bf16}"}}), "job.yaml");
+  EXPECT_EQ(spec.precision.matmul, "bf16");
+  EXPECT_THAT(job_spec_to_yaml(spec), HasSubstr("  matmul: bf16\n"));
+  EXPECT_EQ(parse_job_spec(job_spec_to_yaml(spec), "canonical.yaml"), spec);
 }
 
 TEST(JobSpecTest, ACudaJobOfOneRankIsAccepted) {
@@ -720,14 +732,9 @@ const Rejection kRejections[] = {
      "data.format", "multiple_choice is an evaluation format"},
     {"DataEvalFormatUnknown", s({{"data", "{train: [a.txt], eval_format: choices}"}}),
      "data.eval_format", "must be one of text, jsonl_text"},
-    {"DataChatWithoutTemplate", s({{"data", "{format: chat, train: [a.jsonl]}"}}),
-     "data.chat_template", "required for format chat: one of llama-2, llama-3, chatml"},
-    {"DataEvalChatWithoutTemplate",
-     s({{"data", "{format: jsonl_text, eval_format: chat, train: [a.jsonl]}"}}),
-     "data.chat_template", "required for format chat"},
     {"DataChatTemplateUnknown",
      s({{"data", "{format: chat, chat_template: vicuna, train: [a.jsonl]}"}}), "data.chat_template",
-     "must be one of llama-2, llama-3, chatml; got \"vicuna\""},
+     "must be one of auto, llama-2, llama-3, chatml; got \"vicuna\""},
     {"DataChatTemplateWithoutChat",
      s({{"data", "{format: alpaca, chat_template: chatml, train: [a.jsonl]}"}}),
      "data.chat_template", "only used with data.format (or data.eval_format) chat"},
@@ -804,6 +811,10 @@ const Rejection kRejections[] = {
     // precision.
     {"DtypeUnknown", s({{"precision", "{dtype: fp8}"}}), "precision.dtype",
      "must be one of fp32, bf16, fp16"},
+    {"MatmulUnknown", s({{"precision", "{matmul: tf32}"}}), "precision.matmul",
+     "must be one of auto, fp32, bf16; got \"tf32\""},
+    {"MatmulBf16OnCuda", s({{"precision", "{matmul: bf16}"}, {"resources", "{device: cuda}"}}),
+     "precision.matmul", "bf16 is a CPU mode"},
     {"LossScaleInitialZero", s({{"precision", "{loss_scale: {initial: 0}}"}}),
      "precision.loss_scale.initial", "must be > 0"},
     {"LossScaleGrowthIntervalZero", s({{"precision", "{loss_scale: {growth_interval: 0}}"}}),

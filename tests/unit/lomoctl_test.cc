@@ -9,6 +9,8 @@
 #include "apiclient/lomo_client.h"
 #include "client/commands.h"
 #include "client/config.h"
+#include "client/eta.h"
+#include "client/help.h"
 #include "client/local_mode.h"
 #include "client/render.h"
 #include "jobspec/job_spec.h"
@@ -117,10 +119,12 @@ TEST(SubmitRequestTest, CarriesTheFileTextAndOverridesValidatedTogether) {
     EXPECT_FALSE(request.has_spec()) << "the exact text, not a Struct of doubles";
   }
   try {
-    load_submit_request(file, {"data.format=chat", "optimizer.lr=-1"}, nullptr);
+    // The file's tokenizer.kind auto becomes a problem only with the override's chat format.
+    load_submit_request(file, {"tokenizer.kind=bytes", "data.format=chat", "optimizer.lr=-1"},
+                        nullptr);
     FAIL() << "accepted";
   } catch (const JobSpecError& e) {
-    EXPECT_THAT(e.what(), HasSubstr("job.yaml: data.chat_template: required for format chat"));
+    EXPECT_THAT(e.what(), HasSubstr("tokenizer.kind: bytes has no special tokens"));
     EXPECT_THAT(e.what(),
                 HasSubstr("\noverride \"optimizer.lr=-1\": optimizer.lr: must be > 0, got -1"));
   }
@@ -170,6 +174,75 @@ TEST(RenderTest, TheProgressBarShowsStepLossThroughputAndEta) {
   EXPECT_LE(progress_bar_line(tracker.progress(), 50).size(), 50u);
   EXPECT_EQ(progress_plain_line(tracker.progress()),
             "step 10/20  loss 2.3456  1000 tok/s  ETA 10s");
+}
+
+// Values printed by tqdm's own tqdm.std.EMA(smoothing=0.3) fed the same inputs in Python;
+// 1e-12: the same arithmetic in another order may differ in the last bits.
+constexpr double kTqdmTolerance = 1e-12;
+
+TEST(EtaTest, TheMovingAverageIsTqdmsBiasCorrectedEma) {
+  ExponentialMovingAverage ema(0.3);
+  EXPECT_EQ(ema.value(), 0.0);
+  ema.add(1);
+  EXPECT_NEAR(ema.value(), 1.0, kTqdmTolerance);  // not 0.3: the start-up bias is removed
+  ema.add(2);
+  EXPECT_NEAR(ema.value(), 1.588235294117647, kTqdmTolerance);
+  ema.add(3);
+  EXPECT_NEAR(ema.value(), 2.2328767123287667, kTqdmTolerance);
+}
+
+// Ten 1 s steps, one 11 s step (a checkpoint being written), three 1 s steps: tqdm's rate
+// (EMA of seconds / EMA of steps) moves to 4.06 s a step and back, where the rate since the
+// start would jump to 1.9 and stay high, and the last step's would jump to 11.
+TEST(EtaTest, OneSlowStepMovesTheEtaAsTqdmDoes) {
+  EtaEstimator eta;
+  double t = 1000.0;
+  eta.observe(0, t);
+  EXPECT_FALSE(eta.eta_seconds(100));  // one point gives no rate
+  int64_t step = 0;
+  auto advance = [&](double seconds) {
+    t += seconds;
+    eta.observe(++step, t);
+    return *eta.eta_seconds(100) / static_cast<double>(100 - step);  // seconds per step
+  };
+  for (int i = 0; i < 10; ++i) EXPECT_NEAR(advance(1.0), 1.0, kTqdmTolerance);
+  EXPECT_NEAR(advance(11.0), 4.0605164094377155, kTqdmTolerance);
+  EXPECT_NEAR(advance(1.0), 3.129474670501668, kTqdmTolerance);
+  EXPECT_NEAR(advance(1.0), 2.4843820306010866, kTqdmTolerance);
+  EXPECT_NEAR(advance(1.0), 2.0360265712470436, kTqdmTolerance);
+}
+
+TEST(EtaTest, UpdatesOfSeveralStepsWeighByTheirStepsAndAResumeStartsAgain) {
+  EtaEstimator eta;
+  eta.observe(0, 0.0);
+  const std::vector<std::pair<int64_t, double>> updates{{2, 2.0}, {1, 1.0}, {3, 6.0}, {1, 0.5}};
+  const std::vector<double> tqdm{1.0, 1.0, 1.6410256410256412, 1.374181478016838};
+  int64_t step = 0;
+  double t = 0.0;
+  for (size_t i = 0; i < updates.size(); ++i) {
+    step += updates[i].first;
+    t += updates[i].second;
+    eta.observe(step, t);
+    EXPECT_NEAR(*eta.eta_seconds(step + 10), 10 * tqdm[i], 10 * kTqdmTolerance) << i;
+  }
+  eta.observe(step, t + 5.0);  // the same step again: no duration to average
+  EXPECT_NEAR(*eta.eta_seconds(step + 10), 10 * tqdm.back(), 10 * kTqdmTolerance);
+  eta.observe(3, t + 6.0);  // a new attempt resumed from an earlier checkpoint
+  EXPECT_FALSE(eta.eta_seconds(100));
+  eta.observe(5, t + 16.0);
+  EXPECT_NEAR(*eta.eta_seconds(100), 95 * 5.0, 1e-9);
+}
+
+TEST(HelpTest, EveryCommandHasASynopsisFlagsAndAnExample) {
+  for (const char* command : {"submit", "list", "get", "watch", "logs", "cancel", "checkpoints",
+                              "download", "local", "generate"}) {
+    const std::optional<std::string> help = command_help(command);
+    ASSERT_TRUE(help) << command;
+    EXPECT_THAT(*help, ::testing::StartsWith(std::string("usage: lomoctl ") + command)) << command;
+    EXPECT_THAT(*help, HasSubstr("example")) << command;
+    EXPECT_THAT(*help, HasSubstr("--output text|json")) << command;  // the global flags
+  }
+  EXPECT_FALSE(command_help("frobnicate"));
 }
 
 // A job of world size 2 as the coordinator reports it: rank -> worker in Job.assignments.
@@ -248,12 +321,12 @@ TEST(RenderTest, ControlCharactersFromTheServerAreEscaped) {
 TEST(RenderTest, JsonOutputCarriesTheGangAndTheWaitReason) {
   lomo::v1::Job job = gang_job(lomo::v1::JOB_STATE_RUNNING, {"w-a", "w-b"});
   const std::string running = message_to_json(job, false);
-  EXPECT_THAT(running, HasSubstr(R"("assignments":[{"rank":0,"worker_id":"w-a"},)"
-                                 R"({"rank":1,"worker_id":"w-b"}])"));
+  EXPECT_THAT(running, HasSubstr(R"("assignments":[{"rank":0,"workerId":"w-a"},)"
+                                 R"({"rank":1,"workerId":"w-b"}])"));
   job = gang_job(lomo::v1::JOB_STATE_QUEUED, {});
   job.set_wait_reason("waiting for 2 idle cpu workers, 1 idle");
   EXPECT_THAT(message_to_json(job, false),
-              HasSubstr(R"("wait_reason":"waiting for 2 idle cpu workers, 1 idle")"));
+              HasSubstr(R"("waitReason":"waiting for 2 idle cpu workers, 1 idle")"));
 }
 
 TEST(LocalModeTest, ReadsTheCoordinatorsReadyFile) {

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "worker/data/bpe_tokenizer.h"
+#include "worker/data/normalizer.h"
 #include "worker/data/sentencepiece_tokenizer.h"
 #include "worker/data/split_pattern.h"
 #include "worker/data/unicode_text.h"
@@ -105,7 +106,9 @@ TEST_P(BpeParityTest, EveryVectorEncodesToTheLibrarysIdsAndDecodesBack) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Styles, BpeParityTest,
-                         ::testing::Values("llama3_style", "gpt2_style", "qwen2_style"));
+                         ::testing::Values("llama3_style", "gpt2_style", "qwen2_style",
+                                           "o200k_style", "normalized_style", "behaviors_style",
+                                           "byte_fallback_style"));
 
 TEST(BpeTokenizerTest, SpecialTokenIdsComeFromTokenizerConfig) {
   // llama3_style: strings; gpt2_style: {"content": ...} objects; qwen2_style: null BOS.
@@ -171,37 +174,86 @@ TEST(BpeTokenizerTest, ConcurrentEncodesAgree) {
 // ---------------------------------------------------------------------------------------------
 // Split patterns and UTF-8 helpers.
 
-std::vector<std::string_view> split(SplitPattern pattern, std::string_view text) {
-  std::vector<std::string_view> pieces;
-  split_with_pattern(pattern, text, pieces);
-  return pieces;
+constexpr std::string_view kLlama3Pattern =
+    R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
+constexpr std::string_view kQwen2Pattern =
+    R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
+
+// The matches of `pattern` in `text`, as strings.
+std::vector<std::string_view> matches(std::string_view pattern, std::string_view text) {
+  std::vector<ByteRange> ranges;
+  TokenizerRegex(pattern).find_all(text, ranges);
+  std::vector<std::string_view> out;
+  for (const auto& [start, stop] : ranges) out.push_back(text.substr(start, stop - start));
+  return out;
 }
 
 TEST(SplitPatternTest, Llama3SplitsDigitsInThreesAndQwen2OneByOne) {
-  EXPECT_THAT(split(SplitPattern::kLlama3, "1234567"), ElementsAre("123", "456", "7"));
-  EXPECT_THAT(split(SplitPattern::kQwen2, "123"), ElementsAre("1", "2", "3"));
-  EXPECT_THAT(split(SplitPattern::kGpt2, "x 1234567"), ElementsAre("x", " 1234567"));
+  EXPECT_THAT(matches(kLlama3Pattern, "1234567"), ElementsAre("123", "456", "7"));
+  EXPECT_THAT(matches(kQwen2Pattern, "123"), ElementsAre("1", "2", "3"));
+  EXPECT_THAT(matches(kGpt2SplitPattern, "x 1234567"), ElementsAre("x", " 1234567"));
 }
 
 TEST(SplitPatternTest, WhitespaceBeforeAWordLeavesItsLastSpaceToTheWord) {
-  EXPECT_THAT(split(SplitPattern::kGpt2, "a   b"), ElementsAre("a", "  ", " b"));
-  EXPECT_THAT(split(SplitPattern::kLlama3, "a  \n\n  b"), ElementsAre("a", "  \n\n", " ", " b"));
-  EXPECT_THAT(split(SplitPattern::kLlama3, "x\t\tfoo  "), ElementsAre("x", "\t", "\tfoo", "  "));
+  EXPECT_THAT(matches(kGpt2SplitPattern, "a   b"), ElementsAre("a", "  ", " b"));
+  EXPECT_THAT(matches(kLlama3Pattern, "a  \n\n  b"), ElementsAre("a", "  \n\n", " ", " b"));
+  EXPECT_THAT(matches(kLlama3Pattern, "x\t\tfoo  "), ElementsAre("x", "\t", "\tfoo", "  "));
 }
 
 TEST(SplitPatternTest, Llama3ContractionsIgnoreCaseIncludingLongS) {
   // Oniguruma's case folding maps U+017F (ſ) to 's'; the tokenizers library agrees.
-  EXPECT_THAT(split(SplitPattern::kLlama3, "IT'S 'ſx"), ElementsAre("IT", "'S", " '", "ſx"));
-  EXPECT_THAT(split(SplitPattern::kLlama3, "'ſx"), ElementsAre("'ſ", "x"));
-  EXPECT_THAT(split(SplitPattern::kGpt2, "IT'S it's"), ElementsAre("IT", "'", "S", " it", "'s"));
+  EXPECT_THAT(matches(kLlama3Pattern, "IT'S 'ſx"), ElementsAre("IT", "'S", " '", "ſx"));
+  EXPECT_THAT(matches(kLlama3Pattern, "'ſx"), ElementsAre("'ſ", "x"));
+  EXPECT_THAT(matches(kGpt2SplitPattern, "IT'S it's"), ElementsAre("IT", "'", "S", " it", "'s"));
 }
 
-TEST(SplitPatternTest, KnowsExactlyTheThreePatterns) {
-  for (const SplitPattern pattern :
-       {SplitPattern::kGpt2, SplitPattern::kLlama3, SplitPattern::kQwen2}) {
-    EXPECT_EQ(find_split_pattern(split_pattern_regex(pattern)), pattern);
-  }
-  EXPECT_EQ(find_split_pattern(R"(\w+|[^\w\s]+)"), std::nullopt);
+TEST(SplitPatternTest, EmptyMatchesAdvanceOneCharacterAsTheOnigCrateDoes) {
+  // \b matches empty at each word boundary; a match right after the previous one is skipped.
+  std::vector<ByteRange> ranges;
+  TokenizerRegex(R"(\b)").find_all("ab cd", ranges);
+  EXPECT_THAT(ranges,
+              ElementsAre(ByteRange{0, 0}, ByteRange{2, 2}, ByteRange{3, 3}, ByteRange{5, 5}));
+  TokenizerRegex("x*").find_all("axx\xC3\xA9", ranges);
+  EXPECT_THAT(ranges, ElementsAre(ByteRange{0, 0}, ByteRange{1, 3}, ByteRange{5, 5}));
+}
+
+TEST(SplitPatternTest, IllFormedBytesAreOneCharacterOfClassOther) {
+  // Neither letter, number nor space: punctuation-like, as the hand-written scanners had it.
+  EXPECT_THAT(matches(kGpt2SplitPattern, "a\xFF\xFE b!\xE2\x82"),
+              ElementsAre("a", "\xFF\xFE", " b", "!\xE2\x82"));
+  EXPECT_THAT(matches(".", "\xC3\xA9\xFF"), ElementsAre("\xC3\xA9", "\xFF"));
+}
+
+TEST(SplitPatternTest, LiteralPatternsMatchTheirTextExactly) {
+  EXPECT_THAT(matches(TokenizerRegex::literal("a.b*")->pattern(), "a.b* axb a.b*"),
+              ElementsAre("a.b*", "a.b*"));
+}
+
+TEST(SplitPatternTest, ABadPatternIsAnErrorQuotingIt) {
+  EXPECT_THAT(error_of<std::invalid_argument>([] { TokenizerRegex("(a"); }),
+              AllOf(HasSubstr("\"(a\""), HasSubstr("does not compile")));
+}
+
+TEST(NormalizerTest, FormsCaseReplaceAndPrependInOrder) {
+  using Kind = NormalizerStep::Kind;
+  EXPECT_EQ(normalize({{Kind::kNfc, nullptr, {}}}, "e\xCC\x81"), "\xC3\xA9");  // é composed
+  EXPECT_EQ(normalize({{Kind::kNfd, nullptr, {}}}, "\xC3\xA9"), "e\xCC\x81");
+  EXPECT_EQ(normalize({{Kind::kNfkc, nullptr, {}}}, "\xEF\xAC\x81"), "fi");  // ﬁ ligature
+  EXPECT_EQ(normalize({{Kind::kLowercase, nullptr, {}}}, "AB\xC4\xB0"), "abi\xCC\x87");  // İ
+  const std::vector<NormalizerStep> steps = {
+      {Kind::kReplace, std::make_shared<TokenizerRegex>(" +"), "_"},
+      {Kind::kPrepend, nullptr, ">"},
+  };
+  EXPECT_EQ(normalize(steps, "a  b c"), ">a_b_c");
+  EXPECT_EQ(normalize(steps, ""), "");  // Prepend leaves empty text empty
+}
+
+TEST(NormalizerTest, IllFormedBytesPassThroughBetweenNormalizedRuns) {
+  using Kind = NormalizerStep::Kind;
+  EXPECT_EQ(normalize({{Kind::kNfkc, nullptr, {}}, {Kind::kLowercase, nullptr, {}}},
+                      "\xEF\xAC\x81X\xFF"
+                      "e\xCC\x81\xE2\x82"),
+            "fix\xFF\xC3\xA9\xE2\x82");
 }
 
 TEST(Utf8Test, LossyDecodingReplacesEachMaximalIllFormedSubpart) {
@@ -214,18 +266,27 @@ TEST(Utf8Test, LossyDecodingReplacesEachMaximalIllFormedSubpart) {
   EXPECT_EQ(utf8_lossy("\xC0\xAF"), "\xEF\xBF\xBD\xEF\xBF\xBD");
 }
 
-TEST(Utf8Test, CharacterClassesFollowOniguruma) {
-  EXPECT_EQ(char_class('a'), CharClass::kLetter);
-  EXPECT_EQ(char_class(0x4E2D), CharClass::kLetter);  // 中
-  EXPECT_EQ(char_class(0x0663), CharClass::kNumber);  // ٣
-  EXPECT_EQ(char_class(0x2167), CharClass::kNumber);  // Ⅷ (Nl)
-  EXPECT_EQ(char_class(0x00B2), CharClass::kNumber);  // ² (No)
-  EXPECT_EQ(char_class(0x0085), CharClass::kSpace);   // NEL
-  EXPECT_EQ(char_class(0x3000), CharClass::kSpace);
-  EXPECT_EQ(char_class(0x200B), CharClass::kOther);  // zero width space is Cf, not \s
-  EXPECT_EQ(char_class(0x0301), CharClass::kOther);  // combining acute (Mn)
-  EXPECT_EQ(char_class(0x1F600), CharClass::kOther);
-  EXPECT_EQ(char_class(kInvalidCodePoint), CharClass::kOther);
+TEST(Utf8Test, OnigurumaClassesAreTheOnesTheTablesHad) {
+  // The cases the removed hand-written tables were checked with, now asked of Oniguruma.
+  const auto is = [](std::string_view cls, std::string_view text) {
+    return matches(std::string(cls) + "+", text) == std::vector<std::string_view>{text};
+  };
+  EXPECT_TRUE(is(R"(\p{L})", "a中"));
+  EXPECT_TRUE(is(R"(\p{N})", "٣Ⅷ²"));
+  EXPECT_TRUE(is(R"(\s)", "\xC2\x85\xE3\x80\x80"));  // NEL, ideographic space
+  for (const char* other : {"\xE2\x80\x8B", "\xCC\x81", "\xF0\x9F\x98\x80"}) {
+    EXPECT_TRUE(is(R"([^\s\p{L}\p{N}])", other)) << escaped(other);  // ZWSP, U+0301, 😀
+  }
+}
+
+TEST(Utf8Test, WhiteSpaceIsUnicodesProperty) {
+  for (const uint32_t space : {0x09u, 0x0Du, 0x20u, 0x85u, 0xA0u, 0x1680u, 0x2000u, 0x200Au,
+                               0x2028u, 0x2029u, 0x202Fu, 0x205Fu, 0x3000u}) {
+    EXPECT_TRUE(is_white_space(space)) << space;
+  }
+  for (const uint32_t other : {0x08u, 0x0Eu, 0x200Bu, 0x180Eu, 0xFEFFu, kInvalidCodePoint}) {
+    EXPECT_FALSE(is_white_space(other)) << other;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -435,26 +496,29 @@ TEST_F(MalformedTokenizerJsonTest, UnsupportedModelType) {
   EXPECT_THAT(rejection(spec), AllOf(HasSubstr("model"), HasSubstr("missing")));
 }
 
-TEST_F(MalformedTokenizerJsonTest, UnsupportedSplitPatternIsNamed) {
+TEST_F(MalformedTokenizerJsonTest, BadSplitPatternsAndBehaviorsAreNamed) {
   json spec = base();
-  spec["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = R"(\w+|\s+)";
+  spec["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = R"(\w+|(\s+)";
   EXPECT_THAT(rejection(spec),
-              AllOf(HasSubstr("pre_tokenizer.pretokenizers[0].pattern.Regex"),
-                    HasSubstr(R"(\w+|\s+)"), HasSubstr("unsupported split pattern")));
+              AllOf(HasSubstr("dir/tokenizer.json: pre_tokenizer.pretokenizers[0].pattern.Regex"),
+                    HasSubstr(R"(\w+|(\s+)"), HasSubstr("does not compile")));
   spec = base();
-  spec["pre_tokenizer"]["pretokenizers"][0]["pattern"] = {{"String", " "}};
-  EXPECT_THAT(rejection(spec), HasSubstr("pattern.String"));
+  spec["pre_tokenizer"]["pretokenizers"][0]["pattern"] = json::object();
+  EXPECT_THAT(rejection(spec), AllOf(HasSubstr("pattern.Regex"), HasSubstr("missing")));
   spec = base();
-  spec["pre_tokenizer"]["pretokenizers"][0]["behavior"] = "Removed";
-  EXPECT_THAT(rejection(spec), AllOf(HasSubstr("behavior"), HasSubstr("Removed")));
+  spec["pre_tokenizer"]["pretokenizers"][0]["behavior"] = "Sideways";
+  EXPECT_THAT(rejection(spec), AllOf(HasSubstr("behavior"), HasSubstr("Sideways")));
 }
 
 TEST_F(MalformedTokenizerJsonTest, PreTokenizerMustEndInByteLevel) {
   json spec = base();
-  spec["pre_tokenizer"] = {{"type", "Whitespace"}};
-  EXPECT_THAT(rejection(spec), AllOf(HasSubstr("pre_tokenizer.type"), HasSubstr("Whitespace")));
+  spec["pre_tokenizer"] = {{"type", "Metaspace"}};
+  EXPECT_THAT(rejection(spec), AllOf(HasSubstr("pre_tokenizer.type"), HasSubstr("Metaspace")));
   spec = base();
   spec["pre_tokenizer"] = spec["pre_tokenizer"]["pretokenizers"][0];
+  EXPECT_THAT(rejection(spec), AllOf(HasSubstr("pre_tokenizer"), HasSubstr("ByteLevel")));
+  spec = base();
+  spec["pre_tokenizer"] = {{"type", "WhitespaceSplit"}};
   EXPECT_THAT(rejection(spec), AllOf(HasSubstr("pre_tokenizer"), HasSubstr("ByteLevel")));
   spec = base();
   spec["pre_tokenizer"] = nullptr;
@@ -477,10 +541,22 @@ TEST_F(MalformedTokenizerJsonTest, MergeReferencingAnUnknownTokenIsNamed) {
 TEST_F(MalformedTokenizerJsonTest, UnsupportedFeaturesAreNamed) {
   const std::vector<std::pair<std::function<void(json&)>, std::string>> cases = {
       {[](json& s) {
-         s["normalizer"] = {{"type", "NFC"}};
+         s["normalizer"] = {{"type", "BertNormalizer"}};
        },
-       "normalizer"},
-      {[](json& s) { s["model"]["byte_fallback"] = true; }, "model.byte_fallback"},
+       "normalizer.type"},
+      {[](json& s) {
+         s["normalizer"] = {{"type", "Sequence"},
+                            {"normalizers", {{{"type", "NFC"}}, {{"type", "Strip"}}}}};
+       },
+       "normalizer.normalizers[1].type"},
+      {[](json& s) {
+         s["normalizer"] = {{"type", "Replace"}, {"pattern", {{"Regex", "[a"}}}, {"content", ""}};
+       },
+       "normalizer.pattern.Regex"},
+      {[](json& s) {
+         s["normalizer"] = {{"type", "Prepend"}};
+       },
+       "normalizer.prepend"},
       {[](json& s) { s["model"]["dropout"] = 0.1; }, "model.dropout"},
       {[](json& s) { s["model"]["continuing_subword_prefix"] = "##"; },
        "model.continuing_subword_prefix"},

@@ -17,6 +17,7 @@
 
 #include "common/checkpoint_manifest.h"
 #include "common/sha256.h"
+#include "kernels/cpu/gemm_dispatch.h"
 #include "worker/comm/in_process_communicator.h"
 #include "worker/engine/checkpoint_io.h"
 #include "worker/train/token_dataset.h"
@@ -295,6 +296,54 @@ TEST(Trainer, LossFallsAndEvalIsReported) {
   for (const auto& entry : fs::directory_iterator(fs::path(spec.output.dir) / "checkpoints")) {
     EXPECT_NE(entry.path().filename().string().rfind(".tmp", 0), 0u) << "temporary left behind";
   }
+}
+
+TEST(Trainer, MatmulPrecisionFollowsPrecisionMatmul) {
+  using P = Backend::MatmulPrecision;
+  JobSpec spec;
+  const Device cpu = Device::cpu();
+  EXPECT_EQ(matmul_precision_for(spec, DType::kF32, cpu, false), P::kFp32);  // auto
+  EXPECT_EQ(matmul_precision_for(spec, DType::kBF16, cpu, false), P::kTf32);
+  spec.precision.matmul = "fp32";
+  EXPECT_EQ(matmul_precision_for(spec, DType::kBF16, cpu, true), P::kFp32);
+  spec.precision.matmul = "bf16";
+  EXPECT_EQ(matmul_precision_for(spec, DType::kF32, cpu, true), P::kBf16);
+  try {
+    matmul_precision_for(spec, DType::kF32, cpu, false);
+    FAIL() << "bf16 accepted on a CPU without bf16 instructions";
+  } catch (const JobSpecError& e) {
+    EXPECT_EQ(e.field(), "precision.matmul");
+    EXPECT_NE(std::string(e.what()).find("AVX512-BF16 or AMX-BF16"), std::string::npos) << e.what();
+  }
+}
+
+// On a CPU with bf16 instructions a bf16-matmul run learns like the fp32 run (bf16 inputs, fp32
+// accumulation); on one without, the run fails at its start naming the field.
+TEST(Trainer, ABf16MatmulRunTrainsLikeFp32OrFailsNamingTheField) {
+  Workspace ws("bf16_matmul");
+  JobSpec spec = ws.spec("lomo", "fp32");
+  std::vector<double> fp32_losses, bf16_losses;
+  TrainerHooks hooks;
+  hooks.on_step = [&](const TrainingMetrics& m) { fp32_losses.push_back(m.loss); };
+  train(spec, {}, hooks);
+  spec = ws.spec("lomo", "bf16");
+  spec.precision.matmul = "bf16";
+  hooks.on_step = [&](const TrainingMetrics& m) { bf16_losses.push_back(m.loss); };
+  if (!cpu::bf16_matmul_supported()) {
+    try {
+      train(spec, {}, hooks);
+      FAIL() << "bf16 matmuls ran on a CPU without bf16 instructions";
+    } catch (const JobSpecError& e) {
+      EXPECT_EQ(e.field(), "precision.matmul") << e.what();
+    }
+    return;
+  }
+  train(spec, {}, hooks);
+  ASSERT_EQ(bf16_losses.size(), fp32_losses.size());
+  for (size_t i = 0; i < fp32_losses.size(); ++i) {
+    EXPECT_NEAR(bf16_losses[i], fp32_losses[i], 0.02 * fp32_losses[i]) << "step " << i + 1;
+  }
+  EXPECT_NE(bf16_losses, fp32_losses) << "the bf16 run computed exactly like fp32";
 }
 
 TEST(Trainer, EpochsDetermineTheStepCount) {

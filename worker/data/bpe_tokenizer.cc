@@ -11,6 +11,7 @@
 #include <utility>
 
 #include "common/read_file.h"
+#include "worker/data/normalizer.h"
 #include "worker/data/split_pattern.h"
 #include "worker/data/unicode_text.h"
 
@@ -126,11 +127,19 @@ struct AddedToken {
   bool rstrip = false;
 };
 
-// One step of the pre-tokenizer: a Split by a pattern, or the final ByteLevel.
+// What a Split step does with the matches of its pattern (SplitDelimiterBehavior).
+enum class SplitBehavior { kRemoved, kIsolated, kMergedWithPrevious, kMergedWithNext, kContiguous };
+
+// One step of the pre-tokenizer: a Split by a regex (Whitespace is one too), WhitespaceSplit, or
+// the final ByteLevel.
 struct PreTokenizerStep {
-  std::optional<SplitPattern> split;  // set for Split steps
-  bool add_prefix_space = false;      // ByteLevel only
-  bool use_regex = false;             // ByteLevel only: also split by the GPT-2 pattern
+  enum class Kind { kSplit, kWhitespaceSplit, kByteLevel };
+  Kind kind = Kind::kByteLevel;
+  std::shared_ptr<const TokenizerRegex> regex;  // kSplit
+  SplitBehavior behavior = SplitBehavior::kIsolated;
+  bool invert = false;
+  bool add_prefix_space = false;  // ByteLevel only
+  bool use_regex = false;         // ByteLevel only: also split by the GPT-2 pattern
 };
 
 struct MergeRule {
@@ -155,8 +164,15 @@ struct BpeTokenizer::Model {
   std::optional<int32_t> unk_id;
   bool fuse_unk = false;
   bool ignore_merges = false;
+  // byte_fallback: for each byte whose byte-level character is not in the vocabulary, the
+  // "<0xXX>" tokens of that character's UTF-8 bytes (the library falls back per character, and
+  // after ByteLevel a character stands for one byte); empty when any of them is missing too.
+  bool byte_fallback = false;
+  std::array<std::vector<int32_t>, 256> fallback_ids;
 
+  std::vector<NormalizerStep> normalizer;
   std::vector<PreTokenizerStep> pre_tokenizer;
+  std::shared_ptr<const TokenizerRegex> gpt2_regex;  // ByteLevel's use_regex split
 
   std::unordered_map<int32_t, AddedToken> added_by_id;
   StringMap added_by_content;
@@ -192,8 +208,7 @@ class Parser {
       }
     }
     if (const json* normalizer = member(root, "normalizer"); normalizer && !normalizer->is_null()) {
-      fail("normalizer", "unsupported normalizer " + describe_type(*normalizer) +
-                             " (lomo supports tokenizers without one)");
+      parse_normalizer(*normalizer, "normalizer", *model);
     }
     parse_model(required(root, "model", "model"), *model);
     parse_pre_tokenizer(required(root, "pre_tokenizer", "pre_tokenizer"), *model);
@@ -286,9 +301,8 @@ class Parser {
                                   " is not supported (lomo tokenizes deterministically)");
       }
     }
-    if (optional_bool(model_json, "byte_fallback", "model.byte_fallback").value_or(false)) {
-      fail("model.byte_fallback", "byte_fallback is not supported for byte-level BPE");
-    }
+    model.byte_fallback =
+        optional_bool(model_json, "byte_fallback", "model.byte_fallback").value_or(false);
     for (const char* key : {"continuing_subword_prefix", "end_of_word_suffix"}) {
       const std::string field = std::string("model.") + key;
       if (!optional_string(model_json, key, field).value_or("").empty()) {
@@ -319,6 +333,10 @@ class Parser {
     for (int b = 0; b < 256; ++b) {
       const auto it = model.vocab_by_bytes.find(std::string(1, static_cast<char>(b)));
       model.byte_ids[static_cast<size_t>(b)] = it == model.vocab_by_bytes.end() ? -1 : it->second;
+      if (model.byte_fallback) {
+        model.fallback_ids[static_cast<size_t>(b)] =
+            fallback_tokens(model, static_cast<uint8_t>(b));
+      }
     }
 
     if (const std::optional<std::string> unk =
@@ -332,6 +350,73 @@ class Parser {
       model.unk_id = it->second;
     }
     parse_merges(required(model_json, "merges", "model.merges"), model);
+  }
+
+  // The "<0xXX>" tokens (format "<{:#04X}>" in the library) of the UTF-8 bytes of byte b's
+  // byte-level character, or nothing when one is missing.
+  static std::vector<int32_t> fallback_tokens(const BpeTokenizer::Model& model, uint8_t b) {
+    std::string character;
+    append_utf8(kByteLevel.char_of_byte[b], character);
+    std::vector<int32_t> ids;
+    for (const char ch : character) {
+      static constexpr char kHex[] = "0123456789ABCDEF";
+      const auto byte = static_cast<uint8_t>(ch);
+      const std::string token = std::string("<0x") + kHex[byte >> 4] + kHex[byte & 15] + ">";
+      const auto it = model.vocab.find(token);
+      if (it == model.vocab.end()) return {};
+      ids.push_back(it->second);
+    }
+    return ids;
+  }
+
+  void parse_normalizer(const json& normalizer, const std::string& field,
+                        BpeTokenizer::Model& model) const {
+    if (!normalizer.is_object()) fail(field, "expected an object, found " + type_of(normalizer));
+    const std::string type = required_string(normalizer, "type", field + ".type");
+    using Kind = NormalizerStep::Kind;
+    if (type == "Sequence") {
+      const json& steps = required(normalizer, "normalizers", field + ".normalizers");
+      if (!steps.is_array()) fail(field + ".normalizers", "expected an array");
+      for (size_t i = 0; i < steps.size(); ++i) {
+        parse_normalizer(steps[i], field + ".normalizers[" + std::to_string(i) + "]", model);
+      }
+      return;
+    }
+    static const std::unordered_map<std::string, Kind> kForms = {{"NFC", Kind::kNfc},
+                                                                 {"NFD", Kind::kNfd},
+                                                                 {"NFKC", Kind::kNfkc},
+                                                                 {"NFKD", Kind::kNfkd},
+                                                                 {"Lowercase", Kind::kLowercase}};
+    if (const auto it = kForms.find(type); it != kForms.end()) {
+      model.normalizer.push_back({it->second, nullptr, {}});
+    } else if (type == "Prepend") {
+      model.normalizer.push_back(
+          {Kind::kPrepend, nullptr, required_string(normalizer, "prepend", field + ".prepend")});
+    } else if (type == "Replace") {
+      model.normalizer.push_back({Kind::kReplace, parse_pattern(normalizer, field),
+                                  required_string(normalizer, "content", field + ".content")});
+    } else {
+      fail(field + ".type", "unsupported normalizer \"" + type +
+                                "\" (lomo supports NFC, NFD, NFKC, NFKD, Lowercase, Replace, "
+                                "Prepend and Sequence)");
+    }
+  }
+
+  // A {"String": ...} or {"Regex": ...} pattern, compiled.
+  std::shared_ptr<const TokenizerRegex> parse_pattern(const json& owner,
+                                                      const std::string& field) const {
+    const json& pattern = required_object(owner, "pattern", field + ".pattern");
+    try {
+      if (member(pattern, "String")) {
+        return TokenizerRegex::literal(
+            required_string(pattern, "String", field + ".pattern.String"));
+      }
+      return std::make_shared<const TokenizerRegex>(
+          required_string(pattern, "Regex", field + ".pattern.Regex"));
+    } catch (const std::invalid_argument& error) {
+      if (std::string_view(error.what()).starts_with(source_)) throw;
+      fail(field + ".pattern.Regex", error.what());
+    }
   }
 
   void parse_merges(const json& merges, BpeTokenizer::Model& model) const {
@@ -404,14 +489,19 @@ class Parser {
     // Byte-level BPE needs the ByteLevel step exactly once, last: before it, splits see the text;
     // after it they would see byte-level characters.
     for (size_t i = 0; i < model.pre_tokenizer.size(); ++i) {
-      const bool is_byte_level = !model.pre_tokenizer[i].split;
+      const bool is_byte_level = model.pre_tokenizer[i].kind == PreTokenizerStep::Kind::kByteLevel;
       const bool is_last = i + 1 == model.pre_tokenizer.size();
       if (is_byte_level != is_last) {
-        fail("pre_tokenizer", "lomo supports Split steps followed by one ByteLevel step, last");
+        fail("pre_tokenizer",
+             "lomo supports Split, Whitespace and WhitespaceSplit steps followed by one ByteLevel "
+             "step, last");
       }
     }
     if (model.pre_tokenizer.empty()) {
       fail("pre_tokenizer", "an empty Sequence has no ByteLevel step");
+    }
+    if (model.pre_tokenizer.back().use_regex) {
+      model.gpt2_regex = std::make_shared<const TokenizerRegex>(kGpt2SplitPattern);
     }
   }
 
@@ -427,30 +517,38 @@ class Parser {
       out.use_regex = optional_bool(step, "use_regex", field + ".use_regex").value_or(true);
       return out;
     }
+    if (type == "WhitespaceSplit") {
+      out.kind = PreTokenizerStep::Kind::kWhitespaceSplit;
+      return out;
+    }
+    if (type == "Whitespace") {
+      // The library's definition: the matches of \w+|[^\w\s]+, everything else removed.
+      out.kind = PreTokenizerStep::Kind::kSplit;
+      out.regex = std::make_shared<const TokenizerRegex>(R"(\w+|[^\w\s]+)");
+      out.behavior = SplitBehavior::kRemoved;
+      out.invert = true;
+      return out;
+    }
     if (type != "Split") {
       fail(field + ".type", "unsupported pre-tokenizer \"" + type +
-                                "\" (lomo supports ByteLevel, or a Sequence of Split steps and "
-                                "ByteLevel)");
+                                "\" (lomo supports ByteLevel, or a Sequence of Split, Whitespace "
+                                "and WhitespaceSplit steps and ByteLevel)");
     }
-    const json& pattern = required_object(step, "pattern", field + ".pattern");
-    if (member(pattern, "String")) {
-      fail(field + ".pattern.String", "string patterns are not supported (only known Regex ones)");
-    }
-    const std::string regex = required_string(pattern, "Regex", field + ".pattern.Regex");
-    out.split = find_split_pattern(regex);
-    if (!out.split) {
-      fail(field + ".pattern.Regex",
-           "unsupported split pattern \"" + regex +
-               "\" (lomo implements the GPT-2, Llama 3 and Qwen2 patterns)");
-    }
+    out.kind = PreTokenizerStep::Kind::kSplit;
+    out.regex = parse_pattern(step, field);
+    static const std::unordered_map<std::string, SplitBehavior> kBehaviors = {
+        {"Removed", SplitBehavior::kRemoved},
+        {"Isolated", SplitBehavior::kIsolated},
+        {"MergedWithPrevious", SplitBehavior::kMergedWithPrevious},
+        {"MergedWithNext", SplitBehavior::kMergedWithNext},
+        {"Contiguous", SplitBehavior::kContiguous}};
     const std::string behavior = required_string(step, "behavior", field + ".behavior");
-    if (behavior != "Isolated") {
-      fail(field + ".behavior",
-           "unsupported split behavior \"" + behavior + "\" (lomo supports Isolated)");
+    const auto it = kBehaviors.find(behavior);
+    if (it == kBehaviors.end()) {
+      fail(field + ".behavior", "unknown split behavior \"" + behavior + "\"");
     }
-    if (optional_bool(step, "invert", field + ".invert").value_or(false)) {
-      fail(field + ".invert", "inverted splits are not supported");
-    }
+    out.behavior = it->second;
+    out.invert = optional_bool(step, "invert", field + ".invert").value_or(false);
     return out;
   }
 
@@ -512,7 +610,14 @@ class Parser {
       model.added_by_id.insert_or_assign(file_id, std::move(added));
     }
     for (const auto& [id, added] : model.added_by_id) {
-      (added.normalized ? model.normalized_matcher : model.raw_matcher).add(added.content, id);
+      if (!added.normalized) {
+        model.raw_matcher.add(added.content, id);
+        continue;
+      }
+      // The library looks for a normalized token in normalized text as the normalizer spells
+      // it: "[NOTE]" under Lowercase and Prepend("_") is found only as "_[note]".
+      const std::string pattern = normalize(model.normalizer, added.content);
+      if (!pattern.empty()) model.normalized_matcher.add(pattern, id);
     }
   }
 
@@ -520,7 +625,9 @@ class Parser {
     model.token_of_id.reserve(model.vocab.size() + model.added_by_id.size());
     for (const auto& [token, id] : model.vocab) model.token_of_id.emplace(id, token);
     for (const auto& [id, added] : model.added_by_id) {
-      model.token_of_id.insert_or_assign(id, added.content);
+      // The library names a normalized token by its normalized form (and decodes it so).
+      model.token_of_id.insert_or_assign(
+          id, added.normalized ? normalize(model.normalizer, added.content) : added.content);
     }
     // The ByteLevel decoder turns a token into bytes when all its characters are byte-level
     // ones, and keeps its UTF-8 text otherwise.
@@ -561,6 +668,8 @@ struct Scratch {
   std::vector<std::string_view> next_pieces;
   std::vector<std::string_view> words;
   std::string prefixed;
+  std::vector<ByteRange> matches;
+  std::vector<std::pair<ByteRange, bool>> parts;
 };
 
 class Encoder {
@@ -569,11 +678,16 @@ class Encoder {
 
   void encode(std::string_view text) {
     if (text.empty()) return;
-    // Added tokens come out first: those matched on the raw text, then, in the gaps, those
-    // matched on normalized text (the same text here, as lomo supports no normalizer).
+    // Added tokens come out first: those matched on the raw text, then, in each gap normalized
+    // on its own, those matched on normalized text.
     split_added(text, model_.raw_matcher, [this](std::string_view gap) {
-      split_added(gap, model_.normalized_matcher,
-                  [this](std::string_view segment) { encode_segment(segment); });
+      const auto rest = [this](std::string_view segment) { encode_segment(segment); };
+      if (model_.normalizer.empty()) {
+        split_added(gap, model_.normalized_matcher, rest);
+      } else {
+        const std::string normalized = normalize(model_.normalizer, gap);
+        split_added(normalized, model_.normalized_matcher, rest);
+      }
     });
   }
 
@@ -646,7 +760,7 @@ class Encoder {
     for (size_t s = 0; s + 1 < model_.pre_tokenizer.size(); ++s) {
       scratch_.next_pieces.clear();
       for (const std::string_view piece : pieces) {
-        split_with_pattern(*model_.pre_tokenizer[s].split, piece, scratch_.next_pieces);
+        pre_tokenize(model_.pre_tokenizer[s], piece, scratch_.next_pieces);
       }
       pieces.swap(scratch_.next_pieces);
     }
@@ -659,12 +773,95 @@ class Encoder {
       }
       if (byte_level.use_regex) {
         scratch_.words.clear();
-        split_with_pattern(SplitPattern::kGpt2, text, scratch_.words);
+        split_isolated(*model_.gpt2_regex, text, scratch_.words);
         for (const std::string_view word : scratch_.words) encode_word(word);
       } else {
         encode_word(text);
       }
     }
+  }
+
+  // Appends the non-empty pieces `step` makes of `text` (the library drops empty ones).
+  void pre_tokenize(const PreTokenizerStep& step, std::string_view text,
+                    std::vector<std::string_view>& out) {
+    if (step.kind == PreTokenizerStep::Kind::kWhitespaceSplit) {
+      split_on_white_space(text, out);
+      return;
+    }
+    step.regex->find_all(text, scratch_.matches);
+    // Pattern::find_matches: the matches and the gaps between them, in order.
+    auto& parts = scratch_.parts;
+    parts.clear();
+    size_t previous = 0;
+    for (const ByteRange& match : scratch_.matches) {
+      if (previous != match.first) parts.push_back({{previous, match.first}, step.invert});
+      parts.push_back({match, !step.invert});
+      previous = match.second;
+    }
+    if (previous != text.size()) parts.push_back({{previous, text.size()}, step.invert});
+    apply_behavior(step.behavior, parts);
+    for (const auto& [range, remove] : parts) {
+      if (!remove && range.first != range.second) {
+        out.push_back(text.substr(range.first, range.second - range.first));
+      }
+    }
+  }
+
+  // NormalizedString::split: each part is (range, is_match) on entry and (range, remove) after.
+  static void apply_behavior(SplitBehavior behavior,
+                             std::vector<std::pair<ByteRange, bool>>& parts) {
+    if (behavior == SplitBehavior::kIsolated) {
+      for (auto& part : parts) part.second = false;
+      return;
+    }
+    if (behavior == SplitBehavior::kRemoved) return;
+    const bool backwards = behavior == SplitBehavior::kMergedWithNext;
+    if (backwards) std::reverse(parts.begin(), parts.end());
+    std::vector<std::pair<ByteRange, bool>> merged;
+    bool previous_match = false;
+    for (const auto& [range, is_match] : parts) {
+      const bool join = behavior == SplitBehavior::kContiguous ? is_match == previous_match
+                                                               : is_match && !previous_match;
+      if (join && !merged.empty()) {
+        ByteRange& last = merged.back().first;
+        if (backwards) {
+          last.first = range.first;
+        } else {
+          last.second = range.second;
+        }
+      } else {
+        merged.push_back({range, false});
+      }
+      previous_match = is_match;
+    }
+    if (backwards) std::reverse(merged.begin(), merged.end());
+    parts.swap(merged);
+  }
+
+  static void split_on_white_space(std::string_view text, std::vector<std::string_view>& out) {
+    size_t word = 0;
+    for (size_t at = 0; at < text.size();) {
+      const Utf8Char c = decode_utf8(text, at);
+      if (is_white_space(c.code_point)) {
+        if (word < at) out.push_back(text.substr(word, at - word));
+        word = at + c.length;
+      }
+      at += c.length;
+    }
+    if (word < text.size()) out.push_back(text.substr(word));
+  }
+
+  // The Isolated split: every match and every gap a piece.
+  void split_isolated(const TokenizerRegex& regex, std::string_view text,
+                      std::vector<std::string_view>& out) {
+    regex.find_all(text, scratch_.matches);
+    size_t previous = 0;
+    for (const auto& [start, stop] : scratch_.matches) {
+      if (previous < start) out.push_back(text.substr(previous, start - previous));
+      if (start < stop) out.push_back(text.substr(start, stop - start));
+      previous = stop;
+    }
+    if (previous < text.size()) out.push_back(text.substr(previous));
   }
 
   // BPE over the bytes of one pre-tokenized word (BPE::merge_word and Word::merge_all).
@@ -695,10 +892,15 @@ class Encoder {
     uint32_t pending_length = 0;
     for (const char ch : word) {
       const int32_t id = model_.byte_ids[static_cast<uint8_t>(ch)];
+      const std::vector<int32_t>& fallback = model_.fallback_ids[static_cast<uint8_t>(ch)];
       if (id >= 0) {
         if (pending_unk >= 0) add(pending_unk, pending_length);
         pending_unk = -1;
         add(id, 1);
+      } else if (!fallback.empty()) {
+        // As in the library, an unknown token still pending stays pending (it comes out after
+        // these, and fuse_unk may still grow it).
+        for (const int32_t byte_id : fallback) add(byte_id, 1);
       } else if (model_.unk_id) {
         if (pending_unk >= 0 && model_.fuse_unk) {
           pending_length += 1;

@@ -2,15 +2,21 @@
 // here and checked against the `tokenizers` library on committed vectors (tests/data/tokenizers).
 //
 // What is supported, exactly as the tokenizers library does it:
+//   - normalizer: NFC, NFD, NFKC, NFKD, Lowercase, Replace (String or Regex), Prepend, and a
+//     Sequence of them (normalizer.h), applied to the text between added tokens;
 //   - model: type "BPE", vocab, merges as "a b" strings or ["a", "b"] pairs (merges apply by rank,
-//     lowest first, leftmost on ties), ignore_merges, unk_token and fuse_unk;
+//     lowest first, leftmost on ties), ignore_merges, unk_token and fuse_unk, byte_fallback (a
+//     byte whose byte-level character is missing becomes that character's <0xXX> tokens);
 //   - pre_tokenizer: ByteLevel (use_regex: the GPT-2 pattern; add_prefix_space), or a Sequence of
-//     Split steps (behavior Isolated, a known regex: see split_pattern.h) followed by ByteLevel;
+//     Split (any String or Regex pattern, taken verbatim and run by Oniguruma as the library does;
+//     every behavior; invert), Whitespace and WhitespaceSplit steps followed by ByteLevel;
 //   - added_tokens (special or not) matched in the text before pre-tokenisation, leftmost-longest,
-//     with lstrip/rstrip; tokens with normalized=false first, then those with normalized=true;
+//     with lstrip/rstrip; tokens with normalized=false first on the raw text, then those with
+//     normalized=true, in their normalized spelling, on the normalized text;
 //   - decoder: ByteLevel.
-// Everything else (a normalizer, byte_fallback, dropout, another model or pre-tokenizer or
-// pattern, single_word added tokens, ...) is rejected with an error naming the field.
+// Everything else (another normalizer or pre-tokenizer, dropout, another model or decoder,
+// single_word added tokens, ...) is rejected with an error naming the field; so is a regex that
+// does not compile, with Oniguruma's message.
 // post_processor is ignored (encode adds no BOS/EOS), as are truncation and padding (callers cut
 // and pad).
 //

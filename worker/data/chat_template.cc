@@ -1,6 +1,8 @@
 #include "worker/data/chat_template.h"
 
+#include <nlohmann/json.hpp>
 #include <stdexcept>
+#include <utility>
 
 #include "worker/data/sentencepiece_tokenizer.h"
 #include "worker/data/unicode_text.h"
@@ -169,6 +171,63 @@ std::string alpaca_prompt(std::string_view instruction, std::string_view input) 
   }
   prompt += "\n\n### Response:\n";
   return prompt;
+}
+
+JinjaChatFormatter::JinjaChatFormatter(const ModelChatTemplate& chat_template,
+                                       const Tokenizer& tokenizer)
+    : source_(chat_template), tokenizer_(tokenizer) {
+  try {
+    template_ = std::make_shared<const jinja::Template>(chat_template.source,
+                                                        chat_template.file + " chat_template");
+  } catch (const jinja::TemplateError& error) {
+    throw std::invalid_argument(error.what());
+  }
+}
+
+std::string JinjaChatFormatter::render(std::span<const ChatMessage> messages,
+                                       bool add_generation_prompt) const {
+  nlohmann::ordered_json context;
+  nlohmann::ordered_json& list = context["messages"] = nlohmann::ordered_json::array();
+  for (const ChatMessage& message : messages) {
+    list.push_back({{"role", role_name(message.role)}, {"content", message.content}});
+  }
+  context["bos_token"] = source_.bos_token;
+  context["eos_token"] = source_.eos_token;
+  context["add_generation_prompt"] = add_generation_prompt;
+  return template_->render(context);
+}
+
+TokenSample JinjaChatFormatter::format(std::span<const ChatMessage> messages,
+                                       bool train_on_prompt) const {
+  std::string full;
+  std::vector<std::pair<size_t, size_t>> spans;  // trainable [begin, end) of `full`
+  try {
+    full = render(messages, false);
+    for (size_t i = 0; i < messages.size(); ++i) {
+      if (messages[i].role != ChatRole::kAssistant) continue;
+      const std::string before = render(messages.first(i), true);
+      const std::string after = render(messages.first(i + 1), false);
+      if (!after.starts_with(before) || !full.starts_with(after) ||
+          (!spans.empty() && before.size() < spans.back().second)) {
+        throw RecordError("messages[" + std::to_string(i) + "]",
+                          "the chat template of " + source_.file +
+                              " does not render the conversation up to this assistant message "
+                              "as a prefix of the whole, so its tokens cannot be located");
+      }
+      spans.emplace_back(before.size(), after.size());
+    }
+  } catch (const jinja::TemplateError& error) {
+    throw RecordError("messages", error.what());
+  }
+  SampleBuilder out(tokenizer_, train_on_prompt);
+  size_t at = 0;
+  for (const auto& [begin, end] : spans) {
+    out.text(std::string_view(full).substr(at, begin - at), false);
+    out.text(std::string_view(full).substr(begin, end - begin), true);
+    at = end;
+  }
+  out.text(std::string_view(full).substr(at), false);
+  return out.take();
 }
 
 std::string_view strip_white_space(std::string_view text) {

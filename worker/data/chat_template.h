@@ -47,12 +47,14 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <span>
 #include <string>
 #include <string_view>
 #include <vector>
 
 #include "worker/data/data_format.h"
+#include "worker/data/jinja.h"
 #include "worker/data/token_sample.h"
 #include "worker/data/tokenizer.h"
 
@@ -81,6 +83,34 @@ class SampleBuilder {
   const Tokenizer& tokenizer_;
   bool train_on_prompt_;
   TokenSample sample_;
+};
+
+// The model's own chat template (tokenizer_config.json's Jinja chat_template, jinja.h), rendered
+// as transformers' apply_chat_template renders it, with messages [{role, content}], bos_token,
+// eos_token and add_generation_prompt. Trainable spans are found by rendering prefixes: for the
+// assistant message i, the text after rendering messages [0, i) with add_generation_prompt and
+// up to rendering messages [0, i] without it, i.e. its content and whatever the template closes
+// its turn with (Llama 3's <|eot_id|>, ChatML's <|im_end|> and newline, Mistral's </s>). A
+// template whose renderings are not prefixes of each other there (one that moves content
+// between turns) is refused for that record rather than guessed at. The rendered text is
+// encoded span by span, as the built-in templates encode their pieces, so a template's special
+// tokens become their ids by the tokenizer's added-token matching (BPE tokenizers; a
+// SentencePiece tokenizer encodes "<s>" as text).
+class JinjaChatFormatter {
+ public:
+  // Throws std::invalid_argument naming the file and the position of a template error.
+  JinjaChatFormatter(const ModelChatTemplate& chat_template, const Tokenizer& tokenizer);
+
+  // Throws RecordError: "messages" when the template raises (raise_exception) or fails on the
+  // conversation, "messages[i]" when prefixes do not line up at assistant message i.
+  TokenSample format(std::span<const ChatMessage> messages, bool train_on_prompt) const;
+
+ private:
+  std::string render(std::span<const ChatMessage> messages, bool add_generation_prompt) const;
+
+  std::shared_ptr<const jinja::Template> template_;
+  ModelChatTemplate source_;
+  const Tokenizer& tokenizer_;
 };
 
 // A chat template with its special token ids resolved for one tokenizer.

@@ -107,8 +107,15 @@ RecordParser::RecordParser(const Tokenizer& tokenizer, const RecordOptions& opti
                                 " is not a JSONL format");
   }
   if (options.format == DataFormat::kChat) {
-    if (!options.chat_template) throw std::invalid_argument("format chat needs a chat template");
-    chat_.emplace(*options.chat_template, tokenizer);
+    if (options.chat_template) {
+      chat_.emplace(*options.chat_template, tokenizer);
+    } else if (tokenizer.chat_template()) {
+      jinja_chat_.emplace(*tokenizer.chat_template(), tokenizer);
+    } else {
+      throw std::invalid_argument(
+          "chat template auto: the model's tokenizer_config.json has no chat_template; name one "
+          "of llama-2, llama-3, chatml");
+    }
   }
 }
 
@@ -162,7 +169,8 @@ TokenSample RecordParser::sample(std::string_view line) const {
           const ChatRole role = parse_role(message, field + ".role");
           chat.push_back({role, string_member(message, "content", field + ".content")});
         }
-        TokenSample sample = chat_->format(chat, options_.train_on_prompt);
+        TokenSample sample = chat_ ? chat_->format(chat, options_.train_on_prompt)
+                                   : jinja_chat_->format(chat, options_.train_on_prompt);
         require_targets(sample, "the conversation has no assistant message");
         return sample;
       }

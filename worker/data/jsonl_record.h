@@ -26,7 +26,9 @@ namespace lomo {
 
 struct RecordOptions {
   DataFormat format = DataFormat::kJsonlText;  // a JSONL format (is_jsonl_format)
-  std::optional<ChatTemplate> chat_template;   // required for kChat
+  // For kChat: a built-in template, or none for the model's own (tokenizer_config.json's
+  // chat_template, rendered by jinja.h; "auto" in a job spec).
+  std::optional<ChatTemplate> chat_template;
   bool train_on_prompt = false;  // alpaca, prompt_completion, chat: every token trainable
 };
 
@@ -60,6 +62,7 @@ class RecordParser {
   const Tokenizer& tokenizer_;
   RecordOptions options_;
   std::optional<ChatFormatter> chat_;
+  std::optional<JinjaChatFormatter> jinja_chat_;
 };
 
 }  // namespace lomo

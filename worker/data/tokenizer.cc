@@ -146,6 +146,49 @@ SpecialTokenIds read_special_token_ids(const std::filesystem::path& model_dir,
   return ids;
 }
 
+namespace {
+
+// The text of tokenizer_config.json's bos_token / eos_token (a string or {"content": ...}).
+std::string token_text(const json& config, const char* key) {
+  const auto it = config.find(key);
+  if (it == config.end()) return "";
+  if (it->is_string()) return it->get<std::string>();
+  if (it->is_object() && it->contains("content") && (*it)["content"].is_string()) {
+    return (*it)["content"].get<std::string>();
+  }
+  return "";
+}
+
+}  // namespace
+
+std::optional<ModelChatTemplate> read_chat_template(const std::filesystem::path& model_dir) {
+  const std::filesystem::path path = model_dir / "tokenizer_config.json";
+  const std::optional<json> config = read_json_if_present(path);
+  if (!config || !config->contains("chat_template") || (*config)["chat_template"].is_null()) {
+    return std::nullopt;
+  }
+  const json& value = (*config)["chat_template"];
+  ModelChatTemplate out{"", token_text(*config, "bos_token"), token_text(*config, "eos_token"),
+                        path.string()};
+  if (value.is_string()) {
+    out.source = value.get<std::string>();
+    return out;
+  }
+  // Several named templates ("default", "tool_use", ...): training uses the default one.
+  if (value.is_array()) {
+    for (const json& entry : value) {
+      if (entry.is_object() && entry.value("name", json()) == "default" &&
+          entry.value("template", json()).is_string()) {
+        out.source = entry["template"].get<std::string>();
+        return out;
+      }
+    }
+  }
+  throw std::invalid_argument(path.string() +
+                              ": chat_template: expected a template string or a list of "
+                              "{\"name\", \"template\"} with one named \"default\"");
+}
+
 std::unique_ptr<Tokenizer> load_tokenizer(const std::filesystem::path& model_dir) {
   std::error_code error;
   if (!std::filesystem::is_directory(model_dir, error)) {
@@ -176,6 +219,7 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::filesystem::path& model_dir
                              "(SentencePiece)");
   }
   tokenizer->set_special_token_ids(read_special_token_ids(model_dir, *tokenizer));
+  tokenizer->set_chat_template(read_chat_template(model_dir));
   return tokenizer;
 }
 

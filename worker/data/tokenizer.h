@@ -12,6 +12,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 namespace lomo {
@@ -21,6 +22,16 @@ struct SpecialTokenIds {
   std::optional<int32_t> bos;
   std::optional<int32_t> eos;
   std::optional<int32_t> pad;
+};
+
+// The model's own chat template: tokenizer_config.json's "chat_template" (the string, or the
+// entry named "default" of a list of {name, template}), with the texts of the BOS and EOS tokens
+// the template renders as bos_token and eos_token ("" when the model has none).
+struct ModelChatTemplate {
+  std::string source;
+  std::string bos_token;
+  std::string eos_token;
+  std::string file;  // tokenizer_config.json's path, for messages
 };
 
 // Immutable after loading: every const method may be called from several threads at once.
@@ -52,8 +63,14 @@ class Tokenizer {
   // [0, vocab_size()).
   void set_special_token_ids(const SpecialTokenIds& ids);
 
+  const std::optional<ModelChatTemplate>& chat_template() const { return chat_template_; }
+  void set_chat_template(std::optional<ModelChatTemplate> chat_template) {
+    chat_template_ = std::move(chat_template);
+  }
+
  private:
   SpecialTokenIds special_ids_;
+  std::optional<ModelChatTemplate> chat_template_;
 };
 
 // Loads the tokenizer of a Hugging Face model directory: tokenizer.json (byte-level BPE) when
@@ -75,5 +92,9 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::filesystem::path& model_dir
 // load_tokenizer.
 SpecialTokenIds read_special_token_ids(const std::filesystem::path& model_dir,
                                        const Tokenizer& tokenizer);
+
+// tokenizer_config.json's chat template in `model_dir`, if the file has one. Throws
+// std::invalid_argument (naming the file and field) for a chat_template of the wrong shape.
+std::optional<ModelChatTemplate> read_chat_template(const std::filesystem::path& model_dir);
 
 }  // namespace lomo

@@ -1,31 +1,7 @@
 #include "worker/data/unicode_text.h"
 
-#include <algorithm>
-#include <array>
-#include <iterator>
-
 namespace lomo {
 namespace {
-
-struct CodePointRange {
-  uint32_t first;
-  uint32_t last;
-  CharClass char_class;
-};
-
-#include "worker/data/unicode_tables.inc"
-
-// ASCII dominates most text; a direct table spares the binary search for it.
-constexpr std::array<CharClass, 128> make_ascii_classes() {
-  std::array<CharClass, 128> classes{};
-  for (const CodePointRange& range : kCodePointRanges) {
-    for (uint32_t cp = range.first; cp <= range.last && cp < 128; ++cp) {
-      classes[cp] = range.char_class;
-    }
-  }
-  return classes;
-}
-constexpr std::array<CharClass, 128> kAsciiClasses = make_ascii_classes();
 
 struct Scan {
   uint32_t code_point;  // kInvalidCodePoint when ill-formed
@@ -78,20 +54,24 @@ Utf8Char decode_utf8(std::string_view text, size_t at) {
   return {scan.code_point, static_cast<uint32_t>(scan.length)};
 }
 
-CharClass char_class(uint32_t code_point) {
-  if (code_point < 128) return kAsciiClasses[code_point];
-  const auto* end = std::end(kCodePointRanges);
-  const auto* it =
-      std::upper_bound(std::begin(kCodePointRanges), end, code_point,
-                       [](uint32_t cp, const CodePointRange& range) { return cp < range.first; });
-  if (it == std::begin(kCodePointRanges)) return CharClass::kOther;
-  --it;
-  return code_point <= it->last ? it->char_class : CharClass::kOther;
-}
-
 bool is_white_space(uint32_t code_point) {
-  // Oniguruma's \s and White_Space are the same set (scripts/gen_unicode_tables.py checks it).
-  return char_class(code_point) == CharClass::kSpace;
+  // Unicode 15's White_Space property: Rust's char::is_whitespace, and the same set as
+  // Oniguruma's \s (so added tokens' lstrip/rstrip agree with the split patterns).
+  switch (code_point) {
+    case 0x20:
+    case 0x85:
+    case 0xA0:
+    case 0x1680:
+    case 0x2028:
+    case 0x2029:
+    case 0x202F:
+    case 0x205F:
+    case 0x3000:
+      return true;
+    default:
+      return (code_point >= 0x09 && code_point <= 0x0D) ||
+             (code_point >= 0x2000 && code_point <= 0x200A);
+  }
 }
 
 void append_utf8(uint32_t code_point, std::string& out) {

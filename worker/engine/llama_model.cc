@@ -28,7 +28,8 @@ struct LlamaModel::Activations {
   Buffer residual;  // layer inputs: [layers + 1, B·T, hidden]; entry L feeds the final norm
   std::vector<LayerActivations> layers;  // one per layer, or a single reused set when checkpointing
   Buffer final_normed, final_rstd;
-  Buffer logits, logsumexp;
+  Buffer logsumexp;
+  Buffer logits_chunk;  // kWorkspace: one chunk of rows' logits, then their gradient
   double loss_sum = 0.0;
   int64_t counted_tokens = 0;
 };
@@ -67,7 +68,7 @@ LlamaModel::LlamaModel(Backend& backend, LlamaWeights& weights, MemoryAccountant
 
 LlamaModel::~LlamaModel() = default;
 
-const float* LlamaModel::weight_f32(const Parameter& parameter) {
+const float* LlamaModel::weight_f32(const Parameter& parameter) const {
   if (parameter.dtype == DType::kF32) return parameter.storage.as<float>();
   if (weight_scratch_.empty()) {
     weight_scratch_ = float_buffer(accountant_, MemoryKind::kWorkspace,
@@ -177,7 +178,10 @@ void LlamaModel::prepare_forward_buffers(int64_t batch_size, int64_t seq_len) {
   }
   acts->final_normed = activation(rows * hidden);
   acts->final_rstd = activation(rows);
-  acts->logits = activation(rows * static_cast<size_t>(c.vocab_size));
+  acts->logits_chunk =
+      float_buffer(accountant_, MemoryKind::kWorkspace,
+                   static_cast<size_t>(lm_head_chunk_rows(static_cast<int64_t>(rows))) *
+                       static_cast<size_t>(c.vocab_size));
   acts->logsumexp = activation(rows);
   auto indices = [&]() {
     return Buffer(accountant_, MemoryKind::kActivations, rows * sizeof(int32_t));
@@ -260,7 +264,69 @@ void LlamaModel::upload_indices(Activations& acts) {
   }
 }
 
-ForwardResult LlamaModel::forward(const TokenBatch& batch) {
+ForwardResult LlamaModel::forward(const TokenBatch& batch) { return run_forward(batch, true); }
+
+ForwardResult LlamaModel::evaluate(const TokenBatch& batch) { return run_forward(batch, false); }
+
+int64_t LlamaModel::lm_head_chunk_rows(int64_t rows) const {
+  if (options_.lm_head_chunk_rows > 0) return std::min(rows, options_.lm_head_chunk_rows);
+  // ~32 MiB of logits per chunk, in multiples of 64 rows: large enough that the weight gradient's
+  // accumulation over chunks costs little next to the products themselves.
+  constexpr int64_t kChunkFloats = int64_t{8} << 20;
+  const int64_t fit = kChunkFloats / std::max<int64_t>(1, weights_.config().vocab_size);
+  return std::min(rows, std::max<int64_t>(64, fit / 64 * 64));
+}
+
+float* LlamaModel::head_gradient_buffer() {
+  return f32(weights_.config().tie_word_embeddings ? workspace_->tied_embedding_gradient
+                                                   : workspace_->gradient);
+}
+
+double LlamaModel::lm_head_chunks(bool loss, bool gradient, float gradient_scale) {
+  const LlamaConfig& c = weights_.config();
+  Activations& acts = *activations_;
+  const int64_t rows = acts.batch_size * acts.seq_len;
+  const int64_t hidden = c.hidden_size, vocab = c.vocab_size;
+  const int64_t chunk = lm_head_chunk_rows(rows);
+  const float* head = weight_f32(weights_.lm_head());  // no other weight_f32 call in the loop
+  float* logits = f32(acts.logits_chunk);
+  double loss_sum = 0.0;
+  for (int64_t first = 0; first < rows; first += chunk) {
+    const int64_t n = std::min(chunk, rows - first);
+    const float* x = f32(acts.final_normed) + first * hidden;
+    float* logsumexp = f32(acts.logsumexp) + first;
+    const int32_t* targets = acts.device_targets.as<int32_t>() + first;
+    backend_.matmul_forward(logits, x, head, n, vocab, hidden, /*accumulate=*/false);
+    if (loss) loss_sum += backend_.cross_entropy_forward(logsumexp, logits, targets, n, vocab);
+    if (!gradient) continue;
+    // The chunk's logits become their gradient in place; then the head's input gradient (with the
+    // weight as it is) and its weight gradient, summed over chunks.
+    backend_.cross_entropy_backward(logits, logits, logsumexp, targets, n, vocab, gradient_scale);
+    backend_.matmul_backward_input(f32(workspace_->d_normed) + first * hidden, logits, head, n,
+                                   vocab, hidden, /*accumulate=*/false);
+    backend_.matmul_backward_weight(head_gradient_buffer(), logits, x, n, vocab, hidden,
+                                    /*accumulate=*/first > 0);
+  }
+  return loss_sum;
+}
+
+void LlamaModel::rescale_head_gradients(float factor) {
+  if (factor == 1.0f) return;
+  // unscale_gradient is the backend's in-place multiply; the sum of squares it also collects is not
+  // needed here.
+  if (!rescale_statistics_) {
+    rescale_statistics_ =
+        std::make_unique<DeviceValue<GradientStatistics>>(backend_, GradientStatistics{});
+  }
+  const LlamaConfig& c = weights_.config();
+  const int64_t rows = activations_->batch_size * activations_->seq_len;
+  backend_.unscale_gradient(f32(workspace_->d_normed), rows * c.hidden_size, factor, 0,
+                            rescale_statistics_->get());
+  backend_.unscale_gradient(head_gradient_buffer(), weights_.lm_head().numel(), factor, 0,
+                            rescale_statistics_->get());
+}
+
+ForwardResult LlamaModel::run_forward(const TokenBatch& batch, bool with_head_gradient) {
   validate(batch);
   prepare_forward_buffers(batch.batch_size, batch.seq_len);
   const LlamaConfig& c = weights_.config();
@@ -301,13 +367,16 @@ ForwardResult LlamaModel::forward(const TokenBatch& batch) {
   backend_.rmsnorm_forward(
       f32(acts.final_normed), f32(acts.final_rstd), residual + c.num_hidden_layers * rows * hidden,
       weight_f32(weights_.final_norm()), rows, hidden, static_cast<float>(c.rms_norm_eps));
-  backend_.matmul_forward(f32(acts.logits), f32(acts.final_normed), weight_f32(weights_.lm_head()),
-                          rows, c.vocab_size, hidden, /*accumulate=*/false);
-  logits_valid_ = true;
-  acts.loss_sum = backend_.cross_entropy_forward(
-      f32(acts.logsumexp), f32(acts.logits), acts.device_targets.as<int32_t>(), rows, c.vocab_size);
   acts.counted_tokens = std::count_if(acts.targets.begin(), acts.targets.end(),
                                       [](int32_t t) { return t != kIgnoreIndex; });
+  // The head's gradient is computed for the usual backward (the mean loss, scale 1); backward
+  // rescales it for another loss scale or token count.
+  if (with_head_gradient) prepare_backward_buffers();
+  head_scale_ = acts.counted_tokens > 0 ? 1.0f / static_cast<float>(acts.counted_tokens) : 1.0f;
+  acts.loss_sum = lm_head_chunks(/*loss=*/true, with_head_gradient, head_scale_);
+  head_gradient_ready_ = with_head_gradient;
+  logits_valid_ = true;
+  full_logits_current_ = false;
   has_forward_ = true;
   return last_forward();
 }
@@ -392,7 +461,19 @@ const float* LlamaModel::logits() const {
   if (!has_forward_ || !logits_valid_) {
     throw std::logic_error("LlamaModel::logits: no forward since the last backward");
   }
-  return f32(activations_->logits);
+  if (!full_logits_current_) {
+    const LlamaConfig& c = weights_.config();
+    const int64_t rows = activations_->batch_size * activations_->seq_len;
+    const size_t floats = static_cast<size_t>(rows) * static_cast<size_t>(c.vocab_size);
+    if (full_logits_.size_bytes() != floats * sizeof(float)) {
+      full_logits_ = float_buffer(accountant_, MemoryKind::kActivations, floats);
+    }
+    backend_.matmul_forward(f32(full_logits_), f32(activations_->final_normed),
+                            weight_f32(weights_.lm_head()), rows, c.vocab_size, c.hidden_size,
+                            /*accumulate=*/false);
+    full_logits_current_ = true;
+  }
+  return f32(full_logits_);
 }
 
 void LlamaModel::backward(GradientSink& sink, float loss_scale) {
@@ -415,26 +496,20 @@ void LlamaModel::backward(GradientSink& sink, float loss_scale, int64_t loss_tok
   float* residual = f32(acts.residual);
   float* gradient = f32(ws.gradient);
 
-  // The previous backward turned the logits into their gradient; recompute them (one matmul).
-  if (!logits_valid_) {
-    backend_.matmul_forward(f32(acts.logits), f32(acts.final_normed),
-                            weight_f32(weights_.lm_head()), rows, c.vocab_size, hidden,
-                            /*accumulate=*/false);
-  }
+  // LM head: forward left its input and weight gradients for scale head_scale_; after an
+  // evaluate() or an earlier backward (whose sink owned those buffers), recompute them chunk by
+  // chunk. Either way the weight is read before the sink may update it.
   const float scale = loss_tokens > 0 ? loss_scale / static_cast<float>(loss_tokens) : 0.0f;
-  float* dlogits = f32(acts.logits);  // in place: the logits are not needed again
-  backend_.cross_entropy_backward(dlogits, dlogits, f32(acts.logsumexp),
-                                  acts.device_targets.as<int32_t>(), rows, c.vocab_size, scale);
+  if (head_gradient_ready_) {
+    rescale_head_gradients(scale / head_scale_);
+  } else {
+    lm_head_chunks(/*loss=*/false, /*gradient=*/true, scale);
+  }
+  head_gradient_ready_ = false;
   logits_valid_ = false;
-
-  // LM head: input gradient first (it reads the old weight), then the weight gradient.
-  Parameter& head = weights_.lm_head();
-  backend_.matmul_backward_input(f32(ws.d_normed), dlogits, weight_f32(head), rows, c.vocab_size,
-                                 hidden, /*accumulate=*/false);
-  float* head_gradient = c.tie_word_embeddings ? f32(ws.tied_embedding_gradient) : gradient;
-  backend_.matmul_backward_weight(head_gradient, dlogits, f32(acts.final_normed), rows,
-                                  c.vocab_size, hidden, /*accumulate=*/false);
-  if (!c.tie_word_embeddings) deliver(sink, head, gradient);
+  full_logits_ = Buffer();
+  full_logits_current_ = false;
+  if (!c.tie_word_embeddings) deliver(sink, weights_.lm_head(), gradient);
 
   float* d_residual = f32(ws.d_residual);
   backend_.fill_zero(d_residual, static_cast<size_t>(rows * hidden) * sizeof(float));

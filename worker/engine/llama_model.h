@@ -32,6 +32,9 @@ struct TokenBatch {
 struct ModelOptions {
   // Keep only each decoder layer's input during forward and recompute the layer in backward.
   bool activation_checkpointing = false;
+  // Rows of logits the LM head + cross-entropy hold at once (0: enough rows for about 32 MiB of
+  // logits). The B·T·V logits never exist together.
+  int64_t lm_head_chunk_rows = 0;
 };
 
 struct ForwardResult {
@@ -53,8 +56,13 @@ class LlamaModel {
   LlamaModel& operator=(const LlamaModel&) = delete;
 
   // Runs forward and keeps what backward needs. Throws std::invalid_argument for a malformed batch
-  // (sizes, token ids outside the vocabulary, positions beyond max_position_embeddings).
+  // (sizes, token ids outside the vocabulary, positions beyond max_position_embeddings). The LM
+  // head's chunks also compute their share of backward (the head's weight gradient and the final
+  // norm's output gradient), which the next backward uses instead of recomputing the logits.
   ForwardResult forward(const TokenBatch& batch);
+  // forward() for a batch that will not be backpropagated (evaluation): the loss only. A backward
+  // after it still works (it recomputes the LM head).
+  ForwardResult evaluate(const TokenBatch& batch);
 
   // Backward of the last forward's mean loss, multiplied by `loss_scale`. Each parameter's
   // gradient goes to `sink` once, in reverse order of use, the tied embedding/LM head after its
@@ -71,7 +79,8 @@ class LlamaModel {
   ForwardResult last_forward() const;
 
   // Logits [batch·seq_len, vocab] of the last forward, in the backend's memory (host memory for
-  // the CPU); valid until backward runs.
+  // the CPU); valid until backward runs. Forward keeps only one chunk of them: the first call after
+  // a forward computes them all into a buffer (kActivations) that backward releases.
   const float* logits() const;
 
   const ModelOptions& options() const { return options_; }
@@ -84,6 +93,16 @@ class LlamaModel {
   struct Workspace;
 
   void validate(const TokenBatch& batch) const;
+  ForwardResult run_forward(const TokenBatch& batch, bool with_head_gradient);
+  int64_t lm_head_chunk_rows(int64_t rows) const;
+  // The LM head and cross-entropy, chunk by chunk of rows. With `loss`, fills logsumexp and returns
+  // the loss sum. With `gradient`, writes gradient_scale·d(loss sum)/d(final_normed) into the
+  // workspace's d_normed and the same for the head's weight into head_gradient_buffer().
+  double lm_head_chunks(bool loss, bool gradient, float gradient_scale);
+  float* head_gradient_buffer();
+  // Multiplies the head's input and weight gradients that forward left by `factor` (a backward
+  // whose loss scale or token count differs from forward's assumption).
+  void rescale_head_gradients(float factor);
   void prepare_forward_buffers(int64_t batch_size, int64_t seq_len);
   void prepare_backward_buffers();
   // x_out may be null when recomputing for backward, which needs everything but the output.
@@ -92,7 +111,7 @@ class LlamaModel {
                       float* d_residual);
   // fp32 view of a parameter: its storage when fp32, else a converted copy in workspace that is
   // valid until the next call.
-  const float* weight_f32(const Parameter& parameter);
+  const float* weight_f32(const Parameter& parameter) const;
   AttentionShape attention_shape(int64_t batch_size, int64_t seq_len) const;
   void ensure_rope_table(int64_t max_position);
   // Copies the batch's token ids, targets, positions (and first keys) to the backend's memory.
@@ -113,9 +132,14 @@ class LlamaModel {
   RopeTableView rope_table_;
   std::unique_ptr<Activations> activations_;
   std::unique_ptr<Workspace> workspace_;
-  Buffer weight_scratch_;  // fp32 copy of one non-fp32 weight (kWorkspace)
+  mutable Buffer weight_scratch_;  // fp32 copy of one non-fp32 weight (kWorkspace)
   bool has_forward_ = false;
-  bool logits_valid_ = false;
+  bool logits_valid_ = false;         // a forward since the last backward: logits() may compute
+  bool head_gradient_ready_ = false;  // forward left the head's gradients (at head_scale_)
+  float head_scale_ = 0.0f;
+  mutable Buffer full_logits_;  // logits() only: a cache of the last forward's logits
+  std::unique_ptr<DeviceValue<GradientStatistics>> rescale_statistics_;  // unread by-product
+  mutable bool full_logits_current_ = false;
 };
 
 }  // namespace lomo

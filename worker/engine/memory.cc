@@ -21,6 +21,8 @@ std::string_view memory_kind_name(MemoryKind kind) {
       return "workspace";
     case MemoryKind::kCommunication:
       return "communication";
+    case MemoryKind::kKvCache:
+      return "kv_cache";
   }
   return "?";
 }

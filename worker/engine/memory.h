@@ -25,8 +25,11 @@ enum class MemoryKind : uint8_t {
   // A communicator's own buffers (message staging of the collectives), counted through
   // Communicator::set_buffer_accountant: what data parallelism adds to a rank's memory.
   kCommunication,
+  // Generation's key/value cache (worker/engine/kv_cache_model.h): keys and values of every layer
+  // for every position generated so far.
+  kKvCache,
 };
-inline constexpr size_t kMemoryKindCount = 6;
+inline constexpr size_t kMemoryKindCount = 7;
 std::string_view memory_kind_name(MemoryKind kind);
 
 struct MemoryReport {

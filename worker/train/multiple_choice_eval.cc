@@ -37,7 +37,7 @@ MultipleChoiceResult score_multiple_choice(LlamaModel& model,
   const int64_t vocab = model.weights().config().vocab_size;
   std::vector<float> host_logits;
   for (const TokenBatch& batch : batches) {
-    model.forward(batch);
+    model.evaluate(batch);
     const float* logits = model.logits();
     if (!model.backend().device().is_cpu()) {  // score on the host: copy the logits back once
       const size_t count = static_cast<size_t>(batch.batch_size * batch.seq_len * vocab);

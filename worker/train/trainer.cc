@@ -17,6 +17,7 @@
 #include "common/checkpoint_layout.h"
 #include "common/checkpoint_manifest.h"
 #include "common/read_file.h"
+#include "kernels/cpu/gemm_dispatch.h"
 #include "worker/comm/local_communicator.h"
 #include "worker/comm/metered_communicator.h"
 #include "worker/engine/checkpoint_io.h"
@@ -198,7 +199,7 @@ EvalMetrics evaluate(LlamaModel& model, const TokenDataset& data, int64_t batch_
   double loss_sum = 0.0;
   int64_t tokens = 0;
   for (const TokenBatch& batch : data.first_batches(batch_size, max_batches)) {
-    const ForwardResult r = model.forward(batch);
+    const ForwardResult r = model.evaluate(batch);
     loss_sum += r.loss * static_cast<double>(r.counted_tokens);
     tokens += r.counted_tokens;
   }
@@ -276,6 +277,25 @@ nlohmann::json memory_json(const MemoryReport& memory) {
 }
 
 }  // namespace
+
+Backend::MatmulPrecision matmul_precision_for(const JobSpec& spec, DType storage, Device device,
+                                              bool cpu_bf16) {
+  const std::string& matmul = spec.precision.matmul;
+  if (matmul == "fp32") return Backend::MatmulPrecision::kFp32;
+  if (matmul == "bf16") {
+    if (!device.is_cpu()) {
+      throw JobSpecError("job", "precision.matmul",
+                         "bf16 is a CPU mode; this job computes on " + device_name(device));
+    }
+    if (!cpu_bf16) {
+      throw JobSpecError("job", "precision.matmul",
+                         "bf16 needs a CPU with AVX512-BF16 or AMX-BF16, and this worker's CPU "
+                         "has neither: use auto or fp32");
+    }
+    return Backend::MatmulPrecision::kBf16;
+  }
+  return storage != DType::kF32 ? Backend::MatmulPrecision::kTf32 : Backend::MatmulPrecision::kFp32;
+}
 
 std::optional<fs::path> latest_checkpoint(const fs::path& output_dir) {
   try {
@@ -438,9 +458,9 @@ class TrainingRun {
     // See Backend::MatmulPrecision. Set either way: the backend outlives this run, and a later
     // fp32 run in the same process must not inherit TF32.
     backend_for(accountant_.device())
-        .set_matmul_precision(weights_.storage_dtype() != DType::kF32
-                                  ? Backend::MatmulPrecision::kTf32
-                                  : Backend::MatmulPrecision::kFp32);
+        .set_matmul_precision(
+            matmul_precision_for(spec_, weights_.storage_dtype(), accountant_.device(),
+                                 accountant_.device().is_cpu() && cpu::bf16_matmul_supported()));
     if (resume_from_) restore(*resume_from_);
     check_same_weights(weights_, communicator_, "at the start");
     if (rank_ == 0) metrics_ = reopen_metrics(output_dir_ / kMetricsFile, state_.step);

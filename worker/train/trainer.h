@@ -11,6 +11,7 @@
 #include <string>
 
 #include "jobspec/job_spec.h"
+#include "kernels/backend.h"
 #include "worker/comm/communicator.h"
 #include "worker/engine/memory.h"
 
@@ -91,6 +92,13 @@ struct TrainResult {
 // written under a temporary name and renamed when complete; <output.dir>/checkpoints/latest names
 // the newest committed one. Throws CheckpointError when `latest` names no checkpoint directory.
 std::optional<std::filesystem::path> latest_checkpoint(const std::filesystem::path& output_dir);
+
+// The matrix-product precision of a run from precision.matmul. auto: fp32 for fp32 weights,
+// TF32 for bf16/fp16 ones (no coarser than the weights; only a GPU uses it). bf16 on the CPU needs
+// `cpu_bf16` (AVX512-BF16 or AMX-BF16, cpu::bf16_matmul_supported()): without it, throws a
+// JobSpecError naming precision.matmul.
+Backend::MatmulPrecision matmul_precision_for(const JobSpec& spec, DType storage, Device device,
+                                              bool cpu_bf16);
 
 // Throws JobSpecError / CheckpointError / std::runtime_error with context for anything that stops
 // the job (bad data, a model that does not fit the spec, a non-finite gradient...).

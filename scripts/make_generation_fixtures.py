@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""Writes tests/data/generation/greedy.json: transformers' greedy `generate` on the parity models.
+
+Run by a developer when the fixtures under tests/data/hf/ change (CI only reads the result), with
+the environment tests/hf/hf_roundtrip_test.sh creates or any venv holding torch and transformers:
+
+    ~/.cache/lomo/hf-venv-*/bin/python scripts/make_generation_fixtures.py
+
+For every model directory tests/data/hf/<variant>/ and each prompt (rows of token ids; these tiny
+models have no tokenizer), two greedy runs, float32, eager attention, with the KV cache
+transformers uses by default:
+  with_eos:  the model's own generation_config.json (its eos_token_id stops the run)
+  no_eos:    no stop token at all, so exactly max_new_tokens are produced
+Each entry records the new token ids only (the prompt is not repeated). max_new_tokens takes the
+sequences past mistral_window's 3-token sliding window many times over.
+
+It also writes tests/data/generation/qwen2_text/: a tiny random Qwen2ForCausalLM over the
+tests/data/tokenizers/qwen2_style tokenizer (its vocabulary, <|im_end|> as eos), with
+expected.json: for each text prompt the ids `tokenizers` gives it, the ids transformers' greedy
+generate() adds, and their text (tokenizers' decode, special tokens kept): the whole text path.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import shutil  # noqa: E402
+
+import tokenizers  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import AutoModelForCausalLM, GenerationConfig, Qwen2Config  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+HF_DIR = ROOT / "tests" / "data" / "hf"
+OUT = ROOT / "tests" / "data" / "generation" / "greedy.json"
+PROMPTS = [[13, 23, 31, 24, 30, 35, 6], [5], [15, 4, 16, 21, 9, 6, 29, 8, 3, 11, 27]]
+MAX_NEW_TOKENS = 40
+
+
+def greedy(model, prompt, generation_config):
+    # generate() fills a stop token the given config leaves unset from the model's own config:
+    # clear the model's for the run without one.
+    model.generation_config.eos_token_id = generation_config.eos_token_id
+    ids = torch.tensor([prompt], dtype=torch.long)
+    with torch.no_grad():
+        out = model.generate(ids, generation_config=generation_config,
+                             attention_mask=torch.ones_like(ids))
+    return out[0, len(prompt):].tolist()
+
+
+TEXT_PROMPTS = ["hello world", "The quick brown fox", "lomo: 1 2 3"]
+TEXT_MAX_NEW_TOKENS = 24
+
+
+def text_model():
+    source = ROOT / "tests" / "data" / "tokenizers" / "qwen2_style"
+    out = OUT.parent / "qwen2_text"
+    tok = tokenizers.Tokenizer.from_file(str(source / "tokenizer.json"))
+    im_end = tok.token_to_id("<|im_end|>")
+    config = Qwen2Config(vocab_size=tok.get_vocab_size(with_added_tokens=True), hidden_size=32,
+                         intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+                         tie_word_embeddings=True, bos_token_id=None, eos_token_id=im_end,
+                         pad_token_id=tok.token_to_id("<|endoftext|>"))
+    torch.manual_seed(20261126)
+    model = transformers.Qwen2ForCausalLM(config)
+    with torch.no_grad():  # as make_hf_fixtures.py: large weights, decisive greedy choices
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.1 * torch.randn_like(param))
+            else:
+                torch.nn.init.normal_(param, mean=0.0, std=0.5)
+    shutil.rmtree(out, ignore_errors=True)
+    model.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(source / name, out / name)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
+                                                 attn_implementation="eager")
+    model.eval()
+    own = GenerationConfig.from_pretrained(out)
+    own.do_sample = False
+    own.max_new_tokens = TEXT_MAX_NEW_TOKENS
+    runs = []
+    for text in TEXT_PROMPTS:
+        ids = tok.encode(text).ids
+        new = greedy(model, ids, own)
+        runs.append({"prompt": text, "prompt_ids": ids, "tokens": new,
+                     "text": tok.decode(new, skip_special_tokens=False)})
+        print("qwen2_text", repr(text), new[:8], repr(runs[-1]["text"][:40]))
+    expected = {"transformers_version": transformers.__version__,
+                "tokenizers_version": tokenizers.__version__, "max_new_tokens": TEXT_MAX_NEW_TOKENS,
+                "eos_token_id": im_end, "runs": runs}
+    (out / "expected.json").write_text(json.dumps(expected, indent=1) + "\n")
+
+
+def main():
+    result = {"transformers_version": transformers.__version__,
+              "torch_version": torch.__version__, "max_new_tokens": MAX_NEW_TOKENS,
+              "variants": {}}
+    for variant_dir in sorted(p for p in HF_DIR.iterdir() if p.is_dir()):
+        model = AutoModelForCausalLM.from_pretrained(variant_dir, dtype=torch.float32,
+                                                     attn_implementation="eager")
+        model.eval()
+        own = GenerationConfig.from_pretrained(variant_dir)
+        own.do_sample = False
+        own.max_new_tokens = MAX_NEW_TOKENS
+        own.pad_token_id = own.pad_token_id if own.pad_token_id is not None else 0
+        no_eos = GenerationConfig(do_sample=False, max_new_tokens=MAX_NEW_TOKENS,
+                                  eos_token_id=None, pad_token_id=0, bos_token_id=None)
+        runs = []
+        for prompt in PROMPTS:
+            runs.append({"prompt": prompt, "eos_token_id": own.eos_token_id,
+                         "with_eos": greedy(model, prompt, own),
+                         "no_eos": greedy(model, prompt, no_eos)})
+            if len(runs[-1]["no_eos"]) != MAX_NEW_TOKENS:
+                sys.exit(f"{variant_dir.name}: no_eos run stopped early")
+        result["variants"][variant_dir.name] = runs
+        print(variant_dir.name, [r["with_eos"][:8] for r in runs])
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(result, indent=1) + "\n")
+    print("wrote", OUT)
+    text_model()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+#include "worker/data/jinja.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <string>
+
+#include "worker/data/jsonl_record.h"
+#include "worker/data/tokenizer.h"
+
+namespace lomo::jinja {
+namespace {
+
+using json = nlohmann::ordered_json;
+using ::testing::AllOf;
+using ::testing::HasSubstr;
+namespace fs = std::filesystem;
+
+const fs::path kTemplates = fs::path(LOMO_TEST_DATA_DIR) / "chat_templates";
+
+std::string read_text(const fs::path& path) {
+  std::ifstream file(path, std::ios::binary);
+  if (!file) throw std::runtime_error("cannot open " + path.string());
+  std::ostringstream text;
+  text << file.rdbuf();
+  return text.str();
+}
+
+std::string render(std::string_view source, const json& context = json::object()) {
+  return Template(source, "test").render(context);
+}
+
+std::string error_of(std::string_view source, const json& context = json::object()) {
+  try {
+    render(source, context);
+  } catch (const TemplateError& error) {
+    return error.what();
+  }
+  ADD_FAILURE() << "no TemplateError for " << source;
+  return {};
+}
+
+// Parity with jinja2 in transformers' environment (scripts/make_chat_template_fixtures.py):
+// the templates of Llama 3 and 3.1, Mistral, Qwen2.5, ChatML, Gemma and Phi-3, and one that
+// exercises the rest of the subset, each over conversations, tools and role-order errors.
+TEST(JinjaParityTest, EveryFixtureRendersAsJinja2RendersIt) {
+  const json fixtures = json::parse(read_text(kTemplates / "fixtures.json"));
+  ASSERT_GT(fixtures.at("cases").size(), 100u);
+  size_t errors = 0;
+  for (const json& c : fixtures.at("cases")) {
+    const std::string name = c.at("template").get<std::string>();
+    const Template tmpl(read_text(kTemplates / name), name);
+    if (c.contains("error")) {
+      ++errors;
+      try {
+        tmpl.render(c.at("context"));
+        ADD_FAILURE() << name << " rendered where jinja2 raised: " << c.at("error");
+      } catch (const TemplateError& error) {
+        EXPECT_THAT(error.what(), AllOf(HasSubstr("chat template " + name + ":"),
+                                        HasSubstr(c.at("error").get<std::string>())));
+      }
+      continue;
+    }
+    EXPECT_EQ(tmpl.render(c.at("context")), c.at("rendered").get<std::string>())
+        << name << " with " << c.at("context").dump();
+  }
+  EXPECT_GT(errors, 5u);
+}
+
+TEST(JinjaTest, TrimAndLstripBlocksAsTransformersSetsThem) {
+  // trim_blocks drops the newline after a block tag; lstrip_blocks the indent before one.
+  EXPECT_EQ(render("a\n  {% if true %}\n  b\n  {% endif %}\nc"), "a\n  b\nc");
+  // Expressions are left alone; "-" strips all white space on its side; "+" keeps the indent.
+  EXPECT_EQ(render("  {{ 'x' }}\n  {{- 'y' -}}  \n z"), "  xyz");
+  EXPECT_EQ(render("  {%+ if true %}x{% endif %}"), "  x");
+  EXPECT_EQ(render("a {# note #}\nb"), "a b");
+}
+
+TEST(JinjaTest, ValuesPrintAsPythonPrintsThem) {
+  EXPECT_EQ(
+      render("{{ none }} {{ true }} {{ 1.0 }} {{ 2.50 }} {{ [1, 'a', none] }} {{ {'k': 1} }}"),
+      "None True 1.0 2.5 [1, 'a', None] {'k': 1}");
+  EXPECT_EQ(render("{{ x }}|{{ x.y is defined if x is defined }}", {{"z", 1}}), "|");
+}
+
+TEST(JinjaTest, StringMethodsAreSubsetsOfPythons) {
+  EXPECT_EQ(render("[{{ '  a  '.lstrip() }}|{{ '  a  '.rstrip() }}|{{ '\xE3\x80\x80x\n'.strip() }}|"
+                   "{{ 'xxaxx'.strip('x') }}|{{ '   '.rstrip() }}]"),
+            "[a  |  a|x|a|]");
+  EXPECT_EQ(render("{{ 'a,b,,c'.split(',') }} {{ ' a  b '.split() }} {{ 'ab'.startswith('a') }}"),
+            "['a', 'b', '', 'c'] ['a', 'b'] True");
+  EXPECT_EQ(render("{{ 'hello wORLD'|title }} {{ 'éa'|upper }} {{ 'x-y'|capitalize }}"),
+            "Hello World ÉA X-y");
+}
+
+TEST(JinjaTest, ScopesFollowJinjaLoopsDoNotLeakButNamespacesDo) {
+  EXPECT_EQ(render("{% set a = 1 %}{% for i in [1, 2] %}{% set a = i %}{% endfor %}{{ a }}"), "1");
+  EXPECT_EQ(render("{% set ns = namespace(a=1) %}{% for i in [1, 2] %}{% set ns.a = i %}"
+                   "{% endfor %}{{ ns.a }}"),
+            "2");
+  EXPECT_EQ(render("{% if true %}{% set a = 3 %}{% endif %}{{ a }}"), "3");
+}
+
+TEST(JinjaTest, ErrorsNameTheTemplateLineAndColumn) {
+  EXPECT_THAT(error_of("line one\n  {% if x %}never closed"),
+              AllOf(HasSubstr("chat template test:"), HasSubstr("missing {% endif %}")));
+  EXPECT_THAT(error_of("ok\n{{ 'a' + }}"),
+              HasSubstr("chat template test:2:10: expected an expression"));
+  EXPECT_THAT(error_of("{% macro m() %}{% endmacro %}"),
+              HasSubstr("test:1:4: unsupported statement 'macro'"));
+  EXPECT_THAT(error_of("\n\n   {{ 'x' | wordwrap }}"),
+              HasSubstr("test:3:11: unsupported filter 'wordwrap'"));
+  EXPECT_THAT(error_of("{{ raise_exception('Roles must alternate') }}"),
+              HasSubstr("test:1:4: raise_exception: Roles must alternate"));
+  EXPECT_THAT(error_of("{{ messages[0].role }}", {{"messages", json::array()}}),
+              HasSubstr("is undefined"));
+  EXPECT_THAT(error_of("{{ 'unterminated }}"), HasSubstr("unterminated string"));
+  EXPECT_THAT(error_of("{{ x "), HasSubstr("unclosed tag"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The model's own template in training: data.chat_template auto.
+
+const fs::path kTokenizers = fs::path(LOMO_TEST_DATA_DIR) / "tokenizers";
+
+constexpr const char* kConversation =
+    R"({"messages": [{"role": "system", "content": "You are terse."},
+                     {"role": "user", "content": "Hi there"},
+                     {"role": "assistant", "content": " Hello! "},
+                     {"role": "user", "content": "2+2?"},
+                     {"role": "assistant", "content": "4"}]})";
+
+// A model directory: the llama3_style tokenizer, its tokenizer_config.json given `template`.
+class ModelDir {
+ public:
+  explicit ModelDir(const std::string& chat_template) {
+    path_ = fs::temp_directory_path() /
+            ("lomo_jinja_test_" + std::to_string(::getpid()) + "_" + std::to_string(next_++));
+    fs::create_directories(path_);
+    fs::copy_file(kTokenizers / "llama3_style" / "tokenizer.json", path_ / "tokenizer.json");
+    nlohmann::json config =
+        nlohmann::json::parse(read_text(kTokenizers / "llama3_style" / "tokenizer_config.json"));
+    if (!chat_template.empty()) config["chat_template"] = chat_template;
+    std::ofstream(path_ / "tokenizer_config.json") << config.dump();
+  }
+  ~ModelDir() { fs::remove_all(path_); }
+  const fs::path& path() const { return path_; }
+
+ private:
+  static inline int next_ = 0;
+  fs::path path_;
+};
+
+std::string trainable_text(const TokenSample& sample, const Tokenizer& tokenizer) {
+  std::vector<int32_t> ids;
+  for (size_t i = 0; i < sample.ids.size(); ++i) {
+    if (sample.trainable[i]) ids.push_back(sample.ids[i]);
+  }
+  return tokenizer.decode(ids);
+}
+
+TEST(ModelChatTemplateTest, Llama3sOwnTemplateGivesTheBuiltInLlama3SampleTokenForToken) {
+  const ModelDir dir(read_text(kTemplates / "llama3.jinja"));
+  const std::unique_ptr<Tokenizer> t = load_tokenizer(dir.path());
+  ASSERT_TRUE(t->chat_template().has_value());
+  const TokenSample own =
+      RecordParser(*t, {DataFormat::kChat, std::nullopt, false}).sample(kConversation);
+  const TokenSample built_in =
+      RecordParser(*t, {DataFormat::kChat, ChatTemplate::kLlama3, false}).sample(kConversation);
+  EXPECT_EQ(own.ids, built_in.ids);
+  EXPECT_EQ(own.trainable, built_in.trainable);
+  EXPECT_EQ(trainable_text(own, *t), "Hello!<|eot_id|>4<|eot_id|>");
+}
+
+TEST(ModelChatTemplateTest, MasksCoverExactlyWhatEachAssistantTurnAdds) {
+  // ChatML closes a turn with <|im_end|> and a newline: both belong to the assistant's turn.
+  const ModelDir dir(read_text(kTemplates / "chatml.jinja"));
+  const std::unique_ptr<Tokenizer> t = load_tokenizer(dir.path());
+  const TokenSample sample =
+      RecordParser(*t, {DataFormat::kChat, std::nullopt, false}).sample(kConversation);
+  EXPECT_EQ(trainable_text(sample, *t), " Hello! <|im_end|>\n4<|im_end|>\n");
+  EXPECT_EQ(t->decode(sample.ids),
+            "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
+            "<|im_start|>assistant\n Hello! <|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n"
+            "<|im_start|>assistant\n4<|im_end|>\n");
+  // train_on_prompt trains on everything but the first token, as with the built-in templates.
+  const TokenSample all =
+      RecordParser(*t, {DataFormat::kChat, std::nullopt, true}).sample(kConversation);
+  EXPECT_EQ(all.ids, sample.ids);
+  EXPECT_EQ(trainable_text(all, *t), t->decode(sample.ids));
+}
+
+TEST(ModelChatTemplateTest, TemplateErrorsAreRecordErrorsAndBadTemplatesNameTheirFile) {
+  const ModelDir gemma(read_text(kTemplates / "gemma.jinja"));
+  const std::unique_ptr<Tokenizer> t = load_tokenizer(gemma.path());
+  const RecordParser parser(*t, {DataFormat::kChat, std::nullopt, false});
+  try {
+    parser.sample(kConversation);
+    ADD_FAILURE() << "Gemma's template refuses a system message";
+  } catch (const RecordError& error) {
+    EXPECT_EQ(error.field(), "messages");
+    EXPECT_THAT(error.what(), HasSubstr("System role not supported"));
+  }
+  // Rendering messages in reverse: a prefix of the conversation is not a prefix of the text.
+  const ModelDir reversed("{% for m in messages[::-1] %}{{ m.content }}{% endfor %}");
+  const std::unique_ptr<Tokenizer> r = load_tokenizer(reversed.path());
+  try {
+    RecordParser(*r, {DataFormat::kChat, std::nullopt, false}).sample(kConversation);
+    ADD_FAILURE() << "masks of a non-prefix template";
+  } catch (const RecordError& error) {
+    EXPECT_EQ(error.field(), "messages[2]");
+  }
+  const ModelDir broken("{% for m in messages %}");
+  const std::unique_ptr<Tokenizer> b = load_tokenizer(broken.path());
+  try {
+    RecordParser(*b, {DataFormat::kChat, std::nullopt, false});
+    ADD_FAILURE() << "a broken template";
+  } catch (const std::invalid_argument& error) {
+    EXPECT_THAT(error.what(), AllOf(HasSubstr("tokenizer_config.json chat_template:1:"),
+                                    HasSubstr("missing {% endfor %}")));
+  }
+  const ModelDir none("");
+  const std::unique_ptr<Tokenizer> n = load_tokenizer(none.path());
+  EXPECT_FALSE(n->chat_template().has_value());
+  try {
+    RecordParser(*n, {DataFormat::kChat, std::nullopt, false});
+    ADD_FAILURE() << "auto without a template";
+  } catch (const std::invalid_argument& error) {
+    EXPECT_THAT(error.what(), HasSubstr("has no chat_template"));
+  }
+}
+
+}  // namespace
+}  // namespace lomo::jinja
