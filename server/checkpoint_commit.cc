@@ -33,9 +33,28 @@ void CheckpointCommit::on_chunk(const std::shared_ptr<WorkerConnection>& connect
               error.empty() ? result.verified->info.checkpoint_id() : std::string());
 }
 
+// A gang restarted because another rank failed: rank 0 may still hold checkpoints its trainer
+// wrote before the failure that could not be uploaded yet (the coordinator was away, or the upload
+// was queued behind an earlier one). They are the job's newest valid state, so they are committed
+// while the job waits for its next attempt (it keeps the ended attempt's number until then), and
+// that attempt resumes from them instead of recomputing the steps. Once the next attempt is
+// assigned, the ended one's uploads are refused as before.
+bool CheckpointCommit::late_rank_zero_upload_locked(const Worker* worker, const std::string& job_id,
+                                                    int64_t attempt) const {
+  if (worker == nullptr || worker->rank != 0 || worker->job_id != job_id ||
+      worker->attempt != attempt) {
+    return false;
+  }
+  const auto it = state_.active.find(job_id);
+  if (it == state_.active.end()) return false;
+  const v1::Job& job = it->second.record.job;
+  return job.attempt() == attempt && job.state() == v1::JOB_STATE_QUEUED;
+}
+
 std::string CheckpointCommit::upload_problem_locked(const WorkerConnection& connection,
                                                     const v1::CheckpointChunk& chunk) const {
   const Worker* worker = state_.worker_for_locked(connection);
+  if (late_rank_zero_upload_locked(worker, chunk.job_id(), chunk.attempt())) return "";
   std::string problem = state_.ownership_problem_locked(worker, chunk.job_id(), chunk.attempt());
   if (!problem.empty() || worker->rank == 0) return problem;
   // The ranks hold identical replicas (checked by weight hashes): one copy is the checkpoint.

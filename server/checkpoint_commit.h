@@ -27,6 +27,10 @@ class CheckpointCommit {
  private:
   // Why this stream may not upload to (job, attempt), or "": it must run rank 0 of that attempt.
   // Requires mu.
+  // Rank 0 of a gang attempt that ended in a restart, uploading what it wrote before the end,
+  // while the job waits for its next attempt.
+  bool late_rank_zero_upload_locked(const Worker* worker, const std::string& job_id,
+                                    int64_t attempt) const;
   std::string upload_problem_locked(const WorkerConnection& connection,
                                     const v1::CheckpointChunk& chunk) const;
   // Publishes and records a verified upload if its worker still owns the attempt; returns the

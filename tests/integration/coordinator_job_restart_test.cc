@@ -263,5 +263,49 @@ TEST_F(CoordinatorJobRestartTest, AGangWhoseRankLosesItsWorkerIsRestartedWhole) 
   EXPECT_EQ(done.attempts(1).state(), v1::JOB_STATE_SUCCEEDED);
 }
 
+// Rank 0 may still hold checkpoints its trainer wrote before a peer failed (uploads wait while the
+// coordinator is away): they are committed while the job waits for its next attempt, so that
+// attempt resumes from them; once the next attempt is assigned, the ended one's are refused.
+TEST_F(CoordinatorJobRestartTest,
+       RankZerosCheckpointFromBeforeAPeerFailedIsCommittedUntilTheNextAttempt) {
+  auto a = worker("w-a");
+  auto b = worker("w-b");
+  const std::string id = submit_ok(with_restarts(gang_request("late", 2), 3));
+  assignment_of(*a);
+  assignment_of(*b);
+  ASSERT_TRUE(a->report(id, 1, v1::JOB_STATE_RUNNING));
+  ASSERT_TRUE(b->report(id, 1, v1::JOB_STATE_RUNNING));
+  ASSERT_TRUE(b->report(id, 1, v1::JOB_STATE_FAILED, "training process killed by SIGKILL"));
+  ASSERT_TRUE(a->next_of(v1::CoordinatorMessage::kCancel, seconds(20)).has_value())
+      << "rank 0 is told to stop";
+  ASSERT_EQ(job_now(id).state(), v1::JOB_STATE_QUEUED);
+
+  const std::map<std::string, std::string> files = {{"model.safetensors", std::string(900, 'w')},
+                                                    {"lomo_trainer_state.json", "{}"}};
+  const auto late = a->upload_checkpoint(id, 1, 7, files);
+  ASSERT_TRUE(late.has_value());
+  EXPECT_TRUE(late->committed()) << late->error();
+  grpc::ClientContext context;
+  context.set_deadline(deadline_in(10));
+  v1::ListCheckpointsRequest request;
+  request.set_job_id(id);
+  v1::ListCheckpointsResponse listed;
+  ASSERT_TRUE(jobs_->ListCheckpoints(&context, request, &listed).ok());
+  ASSERT_EQ(listed.checkpoints_size(), 1);
+  EXPECT_EQ(listed.checkpoints(0).step(), 7);
+
+  // Rank 1's worker stays a rank-1 worker: it never uploads, even now.
+  const auto from_rank_one = b->upload_checkpoint(id, 1, 8, files);
+  ASSERT_TRUE(from_rank_one.has_value());
+  EXPECT_FALSE(from_rank_one->committed());
+
+  ASSERT_TRUE(a->report(id, 1, v1::JOB_STATE_CANCELLED, "cancelled"));
+  const v1::Assignment next = assignment_of(*a);
+  ASSERT_EQ(next.attempt(), 2);
+  const auto stale = a->upload_checkpoint(id, 1, 9, files);
+  ASSERT_TRUE(stale.has_value());
+  EXPECT_FALSE(stale->committed()) << "attempt 1's upload after attempt 2 was assigned";
+}
+
 }  // namespace
 }  // namespace lomo::server::testing
