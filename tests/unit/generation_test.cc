@@ -291,6 +291,31 @@ TEST(GenerateCommand, TextPromptsMatchTransformersAndTokenizers) {
   }
 }
 
+// A model trained with the spec's `tokenizer.kind: bytes` (the tiny demo models) has no tokenizer
+// files: `--tokenizer bytes` encodes the prompt as its bytes and decodes the new tokens the same
+// way.
+TEST(GenerateCommand, TheBytesTokenizerServesModelsTrainedWithIt) {
+  const fs::path dir =
+      fs::temp_directory_path() / ("lomo_generation_bytes_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  ChildOptions init;
+  init.argv = {LOMO_WORKER_BIN, "init-model", dir.string()};
+  init.stdout_mode = ChildOutput::kPipe;
+  ChildProcess child(init);
+  ASSERT_TRUE(child.wait().success());
+  const CommandResult r = run_generate({"--model", dir.string(), "--tokenizer", "bytes", "--prompt",
+                                        "lomo", "--max-new-tokens", "4", "--json"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  const nlohmann::json json = nlohmann::json::parse(r.out);
+  EXPECT_EQ(json["promptTokens"], nlohmann::json::array({'l', 'o', 'm', 'o'}));
+  ASSERT_EQ(json["tokens"].size(), 4u);
+  EXPECT_TRUE(json.contains("text"));
+  const CommandResult without = run_generate({"--model", dir.string(), "--prompt", "lomo"});
+  EXPECT_NE(without.code, 0);
+  EXPECT_THAT(without.err, ::testing::HasSubstr("--tokenizer bytes"));
+  fs::remove_all(dir);
+}
+
 TEST(GenerateCommand, BadArgumentsSayWhatIsWrong) {
   const std::string model = (kHf / "untied_mha").string();
   const std::vector<std::pair<std::vector<std::string>, std::string>> cases = {

@@ -10,6 +10,7 @@
 #include <stdexcept>
 
 #include "common/flags.h"
+#include "worker/data/byte_tokenizer.h"
 #include "worker/engine/checkpoint_io.h"
 #include "worker/engine/memory.h"
 #include "worker/generate/generation.h"
@@ -174,11 +175,15 @@ int run(GenerateArgs& a, std::ostream& out) {
   LlamaWeights weights = load_llama_checkpoint(a.model_dir, DType::kF32, accountant);
   const bool needs_tokenizer = a.prompt_text || !a.options.stop_strings.empty();
   std::unique_ptr<Tokenizer> tokenizer;
-  if (needs_tokenizer || has_tokenizer(a.tokenizer_dir)) {
+  if (a.tokenizer_dir == "bytes") {
+    // The job spec's tokenizer kind `bytes` (the tiny demo models): no files to load.
+    tokenizer = std::make_unique<ByteTokenizer>();
+  } else if (needs_tokenizer || has_tokenizer(a.tokenizer_dir)) {
     if (!has_tokenizer(a.tokenizer_dir)) {
       throw UsageError(a.tokenizer_dir.string() +
-                       " has no tokenizer.json or tokenizer.model: give --prompt-ids, or "
-                       "--tokenizer DIR");
+                       " has no tokenizer.json or tokenizer.model: give --prompt-ids, "
+                       "--tokenizer DIR, or --tokenizer bytes for a model trained with "
+                       "tokenizer.kind bytes");
     }
     tokenizer = load_tokenizer(a.tokenizer_dir);
   }

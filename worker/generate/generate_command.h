@@ -1,7 +1,7 @@
 // `lomo-worker generate`: the command line around generation.h.
 //
 //   lomo-worker generate --model DIR (--prompt TEXT | --prompt-file FILE | --prompt-ids 1,2,3)
-//       [--chat [--system TEXT] [--chat-template llama-3|chatml|llama-2]] [--tokenizer DIR]
+//       [--chat [--system TEXT] [--chat-template llama-3|chatml|llama-2]] [--tokenizer DIR|bytes]
 //       [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
 //       [--stop STRING]... [--json]
 //
@@ -22,7 +22,7 @@ namespace lomo {
 inline constexpr const char* kGenerateUsage =
     "  lomo-worker generate --model DIR (--prompt TEXT | --prompt-file FILE | --prompt-ids 1,2,3)\n"
     "                    [--chat [--system TEXT] [--chat-template llama-3|chatml|llama-2]]\n"
-    "                    [--tokenizer DIR] [--max-new-tokens N (128)] [--temperature T (0)]\n"
+    "                    [--tokenizer DIR|bytes] [--max-new-tokens N (128)] [--temperature T (0)]\n"
     "                    [--top-k K (0: off)] [--top-p P (1: off)] [--seed S (0)]\n"
     "                    [--stop STRING]... [--json]\n"
     "      text from a model directory or lomo checkpoint with a KV cache (CPU); greedy at\n"
