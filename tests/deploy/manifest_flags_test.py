@@ -135,9 +135,13 @@ class Pod:
     def localize(self, text, mounts_so_far=True):
         text = self.overlay.rewrite_addresses(text)
         mounts = self.mounts if mounts_so_far else self.all_mount_paths()
-        for path in sorted(mounts, key=len, reverse=True):
-            text = re.sub(re.escape(path) + r"(?=/|\b|$)", mounts[path], text)
-        return text
+        if not mounts:
+            return text
+        # One pass, longest mount path first: a replacement is never rewritten again (the scratch
+        # directory may itself lie under a mount path such as /tmp).
+        paths = sorted(mounts, key=len, reverse=True)
+        pattern = "|".join(re.escape(p) for p in paths)
+        return re.sub("(" + pattern + r")(?=/|\b|$)", lambda m: mounts[m.group(1)], text)
 
     def all_mount_paths(self):
         return {m["mountPath"]: os.path.join(self.root, "volumes", m["name"])
