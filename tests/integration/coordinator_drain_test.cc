@@ -177,6 +177,9 @@ TEST_F(CoordinatorDrainTest, AGangPreemptedOnRankOneWaitsForRankZerosCheckpointT
   ASSERT_EQ(a0.rank(), 0);
   ASSERT_EQ(a1.rank(), 1);
   ASSERT_TRUE(w0->report(id, 1, v1::JOB_STATE_RUNNING));
+  // The two streams are not ordered: rank 0 must be known to run before rank 1's drain arrives
+  // (the job turns RUNNING on its first rank's report, here rank 0's).
+  wait_for_state(*jobs_, id, v1::JOB_STATE_RUNNING, seconds(10));
   ASSERT_TRUE(w1->report(id, 1, v1::JOB_STATE_RUNNING));
   // Rank 1's worker is drained; its trainer's stop reaches rank 0's, which checkpoints.
   w1->stop_heartbeats();
@@ -212,6 +215,7 @@ TEST_F(CoordinatorDrainTest, CancellingAGangKeepsTheCheckpointRankZeroWritesWhen
   assignment_of(*w0);
   assignment_of(*w1);
   ASSERT_TRUE(w0->report(id, 1, v1::JOB_STATE_RUNNING));
+  wait_for_state(*jobs_, id, v1::JOB_STATE_RUNNING, seconds(10));  // rank 0 known to run first
   ASSERT_TRUE(w1->report(id, 1, v1::JOB_STATE_RUNNING));
   v1::Job cancelling;
   ASSERT_TRUE(cancel(*jobs_, id, &cancelling).ok());
