@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "common/grpc_channel.h"
 #include "lomo/v1/jobs.grpc.pb.h"
 
 namespace lomo::client {
@@ -41,6 +42,7 @@ struct ClientOptions {
   std::string address = "127.0.0.1:7070";
   std::chrono::milliseconds timeout{10000};  // deadline of each unary call
   std::chrono::hours download_timeout{6};    // deadline of a whole checkpoint download
+  ChannelSecurity security;                  // bearer token, CA bundle (common/grpc_channel.h)
 };
 
 struct DownloadProgress {

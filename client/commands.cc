@@ -51,6 +51,7 @@ Client& CommandContext::client() {
   if (!client_) {
     ClientOptions options;
     options.address = config.coordinator;
+    options.security = config.security;
     options.timeout =
         std::chrono::milliseconds(static_cast<int64_t>(config.timeout_seconds * 1000));
     client_ = std::make_unique<Client>(options);

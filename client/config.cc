@@ -28,7 +28,9 @@ LomoctlConfig resolve_config(const std::optional<std::string>& flag, const char*
       throw ConfigError(source + ": invalid YAML: " + e.what());
     }
     if (root.IsDefined() && !root.IsNull() && !root.IsMap()) {
-      throw ConfigError(source + ": expected a map of settings (coordinator, timeout_seconds)");
+      throw ConfigError(
+          source +
+          ": expected a map of settings (coordinator, timeout_seconds, token_file, ca_file)");
     }
     if (root.IsMap()) {
       for (auto it = root.begin(); it != root.end(); ++it) {
@@ -49,9 +51,18 @@ LomoctlConfig resolve_config(const std::optional<std::string>& flag, const char*
           }
           if (!(seconds > 0)) throw ConfigError(source + ": timeout_seconds: must be > 0");
           config.timeout_seconds = seconds;
+        } else if (key == "token_file" || key == "ca_file") {
+          if (!value.IsScalar() || value.Scalar().empty()) {
+            throw ConfigError(source + ": " + key + ": expected a file path");
+          }
+          std::string path = value.Scalar();
+          const char* home = std::getenv("HOME");
+          if (path.rfind("~/", 0) == 0 && home != nullptr) path = home + path.substr(1);
+          (key == "token_file" ? config.token_file : config.ca_file) = path;
         } else {
           throw ConfigError(source + ": " + key +
-                            ": unknown key (known: coordinator, timeout_seconds)");
+                            ": unknown key (known: coordinator, timeout_seconds, token_file, "
+                            "ca_file)");
         }
       }
     }
@@ -65,6 +76,47 @@ LomoctlConfig resolve_config(const std::optional<std::string>& flag, const char*
     config.coordinator_source = "--coordinator";
   }
   return config;
+}
+
+namespace {
+
+const char* env_value(const char* name) {
+  const char* value = std::getenv(name);
+  return value != nullptr && *value != '\0' ? value : nullptr;
+}
+
+}  // namespace
+
+void resolve_security(const std::optional<std::string>& token_file_flag,
+                      const std::optional<std::string>& ca_file_flag, LomoctlConfig* config) {
+  std::string token_file = config->token_file;
+  std::string source = token_file.empty() ? "" : "token_file " + token_file + " (config file)";
+  if (const char* file = env_value("LOMO_TOKEN_FILE")) {
+    token_file = file;
+    source = "$LOMO_TOKEN_FILE " + token_file;
+  }
+  ChannelSecurity& security = config->security;
+  security.token.clear();
+  if (const char* token = env_value("LOMO_TOKEN"); token != nullptr && !token_file_flag) {
+    security.token = token;
+    source = "$LOMO_TOKEN";
+    token_file.clear();
+  }
+  if (token_file_flag) {
+    token_file = *token_file_flag;
+    source = "--token-file " + token_file;
+  }
+  if (!token_file.empty()) {
+    try {
+      security.token = read_token_file(token_file);
+    } catch (const std::runtime_error& error) {
+      throw ConfigError(error.what());
+    }
+  }
+  config->token_source = security.token.empty() ? "" : source;
+  security.ca_file = config->ca_file;
+  if (const char* ca = env_value("LOMO_CA_FILE")) security.ca_file = ca;
+  if (ca_file_flag) security.ca_file = *ca_file_flag;
 }
 
 }  // namespace lomo::client

@@ -4,12 +4,16 @@
 //   # ~/.config/lomo/lomoctl.yaml
 //   coordinator: lomo.example.org:7070
 //   timeout_seconds: 10          # deadline of each call (optional)
+//   token_file: ~/.config/lomo/token   # bearer token (first line); else $LOMO_TOKEN(_FILE)
+//   ca_file: /etc/lomo/ca.pem          # the coordinator's CA: TLS (else $LOMO_CA_FILE)
 #pragma once
 
 #include <filesystem>
 #include <optional>
 #include <stdexcept>
 #include <string>
+
+#include "common/grpc_channel.h"
 
 namespace lomo::client {
 
@@ -19,6 +23,10 @@ struct LomoctlConfig {
   std::string coordinator = kDefaultCoordinator;
   std::string coordinator_source = "default";  // where it came from, for messages
   double timeout_seconds = 10.0;
+  std::string token_file;  // from the config file, before flags and environment
+  std::string ca_file;
+  ChannelSecurity security;   // resolve_security fills it
+  std::string token_source;   // "--token-file FILE", "LOMO_TOKEN", ...; "" when no token
 };
 
 class ConfigError : public std::runtime_error {
@@ -35,5 +43,11 @@ std::optional<std::filesystem::path> default_config_path();
 // throws ConfigError naming it and the key).
 LomoctlConfig resolve_config(const std::optional<std::string>& flag, const char* env,
                              const std::optional<std::filesystem::path>& config_file);
+
+// The token and CA bundle: flags (--token-file, --ca-file) over the environment ($LOMO_TOKEN,
+// $LOMO_TOKEN_FILE, $LOMO_CA_FILE) over the config file. Reads the token file; throws
+// ConfigError naming it.
+void resolve_security(const std::optional<std::string>& token_file_flag,
+                      const std::optional<std::string>& ca_file_flag, LomoctlConfig* config);
 
 }  // namespace lomo::client

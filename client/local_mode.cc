@@ -17,10 +17,12 @@
 #include "client/commands.h"
 #include "client/render.h"
 #include "client/watch.h"
+#include "common/bearer_token.h"
 #include "common/checkpoint_layout.h"
 #include "common/child_process.h"
 #include "common/flags.h"
 #include "common/read_file.h"
+#include "common/sha256.h"
 #include "common/stop_signals.h"
 
 namespace lomo::client {
@@ -167,8 +169,13 @@ struct LocalFiles {
         coordinator_log(state / "coordinator.log"),
         ready_file(state / "coordinator.ready"),
         coordinator_data(state / "coordinator"),
+        tokens_file(state / "tokens.yaml"),
+        worker_token_file(state / "worker.token"),
+        admin_token_file(state / "admin.token"),
         workers(local_worker_layouts(state, workers)) {}
   fs::path state_dir, coordinator_log, ready_file, coordinator_data;
+  // Local mode authenticates like any deployment: fresh tokens every run (write_local_tokens).
+  fs::path tokens_file, worker_token_file, admin_token_file;
   std::vector<LocalWorkerLayout> workers;
 
   // "worker.log", or "worker-0.log .. worker-3.log": for messages.
@@ -258,7 +265,30 @@ class LocalRun {
     }
   }
 
+  // An admin token for this lomoctl and a worker token for the local workers, each written 0600
+  // (admin.token lets `lomoctl --token-file` reach the local coordinator while it runs).
+  void write_local_tokens() {
+    admin_token_ = new_token();
+    const std::string worker_token = new_token();
+    write_private_file(files_.admin_token_file, admin_token_ + "\n");
+    write_private_file(files_.worker_token_file, worker_token + "\n");
+    write_private_file(files_.tokens_file,
+                       "tokens:\n"
+                       "  - name: local-admin\n"
+                       "    role: admin\n"
+                       "    sha256: " +
+                           sha256_hex(admin_token_) +
+                           "\n"
+                           "  - name: local-workers\n"
+                           "    role: worker\n"
+                           "    sha256: " +
+                           sha256_hex(worker_token) +
+                           "\n"
+                           "    worker_ids: [\"local-*\"]\n");
+  }
+
   void start_coordinator() {
+    write_local_tokens();
     ChildOptions c;
     c.argv = {programs_.coordinator.string(),
               "--data-dir",
@@ -268,7 +298,9 @@ class LocalRun {
               "--http-listen",
               "127.0.0.1:0",
               "--ready-file",
-              files_.ready_file.string()};
+              files_.ready_file.string(),
+              "--tokens-file",
+              files_.tokens_file.string()};
     c.stdout_mode = c.stderr_mode = ChildOutput::kFile;
     c.output_file = files_.coordinator_log;
     coordinator_ = std::make_unique<ChildProcess>(c);
@@ -305,7 +337,9 @@ class LocalRun {
                 "--work-dir",
                 layout.work_dir.string(),
                 "--worker-id",
-                layout.id};
+                layout.id,
+                "--token-file",
+                files_.worker_token_file.string()};
       if (settings_.threads_per_worker) {
         // The daemon's training child inherits it.
         w.env = {"OMP_NUM_THREADS=" + std::to_string(*settings_.threads_per_worker)};
@@ -336,6 +370,7 @@ class LocalRun {
   void connect(const std::string& address) {
     ClientOptions options;
     options.address = address;
+    options.security.token = admin_token_;
     options.timeout =
         std::chrono::milliseconds(static_cast<int64_t>(context_.config.timeout_seconds * 1000));
     std::lock_guard lock(mutex_);
@@ -517,6 +552,7 @@ class LocalRun {
   std::atomic<int> interrupts_{0};
   std::unique_ptr<Client> client_;
   StopSignalWatcher signals_;
+  std::string admin_token_;
   std::unique_ptr<ChildProcess> coordinator_;
   std::vector<std::unique_ptr<ChildProcess>> workers_;  // in the order of files_.workers
   // A worker's end was already told (by watch_workers, while the job was watched).

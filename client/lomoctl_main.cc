@@ -27,7 +27,8 @@ namespace {
 using namespace lomo::client;
 
 constexpr const char* kUsage =
-    R"(usage: lomoctl [--coordinator HOST:PORT] [--output text|json] [--timeout SECONDS] COMMAND ...
+    R"(usage: lomoctl [--coordinator HOST:PORT] [--output text|json] [--timeout SECONDS]
+               [--token-file PATH] [--ca-file PATH] COMMAND ...
 
 commands:
   submit JOB.yaml [--set key=value]... [--watch]   submit a job (validated here first)
@@ -64,6 +65,8 @@ int terminal_width() {
 struct GlobalFlags {
   std::optional<std::string> coordinator;
   std::optional<std::string> timeout;
+  std::optional<std::string> token_file;
+  std::optional<std::string> ca_file;
   std::string output = "text";
   bool help = false;
   bool version = false;
@@ -74,11 +77,12 @@ struct GlobalFlags {
 // Global flags may come before or after the command; everything else belongs to the command, whose
 // name is the first argument that is not "--flag=value". Throws lomo::FlagError.
 GlobalFlags parse_global_flags(const std::vector<std::string>& args) {
-  const lomo::ParsedFlags parsed =
-      lomo::parse_flags(args, {.switches = {"--version"},
-                               .allow_positional = true,
-                               .with_value = {"--coordinator", "--output", "-o", "--timeout"},
-                               .unknown = lomo::UnknownFlags::kPassOn});
+  const lomo::ParsedFlags parsed = lomo::parse_flags(
+      args,
+      {.switches = {"--version"},
+       .allow_positional = true,
+       .with_value = {"--coordinator", "--output", "-o", "--timeout", "--token-file", "--ca-file"},
+       .unknown = lomo::UnknownFlags::kPassOn});
   GlobalFlags global;
   global.help = parsed.help;
   for (const auto& [flag, value] : parsed.flags) {
@@ -88,6 +92,10 @@ GlobalFlags parse_global_flags(const std::vector<std::string>& args) {
       global.coordinator = value;
     } else if (flag == "--timeout") {
       global.timeout = value;
+    } else if (flag == "--token-file") {
+      global.token_file = value;
+    } else if (flag == "--ca-file") {
+      global.ca_file = value;
     } else {
       global.output = value;  // --output or -o
     }
@@ -165,6 +173,7 @@ int main(int argc, char** argv) {
   try {
     context.config =
         resolve_config(global.coordinator, std::getenv("LOMO_COORDINATOR"), default_config_path());
+    resolve_security(global.token_file, global.ca_file, &context.config);
     if (timeout_flag) {
       const double seconds = lomo::flag_double("--timeout", *timeout_flag);
       if (!(seconds > 0)) throw std::invalid_argument("timeout");
@@ -190,6 +199,15 @@ int main(int argc, char** argv) {
     return 130;
   } catch (const ClientError& e) {
     std::cerr << "lomoctl: " << e.what() << "\n";
+    if (e.code() == grpc::StatusCode::UNAUTHENTICATED ||
+        e.code() == grpc::StatusCode::PERMISSION_DENIED) {
+      const std::string& source = context.config.token_source;
+      std::cerr << "lomoctl: "
+                << (source.empty() ? "no token was sent (give --token-file, $LOMO_TOKEN or "
+                                     "token_file: in the config file)"
+                                   : "the token came from " + source)
+                << "\n";
+    }
   } catch (const lomo::JobSpecError& e) {
     std::cerr << "lomoctl: " << e.what() << "\n";
   } catch (const std::exception& e) {

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "common/checkpoint_layout.h"
+#include "common/grpc_channel.h"
 #include "common/file_transfer.h"
 #include "common/log.h"
 #include "lomo/v1/workers.grpc.pb.h"
@@ -45,7 +46,7 @@ std::optional<int64_t> CoordinatorCheckpointFetcher::fetch_latest(const std::str
                                                                   int64_t attempt,
                                                                   const fs::path& checkpoints_dir) {
   const auto stub = lomo::v1::WorkerService::NewStub(
-      grpc::CreateChannel(address_, grpc::InsecureChannelCredentials()));
+      make_channel(address_));
   grpc::ClientContext context;
   context.set_deadline(std::chrono::system_clock::now() + deadline_);
   lomo::v1::FetchCheckpointRequest request;

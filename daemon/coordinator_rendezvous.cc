@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <thread>
 
+#include "common/grpc_channel.h"
 #include "common/printable.h"
 
 namespace lomo::daemon {
@@ -47,7 +48,7 @@ std::string code_name(grpc::StatusCode code) {
 CoordinatorRendezvous::CoordinatorRendezvous(CoordinatorRendezvousOptions options)
     : options_(std::move(options)),
       stub_(lomo::v1::WorkerService::NewStub(
-          grpc::CreateChannel(options_.coordinator, grpc::InsecureChannelCredentials()))) {}
+          make_channel(options_.coordinator))) {}
 
 void CoordinatorRendezvous::fail(const std::string& what, const grpc::Status& status) const {
   throw RendezvousError("rendezvous of job " + options_.job_id + " attempt " +

@@ -3,6 +3,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <cstdlib>
 #include <filesystem>
 #include <iostream>
 #include <memory>
@@ -11,6 +12,7 @@
 
 #include "common/advertise_address.h"
 #include "common/flags.h"
+#include "common/grpc_channel.h"
 #include "common/log.h"
 #include "common/stop_signals.h"
 #include "daemon/daemon.h"
@@ -26,7 +28,9 @@ constexpr const char* kUsage =
     "                         [--cancel-grace SECONDS] [--shutdown-timeout SECONDS]\n"
     "                         [--keep-attempts N]  (ended attempt directories kept; default 3)\n"
     "                         [--trainer PATH]  (lomo-worker, run as `PATH train JOB.yaml`)\n"
-    "                         [--log-format text|json]\n";
+    "                         [--log-format text|json]\n"
+    "                         [--token-file PATH]  (a worker token; or $LOMO_TOKEN_FILE)\n"
+    "                         [--ca-file PATH]  (the coordinator's CA: TLS; or $LOMO_CA_FILE)\n";
 
 int usage(const std::string& problem) {
   std::cerr << "lomo-worker serve: " << problem << "\n" << kUsage;
@@ -65,6 +69,10 @@ void read_flags(const ParsedFlags& parsed, DaemonOptions* options, std::string* 
       const int64_t keep = flag_int(flag, value);
       if (keep < 0 || keep > 100000) throw FlagError(flag + ": expected 0 to 100000, got " + value);
       options->keep_attempts = static_cast<int>(keep);
+    } else if (flag == "--token-file") {
+      options->token_file = value;
+    } else if (flag == "--ca-file") {
+      options->ca_file = value;
     } else if (flag == "--log-format") {
       try {
         set_log_format(parse_log_format(value));
@@ -76,6 +84,28 @@ void read_flags(const ParsedFlags& parsed, DaemonOptions* options, std::string* 
     }
   }
   if (options->coordinator.empty()) throw FlagError("--coordinator HOST:PORT is required");
+}
+
+// Every channel of this process (session, checkpoint fetches, rendezvous) presents the worker's
+// token and, with a CA bundle, speaks TLS. Throws std::runtime_error naming the file.
+void set_channel_security(DaemonOptions* options) {
+  for (auto [value, env] : {std::pair{&options->token_file, "LOMO_TOKEN_FILE"},
+                            std::pair{&options->ca_file, "LOMO_CA_FILE"}}) {
+    const char* from_env = std::getenv(env);
+    if (value->empty() && from_env != nullptr) *value = from_env;
+  }
+  ChannelSecurity security;
+  if (!options->token_file.empty()) {
+    options->token_file = std::filesystem::absolute(options->token_file);
+    security.token = read_token_file(options->token_file);
+  }
+  if (!options->ca_file.empty()) options->ca_file = std::filesystem::absolute(options->ca_file);
+  security.ca_file = options->ca_file;
+  // The training children meet their peers through the coordinator themselves (rendezvous):
+  // they find the same credentials in the environment they inherit.
+  ::setenv("LOMO_TOKEN_FILE", options->token_file.c_str(), 1);
+  ::setenv("LOMO_CA_FILE", options->ca_file.c_str(), 1);
+  set_process_channel_security(std::move(security));
 }
 
 // The trainer executable: --trainer, or lomo-worker beside this program. "" with `*problem` set
@@ -173,6 +203,12 @@ int serve_command(const std::vector<std::string>& args) {
   try {
     options.device = detect_device(device_flag);
   } catch (const std::invalid_argument& e) {
+    std::cerr << "lomo-worker serve: " << e.what() << "\n";
+    return 2;
+  }
+  try {
+    set_channel_security(&options);
+  } catch (const std::runtime_error& e) {
     std::cerr << "lomo-worker serve: " << e.what() << "\n";
     return 2;
   }

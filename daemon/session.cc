@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "common/grpc_channel.h"
 #include "common/log.h"
 #include "daemon/backoff.h"
 
@@ -26,14 +27,14 @@ std::string seconds_text(std::chrono::milliseconds d) {
 // quarter to one second within the dial's deadline: gRPC's own reconnect backoff (up to two
 // minutes by default) never delays a dial that our backoff has scheduled, and a coordinator that
 // comes back is found within about a second.
-std::shared_ptr<grpc::Channel> make_channel(const std::string& address) {
+std::shared_ptr<grpc::Channel> dial_channel(const std::string& address) {
   grpc::ChannelArguments args;
   args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 250);
   args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 250);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
   args.SetInt(GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, 64 << 20);
-  return grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
+  return lomo::make_channel(address, args);
 }
 
 }  // namespace
@@ -179,7 +180,7 @@ void Session::serve_connection(Stream& stream, grpc::ClientContext& context,
 
 bool Session::run_connection(Clock::time_point* registered_at) {
   const auto deadline = Clock::now() + options_.connect_timeout;
-  auto channel = make_channel(options_.address);
+  auto channel = dial_channel(options_.address);
   if (!wait_for_channel(*channel, deadline)) return false;
   auto stub = lomo::v1::WorkerService::NewStub(channel);
   grpc::ClientContext context;

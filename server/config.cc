@@ -1,5 +1,6 @@
 #include "server/config.h"
 
+#include <arpa/inet.h>
 #include <yaml-cpp/yaml.h>
 
 #include <charconv>
@@ -17,7 +18,10 @@ const char* const kCoordinatorUsage =
     "                        [--heartbeat-interval-ms MS] [--threads N] [--ready-file PATH]\n"
     "                        [--log-format text|json] [--keep-checkpoints K]\n"
     "                        [--assigned-timeout SECONDS] [--cancel-timeout SECONDS]\n"
-    "                        [--reattach-window SECONDS]\n"
+    "                        [--reattach-window SECONDS] [--tokens-file PATH] [--insecure]\n"
+    "                        [--max-queued-jobs-per-user N]\n"
+    "       lomo-coordinator token create --tokens-file PATH --name NAME\n"
+    "                        --role admin|user|viewer|worker [--worker-ids GLOB,GLOB]\n"
     "Serves the lomo JobService and WorkerService over gRPC, REST/JSON and /metrics over HTTP.\n"
     "A port of 0 lets the system choose; --ready-file receives the addresses in use.\n";
 
@@ -38,6 +42,28 @@ T scalar(const YAML::Node& node, const std::string& source, const std::string& k
                                     (std::is_same_v<T, std::string> ? "a string"
                                      : std::is_floating_point_v<T>  ? "a number"
                                                                     : "an integer")));
+  }
+}
+
+void parse_auth(const YAML::Node& value, const std::string& source, CoordinatorConfig* config) {
+  if (!value.IsMap()) {
+    throw ConfigError(
+        key_error(source, "auth", "expected {tokens_file:, insecure:, max_queued_jobs_per_user:}"));
+  }
+  for (const auto& entry : value) {
+    const std::string sub = entry.first.as<std::string>();
+    if (sub == "tokens_file") {
+      config->tokens_file = scalar<std::string>(entry.second, source, "auth.tokens_file");
+    } else if (sub == "insecure") {
+      config->insecure = scalar<bool>(entry.second, source, "auth.insecure");
+    } else if (sub == "max_queued_jobs_per_user") {
+      config->max_queued_jobs_per_user =
+          scalar<int64_t>(entry.second, source, "auth.max_queued_jobs_per_user");
+    } else {
+      throw ConfigError(
+          key_error(source, "auth." + sub,
+                    "unknown key (expected tokens_file, insecure, max_queued_jobs_per_user)"));
+    }
   }
 }
 
@@ -93,13 +119,15 @@ CoordinatorConfig parse_config(const std::string& yaml_text, const std::string& 
       config.cancel_timeout_seconds = scalar<double>(value, source, key);
     } else if (key == "reattach_window_seconds") {
       config.reattach_window_seconds = scalar<double>(value, source, key);
+    } else if (key == "auth") {
+      parse_auth(value, source, &config);
     } else {
       throw ConfigError(key_error(source, key,
                                   "unknown key (expected listen, data_dir, heartbeat_interval_ms, "
                                   "heartbeat_timeout_seconds, threads, http_threads, "
                                   "shutdown_grace_seconds, log_format, keep_checkpoints, "
                                   "assigned_timeout_seconds, cancel_timeout_seconds, "
-                                  "reattach_window_seconds)"));
+                                  "reattach_window_seconds, auth)"));
     }
   }
   validate_config(config, source);
@@ -147,6 +175,10 @@ void validate_config(const CoordinatorConfig& config, const std::string& source)
       fail(key, "must be in (0, 604800], got " + std::to_string(value));
     }
   }
+  if (config.max_queued_jobs_per_user < 0) {
+    fail("auth.max_queued_jobs_per_user",
+         "must be >= 0 (0: no limit), got " + std::to_string(config.max_queued_jobs_per_user));
+  }
   if (!(config.shutdown_grace_seconds >= 0)) {
     fail("shutdown_grace_seconds", "must be >= 0");
   }
@@ -185,6 +217,12 @@ void apply_flag(const std::string& flag, const std::string& value, CoordinatorCo
     config->ready_file = value;
   } else if (flag == "--log-format") {
     config->log_format = value;
+  } else if (flag == "--tokens-file") {
+    config->tokens_file = value;
+  } else if (flag == "--insecure") {
+    config->insecure = value == "true";
+  } else if (flag == "--max-queued-jobs-per-user") {
+    config->max_queued_jobs_per_user = flag_int(flag, value);
   } else {
     throw ConfigError("unknown flag " + flag);
   }
@@ -195,7 +233,9 @@ void apply_flag(const std::string& flag, const std::string& value, CoordinatorCo
 CoordinatorConfig config_from_command_line(const std::vector<std::string>& args, bool* help) {
   *help = false;
   try {
-    const ParsedFlags parsed = parse_flags(args);
+    FlagRules rules;
+    rules.switches = {"--insecure"};
+    const ParsedFlags parsed = parse_flags(args, rules);
     if (parsed.help) {
       *help = true;
       return CoordinatorConfig{};
@@ -245,6 +285,32 @@ HostPort split_host_port(const std::string& address, const std::string& what) {
   }
   result.port = value;
   return result;
+}
+
+namespace {
+
+bool is_loopback_host(const std::string& host) {
+  if (host == "localhost" || host == "::1") return true;
+  in_addr address{};
+  return ::inet_pton(AF_INET, host.c_str(), &address) == 1 && (ntohl(address.s_addr) >> 24) == 127;
+}
+
+}  // namespace
+
+void refuse_open_listeners(const CoordinatorConfig& config) {
+  if (!config.tokens_file.empty() || config.insecure) return;
+  for (const auto& [key, address] :
+       {std::pair<std::string, std::string>{"listen.grpc", config.grpc_listen},
+        {"listen.http", config.http_listen}}) {
+    if (address.empty()) continue;
+    const HostPort listen = split_host_port(address, key);
+    if (is_loopback_host(listen.host)) continue;
+    throw ConfigError(key + ": " + address +
+                      " is reachable from other machines, and authentication is off (no "
+                      "tokens file): anyone who reaches it could submit jobs, which run code on "
+                      "the workers. Give --tokens-file (see docs/SECURITY.md), listen on "
+                      "127.0.0.1, or pass --insecure on a network you trust");
+  }
 }
 
 }  // namespace lomo::server

@@ -46,6 +46,15 @@ struct CoordinatorConfig {
   // default exceeds their largest backoff delay plus one dial, so an outage of the coordinator
   // never ends attempts of workers that are still training. Never below heartbeat_timeout.
   double reattach_window_seconds = std::chrono::duration<double>(kDefaultReattachWindow).count();
+  // auth: who may call (docs/SECURITY.md). No tokens file: authentication off, and then the
+  // listeners must be loopback addresses unless `insecure` says otherwise.
+  //   auth:
+  //     tokens_file: /etc/lomo/tokens.yaml   # reloaded on SIGHUP
+  //     insecure: false
+  //     max_queued_jobs_per_user: 1000       # 0: no limit
+  std::string tokens_file;
+  bool insecure = false;
+  int64_t max_queued_jobs_per_user = 1000;
   // Not in the file: where to write {"grpc": "host:port", "http": "host:port"} once both listen
   // (ports chosen by the system when the address says :0). Tests and scripts wait for it.
   std::string ready_file;
@@ -64,7 +73,8 @@ CoordinatorConfig parse_config(const std::string& yaml_text, const std::string& 
 // Reads --config FILE first (if given), then applies --grpc-listen, --http-listen, --data-dir,
 // --heartbeat-timeout SECONDS, --heartbeat-interval-ms MS, --threads N, --ready-file PATH,
 // --log-format text|json, --keep-checkpoints K, --assigned-timeout SECONDS,
-// --cancel-timeout SECONDS, --reattach-window SECONDS on top.
+// --cancel-timeout SECONDS, --reattach-window SECONDS, --tokens-file PATH, --insecure,
+// --max-queued-jobs-per-user N on top.
 // Both "--flag value" and "--flag=value" work. Throws ConfigError; `*help` is set for --help.
 CoordinatorConfig config_from_command_line(const std::vector<std::string>& args, bool* help);
 
@@ -79,5 +89,9 @@ struct HostPort {
   int port = 0;
 };
 HostPort split_host_port(const std::string& address, const std::string& what);
+
+// ConfigError when authentication is off (no tokens file) and a listener is not on a loopback
+// address, unless `insecure` is set: anyone who reaches the port could run code on the workers.
+void refuse_open_listeners(const CoordinatorConfig& config);
 
 }  // namespace lomo::server

@@ -59,9 +59,9 @@ void Coordinator::stop() {
   if (sweeper_.joinable()) sweeper_.join();
 }
 
-void Coordinator::submit_job(const v1::SubmitJobRequest& request, v1::SubmitJobResponse* response,
-                             Done done) {
-  const grpc::Status status = lifecycle_.submit(request, response);
+void Coordinator::submit_job(const v1::SubmitJobRequest& request, const std::string& owner,
+                             v1::SubmitJobResponse* response, Done done) {
+  const grpc::Status status = lifecycle_.submit(request, owner, response);
   if (!status.ok()) return done(status);
   state_.when_durable(std::move(done), "job " + response->job().id());
 }

@@ -63,13 +63,16 @@ class Coordinator {
   using Done = server::Done;
 
   // JobService. `done` is called exactly once; `response` is filled before an OK.
-  void submit_job(const v1::SubmitJobRequest& request, v1::SubmitJobResponse* response, Done done);
+  // `owner`: the submitting token's name (Job.owner), "" without authentication.
+  void submit_job(const v1::SubmitJobRequest& request, const std::string& owner,
+                  v1::SubmitJobResponse* response, Done done);
   void cancel_job(const v1::CancelJobRequest& request, v1::CancelJobResponse* response, Done done);
   grpc::Status get_job(const v1::GetJobRequest& request, v1::GetJobResponse* response) {
     return queries_.get_job(request, response);
   }
-  grpc::Status list_jobs(const v1::ListJobsRequest& request, v1::ListJobsResponse* response) {
-    return queries_.list_jobs(request, response);
+  grpc::Status list_jobs(const v1::ListJobsRequest& request, v1::ListJobsResponse* response,
+                         const std::string* owner = nullptr) {
+    return queries_.list_jobs(request, response, owner);
   }
   grpc::Status list_checkpoints(const v1::ListCheckpointsRequest& request,
                                 v1::ListCheckpointsResponse* response) {

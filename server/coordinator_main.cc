@@ -13,19 +13,26 @@
 #include <signal.h>
 #include <sys/file.h>
 #include <unistd.h>
+#include <yaml-cpp/yaml.h>
 
 #include <chrono>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <sstream>
 #include <string>
 #include <vector>
 
+#include "common/bearer_token.h"
+#include "common/flags.h"
 #include "common/log.h"
+#include "common/read_file.h"
 #include "common/version.h"
+#include "server/auth.h"
 #include "server/checkpoint_store.h"
 #include "server/config.h"
 #include "server/coordinator.h"
@@ -107,10 +114,11 @@ std::unique_ptr<grpc::Server> start_grpc(const CoordinatorConfig& config, JobSer
 
 // REST and /metrics, unless config.http_listen is empty. `*address` gets the bound address.
 std::unique_ptr<RestServer> start_rest(const CoordinatorConfig& config, Coordinator& coordinator,
-                                       Metrics& metrics, std::string* address) {
+                                       Metrics& metrics, const Authenticator& auth,
+                                       std::string* address) {
   if (config.http_listen.empty()) return nullptr;
   const HostPort http = split_host_port(config.http_listen, "listen.http");
-  auto rest = std::make_unique<RestServer>(coordinator, metrics, config.http_threads);
+  auto rest = std::make_unique<RestServer>(coordinator, metrics, config.http_threads, auth);
   *address = with_port(config.http_listen, rest->bind(http.host, http.port));
   rest->start();
   return rest;
@@ -135,13 +143,67 @@ void shut_down(double grace_seconds, grpc::Server& server, RestServer* rest,
   server.Wait();
 }
 
+// SIGHUP: new tokens take effect for calls that start from now on; a bad file changes nothing.
+void reload_tokens(Authenticator& auth) {
+  if (!auth.enabled()) return log_line("SIGHUP: no tokens file to reload");
+  try {
+    auth.reload();
+    log_line("SIGHUP: tokens file reloaded");
+  } catch (const std::exception& error) {
+    log_line(std::string("SIGHUP: tokens file not reloaded, the previous tokens stay: ") +
+             error.what());
+  }
+}
+
+// lomo-coordinator token create --tokens-file F --name N --role R [--worker-ids a,b]: adds a
+// token to the file (created 0600 if missing) and prints the token, which is stored nowhere.
+int create_token(const std::vector<std::string>& args) {
+  FlagRules rules;
+  rules.with_value = {"--tokens-file", "--name", "--role", "--worker-ids"};
+  rules.unknown = UnknownFlags::kRefuse;
+  const ParsedFlags parsed = parse_flags(args, rules);
+  std::map<std::string, std::string> flags(parsed.flags.begin(), parsed.flags.end());
+  for (const char* required : {"--tokens-file", "--name", "--role"}) {
+    if (flags.count(required) == 0) throw FlagError(std::string(required) + ": required");
+  }
+  const fs::path file = flags["--tokens-file"];
+  std::vector<TokenEntry> entries;
+  if (fs::exists(file)) entries = parse_tokens(read_file(file), file.string());
+  const std::string token = new_token();
+  YAML::Node entry;
+  entry["name"] = flags["--name"];
+  entry["role"] = flags["--role"];
+  entry["sha256"] = hex(token_hash(token));
+  if (flags.count("--worker-ids") != 0) {
+    std::stringstream ids(flags["--worker-ids"]);
+    for (std::string id; std::getline(ids, id, ',');) entry["worker_ids"].push_back(id);
+  }
+  YAML::Node one;
+  one["tokens"].push_back(entry);
+  // The new entry goes through the same checks as a loaded file, then the whole file.
+  std::vector<TokenEntry> added = parse_tokens(YAML::Dump(one), "--name/--role/--worker-ids");
+  entries.push_back(added.front());
+  const std::string text = tokens_to_yaml(entries);
+  parse_tokens(text, file.string());  // a duplicate name or token is refused here
+  write_private_file(file, text);
+  std::cout << token << "\n";
+  std::cerr << "lomo-coordinator: token \"" << flags["--name"] << "\" (" << flags["--role"]
+            << ") added to " << file.string()
+            << "; the token above is shown once. A running coordinator reads it on SIGHUP.\n";
+  return 0;
+}
+
 int run(const CoordinatorConfig& config) {
   // Block the stop signals in every thread (threads inherit the mask); main waits for them.
   sigset_t stop_signals;
   sigemptyset(&stop_signals);
   sigaddset(&stop_signals, SIGINT);
   sigaddset(&stop_signals, SIGTERM);
+  sigaddset(&stop_signals, SIGHUP);  // reloads the tokens file
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+
+  Authenticator auth =
+      config.tokens_file.empty() ? Authenticator() : Authenticator(config.tokens_file);
 
   const fs::path data_dir = config.data_dir;
   fs::create_directories(data_dir);
@@ -155,17 +217,18 @@ int run(const CoordinatorConfig& config) {
   options.assigned_timeout_seconds = config.assigned_timeout_seconds;
   options.cancel_timeout_seconds = config.cancel_timeout_seconds;
   options.reattach_window_seconds = config.reattach_window_seconds;
+  options.max_queued_jobs_per_owner = config.max_queued_jobs_per_user;
   Coordinator coordinator(options, store, checkpoints, metrics);
   coordinator.start();
   Executor executor(config.threads);
 
   InFlight in_flight;
-  JobServiceImpl job_service(coordinator, executor, in_flight);
-  WorkerServiceImpl worker_service(coordinator, executor, in_flight);
+  JobServiceImpl job_service(coordinator, executor, in_flight, auth);
+  WorkerServiceImpl worker_service(coordinator, executor, in_flight, auth);
   std::string grpc_address, http_address;
   std::unique_ptr<grpc::Server> server =
       start_grpc(config, job_service, worker_service, &grpc_address);
-  std::unique_ptr<RestServer> rest = start_rest(config, coordinator, metrics, &http_address);
+  std::unique_ptr<RestServer> rest = start_rest(config, coordinator, metrics, auth, &http_address);
   // A corrupt store found while serving: both health checks say NOT_SERVING from then on.
   if (rest != nullptr) rest->set_health_problem([&store] { return store.corruption(); });
   store.set_on_corruption([&server](const std::string& what) {
@@ -174,11 +237,13 @@ int run(const CoordinatorConfig& config) {
   });
   log_line("serving gRPC on " + grpc_address +
            (http_address.empty() ? "" : ", HTTP on " + http_address) + "; data in " +
-           data_dir.string());
+           data_dir.string() +
+           (auth.enabled() ? "; tokens from " + config.tokens_file
+                           : "; authentication off (no tokens file)"));
   if (!config.ready_file.empty()) write_ready_file(config.ready_file, grpc_address, http_address);
 
   int signal = 0;
-  sigwait(&stop_signals, &signal);
+  while (sigwait(&stop_signals, &signal) == 0 && signal == SIGHUP) reload_tokens(auth);
   log_line(std::string("received ") + (signal == SIGTERM ? "SIGTERM" : "SIGINT") +
            "; shutting down");
   shut_down(config.shutdown_grace_seconds, *server, rest.get(), coordinator, in_flight, executor);
@@ -199,6 +264,14 @@ int main(int argc, char** argv) {
     std::cout << lomo::version_text("lomo-coordinator");
     return 0;
   }
+  if (args.size() >= 2 && args[0] == "token" && args[1] == "create") {
+    try {
+      return create_token(std::vector<std::string>(args.begin() + 2, args.end()));
+    } catch (const std::exception& error) {
+      std::cerr << "lomo-coordinator token create: " << error.what() << "\n";
+      return 2;
+    }
+  }
   CoordinatorConfig config;
   try {
     bool help = false;
@@ -207,6 +280,7 @@ int main(int argc, char** argv) {
       std::cout << kCoordinatorUsage;
       return 0;
     }
+    refuse_open_listeners(config);
   } catch (const ConfigError& error) {
     std::cerr << "lomo-coordinator: " << error.what() << "\n" << kCoordinatorUsage;
     return 2;

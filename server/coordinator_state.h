@@ -58,6 +58,8 @@ struct CoordinatorOptions {
   // A worker whose stream broke keeps its attempt this long (at least heartbeat_timeout); see
   // server/config.h and common/reconnect.h for how it relates to the workers' backoff.
   double reattach_window_seconds = std::chrono::duration<double>(kDefaultReattachWindow).count();
+  // QUEUED jobs one owner may have at a time (0: no limit); see server/config.h.
+  int64_t max_queued_jobs_per_owner = 1000;
 };
 
 // Called exactly once: at once with an error, or with OK once what the call changed is durable

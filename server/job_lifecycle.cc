@@ -668,7 +668,24 @@ void JobLifecycle::send_assignment_locked(Worker& worker, const v1::Job& assigne
 // ---------------------------------------------------------------------------------------------
 // SubmitJob and CancelJob.
 
-grpc::Status JobLifecycle::submit(const v1::SubmitJobRequest& request,
+grpc::Status JobLifecycle::queued_limit_locked(const std::string& owner) const {
+  const int64_t limit = state_.options.max_queued_jobs_per_owner;
+  if (limit <= 0) return grpc::Status::OK;
+  int64_t queued = 0;
+  for (const auto& [id, active] : state_.active) {
+    const v1::Job& job = active.record.job;
+    if (job.state() == v1::JOB_STATE_QUEUED && job.owner() == owner) ++queued;
+  }
+  if (queued < limit) return grpc::Status::OK;
+  return grpc::Status(
+      grpc::StatusCode::RESOURCE_EXHAUSTED,
+      (owner.empty() ? std::string("the coordinator's callers") : "\"" + owner + "\"") +
+          " already " + (owner.empty() ? "have " : "has ") + std::to_string(queued) +
+          " QUEUED jobs, the limit per user (" + "max_queued_jobs_per_user: " +
+          std::to_string(limit) + "); wait for some to start or cancel some");
+}
+
+grpc::Status JobLifecycle::submit(const v1::SubmitJobRequest& request, const std::string& owner,
                                   v1::SubmitJobResponse* response) {
   if (!request.has_spec() && request.spec_text().empty()) {
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
@@ -681,8 +698,10 @@ grpc::Status JobLifecycle::submit(const v1::SubmitJobRequest& request,
   if (state_.shutting_down) {
     return grpc::Status(grpc::StatusCode::UNAVAILABLE, "the coordinator is shutting down");
   }
+  if (grpc::Status limit = queued_limit_locked(owner); !limit.ok()) return limit;
   JobRecord record;
   v1::Job& job = record.job;
+  job.set_owner(owner);
   job.set_name(spec.name);
   job.set_state(v1::JOB_STATE_QUEUED);
   job.set_priority(spec.priority);

@@ -65,7 +65,10 @@ class JobLifecycle {
   void restore();
 
   // SubmitJob and CancelJob up to their commit (not yet durable). Take mu.
-  grpc::Status submit(const v1::SubmitJobRequest& request, v1::SubmitJobResponse* response);
+  // A new QUEUED job owned by `owner`; RESOURCE_EXHAUSTED when that owner has
+  // options.max_queued_jobs_per_owner jobs QUEUED already.
+  grpc::Status submit(const v1::SubmitJobRequest& request, const std::string& owner,
+                      v1::SubmitJobResponse* response);
   grpc::Status cancel(const v1::CancelJobRequest& request, v1::CancelJobResponse* response);
 
   // Persists `updated` (a changed copy of active.record) with a StateChange event when the state
@@ -87,6 +90,9 @@ class JobLifecycle {
   void check_timeouts();
 
  private:
+  // OK, or RESOURCE_EXHAUSTED naming the limit when `owner` has enough QUEUED jobs already.
+  grpc::Status queued_limit_locked(const std::string& owner) const;
+
   enum class Restored { kQueued, kWaitingForWorker, kFailed };
   Restored restore_job_locked(const JobRecord& record, Clock::time_point now);
   // Why a restored ASSIGNED/RUNNING job cannot wait for its workers, or "" once every rank's

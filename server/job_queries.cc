@@ -105,7 +105,7 @@ grpc::Status JobQueries::get_job(const v1::GetJobRequest& request, v1::GetJobRes
 }
 
 grpc::Status JobQueries::list_jobs(const v1::ListJobsRequest& request,
-                                   v1::ListJobsResponse* response) {
+                                   v1::ListJobsResponse* response, const std::string* owner) {
   if (request.page_size() < 0) {
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
                         "page_size: must be >= 0, got " + std::to_string(request.page_size()));
@@ -115,7 +115,7 @@ grpc::Status JobQueries::list_jobs(const v1::ListJobsRequest& request,
   std::vector<v1::JobState> states;
   if (grpc::Status status = read_state_filter(request, &states); !status.ok()) return status;
   try {
-    JobPage page = store_.list_jobs(states, page_size, request.page_token());
+    JobPage page = store_.list_jobs(states, page_size, request.page_token(), owner);
     const std::shared_ptr<const QueueHeads> heads = scheduler_.published();
     for (v1::Job& job : page.jobs) {
       explain_wait(job, *heads);

@@ -24,7 +24,9 @@ class JobQueries {
       : store_(store), checkpoints_(checkpoints), scheduler_(scheduler) {}
 
   grpc::Status get_job(const v1::GetJobRequest& request, v1::GetJobResponse* response);
-  grpc::Status list_jobs(const v1::ListJobsRequest& request, v1::ListJobsResponse* response);
+  // With `owner`, only that owner's jobs (a user's list).
+  grpc::Status list_jobs(const v1::ListJobsRequest& request, v1::ListJobsResponse* response,
+                         const std::string* owner = nullptr);
   grpc::Status list_checkpoints(const v1::ListCheckpointsRequest& request,
                                 v1::ListCheckpointsResponse* response);
   // The job and up to `limit` of its events after `after_sequence`.

@@ -110,60 +110,127 @@ grpc::Status check_spec_size(const v1::SubmitJobRequest& request) {
                           std::to_string(kMaxSpecBytes / 1024) + " KiB) for a job spec");
 }
 
-grpc::ServerUnaryReactor* JobServiceImpl::SubmitJob(grpc::CallbackServerContext* /*context*/,
+grpc::Status check_job_access(Coordinator& coordinator, const Principal& principal, Access access,
+                              const std::string& job_id) {
+  if (principal.role == Role::kAdmin) return grpc::Status::OK;
+  if (principal.role == Role::kViewer && access == Access::kReadJob) return grpc::Status::OK;
+  v1::GetJobRequest get;
+  get.set_job_id(job_id);
+  v1::GetJobResponse job;
+  if (grpc::Status status = coordinator.get_job(get, &job); !status.ok()) return status;
+  return check_job_owner(principal, access, job.job().owner(), job_id);
+}
+
+grpc::Status check_checkpoint_access(Coordinator& coordinator, const Principal& principal,
+                                     const std::string& checkpoint_id) {
+  if (principal.role == Role::kAdmin) return grpc::Status::OK;
+  v1::CheckpointInfo info;
+  std::filesystem::path directory;
+  grpc::Status status = coordinator.find_checkpoint(checkpoint_id, &info, &directory);
+  if (!status.ok()) return status;
+  // The coordinator names checkpoints "<job id>/step-…"; the store just confirmed this one.
+  return check_job_access(coordinator, principal, Access::kDownload,
+                          checkpoint_id.substr(0, checkpoint_id.find('/')));
+}
+
+grpc::ServerUnaryReactor* JobServiceImpl::SubmitJob(grpc::CallbackServerContext* context,
                                                     const v1::SubmitJobRequest* request,
                                                     v1::SubmitJobResponse* response) {
+  Principal caller;
+  if (grpc::Status status =
+          auth_.authorize_call(*context, "/lomo.v1.JobService/SubmitJob", &caller);
+      !status.ok()) {
+    return finish_now(status);
+  }
   if (grpc::Status size = check_spec_size(*request); !size.ok()) return finish_now(size);
-  return finish_on_executor([this, request, response](auto done) {
-    coordinator_.submit_job(*request, response, std::move(done));
+  return finish_on_executor([this, request, response, owner = caller.name](auto done) {
+    coordinator_.submit_job(*request, owner, response, std::move(done));
   });
 }
 
 // Reads run on gRPC's thread: they use the store's reader connections, never wait for a writer,
 // and would otherwise queue behind writes on the Executor.
-grpc::ServerUnaryReactor* JobServiceImpl::GetJob(grpc::CallbackServerContext* /*context*/,
+grpc::ServerUnaryReactor* JobServiceImpl::GetJob(grpc::CallbackServerContext* context,
                                                  const v1::GetJobRequest* request,
                                                  v1::GetJobResponse* response) {
-  return finish_now(coordinator_.get_job(*request, response));
+  Principal caller;
+  grpc::Status status = auth_.authorize_call(*context, "/lomo.v1.JobService/GetJob", &caller);
+  if (status.ok()) status = coordinator_.get_job(*request, response);
+  if (status.ok()) {
+    status = check_job_owner(caller, Access::kReadJob, response->job().owner(), request->job_id());
+    if (!status.ok()) response->Clear();
+  }
+  return finish_now(status);
 }
 
-grpc::ServerUnaryReactor* JobServiceImpl::ListJobs(grpc::CallbackServerContext* /*context*/,
+grpc::ServerUnaryReactor* JobServiceImpl::ListJobs(grpc::CallbackServerContext* context,
                                                    const v1::ListJobsRequest* request,
                                                    v1::ListJobsResponse* response) {
-  return finish_now(coordinator_.list_jobs(*request, response));
+  Principal caller;
+  grpc::Status status = auth_.authorize_call(*context, "/lomo.v1.JobService/ListJobs", &caller);
+  if (!status.ok()) return finish_now(status);
+  const bool own_jobs_only = caller.role == Role::kUser;
+  return finish_now(
+      coordinator_.list_jobs(*request, response, own_jobs_only ? &caller.name : nullptr));
 }
 
-grpc::ServerUnaryReactor* JobServiceImpl::CancelJob(grpc::CallbackServerContext* /*context*/,
+grpc::ServerUnaryReactor* JobServiceImpl::CancelJob(grpc::CallbackServerContext* context,
                                                     const v1::CancelJobRequest* request,
                                                     v1::CancelJobResponse* response) {
+  Principal caller;
+  grpc::Status status = auth_.authorize_call(*context, "/lomo.v1.JobService/CancelJob", &caller);
+  if (status.ok()) {
+    status = check_job_access(coordinator_, caller, Access::kChangeJob, request->job_id());
+  }
+  if (!status.ok()) return finish_now(status);
   return finish_on_executor([this, request, response](auto done) {
     coordinator_.cancel_job(*request, response, std::move(done));
   });
 }
 
-grpc::ServerUnaryReactor* JobServiceImpl::ListCheckpoints(grpc::CallbackServerContext* /*context*/,
+grpc::ServerUnaryReactor* JobServiceImpl::ListCheckpoints(grpc::CallbackServerContext* context,
                                                           const v1::ListCheckpointsRequest* request,
                                                           v1::ListCheckpointsResponse* response) {
+  Principal caller;
+  grpc::Status status =
+      auth_.authorize_call(*context, "/lomo.v1.JobService/ListCheckpoints", &caller);
+  if (status.ok()) {
+    status = check_job_access(coordinator_, caller, Access::kReadJob, request->job_id());
+  }
+  if (!status.ok()) return finish_now(status);
   return finish_now(coordinator_.list_checkpoints(*request, response));
 }
 
 grpc::ServerWriteReactor<v1::WatchJobResponse>* JobServiceImpl::WatchJob(
-    grpc::CallbackServerContext* /*context*/, const v1::WatchJobRequest* request) {
+    grpc::CallbackServerContext* context, const v1::WatchJobRequest* request) {
+  Principal caller;
+  grpc::Status status = auth_.authorize_call(*context, "/lomo.v1.JobService/WatchJob", &caller);
+  if (status.ok()) {
+    status = check_job_access(coordinator_, caller, Access::kReadJob, request->job_id());
+  }
+  if (!status.ok()) return refuse_stream<v1::WatchJobResponse>(in_flight_, status);
   auto reactor = std::make_shared<WatchReactor>(coordinator_, executor_, in_flight_, *request);
   reactor->start();
   return reactor.get();
 }
 
 grpc::ServerWriteReactor<v1::DownloadCheckpointResponse>* JobServiceImpl::DownloadCheckpoint(
-    grpc::CallbackServerContext* /*context*/, const v1::DownloadCheckpointRequest* request) {
+    grpc::CallbackServerContext* context, const v1::DownloadCheckpointRequest* request) {
   using Reactor = CheckpointFilesReactor<v1::DownloadCheckpointResponse>;
+  Principal caller;
+  if (grpc::Status status =
+          auth_.authorize_call(*context, "/lomo.v1.JobService/DownloadCheckpoint", &caller);
+      !status.ok()) {
+    return refuse_stream<v1::DownloadCheckpointResponse>(in_flight_, status);
+  }
   const std::string& checkpoint_id = request->checkpoint_id();
   auto reactor = std::make_shared<Reactor>(
       executor_, in_flight_, "checkpoint " + checkpoint_id,
-      [this, checkpoint_id](std::optional<Reactor::Source>* source) {
+      [this, checkpoint_id, caller](std::optional<Reactor::Source>* source) {
         Reactor::Source found;
-        grpc::Status status =
-            coordinator_.find_checkpoint(checkpoint_id, &found.info, &found.directory);
+        grpc::Status status = check_checkpoint_access(coordinator_, caller, checkpoint_id);
+        if (!status.ok()) return status;
+        status = coordinator_.find_checkpoint(checkpoint_id, &found.info, &found.directory);
         if (status.ok()) *source = std::move(found);
         return status;
       },

@@ -12,6 +12,7 @@
 #include <functional>
 
 #include "lomo/v1/jobs.grpc.pb.h"
+#include "server/auth.h"
 #include "server/coordinator.h"
 #include "server/executor.h"
 #include "server/in_flight.h"
@@ -22,11 +23,21 @@ namespace lomo::server {
 // than kMaxSpecBytes (jobspec/job_spec.h); checked by gRPC and REST before anything else.
 grpc::Status check_spec_size(const v1::SubmitJobRequest& request);
 
+// The owner part of `access` to job `job_id` (NOT_FOUND for no such job). Admins, and viewers
+// reading, need no look-up.
+grpc::Status check_job_access(Coordinator& coordinator, const Principal& principal, Access access,
+                              const std::string& job_id);
+// The same for the job a checkpoint belongs to.
+grpc::Status check_checkpoint_access(Coordinator& coordinator, const Principal& principal,
+                                     const std::string& checkpoint_id);
+
 class JobServiceImpl final : public v1::JobService::CallbackService {
  public:
-  // Every call is counted in `in_flight` from its start to its end.
-  JobServiceImpl(Coordinator& coordinator, Executor& executor, InFlight& in_flight)
-      : coordinator_(coordinator), executor_(executor), in_flight_(in_flight) {}
+  // Every call is counted in `in_flight` from its start to its end; `auth` decides who may call
+  // what (server/auth.h).
+  JobServiceImpl(Coordinator& coordinator, Executor& executor, InFlight& in_flight,
+                 const Authenticator& auth)
+      : coordinator_(coordinator), executor_(executor), in_flight_(in_flight), auth_(auth) {}
 
   grpc::ServerUnaryReactor* SubmitJob(grpc::CallbackServerContext* context,
                                       const v1::SubmitJobRequest* request,
@@ -58,6 +69,7 @@ class JobServiceImpl final : public v1::JobService::CallbackService {
   Coordinator& coordinator_;
   Executor& executor_;
   InFlight& in_flight_;
+  const Authenticator& auth_;
 };
 
 }  // namespace lomo::server

@@ -398,9 +398,11 @@ void install_error_handlers(httplib::Server& server) {
 
 }  // namespace
 
-RestServer::RestServer(Coordinator& coordinator, Metrics& metrics, int threads)
+RestServer::RestServer(Coordinator& coordinator, Metrics& metrics, int threads,
+                       const Authenticator& auth)
     : coordinator_(coordinator),
       metrics_(metrics),
+      auth_(auth),
       server_(std::make_unique<httplib::Server>()),
       max_followers_(follower_limit(threads)) {
   const size_t max_threads = static_cast<size_t>(connection_limit(threads));
@@ -505,93 +507,144 @@ grpc::Status RestServer::refusal(const httplib::Request& request) const {
   return grpc::Status::OK;
 }
 
+void RestServer::add_route(const std::string& method, const std::string& pattern, Access access,
+                           Handler handler) {
+  routes_.push_back(Route{method, pattern, access});
+  auto checked = [this, access, what = method + " " + pattern, handler = std::move(handler)](
+                     const httplib::Request& request, httplib::Response& response) {
+    Principal caller;
+    const grpc::Status status =
+        auth_.authorize(request.get_header_value("Authorization"), access, what, &caller);
+    if (!status.ok()) {
+      if (status.error_code() == grpc::StatusCode::UNAUTHENTICATED) {
+        response.set_header("WWW-Authenticate", "Bearer realm=\"lomo\"");
+      }
+      return reply_error(response, status);
+    }
+    handler(request, response, caller);
+  };
+  if (method == "GET") {
+    server_->Get(pattern, std::move(checked));
+  } else if (method == "POST") {
+    server_->Post(pattern, std::move(checked));
+  } else {
+    throw std::logic_error("REST route " + pattern + ": method " + method + " is not served");
+  }
+}
+
 void RestServer::routes() {
   guard_requests();
   job_routes();
-  server_->Get(R"(/v1/jobs/([^/:]+)/events)",
-               [this](const httplib::Request& request, httplib::Response& response) {
-                 serve_events(request, response);
-               });
+  add_route("GET", R"(/v1/jobs/([^/:]+)/events)", Access::kReadJob,
+            [this](const httplib::Request& request, httplib::Response& response,
+                   const Principal& caller) {
+              const grpc::Status owner =
+                  check_job_access(coordinator_, caller, Access::kReadJob, request.matches[1]);
+              if (!owner.ok()) return reply_error(response, owner);
+              serve_events(request, response);
+            });
   operational_routes();
   install_error_handlers(*server_);
 }
 
 void RestServer::job_routes() {
-  httplib::Server& server = *server_;
-
-  server.Post("/v1/jobs", [this](const httplib::Request& request, httplib::Response& response) {
-    if (!json_depth_within(request.body, kMaxJsonDepth)) {
-      return reply_error(response, invalid("request body: JSON nested deeper than " +
-                                           std::to_string(kMaxJsonDepth) + " levels"));
-    }
-    v1::SubmitJobRequest submit;
-    grpc::Status parsed = check_params(request, {});
-    if (parsed.ok()) parsed = parse_submit_body(request.body, &submit);
-    if (parsed.ok()) parsed = check_spec_size(submit);
-    if (!parsed.ok()) return reply_error(response, parsed);
-    v1::SubmitJobResponse submitted;
-    const grpc::Status status = wait_for([&](Coordinator::Done done) {
-      coordinator_.submit_job(submit, &submitted, std::move(done));
-    });
-    reply(response, status, submitted);
-  });
-
-  server.Get("/v1/jobs", [this](const httplib::Request& request, httplib::Response& response) {
-    v1::ListJobsRequest list;
-    int64_t page_size = 0;
-    const std::string size_name = param_alias(request, "page_size", "pageSize");
-    grpc::Status status = check_params(request, {{"states", "states"},
-                                                 {"state", "state"},
-                                                 {"page_size", "pageSize"},
-                                                 {"page_token", "pageToken"}});
-    if (status.ok()) status = parse_states(request, &list);
-    if (status.ok()) status = parse_int(request, size_name, &page_size);
-    if (status.ok() && (page_size < 0 || page_size > INT32_MAX)) {
-      status = invalid(size_name + ": must be in [0, 2^31), got " + std::to_string(page_size));
-    }
-    if (!status.ok()) return reply_error(response, status);
-    list.set_page_size(static_cast<int32_t>(page_size));
-    list.set_page_token(
-        request.get_param_value(param_alias(request, "page_token", "pageToken").c_str()));
-    v1::ListJobsResponse jobs;
-    reply(response, coordinator_.list_jobs(list, &jobs), jobs);
-  });
-
-  server.Get(R"(/v1/jobs/([^/:]+))",
-             [this](const httplib::Request& request, httplib::Response& response) {
-               if (const auto bad = check_params(request, {}); !bad.ok()) {
-                 return reply_error(response, bad);
-               }
-               v1::GetJobRequest get;
-               get.set_job_id(request.matches[1]);
-               v1::GetJobResponse job;
-               reply(response, coordinator_.get_job(get, &job), job);
-             });
-
-  server.Post(R"(/v1/jobs/([^/:]+):cancel)",
-              [this](const httplib::Request& request, httplib::Response& response) {
-                if (const auto bad = check_params(request, {}); !bad.ok()) {
-                  return reply_error(response, bad);
-                }
-                v1::CancelJobRequest cancel;
-                cancel.set_job_id(request.matches[1]);
-                v1::CancelJobResponse job;
-                const grpc::Status status = wait_for([&](Coordinator::Done done) {
-                  coordinator_.cancel_job(cancel, &job, std::move(done));
-                });
-                reply(response, status, job);
+  add_route("POST", "/v1/jobs", Access::kSubmit,
+            [this](const httplib::Request& request, httplib::Response& response,
+                   const Principal& caller) {
+              if (!json_depth_within(request.body, kMaxJsonDepth)) {
+                return reply_error(response, invalid("request body: JSON nested deeper than " +
+                                                     std::to_string(kMaxJsonDepth) + " levels"));
+              }
+              v1::SubmitJobRequest submit;
+              grpc::Status parsed = check_params(request, {});
+              if (parsed.ok()) parsed = parse_submit_body(request.body, &submit);
+              if (parsed.ok()) parsed = check_spec_size(submit);
+              if (!parsed.ok()) return reply_error(response, parsed);
+              v1::SubmitJobResponse submitted;
+              const grpc::Status status = wait_for([&](Coordinator::Done done) {
+                coordinator_.submit_job(submit, caller.name, &submitted, std::move(done));
               });
+              reply(response, status, submitted);
+            });
 
-  server.Get(R"(/v1/jobs/([^/:]+)/checkpoints)",
-             [this](const httplib::Request& request, httplib::Response& response) {
-               if (const auto bad = check_params(request, {}); !bad.ok()) {
-                 return reply_error(response, bad);
-               }
-               v1::ListCheckpointsRequest list;
-               list.set_job_id(request.matches[1]);
-               v1::ListCheckpointsResponse checkpoints;
-               reply(response, coordinator_.list_checkpoints(list, &checkpoints), checkpoints);
-             });
+  add_route(
+      "GET", "/v1/jobs", Access::kListJobs,
+      [this](const httplib::Request& request, httplib::Response& response,
+             const Principal& caller) {
+        v1::ListJobsRequest list;
+        int64_t page_size = 0;
+        const std::string size_name = param_alias(request, "page_size", "pageSize");
+        grpc::Status status = check_params(request, {{"states", "states"},
+                                                     {"state", "state"},
+                                                     {"page_size", "pageSize"},
+                                                     {"page_token", "pageToken"}});
+        if (status.ok()) status = parse_states(request, &list);
+        if (status.ok()) status = parse_int(request, size_name, &page_size);
+        if (status.ok() && (page_size < 0 || page_size > INT32_MAX)) {
+          status = invalid(size_name + ": must be in [0, 2^31), got " + std::to_string(page_size));
+        }
+        if (!status.ok()) return reply_error(response, status);
+        list.set_page_size(static_cast<int32_t>(page_size));
+        list.set_page_token(
+            request.get_param_value(param_alias(request, "page_token", "pageToken").c_str()));
+        v1::ListJobsResponse jobs;
+        const bool own_jobs_only = caller.role == Role::kUser;
+        reply(response, coordinator_.list_jobs(list, &jobs, own_jobs_only ? &caller.name : nullptr),
+              jobs);
+      });
+
+  add_route("GET", R"(/v1/jobs/([^/:]+))", Access::kReadJob,
+            [this](const httplib::Request& request, httplib::Response& response,
+                   const Principal& caller) {
+              if (const auto bad = check_params(request, {}); !bad.ok()) {
+                return reply_error(response, bad);
+              }
+              v1::GetJobRequest get;
+              get.set_job_id(request.matches[1]);
+              v1::GetJobResponse job;
+              grpc::Status status = coordinator_.get_job(get, &job);
+              if (status.ok()) {
+                status = check_job_owner(caller, Access::kReadJob, job.job().owner(), get.job_id());
+              }
+              reply(response, status, job);
+            });
+
+  add_route("POST", R"(/v1/jobs/([^/:]+):cancel)", Access::kChangeJob,
+            [this](const httplib::Request& request, httplib::Response& response,
+                   const Principal& caller) {
+              if (const auto bad = check_params(request, {}); !bad.ok()) {
+                return reply_error(response, bad);
+              }
+              if (const auto owner = check_job_access(coordinator_, caller, Access::kChangeJob,
+                                                      request.matches[1]);
+                  !owner.ok()) {
+                return reply_error(response, owner);
+              }
+              v1::CancelJobRequest cancel;
+              cancel.set_job_id(request.matches[1]);
+              v1::CancelJobResponse job;
+              const grpc::Status status = wait_for([&](Coordinator::Done done) {
+                coordinator_.cancel_job(cancel, &job, std::move(done));
+              });
+              reply(response, status, job);
+            });
+
+  add_route("GET", R"(/v1/jobs/([^/:]+)/checkpoints)", Access::kReadJob,
+            [this](const httplib::Request& request, httplib::Response& response,
+                   const Principal& caller) {
+              if (const auto bad = check_params(request, {}); !bad.ok()) {
+                return reply_error(response, bad);
+              }
+              if (const auto owner =
+                      check_job_access(coordinator_, caller, Access::kReadJob, request.matches[1]);
+                  !owner.ok()) {
+                return reply_error(response, owner);
+              }
+              v1::ListCheckpointsRequest list;
+              list.set_job_id(request.matches[1]);
+              v1::ListCheckpointsResponse checkpoints;
+              reply(response, coordinator_.list_checkpoints(list, &checkpoints), checkpoints);
+            });
 }
 
 void RestServer::serve_events(const httplib::Request& request, httplib::Response& response) {
@@ -639,20 +692,21 @@ void RestServer::serve_events(const httplib::Request& request, httplib::Response
 }
 
 void RestServer::operational_routes() {
-  httplib::Server& server = *server_;
+  add_route("GET", "/metrics", Access::kMetrics,
+            [this](const httplib::Request&, httplib::Response& response, const Principal&) {
+              response.set_content(metrics_.serialize(),
+                                   "text/plain; version=0.0.4; charset=utf-8");
+            });
 
-  server.Get("/metrics", [this](const httplib::Request&, httplib::Response& response) {
-    response.set_content(metrics_.serialize(), "text/plain; version=0.0.4; charset=utf-8");
-  });
-
-  server.Get("/healthz", [this](const httplib::Request&, httplib::Response& response) {
-    const std::string problem = health_problem_ ? health_problem_() : "";
-    const bool serving = !coordinator_.shutting_down() && problem.empty();
-    response.status = serving ? 200 : 503;
-    nlohmann::json body{{"status", serving ? "SERVING" : "NOT_SERVING"}};
-    if (!problem.empty()) body["reason"] = problem;
-    response.set_content(body.dump() + "\n", kJson);
-  });
+  add_route("GET", "/healthz", Access::kPublic,
+            [this](const httplib::Request&, httplib::Response& response, const Principal&) {
+              const std::string problem = health_problem_ ? health_problem_() : "";
+              const bool serving = !coordinator_.shutting_down() && problem.empty();
+              response.status = serving ? 200 : 503;
+              nlohmann::json body{{"status", serving ? "SERVING" : "NOT_SERVING"}};
+              if (!problem.empty()) body["reason"] = problem;
+              response.set_content(body.dump() + "\n", kJson);
+            });
 }
 
 }  // namespace lomo::server

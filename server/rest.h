@@ -32,7 +32,9 @@
 #include <set>
 #include <string>
 #include <thread>
+#include <vector>
 
+#include "server/auth.h"
 #include "server/coordinator.h"
 #include "server/metrics.h"
 
@@ -46,7 +48,16 @@ namespace lomo::server {
 
 class RestServer {
  public:
-  RestServer(Coordinator& coordinator, Metrics& metrics, int threads);
+  // One route and its rule (server/auth.h). Routes exist only through this table.
+  struct Route {
+    std::string method;   // GET or POST
+    std::string pattern;  // httplib's regular expression, e.g. /v1/jobs/([^/:]+)
+    Access access;
+  };
+
+  // `auth` decides who may call what: a missing or bad token gets 401 (with
+  // WWW-Authenticate: Bearer), a token whose role or ownership does not allow the call 403.
+  RestServer(Coordinator& coordinator, Metrics& metrics, int threads, const Authenticator& auth);
   ~RestServer();  // stop()
   RestServer(const RestServer&) = delete;
   RestServer& operator=(const RestServer&) = delete;
@@ -63,12 +74,19 @@ class RestServer {
 
   // Binds host:port (port 0: any free port) and returns the port. Throws std::runtime_error.
   int bind(const std::string& host, int port);
+  // Every route served, with its rule (authorization_table_test walks them).
+  const std::vector<Route>& route_table() const { return routes_; }
   // Serves on a background thread.
   void start();
   // Stops accepting, ends open event streams, waits for handlers to return. Idempotent.
   void stop();
 
  private:
+  using Handler =
+      std::function<void(const httplib::Request&, httplib::Response&, const Principal& caller)>;
+  // Registers `handler` for `method` and `pattern` behind the check of `access`.
+  void add_route(const std::string& method, const std::string& pattern, Access access,
+                 Handler handler);
   void routes();
   // Host and Content-Type checks before routing.
   void guard_requests();
@@ -82,6 +100,8 @@ class RestServer {
 
   Coordinator& coordinator_;
   Metrics& metrics_;
+  const Authenticator& auth_;
+  std::vector<Route> routes_;
   std::unique_ptr<httplib::Server> server_;
   std::thread thread_;
   std::atomic<bool> listen_returned_{false};  // the listening loop has ended (or never ran)

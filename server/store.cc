@@ -53,7 +53,8 @@ CREATE TABLE IF NOT EXISTS jobs (
   spec_original TEXT NOT NULL DEFAULT '',
   spec_overrides TEXT NOT NULL DEFAULT '[]',
   assignments TEXT NOT NULL DEFAULT '[]',
-  attempts TEXT NOT NULL DEFAULT '[]'
+  attempts TEXT NOT NULL DEFAULT '[]',
+  owner TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, submit_order);
 CREATE TABLE IF NOT EXISTS job_events (
@@ -78,8 +79,8 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 constexpr const char* kJobColumns =
     "submit_order, id, name, state, priority, spec_json, create_time_us, start_time_us, "
     "end_time_us, worker_id, failure_reason, attempt, cancel_requested, progress, spec_canonical, "
-    "spec_original, spec_overrides, assignments, attempts";
-constexpr int kJobColumnCount = 19;
+    "spec_original, spec_overrides, assignments, attempts, owner";
+constexpr int kJobColumnCount = 20;
 
 // Version 1 -> 2: the spec's canonical and original texts. ALTER TABLE ... ADD COLUMN with a
 // constant default rewrites nothing, so this is instant however many jobs the file holds.
@@ -102,6 +103,12 @@ UPDATE jobs SET assignments = json_array(json_object('rank', 0, 'worker_id', wor
 // restarted; their history starts empty.
 constexpr const char* kMigrateToVersion4 = R"sql(
 ALTER TABLE jobs ADD COLUMN attempts TEXT NOT NULL DEFAULT '[]';
+)sql";
+
+// Version 4 -> 5: who submitted each job (Job.owner). Jobs of a version 4 file were submitted
+// without authentication: no owner, so only admins reach them once tokens are configured.
+constexpr const char* kMigrateToVersion5 = R"sql(
+ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT '';
 )sql";
 
 int64_t to_micros(const google::protobuf::Timestamp& time) {
@@ -245,6 +252,7 @@ JobRecord read_job(const sqlite::Statement& row) {
   read_overrides(row.column_text(16), job);
   read_assignments(row.column_text(17), record);
   read_attempts(row.column_text(18), job);
+  job.set_owner(row.column_text(19));
   return record;
 }
 
@@ -377,6 +385,7 @@ Store::Store(const std::filesystem::path& file, int reader_connections) : file_(
       if (version == 1) writer_->exec(kMigrateToVersion2);
       if (version >= 1 && version <= 2) writer_->exec(kMigrateToVersion3);
       if (version >= 1 && version <= 3) writer_->exec(kMigrateToVersion4);
+      if (version >= 1 && version <= 4) writer_->exec(kMigrateToVersion5);
       auto upsert =
           writer_->prepare("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)");
       upsert->bind(1, std::to_string(kSchemaVersion));
@@ -526,8 +535,9 @@ void Store::insert_job(JobRecord& record, std::vector<v1::JobEvent>& events) {
       auto insert = writer_->prepare(
           "INSERT INTO jobs (id, name, state, priority, spec_json, create_time_us, start_time_us, "
           "end_time_us, worker_id, failure_reason, attempt, cancel_requested, progress, "
-          "spec_canonical, spec_original, spec_overrides, assignments, attempts, last_sequence) "
-          "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0) RETURNING "
+          "spec_canonical, spec_original, spec_overrides, assignments, attempts, owner, "
+          "last_sequence) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0) "
+          "RETURNING "
           "submit_order");
       insert->bind(1, job.id())
           .bind(2, job.name())
@@ -546,7 +556,8 @@ void Store::insert_job(JobRecord& record, std::vector<v1::JobEvent>& events) {
           .bind(15, job.original_spec())
           .bind(16, overrides_json(job))
           .bind(17, assignments_json(record))
-          .bind(18, attempts_json(job));
+          .bind(18, attempts_json(job))
+          .bind(19, job.owner());
       if (!insert->step()) throw StoreError("INSERT returned no submit order");
       record.submit_order = insert->column_int(0);
     }
@@ -654,7 +665,7 @@ std::optional<JobRecord> Store::get_job(const std::string& job_id) const {
 }
 
 JobPage Store::list_jobs(const std::vector<v1::JobState>& states, int page_size,
-                         const std::string& page_token) const {
+                         const std::string& page_token, const std::string* owner) const {
   int64_t before = INT64_MAX;
   if (!page_token.empty()) {
     const auto parsed =
@@ -670,9 +681,12 @@ JobPage Store::list_jobs(const std::vector<v1::JobState>& states, int page_size,
     // The state list is made of enum numbers, never user text; at most 2^6 distinct statements.
     std::string sql = std::string("SELECT ") + kJobColumns + " FROM jobs WHERE submit_order < ?";
     if (!states.empty()) sql += " AND state IN (" + state_list(states) + ")";
+    if (owner != nullptr) sql += " AND owner = ?";
     sql += " ORDER BY submit_order DESC LIMIT ?";
     auto select = reader->prepare(sql);
-    select->bind(1, before).bind(2, static_cast<int64_t>(page_size) + 1);
+    select->bind(1, before);
+    if (owner != nullptr) select->bind(2, *owner);
+    select->bind(owner != nullptr ? 3 : 2, static_cast<int64_t>(page_size) + 1);
     JobPage page;
     int64_t last_order = 0;
     while (select->step()) {

@@ -77,7 +77,8 @@ class Store {
   // in place when opened; its jobs have only the Struct form until they end).
   // 3: jobs gained assignments, the current attempt's gang (a version 1 or 2 file is migrated in
   // place when opened: a job that was assigned gets rank 0 on its worker_id).
-  static constexpr int64_t kSchemaVersion = 4;
+  // 4: jobs gained attempts. 5: jobs gained owner (migrated in place: no owner).
+  static constexpr int64_t kSchemaVersion = 5;
 
   // Opens or creates the database file. Throws StoreError naming the file for a schema newer than
   // ours, a zero-length file, a file with tables but no lomo schema, and a file that fails SQLite's
@@ -106,9 +107,10 @@ class Store {
 
   std::optional<JobRecord> get_job(const std::string& job_id) const;
   // Newest first; `states` empty means all. page_token is "" or a next_page_token from an
-  // earlier call; anything else throws std::invalid_argument. page_size must be >= 1.
+  // earlier call; anything else throws std::invalid_argument. page_size must be >= 1. With
+  // `owner`, only the jobs that owner submitted.
   JobPage list_jobs(const std::vector<v1::JobState>& states, int page_size,
-                    const std::string& page_token) const;
+                    const std::string& page_token, const std::string* owner = nullptr) const;
   // Every job in one of `states`, oldest submission first (startup recovery).
   std::vector<JobRecord> jobs_in_states(const std::vector<v1::JobState>& states) const;
   // The job and up to `limit` events with sequence > after_sequence; nullopt if no such job.

@@ -20,6 +20,30 @@
 
 namespace lomo::server {
 
+// A streaming call refused before it starts (authentication, authorization): finishes at once
+// with `status` and deletes itself when gRPC is done with it. `Base` is the reactor type the
+// method returns (grpc::ServerWriteReactor<R>, grpc::ServerBidiReactor<Q, R>).
+template <typename Base>
+class RefusedReactor final : public Base {
+ public:
+  RefusedReactor(InFlight& in_flight, const grpc::Status& status) : in_flight_(in_flight) {
+    in_flight_.begin();
+    this->Finish(status);
+  }
+  void OnDone() override {
+    in_flight_.end();
+    delete this;
+  }
+
+ private:
+  InFlight& in_flight_;
+};
+
+template <typename Response>
+grpc::ServerWriteReactor<Response>* refuse_stream(InFlight& in_flight, const grpc::Status& status) {
+  return new RefusedReactor<grpc::ServerWriteReactor<Response>>(in_flight, status);
+}
+
 // The base of every server-streaming reactor (WatchJob, DownloadCheckpoint, FetchCheckpoint): a
 // pump that never runs twice at once (on the Executor), and Finish once, after any write in
 // flight.

@@ -17,9 +17,20 @@ int64_t steady_now_ns() {
 
 }  // namespace
 
+// PERMISSION_DENIED unless `caller` may use `worker_id` (its token's worker_ids).
+grpc::Status check_worker_id(const Principal& caller, const std::string& worker_id) {
+  if (caller.may_use_worker_id(worker_id)) return grpc::Status::OK;
+  return grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
+                      caller.describe() + " may not act as worker \"" + worker_id.substr(0, 200) +
+                          "\" (not among its worker_ids in the tokens file; start the worker with "
+                          "--worker-id set to one of them)");
+}
+
 WorkerSession::WorkerSession(uint64_t id, Coordinator& coordinator, Executor& executor,
-                             InFlight& in_flight)
+                             InFlight& in_flight, Principal caller, bool check_worker_id)
     : id_(id),
+      caller_(std::move(caller)),
+      check_worker_id_(check_worker_id),
       coordinator_(coordinator),
       executor_(executor),
       in_flight_(in_flight),
@@ -119,6 +130,13 @@ void WorkerSession::handle(const v1::WorkerMessage& message) {
       return;
     }
     touch();
+    if (check_worker_id_) {
+      if (grpc::Status denied = check_worker_id(caller_, message.register_().worker_id());
+          !denied.ok()) {
+        close(denied);
+        return;
+      }
+    }
     const grpc::Status status = coordinator_.on_register(self, message.register_());
     if (!status.ok()) {
       close(status);
@@ -172,17 +190,38 @@ void WorkerSession::OnDone() {
   self_.reset();  // may destroy this; nothing may follow
 }
 
+grpc::Status WorkerServiceImpl::authorize(const grpc::CallbackServerContext& context,
+                                          const std::string& method,
+                                          const std::string& worker_id) const {
+  Principal caller;
+  grpc::Status status = auth_.authorize_call(context, method, &caller);
+  if (status.ok() && auth_.enabled()) status = check_worker_id(caller, worker_id);
+  return status;
+}
+
 grpc::ServerBidiReactor<v1::WorkerMessage, v1::CoordinatorMessage>* WorkerServiceImpl::Connect(
-    grpc::CallbackServerContext* /*context*/) {
-  auto session =
-      std::make_shared<WorkerSession>(next_connection_id_++, coordinator_, executor_, in_flight_);
+    grpc::CallbackServerContext* context) {
+  using Bidi = grpc::ServerBidiReactor<v1::WorkerMessage, v1::CoordinatorMessage>;
+  Principal caller;
+  if (grpc::Status status =
+          auth_.authorize_call(*context, "/lomo.v1.WorkerService/Connect", &caller);
+      !status.ok()) {
+    return new RefusedReactor<Bidi>(in_flight_, status);
+  }
+  auto session = std::make_shared<WorkerSession>(next_connection_id_++, coordinator_, executor_,
+                                                 in_flight_, std::move(caller), auth_.enabled());
   session->start();
   return session.get();
 }
 
 grpc::ServerWriteReactor<v1::FetchCheckpointResponse>* WorkerServiceImpl::FetchCheckpoint(
-    grpc::CallbackServerContext* /*context*/, const v1::FetchCheckpointRequest* request) {
+    grpc::CallbackServerContext* context, const v1::FetchCheckpointRequest* request) {
   using Reactor = CheckpointFilesReactor<v1::FetchCheckpointResponse>;
+  if (grpc::Status status =
+          authorize(*context, "/lomo.v1.WorkerService/FetchCheckpoint", request->worker_id());
+      !status.ok()) {
+    return refuse_stream<v1::FetchCheckpointResponse>(in_flight_, status);
+  }
   const v1::FetchCheckpointRequest fetch = *request;
   auto reactor = std::make_shared<Reactor>(
       executor_, in_flight_, "the newest checkpoint of job " + fetch.job_id(),
@@ -209,18 +248,30 @@ grpc::ServerWriteReactor<v1::FetchCheckpointResponse>* WorkerServiceImpl::FetchC
 }
 
 grpc::ServerUnaryReactor* WorkerServiceImpl::RendezvousSet(
-    grpc::CallbackServerContext* /*context*/, const v1::RendezvousSetRequest* request,
+    grpc::CallbackServerContext* context, const v1::RendezvousSetRequest* request,
     v1::RendezvousSetResponse* /*response*/) {
   grpc::ServerUnaryReactor* reactor = new CountedUnaryReactor(in_flight_);
+  if (grpc::Status status =
+          authorize(*context, "/lomo.v1.WorkerService/RendezvousSet", request->worker_id());
+      !status.ok()) {
+    reactor->Finish(status);
+    return reactor;
+  }
   executor_.post(
       [this, request, reactor] { reactor->Finish(coordinator_.rendezvous_set(*request)); });
   return reactor;
 }
 
-grpc::ServerUnaryReactor* WorkerServiceImpl::RendezvousGet(grpc::CallbackServerContext* /*context*/,
+grpc::ServerUnaryReactor* WorkerServiceImpl::RendezvousGet(grpc::CallbackServerContext* context,
                                                            const v1::RendezvousGetRequest* request,
                                                            v1::RendezvousGetResponse* response) {
   grpc::ServerUnaryReactor* reactor = new CountedUnaryReactor(in_flight_);
+  if (grpc::Status status =
+          authorize(*context, "/lomo.v1.WorkerService/RendezvousGet", request->worker_id());
+      !status.ok()) {
+    reactor->Finish(status);
+    return reactor;
+  }
   executor_.post([this, request, response, reactor] {
     reactor->Finish(coordinator_.rendezvous_get(*request, response));
   });

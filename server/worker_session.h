@@ -21,6 +21,7 @@
 #include <string>
 
 #include "lomo/v1/workers.grpc.pb.h"
+#include "server/auth.h"
 #include "server/coordinator.h"
 #include "server/executor.h"
 #include "server/in_flight.h"
@@ -33,7 +34,10 @@ class WorkerSession final
       public WorkerConnection,
       public std::enable_shared_from_this<WorkerSession> {
  public:
-  WorkerSession(uint64_t id, Coordinator& coordinator, Executor& executor, InFlight& in_flight);
+  // `caller`: the stream's authenticated principal; Register may use only its worker ids (when
+  // authentication is on).
+  WorkerSession(uint64_t id, Coordinator& coordinator, Executor& executor, InFlight& in_flight,
+                Principal caller, bool check_worker_id);
   // Starts reading and keeps the session alive until OnDone.
   void start();
 
@@ -53,6 +57,8 @@ class WorkerSession final
   void touch();
 
   const uint64_t id_;
+  const Principal caller_;
+  const bool check_worker_id_;
   Coordinator& coordinator_;
   Executor& executor_;
   InFlight& in_flight_;
@@ -77,8 +83,9 @@ class WorkerSession final
 
 class WorkerServiceImpl final : public v1::WorkerService::CallbackService {
  public:
-  WorkerServiceImpl(Coordinator& coordinator, Executor& executor, InFlight& in_flight)
-      : coordinator_(coordinator), executor_(executor), in_flight_(in_flight) {}
+  WorkerServiceImpl(Coordinator& coordinator, Executor& executor, InFlight& in_flight,
+                    const Authenticator& auth)
+      : coordinator_(coordinator), executor_(executor), in_flight_(in_flight), auth_(auth) {}
 
   grpc::ServerBidiReactor<v1::WorkerMessage, v1::CoordinatorMessage>* Connect(
       grpc::CallbackServerContext* context) override;
@@ -94,9 +101,14 @@ class WorkerServiceImpl final : public v1::WorkerService::CallbackService {
                                           v1::RendezvousGetResponse* response) override;
 
  private:
+  // The worker role, and (authentication on) `worker_id` among the caller's worker ids.
+  grpc::Status authorize(const grpc::CallbackServerContext& context, const std::string& method,
+                         const std::string& worker_id) const;
+
   Coordinator& coordinator_;
   Executor& executor_;
   InFlight& in_flight_;
+  const Authenticator& auth_;
   std::atomic<uint64_t> next_connection_id_{1};
 };
 
