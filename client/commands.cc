@@ -2,6 +2,7 @@
 
 #include <google/protobuf/util/time_util.h>
 
+#include <algorithm>
 #include <iostream>
 
 #include "client/render.h"
@@ -175,8 +176,12 @@ int list_command(CommandContext& context) {
     std::cout << "no jobs\n";
     return 0;
   }
+  // OWNER only when a job has one (a coordinator with authentication): admins see everyone's.
+  const bool owners = std::any_of(jobs.begin(), jobs.end(),
+                                  [](const lomo::v1::Job& job) { return !job.owner().empty(); });
   std::vector<std::vector<std::string>> rows{
       {"JOB ID", "NAME", "STATE", "STEP", "LOSS", "WORKER", "CREATED"}};
+  if (owners) rows.front().insert(rows.front().begin() + 2, "OWNER");
   for (const auto& job : jobs) {
     const auto& p = job.progress();
     rows.push_back(
@@ -185,6 +190,10 @@ int list_command(CommandContext& context) {
                              : "-",
          p.step() > 0 ? number_text(p.loss(), "%.4f") : "-", workers_cell(job),
          age_text(job.create_time())});
+    if (owners) {
+      rows.back().insert(rows.back().begin() + 2,
+                         job.owner().empty() ? "-" : terminal_text(job.owner()));
+    }
   }
   std::cout << format_table(rows);
   return 0;
@@ -204,6 +213,7 @@ int get_command(CommandContext& context) {
   if (!job.failure_reason().empty()) {
     rows.push_back({"reason:", terminal_paragraph(job.failure_reason(), "         ")});
   }
+  if (!job.owner().empty()) rows.push_back({"owner:", terminal_text(job.owner())});
   rows.push_back({"attempt:", std::to_string(job.attempt())});
   const std::vector<std::string> attempts = attempt_lines(job);
   for (size_t i = 0; i < attempts.size(); ++i) {

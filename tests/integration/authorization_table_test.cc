@@ -544,8 +544,12 @@ TEST_F(AuthorizationTableTest, LomoctlSendsItsTokenAndExplainsARefusal) {
   EXPECT_EQ(run_program(with({"list"}), &output).code, 3);
   EXPECT_THAT(output, HasSubstr("UNAUTHENTICATED"));
   EXPECT_THAT(output, HasSubstr("--token-file"));
+  const std::string id = submit_as(Caller::kAlice, "mine");
   EXPECT_TRUE(run_program(with({"--token-file", token_file.string(), "list"}), &output).success())
       << output;
+  EXPECT_THAT(output, HasSubstr("OWNER"));
+  EXPECT_THAT(output, HasSubstr(id));
+  EXPECT_THAT(output, HasSubstr("alice"));
   EXPECT_TRUE(run_program(with({"list"}), &output, seconds(60),
                           {"LOMO_TOKEN=" + (*tokens_)[Caller::kAlice]})
                   .success())
