@@ -110,6 +110,16 @@ lomo::v1::SubmitJobRequest load_submit_request(const std::string& file,
   return request;
 }
 
+// The job as REST answers with it (SubmitJobResponse, GetJobResponse, CancelJobResponse: the
+// Job under "job"), so that a script reads lomoctl's JSON and the API's the same way
+// (docs/openapi.yaml).
+template <typename Response>
+void print_job_response(const lomo::v1::Job& job) {
+  Response response;
+  *response.mutable_job() = job;
+  std::cout << message_to_json(response, true) << "\n";
+}
+
 WatchOptions watch_options_for(const CommandContext& context) {
   WatchOptions options;
   options.tty = context.stdout_is_tty && !context.json;
@@ -125,7 +135,7 @@ int submit_command(CommandContext& context) {
   const lomo::v1::Job job =
       context.client().submit_job(load_submit_request(file, args.all("--set"), &name));
   if (context.json) {
-    std::cout << message_to_json(job, true) << "\n";
+    print_job_response<lomo::v1::SubmitJobResponse>(job);
   } else {
     std::cout << "submitted job " << job.id() << (name.empty() ? "" : " (" + name + ")") << ": "
               << state_name(job.state()) << "\n";
@@ -203,7 +213,7 @@ int get_command(CommandContext& context) {
   const ParsedArgs args = parse_args(context.args, "get", {}, {});
   const lomo::v1::Job job = context.client().get_job(one_positional(args, "get", "job id"));
   if (context.json) {
-    std::cout << message_to_json(job, true) << "\n";
+    print_job_response<lomo::v1::GetJobResponse>(job);
     return 0;
   }
   const auto& p = job.progress();
@@ -275,7 +285,7 @@ int cancel_command(CommandContext& context) {
   const ParsedArgs args = parse_args(context.args, "cancel", {}, {});
   const lomo::v1::Job job = context.client().cancel_job(one_positional(args, "cancel", "job id"));
   if (context.json) {
-    std::cout << message_to_json(job, true) << "\n";
+    print_job_response<lomo::v1::CancelJobResponse>(job);
   } else {
     std::cout << "job " << job.id() << ": cancel requested, now " << state_name(job.state())
               << "\n";

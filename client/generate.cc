@@ -20,11 +20,12 @@ namespace {
 constexpr const char* kGenerateHelp =
     "usage: lomoctl generate CHECKPOINT_DIR (--prompt TEXT | --prompt-file FILE | "
     "--prompt-ids 1,2,3)\n"
-    "           [--chat [--system TEXT] [--chat-template NAME]] [--max-new-tokens N]\n"
+    "           [--chat [--system TEXT] [--chat-template auto|NAME]] [--max-new-tokens N]\n"
     "           [--temperature T] [--top-k K] [--top-p P] [--seed S] [--stop STRING]...\n"
     "  CHECKPOINT_DIR: a directory from `lomoctl download` or `lomoctl local --out`, or any\n"
     "  Hugging Face model directory. Runs `lomo-worker generate` ($LOMO_WORKER_BIN, beside\n"
-    "  lomoctl, or in PATH) here, on the CPU; --output json prints its JSON object.\n";
+    "  lomoctl, or in PATH) here, on the CPU; --output json prints its JSON object. --chat uses\n"
+    "  the checkpoint's own chat_template (tokenizer_config.json) unless NAME picks a built-in.\n";
 
 }  // namespace
 

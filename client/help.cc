@@ -48,8 +48,8 @@ examples:
       {"get", R"(usage: lomoctl get JOB_ID
 
 One job: state, failure reason, attempts, gang, progress (step, loss, lr, tok/s, eval
-loss; for a running job the ETA `watch` shows), created/started/ended times. --output json prints the Job, as GET /v1/jobs/JOB_ID
-returns it under "job".
+loss; for a running job the ETA `watch` shows), created/started/ended times. --output json prints
+GET /v1/jobs/JOB_ID's answer, the GetJobResponse {"job": {...}}.
 
 example:
   lomoctl get job-1a2b3c
@@ -79,6 +79,7 @@ example:
       {"cancel", R"(usage: lomoctl cancel JOB_ID
 
 Cancels a queued or running job (its workers stop it; committed checkpoints stay).
+--output json prints the CancelJobResponse {"job": {...}}, as POST /v1/jobs/JOB_ID:cancel does.
 
 example:
   lomoctl cancel job-1a2b3c

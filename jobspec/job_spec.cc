@@ -529,10 +529,10 @@ JobSpec read_spec(Context& context, const YAML::Node& root) {
   loss_scale.read("min", s.min);
 
   TrainingSpec& t = spec.training;
-  Section training =
-      top.section("training", {"batch_size", "steps", "epochs", "gradient_accumulation_steps",
-                               "activation_checkpointing", "seed", "eval_every", "eval_batches",
-                               "checkpoint_every", "log_every"});
+  Section training = top.section(
+      "training", {"batch_size", "steps", "epochs", "gradient_accumulation_steps",
+                   "activation_checkpointing", "seed", "eval_every", "eval_batches", "eval_prompts",
+                   "eval_max_new_tokens", "checkpoint_every", "log_every"});
   training.read("batch_size", t.batch_size);
   training.read("steps", t.steps);
   training.read("epochs", t.epochs);
@@ -541,6 +541,8 @@ JobSpec read_spec(Context& context, const YAML::Node& root) {
   training.read("seed", t.seed);
   training.read("eval_every", t.eval_every);
   training.read("eval_batches", t.eval_batches);
+  training.read("eval_prompts", t.eval_prompts);
+  training.read("eval_max_new_tokens", t.eval_max_new_tokens);
   training.read("checkpoint_every", t.checkpoint_every);
   training.read("log_every", t.log_every);
 
@@ -556,6 +558,26 @@ JobSpec read_spec(Context& context, const YAML::Node& root) {
 
 // ---------------------------------------------------------------------------------------------
 // Validation: value rules, in the order the fields are declared; every broken rule is reported.
+
+// training.eval_prompts / eval_max_new_tokens: bounded, since every evaluation generates them all
+// on rank 0 while the other ranks wait.
+void validate_eval_samples(Context& c, const TrainingSpec& t) {
+  constexpr size_t kMaxPrompts = 16;
+  constexpr int64_t kMaxNewTokens = 4096;
+  if (t.eval_prompts.size() > kMaxPrompts) {
+    c.report("training.eval_prompts", "at most " + std::to_string(kMaxPrompts) + " prompts, got " +
+                                          std::to_string(t.eval_prompts.size()));
+  }
+  for (size_t i = 0; i < t.eval_prompts.size(); ++i) {
+    if (t.eval_prompts[i].empty()) {
+      c.report("training.eval_prompts[" + std::to_string(i) + "]", "must be a non-empty prompt");
+    }
+  }
+  if (t.eval_max_new_tokens < 1 || t.eval_max_new_tokens > kMaxNewTokens) {
+    c.report("training.eval_max_new_tokens", "must be in [1, " + std::to_string(kMaxNewTokens) +
+                                                 "], got " + std::to_string(t.eval_max_new_tokens));
+  }
+}
 
 void at_least(Context& c, const std::string& path, int64_t value, int64_t minimum) {
   if (value < minimum) {
@@ -730,6 +752,7 @@ void validate(Context& c, const JobSpec& spec) {
   }
   at_least(c, "training.eval_every", t.eval_every, 0);
   at_least(c, "training.eval_batches", t.eval_batches, 1);
+  validate_eval_samples(c, t);
   at_least(c, "training.checkpoint_every", t.checkpoint_every, 0);
   at_least(c, "training.log_every", t.log_every, 1);
 
@@ -936,6 +959,11 @@ YAML::Node to_node(const JobSpec& spec, bool tag_strings = false) {
   training["seed"] = std::to_string(t.seed);
   training["eval_every"] = std::to_string(t.eval_every);
   training["eval_batches"] = std::to_string(t.eval_batches);
+  // Only when used, so that the canonical text of every earlier spec stays as it was.
+  if (!t.eval_prompts.empty()) training["eval_prompts"] = string_list(t.eval_prompts, tag_strings);
+  if (!t.eval_prompts.empty() || t.eval_max_new_tokens != TrainingSpec().eval_max_new_tokens) {
+    training["eval_max_new_tokens"] = std::to_string(t.eval_max_new_tokens);
+  }
   training["checkpoint_every"] = std::to_string(t.checkpoint_every);
   training["log_every"] = std::to_string(t.log_every);
   root["training"] = training;

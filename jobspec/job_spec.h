@@ -145,7 +145,13 @@ struct TrainingSpec {
   uint64_t seed = 1;
   int64_t eval_every = 0;  // 0: only at the end (when eval data exists)
   int64_t eval_batches = 8;
-  int64_t checkpoint_every = 0;  // 0: only at the end
+  // Sample generations at every evaluation (eval_every and the end, with or without eval data):
+  // rank 0 continues each prompt greedily with the KV-cache generator (BOS + the prompt's tokens,
+  // up to eval_max_new_tokens or the tokenizer's EOS) and logs the text as a job event. Up to 16
+  // non-empty prompts; empty: none.
+  std::vector<std::string> eval_prompts;
+  int64_t eval_max_new_tokens = 32;  // 1..4096
+  int64_t checkpoint_every = 0;      // 0: only at the end
   int64_t log_every = 10;
 
   bool operator==(const TrainingSpec&) const = default;

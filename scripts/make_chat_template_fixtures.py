@@ -34,6 +34,7 @@ TEMPLATES = {
     "gemma.jinja": ("<bos>", "<eos>"),
     "phi3.jinja": ("<s>", "<|endoftext|>"),
     "features.jinja": ("<s>", "</s>"),
+    "macros.jinja": ("<s>", "</s>"),
 }
 
 WEATHER_TOOL = {

@@ -18,6 +18,12 @@ It also writes tests/data/generation/qwen2_text/: a tiny random Qwen2ForCausalLM
 tests/data/tokenizers/qwen2_style tokenizer (its vocabulary, <|im_end|> as eos), with
 expected.json: for each text prompt the ids `tokenizers` gives it, the ids transformers' greedy
 generate() adds, and their text (tokenizers' decode, special tokens kept): the whole text path.
+
+And tests/data/generation/qwen2_chat/: that tokenizer with a tokenizer_config.json carrying the
+Qwen2.5 chat_template (tests/data/chat_templates/qwen2_5.jinja), and expected.json: for each chat
+(an optional system message and a user message) the prompt transformers' apply_chat_template
+renders (add_generation_prompt=True) as text and ids, and the greedy continuation of the
+qwen2_text model. `--chat-only` writes just this directory (the random models stay as they are).
 """
 
 import json
@@ -98,7 +104,46 @@ def text_model():
     (out / "expected.json").write_text(json.dumps(expected, indent=1) + "\n")
 
 
+CHATS = [("", "hello world"), ("be brief", "The quick brown fox")]
+
+
+def chat_fixture():
+    source = ROOT / "tests" / "data" / "tokenizers" / "qwen2_style"
+    model_dir = OUT.parent / "qwen2_text"
+    out = OUT.parent / "qwen2_chat"
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(source / "tokenizer.json", out / "tokenizer.json")
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    config["chat_template"] = (ROOT / "tests" / "data" / "chat_templates" /
+                               "qwen2_5.jinja").read_text(encoding="utf-8")
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1) + "\n")
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                 attn_implementation="eager")
+    model.eval()
+    own = GenerationConfig.from_pretrained(model_dir)
+    own.do_sample = False
+    own.max_new_tokens = TEXT_MAX_NEW_TOKENS
+    runs = []
+    for system, user in CHATS:
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": user}]
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        new = greedy(model, ids, own)
+        runs.append({"system": system, "prompt": user, "prompt_text": text, "prompt_ids": ids,
+                     "tokens": new, "text": tok.decode(new, skip_special_tokens=False)})
+        print("qwen2_chat", repr(text[-40:]), new[:8])
+    expected = {"transformers_version": transformers.__version__,
+                "tokenizers_version": tokenizers.__version__, "max_new_tokens": TEXT_MAX_NEW_TOKENS,
+                "eos_token_id": own.eos_token_id, "runs": runs}
+    (out / "expected.json").write_text(json.dumps(expected, indent=1) + "\n")
+
+
 def main():
+    if sys.argv[1:] == ["--chat-only"]:
+        chat_fixture()
+        return
     result = {"transformers_version": transformers.__version__,
               "torch_version": torch.__version__, "max_new_tokens": MAX_NEW_TOKENS,
               "variants": {}}
@@ -125,6 +170,7 @@ def main():
     OUT.write_text(json.dumps(result, indent=1) + "\n")
     print("wrote", OUT)
     text_model()
+    chat_fixture()
 
 
 if __name__ == "__main__":

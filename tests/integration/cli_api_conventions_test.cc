@@ -7,6 +7,8 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <filesystem>
+#include <fstream>
 #include <nlohmann/json.hpp>
 #include <regex>
 #include <thread>
@@ -19,6 +21,7 @@
 namespace lomo::server::testing {
 namespace {
 
+namespace fs = std::filesystem;
 using std::chrono::milliseconds;
 using std::chrono::seconds;
 using ::testing::HasSubstr;
@@ -88,9 +91,11 @@ TEST_F(CliApiConventionsTest, LomoctlJsonIsTheRestJsonOfTheSameMessage) {
   const std::string id = finished_job_with_a_checkpoint();
   submit_ok("queued-one");
 
-  // lomoctl prints the Job; GET /v1/jobs/ID answers GetJobResponse, the same Job under "job".
-  const nlohmann::json got = lomoctl_json({"get", id});
-  EXPECT_EQ(got, rest_json("/v1/jobs/" + id)["job"]);
+  // lomoctl get prints GET /v1/jobs/ID's GetJobResponse: the Job under "job" (docs/openapi.yaml).
+  const nlohmann::json response = lomoctl_json({"get", id});
+  EXPECT_EQ(response, rest_json("/v1/jobs/" + id));
+  ASSERT_EQ(response.size(), 1u) << response.dump();
+  const nlohmann::json& got = response["job"];
   EXPECT_EQ(got["workerId"], "w-json");  // protobuf's JSON names, not the .proto's
   EXPECT_EQ(got["progress"]["totalSteps"], "100");
   EXPECT_FALSE(got.contains("worker_id"));
@@ -103,6 +108,29 @@ TEST_F(CliApiConventionsTest, LomoctlJsonIsTheRestJsonOfTheSameMessage) {
   const nlohmann::json listed = lomoctl_json({"list"});
   EXPECT_EQ(listed["jobs"], rest_json("/v1/jobs?pageSize=50")["jobs"]);
   EXPECT_EQ(listed["jobs"].size(), 2u);
+}
+
+// submit and cancel answer as POST /v1/jobs and POST /v1/jobs/ID:cancel do: {"job": {...}}.
+TEST_F(CliApiConventionsTest, LomoctlSubmitAndCancelPrintTheRestResponses) {
+  const fs::path file = dir_.path() / "job.yaml";
+  std::ofstream(file) << "name: json-submit\nmodel: {path: /models/tiny}\n"
+                         "data: {train: [train.txt]}\ntraining: {steps: 10}\n"
+                         "resources: {device: cpu, max_restarts: 0}\n";
+  const nlohmann::json submitted = lomoctl_json({"submit", file.string()});
+  ASSERT_TRUE(submitted.is_object() && submitted.size() == 1u && submitted.contains("job"))
+      << submitted.dump();
+  const std::string id = submitted["job"]["id"];
+  EXPECT_EQ(submitted["job"]["name"], "json-submit");
+  EXPECT_EQ(submitted["job"]["state"], "JOB_STATE_QUEUED");
+
+  const nlohmann::json cancelled = lomoctl_json({"cancel", id});
+  ASSERT_TRUE(cancelled.is_object() && cancelled.size() == 1u) << cancelled.dump();
+  EXPECT_EQ(cancelled["job"]["state"], "JOB_STATE_CANCELLED");
+  // Cancelling an ended job changes nothing: REST answers with the same CancelJobResponse.
+  const HttpResult again = http_request(*coordinator_, "POST", "/v1/jobs/" + id + ":cancel");
+  ASSERT_EQ(again.status, 200) << again.body;
+  EXPECT_EQ(cancelled, nlohmann::json::parse(again.body));
+  EXPECT_EQ(cancelled, rest_json("/v1/jobs/" + id));
 }
 
 TEST_F(CliApiConventionsTest, GetShowsTheEtaWatchWouldShowSmoothedOverTheJobsMetrics) {

@@ -291,6 +291,73 @@ TEST(GenerateCommand, TextPromptsMatchTransformersAndTokenizers) {
   }
 }
 
+// Chat mode with the model's own template: tests/data/generation/qwen2_chat holds the qwen2_style
+// tokenizer with Qwen2.5's chat_template; expected.json has the prompt transformers'
+// apply_chat_template(add_generation_prompt=True) renders and tokenizes, and the qwen2_text
+// model's greedy continuation of it (scripts/make_generation_fixtures.py).
+TEST(GenerateCommand, ChatModeRendersTheModelsOwnTemplateAsTransformersDoes) {
+  const fs::path model = kData / "generation" / "qwen2_text";
+  const fs::path tokenizer = kData / "generation" / "qwen2_chat";
+  std::ifstream in(tokenizer / "expected.json");
+  const nlohmann::json expected = nlohmann::json::parse(in);
+  ASSERT_EQ(expected["runs"].size(), 2u);
+  for (const nlohmann::json& run : expected["runs"]) {
+    std::vector<std::string> args = {"--model", model.string(), "--tokenizer", tokenizer.string(),
+                                     "--chat",  "--prompt",     run["prompt"], "--max-new-tokens",
+                                     "24",      "--json"};
+    if (!run["system"].get<std::string>().empty()) {
+      args.insert(args.end(), {"--system", run["system"]});
+    }
+    const CommandResult r = run_generate(args);
+    ASSERT_EQ(r.code, 0) << r.err;
+    EXPECT_EQ(r.err, "") << "the template is there: no fallback note";
+    const nlohmann::json json = nlohmann::json::parse(r.out);
+    EXPECT_EQ(json["promptTokens"], run["prompt_ids"]) << run["prompt_text"];
+    EXPECT_EQ(json["tokens"], run["tokens"]) << run["prompt"];
+    EXPECT_EQ(json["text"], run["text"]) << run["prompt"];
+  }
+  // Qwen2.5's template adds its default system message; the built-in chatml one, named, does not.
+  const nlohmann::json& first = expected["runs"][0];
+  const CommandResult builtin = run_generate(
+      {"--model", model.string(), "--tokenizer", tokenizer.string(), "--chat", "--chat-template",
+       "chatml", "--prompt", first["prompt"], "--max-new-tokens", "1", "--json"});
+  ASSERT_EQ(builtin.code, 0) << builtin.err;
+  const std::vector<int32_t> builtin_prompt = nlohmann::json::parse(builtin.out)["promptTokens"];
+  EXPECT_LT(builtin_prompt.size(), first["prompt_ids"].size());
+  const CommandResult named_auto = run_generate(
+      {"--model", model.string(), "--tokenizer", tokenizer.string(), "--chat", "--chat-template",
+       "auto", "--prompt", first["prompt"], "--max-new-tokens", "1", "--json"});
+  ASSERT_EQ(named_auto.code, 0) << named_auto.err;
+  EXPECT_EQ(nlohmann::json::parse(named_auto.out)["promptTokens"], first["prompt_ids"]);
+}
+
+// Without a chat_template the built-in template that fits the tokens is used, and said.
+TEST(GenerateCommand, ChatModeWithoutATemplateSaysWhichBuiltInItUses) {
+  const fs::path model = kData / "generation" / "qwen2_text";
+  const CommandResult r = run_generate(
+      {"--model", model.string(), "--chat", "--prompt", "hi", "--max-new-tokens", "1", "--json"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_THAT(r.err, HasSubstr((model / "tokenizer_config.json").string() +
+                               " has no chat_template; using the built-in chatml template"));
+}
+
+// A template outside the Jinja subset fails the command, naming the file and the position.
+TEST(GenerateCommand, ABrokenChatTemplateNamesItsFile) {
+  const fs::path dir =
+      fs::temp_directory_path() / ("lomo_generation_bad_template_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  fs::copy_file(kData / "generation" / "qwen2_chat" / "tokenizer.json", dir / "tokenizer.json");
+  std::ofstream(dir / "tokenizer_config.json")
+      << R"({"eos_token": "<|im_end|>", "chat_template": "{% for m in messages %}{{ m.content }}"})";
+  const CommandResult r =
+      run_generate({"--model", (kData / "generation" / "qwen2_text").string(), "--tokenizer",
+                    dir.string(), "--chat", "--prompt", "hi", "--max-new-tokens", "1"});
+  EXPECT_EQ(r.code, 1);
+  EXPECT_THAT(r.err, HasSubstr((dir / "tokenizer_config.json").string() + " chat_template"));
+  fs::remove_all(dir);
+}
+
 // A model trained with the spec's `tokenizer.kind: bytes` (the tiny demo models) has no tokenizer
 // files: `--tokenizer bytes` encodes the prompt as its bytes and decodes the new tokens the same
 // way.

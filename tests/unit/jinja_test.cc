@@ -106,13 +106,50 @@ TEST(JinjaTest, ScopesFollowJinjaLoopsDoNotLeakButNamespacesDo) {
   EXPECT_EQ(render("{% if true %}{% set a = 3 %}{% endif %}{{ a }}"), "3");
 }
 
+// Macros and block sets beyond what macros.jinja's parity cases cover: argument binding as
+// Python binds it, Jinja's scoping, and the errors.
+TEST(JinjaTest, MacrosBindArgumentsAndScopeAsJinjaDoes) {
+  EXPECT_EQ(render("{% macro m(a, b='B', c=a ~ '!') %}{{ a }}{{ b }}{{ c }}{% endmacro %}"
+                   "{{ m(1) }} {{ m(1, 2) }} {{ m(1, c=3) }} {{ m(a='x', b='y') }}"),
+            "1B1! 121! 1B3 xyx!");
+  // Globals as they are at the call; the caller's locals are not seen.
+  EXPECT_EQ(render("{% set x = 1 %}{% macro f() %}{{ x }}{{ i }}{% endmacro %}{% set x = 2 %}"
+                   "{% for i in [7] %}{{ f() }}{% endfor %}"),
+            "2");
+  // A macro's own sets stay inside it; a block set captures its rendered text (trim_blocks and
+  // lstrip_blocks apply inside it as anywhere).
+  EXPECT_EQ(render("{% set y = 'out' %}{% macro g() %}{% set y = 'in' %}{{ y }}{% endmacro %}"
+                   "{{ g() }}{{ y }}"),
+            "inout");
+  EXPECT_EQ(
+      render("{% set s %}\n  {% for i in [1, 2] %}{{ i }}{% endfor %}\n{% endset %}[{{ s }}]"),
+      "[12]");
+  EXPECT_THAT(error_of("{% macro m(a) %}{% endmacro %}{{ m(1, 2) }}"),
+              HasSubstr("macro 'm' takes not more than 1 argument(s)"));
+  EXPECT_THAT(error_of("{% macro m(a) %}{% endmacro %}{{ m(b=1) }}"),
+              HasSubstr("macro 'm' takes no keyword argument 'b'"));
+  EXPECT_THAT(error_of("{% macro m(a) %}{% endmacro %}{{ m(1, a=2) }}"),
+              HasSubstr("macro 'm' takes no keyword argument 'a'"));
+  EXPECT_THAT(error_of("{% macro m(a=1, b) %}{% endmacro %}"),
+              HasSubstr("a parameter without a default follows one with a default"));
+  EXPECT_THAT(error_of("{% macro r() %}{{ r() }}{% endmacro %}{{ r() }}"),
+              HasSubstr("macro calls nested deeper than 64"));
+  EXPECT_THAT(error_of("{% macro r(n) %}{% if n > 0 %}{{ r(n - 1) }}{{ r(n - 1) }}{% endif %}"
+                       "{% endmacro %}{{ r(40) }}"),
+              HasSubstr("more than 100000 macro calls in one rendering"));
+  EXPECT_THAT(error_of("{% for i in [1] %}{% set s %}{% break %}{% endset %}{% endfor %}"),
+              HasSubstr("break or continue inside a {% set %} block"));
+  EXPECT_THAT(error_of("{% set s | upper %}x{% endset %}"), HasSubstr("expected '=' or '%}'"));
+  EXPECT_THAT(error_of("{% set s %}never closed"), HasSubstr("missing {% endset %}"));
+}
+
 TEST(JinjaTest, ErrorsNameTheTemplateLineAndColumn) {
   EXPECT_THAT(error_of("line one\n  {% if x %}never closed"),
               AllOf(HasSubstr("chat template test:"), HasSubstr("missing {% endif %}")));
   EXPECT_THAT(error_of("ok\n{{ 'a' + }}"),
               HasSubstr("chat template test:2:10: expected an expression"));
-  EXPECT_THAT(error_of("{% macro m() %}{% endmacro %}"),
-              HasSubstr("test:1:4: unsupported statement 'macro'"));
+  EXPECT_THAT(error_of("{% call m() %}{% endcall %}"),
+              HasSubstr("test:1:4: unsupported statement 'call'"));
   EXPECT_THAT(error_of("\n\n   {{ 'x' | wordwrap }}"),
               HasSubstr("test:3:11: unsupported filter 'wordwrap'"));
   EXPECT_THAT(error_of("{{ raise_exception('Roles must alternate') }}"),

@@ -297,6 +297,35 @@ TEST(JobSpecTest, NumbersAcceptEveryDecimalSpelling) {
   EXPECT_EQ(spec.priority, 7);
 }
 
+// training.eval_prompts: a list of non-empty prompts (at most 16), eval_max_new_tokens in
+// [1, 4096]; a spec without them keeps its canonical text (no new keys).
+TEST(JobSpecTest, EvalPromptsAreReadValidatedAndLeftOutWhenUnused) {
+  const JobSpec spec = parse_job_spec(
+      "model: {path: m}\ndata: {train: [t.txt]}\n"
+      "training: {steps: 2, eval_prompts: [\"Once upon\", \"2 + 2 =\"], eval_max_new_tokens: 5}\n",
+      "samples.yaml");
+  EXPECT_EQ(spec.training.eval_prompts, (std::vector<std::string>{"Once upon", "2 + 2 ="}));
+  EXPECT_EQ(spec.training.eval_max_new_tokens, 5);
+  EXPECT_EQ(job_spec_to_yaml(minimal_spec()).find("eval_prompts"), std::string::npos);
+  EXPECT_EQ(job_spec_to_yaml(minimal_spec()).find("eval_max_new_tokens"), std::string::npos);
+  const std::vector<std::pair<std::string, std::string>> bad = {
+      {"eval_prompts: [a, \"\"]", "training.eval_prompts[1]"},
+      {"eval_max_new_tokens: 0", "training.eval_max_new_tokens"},
+      {"eval_max_new_tokens: 4097", "training.eval_max_new_tokens"},
+      {"eval_prompts: [a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p, q]", "at most 16 prompts"},
+  };
+  for (const auto& [line, message] : bad) {
+    try {
+      parse_job_spec(
+          "model: {path: m}\ndata: {train: [t.txt]}\ntraining:\n  steps: 2\n  " + line + "\n",
+          "bad.yaml");
+      ADD_FAILURE() << line << " was accepted";
+    } catch (const JobSpecError& e) {
+      EXPECT_THAT(e.what(), HasSubstr(message)) << line;
+    }
+  }
+}
+
 TEST(JobSpecTest, RoundTripsThroughCanonicalYaml) {
   std::vector<JobSpec> specs = {minimal_spec(), parse_job_spec(kFullYaml, "full.yaml")};
   // Strings the emitter must quote to keep them strings, numbers that need every digit.
@@ -321,7 +350,12 @@ TEST(JobSpecTest, RoundTripsThroughCanonicalYaml) {
   tricky.priority = std::numeric_limits<int64_t>::min();
   tricky.training.steps = std::numeric_limits<int64_t>::max();
   tricky.training.seed = 0;
+  tricky.training.eval_prompts = {"true", "line\nbreak", "- x"};
+  tricky.training.eval_max_new_tokens = 7;
   specs.push_back(tricky);
+  JobSpec only_tokens = minimal_spec();  // eval_max_new_tokens set without prompts
+  only_tokens.training.eval_max_new_tokens = 9;
+  specs.push_back(only_tokens);
   for (const JobSpec& spec : specs) {
     const std::string yaml = job_spec_to_yaml(spec);
     EXPECT_EQ(parse_job_spec(yaml, "canonical.yaml"), spec) << yaml;

@@ -16,10 +16,14 @@
 #include <vector>
 
 #include "common/checkpoint_manifest.h"
+#include "common/printable.h"
 #include "common/sha256.h"
 #include "kernels/cpu/gemm_dispatch.h"
 #include "worker/comm/in_process_communicator.h"
+#include "worker/data/byte_tokenizer.h"
 #include "worker/engine/checkpoint_io.h"
+#include "worker/engine/kv_cache_model.h"
+#include "worker/generate/generation.h"
 #include "worker/train/token_dataset.h"
 
 namespace lomo {
@@ -296,6 +300,61 @@ TEST(Trainer, LossFallsAndEvalIsReported) {
   for (const auto& entry : fs::directory_iterator(fs::path(spec.output.dir) / "checkpoints")) {
     EXPECT_NE(entry.path().filename().string().rfind(".tmp", 0), 0u) << "temporary left behind";
   }
+}
+
+// training.eval_prompts: at every evaluation rank 0 logs each prompt's greedy continuation by the
+// weights of that moment, quoted and escaped; the last one equals generate() on the final
+// checkpoint (the same weights).
+TEST(Trainer, EvalPromptsAreContinuedAndLoggedAtEveryEvaluation) {
+  Workspace ws("eval_samples");
+  JobSpec spec = ws.spec("adalomo", "out");  // 12 steps, evaluation every 4
+  spec.training.eval_prompts = {"The quick", "line\nbreak"};
+  spec.training.eval_max_new_tokens = 6;
+  std::vector<std::string> samples;
+  TrainerHooks hooks;
+  hooks.on_log = [&](const std::string& line) {
+    if (line.starts_with("eval sample")) samples.push_back(line);
+  };
+  const TrainResult r = train(spec, {}, hooks);
+  ASSERT_EQ(samples.size(), 3u * 2u) << "steps 4, 8 and 12 (the end), two prompts each";
+  EXPECT_TRUE(samples[0].starts_with("eval sample at step 4 (1/2): \"The quick\" -> \""))
+      << samples[0];
+  EXPECT_TRUE(samples[5].starts_with("eval sample at step 12 (2/2): \"line\\x0abreak\" -> \""))
+      << samples[5];
+  for (const std::string& line : samples) {
+    EXPECT_TRUE(std::none_of(line.begin(), line.end(),
+                             [](char c) { return static_cast<unsigned char>(c) < 0x20; }))
+        << "a control character reached the log: " << line;
+  }
+  MemoryAccountant accountant;
+  LlamaWeights weights = load_llama_checkpoint(r.last_checkpoint, DType::kF32, accountant);
+  ByteTokenizer tokenizer;
+  const std::vector<int32_t> prompt = tokenizer.encode("The quick");
+  GenerationOptions options;
+  options.max_new_tokens = 6;
+  KvCacheModel model(weights, accountant, static_cast<int64_t>(prompt.size()) + 5);
+  const GenerationResult generated = generate(model, prompt, options, &tokenizer);
+  ASSERT_EQ(generated.tokens.size(), 6u);
+  EXPECT_EQ(samples[4], "eval sample at step 12 (1/2): \"The quick\" -> \"" +
+                            printable_excerpt(generated.text, 4096) + "\"");
+}
+
+// A prompt longer than the model's positions is reported, not generated, and training goes on.
+TEST(Trainer, AnEvalPromptBeyondTheModelsPositionsIsReportedNotGenerated) {
+  Workspace ws("eval_sample_too_long");
+  JobSpec spec = ws.spec("adalomo", "out");
+  spec.training.steps = 1;
+  spec.training.eval_prompts = {std::string(65, 'x')};  // max_position_embeddings 64
+  std::vector<std::string> samples;
+  TrainerHooks hooks;
+  hooks.on_log = [&](const std::string& line) {
+    if (line.starts_with("eval sample")) samples.push_back(line);
+  };
+  EXPECT_EQ(train(spec, {}, hooks).steps_done, 1);
+  ASSERT_EQ(samples.size(), 1u);
+  EXPECT_TRUE(samples[0].ends_with(
+      ": not generated, the prompt's 65 tokens exceed max_position_embeddings 64"))
+      << samples[0];
 }
 
 TEST(Trainer, MatmulPrecisionFollowsPrecisionMatmul) {

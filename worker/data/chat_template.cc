@@ -230,6 +230,15 @@ TokenSample JinjaChatFormatter::format(std::span<const ChatMessage> messages,
   return out.take();
 }
 
+std::vector<int32_t> JinjaChatFormatter::generation_prompt(
+    std::span<const ChatMessage> messages) const {
+  try {
+    return tokenizer_.encode(render(messages, /*add_generation_prompt=*/true));
+  } catch (const jinja::TemplateError& error) {
+    throw std::invalid_argument(error.what());
+  }
+}
+
 std::string_view strip_white_space(std::string_view text) {
   size_t begin = 0;
   while (begin < text.size()) {

@@ -105,6 +105,14 @@ class JinjaChatFormatter {
   // conversation, "messages[i]" when prefixes do not line up at assistant message i.
   TokenSample format(std::span<const ChatMessage> messages, bool train_on_prompt) const;
 
+  // The prompt for the model's reply to `messages`: the conversation rendered with
+  // add_generation_prompt and encoded in one piece, as transformers' apply_chat_template(...,
+  // add_generation_prompt=True, tokenize=True) does. Throws std::invalid_argument naming the
+  // file when the template raises or fails.
+  std::vector<int32_t> generation_prompt(std::span<const ChatMessage> messages) const;
+
+  const ModelChatTemplate& source() const { return source_; }
+
  private:
   std::string render(std::span<const ChatMessage> messages, bool add_generation_prompt) const;
 

@@ -562,16 +562,18 @@ struct Node;
 using Body = std::vector<std::unique_ptr<Node>>;
 
 struct Node {
-  enum class Kind { kText, kOutput, kIf, kFor, kSet, kBreak, kContinue, kGeneration };
+  enum class Kind { kText, kOutput, kIf, kFor, kSet, kBreak, kContinue, kGeneration, kMacro };
   Kind kind;
   size_t offset = 0;
-  std::string text;                                // kText
-  ExprPtr expr;                                    // kOutput, kSet value, kFor iterable
+  std::string text;  // kText
+  ExprPtr expr;      // kOutput, kSet value (null: a block set), kFor iterable
   std::vector<std::pair<ExprPtr, Body>> branches;  // kIf (condition, body)
-  Body body;                                       // kFor, kGeneration
+  Body body;                                       // kFor, kGeneration, kSet as a block
   Body else_body;                                  // kIf, kFor
-  std::vector<std::string> targets;                // kFor; kSet: name or namespace, attribute
-  ExprPtr loop_filter;                             // kFor "... if condition"
+  std::vector<std::string> targets;  // kFor; kSet: name or namespace, attribute; kMacro: name,
+                                     // then its parameters
+  std::vector<ExprPtr> defaults;     // kMacro: each parameter's default (null: none)
+  ExprPtr loop_filter;               // kFor "... if condition"
 };
 
 std::unique_ptr<Node> new_node(Node::Kind kind, size_t offset) {
@@ -717,11 +719,22 @@ class Parser {
         next();
         node->targets.push_back(expect_name());
       }
-      if (!is_op("="))
-        fail_(peek().offset, "block {% set %} and unpacking are not supported" + found());
+      if (peek().kind == Tok::kBlockEnd) {
+        // {% set name %}...{% endset %}: the rendered body, a string.
+        next();
+        node->body = parse_body({"endset"}, stop);
+        expect_block_end();
+        return node;
+      }
+      if (!is_op("=")) {
+        fail_(peek().offset,
+              "expected '=' or '%}' ({% set %} filters and unpacking are not supported)" + found());
+      }
       next();
       node->expr = expression();
       expect_block_end();
+    } else if (keyword.text == "macro") {
+      macro(*node);
     } else if (keyword.text == "break" || keyword.text == "continue") {
       node->kind = keyword.text == "break" ? Node::Kind::kBreak : Node::Kind::kContinue;
       expect_block_end();
@@ -734,6 +747,32 @@ class Parser {
       fail_(keyword.offset, "unsupported statement '" + keyword.text + "'");
     }
     return node;
+  }
+
+  // {% macro name(a, b=default, ...) %}body{% endmacro %} (no *varargs, **kwargs or caller).
+  void macro(Node& node) {
+    node.kind = Node::Kind::kMacro;
+    node.targets.push_back(expect_name());
+    expect_op("(");
+    while (!is_op(")")) {
+      node.targets.push_back(expect_name());
+      ExprPtr default_value;
+      if (is_op("=")) {
+        next();
+        default_value = expression();
+      } else if (std::any_of(node.defaults.begin(), node.defaults.end(),
+                             [](const ExprPtr& d) { return d != nullptr; })) {
+        fail_(peek().offset, "a parameter without a default follows one with a default");
+      }
+      node.defaults.push_back(std::move(default_value));
+      if (!is_op(",")) break;
+      next();
+    }
+    expect_op(")");
+    expect_block_end();
+    std::string stop;
+    node.body = parse_body({"endmacro"}, stop);
+    expect_block_end();
   }
 
   ExprPtr make(Expr::Kind kind, size_t offset) {
@@ -1141,12 +1180,94 @@ class Renderer {
         return Flow::kContinue;
       case Node::Kind::kGeneration:
         return run(node.body, out);
+      case Node::Kind::kMacro:
+        scopes_.back()[node.targets[0]] = macro(node);
+        return Flow::kNormal;
     }
     return Flow::kNormal;
   }
 
+  // A macro as a function: called, it renders its body in a scope of its own over the
+  // template's globals as they are at the call and the local variables (loop ones included) as
+  // they were where it was defined, as Jinja's closures do, never the caller's locals; it
+  // returns the text.
+  Value macro(const Node& node) {
+    auto closure = std::make_shared<const std::vector<std::unordered_map<std::string, Value>>>(
+        scopes_.begin() + 1, scopes_.end());
+    return Value::of_function([this, &node, closure](Args& args, Kwargs& kwargs) -> Value {
+      const std::string& name = node.targets[0];
+      const size_t count = node.targets.size() - 1;
+      if (args.size() > count) {
+        throw std::invalid_argument("macro '" + name + "' takes not more than " +
+                                    std::to_string(count) + " argument(s)");
+      }
+      // Bounded in total too: two recursive calls per level would otherwise take 2^depth calls.
+      if (++macro_calls_ > kMaxMacroCalls) {
+        throw std::invalid_argument("more than " + std::to_string(kMaxMacroCalls) +
+                                    " macro calls in one rendering");
+      }
+      if (++macro_depth_ > kMaxMacroDepth) {
+        --macro_depth_;
+        throw std::invalid_argument("macro calls nested deeper than " +
+                                    std::to_string(kMaxMacroDepth));
+      }
+      std::vector<std::unordered_map<std::string, Value>> caller_scopes;
+      caller_scopes.swap(scopes_);
+      struct Restore {
+        Renderer& r;
+        std::vector<std::unordered_map<std::string, Value>>& saved;
+        ~Restore() {
+          r.scopes_.swap(saved);
+          --r.macro_depth_;
+        }
+      } restore{*this, caller_scopes};
+      scopes_ = {caller_scopes.front()};
+      scopes_.insert(scopes_.end(), closure->begin(), closure->end());
+      scopes_.emplace_back();
+      bind_macro_arguments(node, args, kwargs);
+      std::string text;
+      if (run(node.body, text) != Flow::kNormal) {
+        throw std::invalid_argument("break or continue outside a loop in macro '" + name + "'");
+      }
+      return Value::string(std::move(text));
+    });
+  }
+
+  // Positional arguments, then keyword ones, then defaults (evaluated in the macro's scope, as
+  // Jinja does); a parameter left without any is undefined.
+  void bind_macro_arguments(const Node& node, Args& args, Kwargs& kwargs) {
+    auto& scope = scopes_.back();
+    for (const auto& [key, value] : kwargs) {
+      // Jinja's message also for a keyword naming a parameter given by position.
+      const auto it = std::find(node.targets.begin() + 1, node.targets.end(), key);
+      if (it == node.targets.end() ||
+          static_cast<size_t>(it - node.targets.begin() - 1) < args.size()) {
+        throw std::invalid_argument("macro '" + node.targets[0] + "' takes no keyword argument '" +
+                                    key + "'");
+      }
+      scope[key] = value;
+    }
+    for (size_t i = 0; i + 1 < node.targets.size(); ++i) {
+      const std::string& parameter = node.targets[i + 1];
+      if (i < args.size()) {
+        scopes_.back()[parameter] = args[i];
+      } else if (!scopes_.back().contains(parameter)) {
+        scopes_.back()[parameter] = node.defaults[i] ? eval(*node.defaults[i]) : Value();
+      }
+    }
+  }
+
   void set(const Node& node) {
-    Value value = eval(*node.expr);
+    Value value;
+    if (node.expr) {
+      value = eval(*node.expr);
+    } else {
+      std::string text;
+      if (run(node.body, text) != Flow::kNormal) {
+        impl_.fail(node.offset, "break or continue inside a {% set %} block");
+      }
+      value = Value::string(std::move(text));
+    }
     if (node.targets.size() == 1) {
       scopes_.back()[node.targets[0]] = std::move(value);
       return;
@@ -1854,8 +1975,13 @@ class Renderer {
     throw std::invalid_argument("unsupported test '" + name + "'");
   }
 
+  static constexpr int kMaxMacroDepth = 64;
+  static constexpr int64_t kMaxMacroCalls = 100000;
+
   const Template::Impl& impl_;
   std::vector<std::unordered_map<std::string, Value>> scopes_;
+  int macro_depth_ = 0;
+  int64_t macro_calls_ = 0;
 };
 
 }  // namespace

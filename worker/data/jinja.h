@@ -7,7 +7,9 @@
 //
 // The subset: text, {{ }}, {% %}, {# #} with "-"/"+" whitespace control; if/elif/else,
 // for (loop.index/index0/first/last/length/revindex, else, "for a, b in ..."), set (names and
-// namespace attributes), break, continue; expressions with literals, lists, dicts, attribute and
+// namespace attributes; the block form {% set x %}...{% endset %}), macro (parameters with
+// defaults, keyword arguments, recursion up to 64 calls deep; no varargs or caller), break,
+// continue; expressions with literals, lists, dicts, attribute and
 // item access, slices, calls, filters, tests, arithmetic, ~, comparisons, in, and/or/not, and
 // conditional expressions; the filters, tests, string and dict methods that the templates of
 // Llama 3.x, Mistral, Qwen2.5, ChatML, Gemma and Phi-3 use (listed in jinja.cc). Values print as

@@ -27,7 +27,8 @@ struct GenerateArgs {
   std::optional<std::vector<int32_t>> prompt_ids;  // --prompt-ids
   bool chat = false, json = false;
   std::string system;
-  std::optional<ChatTemplate> chat_template;
+  bool chat_template_given = false;
+  std::optional<ChatTemplate> chat_template;  // a built-in one; none: the model's own (auto)
   GenerationOptions options;
 };
 
@@ -82,10 +83,13 @@ void apply_flag(GenerateArgs& a, const std::string& flag, const std::string& val
   } else if (flag == "--system") {
     a.system = value;
   } else if (flag == "--chat-template") {
-    a.chat_template = chat_template_from_name(value);
-    if (!a.chat_template) {
-      throw UsageError("--chat-template: expected llama-3, chatml or llama-2, got \"" + value +
-                       "\"");
+    a.chat_template_given = true;
+    if (value != "auto") {
+      a.chat_template = chat_template_from_name(value);
+      if (!a.chat_template) {
+        throw UsageError("--chat-template: expected auto, llama-3, chatml or llama-2, got \"" +
+                         value + "\"");
+      }
     }
   } else if (flag == "--max-new-tokens") {
     a.options.max_new_tokens = flag_int(flag, value);
@@ -123,7 +127,7 @@ std::optional<GenerateArgs> parse_args(const std::vector<std::string>& args) {
     throw UsageError("give exactly one of --prompt, --prompt-file and --prompt-ids");
   }
   if (a.chat && a.prompt_ids) throw UsageError("--chat needs a text prompt, not --prompt-ids");
-  if (!a.chat && (!a.system.empty() || a.chat_template)) {
+  if (!a.chat && (!a.system.empty() || a.chat_template_given)) {
     throw UsageError("--system and --chat-template need --chat");
   }
   try {
@@ -139,13 +143,31 @@ bool has_tokenizer(const fs::path& dir) {
   return fs::exists(dir / "tokenizer.json") || fs::exists(dir / "tokenizer.model");
 }
 
-// The prompt's token ids; adds the chat template's end of turn to the stop ids.
-std::vector<int32_t> prompt_tokens(GenerateArgs& a, const Tokenizer* tokenizer) {
-  if (a.prompt_ids) return *a.prompt_ids;
-  if (a.chat) {
-    const ChatTemplate t = a.chat_template ? *a.chat_template : detect_chat_template(*tokenizer);
-    return chat_prompt(t, *tokenizer, a.system, *a.prompt_text, &a.options.stop_token_ids);
+// The chat prompt: with the model's own template (tokenizer_config.json's chat_template) unless
+// a built-in one is named; a tokenizer without a template gets the built-in one that fits its
+// tokens, said on `err` so that a wrong guess is visible.
+std::vector<int32_t> chat_prompt_tokens(GenerateArgs& a, const Tokenizer& tokenizer,
+                                        std::ostream& err) {
+  if (!a.chat_template && tokenizer.chat_template()) {
+    return model_chat_prompt(*tokenizer.chat_template(), tokenizer, a.system, *a.prompt_text,
+                             &a.options.stop_token_ids);
   }
+  ChatTemplate t = ChatTemplate::kLlama2;
+  if (a.chat_template) {
+    t = *a.chat_template;
+  } else {
+    t = detect_chat_template(tokenizer);
+    err << "lomo-worker generate: " << (a.tokenizer_dir / "tokenizer_config.json").string()
+        << " has no chat_template; using the built-in " << chat_template_name(t)
+        << " template (--chat-template NAME chooses another)\n";
+  }
+  return chat_prompt(t, tokenizer, a.system, *a.prompt_text, &a.options.stop_token_ids);
+}
+
+// The prompt's token ids; adds the chat template's end of turn to the stop ids.
+std::vector<int32_t> prompt_tokens(GenerateArgs& a, const Tokenizer* tokenizer, std::ostream& err) {
+  if (a.prompt_ids) return *a.prompt_ids;
+  if (a.chat) return chat_prompt_tokens(a, *tokenizer, err);
   // As transformers' tokenizer(text) does for models that have a BOS token.
   std::vector<int32_t> ids;
   if (tokenizer->bos_id()) ids.push_back(*tokenizer->bos_id());
@@ -170,7 +192,7 @@ void print_result(const GenerateArgs& a, const std::vector<int32_t>& prompt,
   }
 }
 
-int run(GenerateArgs& a, std::ostream& out) {
+int run(GenerateArgs& a, std::ostream& out, std::ostream& err) {
   MemoryAccountant accountant;
   LlamaWeights weights = load_llama_checkpoint(a.model_dir, DType::kF32, accountant);
   const bool needs_tokenizer = a.prompt_text || !a.options.stop_strings.empty();
@@ -188,7 +210,7 @@ int run(GenerateArgs& a, std::ostream& out) {
     tokenizer = load_tokenizer(a.tokenizer_dir);
   }
   a.options.stop_token_ids = model_stop_token_ids(a.model_dir);
-  const std::vector<int32_t> prompt = prompt_tokens(a, tokenizer.get());
+  const std::vector<int32_t> prompt = prompt_tokens(a, tokenizer.get(), err);
   const LlamaConfig& config = weights.config();
   const int64_t needed = static_cast<int64_t>(prompt.size()) + a.options.max_new_tokens - 1;
   if (needed > config.max_position_embeddings) {
@@ -213,7 +235,7 @@ int generate_command(const std::vector<std::string>& args, std::ostream& out, st
       out << "usage:\n" << kGenerateUsage;
       return 0;
     }
-    return run(*parsed, out);
+    return run(*parsed, out, err);
   } catch (const UsageError& e) {
     err << "lomo-worker generate: " << e.what() << "\nusage:\n" << kGenerateUsage;
     return 2;

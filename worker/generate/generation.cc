@@ -153,14 +153,42 @@ void append_text(std::vector<int32_t>& ids, const Tokenizer& tokenizer, std::str
 
 }  // namespace
 
-std::vector<int32_t> chat_prompt(ChatTemplate chat_template, const Tokenizer& tokenizer,
-                                 const std::string& system, const std::string& user,
-                                 std::vector<int32_t>* stop_token_ids) {
+namespace {
+
+std::vector<ChatMessage> chat_messages(const std::string& system, const std::string& user) {
   std::vector<ChatMessage> messages;
   if (!system.empty()) messages.push_back({ChatRole::kSystem, system});
   messages.push_back({ChatRole::kUser, user});
+  return messages;
+}
+
+void add_stop_id(int32_t id, std::vector<int32_t>* stop_token_ids) {
+  if (std::find(stop_token_ids->begin(), stop_token_ids->end(), id) == stop_token_ids->end()) {
+    stop_token_ids->push_back(id);
+  }
+}
+
+}  // namespace
+
+std::vector<int32_t> model_chat_prompt(const ModelChatTemplate& chat_template,
+                                       const Tokenizer& tokenizer, const std::string& system,
+                                       const std::string& user,
+                                       std::vector<int32_t>* stop_token_ids) {
+  const JinjaChatFormatter formatter(chat_template, tokenizer);
+  std::vector<int32_t> ids = formatter.generation_prompt(chat_messages(system, user));
+  if (!chat_template.eos_token.empty()) {
+    if (const std::optional<int32_t> eos = tokenizer.token_to_id(chat_template.eos_token)) {
+      add_stop_id(*eos, stop_token_ids);
+    }
+  }
+  return ids;
+}
+
+std::vector<int32_t> chat_prompt(ChatTemplate chat_template, const Tokenizer& tokenizer,
+                                 const std::string& system, const std::string& user,
+                                 std::vector<int32_t>* stop_token_ids) {
   const ChatFormatter formatter(chat_template, tokenizer);
-  std::vector<int32_t> ids = formatter.format(messages, /*train_on_prompt=*/false).ids;
+  std::vector<int32_t> ids = formatter.format(chat_messages(system, user), false).ids;
   std::optional<int32_t> end_of_turn;
   switch (chat_template) {
     case ChatTemplate::kLlama3:
@@ -179,10 +207,7 @@ std::vector<int32_t> chat_prompt(ChatTemplate chat_template, const Tokenizer& to
       end_of_turn = tokenizer.eos_id();
       break;
   }
-  if (end_of_turn && std::find(stop_token_ids->begin(), stop_token_ids->end(), *end_of_turn) ==
-                         stop_token_ids->end()) {
-    stop_token_ids->push_back(*end_of_turn);
-  }
+  if (end_of_turn) add_stop_id(*end_of_turn, stop_token_ids);
   return ids;
 }
 

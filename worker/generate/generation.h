@@ -61,4 +61,15 @@ std::vector<int32_t> chat_prompt(ChatTemplate chat_template, const Tokenizer& to
                                  const std::string& system, const std::string& user,
                                  std::vector<int32_t>* stop_token_ids);
 
+// A chat prompt with the model's own template (tokenizer_config.json's chat_template): an
+// optional system message and the user's message rendered with add_generation_prompt and encoded
+// as transformers' apply_chat_template does. Adds the template's eos_token (which closes an
+// assistant turn in the templates of Llama 3 Instruct, Qwen2.5, ChatML and Mistral) to
+// *stop_token_ids when the tokenizer has it. Throws std::invalid_argument naming the file for a
+// template that cannot be parsed or rendered.
+std::vector<int32_t> model_chat_prompt(const ModelChatTemplate& chat_template,
+                                       const Tokenizer& tokenizer, const std::string& system,
+                                       const std::string& user,
+                                       std::vector<int32_t>* stop_token_ids);
+
 }  // namespace lomo

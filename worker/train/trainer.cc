@@ -1,5 +1,6 @@
 #include "worker/train/trainer.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cmath>
@@ -16,13 +17,16 @@
 #include "common/atomic_file.h"
 #include "common/checkpoint_layout.h"
 #include "common/checkpoint_manifest.h"
+#include "common/printable.h"
 #include "common/read_file.h"
 #include "kernels/cpu/gemm_dispatch.h"
 #include "worker/comm/local_communicator.h"
 #include "worker/comm/metered_communicator.h"
 #include "worker/engine/checkpoint_io.h"
+#include "worker/engine/kv_cache_model.h"
 #include "worker/engine/llama_model.h"
 #include "worker/engine/model_files.h"
+#include "worker/generate/generation.h"
 #include "worker/optim/lr_schedule.h"
 #include "worker/optim/optimizer.h"
 #include "worker/train/multiple_choice_eval.h"
@@ -413,6 +417,37 @@ nlohmann::ordered_json metrics_line(const TrainingMetrics& m) {
           {"memory", memory_json(m.memory)}};
 }
 
+// One training.eval_prompts entry continued greedily by the weights as they are now, as a log
+// line: the prompt and the text quoted and escaped (printable.h), so that generated control
+// characters or newlines cannot break the job's log or a terminal showing it.
+std::string eval_sample_line(LlamaWeights& weights, MemoryAccountant& accountant,
+                             const Tokenizer& tokenizer, const TrainingSpec& t, size_t index,
+                             int64_t step) {
+  const std::string& text = t.eval_prompts[index];
+  const std::string head = "eval sample at step " + std::to_string(step) + " (" +
+                           std::to_string(index + 1) + "/" + std::to_string(t.eval_prompts.size()) +
+                           "): \"" + printable_excerpt(text, 200) + "\"";
+  // As `lomo-worker generate` encodes a plain prompt (and transformers' tokenizer(text)).
+  std::vector<int32_t> prompt;
+  if (tokenizer.bos_id()) prompt.push_back(*tokenizer.bos_id());
+  const std::vector<int32_t> encoded = tokenizer.encode(text);
+  prompt.insert(prompt.end(), encoded.begin(), encoded.end());
+  const int64_t room =
+      weights.config().max_position_embeddings - static_cast<int64_t>(prompt.size()) + 1;
+  if (room < 1) {
+    return head + ": not generated, the prompt's " + std::to_string(prompt.size()) +
+           " tokens exceed max_position_embeddings " +
+           std::to_string(weights.config().max_position_embeddings);
+  }
+  GenerationOptions options;
+  options.max_new_tokens = std::min(t.eval_max_new_tokens, room);
+  if (tokenizer.eos_id()) options.stop_token_ids.push_back(*tokenizer.eos_id());
+  KvCacheModel model(weights, accountant,
+                     static_cast<int64_t>(prompt.size()) + options.max_new_tokens - 1);
+  const GenerationResult result = generate(model, prompt, options, &tokenizer);
+  return head + " -> \"" + printable_excerpt(result.text, 4096) + "\"";
+}
+
 nlohmann::json eval_line(const EvalMetrics& m) {
   nlohmann::json line = {{"step", m.step},
                          {"eval_loss", m.loss},
@@ -604,6 +639,7 @@ class TrainingRun {
   }
 
   void run_eval() {
+    log_eval_samples();
     if (!data_.eval && data_.eval_choices.empty()) return;
     EvalMetrics m;
     if (data_.eval) {
@@ -620,6 +656,16 @@ class TrainingRun {
     if (rank_ == 0) metrics_ << eval_line(m).dump() << "\n" << std::flush;
     result_.final_eval = m;
     if (hooks_.on_eval) hooks_.on_eval(m);
+  }
+
+  // training.eval_prompts, on rank 0 alone (the others go on to the next step's collectives and
+  // wait there).
+  void log_eval_samples() {
+    const TrainingSpec& t = spec_.training;
+    if (rank_ != 0) return;
+    for (size_t i = 0; i < t.eval_prompts.size(); ++i) {
+      log(eval_sample_line(weights_, accountant_, *data_.tokenizer, t, i, state_.step));
+    }
   }
 
   // Rank 0's multiple-choice metrics on every rank.
