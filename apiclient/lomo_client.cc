@@ -138,6 +138,17 @@ std::string describe_status(const grpc::Status& status, const std::string& addre
   switch (status.error_code()) {
     case grpc::StatusCode::UNAVAILABLE: {
       std::string why = message;
+      if (contains(message, "ssl") || contains(message, "handshake") ||
+          contains(message, "certificate")) {
+        return "TLS with the coordinator at " + address + " failed (" + message +
+               "): give its CA bundle (--ca-file, $LOMO_CA_FILE) and, if it requires client "
+               "certificates, --cert-file and --key-file";
+      }
+      if (contains(message, "socket closed") || contains(message, "connection reset")) {
+        return "the coordinator at " + address + " closed the connection (" + message +
+               "); if it serves TLS, give its CA bundle (--ca-file, $LOMO_CA_FILE), and if it "
+               "requires client certificates, --cert-file and --key-file";
+      }
       if (contains(message, "connection refused")) {
         why = "connection refused";
       } else if (contains(message, "dns") || contains(message, "resolve")) {

@@ -281,7 +281,8 @@ int run(const Options& options) {
                                    "--heartbeat-timeout",
                                    "30",
                                    "--heartbeat-interval-ms",
-                                   std::to_string(options.heartbeat_ms)};
+                                   std::to_string(options.heartbeat_ms),
+                                   "--init"};
   std::vector<char*> argv;
   for (std::string& arg : args) argv.push_back(arg.data());
   argv.push_back(nullptr);

@@ -3,6 +3,7 @@
 #include <yaml-cpp/yaml.h>
 
 #include <cstdlib>
+#include <tuple>
 
 namespace lomo::client {
 
@@ -51,18 +52,22 @@ LomoctlConfig resolve_config(const std::optional<std::string>& flag, const char*
           }
           if (!(seconds > 0)) throw ConfigError(source + ": timeout_seconds: must be > 0");
           config.timeout_seconds = seconds;
-        } else if (key == "token_file" || key == "ca_file") {
+        } else if (key == "token_file" || key == "ca_file" || key == "cert_file" ||
+                   key == "key_file") {
           if (!value.IsScalar() || value.Scalar().empty()) {
             throw ConfigError(source + ": " + key + ": expected a file path");
           }
           std::string path = value.Scalar();
           const char* home = std::getenv("HOME");
           if (path.rfind("~/", 0) == 0 && home != nullptr) path = home + path.substr(1);
-          (key == "token_file" ? config.token_file : config.ca_file) = path;
+          (key == "token_file"  ? config.token_file
+           : key == "ca_file"   ? config.ca_file
+           : key == "cert_file" ? config.cert_file
+                                : config.key_file) = path;
         } else {
           throw ConfigError(source + ": " + key +
                             ": unknown key (known: coordinator, timeout_seconds, token_file, "
-                            "ca_file)");
+                            "ca_file, cert_file, key_file)");
         }
       }
     }
@@ -87,8 +92,8 @@ const char* env_value(const char* name) {
 
 }  // namespace
 
-void resolve_security(const std::optional<std::string>& token_file_flag,
-                      const std::optional<std::string>& ca_file_flag, LomoctlConfig* config) {
+void resolve_security(const SecurityFlags& flags, LomoctlConfig* config) {
+  const std::optional<std::string>& token_file_flag = flags.token_file;
   std::string token_file = config->token_file;
   std::string source = token_file.empty() ? "" : "token_file " + token_file + " (config file)";
   if (const char* file = env_value("LOMO_TOKEN_FILE")) {
@@ -114,9 +119,14 @@ void resolve_security(const std::optional<std::string>& token_file_flag,
     }
   }
   config->token_source = security.token.empty() ? "" : source;
-  security.ca_file = config->ca_file;
-  if (const char* ca = env_value("LOMO_CA_FILE")) security.ca_file = ca;
-  if (ca_file_flag) security.ca_file = *ca_file_flag;
+  for (auto [field, from_config, env, flag] :
+       {std::tuple{&security.ca_file, &config->ca_file, "LOMO_CA_FILE", &flags.ca_file},
+        std::tuple{&security.cert_file, &config->cert_file, "LOMO_CERT_FILE", &flags.cert_file},
+        std::tuple{&security.key_file, &config->key_file, "LOMO_KEY_FILE", &flags.key_file}}) {
+    *field = *from_config;
+    if (const char* value = env_value(env)) *field = value;
+    if (*flag) *field = **flag;
+  }
 }
 
 }  // namespace lomo::client

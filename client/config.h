@@ -6,6 +6,8 @@
 //   timeout_seconds: 10          # deadline of each call (optional)
 //   token_file: ~/.config/lomo/token   # bearer token (first line); else $LOMO_TOKEN(_FILE)
 //   ca_file: /etc/lomo/ca.pem          # the coordinator's CA: TLS (else $LOMO_CA_FILE)
+//   cert_file: ~/.config/lomo/client.crt   # mutual TLS (else $LOMO_CERT_FILE)
+//   key_file: ~/.config/lomo/client.key    # its key (else $LOMO_KEY_FILE)
 #pragma once
 
 #include <filesystem>
@@ -25,6 +27,8 @@ struct LomoctlConfig {
   double timeout_seconds = 10.0;
   std::string token_file;  // from the config file, before flags and environment
   std::string ca_file;
+  std::string cert_file;
+  std::string key_file;
   ChannelSecurity security;   // resolve_security fills it
   std::string token_source;   // "--token-file FILE", "LOMO_TOKEN", ...; "" when no token
 };
@@ -44,10 +48,17 @@ std::optional<std::filesystem::path> default_config_path();
 LomoctlConfig resolve_config(const std::optional<std::string>& flag, const char* env,
                              const std::optional<std::filesystem::path>& config_file);
 
-// The token and CA bundle: flags (--token-file, --ca-file) over the environment ($LOMO_TOKEN,
-// $LOMO_TOKEN_FILE, $LOMO_CA_FILE) over the config file. Reads the token file; throws
-// ConfigError naming it.
-void resolve_security(const std::optional<std::string>& token_file_flag,
-                      const std::optional<std::string>& ca_file_flag, LomoctlConfig* config);
+// The credentials' flags, when given.
+struct SecurityFlags {
+  std::optional<std::string> token_file;  // --token-file
+  std::optional<std::string> ca_file;     // --ca-file
+  std::optional<std::string> cert_file;   // --cert-file (mutual TLS)
+  std::optional<std::string> key_file;    // --key-file
+};
+
+// The token, CA bundle and client certificate: flags over the environment ($LOMO_TOKEN,
+// $LOMO_TOKEN_FILE, $LOMO_CA_FILE, $LOMO_CERT_FILE, $LOMO_KEY_FILE) over the config file. Reads
+// the token file; throws ConfigError naming it.
+void resolve_security(const SecurityFlags& flags, LomoctlConfig* config);
 
 }  // namespace lomo::client

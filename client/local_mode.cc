@@ -290,6 +290,7 @@ class LocalRun {
   void start_coordinator() {
     write_local_tokens();
     ChildOptions c;
+    // --init: local mode owns its state dir, and a new one starts with an empty store.
     c.argv = {programs_.coordinator.string(),
               "--data-dir",
               files_.coordinator_data.string(),
@@ -300,7 +301,8 @@ class LocalRun {
               "--ready-file",
               files_.ready_file.string(),
               "--tokens-file",
-              files_.tokens_file.string()};
+              files_.tokens_file.string(),
+              "--init"};
     c.stdout_mode = c.stderr_mode = ChildOutput::kFile;
     c.output_file = files_.coordinator_log;
     coordinator_ = std::make_unique<ChildProcess>(c);

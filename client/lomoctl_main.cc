@@ -28,7 +28,8 @@ using namespace lomo::client;
 
 constexpr const char* kUsage =
     R"(usage: lomoctl [--coordinator HOST:PORT] [--output text|json] [--timeout SECONDS]
-               [--token-file PATH] [--ca-file PATH] COMMAND ...
+               [--token-file PATH] [--ca-file PATH] [--cert-file PATH --key-file PATH]
+               COMMAND ...
 
 commands:
   submit JOB.yaml [--set key=value]... [--watch]   submit a job (validated here first)
@@ -65,8 +66,7 @@ int terminal_width() {
 struct GlobalFlags {
   std::optional<std::string> coordinator;
   std::optional<std::string> timeout;
-  std::optional<std::string> token_file;
-  std::optional<std::string> ca_file;
+  SecurityFlags security;
   std::string output = "text";
   bool help = false;
   bool version = false;
@@ -78,11 +78,11 @@ struct GlobalFlags {
 // name is the first argument that is not "--flag=value". Throws lomo::FlagError.
 GlobalFlags parse_global_flags(const std::vector<std::string>& args) {
   const lomo::ParsedFlags parsed = lomo::parse_flags(
-      args,
-      {.switches = {"--version"},
-       .allow_positional = true,
-       .with_value = {"--coordinator", "--output", "-o", "--timeout", "--token-file", "--ca-file"},
-       .unknown = lomo::UnknownFlags::kPassOn});
+      args, {.switches = {"--version"},
+             .allow_positional = true,
+             .with_value = {"--coordinator", "--output", "-o", "--timeout", "--token-file",
+                            "--ca-file", "--cert-file", "--key-file"},
+             .unknown = lomo::UnknownFlags::kPassOn});
   GlobalFlags global;
   global.help = parsed.help;
   for (const auto& [flag, value] : parsed.flags) {
@@ -93,9 +93,13 @@ GlobalFlags parse_global_flags(const std::vector<std::string>& args) {
     } else if (flag == "--timeout") {
       global.timeout = value;
     } else if (flag == "--token-file") {
-      global.token_file = value;
+      global.security.token_file = value;
     } else if (flag == "--ca-file") {
-      global.ca_file = value;
+      global.security.ca_file = value;
+    } else if (flag == "--cert-file") {
+      global.security.cert_file = value;
+    } else if (flag == "--key-file") {
+      global.security.key_file = value;
     } else {
       global.output = value;  // --output or -o
     }
@@ -173,7 +177,7 @@ int main(int argc, char** argv) {
   try {
     context.config =
         resolve_config(global.coordinator, std::getenv("LOMO_COORDINATOR"), default_config_path());
-    resolve_security(global.token_file, global.ca_file, &context.config);
+    resolve_security(global.security, &context.config);
     if (timeout_flag) {
       const double seconds = lomo::flag_double("--timeout", *timeout_flag);
       if (!(seconds > 0)) throw std::invalid_argument("timeout");

@@ -51,8 +51,12 @@ ChannelSecurity security_from_environment() {
   ChannelSecurity security;
   const char* token_file = std::getenv("LOMO_TOKEN_FILE");
   if (token_file != nullptr && *token_file != '\0') security.token = read_token_file(token_file);
-  const char* ca_file = std::getenv("LOMO_CA_FILE");
-  if (ca_file != nullptr) security.ca_file = ca_file;
+  for (auto [field, name] : {std::pair{&security.ca_file, "LOMO_CA_FILE"},
+                             std::pair{&security.cert_file, "LOMO_CERT_FILE"},
+                             std::pair{&security.key_file, "LOMO_KEY_FILE"}}) {
+    const char* value = std::getenv(name);
+    if (value != nullptr) *field = value;
+  }
   return security;
 }
 
@@ -61,6 +65,35 @@ std::string trimmed(const std::string& text) {
   if (begin == std::string::npos) return "";
   const size_t end = text.find_last_not_of(" \t\r\n");
   return text.substr(begin, end - begin + 1);
+}
+
+std::string read_pem(const std::string& file, const std::string& what) {
+  try {
+    return read_file(file, 16 << 20);
+  } catch (const std::exception& error) {
+    throw std::runtime_error("cannot read the " + what + " " + file + ": " + error.what());
+  }
+}
+
+// TLS when a CA bundle or a client certificate is given (no CA bundle: the system roots).
+std::shared_ptr<grpc::ChannelCredentials> channel_credentials(const ChannelSecurity& security) {
+  if (security.ca_file.empty() && security.cert_file.empty() && security.key_file.empty()) {
+    return grpc::InsecureChannelCredentials();
+  }
+  if (security.cert_file.empty() != security.key_file.empty()) {
+    throw std::runtime_error(
+        "a client certificate needs its key and the other way round (--cert-file and "
+        "--key-file; $LOMO_CERT_FILE and $LOMO_KEY_FILE), got only " +
+        (security.cert_file.empty() ? "the key " + security.key_file
+                                    : "the certificate " + security.cert_file));
+  }
+  grpc::SslCredentialsOptions tls;
+  if (!security.ca_file.empty()) tls.pem_root_certs = read_pem(security.ca_file, "CA bundle");
+  if (!security.cert_file.empty()) {
+    tls.pem_cert_chain = read_pem(security.cert_file, "client certificate");
+    tls.pem_private_key = read_pem(security.key_file, "client key");
+  }
+  return grpc::SslCredentials(tls);
 }
 
 }  // namespace
@@ -99,16 +132,7 @@ std::shared_ptr<grpc::Channel> make_channel(const std::string& target,
                                             const grpc::ChannelArguments& args,
                                             const ChannelSecurity* security) {
   const ChannelSecurity& use = security != nullptr ? *security : process_channel_security();
-  std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials();
-  if (!use.ca_file.empty()) {
-    grpc::SslCredentialsOptions tls;
-    try {
-      tls.pem_root_certs = read_file(use.ca_file, 16 << 20);
-    } catch (const std::exception& error) {
-      throw std::runtime_error("cannot read the CA bundle " + use.ca_file + ": " + error.what());
-    }
-    credentials = grpc::SslCredentials(tls);
-  }
+  const std::shared_ptr<grpc::ChannelCredentials> credentials = channel_credentials(use);
   if (use.token.empty()) return grpc::CreateCustomChannel(target, credentials, args);
   std::vector<std::unique_ptr<grpc::experimental::ClientInterceptorFactoryInterface>> factories;
   factories.push_back(std::make_unique<BearerInterceptorFactory>(use.token));

@@ -15,12 +15,14 @@ inline constexpr std::chrono::milliseconds kWorkerInitialBackoff{250};
 inline constexpr std::chrono::milliseconds kWorkerMaxBackoff{15000};
 // Dialling plus the Register/Registered exchange (SessionOptions::connect_timeout).
 inline constexpr std::chrono::milliseconds kWorkerConnectTimeout{5000};
-// Room for the worker's first heartbeat and a loaded machine on top of the worst case.
-inline constexpr std::chrono::milliseconds kReattachMargin{5000};
+// Room for the worker's first heartbeat and a loaded machine on top of the worst case. 5 s was
+// once too little: in a chaos soak on 2 busy cores a worker came back 0.3 s after a 25 s window.
+inline constexpr std::chrono::milliseconds kReattachMargin{10000};
 
 // The coordinator's default re-attach window (server/config.h reattach_window_seconds): the
 // worst-case time from a worker's stream breaking to its next successful registration, plus the
-// margin. 25 s with the defaults above.
+// margin. 30 s with the defaults above. The coordinator counts it from the moment its listeners
+// accept connections again (Coordinator::serving_from_now), not from its start.
 inline constexpr std::chrono::milliseconds kDefaultReattachWindow =
     kWorkerMaxBackoff + kWorkerConnectTimeout + kReattachMargin;
 

@@ -24,6 +24,8 @@ struct DaemonOptions {
   std::string coordinator;  // host:port of the coordinator's gRPC endpoint
   std::string token_file;   // the worker's token (server/auth.h); "" sends none
   std::string ca_file;      // the coordinator's CA bundle; "" is plaintext
+  std::string cert_file;    // this worker's certificate and key for mutual TLS; "" for none
+  std::string key_file;
   Device device;
   std::string worker_id;  // stable across reconnects
   // Where gang peers reach this worker's trainer (Register.advertise_address; passed to each

@@ -30,7 +30,9 @@ constexpr const char* kUsage =
     "                         [--trainer PATH]  (lomo-worker, run as `PATH train JOB.yaml`)\n"
     "                         [--log-format text|json]\n"
     "                         [--token-file PATH]  (a worker token; or $LOMO_TOKEN_FILE)\n"
-    "                         [--ca-file PATH]  (the coordinator's CA: TLS; or $LOMO_CA_FILE)\n";
+    "                         [--ca-file PATH]  (the coordinator's CA: TLS; or $LOMO_CA_FILE)\n"
+    "                         [--cert-file PATH --key-file PATH]  (this worker's certificate for\n"
+    "                          mutual TLS; or $LOMO_CERT_FILE, $LOMO_KEY_FILE)\n";
 
 int usage(const std::string& problem) {
   std::cerr << "lomo-worker serve: " << problem << "\n" << kUsage;
@@ -73,6 +75,10 @@ void read_flags(const ParsedFlags& parsed, DaemonOptions* options, std::string* 
       options->token_file = value;
     } else if (flag == "--ca-file") {
       options->ca_file = value;
+    } else if (flag == "--cert-file") {
+      options->cert_file = value;
+    } else if (flag == "--key-file") {
+      options->key_file = value;
     } else if (flag == "--log-format") {
       try {
         set_log_format(parse_log_format(value));
@@ -89,22 +95,23 @@ void read_flags(const ParsedFlags& parsed, DaemonOptions* options, std::string* 
 // Every channel of this process (session, checkpoint fetches, rendezvous) presents the worker's
 // token and, with a CA bundle, speaks TLS. Throws std::runtime_error naming the file.
 void set_channel_security(DaemonOptions* options) {
-  for (auto [value, env] : {std::pair{&options->token_file, "LOMO_TOKEN_FILE"},
-                            std::pair{&options->ca_file, "LOMO_CA_FILE"}}) {
+  const std::pair<std::string*, const char*> files[] = {{&options->token_file, "LOMO_TOKEN_FILE"},
+                                                        {&options->ca_file, "LOMO_CA_FILE"},
+                                                        {&options->cert_file, "LOMO_CERT_FILE"},
+                                                        {&options->key_file, "LOMO_KEY_FILE"}};
+  for (auto [value, env] : files) {
     const char* from_env = std::getenv(env);
     if (value->empty() && from_env != nullptr) *value = from_env;
+    if (!value->empty()) *value = std::filesystem::absolute(*value);
   }
   ChannelSecurity security;
-  if (!options->token_file.empty()) {
-    options->token_file = std::filesystem::absolute(options->token_file);
-    security.token = read_token_file(options->token_file);
-  }
-  if (!options->ca_file.empty()) options->ca_file = std::filesystem::absolute(options->ca_file);
+  if (!options->token_file.empty()) security.token = read_token_file(options->token_file);
   security.ca_file = options->ca_file;
+  security.cert_file = options->cert_file;
+  security.key_file = options->key_file;
   // The training children meet their peers through the coordinator themselves (rendezvous):
   // they find the same credentials in the environment they inherit.
-  ::setenv("LOMO_TOKEN_FILE", options->token_file.c_str(), 1);
-  ::setenv("LOMO_CA_FILE", options->ca_file.c_str(), 1);
+  for (auto [value, env] : files) ::setenv(env, value->c_str(), 1);
   set_process_channel_security(std::move(security));
 }
 

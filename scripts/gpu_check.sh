@@ -130,7 +130,7 @@ free_port() {
 }
 grpc_port=$(free_port) http_port=$(free_port)
 "$programs/lomo-coordinator" --grpc-listen "127.0.0.1:$grpc_port" \
-  --http-listen "127.0.0.1:$http_port" --data-dir "$e2e/coordinator" >"$out/coordinator.log" 2>&1 &
+  --http-listen "127.0.0.1:$http_port" --data-dir "$e2e/coordinator" --init >"$out/coordinator.log" 2>&1 &
 coordinator=$!
 "$programs/lomo-worker" serve --coordinator "127.0.0.1:$grpc_port" --device 0 --worker-id gpu0 \
   --work-dir "$e2e/worker" >"$out/worker.log" 2>&1 &

@@ -22,6 +22,7 @@ packages=(
   libgloo-dev              # collectives between the CPU ranks of a data-parallel job (worker/comm)
   prometheus yamllint      # promtool and yamllint: offline checks of deploy/ (tests/deploy)
   python3-venv             # tests/hf/hf_roundtrip_test.sh: its transformers environment
+  openssl curl             # tests/integration/tls_test: test CA and certificates, HTTPS client
 )
 
 missing=()

@@ -19,7 +19,10 @@ const char* const kCoordinatorUsage =
     "                        [--log-format text|json] [--keep-checkpoints K]\n"
     "                        [--assigned-timeout SECONDS] [--cancel-timeout SECONDS]\n"
     "                        [--reattach-window SECONDS] [--tokens-file PATH] [--insecure]\n"
-    "                        [--max-queued-jobs-per-user N]\n"
+    "                        [--max-queued-jobs-per-user N] [--init]\n"
+    "                        [--tls-cert PATH --tls-key PATH [--tls-client-ca PATH]]\n"
+    "       lomo-coordinator init (--data-dir DIR | --config FILE)\n"
+    "       lomo-coordinator backup (--data-dir DIR | --config FILE) --out FILE\n"
     "       lomo-coordinator token create --tokens-file PATH --name NAME\n"
     "                        --role admin|user|viewer|worker [--worker-ids GLOB,GLOB]\n"
     "Serves the lomo JobService and WorkerService over gRPC, REST/JSON and /metrics over HTTP.\n"
@@ -64,6 +67,25 @@ void parse_auth(const YAML::Node& value, const std::string& source, CoordinatorC
           key_error(source, "auth." + sub,
                     "unknown key (expected tokens_file, insecure, max_queued_jobs_per_user)"));
     }
+  }
+}
+
+void parse_tls(const YAML::Node& value, const std::string& source, CoordinatorConfig* config) {
+  if (!value.IsMap()) {
+    throw ConfigError(
+        key_error(source, "tls", "expected {cert_file:, key_file:, client_ca_file:}"));
+  }
+  for (const auto& entry : value) {
+    const std::string sub = entry.first.as<std::string>();
+    std::string* field = sub == "cert_file"        ? &config->tls_cert_file
+                         : sub == "key_file"       ? &config->tls_key_file
+                         : sub == "client_ca_file" ? &config->tls_client_ca_file
+                                                   : nullptr;
+    if (field == nullptr) {
+      throw ConfigError(key_error(source, "tls." + sub,
+                                  "unknown key (expected cert_file, key_file, client_ca_file)"));
+    }
+    *field = scalar<std::string>(entry.second, source, "tls." + sub);
   }
 }
 
@@ -121,13 +143,15 @@ CoordinatorConfig parse_config(const std::string& yaml_text, const std::string& 
       config.reattach_window_seconds = scalar<double>(value, source, key);
     } else if (key == "auth") {
       parse_auth(value, source, &config);
+    } else if (key == "tls") {
+      parse_tls(value, source, &config);
     } else {
       throw ConfigError(key_error(source, key,
                                   "unknown key (expected listen, data_dir, heartbeat_interval_ms, "
                                   "heartbeat_timeout_seconds, threads, http_threads, "
                                   "shutdown_grace_seconds, log_format, keep_checkpoints, "
                                   "assigned_timeout_seconds, cancel_timeout_seconds, "
-                                  "reattach_window_seconds, auth)"));
+                                  "reattach_window_seconds, auth, tls)"));
     }
   }
   validate_config(config, source);
@@ -179,6 +203,13 @@ void validate_config(const CoordinatorConfig& config, const std::string& source)
     fail("auth.max_queued_jobs_per_user",
          "must be >= 0 (0: no limit), got " + std::to_string(config.max_queued_jobs_per_user));
   }
+  if (config.tls_cert_file.empty() != config.tls_key_file.empty()) {
+    fail(config.tls_cert_file.empty() ? "tls.cert_file" : "tls.key_file",
+         "TLS needs both a certificate and its key (--tls-cert and --tls-key)");
+  }
+  if (!config.tls_client_ca_file.empty() && config.tls_cert_file.empty()) {
+    fail("tls.client_ca_file", "needs tls.cert_file and tls.key_file (--tls-cert, --tls-key)");
+  }
   if (!(config.shutdown_grace_seconds >= 0)) {
     fail("shutdown_grace_seconds", "must be >= 0");
   }
@@ -223,6 +254,14 @@ void apply_flag(const std::string& flag, const std::string& value, CoordinatorCo
     config->insecure = value == "true";
   } else if (flag == "--max-queued-jobs-per-user") {
     config->max_queued_jobs_per_user = flag_int(flag, value);
+  } else if (flag == "--tls-cert") {
+    config->tls_cert_file = value;
+  } else if (flag == "--tls-key") {
+    config->tls_key_file = value;
+  } else if (flag == "--tls-client-ca") {
+    config->tls_client_ca_file = value;
+  } else if (flag == "--init") {
+    config->init = value == "true";
   } else {
     throw ConfigError("unknown flag " + flag);
   }
@@ -234,7 +273,7 @@ CoordinatorConfig config_from_command_line(const std::vector<std::string>& args,
   *help = false;
   try {
     FlagRules rules;
-    rules.switches = {"--insecure"};
+    rules.switches = {"--insecure", "--init"};
     const ParsedFlags parsed = parse_flags(args, rules);
     if (parsed.help) {
       *help = true;

@@ -13,7 +13,7 @@
 //   keep_checkpoints: 3         # committed checkpoints kept per job (newest); 0 keeps all
 //   assigned_timeout_seconds: 600 # ASSIGNED without any rank reporting RUNNING: a transient
 //   failure cancel_timeout_seconds: 300 # a cancel no worker confirms: CANCELLED, saying so
-//   reattach_window_seconds: 25 # a worker whose stream broke may take this long to come back
+//   reattach_window_seconds: 30 # a worker whose stream broke may take this long to come back
 #pragma once
 
 #include <chrono>
@@ -55,9 +55,22 @@ struct CoordinatorConfig {
   std::string tokens_file;
   bool insecure = false;
   int64_t max_queued_jobs_per_user = 1000;
+  // tls: one certificate for gRPC and HTTPS (server/tls.h); a client CA makes gRPC require
+  // client certificates it signed (mutual TLS). Files are re-read when they change and on SIGHUP.
+  //   tls:
+  //     cert_file: /etc/lomo/tls/server.crt   # with its chain
+  //     key_file: /etc/lomo/tls/server.key
+  //     client_ca_file: /etc/lomo/tls/client-ca.pem   # optional
+  std::string tls_cert_file;
+  std::string tls_key_file;
+  std::string tls_client_ca_file;
   // Not in the file: where to write {"grpc": "host:port", "http": "host:port"} once both listen
   // (ports chosen by the system when the address says :0). Tests and scripts wait for it.
   std::string ready_file;
+  // Not in the file either: --init, this is a new deployment. Only then does a missing (or
+  // zero-length) <data_dir>/coordinator.db become a new, empty store; without it the coordinator
+  // refuses to start, so a lost volume never comes up empty. Harmless on an existing store.
+  bool init = false;
 };
 
 // A setting that cannot be used; what() names the source and the key ("coordinator.yaml:
@@ -74,7 +87,8 @@ CoordinatorConfig parse_config(const std::string& yaml_text, const std::string& 
 // --heartbeat-timeout SECONDS, --heartbeat-interval-ms MS, --threads N, --ready-file PATH,
 // --log-format text|json, --keep-checkpoints K, --assigned-timeout SECONDS,
 // --cancel-timeout SECONDS, --reattach-window SECONDS, --tokens-file PATH, --insecure,
-// --max-queued-jobs-per-user N on top.
+// --max-queued-jobs-per-user N, --init, --tls-cert PATH, --tls-key PATH, --tls-client-ca PATH
+// on top.
 // Both "--flag value" and "--flag=value" work. Throws ConfigError; `*help` is set for --help.
 CoordinatorConfig config_from_command_line(const std::vector<std::string>& args, bool* help);
 

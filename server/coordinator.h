@@ -140,6 +140,11 @@ class Coordinator {
   // One dead-worker scan; the background thread runs it every tenth of the timeout.
   void check_heartbeats() { registry_.check_heartbeats(); }
 
+  // The listeners accept connections from now on: no worker's silence before this moment counts
+  // (a restored worker could not have reached a coordinator that was still opening its store;
+  // under load that took long enough for a worker to miss the re-attach window).
+  void serving_from_now() { registry_.grant_grace(Clock::now()); }
+
  private:
   void background_loop();
   // A gap between two background ticks longer than this means the coordinator itself stalled.

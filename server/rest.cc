@@ -19,6 +19,7 @@
 #include <stdexcept>
 
 #include "common/api_json.h"
+#include "common/printable.h"
 #include "server/job_service.h"
 
 namespace lomo::server {
@@ -78,7 +79,11 @@ nlohmann::json error_object(const grpc::Status& status) {
 
 void reply_error(httplib::Response& response, const grpc::Status& status) {
   response.status = http_status(status.error_code());
-  response.set_content(error_object(status).dump() + "\n", kJson);
+  // A message may quote request bytes (a method, a parameter) that are not UTF-8: replaced, never
+  // thrown (an exception here would end the process).
+  response.set_content(
+      error_object(status).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n",
+      kJson);
 }
 
 // The JSON `lomoctl --output json` prints too (common/api_json.h).
@@ -109,6 +114,7 @@ grpc::Status invalid(const std::string& message) {
 // integer above 2^53 (a seed) would arrive changed. nlohmann keeps 64-bit integers exact and, as
 // ordered_json, the keys in the order written. Anything else is protobuf's JSON mapping as is.
 grpc::Status parse_submit_body(const std::string& body, v1::SubmitJobRequest* request) {
+  if (valid_utf8(body) != body) return invalid("request body: not valid UTF-8");
   auto json = nlohmann::ordered_json::parse(body, nullptr, /*allow_exceptions=*/false);
   std::string spec_text;
   const bool exact = json.is_object() && json.contains("spec") && json["spec"].is_object() &&
@@ -235,7 +241,9 @@ bool write_events(Coordinator& coordinator, EventStream& stream, const std::stri
   EventBatch batch;
   const grpc::Status read = coordinator.read_events(job_id, stream.after, kEventBatch, &batch);
   if (!read.ok()) {
-    const std::string line = nlohmann::json{{"error", error_object(read)}}.dump() + "\n";
+    const std::string line = nlohmann::json{{"error", error_object(read)}}.dump(
+                                 -1, ' ', false, nlohmann::json::error_handler_t::replace) +
+                             "\n";
     sink.write(line.data(), line.size());
     sink.done();
     return true;
@@ -398,12 +406,24 @@ void install_error_handlers(httplib::Server& server) {
 
 }  // namespace
 
+namespace {
+
+std::unique_ptr<httplib::Server> plain_or_tls_server(TlsIdentity* tls) {
+  if (tls == nullptr) return std::make_unique<httplib::Server>();
+  auto server = std::make_unique<httplib::SSLServer>(
+      [tls](SSL_CTX& context) { return tls->configure(context); });
+  if (!server->is_valid()) throw std::runtime_error("cannot set up TLS for HTTPS");
+  return server;
+}
+
+}  // namespace
+
 RestServer::RestServer(Coordinator& coordinator, Metrics& metrics, int threads,
-                       const Authenticator& auth)
+                       const Authenticator& auth, TlsIdentity* tls)
     : coordinator_(coordinator),
       metrics_(metrics),
       auth_(auth),
-      server_(std::make_unique<httplib::Server>()),
+      server_(plain_or_tls_server(tls)),
       max_followers_(follower_limit(threads)) {
   const size_t max_threads = static_cast<size_t>(connection_limit(threads));
   server_->new_task_queue = [threads, max_threads] {

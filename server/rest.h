@@ -37,6 +37,7 @@
 #include "server/auth.h"
 #include "server/coordinator.h"
 #include "server/metrics.h"
+#include "server/tls.h"
 
 namespace httplib {
 class Server;
@@ -57,7 +58,9 @@ class RestServer {
 
   // `auth` decides who may call what: a missing or bad token gets 401 (with
   // WWW-Authenticate: Bearer), a token whose role or ownership does not allow the call 403.
-  RestServer(Coordinator& coordinator, Metrics& metrics, int threads, const Authenticator& auth);
+  // With `tls` (outliving the server), it serves HTTPS with that certificate (server/tls.h).
+  RestServer(Coordinator& coordinator, Metrics& metrics, int threads, const Authenticator& auth,
+             TlsIdentity* tls = nullptr);
   ~RestServer();  // stop()
   RestServer(const RestServer&) = delete;
   RestServer& operator=(const RestServer&) = delete;

@@ -8,9 +8,11 @@
 
 #include <cerrno>
 #include <charconv>
+#include <chrono>
 #include <cstring>
 #include <future>
 #include <nlohmann/json.hpp>
+#include <thread>
 
 #include "server/sqlite.h"
 #include "server/timestamps.h"
@@ -293,15 +295,31 @@ auto guarded(const Store* store, const std::string& what, F&& body) -> decltype(
   }
 }
 
-// A file that must not be opened as a store: zero bytes (SQLite would take it for a new, empty
-// database and the jobs it should hold would silently be gone).
-void refuse_empty_file(const std::filesystem::path& file) {
+// A file that holds no store yet: missing, or zero bytes (SQLite would take either for a new,
+// empty database, and the jobs it should hold would silently be gone). Only kCreate starts a new
+// store there, and not over a zero-length file whose WAL holds data.
+void check_new_file(const std::filesystem::path& file, StoreOpen open) {
   std::error_code error;
+  if (!std::filesystem::exists(file, error)) {
+    if (open == StoreOpen::kCreate) return;
+    throw StoreError(file.string() +
+                     ": no lomo store here (the file does not exist). A new store is created only "
+                     "when asked: lomo-coordinator --init, for a new deployment. If this "
+                     "deployment had one, its data directory or volume is missing: restore "
+                     "coordinator.db from a backup (server/README.md)");
+  }
   const auto size = std::filesystem::file_size(file, error);
-  if (!error && size == 0) {
+  if (error || size != 0) return;
+  if (open == StoreOpen::kExisting) {
     throw StoreError(file.string() +
                      ": zero-length file; it is not a lomo store (restore it from a backup, or "
-                     "remove it to start with an empty store)");
+                     "pass --init to start a new, empty store)");
+  }
+  const std::filesystem::path wal = file.string() + "-wal";
+  const auto wal_size = std::filesystem::file_size(wal, error);
+  if (!error && wal_size > 0) {
+    throw StoreError(file.string() + ": zero-length file beside a non-empty " + wal.string() +
+                     "; not starting a new store over it (restore from a backup)");
   }
 }
 
@@ -327,6 +345,85 @@ void refuse_corrupt_file(sqlite::Connection& db, const std::filesystem::path& fi
                    "); restore it from a backup");
 }
 
+// One value from a query that returns a single integer.
+int64_t single_int(sqlite::Connection& db, const std::string& sql) {
+  auto select = db.prepare(sql);
+  return select->step() ? select->column_int(0) : 0;
+}
+
+// Copies every page of `file` into `temporary` (a new file) from one read snapshot: a single
+// backup step holds one read transaction, which in WAL mode never blocks the coordinator's writer
+// and is never restarted by its commits. Busy only while another connection recovers the WAL.
+void copy_pages(const std::filesystem::path& file, const std::filesystem::path& temporary) {
+  sqlite::Connection source(file, /*create=*/false);
+  source.exec("PRAGMA query_only=ON");
+  if (single_int(source,
+                 "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND "
+                 "name = 'meta'") == 0) {
+    throw StoreError(file.string() + ": an SQLite database without lomo's schema (no meta table)");
+  }
+  sqlite::Connection copy(temporary, /*create=*/true);
+  sqlite3_backup* backup = sqlite3_backup_init(copy.handle(), "main", source.handle(), "main");
+  if (backup == nullptr) {
+    throw StoreError("cannot back up " + file.string() + " into " + temporary.string() + ": " +
+                     sqlite3_errmsg(copy.handle()));
+  }
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  int code = SQLITE_OK;
+  for (;;) {
+    code = sqlite3_backup_step(backup, -1);
+    if ((code != SQLITE_BUSY && code != SQLITE_LOCKED) ||
+        std::chrono::steady_clock::now() > deadline) {
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  sqlite3_backup_finish(backup);
+  if (code != SQLITE_DONE) {
+    throw StoreError("backing up " + file.string() + " into " + temporary.string() + ": " +
+                     sqlite3_errstr(code));
+  }
+  // The pages say WAL mode, as the source's do; a backup is one self-contained file instead.
+  auto mode = copy.prepare("PRAGMA journal_mode=DELETE");
+  if (!mode->step() || mode->column_text(0) != "delete") {
+    throw StoreError(temporary.string() + ": cannot leave WAL mode");
+  }
+}
+
+// The copy must be whole (PRAGMA integrity_check, every index against its table too) and a lomo
+// store; returns what it holds.
+BackupSummary check_copy(const std::filesystem::path& temporary) {
+  sqlite::Connection copy(temporary, /*create=*/false);
+  auto check = copy.prepare("PRAGMA integrity_check(5)");
+  std::string problems;
+  while (check->step()) {
+    const std::string line = check->column_text(0);
+    if (line != "ok") problems += (problems.empty() ? "" : "; ") + line;
+  }
+  if (!problems.empty()) {
+    throw StoreError(temporary.string() + ": the copy failed SQLite's integrity check (" +
+                     problems + ")");
+  }
+  BackupSummary summary;
+  summary.schema_version =
+      single_int(copy, "SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'schema_version'");
+  summary.jobs = single_int(copy, "SELECT COUNT(*) FROM jobs");
+  summary.events = single_int(copy, "SELECT COUNT(*) FROM job_events");
+  summary.checkpoints = single_int(copy, "SELECT COUNT(*) FROM checkpoints");
+  return summary;
+}
+
+// fsync of a file or a directory, naming it when it fails.
+void sync_path(const std::filesystem::path& path, int flags) {
+  const int fd = ::open(path.c_str(), flags | O_CLOEXEC);
+  if (fd < 0 || ::fsync(fd) != 0) {
+    const std::string reason = std::strerror(errno);
+    if (fd >= 0) ::close(fd);
+    throw StoreError("cannot sync " + path.string() + ": " + reason);
+  }
+  ::close(fd);
+}
+
 }  // namespace
 
 // A reader connection borrowed from the pool for one read; returned on destruction.
@@ -349,10 +446,11 @@ class Store::ReaderLease {
   std::unique_ptr<sqlite::Connection> connection_;
 };
 
-Store::Store(const std::filesystem::path& file, int reader_connections) : file_(file) {
-  refuse_empty_file(file);
+Store::Store(const std::filesystem::path& file, int reader_connections, StoreOpen open)
+    : file_(file) {
+  check_new_file(file, open);
   guarded(this, "opening " + file.string(), [&] {
-    writer_ = std::make_unique<sqlite::Connection>(file, /*create=*/true);
+    writer_ = std::make_unique<sqlite::Connection>(file, /*create=*/open == StoreOpen::kCreate);
     refuse_foreign_schema(*writer_, file);
     refuse_corrupt_file(*writer_, file);
     {
@@ -800,6 +898,28 @@ std::map<v1::JobState, int64_t> Store::count_jobs_by_state() const {
     }
     return counts;
   });
+}
+
+BackupSummary Store::backup(const std::filesystem::path& file, const std::filesystem::path& out) {
+  check_new_file(file, StoreOpen::kExisting);
+  const std::filesystem::path temporary = out.string() + ".tmp-" + std::to_string(::getpid());
+  std::error_code ignored;
+  std::filesystem::remove(temporary, ignored);
+  try {
+    copy_pages(file, temporary);
+    BackupSummary summary = check_copy(temporary);
+    summary.bytes = static_cast<int64_t>(std::filesystem::file_size(temporary));
+    sync_path(temporary, O_RDONLY);
+    std::filesystem::rename(temporary, out);
+    sync_path(std::filesystem::absolute(out).parent_path(), O_RDONLY | O_DIRECTORY);
+    return summary;
+  } catch (const sqlite::Error& error) {
+    std::filesystem::remove(temporary, ignored);
+    throw StoreError(std::string("backup of ") + file.string() + ": " + error.what());
+  } catch (...) {
+    std::filesystem::remove(temporary, ignored);
+    throw;
+  }
 }
 
 }  // namespace lomo::server

@@ -71,6 +71,25 @@ struct StoredCheckpoint {
   v1::CheckpointInfo info;
 };
 
+// What Store's constructor does with a file that holds no store yet.
+enum class StoreOpen {
+  // The file must hold a lomo store: a missing or zero-length file is refused, so a lost volume
+  // or data directory never comes up as an empty store (lomo-coordinator without --init).
+  kExisting,
+  // A missing or zero-length file becomes a new, empty store (lomo-coordinator --init); an
+  // existing store opens as with kExisting.
+  kCreate,
+};
+
+// What Store::backup wrote.
+struct BackupSummary {
+  int64_t bytes = 0;
+  int64_t jobs = 0;
+  int64_t events = 0;
+  int64_t checkpoints = 0;  // records of committed checkpoints (their files are not in the copy)
+  int64_t schema_version = 0;
+};
+
 class Store {
  public:
   // 2: jobs gained spec_canonical, spec_original and spec_overrides (a version 1 file is migrated
@@ -80,10 +99,12 @@ class Store {
   // 4: jobs gained attempts. 5: jobs gained owner (migrated in place: no owner).
   static constexpr int64_t kSchemaVersion = 5;
 
-  // Opens or creates the database file. Throws StoreError naming the file for a schema newer than
-  // ours, a zero-length file, a file with tables but no lomo schema, and a file that fails SQLite's
-  // quick_check (corrupt pages): none of them may come up as an empty or broken store.
-  explicit Store(const std::filesystem::path& file, int reader_connections = 8);
+  // Opens the database file, creating it only as `open` allows. Throws StoreError naming the file
+  // for a schema newer than ours, a missing or zero-length file (unless kCreate), a file with
+  // tables but no lomo schema, and a file that fails SQLite's quick_check (corrupt pages): none
+  // of them may come up as an empty or broken store.
+  explicit Store(const std::filesystem::path& file, int reader_connections = 8,
+                 StoreOpen open = StoreOpen::kCreate);
   ~Store();
   Store(const Store&) = delete;
   Store& operator=(const Store&) = delete;
@@ -131,6 +152,14 @@ class Store {
   // How many times the WAL was synced to disk: lets tests prove that a durable answer cost a
   // sync, and an answer with nothing new to sync none.
   uint64_t wal_syncs() const { return wal_syncs_.load(); }
+
+  // A consistent copy of the store at `file` in `out`, taken with SQLite's online backup API from
+  // a connection of its own: a coordinator may be running on the file (WAL: its writes go on
+  // while the copy reads one snapshot). The copy is written to a temporary file beside `out`,
+  // made a single self-contained file (no WAL), checked with PRAGMA integrity_check and for
+  // lomo's schema, fsynced, and renamed over `out`. Throws StoreError naming the file at fault;
+  // `out` is then untouched.
+  static BackupSummary backup(const std::filesystem::path& file, const std::filesystem::path& out);
 
   // "" while no operation found the file corrupt (SQLITE_CORRUPT, SQLITE_NOTADB); after that, the
   // first such error, naming the file. Health checks report NOT_SERVING from then on.

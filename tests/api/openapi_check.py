@@ -59,7 +59,8 @@ def start_coordinator(binary, scratch):
     log = open(scratch / "coordinator.log", "w")
     process = subprocess.Popen(
         [binary, "--data-dir", str(scratch / "data"), "--grpc-listen", "127.0.0.1:0",
-         "--http-listen", "127.0.0.1:0", "--ready-file", str(ready)], stdout=log, stderr=log)
+         "--http-listen", "127.0.0.1:0", "--ready-file", str(ready), "--init"],
+        stdout=log, stderr=log)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:

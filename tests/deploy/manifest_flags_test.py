@@ -5,8 +5,10 @@ For every overlay of deploy/k8s: render it with `kubectl kustomize`, take each w
 container command (with $(VAR) expanded from its env and the downward API: pod name, pod IP
 127.0.0.1), map /usr/local/bin to the build directory, every mounted volume to a scratch
 directory (ConfigMaps written out), every listen address and Service address to loopback ports,
-and run them: the coordinator must serve gRPC (lomoctl list) and pass its readiness probe, the
-worker must pass its liveness and readiness probes (ready = registered with that coordinator).
+and run them: init containers first (each must exit 0), then the coordinator must serve gRPC
+(lomoctl list) and pass its readiness probe, the worker must pass its liveness and readiness
+probes (ready = registered with that coordinator). The Secrets the manifests mount but do not
+contain (tokens) are made as deploy/README.md says, with `lomo-coordinator token create`.
 A flag the binaries do not know, or a value they refuse, fails the test: the manifests cannot
 drift from the binaries. Where the overlay asks for a GPU and this machine has none, the worker
 must refuse only its --device, after every other flag was accepted.
@@ -101,20 +103,47 @@ class Overlay:
         return text
 
 
-class Pod:
-    """One container of a workload, run here as a process."""
+def make_secrets(build, scratch):
+    """The Secrets deploy/README.md tells an operator to create: the coordinator's tokens file
+    (lomo-tokens) with a worker token (lomo-worker-token) and an admin token for lomoctl."""
+    os.makedirs(scratch, exist_ok=True)
+    tokens_file = os.path.join(scratch, "tokens.yaml")
+    coordinator = os.path.join(build, "server/lomo-coordinator")
 
-    def __init__(self, overlay, workload, scratch, build):
+    def create(name, role, *extra):
+        out = subprocess.run([coordinator, "token", "create", "--tokens-file", tokens_file,
+                              "--name", name, "--role", role, *extra],
+                             check=True, capture_output=True, text=True).stdout
+        return out.strip()
+
+    admin = create("deploy-test", "admin")
+    worker = create("lomo-workers", "worker", "--worker-ids", "lomo-worker-*")
+    with open(tokens_file) as f:
+        tokens_yaml = f.read()
+    admin_file = os.path.join(scratch, "admin.token")
+    with open(admin_file, "w") as f:
+        f.write(admin + "\n")
+    return {"lomo-tokens": {"tokens.yaml": tokens_yaml},
+            "lomo-worker-token": {"token": worker + "\n"}}, admin_file
+
+
+class Pod:
+    """One container of a workload (its first, or `container`), run here as a process."""
+
+    def __init__(self, overlay, workload, scratch, build, secrets, container=None):
         self.overlay = overlay
         self.workload = workload
+        self.secrets = secrets
         self.name = workload["metadata"]["name"] + "-0"
         spec = workload["spec"]["template"]["spec"]
-        self.container = spec["containers"][0]
+        self.container = container or spec["containers"][0]
         self.root = os.path.join(scratch, self.name)
         self.mounts = self.make_volumes(spec)
         self.argv = self.command(build)
-        self.log = open(os.path.join(self.root, "log.txt"), "w+")
+        self.log = open(os.path.join(self.root, f"log-{self.container['name']}.txt"), "w+")
         self.process = None
+        self.init = [Pod(overlay, workload, scratch, build, secrets, c)
+                     for c in ([] if container else spec.get("initContainers", []))]
 
     def make_volumes(self, spec):
         volumes = {v["name"]: v for v in spec.get("volumes", [])}
@@ -129,6 +158,16 @@ class Pod:
                 for key, text in data.items():
                     with open(os.path.join(directory, key), "w") as out:
                         out.write(self.localize(text, mounts_so_far=None))
+            if "secret" in volume:
+                name = volume["secret"]["secretName"]
+                if name not in self.secrets:
+                    raise AssertionError(f"{self.name}: mounts Secret {name}, which "
+                                         "deploy/README.md does not say how to create")
+                for key, text in self.secrets[name].items():
+                    path = os.path.join(directory, key)
+                    with open(path, "w") as out:
+                        out.write(text)
+                    os.chmod(path, 0o600)
             mounts[mount["mountPath"]] = directory
         return mounts
 
@@ -144,8 +183,11 @@ class Pod:
         return re.sub("(" + pattern + r")(?=/|\b|$)", lambda m: mounts[m.group(1)], text)
 
     def all_mount_paths(self):
+        """Every container's mounts (a ConfigMap names paths the pod's other containers mount)."""
+        spec = self.workload["spec"]["template"]["spec"]
         return {m["mountPath"]: os.path.join(self.root, "volumes", m["name"])
-                for m in self.container.get("volumeMounts", [])}
+                for c in spec["containers"] + spec.get("initContainers", [])
+                for m in c.get("volumeMounts", [])}
 
     def env(self):
         values = {}
@@ -173,6 +215,16 @@ class Pod:
             raise AssertionError(f"{self.name}: unexpected program {expanded[0]}")
         local = os.path.join(build, BINARIES[program], program)
         return [local] + [self.localize(a) for a in expanded[1:]]
+
+    def run_init(self):
+        """Runs the init containers in order; each must exit 0 within a minute."""
+        for init in self.init:
+            print(f"[{self.name}] init container {init.container['name']}: {' '.join(init.argv)}")
+            init.start()
+            init.process.wait(timeout=60)
+            if init.process.returncode != 0:
+                raise AssertionError(f"{self.name}: init container {init.container['name']} "
+                                     f"exited with {init.process.returncode}:\n{init.output()}")
 
     def start(self):
         env = dict(os.environ)
@@ -205,19 +257,22 @@ def check_overlay(name, source, build, scratch):
                                                                      name)],
                               check=True, capture_output=True, text=True).stdout
     overlay = Overlay(yaml.safe_load_all(rendered))
-    pods = {w["metadata"]["labels"]["app.kubernetes.io/component"]: Pod(overlay, w, scratch, build)
-            for w in overlay.workloads()}
+    secrets, admin_token = make_secrets(build, os.path.join(scratch, "secrets"))
+    pods = {w["metadata"]["labels"]["app.kubernetes.io/component"]:
+            Pod(overlay, w, scratch, build, secrets) for w in overlay.workloads()}
     coordinator, worker = pods["coordinator"], pods["worker"]
     try:
+        coordinator.run_init()
         print(f"[{name}] coordinator: {' '.join(coordinator.argv)}")
         coordinator.start()
         wait_for(f"[{name}] coordinator readiness probe",
                  lambda: http_status(coordinator.probe_url("readinessProbe")) == 200,
                  coordinator.process)
         grpc = overlay.rewrite_addresses("lomo-coordinator:7070")
-        subprocess.run([os.path.join(build, "client/lomoctl"), "--coordinator", grpc, "list"],
-                       check=True, capture_output=True)
+        subprocess.run([os.path.join(build, "client/lomoctl"), "--coordinator", grpc,
+                        "--token-file", admin_token, "list"], check=True, capture_output=True)
 
+        worker.run_init()
         print(f"[{name}] worker: {' '.join(worker.argv)}")
         worker.start()
         wants_gpu = "nvidia.com/gpu" in worker.container["resources"].get("limits", {})
@@ -235,7 +290,9 @@ def check_overlay(name, source, build, scratch):
         print(f"[{name}] both started from the manifests; probes pass")
     except Exception:
         for pod in pods.values():
-            print(f"--- {pod.name} log:\n{pod.output()}")
+            for container in pod.init + [pod]:
+                print(f"--- {pod.name} {container.container['name']} log:\n"
+                      f"{container.output()}")
         raise
     finally:
         for pod in reversed(list(pods.values())):

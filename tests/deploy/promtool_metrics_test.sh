@@ -16,7 +16,7 @@ deploy_scratch "$build" promtool-metrics
 cd "$scratch"
 
 deploy_start coordinator.log "$build/server/lomo-coordinator" --grpc-listen 127.0.0.1:0 \
-  --http-listen 127.0.0.1:0 --data-dir data --ready-file ready.json
+  --http-listen 127.0.0.1:0 --data-dir data --ready-file ready.json --init
 deploy_wait 60 "coordinator ready file" test -s ready.json
 grpc=$(deploy_ready_field ready.json grpc)
 http=$(deploy_ready_field ready.json http)

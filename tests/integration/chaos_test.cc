@@ -44,7 +44,6 @@ const fs::path kCoordinator = LOMO_COORDINATOR_BIN;
 const fs::path kSourceDir = LOMO_SOURCE_DIR;
 // One thread per rank in both runs: the kernels are deterministic for a given thread count.
 const std::vector<std::string> kEnv{"OMP_NUM_THREADS=1"};
-constexpr int kSteps = 60;
 constexpr int kCheckpointEvery = 5;
 constexpr int kWorkers = 3;  // a gang of 2 and a spare
 
@@ -75,6 +74,14 @@ std::string env_or(const char* name, const std::string& fallback) {
   const char* value = std::getenv(name);
   return value != nullptr && *value != '\0' ? value : fallback;
 }
+
+int fault_count() { return std::stoi(env_or("LOMO_CHAOS_COUNT", "4")); }
+
+// 15 steps per fault (60 for the default 4): each fault's slot is then at least two checkpoint
+// intervals wide, more than the workers train during a coordinator outage of up to 3 s, so a
+// later fault cannot be outrun by the end of the job (the soak's 6 faults once fit in 60 steps and
+// the job ended before the last one).
+const int kSteps = std::max(60, 15 * fault_count());
 
 std::vector<Fault> enabled_faults() {
   std::vector<Fault> kinds;
@@ -179,11 +186,23 @@ class ChaosTest : public ::testing::Test {
   void start_coordinator() {
     const fs::path ready = dir() / "ready.json";
     fs::remove(ready);
+    std::vector<std::string> argv = {kCoordinator.string(),
+                                     "--data-dir",
+                                     (dir() / "coordinator").string(),
+                                     "--grpc-listen",
+                                     address_,
+                                     "--http-listen",
+                                     "127.0.0.1:0",
+                                     "--ready-file",
+                                     ready.string(),
+                                     "--heartbeat-timeout",
+                                     "5",
+                                     "--heartbeat-interval-ms",
+                                     "200"};
+    // A new store on the first start only: restarts open the existing one without --init.
+    if (!fs::exists(dir() / "coordinator" / "coordinator.db")) argv.push_back("--init");
     coordinator_ = start_program(
-        {kCoordinator.string(), "--data-dir", (dir() / "coordinator").string(), "--grpc-listen",
-         address_, "--http-listen", "127.0.0.1:0", "--ready-file", ready.string(),
-         "--heartbeat-timeout", "5", "--heartbeat-interval-ms", "200"},
-        dir() / ("coordinator-" + std::to_string(++coordinator_starts_) + ".log"));
+        argv, dir() / ("coordinator-" + std::to_string(++coordinator_starts_) + ".log"));
     ASSERT_TRUE(
         wait_until([&] { return client::read_ready_address(ready).has_value(); }, seconds(30)))
         << read_file(dir() / ("coordinator-" + std::to_string(coordinator_starts_) + ".log"));
@@ -326,7 +345,7 @@ bool terminal(lomo::v1::JobState s) {
 
 TEST_F(ChaosTest, AJobHitBySeededFaultsEndsWithTheUninterruptedRunsWeights) {
   const uint32_t seed = static_cast<uint32_t>(std::stoul(env_or("LOMO_CHAOS_SEED", "1")));
-  const int count = std::stoi(env_or("LOMO_CHAOS_COUNT", "4"));
+  const int count = fault_count();
   const std::vector<ScheduledFault> schedule = make_schedule(seed, count, enabled_faults());
   SCOPED_TRACE(describe(seed, schedule));
   std::cerr << describe(seed, schedule) << "\n";

@@ -78,6 +78,9 @@ CoordinatorProcess::CoordinatorProcess(const ProcessOptions& options) {
   const double window = options.reattach_window_seconds > 0 ? options.reattach_window_seconds
                                                             : options.heartbeat_timeout_seconds;
   args.insert(args.end(), {"--reattach-window", std::to_string(window)});
+  if (options.init_when_new && !fs::exists(options.data_dir / "coordinator.db")) {
+    args.push_back("--init");
+  }
   args.insert(args.end(), options.extra_args.begin(), options.extra_args.end());
   std::vector<char*> argv;
   for (std::string& arg : args) argv.push_back(arg.data());

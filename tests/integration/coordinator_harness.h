@@ -53,6 +53,9 @@ struct ProcessOptions {
   // --reattach-window; <= 0: the heartbeat timeout (tests' workers reconnect fast). Tests of the
   // coordinator's default (common/reconnect.h) set it explicitly.
   double reattach_window_seconds = 0;
+  // --init when <data_dir>/coordinator.db does not exist yet (a new deployment); a restart on an
+  // existing store runs without it, as a real one does. False: never (tests of the refusal).
+  bool init_when_new = true;
   std::vector<std::string> extra_args;
 };
 

@@ -43,7 +43,7 @@ class GangControlPlaneTest : public ::testing::Test {
     coordinator_ = start_program(
         {kCoordinator.string(), "--data-dir", (dir() / "coordinator").string(), "--grpc-listen",
          "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--ready-file", ready.string(),
-         "--heartbeat-timeout", "5", "--heartbeat-interval-ms", "200"},
+         "--heartbeat-timeout", "5", "--heartbeat-interval-ms", "200", "--init"},
         dir() / "coordinator.log");
     std::optional<std::string> address;
     ASSERT_TRUE(wait_until(

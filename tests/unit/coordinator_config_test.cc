@@ -109,6 +109,29 @@ TEST(CoordinatorConfig, CommandLineOverridesTheFile) {
   EXPECT_TRUE(help);
 }
 
+// The tls section and its flags (server/tls.h); a certificate needs its key.
+TEST(CoordinatorConfig, ReadsTheTlsSectionAndFlags) {
+  const CoordinatorConfig config =
+      parse_config("tls: {cert_file: /c.crt, key_file: /c.key, client_ca_file: /ca.pem}", "c.yaml");
+  EXPECT_EQ(config.tls_cert_file, "/c.crt");
+  EXPECT_EQ(config.tls_key_file, "/c.key");
+  EXPECT_EQ(config.tls_client_ca_file, "/ca.pem");
+  bool help = false;
+  const CoordinatorConfig flags = config_from_command_line(
+      {"--tls-cert", "s.crt", "--tls-key=s.key", "--tls-client-ca", "ca.pem"}, &help);
+  EXPECT_EQ(flags.tls_cert_file, "s.crt");
+  EXPECT_EQ(flags.tls_key_file, "s.key");
+  EXPECT_EQ(flags.tls_client_ca_file, "ca.pem");
+  EXPECT_THAT(error_of([] { parse_config("tls: {cert_file: /c.crt}", "c.yaml"); }),
+              HasSubstr("c.yaml: tls.key_file: TLS needs both a certificate and its key"));
+  EXPECT_THAT(error_of([] { parse_config("tls: {client_ca_file: /ca.pem}", "c.yaml"); }),
+              HasSubstr("c.yaml: tls.client_ca_file: needs tls.cert_file"));
+  EXPECT_THAT(error_of([] { parse_config("tls: {certificate: /c.crt}", "c.yaml"); }),
+              HasSubstr("c.yaml: tls.certificate: unknown key"));
+  EXPECT_THAT(error_of([] { parse_config("tls: /c.crt", "c.yaml"); }),
+              HasSubstr("c.yaml: tls: expected {cert_file:, key_file:, client_ca_file:}"));
+}
+
 TEST(CoordinatorConfig, SplitsHostAndPort) {
   EXPECT_EQ(split_host_port("127.0.0.1:80", "x").port, 80);
   EXPECT_EQ(split_host_port("[::1]:0", "x").host, "::1");

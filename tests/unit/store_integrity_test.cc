@@ -6,9 +6,11 @@
 #include <sqlite3.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "server/store.h"
@@ -38,9 +40,9 @@ class StoreIntegrityTest : public ::testing::Test {
     sqlite3_close(handle);
   }
 
-  std::string open_failure() const {
+  std::string open_failure(StoreOpen open = StoreOpen::kCreate) const {
     try {
-      Store store(db());
+      Store store(db(), /*reader_connections=*/1, open);
     } catch (const StoreError& error) {
       return error.what();
     }
@@ -61,8 +63,118 @@ JobRecord job(int i) {
 
 TEST_F(StoreIntegrityTest, AZeroLengthFileIsRefusedAndLeftAsItIs) {
   std::ofstream(db()).close();
-  EXPECT_THAT(open_failure(), HasSubstr(db().string() + ": zero-length file"));
+  EXPECT_THAT(open_failure(StoreOpen::kExisting), HasSubstr(db().string() + ": zero-length file"));
+  EXPECT_THAT(open_failure(StoreOpen::kExisting), HasSubstr("pass --init"));
   EXPECT_EQ(fs::file_size(db()), 0u);
+}
+
+// Without --init a lost volume (no file) never comes up as an empty store; nothing is created.
+TEST_F(StoreIntegrityTest, AMissingFileIsRefusedUnlessCreatingAndNothingIsCreated) {
+  const std::string error = open_failure(StoreOpen::kExisting);
+  EXPECT_THAT(error, HasSubstr(db().string() + ": no lomo store here (the file does not exist)"));
+  EXPECT_THAT(error, HasSubstr("--init"));
+  EXPECT_FALSE(fs::exists(db()));
+  EXPECT_EQ(open_failure(StoreOpen::kCreate), "");
+  EXPECT_EQ(open_failure(StoreOpen::kExisting), "") << "the store made by kCreate opens";
+}
+
+TEST_F(StoreIntegrityTest, CreatingOverAZeroLengthFileStartsANewStore) {
+  std::ofstream(db()).close();
+  EXPECT_EQ(open_failure(StoreOpen::kCreate), "");
+  EXPECT_GT(fs::file_size(db()), 0u);
+  EXPECT_EQ(open_failure(StoreOpen::kExisting), "");
+}
+
+// A zero-length file whose WAL holds pages may be a store that was never checkpointed.
+TEST_F(StoreIntegrityTest, CreatingOverAZeroLengthFileBesideAWalWithDataIsRefused) {
+  std::ofstream(db()).close();
+  std::ofstream(db().string() + "-wal") << std::string(4096, 'w');
+  EXPECT_THAT(open_failure(StoreOpen::kCreate),
+              HasSubstr(db().string() + ": zero-length file beside a non-empty"));
+  EXPECT_EQ(fs::file_size(db()), 0u);
+}
+
+// An existing store with --init is opened as it is, jobs and all.
+TEST_F(StoreIntegrityTest, CreatingOnAnExistingStoreKeepsItsJobs) {
+  {
+    Store store(db(), 1, StoreOpen::kCreate);
+    JobRecord record = job(1);
+    std::vector<v1::JobEvent> events;
+    store.insert_job(record, events);
+  }
+  Store store(db(), 1, StoreOpen::kCreate);
+  EXPECT_TRUE(store.get_job("job-1").has_value());
+}
+
+// The online backup: taken while another connection keeps writing, a complete, self-contained
+// store (no -wal beside it) that opens without --init and holds every job committed before it.
+TEST_F(StoreIntegrityTest, ABackupTakenWhileWritingOpensAsAStoreWithTheJobs) {
+  Store store(db(), 2);
+  for (int i = 0; i < 200; ++i) {
+    JobRecord record = job(i);
+    std::vector<v1::JobEvent> events(3);
+    store.insert_job(record, events);
+  }
+  std::atomic<bool> stop{false};
+  std::atomic<int> written{0};
+  std::thread writer([&] {
+    for (int i = 1000; !stop; ++i) {
+      JobRecord record = job(i);
+      std::vector<v1::JobEvent> events(1);
+      store.insert_job(record, events);
+      ++written;
+    }
+  });
+  while (written < 20) std::this_thread::yield();
+  const fs::path out = dir_ / "backups" / "coordinator.db";
+  fs::create_directories(out.parent_path());
+  BackupSummary summary;
+  std::string error;
+  try {
+    summary = Store::backup(db(), out);
+  } catch (const StoreError& e) {
+    error = e.what();
+  }
+  stop = true;
+  writer.join();
+  ASSERT_EQ(error, "");
+  EXPECT_GE(summary.jobs, 220);
+  EXPECT_LE(summary.jobs, 200 + written.load());
+  EXPECT_GE(summary.events, 600);
+  EXPECT_EQ(summary.schema_version, Store::kSchemaVersion);
+  EXPECT_EQ(summary.bytes, static_cast<int64_t>(fs::file_size(out)));
+  EXPECT_FALSE(fs::exists(out.string() + "-wal"));
+  std::vector<std::string> left;
+  for (const auto& entry : fs::directory_iterator(out.parent_path())) {
+    left.push_back(entry.path().filename().string());
+  }
+  EXPECT_EQ(left, std::vector<std::string>{"coordinator.db"}) << "no temporary file left";
+
+  Store copy(out, 1, StoreOpen::kExisting);
+  EXPECT_EQ(copy.list_jobs({}, 10000, "").jobs.size(), static_cast<size_t>(summary.jobs));
+  EXPECT_TRUE(copy.get_job("job-199").has_value());
+  EXPECT_TRUE(copy.get_job("job-1000").has_value());
+}
+
+TEST_F(StoreIntegrityTest, ABackupOfNoStoreOrIntoNoDirectoryFailsNamingTheFile) {
+  const fs::path out = dir_ / "copy.db";
+  auto failure = [](const fs::path& from, const fs::path& to) -> std::string {
+    try {
+      Store::backup(from, to);
+    } catch (const StoreError& error) {
+      return error.what();
+    }
+    return "";
+  };
+  EXPECT_THAT(failure(db(), out), HasSubstr(db().string() + ": no lomo store here"));
+  exec("CREATE TABLE photos (id INTEGER PRIMARY KEY)");
+  EXPECT_THAT(failure(db(), out), HasSubstr(db().string() + ": an SQLite database without lomo's"));
+  fs::remove(db());
+  { Store store(db(), 1); }
+  EXPECT_THAT(failure(db(), dir_ / "missing" / "copy.db"), HasSubstr("missing/copy.db.tmp-"));
+  EXPECT_FALSE(fs::exists(out));
+  EXPECT_EQ(failure(db(), out), "");
+  EXPECT_TRUE(fs::exists(out));
 }
 
 TEST_F(StoreIntegrityTest, AnotherProgramsDatabaseIsRefused) {
