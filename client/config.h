@@ -29,8 +29,8 @@ struct LomoctlConfig {
   std::string ca_file;
   std::string cert_file;
   std::string key_file;
-  ChannelSecurity security;   // resolve_security fills it
-  std::string token_source;   // "--token-file FILE", "LOMO_TOKEN", ...; "" when no token
+  ChannelSecurity security;  // resolve_security fills it
+  std::string token_source;  // "--token-file FILE", "LOMO_TOKEN", ...; "" when no token
 };
 
 class ConfigError : public std::runtime_error {

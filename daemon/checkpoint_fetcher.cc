@@ -6,8 +6,8 @@
 #include <vector>
 
 #include "common/checkpoint_layout.h"
-#include "common/grpc_channel.h"
 #include "common/file_transfer.h"
+#include "common/grpc_channel.h"
 #include "common/log.h"
 #include "lomo/v1/workers.grpc.pb.h"
 
@@ -45,8 +45,7 @@ void receive_files(Reader& reader, grpc::ClientContext& context,
 std::optional<int64_t> CoordinatorCheckpointFetcher::fetch_latest(const std::string& job_id,
                                                                   int64_t attempt,
                                                                   const fs::path& checkpoints_dir) {
-  const auto stub = lomo::v1::WorkerService::NewStub(
-      make_channel(address_));
+  const auto stub = lomo::v1::WorkerService::NewStub(make_channel(address_));
   grpc::ClientContext context;
   context.set_deadline(std::chrono::system_clock::now() + deadline_);
   lomo::v1::FetchCheckpointRequest request;

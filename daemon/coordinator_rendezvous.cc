@@ -47,8 +47,7 @@ std::string code_name(grpc::StatusCode code) {
 
 CoordinatorRendezvous::CoordinatorRendezvous(CoordinatorRendezvousOptions options)
     : options_(std::move(options)),
-      stub_(lomo::v1::WorkerService::NewStub(
-          make_channel(options_.coordinator))) {}
+      stub_(lomo::v1::WorkerService::NewStub(make_channel(options_.coordinator))) {}
 
 void CoordinatorRendezvous::fail(const std::string& what, const grpc::Status& status) const {
   throw RendezvousError("rendezvous of job " + options_.job_id + " attempt " +
