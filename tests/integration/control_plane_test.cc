@@ -150,6 +150,35 @@ class ControlPlaneTest : public ::testing::Test {
     return pid;
   }
 
+  // The checkpoint directory the trainer of `job_id`'s attempt wrote at `step` on the worker.
+  fs::path worker_checkpoint(const std::string& job_id, int attempt, int step) const {
+    char name[32];
+    std::snprintf(name, sizeof(name), "step-%08d", step);
+    return dir() / "worker/jobs" / job_id / ("attempt-" + std::to_string(attempt)) /
+           "out/checkpoints" / name;
+  }
+
+  // Every file of the final checkpoint of `resumed_job`'s second attempt equals the uninterrupted
+  // `reference` run's, byte for byte, except the job spec the checkpoint keeps (its output.dir
+  // names the attempt's directory, and max_restarts differs) and the manifest that holds that
+  // file's SHA-256.
+  void expect_same_final_checkpoint(const std::string& reference, const std::string& resumed_job,
+                                    int steps) {
+    const std::set<std::string> differ_by_design{"job.yaml", "lomo_manifest.json"};
+    const fs::path uninterrupted = worker_checkpoint(reference, 1, steps);
+    const fs::path resumed = worker_checkpoint(resumed_job, 2, steps);
+    size_t files = 0;
+    for (const auto& entry : fs::recursive_directory_iterator(uninterrupted)) {
+      if (!entry.is_regular_file()) continue;
+      ++files;
+      const fs::path relative = fs::relative(entry.path(), uninterrupted);
+      if (differ_by_design.count(relative.string())) continue;
+      EXPECT_TRUE(read_file(resumed / relative) == read_file(entry.path()))
+          << relative << " differs from the uninterrupted run's";
+    }
+    EXPECT_GE(files, 4u);
+  }
+
   ScratchDir scratch_{"lomo-control-plane-test"};
   fs::path model_;
   std::string address_;
@@ -361,10 +390,8 @@ TEST_F(ControlPlaneTest, ASixtySecondCoordinatorOutageLosesNoStepAndNoCheckpoint
   for (const auto& checkpoint : client_->list_checkpoints(id)) committed.insert(checkpoint.step());
   EXPECT_EQ(committed.count(kSteps), 1u) << "the final checkpoint was not committed";
   for (int step = kCheckpointEvery; step <= kSteps; step += kCheckpointEvery) {
-    char name[32];
-    std::snprintf(name, sizeof(name), "step-%08d", step);
-    EXPECT_TRUE(fs::exists(dir() / "worker/jobs" / id / "attempt-1/out/checkpoints" / name))
-        << name << " is gone from the worker's disk";
+    EXPECT_TRUE(fs::exists(worker_checkpoint(id, 1, step)))
+        << "the checkpoint of step " << step << " is gone from the worker's disk";
   }
   int64_t last_step = 0;
   int metrics = 0;
@@ -474,25 +501,7 @@ TEST_F(ControlPlaneTest, AKilledTrainerIsRestartedAndEndsWithTheWeightsOfAnUnint
   EXPECT_THAT(output, HasSubstr("FAILED at step"));
   EXPECT_THAT(output, HasSubstr(", restarted: training process killed by SIGKILL"));
 
-  // Every file of the final checkpoint, byte for byte, except the job spec the checkpoint keeps
-  // (its output.dir names the attempt's directory, and max_restarts differs) and the manifest
-  // that holds that file's SHA-256.
-  const std::set<std::string> differ_by_design{"job.yaml", "lomo_manifest.json"};
-  char name[32];
-  std::snprintf(name, sizeof(name), "step-%08d", kSteps);
-  const fs::path uninterrupted =
-      dir() / "worker/jobs" / reference / "attempt-1/out/checkpoints" / name;
-  const fs::path resumed = dir() / "worker/jobs" / id / "attempt-2/out/checkpoints" / name;
-  size_t files = 0;
-  for (const auto& entry : fs::recursive_directory_iterator(uninterrupted)) {
-    if (!entry.is_regular_file()) continue;
-    ++files;
-    const fs::path relative = fs::relative(entry.path(), uninterrupted);
-    if (differ_by_design.count(relative.string())) continue;
-    EXPECT_TRUE(read_file(resumed / relative) == read_file(entry.path()))
-        << relative << " differs from the uninterrupted run's";
-  }
-  EXPECT_GE(files, 4u);
+  expect_same_final_checkpoint(reference, id, kSteps);
 }
 
 // A node drain: the worker daemon gets SIGTERM mid-run. Its trainer checkpoints, the daemon uploads
@@ -542,22 +551,7 @@ TEST_F(ControlPlaneTest, ADrainedWorkersJobIsQueuedAgainAndEndsWithTheWeightsOfA
   ASSERT_EQ(lomoctl({"get", id}, &output), 0) << output;
   EXPECT_THAT(output, HasSubstr("PREEMPTED at step " + std::to_string(stopped_at)));
 
-  const std::set<std::string> differ_by_design{"job.yaml", "lomo_manifest.json"};
-  char name[32];
-  std::snprintf(name, sizeof(name), "step-%08d", kSteps);
-  const fs::path uninterrupted =
-      dir() / "worker/jobs" / reference / "attempt-1/out/checkpoints" / name;
-  const fs::path resumed = dir() / "worker/jobs" / id / "attempt-2/out/checkpoints" / name;
-  size_t files = 0;
-  for (const auto& entry : fs::recursive_directory_iterator(uninterrupted)) {
-    if (!entry.is_regular_file()) continue;
-    ++files;
-    const fs::path relative = fs::relative(entry.path(), uninterrupted);
-    if (differ_by_design.count(relative.string())) continue;
-    EXPECT_TRUE(read_file(resumed / relative) == read_file(entry.path()))
-        << relative << " differs from the uninterrupted run's";
-  }
-  EXPECT_GE(files, 4u);
+  expect_same_final_checkpoint(reference, id, kSteps);
 }
 
 }  // namespace
