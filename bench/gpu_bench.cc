@@ -6,7 +6,9 @@
 //   gpu_bench [--model 7b|13b|30b|1b|tiny] [--seq T] [--batch B] [--steps N]
 //             [--optimizer lomo|lomo-clip|adalomo] [--checkpointing on|off] [--dtype
 //             bf16|fp16|fp32]
-//             [--device cuda:0|cpu] [--matmul fp32|tf32] [--profile-ops]
+//             [--device cuda:0|cpu] [--matmul fp32|tf32|bf16] [--profile-ops]
+//   --matmul defaults to what the trainer's precision.matmul auto picks: fp32 for fp32 weights,
+//   bf16 for bf16 weights on a GPU, TF32 otherwise.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -145,7 +147,7 @@ std::string device_label(lomo::Device device) {
 
 struct Args {
   std::string model = "7b", optimizer = "lomo", dtype = "bf16", device = "cuda:0";
-  std::string matmul;  // fp32 | tf32; default: what the trainer picks (tf32 for bf16/fp16)
+  std::string matmul;  // fp32 | tf32 | bf16; default: what the trainer picks (see the top)
   int64_t seq = 1024, batch = 1;
   int steps = 3;
   bool checkpointing = true, profile_ops = false;
@@ -180,6 +182,11 @@ Args parse(int argc, char** argv) {
       a.checkpointing = value() == "on";
     } else if (flag == "--matmul") {
       a.matmul = value();
+      if (a.matmul != "fp32" && a.matmul != "tf32" && a.matmul != "bf16") {
+        std::fprintf(stderr, "gpu_bench: --matmul takes fp32, tf32 or bf16, not %s\n",
+                     a.matmul.c_str());
+        std::exit(2);
+      }
     } else if (flag == "--profile-ops") {
       a.profile_ops = true;
     } else {
@@ -225,11 +232,16 @@ int main(int argc, char** argv) {
     lomo::LlamaWeights weights(config, dtype, accountant);
     fill_weights(weights);
     lomo::Backend& backend = lomo::backend_for(device);
-    const std::string matmul = !args.matmul.empty()         ? args.matmul
-                               : dtype == lomo::DType::kF32 ? "fp32"
-                                                            : "tf32";
-    backend.set_matmul_precision(matmul == "tf32" ? lomo::Backend::MatmulPrecision::kTf32
-                                                  : lomo::Backend::MatmulPrecision::kFp32);
+    std::string matmul = args.matmul;
+    if (matmul.empty()) {
+      matmul = dtype == lomo::DType::kF32                         ? "fp32"
+               : dtype == lomo::DType::kBF16 && !device.is_cpu() ? "bf16"
+                                                                  : "tf32";
+    }
+    using Precision = lomo::Backend::MatmulPrecision;
+    backend.set_matmul_precision(matmul == "bf16"   ? Precision::kBf16
+                                 : matmul == "tf32" ? Precision::kTf32
+                                                    : Precision::kFp32);
     lomo::ProfilingBackend profiler(backend);
     lomo::Backend& model_backend =
         args.profile_ops ? static_cast<lomo::Backend&>(profiler) : backend;

@@ -76,20 +76,26 @@ class ProfilingBackend final : public Backend {
     inner_.convert_to_f32(out, in, dtype, count);
   }
 
-  void matmul_forward(float* y, const float* x, const float* weight, int64_t m, int64_t n,
+  DType product_dtype() const override { return inner_.product_dtype(); }
+  void convert_from_f32(void* out, DType dtype, const float* in, int64_t count) override {
+    const Timer timer(*this, "activation narrowing");
+    inner_.convert_from_f32(out, dtype, in, count);
+  }
+
+  void matmul_forward(float* y, TypedInput x, TypedInput weight, int64_t m, int64_t n,
                       int64_t k, bool accumulate) override {
     const Timer timer(*this, "matmul");
     inner_.matmul_forward(y, x, weight, m, n, k, accumulate);
   }
 
-  void matmul_backward_input(float* dx, const float* dy, const float* weight, int64_t m, int64_t n,
-                             int64_t k, bool accumulate) override {
+  void matmul_backward_input(float* dx, TypedInput dy, TypedInput weight, int64_t m,
+                             int64_t n, int64_t k, bool accumulate) override {
     const Timer timer(*this, "matmul");
     inner_.matmul_backward_input(dx, dy, weight, m, n, k, accumulate);
   }
 
-  void matmul_backward_weight(float* dweight, const float* dy, const float* x, int64_t m, int64_t n,
-                              int64_t k, bool accumulate) override {
+  void matmul_backward_weight(float* dweight, TypedInput dy, TypedInput x, int64_t m,
+                              int64_t n, int64_t k, bool accumulate) override {
     const Timer timer(*this, "matmul");
     inner_.matmul_backward_weight(dweight, dy, x, m, n, k, accumulate);
   }
@@ -162,7 +168,7 @@ class ProfilingBackend final : public Backend {
     inner_.swiglu_backward(dgate, dup, dout, gate, up, count);
   }
 
-  void embedding_forward(float* out, const int32_t* tokens, const float* table, int64_t count,
+  void embedding_forward(float* out, const int32_t* tokens, TypedInput table, int64_t count,
                          int64_t dim) override {
     const Timer timer(*this, "embedding");
     inner_.embedding_forward(out, tokens, table, count, dim);

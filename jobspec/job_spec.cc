@@ -703,10 +703,6 @@ void validate(Context& c, const JobSpec& spec) {
 
   one_of(c, "precision.dtype", spec.precision.dtype, {"fp32", "bf16", "fp16"});
   one_of(c, "precision.matmul", spec.precision.matmul, {"auto", "fp32", "bf16"});
-  if (spec.precision.matmul == "bf16" && spec.resources.device == "cuda") {
-    c.report("precision.matmul",
-             "bf16 is a CPU mode (AVX512-BF16/AMX); on resources.device cuda use auto or fp32");
-  }
   const LossScaleSpec& s = spec.precision.loss_scale;
   positive(c, "precision.loss_scale.initial", s.initial);
   at_least(c, "precision.loss_scale.growth_interval", s.growth_interval, 1);

@@ -129,8 +129,9 @@ struct OptimizerSpec {
 struct PrecisionSpec {
   std::string dtype = "fp32";  // fp32 | bf16 | fp16 (storage; arithmetic is fp32)
   LossScaleSpec loss_scale;    // used with fp16 only
-  // Inputs of the linear layers' matrix products: auto (fp32, or TF32 on a GPU for bf16/fp16
-  // weights) | fp32 | bf16 (CPU with AVX512-BF16 or AMX: bf16 inputs, fp32 accumulation).
+  // Inputs of the linear layers' matrix products: auto (fp32; on a GPU bf16 for bf16 weights and
+  // TF32 for fp16 ones) | fp32 | bf16 (bf16 inputs, fp32 accumulation: a GPU's tensor cores, or a
+  // CPU with AVX512-BF16 or AMX).
   std::string matmul = "auto";
 
   bool operator==(const PrecisionSpec&) const = default;

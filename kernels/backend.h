@@ -50,26 +50,36 @@ class Backend {
   // faster, ~1e-3 relative). A backend without such hardware ignores it. The trainer asks for
   // kTf32 when the weights are stored in bf16/fp16, whose 7/10 mantissa bits are no finer. On the
   // CUDA backend the setting covers every cuBLAS product, attention's (fp32 activations) too.
-  // kBf16 (CPU): the linear layers' products take bf16-rounded inputs with fp32 accumulation on
-  // AVX512-BF16/AMX; attention's batched products stay fp32. CpuBackend throws when the CPU has
-  // neither; the CUDA backend treats it as kFp32.
+  // kBf16: the linear layers' products take bf16 inputs with fp32 accumulation and fp32 output.
+  // The CPU rounds fp32 operands to bf16 inside each call (AVX512-BF16/AMX; CpuBackend throws when
+  // the CPU has neither); attention's batched products stay fp32. The CUDA backend multiplies on
+  // bf16 tensor cores and asks the caller for bf16 operands (product_dtype()), so bf16 weights are
+  // used as stored, never widened; its fp32 products (attention's) then run in TF32.
   enum class MatmulPrecision : uint8_t { kFp32, kTf32, kBf16 };
   virtual void set_matmul_precision(MatmulPrecision precision) { (void)precision; }
+  // The dtype the linear layers' operands must have under the present precision: kF32, or kBF16
+  // on a backend that multiplies stored bf16 (CUDA with kBf16). The engine narrows activations to
+  // it with convert_from_f32 and passes weights already in it as they are.
+  virtual DType product_dtype() const { return DType::kF32; }
 
   // ---- Dtype ----------------------------------------------------------------------------------
   // out[i] = float(in[i]) for `count` values stored as `dtype` (weights widened before use).
   virtual void convert_to_f32(float* out, const void* in, DType dtype, int64_t count) = 0;
+  // out[i] = in[i] rounded to nearest even in `dtype` (a copy for kF32).
+  virtual void convert_from_f32(void* out, DType dtype, const float* in, int64_t count) = 0;
 
   // ---- Matrix products: a linear layer y = x·Wᵀ, x [m, k], W [n, k], y [m, n] ------------------
+  // Operands are fp32, or all of the backend's product_dtype(); a backend throws
+  // std::invalid_argument for any other mix. Outputs are fp32.
   // y = x·Wᵀ (or y += x·Wᵀ when accumulate).
-  virtual void matmul_forward(float* y, const float* x, const float* weight, int64_t m, int64_t n,
-                              int64_t k, bool accumulate) = 0;
+  virtual void matmul_forward(float* y, TypedInput x, TypedInput weight, int64_t m,
+                              int64_t n, int64_t k, bool accumulate) = 0;
   // dx = dy·W (or +=).
-  virtual void matmul_backward_input(float* dx, const float* dy, const float* weight, int64_t m,
-                                     int64_t n, int64_t k, bool accumulate) = 0;
+  virtual void matmul_backward_input(float* dx, TypedInput dy, TypedInput weight,
+                                     int64_t m, int64_t n, int64_t k, bool accumulate) = 0;
   // dW = dyᵀ·x (or +=).
-  virtual void matmul_backward_weight(float* dweight, const float* dy, const float* x, int64_t m,
-                                      int64_t n, int64_t k, bool accumulate) = 0;
+  virtual void matmul_backward_weight(float* dweight, TypedInput dy, TypedInput x,
+                                      int64_t m, int64_t n, int64_t k, bool accumulate) = 0;
   // The general (strided batched) product attention is built from; see GemmArgs.
   virtual void gemm(const GemmArgs& args) = 0;
 
@@ -113,8 +123,8 @@ class Backend {
   virtual void swiglu_backward(float* dgate, float* dup, const float* dout, const float* gate,
                                const float* up, int64_t count) = 0;
 
-  // ---- Embedding: out[i] = table[tokens[i]] (tokens validated by the caller) -------------------
-  virtual void embedding_forward(float* out, const int32_t* tokens, const float* table,
+  // ---- Embedding: out[i] = float(table[tokens[i]]) (tokens validated by the caller) ------------
+  virtual void embedding_forward(float* out, const int32_t* tokens, TypedInput table,
                                  int64_t count, int64_t dim) = 0;
   // Adds each row's gradient into its token's row of dtable.
   virtual void embedding_backward(float* dtable, const float* dout, const int32_t* tokens,

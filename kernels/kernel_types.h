@@ -3,6 +3,8 @@
 
 #include <cstdint>
 
+#include "kernels/dtype.h"
+
 namespace lomo {
 
 // Targets equal to this (PyTorch's and Hugging Face's −100) contribute neither loss nor gradient.
@@ -17,6 +19,17 @@ struct AttentionShape {
   // Sliding-window attention (Mistral): query i attends to keys (i − sliding_window, i] only, as
   // transformers' `kv_idx > q_idx − sliding_window`; 0 leaves the window unlimited.
   int64_t sliding_window = 0;
+};
+
+// An input that may be stored narrower than fp32: an operand of a linear-layer product
+// (Backend::matmul_*: fp32, or the backend's product_dtype()) or an embedding table (any storage
+// dtype, widened as it is read). Converts implicitly from const float*, so an fp32 call site
+// reads as before.
+struct TypedInput {
+  const void* data = nullptr;
+  DType dtype = DType::kF32;
+  TypedInput(const float* values) : data(values) {}  // NOLINT(google-explicit-constructor)
+  TypedInput(const void* values, DType type) : data(values), dtype(type) {}
 };
 
 // Row-major C[i] = alpha·op(A[i])·op(B[i]) + beta·C[i] for i < batch, where X[i] starts at

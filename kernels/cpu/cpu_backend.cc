@@ -4,6 +4,7 @@
 #include <cstring>
 #include <new>
 #include <stdexcept>
+#include <string>
 
 #include "kernels/cpu/adalomo_update.h"
 #include "kernels/cpu/adamw_update.h"
@@ -47,6 +48,10 @@ void CpuBackend::convert_to_f32(float* out, const void* in, DType dtype, int64_t
   convert_to_float(dtype, in, out, static_cast<size_t>(count));
 }
 
+void CpuBackend::convert_from_f32(void* out, DType dtype, const float* in, int64_t count) {
+  convert_from_float(dtype, in, out, static_cast<size_t>(count));
+}
+
 void CpuBackend::set_matmul_precision(MatmulPrecision precision) {
   if (precision == MatmulPrecision::kBf16 && !bf16_matmul_supported()) {
     throw std::runtime_error(
@@ -57,24 +62,45 @@ void CpuBackend::set_matmul_precision(MatmulPrecision precision) {
   precision_ = precision;
 }
 
-void CpuBackend::matmul_forward(float* y, const float* x, const float* weight, int64_t m, int64_t n,
-                                int64_t k, bool accumulate) {
+// The CPU multiplies fp32 operands (its bf16 mode rounds them inside gemm_bf16), so
+// product_dtype() stays kF32 and anything else is a caller's mistake.
+namespace {
+const float* fp32_operand(TypedInput operand, const char* product) {
+  if (operand.dtype != DType::kF32) {
+    throw std::invalid_argument(std::string("cpu ") + product + ": operand stored as " +
+                                std::string(dtype_name(operand.dtype)) +
+                                "; the CPU backend multiplies fp32 operands");
+  }
+  return static_cast<const float*>(operand.data);
+}
+}  // namespace
+
+void CpuBackend::matmul_forward(float* y, TypedInput x_operand, TypedInput weight_operand,
+                                int64_t m, int64_t n, int64_t k, bool accumulate) {
+  const float* x = fp32_operand(x_operand, "matmul_forward");
+  const float* weight = fp32_operand(weight_operand, "matmul_forward");
   if (precision_ == MatmulPrecision::kBf16) {
     gemm_bf16(false, true, m, n, k, x, k, weight, k, accumulate, y, n);
     return;
   }
   cpu::matmul_forward(y, x, weight, m, n, k, accumulate);
 }
-void CpuBackend::matmul_backward_input(float* dx, const float* dy, const float* weight, int64_t m,
-                                       int64_t n, int64_t k, bool accumulate) {
+void CpuBackend::matmul_backward_input(float* dx, TypedInput dy_operand,
+                                       TypedInput weight_operand, int64_t m, int64_t n,
+                                       int64_t k, bool accumulate) {
+  const float* dy = fp32_operand(dy_operand, "matmul_backward_input");
+  const float* weight = fp32_operand(weight_operand, "matmul_backward_input");
   if (precision_ == MatmulPrecision::kBf16) {
     gemm_bf16(false, false, m, k, n, dy, n, weight, k, accumulate, dx, k);
     return;
   }
   cpu::matmul_backward_input(dx, dy, weight, m, n, k, accumulate);
 }
-void CpuBackend::matmul_backward_weight(float* dweight, const float* dy, const float* x, int64_t m,
-                                        int64_t n, int64_t k, bool accumulate) {
+void CpuBackend::matmul_backward_weight(float* dweight, TypedInput dy_operand,
+                                        TypedInput x_operand, int64_t m, int64_t n, int64_t k,
+                                        bool accumulate) {
+  const float* dy = fp32_operand(dy_operand, "matmul_backward_weight");
+  const float* x = fp32_operand(x_operand, "matmul_backward_weight");
   if (precision_ == MatmulPrecision::kBf16) {
     gemm_bf16(true, false, n, k, m, dy, n, x, k, accumulate, dweight, k);
     return;
@@ -136,9 +162,9 @@ void CpuBackend::swiglu_backward(float* dgate, float* dup, const float* dout, co
   cpu::swiglu_backward(dgate, dup, dout, gate, up, count);
 }
 
-void CpuBackend::embedding_forward(float* out, const int32_t* tokens, const float* table,
+void CpuBackend::embedding_forward(float* out, const int32_t* tokens, TypedInput table,
                                    int64_t count, int64_t dim) {
-  cpu::embedding_forward(out, tokens, table, count, dim);
+  cpu::embedding_forward(out, tokens, table.data, table.dtype, count, dim);
 }
 void CpuBackend::embedding_backward(float* dtable, const float* dout, const int32_t* tokens,
                                     int64_t count, int64_t dim) {

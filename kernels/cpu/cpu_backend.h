@@ -24,11 +24,12 @@ class CpuBackend final : public Backend {
 
   void convert_to_f32(float* out, const void* in, DType dtype, int64_t count) override;
 
-  void matmul_forward(float* y, const float* x, const float* weight, int64_t m, int64_t n,
+  void convert_from_f32(void* out, DType dtype, const float* in, int64_t count) override;
+  void matmul_forward(float* y, TypedInput x, TypedInput weight, int64_t m, int64_t n,
                       int64_t k, bool accumulate) override;
-  void matmul_backward_input(float* dx, const float* dy, const float* weight, int64_t m, int64_t n,
+  void matmul_backward_input(float* dx, TypedInput dy, TypedInput weight, int64_t m, int64_t n,
                              int64_t k, bool accumulate) override;
-  void matmul_backward_weight(float* dweight, const float* dy, const float* x, int64_t m, int64_t n,
+  void matmul_backward_weight(float* dweight, TypedInput dy, TypedInput x, int64_t m, int64_t n,
                               int64_t k, bool accumulate) override;
   void gemm(const GemmArgs& args) override;
 
@@ -56,7 +57,7 @@ class CpuBackend final : public Backend {
   void swiglu_backward(float* dgate, float* dup, const float* dout, const float* gate,
                        const float* up, int64_t count) override;
 
-  void embedding_forward(float* out, const int32_t* tokens, const float* table, int64_t count,
+  void embedding_forward(float* out, const int32_t* tokens, TypedInput table, int64_t count,
                          int64_t dim) override;
   void embedding_backward(float* dtable, const float* dout, const int32_t* tokens, int64_t count,
                           int64_t dim) override;

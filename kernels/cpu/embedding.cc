@@ -4,11 +4,13 @@
 
 namespace lomo::cpu {
 
-void embedding_forward(float* out, const int32_t* tokens, const float* table, int64_t count,
-                       int64_t dim) {
+void embedding_forward(float* out, const int32_t* tokens, const void* table, DType dtype,
+                       int64_t count, int64_t dim) {
+  const size_t row_bytes = static_cast<size_t>(dim) * dtype_size(dtype);
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < count; ++i) {
-    std::memcpy(out + i * dim, table + static_cast<int64_t>(tokens[i]) * dim, dim * sizeof(float));
+    const auto* row = static_cast<const char*>(table) + static_cast<size_t>(tokens[i]) * row_bytes;
+    convert_to_float(dtype, row, out + i * dim, static_cast<size_t>(dim));
   }
 }
 

@@ -170,18 +170,23 @@ void CudaBackend::convert_to_f32(float* out, const void* in, DType dtype, int64_
   cuda::convert_to_f32(out, in, dtype, count, stream_);
 }
 
-void CudaBackend::matmul_forward(float* y, const float* x, const float* weight, int64_t m,
+void CudaBackend::convert_from_f32(void* out, DType dtype, const float* in, int64_t count) {
+  activate();
+  cuda::convert_from_f32(out, dtype, in, count, stream_);
+}
+
+void CudaBackend::matmul_forward(float* y, TypedInput x, TypedInput weight, int64_t m,
                                  int64_t n, int64_t k, bool accumulate) {
   activate();
   cuda::matmul_forward(cublas_, y, x, weight, m, n, k, accumulate);
 }
-void CudaBackend::matmul_backward_input(float* dx, const float* dy, const float* weight, int64_t m,
-                                        int64_t n, int64_t k, bool accumulate) {
+void CudaBackend::matmul_backward_input(float* dx, TypedInput dy, TypedInput weight,
+                                        int64_t m, int64_t n, int64_t k, bool accumulate) {
   activate();
   cuda::matmul_backward_input(cublas_, dx, dy, weight, m, n, k, accumulate);
 }
-void CudaBackend::matmul_backward_weight(float* dweight, const float* dy, const float* x, int64_t m,
-                                         int64_t n, int64_t k, bool accumulate) {
+void CudaBackend::matmul_backward_weight(float* dweight, TypedInput dy, TypedInput x,
+                                         int64_t m, int64_t n, int64_t k, bool accumulate) {
   activate();
   cuda::matmul_backward_weight(cublas_, dweight, dy, x, m, n, k, accumulate);
 }
@@ -248,10 +253,10 @@ void CudaBackend::swiglu_backward(float* dgate, float* dup, const float* dout, c
   cuda::swiglu_backward(dgate, dup, dout, gate, up, count, stream_);
 }
 
-void CudaBackend::embedding_forward(float* out, const int32_t* tokens, const float* table,
+void CudaBackend::embedding_forward(float* out, const int32_t* tokens, TypedInput table,
                                     int64_t count, int64_t dim) {
   activate();
-  cuda::embedding_forward(out, tokens, table, count, dim, stream_);
+  cuda::embedding_forward(out, tokens, table.data, table.dtype, count, dim, stream_);
 }
 void CudaBackend::embedding_backward(float* dtable, const float* dout, const int32_t* tokens,
                                      int64_t count, int64_t dim) {
@@ -323,10 +328,13 @@ uint64_t CudaBackend::pool_reserved_high_bytes() const {
 
 void CudaBackend::set_matmul_precision(MatmulPrecision precision) {
   LOMO_CUDA_CHECK(cudaSetDevice(index_));
-  check_cublas(
-      cublasSetMathMode(cublas_, precision == MatmulPrecision::kTf32 ? CUBLAS_TF32_TENSOR_OP_MATH
-                                                                     : CUBLAS_DEFAULT_MATH),
-      "cublasSetMathMode", index_);
+  // Under kBf16 the linear layers multiply bf16 operands (cublasGemmEx, fp32 accumulation); the
+  // fp32 products left (attention's) may then round to TF32, which is finer than bf16.
+  check_cublas(cublasSetMathMode(cublas_, precision == MatmulPrecision::kFp32
+                                              ? CUBLAS_DEFAULT_MATH
+                                              : CUBLAS_TF32_TENSOR_OP_MATH),
+               "cublasSetMathMode", index_);
+  product_dtype_ = precision == MatmulPrecision::kBf16 ? DType::kBF16 : DType::kF32;
 }
 
 }  // namespace lomo::cuda

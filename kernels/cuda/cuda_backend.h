@@ -29,6 +29,7 @@ class CudaBackend final : public Backend {
   // fragmentation included), for comparison with the accountant's peak.
   uint64_t pool_reserved_high_bytes() const;
   void set_matmul_precision(MatmulPrecision precision) override;
+  DType product_dtype() const override { return product_dtype_; }
 
   void* allocate(size_t bytes) override;
   void deallocate(void* data) override;
@@ -39,13 +40,14 @@ class CudaBackend final : public Backend {
   void synchronize() override;
 
   void convert_to_f32(float* out, const void* in, DType dtype, int64_t count) override;
+  void convert_from_f32(void* out, DType dtype, const float* in, int64_t count) override;
 
-  void matmul_forward(float* y, const float* x, const float* weight, int64_t m, int64_t n,
+  void matmul_forward(float* y, TypedInput x, TypedInput weight, int64_t m, int64_t n,
                       int64_t k, bool accumulate) override;
-  void matmul_backward_input(float* dx, const float* dy, const float* weight, int64_t m, int64_t n,
-                             int64_t k, bool accumulate) override;
-  void matmul_backward_weight(float* dweight, const float* dy, const float* x, int64_t m, int64_t n,
-                              int64_t k, bool accumulate) override;
+  void matmul_backward_input(float* dx, TypedInput dy, TypedInput weight, int64_t m,
+                             int64_t n, int64_t k, bool accumulate) override;
+  void matmul_backward_weight(float* dweight, TypedInput dy, TypedInput x, int64_t m,
+                              int64_t n, int64_t k, bool accumulate) override;
   void gemm(const GemmArgs& args) override;
 
   void rmsnorm_forward(float* out, float* rstd, const float* x, const float* weight, int64_t rows,
@@ -72,7 +74,7 @@ class CudaBackend final : public Backend {
   void swiglu_backward(float* dgate, float* dup, const float* dout, const float* gate,
                        const float* up, int64_t count) override;
 
-  void embedding_forward(float* out, const int32_t* tokens, const float* table, int64_t count,
+  void embedding_forward(float* out, const int32_t* tokens, TypedInput table, int64_t count,
                          int64_t dim) override;
   void embedding_backward(float* dtable, const float* dout, const int32_t* tokens, int64_t count,
                           int64_t dim) override;
@@ -119,6 +121,7 @@ class CudaBackend final : public Backend {
   void* cublas_workspace_ = nullptr;
   double* partials_ = nullptr;  // kReductionBlocks doubles (kernels/cuda/launch.h)
   double* result_ = nullptr;    // one double for values returned to the host
+  DType product_dtype_ = DType::kF32;  // kBF16 under MatmulPrecision::kBf16
 };
 
 }  // namespace lomo::cuda

@@ -74,40 +74,80 @@ void gemm(cublasHandle_t handle, const GemmArgs& g) {
                "cublasSgemmStridedBatched_64");
 }
 
+namespace {
+
+// One linear-layer product C [m, n] = op(A)·op(B) (+ C when beta = 1), row-major, fp32 output.
+struct LinearProduct {
+  const char* name;
+  bool transpose_a, transpose_b;
+  int64_t m, n, k;
+  TypedInput a;
+  int64_t lda;
+  TypedInput b;
+  int64_t ldb;
+  float beta;
+  float* c;
+  int64_t ldc;
+};
+
+cudaDataType_t cuda_type(DType dtype) {
+  return dtype == DType::kBF16 ? CUDA_R_16BF : dtype == DType::kF16 ? CUDA_R_16F : CUDA_R_32F;
+}
+
+void run(cublasHandle_t handle, const LinearProduct& p) {
+  if (p.a.dtype != p.b.dtype) {
+    throw std::invalid_argument(std::string("cuda ") + p.name + ": operands stored as " +
+                                std::string(dtype_name(p.a.dtype)) + " and " +
+                                std::string(dtype_name(p.b.dtype)) +
+                                "; both must have one dtype");
+  }
+  if (p.a.dtype == DType::kF32 || p.k == 0) {  // k = 0 reads no operand: gemm() scales C
+    GemmArgs g;
+    g.transpose_a = p.transpose_a, g.transpose_b = p.transpose_b;
+    g.m = p.m, g.n = p.n, g.k = p.k;
+    g.beta = p.beta;
+    g.a = static_cast<const float*>(p.a.data), g.lda = p.lda;
+    g.b = static_cast<const float*>(p.b.data), g.ldb = p.ldb;
+    g.c = p.c, g.ldc = p.ldc;
+    gemm(handle, g);
+    return;
+  }
+  if (p.m < 0 || p.n < 0 || p.k < 0) {
+    throw std::invalid_argument(std::string("cuda ") + p.name + ": negative size m=" +
+                                std::to_string(p.m) + " n=" + std::to_string(p.n) +
+                                " k=" + std::to_string(p.k));
+  }
+  if (p.m == 0 || p.n == 0) return;
+  // Column-major Cᵀ = op(B)ᵀ·op(A)ᵀ, as gemm() above; fp32 accumulation and output.
+  const float alpha = 1.0f;
+  const cudaDataType_t type = cuda_type(p.a.dtype);
+  check_cublas(cublasGemmEx_64(handle, p.transpose_b ? CUBLAS_OP_T : CUBLAS_OP_N,
+                               p.transpose_a ? CUBLAS_OP_T : CUBLAS_OP_N, p.n, p.m, p.k, &alpha,
+                               p.b.data, type, p.ldb, p.a.data, type, p.lda, &p.beta, p.c,
+                               CUDA_R_32F, p.ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+               "cublasGemmEx_64");
+}
+
+}  // namespace
+
 // The three linear-layer products, as kernels/cpu/matmul.cc states them in row-major terms.
-void matmul_forward(cublasHandle_t handle, float* y, const float* x, const float* weight, int64_t m,
-                    int64_t n, int64_t k, bool accumulate) {
-  GemmArgs g;
-  g.transpose_b = true;
-  g.m = m, g.n = n, g.k = k;
-  g.beta = accumulate ? 1.0f : 0.0f;
-  g.a = x, g.lda = k;
-  g.b = weight, g.ldb = k;
-  g.c = y, g.ldc = n;
-  gemm(handle, g);
+void matmul_forward(cublasHandle_t handle, float* y, TypedInput x, TypedInput weight,
+                    int64_t m, int64_t n, int64_t k, bool accumulate) {
+  run(handle, LinearProduct{"matmul_forward", false, true, m, n, k, x, k, weight, k,
+                            accumulate ? 1.0f : 0.0f, y, n});
 }
 
-void matmul_backward_input(cublasHandle_t handle, float* dx, const float* dy, const float* weight,
-                           int64_t m, int64_t n, int64_t k, bool accumulate) {
-  GemmArgs g;
-  g.m = m, g.n = k, g.k = n;
-  g.beta = accumulate ? 1.0f : 0.0f;
-  g.a = dy, g.lda = n;
-  g.b = weight, g.ldb = k;
-  g.c = dx, g.ldc = k;
-  gemm(handle, g);
+void matmul_backward_input(cublasHandle_t handle, float* dx, TypedInput dy,
+                           TypedInput weight, int64_t m, int64_t n, int64_t k,
+                           bool accumulate) {
+  run(handle, LinearProduct{"matmul_backward_input", false, false, m, k, n, dy, n, weight, k,
+                            accumulate ? 1.0f : 0.0f, dx, k});
 }
 
-void matmul_backward_weight(cublasHandle_t handle, float* dweight, const float* dy, const float* x,
-                            int64_t m, int64_t n, int64_t k, bool accumulate) {
-  GemmArgs g;
-  g.transpose_a = true;
-  g.m = n, g.n = k, g.k = m;
-  g.beta = accumulate ? 1.0f : 0.0f;
-  g.a = dy, g.lda = n;
-  g.b = x, g.ldb = k;
-  g.c = dweight, g.ldc = k;
-  gemm(handle, g);
+void matmul_backward_weight(cublasHandle_t handle, float* dweight, TypedInput dy,
+                            TypedInput x, int64_t m, int64_t n, int64_t k, bool accumulate) {
+  run(handle, LinearProduct{"matmul_backward_weight", true, false, n, k, m, dy, n, x, k,
+                            accumulate ? 1.0f : 0.0f, dweight, k});
 }
 
 }  // namespace lomo::cuda

@@ -55,6 +55,13 @@ __global__ void convert_kernel(float* out, const void* in, int64_t count) {
   for (int64_t i = first_index(); i < count; i += grid_stride()) out[i] = load<Dtype>(in, i);
 }
 
+// The functions of kernels/dtype.h, so that narrowing gives the CPU's bits.
+template <DType Dtype>
+__global__ void narrow_kernel(uint16_t* out, const float* in, int64_t count) {
+  for (int64_t i = first_index(); i < count; i += grid_stride())
+    out[i] = Dtype == DType::kBF16 ? float_to_bf16(in[i]) : float_to_fp16(in[i]);
+}
+
 template <DType Dtype>
 __global__ void round_trip_kernel(float* gradient, int64_t count) {
   for (int64_t i = first_index(); i < count; i += grid_stride()) {
@@ -152,6 +159,25 @@ void convert_to_f32(float* out, const void* in, DType dtype, int64_t count, cuda
       break;
     case DType::kF16:
       convert_kernel<DType::kF16><<<blocks, kThreadsPerBlock, 0, stream>>>(out, in, count);
+      break;
+  }
+  LOMO_CUDA_CHECK(cudaGetLastError());
+}
+
+void convert_from_f32(void* out, DType dtype, const float* in, int64_t count, cudaStream_t stream) {
+  if (count <= 0) return;
+  const unsigned blocks = blocks_for(count);
+  uint16_t* narrow = static_cast<uint16_t*>(out);
+  switch (dtype) {
+    case DType::kF32:
+      LOMO_CUDA_CHECK(cudaMemcpyAsync(out, in, static_cast<size_t>(count) * sizeof(float),
+                                      cudaMemcpyDeviceToDevice, stream));
+      return;
+    case DType::kBF16:
+      narrow_kernel<DType::kBF16><<<blocks, kThreadsPerBlock, 0, stream>>>(narrow, in, count);
+      break;
+    case DType::kF16:
+      narrow_kernel<DType::kF16><<<blocks, kThreadsPerBlock, 0, stream>>>(narrow, in, count);
       break;
   }
   LOMO_CUDA_CHECK(cudaGetLastError());

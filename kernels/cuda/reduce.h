@@ -15,6 +15,8 @@ namespace lomo::cuda {
 
 // out[i] = float(in[i]) for `count` values stored as `dtype`.
 void convert_to_f32(float* out, const void* in, DType dtype, int64_t count, cudaStream_t stream);
+// out[i] = in[i] rounded to nearest even in `dtype` (a copy for kF32), as kernels/dtype.h rounds.
+void convert_from_f32(void* out, DType dtype, const float* in, int64_t count, cudaStream_t stream);
 
 // *result (device) = Σx² in double of `count` values stored as `dtype`.
 void sum_squares(double* result, const void* x, DType dtype, int64_t count, double* partials,

@@ -10,7 +10,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -108,6 +110,21 @@ TEST_P(BackendKernels, ConvertToF32WidensBf16AndFp16Exactly) {
   }
 }
 
+TEST_P(BackendKernels, ConvertFromF32RoundsToNearestEvenAsTheHostDoes) {
+  // Ties and values beyond fp16's range included: the host's conversion is the reference.
+  std::vector<float> values = random_values(50, 22, 3.0f);
+  values.insert(values.end(), {1.0f + 0x1p-8f, 1.0f + 3 * 0x1p-8f, 1e6f, -7e4f, 0.0f, -0.0f});
+  for (DType dtype : {DType::kF32, DType::kBF16, DType::kF16}) {
+    std::vector<uint8_t> want(values.size() * dtype_size(dtype));
+    convert_from_float(dtype, values.data(), want.data(), values.size());
+    Buffer in = upload(values);
+    Buffer out(accountant_, MemoryKind::kWorkspace, want.size());
+    backend().convert_from_f32(out.data(), dtype, in.as<float>(),
+                               static_cast<int64_t>(values.size()));
+    EXPECT_EQ(download<uint8_t>(out), want) << dtype_name(dtype);
+  }
+}
+
 // ---- Matrix products ---------------------------------------------------------------------------
 
 TEST_P(BackendKernels, MatmulForwardAndBothBackwardsMatchLoops) {
@@ -148,6 +165,67 @@ TEST_P(BackendKernels, MatmulForwardAndBothBackwardsMatchLoops) {
     expect_close(download(out_y), y, kFp32Tolerance, "y" + mode);
     expect_close(download(out_dx), dx, kFp32Tolerance, "dx" + mode);
     expect_close(download(out_dw), dweight, kFp32Tolerance, "dW" + mode);
+  }
+}
+
+// Under MatmulPrecision::kBf16 a backend that multiplies stored bf16 (product_dtype() kBF16: the
+// CUDA backend) takes bf16 operands as they are. The reference multiplies the same bf16 values in
+// float64, so only the fp32 accumulation separates them (kFp32Tolerance). A backend that keeps
+// fp32 operands (the CPU) refuses a bf16 one with an error naming its dtype.
+TEST_P(BackendKernels, StoredBf16OperandsMultiplyWhereTheBackendAsksForThem) {
+  const int64_t m = 5, n = 24, k = 40;
+  const auto bf16_values = [](size_t count, uint64_t seed) {
+    std::vector<float> values = random_values(count, seed);
+    for (float& v : values) v = bf16_to_float(float_to_bf16(v));
+    return values;
+  };
+  const auto x = bf16_values(m * k, 31), w = bf16_values(n * k, 32), dy = bf16_values(m * n, 33);
+  const auto stored = [&](const std::vector<float>& values) {
+    std::vector<uint16_t> bits(values.size());
+    convert_from_float(DType::kBF16, values.data(), bits.data(), values.size());
+    return upload(bits);
+  };
+  Buffer bx = stored(x), bw = stored(w), bdy = stored(dy);
+  const TypedInput tx(bx.data(), DType::kBF16), tw(bw.data(), DType::kBF16),
+      tdy(bdy.data(), DType::kBF16);
+  Buffer y = zeros(m * n), dx = zeros(m * k), dweight = zeros(n * k);
+  if (GetParam().is_cpu()) {
+    EXPECT_EQ(backend().product_dtype(), DType::kF32);
+    try {
+      backend().matmul_forward(y.as<float>(), tx, tw, m, n, k, false);
+      FAIL() << "the CPU backend multiplied a bf16 operand";
+    } catch (const std::invalid_argument& e) {
+      EXPECT_NE(std::string(e.what()).find("BF16"), std::string::npos) << e.what();
+    }
+    return;
+  }
+  struct RestoreFp32 {
+    Backend& backend;
+    ~RestoreFp32() { backend.set_matmul_precision(Backend::MatmulPrecision::kFp32); }
+  } restore{backend()};
+  backend().set_matmul_precision(Backend::MatmulPrecision::kBf16);
+  ASSERT_EQ(backend().product_dtype(), DType::kBF16);
+  backend().matmul_forward(y.as<float>(), tx, tw, m, n, k, false);
+  backend().matmul_backward_input(dx.as<float>(), tdy, tw, m, n, k, false);
+  backend().matmul_backward_weight(dweight.as<float>(), tdy, tx, m, n, k, false);
+  std::vector<double> want_y(m * n), want_dx(m * k), want_dw(n * k);
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t o = 0; o < n; ++o)
+      for (int64_t i = 0; i < k; ++i) {
+        want_y[r * n + o] += double(x[r * k + i]) * w[o * k + i];
+        want_dx[r * k + i] += double(dy[r * n + o]) * w[o * k + i];
+        want_dw[o * k + i] += double(dy[r * n + o]) * x[r * k + i];
+      }
+  expect_close(download(y), want_y, kFp32Tolerance, "bf16 y");
+  expect_close(download(dx), want_dx, kFp32Tolerance, "bf16 dx");
+  expect_close(download(dweight), want_dw, kFp32Tolerance, "bf16 dW");
+  // Mixed dtypes are a caller's mistake, named.
+  try {
+    backend().matmul_forward(y.as<float>(), dx.as<float>(), tw, m, n, k, false);
+    ADD_FAILURE() << "an fp32 and a bf16 operand were multiplied";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("both must have one dtype"), std::string::npos)
+        << e.what();
   }
 }
 
@@ -328,6 +406,21 @@ TEST_P(BackendKernels, EmbeddingGathersRowsAndBackwardAddsIntoThem) {
   const int64_t count = static_cast<int64_t>(tokens.size());
   backend().embedding_forward(bo.as<float>(), bt.as<int32_t>(), btable.as<float>(), count, dim);
   EXPECT_EQ(download(bo), std::vector<float>(out.begin(), out.end())) << "a gather is exact";
+  // A table stored as bf16/fp16 is widened row by row as it is read: the host's widening of the
+  // same bits, exactly.
+  for (DType dtype : {DType::kBF16, DType::kF16}) {
+    std::vector<uint8_t> bits(table.size() * dtype_size(dtype));
+    convert_from_float(dtype, table.data(), bits.data(), table.size());
+    std::vector<float> widened(table.size());
+    convert_to_float(dtype, bits.data(), widened.data(), table.size());
+    std::vector<float> want(tokens.size() * dim);
+    for (size_t t = 0; t < tokens.size(); ++t)
+      for (int64_t i = 0; i < dim; ++i) want[t * dim + i] = widened[tokens[t] * dim + i];
+    Buffer stored = upload(bits), narrow_out = zeros(want.size());
+    backend().embedding_forward(narrow_out.as<float>(), bt.as<int32_t>(),
+                                TypedInput(stored.data(), dtype), count, dim);
+    EXPECT_EQ(download(narrow_out), want) << dtype_name(dtype);
+  }
   Buffer bdt = upload(dtable0), bd = upload(dout);
   backend().embedding_backward(bdt.as<float>(), bd.as<float>(), bt.as<int32_t>(), count, dim);
   expect_close(download(bdt), dtable, kFp32Tolerance, "embedding dtable");

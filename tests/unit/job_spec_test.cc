@@ -847,8 +847,6 @@ const Rejection kRejections[] = {
      "must be one of fp32, bf16, fp16"},
     {"MatmulUnknown", s({{"precision", "{matmul: tf32}"}}), "precision.matmul",
      "must be one of auto, fp32, bf16; got \"tf32\""},
-    {"MatmulBf16OnCuda", s({{"precision", "{matmul: bf16}"}, {"resources", "{device: cuda}"}}),
-     "precision.matmul", "bf16 is a CPU mode"},
     {"LossScaleInitialZero", s({{"precision", "{loss_scale: {initial: 0}}"}}),
      "precision.loss_scale.initial", "must be > 0"},
     {"LossScaleGrowthIntervalZero", s({{"precision", "{loss_scale: {growth_interval: 0}}"}}),

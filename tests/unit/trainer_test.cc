@@ -363,10 +363,17 @@ TEST(Trainer, MatmulPrecisionFollowsPrecisionMatmul) {
   const Device cpu = Device::cpu();
   EXPECT_EQ(matmul_precision_for(spec, DType::kF32, cpu, false), P::kFp32);  // auto
   EXPECT_EQ(matmul_precision_for(spec, DType::kBF16, cpu, false), P::kTf32);
+  // On a GPU, auto multiplies bf16 weights as stored; fp16 ones in TF32.
+  const Device gpu = Device::cuda(0);
+  EXPECT_EQ(matmul_precision_for(spec, DType::kF32, gpu, false), P::kFp32);
+  EXPECT_EQ(matmul_precision_for(spec, DType::kBF16, gpu, false), P::kBf16);
+  EXPECT_EQ(matmul_precision_for(spec, DType::kF16, gpu, false), P::kTf32);
   spec.precision.matmul = "fp32";
   EXPECT_EQ(matmul_precision_for(spec, DType::kBF16, cpu, true), P::kFp32);
+  EXPECT_EQ(matmul_precision_for(spec, DType::kBF16, gpu, false), P::kFp32);
   spec.precision.matmul = "bf16";
   EXPECT_EQ(matmul_precision_for(spec, DType::kF32, cpu, true), P::kBf16);
+  EXPECT_EQ(matmul_precision_for(spec, DType::kF32, gpu, false), P::kBf16);
   try {
     matmul_precision_for(spec, DType::kF32, cpu, false);
     FAIL() << "bf16 accepted on a CPU without bf16 instructions";

@@ -167,8 +167,9 @@ void KvCacheModel::run(std::span<const int32_t> tokens) {
   for (int64_t i = 0; i < n; ++i) positions[i] = static_cast<int32_t>(length_ + i);
   backend_.copy_from_host(s.token_ids.data(), tokens.data(), tokens.size() * sizeof(int32_t));
   backend_.copy_from_host(s.positions.data(), positions.data(), positions.size() * sizeof(int32_t));
+  const Parameter& table = weights_.embed_tokens();
   backend_.embedding_forward(f32(s.x), s.token_ids.as<int32_t>(),
-                             weight_f32(weights_.embed_tokens()), n, c.hidden_size);
+                             TypedInput(table.storage.data(), table.dtype), n, c.hidden_size);
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) layer(l, n);
   backend_.rmsnorm_forward(f32(s.h), f32(s.rstd), f32(s.x), weight_f32(weights_.final_norm()), n,
                            c.hidden_size, static_cast<float>(c.rms_norm_eps));

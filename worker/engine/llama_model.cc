@@ -70,13 +70,40 @@ LlamaModel::~LlamaModel() = default;
 
 const float* LlamaModel::weight_f32(const Parameter& parameter) const {
   if (parameter.dtype == DType::kF32) return parameter.storage.as<float>();
-  if (weight_scratch_.empty()) {
-    weight_scratch_ = float_buffer(accountant_, MemoryKind::kWorkspace,
-                                   static_cast<size_t>(weights_.largest_parameter_numel()));
+  // With fp32 products every matrix passes through here, so the scratch is sized once for the
+  // largest; with narrower products only norms and biases do, and it grows to the largest of those.
+  const int64_t needed = backend_.product_dtype() == DType::kF32
+                             ? weights_.largest_parameter_numel()
+                             : parameter.numel();
+  if (weight_scratch_.size_bytes() < static_cast<size_t>(needed) * sizeof(float)) {
+    weight_scratch_ = Buffer();  // released first: the peak is the larger buffer alone
+    weight_scratch_ =
+        float_buffer(accountant_, MemoryKind::kWorkspace, static_cast<size_t>(needed));
   }
   backend_.convert_to_f32(f32(weight_scratch_), parameter.storage.data(), parameter.dtype,
                           parameter.numel());
   return f32(weight_scratch_);
+}
+
+TypedInput LlamaModel::weight_operand(const Parameter& parameter) const {
+  const DType product = backend_.product_dtype();
+  if (parameter.dtype == product) return TypedInput(parameter.storage.data(), product);
+  return activation_operand(weight_f32(parameter), parameter.numel(), OperandSlot::kWeight);
+}
+
+TypedInput LlamaModel::activation_operand(const float* values, int64_t count,
+                                          OperandSlot slot) const {
+  const DType product = backend_.product_dtype();
+  if (product == DType::kF32) return values;
+  Buffer& scratch = operand_scratch_[static_cast<size_t>(slot)];
+  const size_t bytes = static_cast<size_t>(count) * dtype_size(product);
+  if (scratch.size_bytes() < bytes) {
+    // Grown to the largest operand of its slot (within the first layer and the first head chunk).
+    scratch = Buffer();
+    scratch = float_buffer(accountant_, MemoryKind::kWorkspace, (bytes + 3) / 4);
+  }
+  backend_.convert_from_f32(scratch.data(), product, values, count);
+  return TypedInput(scratch.data(), product);
 }
 
 void LlamaModel::validate(const TokenBatch& batch) const {
@@ -288,7 +315,7 @@ double LlamaModel::lm_head_chunks(bool loss, bool gradient, float gradient_scale
   const int64_t rows = acts.batch_size * acts.seq_len;
   const int64_t hidden = c.hidden_size, vocab = c.vocab_size;
   const int64_t chunk = lm_head_chunk_rows(rows);
-  const float* head = weight_f32(weights_.lm_head());  // no other weight_f32 call in the loop
+  const TypedInput head = weight_operand(weights_.lm_head());  // no other weight use in the loop
   float* logits = f32(acts.logits_chunk);
   double loss_sum = 0.0;
   for (int64_t first = 0; first < rows; first += chunk) {
@@ -296,15 +323,18 @@ double LlamaModel::lm_head_chunks(bool loss, bool gradient, float gradient_scale
     const float* x = f32(acts.final_normed) + first * hidden;
     float* logsumexp = f32(acts.logsumexp) + first;
     const int32_t* targets = acts.device_targets.as<int32_t>() + first;
-    backend_.matmul_forward(logits, x, head, n, vocab, hidden, /*accumulate=*/false);
+    const TypedInput x_operand = activation_operand(x, n * hidden, OperandSlot::kInput);
+    backend_.matmul_forward(logits, x_operand, head, n, vocab, hidden, /*accumulate=*/false);
     if (loss) loss_sum += backend_.cross_entropy_forward(logsumexp, logits, targets, n, vocab);
     if (!gradient) continue;
     // The chunk's logits become their gradient in place; then the head's input gradient (with the
     // weight as it is) and its weight gradient, summed over chunks.
     backend_.cross_entropy_backward(logits, logits, logsumexp, targets, n, vocab, gradient_scale);
-    backend_.matmul_backward_input(f32(workspace_->d_normed) + first * hidden, logits, head, n,
+    const TypedInput dlogits =
+        activation_operand(logits, n * vocab, OperandSlot::kOutputGradient);
+    backend_.matmul_backward_input(f32(workspace_->d_normed) + first * hidden, dlogits, head, n,
                                    vocab, hidden, /*accumulate=*/false);
-    backend_.matmul_backward_weight(head_gradient_buffer(), logits, x, n, vocab, hidden,
+    backend_.matmul_backward_weight(head_gradient_buffer(), dlogits, x_operand, n, vocab, hidden,
                                     /*accumulate=*/first > 0);
   }
   return loss_sum;
@@ -358,8 +388,9 @@ ForwardResult LlamaModel::run_forward(const TokenBatch& batch, bool with_head_gr
   upload_indices(acts);
 
   float* residual = f32(acts.residual);
+  const Parameter& table = weights_.embed_tokens();
   backend_.embedding_forward(residual, acts.device_input_ids.as<int32_t>(),
-                             weight_f32(weights_.embed_tokens()), rows, hidden);
+                             TypedInput(table.storage.data(), table.dtype), rows, hidden);
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     LayerActivations& layer = acts.layers[options_.activation_checkpointing ? 0 : l];
     layer_forward(l, residual + l * rows * hidden, layer, residual + (l + 1) * rows * hidden);
@@ -403,11 +434,12 @@ void LlamaModel::layer_forward(int64_t l, const float* x_in, LayerActivations& a
 
   backend_.rmsnorm_forward(f32(a.h1), f32(a.rstd1), x_in, weight_f32(*w.input_norm), rows, hidden,
                            eps);
-  backend_.matmul_forward(f32(a.q), f32(a.h1), weight_f32(*w.q_proj), rows, q_width, hidden,
+  const TypedInput h1 = activation_operand(f32(a.h1), rows * hidden, OperandSlot::kInput);
+  backend_.matmul_forward(f32(a.q), h1, weight_operand(*w.q_proj), rows, q_width, hidden,
                           /*accumulate=*/false);
-  backend_.matmul_forward(f32(a.k), f32(a.h1), weight_f32(*w.k_proj), rows, kv_width, hidden,
+  backend_.matmul_forward(f32(a.k), h1, weight_operand(*w.k_proj), rows, kv_width, hidden,
                           /*accumulate=*/false);
-  backend_.matmul_forward(f32(a.v), f32(a.h1), weight_f32(*w.v_proj), rows, kv_width, hidden,
+  backend_.matmul_forward(f32(a.v), h1, weight_operand(*w.v_proj), rows, kv_width, hidden,
                           /*accumulate=*/false);
   add_bias(f32(a.q), w.q_bias, rows);
   add_bias(f32(a.k), w.k_bias, rows);
@@ -419,24 +451,26 @@ void LlamaModel::layer_forward(int64_t l, const float* x_in, LayerActivations& a
       activations_->first_key.empty() ? nullptr : activations_->device_first_key.as<int32_t>(),
       attention_shape(activations_->batch_size, activations_->seq_len));
   backend_.copy(f32(a.x_mid), x_in, static_cast<size_t>(rows * hidden) * sizeof(float));
-  backend_.matmul_forward(f32(a.x_mid), f32(a.attn_out), weight_f32(*w.o_proj), rows, hidden,
-                          q_width,
-                          /*accumulate=*/true);
+  backend_.matmul_forward(
+      f32(a.x_mid), activation_operand(f32(a.attn_out), rows * q_width, OperandSlot::kInput),
+      weight_operand(*w.o_proj), rows, hidden, q_width, /*accumulate=*/true);
   add_bias(f32(a.x_mid), w.o_bias, rows);
 
   backend_.rmsnorm_forward(f32(a.h2), f32(a.rstd2), f32(a.x_mid),
                            weight_f32(*w.post_attention_norm), rows, hidden, eps);
-  backend_.matmul_forward(f32(a.gate), f32(a.h2), weight_f32(*w.gate_proj), rows, inter, hidden,
+  const TypedInput h2 = activation_operand(f32(a.h2), rows * hidden, OperandSlot::kInput);
+  backend_.matmul_forward(f32(a.gate), h2, weight_operand(*w.gate_proj), rows, inter, hidden,
                           /*accumulate=*/false);
-  backend_.matmul_forward(f32(a.up), f32(a.h2), weight_f32(*w.up_proj), rows, inter, hidden,
+  backend_.matmul_forward(f32(a.up), h2, weight_operand(*w.up_proj), rows, inter, hidden,
                           /*accumulate=*/false);
   add_bias(f32(a.gate), w.gate_bias, rows);
   add_bias(f32(a.up), w.up_bias, rows);
   backend_.swiglu_forward(f32(a.act), f32(a.gate), f32(a.up), rows * inter);
   if (x_out == nullptr) return;
   backend_.copy(x_out, f32(a.x_mid), static_cast<size_t>(rows * hidden) * sizeof(float));
-  backend_.matmul_forward(x_out, f32(a.act), weight_f32(*w.down_proj), rows, hidden, inter,
-                          /*accumulate=*/true);
+  backend_.matmul_forward(x_out,
+                          activation_operand(f32(a.act), rows * inter, OperandSlot::kInput),
+                          weight_operand(*w.down_proj), rows, hidden, inter, /*accumulate=*/true);
   add_bias(x_out, w.down_bias, rows);
 }
 
@@ -468,9 +502,11 @@ const float* LlamaModel::logits() const {
     if (full_logits_.size_bytes() != floats * sizeof(float)) {
       full_logits_ = float_buffer(accountant_, MemoryKind::kActivations, floats);
     }
-    backend_.matmul_forward(f32(full_logits_), f32(activations_->final_normed),
-                            weight_f32(weights_.lm_head()), rows, c.vocab_size, c.hidden_size,
-                            /*accumulate=*/false);
+    const TypedInput head = weight_operand(weights_.lm_head());
+    backend_.matmul_forward(f32(full_logits_),
+                            activation_operand(f32(activations_->final_normed),
+                                               rows * c.hidden_size, OperandSlot::kInput),
+                            head, rows, c.vocab_size, c.hidden_size, /*accumulate=*/false);
     full_logits_current_ = true;
   }
   return f32(full_logits_);
@@ -549,27 +585,39 @@ void LlamaModel::layer_backward(int64_t l, GradientSink& sink, const float* x_in
   float* gradient = f32(ws.gradient);
   float* d_normed = f32(ws.d_normed);
 
-  // MLP. For every projection: input gradient with the old weight, then the weight's gradient,
-  // then the sink (which may update the weight).
-  backend_.matmul_backward_input(f32(ws.d_act), d_residual, weight_f32(*w.down_proj), rows, hidden,
+  // For every projection: the input gradient with the old weight, then the weight's gradient,
+  // then the sink (which may update the weight). Projections that share an input (q/k/v,
+  // gate/up) add their input gradients into d_normed in a fixed order; each finishes before the
+  // next starts, so one narrowed output gradient is alive at a time (activation_operand).
+  const auto output_gradient = [&](const float* dy, int64_t width) {
+    return activation_operand(dy, rows * width, OperandSlot::kOutputGradient);
+  };
+  const auto input = [&](const float* x, int64_t width) {
+    return activation_operand(x, rows * width, OperandSlot::kInput);
+  };
+
+  // MLP.
+  const TypedInput d_down = output_gradient(d_residual, hidden);
+  backend_.matmul_backward_input(f32(ws.d_act), d_down, weight_operand(*w.down_proj), rows, hidden,
                                  inter, /*accumulate=*/false);
-  backend_.matmul_backward_weight(gradient, d_residual, f32(a.act), rows, hidden, inter,
+  backend_.matmul_backward_weight(gradient, d_down, input(f32(a.act), inter), rows, hidden, inter,
                                   /*accumulate=*/false);
   deliver(sink, *w.down_proj, gradient);
   deliver_bias(sink, w.down_bias, d_residual, rows);
   backend_.swiglu_backward(f32(ws.d_gate), f32(ws.d_up), f32(ws.d_act), f32(a.gate), f32(a.up),
                            rows * inter);
-  backend_.matmul_backward_input(d_normed, f32(ws.d_gate), weight_f32(*w.gate_proj), rows, inter,
+  const TypedInput h2 = input(f32(a.h2), hidden);
+  const TypedInput d_gate = output_gradient(f32(ws.d_gate), inter);
+  backend_.matmul_backward_input(d_normed, d_gate, weight_operand(*w.gate_proj), rows, inter,
                                  hidden, /*accumulate=*/false);
-  backend_.matmul_backward_input(d_normed, f32(ws.d_up), weight_f32(*w.up_proj), rows, inter,
-                                 hidden,
-                                 /*accumulate=*/true);
-  backend_.matmul_backward_weight(gradient, f32(ws.d_gate), f32(a.h2), rows, inter, hidden,
+  backend_.matmul_backward_weight(gradient, d_gate, h2, rows, inter, hidden,
                                   /*accumulate=*/false);
   deliver(sink, *w.gate_proj, gradient);
   deliver_bias(sink, w.gate_bias, f32(ws.d_gate), rows);
-  backend_.matmul_backward_weight(gradient, f32(ws.d_up), f32(a.h2), rows, inter, hidden,
-                                  /*accumulate=*/false);
+  const TypedInput d_up = output_gradient(f32(ws.d_up), inter);
+  backend_.matmul_backward_input(d_normed, d_up, weight_operand(*w.up_proj), rows, inter, hidden,
+                                 /*accumulate=*/true);
+  backend_.matmul_backward_weight(gradient, d_up, h2, rows, inter, hidden, /*accumulate=*/false);
   deliver(sink, *w.up_proj, gradient);
   deliver_bias(sink, w.up_bias, f32(ws.d_up), rows);
   backend_.rmsnorm_backward(d_residual, gradient, d_normed, f32(a.x_mid),
@@ -577,10 +625,11 @@ void LlamaModel::layer_backward(int64_t l, GradientSink& sink, const float* x_in
   deliver(sink, *w.post_attention_norm, gradient);
 
   // Attention.
-  backend_.matmul_backward_input(f32(ws.d_attn_out), d_residual, weight_f32(*w.o_proj), rows,
-                                 hidden, q_width, /*accumulate=*/false);
-  backend_.matmul_backward_weight(gradient, d_residual, f32(a.attn_out), rows, hidden, q_width,
-                                  /*accumulate=*/false);
+  const TypedInput d_o = output_gradient(d_residual, hidden);
+  backend_.matmul_backward_input(f32(ws.d_attn_out), d_o, weight_operand(*w.o_proj), rows, hidden,
+                                 q_width, /*accumulate=*/false);
+  backend_.matmul_backward_weight(gradient, d_o, input(f32(a.attn_out), q_width), rows, hidden,
+                                  q_width, /*accumulate=*/false);
   deliver(sink, *w.o_proj, gradient);
   deliver_bias(sink, w.o_bias, d_residual, rows);
   backend_.attention_backward(f32(ws.dq), f32(ws.dk), f32(ws.dv), f32(ws.attention_scratch),
@@ -588,24 +637,23 @@ void LlamaModel::layer_backward(int64_t l, GradientSink& sink, const float* x_in
                               attention_shape(activations_->batch_size, activations_->seq_len));
   backend_.rope_backward(f32(ws.dq), positions, rope_table_, rows, c.num_attention_heads);
   backend_.rope_backward(f32(ws.dk), positions, rope_table_, rows, c.num_key_value_heads);
-  backend_.matmul_backward_input(d_normed, f32(ws.dq), weight_f32(*w.q_proj), rows, q_width, hidden,
+  const TypedInput h1 = input(f32(a.h1), hidden);
+  const TypedInput dq = output_gradient(f32(ws.dq), q_width);
+  backend_.matmul_backward_input(d_normed, dq, weight_operand(*w.q_proj), rows, q_width, hidden,
                                  /*accumulate=*/false);
-  backend_.matmul_backward_input(d_normed, f32(ws.dk), weight_f32(*w.k_proj), rows, kv_width,
-                                 hidden,
-                                 /*accumulate=*/true);
-  backend_.matmul_backward_input(d_normed, f32(ws.dv), weight_f32(*w.v_proj), rows, kv_width,
-                                 hidden,
-                                 /*accumulate=*/true);
-  backend_.matmul_backward_weight(gradient, f32(ws.dq), f32(a.h1), rows, q_width, hidden,
-                                  /*accumulate=*/false);
+  backend_.matmul_backward_weight(gradient, dq, h1, rows, q_width, hidden, /*accumulate=*/false);
   deliver(sink, *w.q_proj, gradient);
   deliver_bias(sink, w.q_bias, f32(ws.dq), rows);
-  backend_.matmul_backward_weight(gradient, f32(ws.dk), f32(a.h1), rows, kv_width, hidden,
-                                  /*accumulate=*/false);
+  const TypedInput dk = output_gradient(f32(ws.dk), kv_width);
+  backend_.matmul_backward_input(d_normed, dk, weight_operand(*w.k_proj), rows, kv_width, hidden,
+                                 /*accumulate=*/true);
+  backend_.matmul_backward_weight(gradient, dk, h1, rows, kv_width, hidden, /*accumulate=*/false);
   deliver(sink, *w.k_proj, gradient);
   deliver_bias(sink, w.k_bias, f32(ws.dk), rows);
-  backend_.matmul_backward_weight(gradient, f32(ws.dv), f32(a.h1), rows, kv_width, hidden,
-                                  /*accumulate=*/false);
+  const TypedInput dv = output_gradient(f32(ws.dv), kv_width);
+  backend_.matmul_backward_input(d_normed, dv, weight_operand(*w.v_proj), rows, kv_width, hidden,
+                                 /*accumulate=*/true);
+  backend_.matmul_backward_weight(gradient, dv, h1, rows, kv_width, hidden, /*accumulate=*/false);
   deliver(sink, *w.v_proj, gradient);
   deliver_bias(sink, w.v_bias, f32(ws.dv), rows);
   backend_.rmsnorm_backward(d_residual, gradient, d_normed, x_in, weight_f32(*w.input_norm),

@@ -2,6 +2,7 @@
 // accountable activation memory and per-parameter gradient delivery to a GradientSink.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -112,6 +113,15 @@ class LlamaModel {
   // fp32 view of a parameter: its storage when fp32, else a converted copy in workspace that is
   // valid until the next call.
   const float* weight_f32(const Parameter& parameter) const;
+  // Where a product's operands come from when the backend multiplies narrower than fp32
+  // (Backend::product_dtype()): one scratch each for the layer input x, the output gradient dy and
+  // a weight that must be narrowed (an fp32 weight); each valid until the next use of its slot.
+  enum class OperandSlot : uint8_t { kInput, kOutputGradient, kWeight };
+  // A weight as the backend's products take it: as stored when it has product_dtype() already
+  // (bf16 weights on a GPU in bf16 mode: no copy), else fp32 (weight_f32), narrowed in kWeight.
+  TypedInput weight_operand(const Parameter& parameter) const;
+  // `count` fp32 activations as a product operand: themselves, or narrowed into `slot`.
+  TypedInput activation_operand(const float* values, int64_t count, OperandSlot slot) const;
   AttentionShape attention_shape(int64_t batch_size, int64_t seq_len) const;
   void ensure_rope_table(int64_t max_position);
   // Copies the batch's token ids, targets, positions (and first keys) to the backend's memory.
@@ -133,6 +143,7 @@ class LlamaModel {
   std::unique_ptr<Activations> activations_;
   std::unique_ptr<Workspace> workspace_;
   mutable Buffer weight_scratch_;  // fp32 copy of one non-fp32 weight (kWorkspace)
+  mutable Buffer operand_scratch_[3];  // by OperandSlot: narrowed operands (kWorkspace), grown
   bool has_forward_ = false;
   bool logits_valid_ = false;         // a forward since the last backward: logits() may compute
   bool head_gradient_ready_ = false;  // forward left the head's gradients (at head_scale_)

@@ -287,17 +287,14 @@ Backend::MatmulPrecision matmul_precision_for(const JobSpec& spec, DType storage
   const std::string& matmul = spec.precision.matmul;
   if (matmul == "fp32") return Backend::MatmulPrecision::kFp32;
   if (matmul == "bf16") {
-    if (!device.is_cpu()) {
-      throw JobSpecError("job", "precision.matmul",
-                         "bf16 is a CPU mode; this job computes on " + device_name(device));
-    }
-    if (!cpu_bf16) {
+    if (device.is_cpu() && !cpu_bf16) {
       throw JobSpecError("job", "precision.matmul",
                          "bf16 needs a CPU with AVX512-BF16 or AMX-BF16, and this worker's CPU "
                          "has neither: use auto or fp32");
     }
     return Backend::MatmulPrecision::kBf16;
   }
+  if (storage == DType::kBF16 && !device.is_cpu()) return Backend::MatmulPrecision::kBf16;
   return storage != DType::kF32 ? Backend::MatmulPrecision::kTf32 : Backend::MatmulPrecision::kFp32;
 }
 

@@ -93,10 +93,12 @@ struct TrainResult {
 // the newest committed one. Throws CheckpointError when `latest` names no checkpoint directory.
 std::optional<std::filesystem::path> latest_checkpoint(const std::filesystem::path& output_dir);
 
-// The matrix-product precision of a run from precision.matmul. auto: fp32 for fp32 weights,
-// TF32 for bf16/fp16 ones (no coarser than the weights; only a GPU uses it). bf16 on the CPU needs
-// `cpu_bf16` (AVX512-BF16 or AMX-BF16, cpu::bf16_matmul_supported()): without it, throws a
-// JobSpecError naming precision.matmul.
+// The matrix-product precision of a run from precision.matmul. auto: fp32 for fp32 weights; for
+// bf16 weights on a GPU, bf16 products (the weights multiply as stored, as PyTorch's bf16 autocast
+// does); otherwise TF32 for bf16/fp16 ones (no coarser than the weights; only a GPU uses it, and
+// fp16 activations could overflow where bf16 ones cannot). bf16 on the CPU needs `cpu_bf16`
+// (AVX512-BF16 or AMX-BF16, cpu::bf16_matmul_supported()): without it, throws a JobSpecError naming
+// precision.matmul; every GPU the CUDA backend runs on multiplies bf16.
 Backend::MatmulPrecision matmul_precision_for(const JobSpec& spec, DType storage, Device device,
                                               bool cpu_bf16);
 
