@@ -234,9 +234,9 @@ int main(int argc, char** argv) {
     lomo::Backend& backend = lomo::backend_for(device);
     std::string matmul = args.matmul;
     if (matmul.empty()) {
-      matmul = dtype == lomo::DType::kF32                         ? "fp32"
+      matmul = dtype == lomo::DType::kF32                        ? "fp32"
                : dtype == lomo::DType::kBF16 && !device.is_cpu() ? "bf16"
-                                                                  : "tf32";
+                                                                 : "tf32";
     }
     using Precision = lomo::Backend::MatmulPrecision;
     backend.set_matmul_precision(matmul == "bf16"   ? Precision::kBf16

@@ -82,20 +82,20 @@ class ProfilingBackend final : public Backend {
     inner_.convert_from_f32(out, dtype, in, count);
   }
 
-  void matmul_forward(float* y, TypedInput x, TypedInput weight, int64_t m, int64_t n,
-                      int64_t k, bool accumulate) override {
+  void matmul_forward(float* y, TypedInput x, TypedInput weight, int64_t m, int64_t n, int64_t k,
+                      bool accumulate) override {
     const Timer timer(*this, "matmul");
     inner_.matmul_forward(y, x, weight, m, n, k, accumulate);
   }
 
-  void matmul_backward_input(float* dx, TypedInput dy, TypedInput weight, int64_t m,
-                             int64_t n, int64_t k, bool accumulate) override {
+  void matmul_backward_input(float* dx, TypedInput dy, TypedInput weight, int64_t m, int64_t n,
+                             int64_t k, bool accumulate) override {
     const Timer timer(*this, "matmul");
     inner_.matmul_backward_input(dx, dy, weight, m, n, k, accumulate);
   }
 
-  void matmul_backward_weight(float* dweight, TypedInput dy, TypedInput x, int64_t m,
-                              int64_t n, int64_t k, bool accumulate) override {
+  void matmul_backward_weight(float* dweight, TypedInput dy, TypedInput x, int64_t m, int64_t n,
+                              int64_t k, bool accumulate) override {
     const Timer timer(*this, "matmul");
     inner_.matmul_backward_weight(dweight, dy, x, m, n, k, accumulate);
   }

@@ -72,14 +72,14 @@ class Backend {
   // Operands are fp32, or all of the backend's product_dtype(); a backend throws
   // std::invalid_argument for any other mix. Outputs are fp32.
   // y = x·Wᵀ (or y += x·Wᵀ when accumulate).
-  virtual void matmul_forward(float* y, TypedInput x, TypedInput weight, int64_t m,
-                              int64_t n, int64_t k, bool accumulate) = 0;
+  virtual void matmul_forward(float* y, TypedInput x, TypedInput weight, int64_t m, int64_t n,
+                              int64_t k, bool accumulate) = 0;
   // dx = dy·W (or +=).
-  virtual void matmul_backward_input(float* dx, TypedInput dy, TypedInput weight,
-                                     int64_t m, int64_t n, int64_t k, bool accumulate) = 0;
+  virtual void matmul_backward_input(float* dx, TypedInput dy, TypedInput weight, int64_t m,
+                                     int64_t n, int64_t k, bool accumulate) = 0;
   // dW = dyᵀ·x (or +=).
-  virtual void matmul_backward_weight(float* dweight, TypedInput dy, TypedInput x,
-                                      int64_t m, int64_t n, int64_t k, bool accumulate) = 0;
+  virtual void matmul_backward_weight(float* dweight, TypedInput dy, TypedInput x, int64_t m,
+                                      int64_t n, int64_t k, bool accumulate) = 0;
   // The general (strided batched) product attention is built from; see GemmArgs.
   virtual void gemm(const GemmArgs& args) = 0;
 
@@ -124,8 +124,8 @@ class Backend {
                                const float* up, int64_t count) = 0;
 
   // ---- Embedding: out[i] = float(table[tokens[i]]) (tokens validated by the caller) ------------
-  virtual void embedding_forward(float* out, const int32_t* tokens, TypedInput table,
-                                 int64_t count, int64_t dim) = 0;
+  virtual void embedding_forward(float* out, const int32_t* tokens, TypedInput table, int64_t count,
+                                 int64_t dim) = 0;
   // Adds each row's gradient into its token's row of dtable.
   virtual void embedding_backward(float* dtable, const float* dout, const int32_t* tokens,
                                   int64_t count, int64_t dim) = 0;

@@ -85,9 +85,8 @@ void CpuBackend::matmul_forward(float* y, TypedInput x_operand, TypedInput weigh
   }
   cpu::matmul_forward(y, x, weight, m, n, k, accumulate);
 }
-void CpuBackend::matmul_backward_input(float* dx, TypedInput dy_operand,
-                                       TypedInput weight_operand, int64_t m, int64_t n,
-                                       int64_t k, bool accumulate) {
+void CpuBackend::matmul_backward_input(float* dx, TypedInput dy_operand, TypedInput weight_operand,
+                                       int64_t m, int64_t n, int64_t k, bool accumulate) {
   const float* dy = fp32_operand(dy_operand, "matmul_backward_input");
   const float* weight = fp32_operand(weight_operand, "matmul_backward_input");
   if (precision_ == MatmulPrecision::kBf16) {
@@ -96,9 +95,8 @@ void CpuBackend::matmul_backward_input(float* dx, TypedInput dy_operand,
   }
   cpu::matmul_backward_input(dx, dy, weight, m, n, k, accumulate);
 }
-void CpuBackend::matmul_backward_weight(float* dweight, TypedInput dy_operand,
-                                        TypedInput x_operand, int64_t m, int64_t n, int64_t k,
-                                        bool accumulate) {
+void CpuBackend::matmul_backward_weight(float* dweight, TypedInput dy_operand, TypedInput x_operand,
+                                        int64_t m, int64_t n, int64_t k, bool accumulate) {
   const float* dy = fp32_operand(dy_operand, "matmul_backward_weight");
   const float* x = fp32_operand(x_operand, "matmul_backward_weight");
   if (precision_ == MatmulPrecision::kBf16) {

@@ -25,8 +25,8 @@ class CpuBackend final : public Backend {
   void convert_to_f32(float* out, const void* in, DType dtype, int64_t count) override;
 
   void convert_from_f32(void* out, DType dtype, const float* in, int64_t count) override;
-  void matmul_forward(float* y, TypedInput x, TypedInput weight, int64_t m, int64_t n,
-                      int64_t k, bool accumulate) override;
+  void matmul_forward(float* y, TypedInput x, TypedInput weight, int64_t m, int64_t n, int64_t k,
+                      bool accumulate) override;
   void matmul_backward_input(float* dx, TypedInput dy, TypedInput weight, int64_t m, int64_t n,
                              int64_t k, bool accumulate) override;
   void matmul_backward_weight(float* dweight, TypedInput dy, TypedInput x, int64_t m, int64_t n,

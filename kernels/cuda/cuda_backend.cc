@@ -175,18 +175,18 @@ void CudaBackend::convert_from_f32(void* out, DType dtype, const float* in, int6
   cuda::convert_from_f32(out, dtype, in, count, stream_);
 }
 
-void CudaBackend::matmul_forward(float* y, TypedInput x, TypedInput weight, int64_t m,
-                                 int64_t n, int64_t k, bool accumulate) {
+void CudaBackend::matmul_forward(float* y, TypedInput x, TypedInput weight, int64_t m, int64_t n,
+                                 int64_t k, bool accumulate) {
   activate();
   cuda::matmul_forward(cublas_, y, x, weight, m, n, k, accumulate);
 }
-void CudaBackend::matmul_backward_input(float* dx, TypedInput dy, TypedInput weight,
-                                        int64_t m, int64_t n, int64_t k, bool accumulate) {
+void CudaBackend::matmul_backward_input(float* dx, TypedInput dy, TypedInput weight, int64_t m,
+                                        int64_t n, int64_t k, bool accumulate) {
   activate();
   cuda::matmul_backward_input(cublas_, dx, dy, weight, m, n, k, accumulate);
 }
-void CudaBackend::matmul_backward_weight(float* dweight, TypedInput dy, TypedInput x,
-                                         int64_t m, int64_t n, int64_t k, bool accumulate) {
+void CudaBackend::matmul_backward_weight(float* dweight, TypedInput dy, TypedInput x, int64_t m,
+                                         int64_t n, int64_t k, bool accumulate) {
   activate();
   cuda::matmul_backward_weight(cublas_, dweight, dy, x, m, n, k, accumulate);
 }
@@ -330,10 +330,10 @@ void CudaBackend::set_matmul_precision(MatmulPrecision precision) {
   LOMO_CUDA_CHECK(cudaSetDevice(index_));
   // Under kBf16 the linear layers multiply bf16 operands (cublasGemmEx, fp32 accumulation); the
   // fp32 products left (attention's) may then round to TF32, which is finer than bf16.
-  check_cublas(cublasSetMathMode(cublas_, precision == MatmulPrecision::kFp32
-                                              ? CUBLAS_DEFAULT_MATH
-                                              : CUBLAS_TF32_TENSOR_OP_MATH),
-               "cublasSetMathMode", index_);
+  check_cublas(
+      cublasSetMathMode(cublas_, precision == MatmulPrecision::kFp32 ? CUBLAS_DEFAULT_MATH
+                                                                     : CUBLAS_TF32_TENSOR_OP_MATH),
+      "cublasSetMathMode", index_);
   product_dtype_ = precision == MatmulPrecision::kBf16 ? DType::kBF16 : DType::kF32;
 }
 

@@ -42,12 +42,12 @@ class CudaBackend final : public Backend {
   void convert_to_f32(float* out, const void* in, DType dtype, int64_t count) override;
   void convert_from_f32(void* out, DType dtype, const float* in, int64_t count) override;
 
-  void matmul_forward(float* y, TypedInput x, TypedInput weight, int64_t m, int64_t n,
-                      int64_t k, bool accumulate) override;
-  void matmul_backward_input(float* dx, TypedInput dy, TypedInput weight, int64_t m,
-                             int64_t n, int64_t k, bool accumulate) override;
-  void matmul_backward_weight(float* dweight, TypedInput dy, TypedInput x, int64_t m,
-                              int64_t n, int64_t k, bool accumulate) override;
+  void matmul_forward(float* y, TypedInput x, TypedInput weight, int64_t m, int64_t n, int64_t k,
+                      bool accumulate) override;
+  void matmul_backward_input(float* dx, TypedInput dy, TypedInput weight, int64_t m, int64_t n,
+                             int64_t k, bool accumulate) override;
+  void matmul_backward_weight(float* dweight, TypedInput dy, TypedInput x, int64_t m, int64_t n,
+                              int64_t k, bool accumulate) override;
   void gemm(const GemmArgs& args) override;
 
   void rmsnorm_forward(float* out, float* rstd, const float* x, const float* weight, int64_t rows,
@@ -119,8 +119,8 @@ class CudaBackend final : public Backend {
   cudaMemPool_t pool_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
   void* cublas_workspace_ = nullptr;
-  double* partials_ = nullptr;  // kReductionBlocks doubles (kernels/cuda/launch.h)
-  double* result_ = nullptr;    // one double for values returned to the host
+  double* partials_ = nullptr;         // kReductionBlocks doubles (kernels/cuda/launch.h)
+  double* result_ = nullptr;           // one double for values returned to the host
   DType product_dtype_ = DType::kF32;  // kBF16 under MatmulPrecision::kBf16
 };
 

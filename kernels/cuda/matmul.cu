@@ -98,8 +98,7 @@ void run(cublasHandle_t handle, const LinearProduct& p) {
   if (p.a.dtype != p.b.dtype) {
     throw std::invalid_argument(std::string("cuda ") + p.name + ": operands stored as " +
                                 std::string(dtype_name(p.a.dtype)) + " and " +
-                                std::string(dtype_name(p.b.dtype)) +
-                                "; both must have one dtype");
+                                std::string(dtype_name(p.b.dtype)) + "; both must have one dtype");
   }
   if (p.a.dtype == DType::kF32 || p.k == 0) {  // k = 0 reads no operand: gemm() scales C
     GemmArgs g;
@@ -113,9 +112,9 @@ void run(cublasHandle_t handle, const LinearProduct& p) {
     return;
   }
   if (p.m < 0 || p.n < 0 || p.k < 0) {
-    throw std::invalid_argument(std::string("cuda ") + p.name + ": negative size m=" +
-                                std::to_string(p.m) + " n=" + std::to_string(p.n) +
-                                " k=" + std::to_string(p.k));
+    throw std::invalid_argument(std::string("cuda ") + p.name +
+                                ": negative size m=" + std::to_string(p.m) +
+                                " n=" + std::to_string(p.n) + " k=" + std::to_string(p.k));
   }
   if (p.m == 0 || p.n == 0) return;
   // Column-major Cᵀ = op(B)ᵀ·op(A)ᵀ, as gemm() above; fp32 accumulation and output.
@@ -131,21 +130,20 @@ void run(cublasHandle_t handle, const LinearProduct& p) {
 }  // namespace
 
 // The three linear-layer products, as kernels/cpu/matmul.cc states them in row-major terms.
-void matmul_forward(cublasHandle_t handle, float* y, TypedInput x, TypedInput weight,
-                    int64_t m, int64_t n, int64_t k, bool accumulate) {
+void matmul_forward(cublasHandle_t handle, float* y, TypedInput x, TypedInput weight, int64_t m,
+                    int64_t n, int64_t k, bool accumulate) {
   run(handle, LinearProduct{"matmul_forward", false, true, m, n, k, x, k, weight, k,
                             accumulate ? 1.0f : 0.0f, y, n});
 }
 
-void matmul_backward_input(cublasHandle_t handle, float* dx, TypedInput dy,
-                           TypedInput weight, int64_t m, int64_t n, int64_t k,
-                           bool accumulate) {
+void matmul_backward_input(cublasHandle_t handle, float* dx, TypedInput dy, TypedInput weight,
+                           int64_t m, int64_t n, int64_t k, bool accumulate) {
   run(handle, LinearProduct{"matmul_backward_input", false, false, m, k, n, dy, n, weight, k,
                             accumulate ? 1.0f : 0.0f, dx, k});
 }
 
-void matmul_backward_weight(cublasHandle_t handle, float* dweight, TypedInput dy,
-                            TypedInput x, int64_t m, int64_t n, int64_t k, bool accumulate) {
+void matmul_backward_weight(cublasHandle_t handle, float* dweight, TypedInput dy, TypedInput x,
+                            int64_t m, int64_t n, int64_t k, bool accumulate) {
   run(handle, LinearProduct{"matmul_backward_weight", true, false, n, k, m, dy, n, x, k,
                             accumulate ? 1.0f : 0.0f, dweight, k});
 }

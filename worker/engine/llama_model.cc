@@ -330,8 +330,7 @@ double LlamaModel::lm_head_chunks(bool loss, bool gradient, float gradient_scale
     // The chunk's logits become their gradient in place; then the head's input gradient (with the
     // weight as it is) and its weight gradient, summed over chunks.
     backend_.cross_entropy_backward(logits, logits, logsumexp, targets, n, vocab, gradient_scale);
-    const TypedInput dlogits =
-        activation_operand(logits, n * vocab, OperandSlot::kOutputGradient);
+    const TypedInput dlogits = activation_operand(logits, n * vocab, OperandSlot::kOutputGradient);
     backend_.matmul_backward_input(f32(workspace_->d_normed) + first * hidden, dlogits, head, n,
                                    vocab, hidden, /*accumulate=*/false);
     backend_.matmul_backward_weight(head_gradient_buffer(), dlogits, x_operand, n, vocab, hidden,
@@ -451,9 +450,9 @@ void LlamaModel::layer_forward(int64_t l, const float* x_in, LayerActivations& a
       activations_->first_key.empty() ? nullptr : activations_->device_first_key.as<int32_t>(),
       attention_shape(activations_->batch_size, activations_->seq_len));
   backend_.copy(f32(a.x_mid), x_in, static_cast<size_t>(rows * hidden) * sizeof(float));
-  backend_.matmul_forward(
-      f32(a.x_mid), activation_operand(f32(a.attn_out), rows * q_width, OperandSlot::kInput),
-      weight_operand(*w.o_proj), rows, hidden, q_width, /*accumulate=*/true);
+  backend_.matmul_forward(f32(a.x_mid),
+                          activation_operand(f32(a.attn_out), rows * q_width, OperandSlot::kInput),
+                          weight_operand(*w.o_proj), rows, hidden, q_width, /*accumulate=*/true);
   add_bias(f32(a.x_mid), w.o_bias, rows);
 
   backend_.rmsnorm_forward(f32(a.h2), f32(a.rstd2), f32(a.x_mid),
@@ -468,8 +467,7 @@ void LlamaModel::layer_forward(int64_t l, const float* x_in, LayerActivations& a
   backend_.swiglu_forward(f32(a.act), f32(a.gate), f32(a.up), rows * inter);
   if (x_out == nullptr) return;
   backend_.copy(x_out, f32(a.x_mid), static_cast<size_t>(rows * hidden) * sizeof(float));
-  backend_.matmul_forward(x_out,
-                          activation_operand(f32(a.act), rows * inter, OperandSlot::kInput),
+  backend_.matmul_forward(x_out, activation_operand(f32(a.act), rows * inter, OperandSlot::kInput),
                           weight_operand(*w.down_proj), rows, hidden, inter, /*accumulate=*/true);
   add_bias(x_out, w.down_bias, rows);
 }

@@ -142,7 +142,7 @@ class LlamaModel {
   RopeTableView rope_table_;
   std::unique_ptr<Activations> activations_;
   std::unique_ptr<Workspace> workspace_;
-  mutable Buffer weight_scratch_;  // fp32 copy of one non-fp32 weight (kWorkspace)
+  mutable Buffer weight_scratch_;      // fp32 copy of one non-fp32 weight (kWorkspace)
   mutable Buffer operand_scratch_[3];  // by OperandSlot: narrowed operands (kWorkspace), grown
   bool has_forward_ = false;
   bool logits_valid_ = false;         // a forward since the last backward: logits() may compute
