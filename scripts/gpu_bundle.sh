@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 archive="${1:?usage: scripts/gpu_bundle.sh OUT.tar.xz}"
 build=build-gpu
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DLOMO_CUDA=ON -DLOMO_WERROR=ON >/dev/null
-targets=(backend_kernels_test gpu_model_test rmsnorm_cuda_test gpu_bench)
+targets=(backend_kernels_test gpu_model_test gpu_generation_test rmsnorm_cuda_test gpu_bench)
 grep -q nccl_communicator_test tests/CMakeLists.txt && targets+=(nccl_communicator_test)
 cmake --build "$build" -j"$(nproc)" --target "${targets[@]}"
 

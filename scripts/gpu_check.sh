@@ -48,7 +48,7 @@ else
   cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DLOMO_CUDA=ON -DLOMO_WERROR=ON \
     >>"$log" 2>&1 || { say "gpu_check: configure failed (see $log)"; exit 2; }
   cmake --build "$build" -j"$(nproc)" --target backend_kernels_test gpu_model_test \
-    rmsnorm_cuda_test gpu_bench lomo-worker lomo-workerd lomo-coordinator lomoctl \
+    gpu_generation_test rmsnorm_cuda_test gpu_bench lomo-worker lomo-workerd lomo-coordinator lomoctl \
     $(grep -q nccl_communicator_test tests/CMakeLists.txt && echo nccl_communicator_test) \
     >>"$log" 2>&1 || { say "gpu_check: build failed (see $log)"; exit 2; }
   tests="$build/tests" benches="$build/bench" programs="$(mktemp -d)"
@@ -76,6 +76,7 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
 say "== tests"
 run backend_kernels 300 "$tests/backend_kernels_test"
 run gpu_model 300 "$tests/gpu_model_test"
+run gpu_generation 120 "$tests/gpu_generation_test"
 run rmsnorm_cuda 120 "$tests/rmsnorm_cuda_test"
 [[ -x "$tests/nccl_communicator_test" ]] && run nccl_communicator 180 "$tests/nccl_communicator_test"
 grep -hE '^\[[A-Za-z0-9]+\] ' "$out/gpu_model.log" | tee -a "$log"
@@ -154,11 +155,11 @@ if [[ $quick -eq 0 ]]; then
     run "bench_$name" 240 "$benches/gpu_bench" "$@"
     grep -vE '^\s*$' "$out/bench_$name.log" | tee -a "$log"
   }
-  # bf16 weights multiply in TF32 (Backend::MatmulPrecision), as the trainer does; one fp32 row
-  # shows the difference.
+  # bf16 weights multiply as stored on bf16 tensor cores (Backend::MatmulPrecision::kBf16), as
+  # the trainer's precision.matmul auto does on a GPU; one TF32 row (the earlier default) compares.
   bench 7b_s512_b8_ckpt_lomo --model 7b --seq 512 --batch 8 --checkpointing on --steps 2
-  bench 7b_s512_b8_ckpt_lomo_fp32 --model 7b --seq 512 --batch 8 --checkpointing on --steps 2 \
-    --matmul fp32
+  bench 7b_s512_b8_ckpt_lomo_tf32 --model 7b --seq 512 --batch 8 --checkpointing on --steps 2 \
+    --matmul tf32
   bench 7b_s1024_b1_lomo --model 7b --seq 1024 --batch 1 --checkpointing off --steps 3
   bench 7b_s1024_b1_lomo_clip --model 7b --seq 1024 --batch 1 --checkpointing off --steps 3 \
     --optimizer lomo-clip
@@ -167,6 +168,20 @@ if [[ $quick -eq 0 ]]; then
   bench 7b_s1024_b1_profile --model 7b --seq 1024 --batch 1 --checkpointing off --steps 2 \
     --profile-ops
   bench 7b_s1024_b8_ckpt_lomo --model 7b --seq 1024 --batch 8 --checkpointing on --steps 1
+  bench 7b_s1024_b4_lomo --model 7b --seq 1024 --batch 4 --checkpointing off --steps 2
+  # PyTorch with the official LOMO optimizer on the same card and shapes (bench/gpu_torch_lomo.py;
+  # needs torch with CUDA, transformers and lomo-optim: skipped, saying so, where they are absent).
+  if python3 -c 'import torch, transformers, lomo_optim' 2>/dev/null; then
+    for row in "--seq 1024 --batch 1 --checkpointing off" "--seq 512 --batch 8 --checkpointing on" \
+      "--seq 1024 --batch 4 --checkpointing off"; do
+      name="torch_lomo_$(echo "$row" | tr -d '-' | tr ' ' '_')"
+      # shellcheck disable=SC2086  # the row is a list of flags
+      run "$name" 240 python3 bench/gpu_torch_lomo.py --model 7b $row --steps 2
+      grep '^torch_lomo' "$out/$name.log" | tee -a "$log"
+    done
+  else
+    say "  torch_lomo: skipped (python3 lacks torch, transformers or lomo_optim)"
+  fi
   # Too large on purpose: the out-of-memory error names the device and the memory in use by kind.
   # A missing message counts as a failure (the probe proves the message, not only the refusal).
   if ! timeout 120 "$benches/gpu_bench" --model 7b --seq 4096 --batch 16 --checkpointing off \
