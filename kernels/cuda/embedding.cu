@@ -8,6 +8,7 @@
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/embedding.h"
 #include "kernels/cuda/launch.h"
+#include "kernels/cuda/stored_dtype.h"
 
 namespace lomo::cuda {
 namespace {
@@ -15,18 +16,6 @@ namespace {
 constexpr int64_t kMaxGridY = 65535;
 
 // blockIdx.x picks a chunk of columns, rows stride over blockIdx.y: coalesced row copies.
-// Element i of a table stored as Dtype, widened as kernels/dtype.h widens it.
-template <DType Dtype>
-__device__ float load(const void* table, int64_t i) {
-  if constexpr (Dtype == DType::kF32) {
-    return static_cast<const float*>(table)[i];
-  } else if constexpr (Dtype == DType::kBF16) {
-    return bf16_to_float(static_cast<const uint16_t*>(table)[i]);
-  } else {
-    return fp16_to_float(static_cast<const uint16_t*>(table)[i]);
-  }
-}
-
 template <DType Dtype>
 __global__ void embedding_forward_kernel(float* __restrict__ out,
                                          const int32_t* __restrict__ tokens,
@@ -39,7 +28,8 @@ __global__ void embedding_forward_kernel(float* __restrict__ out,
     // The caller validates tokens against the vocabulary (unknown here); a negative one would read
     // before the table, so it yields NaN instead.
     out[i * dim + column] =
-        token < 0 ? CUDART_NAN_F : load<Dtype>(table, static_cast<int64_t>(token) * dim + column);
+        token < 0 ? CUDART_NAN_F
+                  : load_stored<Dtype>(table, static_cast<int64_t>(token) * dim + column);
   }
 }
 
@@ -72,20 +62,10 @@ void embedding_forward(float* out, const int32_t* tokens, const void* table, DTy
   if (count <= 0 || dim <= 0) return;
   const dim3 grid(static_cast<unsigned>((dim + kThreadsPerBlock - 1) / kThreadsPerBlock),
                   static_cast<unsigned>(std::min(count, kMaxGridY)));
-  switch (dtype) {
-    case DType::kF32:
-      embedding_forward_kernel<DType::kF32>
-          <<<grid, kThreadsPerBlock, 0, stream>>>(out, tokens, table, count, dim);
-      break;
-    case DType::kBF16:
-      embedding_forward_kernel<DType::kBF16>
-          <<<grid, kThreadsPerBlock, 0, stream>>>(out, tokens, table, count, dim);
-      break;
-    case DType::kF16:
-      embedding_forward_kernel<DType::kF16>
-          <<<grid, kThreadsPerBlock, 0, stream>>>(out, tokens, table, count, dim);
-      break;
-  }
+  with_stored_dtype(dtype, [&](auto stored) {
+    embedding_forward_kernel<decltype(stored)::value>
+        <<<grid, kThreadsPerBlock, 0, stream>>>(out, tokens, table, count, dim);
+  });
   LOMO_CUDA_CHECK(cudaGetLastError());
 }
 

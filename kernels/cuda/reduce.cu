@@ -8,6 +8,7 @@
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/launch.h"
 #include "kernels/cuda/reduce.h"
+#include "kernels/cuda/stored_dtype.h"
 
 namespace lomo::cuda {
 namespace {
@@ -18,18 +19,6 @@ __device__ int64_t first_index() {
   return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
 }
 __device__ int64_t grid_stride() { return static_cast<int64_t>(gridDim.x) * blockDim.x; }
-
-// The value stored as `Dtype` widened to float, as the CPU's convert_to_float does.
-template <DType Dtype>
-__device__ float load(const void* x, int64_t i) {
-  if constexpr (Dtype == DType::kF32) {
-    return static_cast<const float*>(x)[i];
-  } else if constexpr (Dtype == DType::kBF16) {
-    return bf16_to_float(static_cast<const uint16_t*>(x)[i]);
-  } else {
-    return fp16_to_float(static_cast<const uint16_t*>(x)[i]);
-  }
-}
 
 // Square and add without contraction into an FMA, as the CPU loop rounds: v² rounded, then added.
 __device__ double add_square(double sum, double v) { return __dadd_rn(sum, __dmul_rn(v, v)); }
@@ -52,12 +41,13 @@ __device__ double block_sum(double value) {
 
 template <DType Dtype>
 __global__ void convert_kernel(float* out, const void* in, int64_t count) {
-  for (int64_t i = first_index(); i < count; i += grid_stride()) out[i] = load<Dtype>(in, i);
+  for (int64_t i = first_index(); i < count; i += grid_stride()) out[i] = load_stored<Dtype>(in, i);
 }
 
 // The functions of kernels/dtype.h, so that narrowing gives the CPU's bits.
 template <DType Dtype>
 __global__ void narrow_kernel(uint16_t* out, const float* in, int64_t count) {
+  static_assert(Dtype != DType::kF32, "fp32 is a copy");
   for (int64_t i = first_index(); i < count; i += grid_stride())
     out[i] = Dtype == DType::kBF16 ? float_to_bf16(in[i]) : float_to_fp16(in[i]);
 }
@@ -93,7 +83,7 @@ template <DType Dtype>
 __global__ void sum_squares_partials_kernel(double* partials, const void* x, int64_t count) {
   double sum = 0.0;
   for (int64_t i = first_index(); i < count; i += grid_stride()) {
-    sum = add_square(sum, static_cast<double>(load<Dtype>(x, i)));
+    sum = add_square(sum, static_cast<double>(load_stored<Dtype>(x, i)));
   }
   const double total = block_sum(sum);
   if (threadIdx.x == 0) partials[blockIdx.x] = total;
@@ -148,37 +138,32 @@ void launch_sum_squares_partials(double* partials, const void* x, int64_t count,
 
 void convert_to_f32(float* out, const void* in, DType dtype, int64_t count, cudaStream_t stream) {
   if (count <= 0) return;
-  const unsigned blocks = blocks_for(count);
-  switch (dtype) {
-    case DType::kF32:
-      LOMO_CUDA_CHECK(cudaMemcpyAsync(out, in, static_cast<size_t>(count) * sizeof(float),
-                                      cudaMemcpyDeviceToDevice, stream));
-      return;
-    case DType::kBF16:
-      convert_kernel<DType::kBF16><<<blocks, kThreadsPerBlock, 0, stream>>>(out, in, count);
-      break;
-    case DType::kF16:
-      convert_kernel<DType::kF16><<<blocks, kThreadsPerBlock, 0, stream>>>(out, in, count);
-      break;
+  if (dtype == DType::kF32) {
+    LOMO_CUDA_CHECK(cudaMemcpyAsync(out, in, static_cast<size_t>(count) * sizeof(float),
+                                    cudaMemcpyDeviceToDevice, stream));
+    return;
   }
+  with_stored_dtype(dtype, [&](auto stored) {
+    convert_kernel<decltype(stored)::value>
+        <<<blocks_for(count), kThreadsPerBlock, 0, stream>>>(out, in, count);
+  });
   LOMO_CUDA_CHECK(cudaGetLastError());
 }
 
 void convert_from_f32(void* out, DType dtype, const float* in, int64_t count, cudaStream_t stream) {
   if (count <= 0) return;
-  const unsigned blocks = blocks_for(count);
+  if (dtype == DType::kF32) {
+    LOMO_CUDA_CHECK(cudaMemcpyAsync(out, in, static_cast<size_t>(count) * sizeof(float),
+                                    cudaMemcpyDeviceToDevice, stream));
+    return;
+  }
   uint16_t* narrow = static_cast<uint16_t*>(out);
-  switch (dtype) {
-    case DType::kF32:
-      LOMO_CUDA_CHECK(cudaMemcpyAsync(out, in, static_cast<size_t>(count) * sizeof(float),
-                                      cudaMemcpyDeviceToDevice, stream));
-      return;
-    case DType::kBF16:
-      narrow_kernel<DType::kBF16><<<blocks, kThreadsPerBlock, 0, stream>>>(narrow, in, count);
-      break;
-    case DType::kF16:
-      narrow_kernel<DType::kF16><<<blocks, kThreadsPerBlock, 0, stream>>>(narrow, in, count);
-      break;
+  if (dtype == DType::kBF16) {
+    narrow_kernel<DType::kBF16>
+        <<<blocks_for(count), kThreadsPerBlock, 0, stream>>>(narrow, in, count);
+  } else {
+    narrow_kernel<DType::kF16>
+        <<<blocks_for(count), kThreadsPerBlock, 0, stream>>>(narrow, in, count);
   }
   LOMO_CUDA_CHECK(cudaGetLastError());
 }
@@ -189,17 +174,9 @@ void sum_squares(double* result, const void* x, DType dtype, int64_t count, doub
     LOMO_CUDA_CHECK(cudaMemsetAsync(result, 0, sizeof(double), stream));  // +0.0
     return;
   }
-  switch (dtype) {
-    case DType::kF32:
-      launch_sum_squares_partials<DType::kF32>(partials, x, count, stream);
-      break;
-    case DType::kBF16:
-      launch_sum_squares_partials<DType::kBF16>(partials, x, count, stream);
-      break;
-    case DType::kF16:
-      launch_sum_squares_partials<DType::kF16>(partials, x, count, stream);
-      break;
-  }
+  with_stored_dtype(dtype, [&](auto stored) {
+    launch_sum_squares_partials<decltype(stored)::value>(partials, x, count, stream);
+  });
   write_sum_kernel<<<1, kThreadsPerBlock, 0, stream>>>(result, partials);
   LOMO_CUDA_CHECK(cudaGetLastError());
 }
