@@ -759,12 +759,6 @@ void validate(Context& c, const JobSpec& spec) {
   // N > 1 at submission until it can schedule gangs (server/job_lifecycle.cc).
   at_least(c, "resources.world_size", r.world_size, 1);
   one_of(c, "resources.device", r.device, {"cpu", "cuda"});
-  if (r.device == "cuda" && r.world_size > 1) {
-    c.report("resources.device",
-             "cuda with world_size " + std::to_string(r.world_size) +
-                 ": data-parallel GPU ranks need the NCCL communicator, which training does not "
-                 "use yet; use world_size 1 on cuda, or device: cpu");
-  }
   at_least(c, "resources.max_restarts", r.max_restarts, 0);
 }
 

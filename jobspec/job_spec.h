@@ -166,8 +166,8 @@ struct OutputSpec {
 
 struct ResourcesSpec {
   int64_t world_size = 1;
-  // cpu. "cuda" is a known value that validation refuses until the CUDA backend lands: the
-  // training child runs on the CPU only, and a GPU job must not silently train there.
+  // cpu | cuda: each rank on a GPU of its own (a worker daemon's --device N), its gradients
+  // reduced over NCCL when world_size > 1 (worker/comm/device_aware_communicator.h).
   std::string device = "cpu";
   // How many times the coordinator restarts the job's gang after a failure that can be transient
   // (a crash, a lost worker, a collective timeout) before the job fails; each new attempt resumes

@@ -77,6 +77,12 @@
 #include "worker/rendezvous/coordinator_store.h"
 #endif
 
+#ifdef LOMO_WORKER_HAVE_NCCL
+#include "kernels/cuda/cuda_backend.h"
+#include "worker/comm/device_aware_communicator.h"
+#include "worker/comm/nccl_rendezvous.h"
+#endif
+
 namespace {
 
 std::atomic<bool> g_stop_requested{false};
@@ -528,10 +534,59 @@ std::filesystem::path sibling_program(const std::string& name) {
   return self.parent_path() / name;
 }
 
+#ifdef LOMO_WORKER_HAVE_NCCL
+// A GPU rank's communicator: gradients (device memory) over NCCL, host values over `host` (Gloo).
+// The NCCL ranks meet through the same store under the same prefix; collectives start after the
+// CUDA backend's queued work (set_input_stream), so the trainer never synchronises for them.
+std::unique_ptr<lomo::Communicator> with_nccl(std::unique_ptr<lomo::Communicator> host,
+                                              const lomo::GlooCommunicatorOptions& options,
+                                              gloo::rendezvous::Store& store) {
+  std::optional<lomo::Device> gpu;
+  for (lomo::Device device : lomo::available_backends()) {
+    if (!device.is_cpu()) {
+      gpu = device;
+      break;
+    }
+  }
+  if (!gpu) {
+    const char* visible = std::getenv("CUDA_VISIBLE_DEVICES");
+    throw lomo::JobSpecError("job", "resources.device",
+                             "cuda, but this rank finds no usable CUDA device "
+                             "(CUDA_VISIBLE_DEVICES=" +
+                                 std::string(visible != nullptr ? visible : "unset") + ")");
+  }
+  lomo::NcclCommunicatorOptions nccl;
+  nccl.rank = options.rank;
+  nccl.world_size = options.world_size;
+  nccl.device = gpu->index;
+  nccl.timeout = options.timeout;
+  std::unique_ptr<lomo::NcclCommunicator> device = lomo::connect_nccl(nccl, store, options.prefix);
+  device->set_input_stream(
+      dynamic_cast<lomo::cuda::CudaBackend&>(lomo::backend_for(*gpu)).stream());
+  return std::make_unique<lomo::DeviceAwareCommunicator>(std::move(host), std::move(device));
+}
+#endif
+
+// The rank's communicator, meeting its peers through `store` under options.prefix: Gloo, and for
+// a GPU gang also NCCL (with_nccl).
+std::unique_ptr<lomo::Communicator> connect_over(const lomo::JobSpec& spec,
+                                                 const lomo::GlooCommunicatorOptions& options,
+                                                 gloo::rendezvous::Store& store) {
+  auto host = std::make_unique<lomo::GlooCommunicator>(options, store);
+  if (spec.resources.device != "cuda" || options.world_size == 1) return host;
+#ifdef LOMO_WORKER_HAVE_NCCL
+  return with_nccl(std::move(host), options, store);
+#else
+  throw std::runtime_error(
+      "resources.device cuda with world_size " + std::to_string(options.world_size) +
+      ": this lomo-worker was built without NCCL, which GPU ranks reduce their gradients with");
+#endif
+}
+
 // A rank the coordinator scheduled: its peers meet it through the coordinator's rendezvous of
 // the job attempt, and connect to its advertised address.
 std::unique_ptr<lomo::Communicator> connect_through_coordinator(
-    const TrainArgs& args, lomo::GlooCommunicatorOptions options) {
+    const TrainArgs& args, const lomo::JobSpec& spec, lomo::GlooCommunicatorOptions options) {
   lomo::CoordinatorStoreOptions store_options;
   store_options.relay_program = sibling_program("lomo-workerd");
   store_options.coordinator = args.coordinator;
@@ -544,7 +599,7 @@ std::unique_ptr<lomo::Communicator> connect_through_coordinator(
   options.prefix = "job/" + args.job_id + "/attempt/" + std::to_string(args.attempt);
   options.hostname = args.advertise_address ? *args.advertise_address
                                             : lomo::local_address_toward(args.coordinator);
-  return std::make_unique<lomo::GlooCommunicator>(options, store);
+  return connect_over(spec, options, store);
 }
 #endif
 
@@ -558,7 +613,7 @@ lomo::CommunicatorFault fault_from_environment() {
 // This rank's communicator: its peers meet it through the coordinator (coordinator://HOST:PORT)
 // or through the FileStore in args.rendezvous under a prefix of the launching process's id.
 // Throws CommunicatorError when they do not all arrive.
-std::unique_ptr<lomo::Communicator> connect_rank(const TrainArgs& args) {
+std::unique_ptr<lomo::Communicator> connect_rank(const TrainArgs& args, const lomo::JobSpec& spec) {
 #ifdef LOMO_WORKER_HAVE_GLOO
   lomo::GlooCommunicatorOptions options;
   options.rank = *args.rank;
@@ -567,12 +622,13 @@ std::unique_ptr<lomo::Communicator> connect_rank(const TrainArgs& args) {
   // while the others wait in the next one, and the ranks of a gang start minutes apart when
   // each first fetches the checkpoint to resume from.
   options.timeout = std::chrono::minutes(10);
-  if (!args.coordinator.empty()) return connect_through_coordinator(args, options);
+  if (!args.coordinator.empty()) return connect_through_coordinator(args, spec, options);
   gloo::rendezvous::FileStore store(args.rendezvous);
   options.prefix = "standalone/" + std::to_string(::getppid());
-  return std::make_unique<lomo::GlooCommunicator>(options, store);
+  return connect_over(spec, options, store);
 #else
   (void)args;
+  (void)spec;
   throw std::runtime_error(kNoGloo);
 #endif
 }
@@ -595,7 +651,7 @@ int train_rank(const TrainArgs& args) {
     const lomo::CommunicatorFault fault = fault_from_environment();
     std::unique_ptr<lomo::Communicator> communicator;
     try {
-      communicator = connect_rank(args);
+      communicator = connect_rank(args, spec);
     } catch (const std::exception& e) {
       if (!g_stop_requested.load()) throw;
       // Asked to stop before the ranks had all met (the coordinator's rendezvous gives up on a
@@ -641,8 +697,34 @@ int launch_exit_code(const std::optional<lomo::ExitStatus>& first_failure) {
   return first_failure->code;
 }
 
-// Starts the n ranks of `args` and waits for all of them; when one fails, ends the others.
-int launch_ranks(const TrainArgs& args, int n) {
+// CUDA_VISIBLE_DEVICES for rank r of a local GPU gang: the r-th GPU this process sees (the r-th
+// entry of its own CUDA_VISIBLE_DEVICES when set), so each rank computes on a GPU of its own, as
+// NCCL requires.
+std::string gpu_of_rank(int r, int n) {
+  const char* visible = std::getenv("CUDA_VISIBLE_DEVICES");
+  if (visible == nullptr || *visible == '\0') return std::to_string(r);
+  std::vector<std::string> gpus;
+  std::string entry;
+  for (const char* c = visible;; ++c) {
+    if (*c == ',' || *c == '\0') {
+      if (!entry.empty()) gpus.push_back(entry);
+      entry.clear();
+      if (*c == '\0') break;
+    } else {
+      entry += *c;
+    }
+  }
+  if (static_cast<size_t>(r) >= gpus.size()) {
+    throw std::runtime_error("train --nproc " + std::to_string(n) +
+                             " on cuda needs a GPU per rank; CUDA_VISIBLE_DEVICES=" + visible +
+                             " lists " + std::to_string(gpus.size()));
+  }
+  return gpus[static_cast<size_t>(r)];
+}
+
+// Starts the n ranks of `args` and waits for all of them; when one fails, ends the others. On
+// cuda (`on_gpus`) each rank sees one GPU of its own.
+int launch_ranks(const TrainArgs& args, int n, bool on_gpus) {
   if (kNoGloo != nullptr) throw std::runtime_error(kNoGloo);
   char pattern[] = "/tmp/lomo-rendezvous-XXXXXX";
   if (::mkdtemp(pattern) == nullptr) {
@@ -673,6 +755,7 @@ int launch_ranks(const TrainArgs& args, int n) {
       child.argv.insert(child.argv.end(), {"--protocol-file", args.protocol_file->string()});
     }
     child.env = {"OMP_NUM_THREADS=" + threads_per_rank(n)};
+    if (on_gpus) child.env.push_back("CUDA_VISIBLE_DEVICES=" + gpu_of_rank(r, n));
     // Rank 0 shows the progress; the others would print the same lines (errors go to stderr).
     if (r > 0) child.stdout_mode = lomo::ChildOutput::kDiscard;
     ranks.push_back(std::make_unique<lomo::ChildProcess>(child));
@@ -743,7 +826,7 @@ int train_command(const std::vector<std::string>& args) {
   }
   if (world_size > 1) {
     try {
-      return launch_ranks(*parsed, static_cast<int>(world_size));
+      return launch_ranks(*parsed, static_cast<int>(world_size), spec->resources.device == "cuda");
     } catch (const std::exception& e) {
       RunReporter reporter(parsed->protocol_file);
       return fail(e, "lomo-worker train", &reporter);

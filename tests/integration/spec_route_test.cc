@@ -220,15 +220,14 @@ TEST_F(SpecRouteTest, EveryProblemIsReportedWithItsFieldAndLine) {
       "data: {train: [a.txt]}\n"
       "optimizer: {lr: -1}\n"
       "training: {steps: 0}\n"
-      "resources: {device: cuda, world_size: 2}\n");
+      "resources: {device: tpu, world_size: 2}\n");
   v1::Job job;
   const grpc::Status status = submit(*jobs_, request, &job);
   EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_EQ(status.error_message(),
             "invalid job spec: optimizer.lr: must be > 0, got -1 (line 3); training.steps: must "
-            "be >= 1, got 0 (line 4); resources.device: cuda with world_size 2: data-parallel GPU "
-            "ranks need the NCCL communicator, which training does not use yet; use world_size 1 "
-            "on cuda, or device: cpu (line 5)");
+            "be >= 1, got 0 (line 4); resources.device: must be one of cpu, cuda; got \"tpu\" "
+            "(line 5)");
 }
 
 TEST_F(SpecRouteTest, ACudaJobWaitsForACudaWorkerInsteadOfRunningOnTheCpu) {

@@ -493,7 +493,7 @@ TEST(JobSpecTest, EveryValueProblemIsReportedWithItsPath) {
   try {
     parse_job_spec(with_sections({{"optimizer", "{lr: -1, beta1: 2}"},
                                   {"training", "{steps: 0, batch_size: 0}"},
-                                  {"resources", "{device: cuda, world_size: 2}"}}),
+                                  {"resources", "{device: tpu, world_size: 2}"}}),
                    "job.yaml");
     ADD_FAILURE() << "parsed an invalid spec";
   } catch (const JobSpecError& error) {
@@ -505,7 +505,8 @@ TEST(JobSpecTest, EveryValueProblemIsReportedWithItsPath) {
     // One line per problem, each as a single error would read.
     EXPECT_THAT(error.what(), StartsWith("job.yaml: optimizer.lr: must be > 0, got -1 (line "));
     EXPECT_THAT(error.what(), HasSubstr("\njob.yaml: training.steps: must be >= 1, got 0"));
-    EXPECT_THAT(error.what(), HasSubstr("\njob.yaml: resources.device: cuda with world_size 2"));
+    EXPECT_THAT(error.what(),
+                HasSubstr("\njob.yaml: resources.device: must be one of cpu, cuda; got \"tpu\""));
   }
 }
 
@@ -557,13 +558,14 @@ TEST(JobSpecTest, ACudaJobOfOneRankIsAccepted) {
   EXPECT_EQ(spec.resources.device, "cuda");
 }
 
-TEST(JobSpecTest, CudaWithSeveralRanksIsRefusedUntilNcclIsWiredIntoTraining) {
-  const JobSpecError error =
-      parse_error(with_sections({{"training", "{steps: 10, batch_size: 8}"},
-                                 {"resources", "{device: cuda, world_size: 2}"}}));
-  EXPECT_EQ(error.field(), "resources.device");
-  EXPECT_THAT(error.what(), HasSubstr("resources.device: cuda with world_size 2: data-parallel "
-                                      "GPU ranks need the NCCL communicator"));
+// A GPU gang: each rank on a GPU of its own, gradients over NCCL (worker/worker_main.cc).
+TEST(JobSpecTest, ACudaGangIsAccepted) {
+  const JobSpec spec =
+      parse_job_spec(with_sections({{"training", "{steps: 10, batch_size: 8}"},
+                                    {"resources", "{device: cuda, world_size: 2}"}}),
+                     "job.yaml");
+  EXPECT_EQ(spec.resources.device, "cuda");
+  EXPECT_EQ(spec.resources.world_size, 2);
 }
 
 TEST(JobSpecTest, RejectedOverrideLeavesTheSpecUnchanged) {

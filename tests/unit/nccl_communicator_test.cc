@@ -26,6 +26,9 @@
 #include <vector>
 
 #include "kernels/cuda/cuda_check.h"
+#include "worker/comm/device_aware_communicator.h"
+#include "worker/comm/in_process_communicator.h"
+#include "worker/comm/local_communicator.h"
 #include "worker/comm/nccl_mean.h"
 
 #ifdef LOMO_HAVE_NCCL_RENDEZVOUS
@@ -402,6 +405,46 @@ TEST_F(NcclCommunicatorTest, ARankWithoutAPublishedIdFailsTheRendezvous) {
 
 // --- Two GPUs, one rank on each. ---
 
+// A GPU rank's communicator (device_aware_communicator.h): device buffers to NCCL, host values to
+// the host communicator. Observed through abort(): once one side is aborted, only the calls that
+// went to it fail.
+TEST_F(NcclCommunicatorTest,
+       DeviceAwareCommunicatorSendsDeviceBuffersToNcclAndHostValuesToTheHost) {
+  std::unique_ptr<NcclCommunicator> nccl = make_alone();
+  NcclCommunicator& device_side = *nccl;
+  DeviceAwareCommunicator both(std::make_unique<LocalCommunicator>(), std::move(nccl));
+  const std::vector<float> values = alternating<float>(9, 3);
+  DeviceArray<float> on_gpu(0, values);
+  double on_host = 2.5;
+  EXPECT_TRUE(DeviceAwareCommunicator::is_device_memory(on_gpu.get()));
+  EXPECT_FALSE(DeviceAwareCommunicator::is_device_memory(&on_host));
+  both.all_reduce(on_gpu.get(), 9, ReduceOp::kSum);
+  both.all_reduce(&on_host, 1, ReduceOp::kSum);
+  EXPECT_EQ(on_gpu.to_host(), values);
+  EXPECT_EQ(on_host, 2.5);
+  // A host buffer and a device one in one all_gather is a caller's mistake.
+  expect_error([&] { both.all_gather(&on_host, on_gpu.get(), sizeof(float)); }, "all_gather",
+               std::nullopt, "both host memory or both device memory");
+  device_side.abort("test abort of the NCCL side");
+  EXPECT_THROW(both.all_reduce(on_gpu.get(), 9, ReduceOp::kSum), CommunicatorError);
+  EXPECT_NO_THROW(both.all_reduce(&on_host, 1, ReduceOp::kSum)) << "the host side is unaffected";
+  both.abort("test abort of both");
+  EXPECT_THROW(both.all_reduce(&on_host, 1, ReduceOp::kSum), CommunicatorError);
+}
+
+// No GPU needed: the two sides must be the same rank of the same world.
+TEST(DeviceAwareCommunicatorTest, RefusesSidesOfDifferentWorldsOrRanks) {
+  auto two = make_in_process_world(2, kHealthyTimeout);
+  try {
+    DeviceAwareCommunicator mixed(std::make_unique<LocalCommunicator>(), std::move(two[1]));
+    ADD_FAILURE() << "accepted rank 0 of 1 with rank 1 of 2";
+  } catch (const std::invalid_argument& error) {
+    EXPECT_NE(std::string(error.what()).find("rank 0 of 1, the device one rank 1 of 2"),
+              std::string::npos)
+        << error.what();
+  }
+}
+
 class NcclMultiGpuTest : public testing::Test {
  protected:
   static constexpr int kRanks = 2;
@@ -457,6 +500,31 @@ TEST_F(NcclMultiGpuTest, SumAndMeanAreBitIdenticalOnEveryRank) {
   // Sum of 1..n is n(n+1)/2 = 3; the integer mean truncates toward zero, for negatives too.
   for (int r = 0; r < kRanks; ++r) {
     EXPECT_EQ(integer_means[r], (std::vector<int64_t>{1, -1})) << "rank " << r;
+  }
+}
+
+// A GPU gang as the trainer has it: each rank's DeviceAwareCommunicator reduces its device
+// gradient over NCCL and its host loss sum over the host communicator.
+TEST_F(NcclMultiGpuTest, DeviceAwareCommunicatorsReduceDeviceAndHostBuffersAcrossRanks) {
+  World world = make_world(kRanks);
+  auto hosts = make_in_process_world(kRanks, kHealthyTimeout);
+  std::vector<std::unique_ptr<DeviceAwareCommunicator>> gang(kRanks);
+  for (int r = 0; r < kRanks; ++r) {
+    gang[r] = std::make_unique<DeviceAwareCommunicator>(std::move(hosts[r]), std::move(world[r]));
+  }
+  std::vector<std::vector<float>> gradients(kRanks);
+  std::vector<double> losses(kRanks);
+  run_ranks(kRanks, [&](int rank) {
+    DeviceArray<float> gradient(rank, {1.0F + rank, -2.0F * rank});
+    double loss = 0.5 + rank;
+    gang[rank]->all_reduce(gradient.get(), 2, ReduceOp::kSum);
+    gang[rank]->all_reduce(&loss, 1, ReduceOp::kSum);
+    gradients[rank] = gradient.to_host();
+    losses[rank] = loss;
+  });
+  for (int r = 0; r < kRanks; ++r) {
+    EXPECT_EQ(gradients[r], (std::vector<float>{3.0F, -2.0F})) << "rank " << r;
+    EXPECT_EQ(losses[r], 2.0) << "rank " << r;
   }
 }
 

@@ -324,16 +324,11 @@ LlamaWeights load_weights(const JobSpec& spec, const fs::path& model_dir,
 }
 
 // The device this rank computes on: the CPU, or for `resources.device: cuda` the first GPU this
-// process sees (a worker daemon started with --device N shows its child only GPU N, through
-// CUDA_VISIBLE_DEVICES). Throws JobSpecError when there is none.
+// process sees (a worker daemon started with --device N shows its child only GPU N, and
+// `train --nproc N` each rank its own GPU, through CUDA_VISIBLE_DEVICES). Throws JobSpecError when
+// there is none.
 Device training_device(const JobSpec& spec) {
   if (spec.resources.device != "cuda") return Device::cpu();
-  if (spec.resources.world_size > 1) {
-    throw JobSpecError("job", "resources.device",
-                       "cuda with world_size " + std::to_string(spec.resources.world_size) +
-                           ": data-parallel GPU ranks need the NCCL communicator, which the "
-                           "trainer does not use yet; use world_size 1 on cuda, or device: cpu");
-  }
   for (Device device : available_backends()) {
     if (!device.is_cpu()) return device;
   }
