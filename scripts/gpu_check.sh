@@ -109,6 +109,20 @@ for dtype in fp32 bf16; do
     failures=$((failures + 1))
   fi
 done
+# A GPU gang rank's path on one GPU: a world of one rank started as a gang rank reduces its
+# gradients over NCCL (and host values over Gloo): the same step-60 loss as the plain run, exactly
+# (a one-rank NCCL sum is a copy). Two ranks need two GPUs (tests labelled gpu-multi).
+run train_fp32_cuda_nccl_rank 120 "$programs/lomo-worker" train "${spec[@]}" \
+  --set resources.device=cuda --set precision.dtype=fp32 --set optimizer.stochastic_rounding=false \
+  --set "output.dir=$e2e/train-fp32-cuda-nccl" --rank 0 --world-size 1 \
+  --rendezvous "$(mktemp -d)"
+nccl_loss=$(step60 "$e2e/train-fp32-cuda-nccl") cuda_loss=$(step60 "$e2e/train-fp32-cuda")
+if [[ -n "$nccl_loss" && "$nccl_loss" == "$cuda_loss" ]]; then
+  say "  fp32 step-60 loss as a one-rank NCCL gang: $nccl_loss (the same as the plain run)"
+else
+  say "  fp32 step-60 loss as a one-rank NCCL gang: '$nccl_loss' vs plain '$cuda_loss': DIFFERENT"
+  failures=$((failures + 1))
+fi
 grep -hoE '"tokens_per_second": ?[0-9.e+-]+' "$e2e/train-fp32-cuda/metrics.jsonl" | tail -1 |
   sed 's/^/  fp32 cuda /' | tee -a "$log"
 # The GPU run's checkpoint in transformers (the image's python has torch and transformers).

@@ -573,7 +573,9 @@ std::unique_ptr<lomo::Communicator> connect_over(const lomo::JobSpec& spec,
                                                  const lomo::GlooCommunicatorOptions& options,
                                                  gloo::rendezvous::Store& store) {
   auto host = std::make_unique<lomo::GlooCommunicator>(options, store);
-  if (spec.resources.device != "cuda" || options.world_size == 1) return host;
+  // Every GPU rank, even of a world of one (which scripts/gpu_check.sh starts with --rank 0
+  // --world-size 1 to run this path on a single GPU).
+  if (spec.resources.device != "cuda") return host;
 #ifdef LOMO_WORKER_HAVE_NCCL
   return with_nccl(std::move(host), options, store);
 #else
