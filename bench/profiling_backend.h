@@ -130,21 +130,26 @@ class ProfilingBackend final : public Backend {
     inner_.rope_backward(dx, positions, table, rows, num_heads);
   }
 
-  void attention_forward(float* out, float* probs, const float* q, const float* k, const float* v,
-                         const int32_t* first_key, const AttentionShape& shape) override {
-    const Timer timer(*this, "attention");
-    inner_.attention_forward(out, probs, q, k, v, first_key, shape);
+  int64_t attention_saved_floats(const AttentionShape& shape) override {
+    return inner_.attention_saved_floats(shape);
   }
 
-  int64_t attention_backward_scratch_floats(const AttentionShape& shape) override {
-    return inner_.attention_backward_scratch_floats(shape);
+  int64_t attention_scratch_floats(const AttentionShape& shape) override {
+    return inner_.attention_scratch_floats(shape);
+  }
+
+  void attention_forward(float* out, float* saved, float* scratch, const float* q, const float* k,
+                         const float* v, const int32_t* first_key,
+                         const AttentionShape& shape) override {
+    const Timer timer(*this, "attention");
+    inner_.attention_forward(out, saved, scratch, q, k, v, first_key, shape);
   }
 
   void attention_backward(float* dq, float* dk, float* dv, float* scratch, const float* dout,
-                          const float* probs, const float* q, const float* k, const float* v,
+                          const float* saved, const float* q, const float* k, const float* v,
                           const AttentionShape& shape) override {
     const Timer timer(*this, "attention");
-    inner_.attention_backward(dq, dk, dv, scratch, dout, probs, q, k, v, shape);
+    inner_.attention_backward(dq, dk, dv, scratch, dout, saved, q, k, v, shape);
   }
 
   void bias_forward(float* y, const float* bias, int64_t rows, int64_t cols) override {

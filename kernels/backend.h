@@ -100,15 +100,19 @@ class Backend {
                              int64_t rows, int64_t num_heads) = 0;
 
   // ---- Causal grouped-query attention (kernels/cpu/attention.h has the layouts) ----------------
+  // What forward saves for backward is the backend's own (the CPU: the probabilities
+  // [B, heads, T, T]; CUDA: each row's log-sum-exp and each query's first key, O(B·heads·T)), so
+  // only the same backend reads it. The caller allocates `saved` and `scratch` with these sizes
+  // (memory stays countable); one scratch serves both passes and holds nothing between calls.
+  virtual int64_t attention_saved_floats(const AttentionShape& shape) = 0;
+  virtual int64_t attention_scratch_floats(const AttentionShape& shape) = 0;
   // first_key: null, or [batch·seq_len] first attendable key position of each query (packing).
-  virtual void attention_forward(float* out, float* probs, const float* q, const float* k,
-                                 const float* v, const int32_t* first_key,
+  virtual void attention_forward(float* out, float* saved, float* scratch, const float* q,
+                                 const float* k, const float* v, const int32_t* first_key,
                                  const AttentionShape& shape) = 0;
-  // Floats of scratch attention_backward needs (the caller allocates it: memory stays countable).
-  virtual int64_t attention_backward_scratch_floats(const AttentionShape& shape) = 0;
-  // Overwrites dq, dk, dv; leaves probs and the inputs intact.
+  // Overwrites dq, dk, dv; leaves saved and the inputs intact (backward may run twice).
   virtual void attention_backward(float* dq, float* dk, float* dv, float* scratch,
-                                  const float* dout, const float* probs, const float* q,
+                                  const float* dout, const float* saved, const float* q,
                                   const float* k, const float* v, const AttentionShape& shape) = 0;
 
   // ---- Bias of a linear layer (kernels/cpu/bias.h): y [rows, cols] ----------------------------

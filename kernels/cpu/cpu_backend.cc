@@ -131,18 +131,23 @@ void CpuBackend::rope_backward(float* dx, const int32_t* positions, const RopeTa
   cpu::rope_backward(dx, positions, table, rows, num_heads);
 }
 
-void CpuBackend::attention_forward(float* out, float* probs, const float* q, const float* k,
-                                   const float* v, const int32_t* first_key,
-                                   const AttentionShape& shape) {
-  cpu::attention_forward(out, probs, q, k, v, first_key, shape);
+// The probabilities are what the CPU kernels save; its forward needs no scratch.
+int64_t CpuBackend::attention_saved_floats(const AttentionShape& shape) {
+  return shape.batch * shape.num_heads * shape.seq_len * shape.seq_len;
 }
-int64_t CpuBackend::attention_backward_scratch_floats(const AttentionShape& shape) {
+int64_t CpuBackend::attention_scratch_floats(const AttentionShape& shape) {
   return cpu::attention_backward_scratch_floats(shape);
 }
+void CpuBackend::attention_forward(float* out, float* saved, float* scratch, const float* q,
+                                   const float* k, const float* v, const int32_t* first_key,
+                                   const AttentionShape& shape) {
+  (void)scratch;
+  cpu::attention_forward(out, saved, q, k, v, first_key, shape);
+}
 void CpuBackend::attention_backward(float* dq, float* dk, float* dv, float* scratch,
-                                    const float* dout, const float* probs, const float* q,
+                                    const float* dout, const float* saved, const float* q,
                                     const float* k, const float* v, const AttentionShape& shape) {
-  cpu::attention_backward(dq, dk, dv, scratch, dout, probs, q, k, v, shape);
+  cpu::attention_backward(dq, dk, dv, scratch, dout, saved, q, k, v, shape);
 }
 
 void CpuBackend::bias_forward(float* y, const float* bias, int64_t rows, int64_t cols) {

@@ -218,20 +218,23 @@ void CudaBackend::rope_backward(float* dx, const int32_t* positions, const RopeT
   cuda::rope_backward(dx, positions, table, rows, num_heads, stream_);
 }
 
-void CudaBackend::attention_forward(float* out, float* probs, const float* q, const float* k,
-                                    const float* v, const int32_t* first_key,
+int64_t CudaBackend::attention_saved_floats(const AttentionShape& shape) {
+  return cuda::attention_saved_floats(shape);
+}
+int64_t CudaBackend::attention_scratch_floats(const AttentionShape& shape) {
+  return cuda::attention_scratch_floats(shape);
+}
+void CudaBackend::attention_forward(float* out, float* saved, float* scratch, const float* q,
+                                    const float* k, const float* v, const int32_t* first_key,
                                     const AttentionShape& shape) {
   activate();
-  cuda::attention_forward(cublas_, out, probs, q, k, v, first_key, shape, stream_);
-}
-int64_t CudaBackend::attention_backward_scratch_floats(const AttentionShape& shape) {
-  return cuda::attention_backward_scratch_floats(shape);
+  cuda::attention_forward(cublas_, out, saved, scratch, q, k, v, first_key, shape, stream_);
 }
 void CudaBackend::attention_backward(float* dq, float* dk, float* dv, float* scratch,
-                                     const float* dout, const float* probs, const float* q,
+                                     const float* dout, const float* saved, const float* q,
                                      const float* k, const float* v, const AttentionShape& shape) {
   activate();
-  cuda::attention_backward(cublas_, dq, dk, dv, scratch, dout, probs, q, k, v, shape, stream_);
+  cuda::attention_backward(cublas_, dq, dk, dv, scratch, dout, saved, q, k, v, shape, stream_);
 }
 
 void CudaBackend::bias_forward(float* y, const float* bias, int64_t rows, int64_t cols) {

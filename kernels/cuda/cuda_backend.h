@@ -60,11 +60,13 @@ class CudaBackend final : public Backend {
   void rope_backward(float* dx, const int32_t* positions, const RopeTableView& table, int64_t rows,
                      int64_t num_heads) override;
 
-  void attention_forward(float* out, float* probs, const float* q, const float* k, const float* v,
-                         const int32_t* first_key, const AttentionShape& shape) override;
-  int64_t attention_backward_scratch_floats(const AttentionShape& shape) override;
+  int64_t attention_saved_floats(const AttentionShape& shape) override;
+  int64_t attention_scratch_floats(const AttentionShape& shape) override;
+  void attention_forward(float* out, float* saved, float* scratch, const float* q, const float* k,
+                         const float* v, const int32_t* first_key,
+                         const AttentionShape& shape) override;
   void attention_backward(float* dq, float* dk, float* dv, float* scratch, const float* dout,
-                          const float* probs, const float* q, const float* k, const float* v,
+                          const float* saved, const float* q, const float* k, const float* v,
                           const AttentionShape& shape) override;
 
   void bias_forward(float* y, const float* bias, int64_t rows, int64_t cols) override;

@@ -66,6 +66,8 @@ class BackendKernels : public ::testing::TestWithParam<Device> {
     backend().fill_zero(buffer.data(), floats * sizeof(float));
     return buffer;
   }
+  // Scratch whose old contents must not matter.
+  Buffer nans(size_t floats) { return upload(std::vector<float>(floats, NAN)); }
   template <typename T = float>
   std::vector<T> download(const Buffer& buffer) {
     std::vector<T> values(buffer.size_bytes() / sizeof(T));
@@ -494,17 +496,17 @@ TEST_P(BackendKernels, AttentionForwardAndBackwardMatchLoopsWithGroupedHeadsAndP
        {std::vector<int32_t>{}, std::vector<int32_t>{0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2}}) {
     const AttentionReference want = reference_attention(s, q, k, v, dout, first_key);
     Buffer bq = upload(q), bk = upload(k), bv = upload(v), bdout = upload(dout);
-    Buffer bout = zeros(q.size()), probs = zeros(s.batch * s.num_heads * s.seq_len * s.seq_len);
+    Buffer bout = zeros(q.size()), saved = zeros(backend().attention_saved_floats(s));
+    Buffer scratch = nans(static_cast<size_t>(backend().attention_scratch_floats(s)));
     Buffer bfirst = first_key.empty() ? Buffer() : upload(first_key);
-    backend().attention_forward(bout.as<float>(), probs.as<float>(), bq.as<float>(), bk.as<float>(),
-                                bv.as<float>(), first_key.empty() ? nullptr : bfirst.as<int32_t>(),
-                                s);
+    backend().attention_forward(bout.as<float>(), saved.as<float>(), scratch.as<float>(),
+                                bq.as<float>(), bk.as<float>(), bv.as<float>(),
+                                first_key.empty() ? nullptr : bfirst.as<int32_t>(), s);
     const std::string mode = first_key.empty() ? " (causal)" : " (packed)";
     expect_close(download(bout), want.out, kFp32Tolerance, "attention out" + mode);
-    Buffer scratch = zeros(static_cast<size_t>(backend().attention_backward_scratch_floats(s)));
     Buffer dq = zeros(q.size()), dk = zeros(k.size()), dv = zeros(v.size());
     backend().attention_backward(dq.as<float>(), dk.as<float>(), dv.as<float>(),
-                                 scratch.as<float>(), bdout.as<float>(), probs.as<float>(),
+                                 scratch.as<float>(), bdout.as<float>(), saved.as<float>(),
                                  bq.as<float>(), bk.as<float>(), bv.as<float>(), s);
     expect_close(download(dq), want.dq, kFp32Tolerance, "attention dq" + mode);
     expect_close(download(dk), want.dk, kFp32Tolerance, "attention dk" + mode);
@@ -513,10 +515,14 @@ TEST_P(BackendKernels, AttentionForwardAndBackwardMatchLoopsWithGroupedHeadsAndP
 }
 
 // Mistral's sliding window, alone and together with packing: windows of 1 (each token sees only
-// itself), 2, 3 and one longer than the row (no effect), over a row longer than a warp.
+// itself), 2, 3 and one longer than the row (no effect), over a row longer than a warp; and a
+// window of 100 over T = 300, where the CUDA backend's second query chunk starts its keys at 157.
 TEST_P(BackendKernels, AttentionWithASlidingWindowMatchesLoops) {
-  for (const int64_t window : {1, 2, 3, 64}) {
-    const AttentionShape s{2, 37, 4, 2, 8, window};
+  for (const AttentionShape& s :
+       {AttentionShape{2, 37, 4, 2, 8, 1}, AttentionShape{2, 37, 4, 2, 8, 2},
+        AttentionShape{2, 37, 4, 2, 8, 3}, AttentionShape{2, 37, 4, 2, 8, 64},
+        AttentionShape{1, 300, 4, 2, 8, 100}}) {
+    const int64_t window = s.sliding_window;
     const int64_t rows = s.batch * s.seq_len;
     const auto q = random_values(rows * s.num_heads * s.head_dim, 40 + window, 2.0f);
     const auto k = random_values(rows * s.num_kv_heads * s.head_dim, 50 + window, 2.0f);
@@ -525,20 +531,20 @@ TEST_P(BackendKernels, AttentionWithASlidingWindowMatchesLoops) {
     std::vector<int32_t> packed(static_cast<size_t>(rows));  // samples of 5 tokens
     for (int64_t i = 0; i < rows; ++i) packed[i] = static_cast<int32_t>((i % s.seq_len) / 5 * 5);
     for (const std::vector<int32_t>& first_key : {std::vector<int32_t>{}, packed}) {
-      const std::string what =
-          "window " + std::to_string(window) + (first_key.empty() ? "" : " packed");
+      const std::string what = "T " + std::to_string(s.seq_len) + " window " +
+                               std::to_string(window) + (first_key.empty() ? "" : " packed");
       const AttentionReference want = reference_attention(s, q, k, v, dout, first_key);
       Buffer bq = upload(q), bk = upload(k), bv = upload(v), bdout = upload(dout);
       Buffer bfirst = first_key.empty() ? Buffer() : upload(first_key);
-      Buffer bout = zeros(q.size()), probs = zeros(s.batch * s.num_heads * s.seq_len * s.seq_len);
-      backend().attention_forward(bout.as<float>(), probs.as<float>(), bq.as<float>(),
-                                  bk.as<float>(), bv.as<float>(),
+      Buffer bout = zeros(q.size()), saved = zeros(backend().attention_saved_floats(s));
+      Buffer scratch = nans(static_cast<size_t>(backend().attention_scratch_floats(s)));
+      backend().attention_forward(bout.as<float>(), saved.as<float>(), scratch.as<float>(),
+                                  bq.as<float>(), bk.as<float>(), bv.as<float>(),
                                   first_key.empty() ? nullptr : bfirst.as<int32_t>(), s);
       expect_close(download(bout), want.out, 2e-5, what + " out");
-      Buffer scratch = zeros(static_cast<size_t>(backend().attention_backward_scratch_floats(s)));
       Buffer dq = zeros(q.size()), dk = zeros(k.size()), dv = zeros(v.size());
       backend().attention_backward(dq.as<float>(), dk.as<float>(), dv.as<float>(),
-                                   scratch.as<float>(), bdout.as<float>(), probs.as<float>(),
+                                   scratch.as<float>(), bdout.as<float>(), saved.as<float>(),
                                    bq.as<float>(), bk.as<float>(), bv.as<float>(), s);
       expect_close(download(dq), want.dq, 2e-5, what + " dq");
       expect_close(download(dk), want.dk, 2e-5, what + " dk");
@@ -547,14 +553,17 @@ TEST_P(BackendKernels, AttentionWithASlidingWindowMatchesLoops) {
   }
 }
 
-// Odd shapes (T = 1, head_dim not a multiple of 32, GQA ratios 1/2/4/8, batch > 1), causal and
-// packed; forward and backward twice give the same bits (determinism: resume is bit-identical) and
-// backward leaves probs and its inputs intact. Tolerance 2e-5: the sums here run over up to
-// 128 head_dim terms and 37 keys, longer than the 1e-5 budget's 64 terms.
+// Odd shapes (T = 1, head_dim not a multiple of 32, GQA ratios 1/2/4/8, batch > 1, and T = 300,
+// which the CUDA backend runs as two query chunks of 256 and 44 rows), causal and packed; forward
+// and backward twice give the same bits (determinism: resume is bit-identical) and backward
+// leaves what forward saved and its inputs intact. Scratch starts as NaN: its contents must not
+// matter. Tolerance 2e-5: the sums here run over up to 128 head_dim terms and 300 keys, longer
+// than the 1e-5 budget's 64 terms.
 TEST_P(BackendKernels, AttentionOverOddShapesIsRightDeterministicAndLeavesItsInputs) {
   constexpr double kTolerance = 2e-5;
-  const AttentionShape shapes[] = {{1, 1, 2, 1, 8},  {3, 1, 4, 4, 12},  {2, 9, 8, 1, 12},
-                                   {1, 7, 8, 2, 80}, {2, 5, 4, 1, 128}, {1, 37, 8, 8, 33}};
+  const AttentionShape shapes[] = {{1, 1, 2, 1, 8},   {3, 1, 4, 4, 12},  {2, 9, 8, 1, 12},
+                                   {1, 7, 8, 2, 80},  {2, 5, 4, 1, 128}, {1, 37, 8, 8, 33},
+                                   {2, 300, 4, 2, 20}};
   uint64_t seed = 100;
   for (const AttentionShape& s : shapes) {
     const int64_t rows = s.batch * s.seq_len;
@@ -572,28 +581,27 @@ TEST_P(BackendKernels, AttentionOverOddShapesIsRightDeterministicAndLeavesItsInp
       const AttentionReference want = reference_attention(s, q, k, v, dout, first_key);
       Buffer bq = upload(q), bk = upload(k), bv = upload(v), bdout = upload(dout);
       Buffer bfirst = first_key.empty() ? Buffer() : upload(first_key);
-      const size_t probs_floats =
-          static_cast<size_t>(s.batch * s.num_heads * s.seq_len * s.seq_len);
-      std::vector<float> out_first, probs_first;
+      const size_t saved_floats = static_cast<size_t>(backend().attention_saved_floats(s));
+      const size_t scratch_floats = static_cast<size_t>(backend().attention_scratch_floats(s));
+      std::vector<float> out_first, saved_first;
       for (int repeat = 0; repeat < 2; ++repeat) {
-        Buffer bout = zeros(q.size()), probs = zeros(probs_floats);
-        backend().attention_forward(bout.as<float>(), probs.as<float>(), bq.as<float>(),
-                                    bk.as<float>(), bv.as<float>(),
+        Buffer bout = zeros(q.size()), saved = zeros(saved_floats), scratch = nans(scratch_floats);
+        backend().attention_forward(bout.as<float>(), saved.as<float>(), scratch.as<float>(),
+                                    bq.as<float>(), bk.as<float>(), bv.as<float>(),
                                     first_key.empty() ? nullptr : bfirst.as<int32_t>(), s);
         if (repeat == 0) {
           out_first = download(bout);
-          probs_first = download(probs);
+          saved_first = download(saved);
           expect_close(out_first, want.out, kTolerance, what + " out");
           continue;
         }
         ASSERT_EQ(download(bout), out_first) << what << ": forward not deterministic";
-        ASSERT_EQ(download(probs), probs_first) << what << ": probs not deterministic";
-        Buffer scratch = zeros(static_cast<size_t>(backend().attention_backward_scratch_floats(s)));
+        ASSERT_EQ(download(saved), saved_first) << what << ": saved not deterministic";
         std::vector<float> dq_first, dk_first, dv_first;
         for (int pass = 0; pass < 2; ++pass) {
           Buffer dq = zeros(q.size()), dk = zeros(k.size()), dv = zeros(v.size());
           backend().attention_backward(dq.as<float>(), dk.as<float>(), dv.as<float>(),
-                                       scratch.as<float>(), bdout.as<float>(), probs.as<float>(),
+                                       scratch.as<float>(), bdout.as<float>(), saved.as<float>(),
                                        bq.as<float>(), bk.as<float>(), bv.as<float>(), s);
           if (pass == 0) {
             dq_first = download(dq), dk_first = download(dk), dv_first = download(dv);
@@ -606,7 +614,7 @@ TEST_P(BackendKernels, AttentionOverOddShapesIsRightDeterministicAndLeavesItsInp
             ASSERT_EQ(download(dv), dv_first) << what << ": dv not deterministic";
           }
         }
-        ASSERT_EQ(download(probs), probs_first) << what << ": backward changed probs";
+        ASSERT_EQ(download(saved), saved_first) << what << ": backward changed saved";
         ASSERT_EQ(download(bq), q) << what << ": backward changed q";
         ASSERT_EQ(download(bk), k) << what << ": backward changed k";
         ASSERT_EQ(download(bv), v) << what << ": backward changed v";

@@ -35,7 +35,9 @@ struct KvCacheModel::Scratch {
   int64_t rows = 0;
   Buffer x, h, rstd, q, attn, gate, up, act, logits;  // [rows, width] each (kActivations)
   Buffer token_ids, positions;                        // [rows] int32
-  Buffer probs;                                       // prefill: [heads, rows, rows]
+  // Prefill: what attention_forward saves (kActivations; nothing reads it back) and its scratch
+  // (kWorkspace), sized for the largest prefill so far.
+  Buffer attention_saved, attention_scratch;
   // Single-token attention: [heads, keys + 1] scores whose last column is the sentinel, their
   // softmax, each head's logsumexp, and per head the sentinel's column as the "target".
   Buffer scores, weights, logsumexp, sentinel_column;
@@ -132,7 +134,6 @@ void KvCacheModel::ensure_scratch(int64_t n) {
   s->logits = activation(rows * static_cast<size_t>(c.vocab_size));
   s->token_ids = Buffer(accountant_, MemoryKind::kActivations, rows * sizeof(int32_t));
   s->positions = Buffer(accountant_, MemoryKind::kActivations, rows * sizeof(int32_t));
-  if (n > 1) s->probs = activation(static_cast<size_t>(c.num_attention_heads) * rows * rows);
   const size_t heads = static_cast<size_t>(c.num_attention_heads);
   const size_t score_floats = heads * static_cast<size_t>(capacity_ + 1);
   s->scores = float_buffer(accountant_, MemoryKind::kWorkspace, score_floats);
@@ -221,9 +222,17 @@ void KvCacheModel::attention(int64_t l, int64_t n) {
   const AttentionShape shape{
       1, n, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.sliding_window};
   Scratch& s = *scratch_;
-  float* probs = n > 1 ? f32(s.probs) : f32(s.weights);  // [heads, 1, 1] fits the scores buffer
-  backend_.attention_forward(f32(s.attn), probs, f32(s.q), f32(keys_[l]), f32(values_[l]), nullptr,
-                             shape);
+  // Sizes need not grow with n (a chunked scratch can shrink), so each is checked on its own.
+  auto ensure = [&](Buffer& buffer, MemoryKind kind, int64_t floats) {
+    if (buffer.size_bytes() < static_cast<size_t>(floats) * sizeof(float)) {
+      buffer = Buffer();  // before the new one: the peak holds one of them
+      buffer = float_buffer(accountant_, kind, static_cast<size_t>(floats));
+    }
+  };
+  ensure(s.attention_saved, MemoryKind::kActivations, backend_.attention_saved_floats(shape));
+  ensure(s.attention_scratch, MemoryKind::kWorkspace, backend_.attention_scratch_floats(shape));
+  backend_.attention_forward(f32(s.attn), f32(s.attention_saved), f32(s.attention_scratch),
+                             f32(s.q), f32(keys_[l]), f32(values_[l]), nullptr, shape);
 }
 
 // One query row at position p = length_ against cached keys lo..p (lo > 0 only inside a sliding

@@ -12,7 +12,7 @@ namespace lomo {
 struct LlamaModel::LayerActivations {
   Buffer h1, rstd1;      // input RMSNorm output and its 1/rms
   Buffer q, k, v;        // projections, q and k after rotary embedding
-  Buffer probs;          // attention probabilities [B, heads, T, T]
+  Buffer attention;      // what attention_forward saves for backward (backend-defined)
   Buffer attn_out;       // attention output before o_proj
   Buffer x_mid;          // residual stream between attention and MLP
   Buffer h2, rstd2;      // post-attention RMSNorm output and its 1/rms
@@ -30,13 +30,15 @@ struct LlamaModel::Activations {
   Buffer final_normed, final_rstd;
   Buffer logsumexp;
   Buffer logits_chunk;  // kWorkspace: one chunk of rows' logits, then their gradient
+  // kWorkspace: attention's scratch, for forward (recomputed under checkpointing too) and backward.
+  Buffer attention_scratch;
   double loss_sum = 0.0;
   int64_t counted_tokens = 0;
 };
 
 // Backward temporaries (kWorkspace) and the gradient buffers (kGradients).
 struct LlamaModel::Workspace {
-  Buffer d_residual, d_normed, d_attn_out, dq, dk, dv, d_act, d_gate, d_up, attention_scratch;
+  Buffer d_residual, d_normed, d_attn_out, dq, dk, dv, d_act, d_gate, d_up;
   Buffer gradient;                 // the one reusable gradient buffer: largest tensor's size
   Buffer tied_embedding_gradient;  // tied embeddings only: lives from LM head to embedding
 };
@@ -176,8 +178,7 @@ void LlamaModel::prepare_forward_buffers(int64_t batch_size, int64_t seq_len) {
   const size_t q_width = static_cast<size_t>(c.num_attention_heads * c.head_dim);
   const size_t kv_width = static_cast<size_t>(c.num_key_value_heads * c.head_dim);
   const size_t inter = static_cast<size_t>(c.intermediate_size);
-  const size_t probs = static_cast<size_t>(batch_size * c.num_attention_heads) *
-                       static_cast<size_t>(seq_len * seq_len);
+  const AttentionShape attention = attention_shape(batch_size, seq_len);
   auto activation = [&](size_t floats) {
     return float_buffer(accountant_, MemoryKind::kActivations, floats);
   };
@@ -194,7 +195,7 @@ void LlamaModel::prepare_forward_buffers(int64_t batch_size, int64_t seq_len) {
     layer.q = activation(rows * q_width);
     layer.k = activation(rows * kv_width);
     layer.v = activation(rows * kv_width);
-    layer.probs = activation(probs);
+    layer.attention = activation(static_cast<size_t>(backend_.attention_saved_floats(attention)));
     layer.attn_out = activation(rows * q_width);
     layer.x_mid = activation(rows * hidden);
     layer.h2 = activation(rows * hidden);
@@ -209,6 +210,9 @@ void LlamaModel::prepare_forward_buffers(int64_t batch_size, int64_t seq_len) {
       float_buffer(accountant_, MemoryKind::kWorkspace,
                    static_cast<size_t>(lm_head_chunk_rows(static_cast<int64_t>(rows))) *
                        static_cast<size_t>(c.vocab_size));
+  acts->attention_scratch =
+      float_buffer(accountant_, MemoryKind::kWorkspace,
+                   static_cast<size_t>(backend_.attention_scratch_floats(attention)));
   acts->logsumexp = activation(rows);
   auto indices = [&]() {
     return Buffer(accountant_, MemoryKind::kActivations, rows * sizeof(int32_t));
@@ -241,8 +245,6 @@ void LlamaModel::prepare_backward_buffers() {
   ws->d_act = scratch(rows * inter);
   ws->d_gate = scratch(rows * inter);
   ws->d_up = scratch(rows * inter);
-  ws->attention_scratch = scratch(static_cast<size_t>(backend_.attention_backward_scratch_floats(
-      attention_shape(activations_->batch_size, activations_->seq_len))));
   ws->gradient = float_buffer(accountant_, MemoryKind::kGradients,
                               static_cast<size_t>(weights_.largest_parameter_numel()));
   if (c.tie_word_embeddings) {
@@ -446,7 +448,8 @@ void LlamaModel::layer_forward(int64_t l, const float* x_in, LayerActivations& a
   backend_.rope_forward(f32(a.q), positions, rope_table_, rows, c.num_attention_heads);
   backend_.rope_forward(f32(a.k), positions, rope_table_, rows, c.num_key_value_heads);
   backend_.attention_forward(
-      f32(a.attn_out), f32(a.probs), f32(a.q), f32(a.k), f32(a.v),
+      f32(a.attn_out), f32(a.attention), f32(activations_->attention_scratch), f32(a.q), f32(a.k),
+      f32(a.v),
       activations_->first_key.empty() ? nullptr : activations_->device_first_key.as<int32_t>(),
       attention_shape(activations_->batch_size, activations_->seq_len));
   backend_.copy(f32(a.x_mid), x_in, static_cast<size_t>(rows * hidden) * sizeof(float));
@@ -630,8 +633,9 @@ void LlamaModel::layer_backward(int64_t l, GradientSink& sink, const float* x_in
                                   q_width, /*accumulate=*/false);
   deliver(sink, *w.o_proj, gradient);
   deliver_bias(sink, w.o_bias, d_residual, rows);
-  backend_.attention_backward(f32(ws.dq), f32(ws.dk), f32(ws.dv), f32(ws.attention_scratch),
-                              f32(ws.d_attn_out), f32(a.probs), f32(a.q), f32(a.k), f32(a.v),
+  backend_.attention_backward(f32(ws.dq), f32(ws.dk), f32(ws.dv),
+                              f32(activations_->attention_scratch), f32(ws.d_attn_out),
+                              f32(a.attention), f32(a.q), f32(a.k), f32(a.v),
                               attention_shape(activations_->batch_size, activations_->seq_len));
   backend_.rope_backward(f32(ws.dq), positions, rope_table_, rows, c.num_attention_heads);
   backend_.rope_backward(f32(ws.dk), positions, rope_table_, rows, c.num_key_value_heads);
