@@ -424,7 +424,7 @@ TEST_F(NcclCommunicatorTest,
   EXPECT_EQ(on_host, 2.5);
   // A host buffer and a device one in one all_gather is a caller's mistake.
   expect_error([&] { both.all_gather(&on_host, on_gpu.get(), sizeof(float)); }, "all_gather",
-               std::nullopt, "both host memory or both device memory");
+               std::nullopt, "must both be host memory or both device memory");
   device_side.abort("test abort of the NCCL side");
   EXPECT_THROW(both.all_reduce(on_gpu.get(), 9, ReduceOp::kSum), CommunicatorError);
   EXPECT_NO_THROW(both.all_reduce(&on_host, 1, ReduceOp::kSum)) << "the host side is unaffected";
