@@ -200,14 +200,26 @@ TEST_P(GpuModelTest, LogitsLossAndEveryGradientMatchTheCpu) {
   std::printf("[%s] loss cpu %.9g gpu %.9g; logits rel diff %.3g; worst gradient rel diff %.3g\n",
               s.name.c_str(), want.forward.loss, got.forward.loss, logits, worst_gradient);
 
-  // Same buffers on both devices: the memory claims carry over (workspace may differ: the
-  // backends' attention scratch differs).
+  // Same buffers on both devices, so the memory claims carry over, except what attention saves for
+  // backward, which is each backend's own (the CPU: B·H·T·T probabilities; CUDA: B·H·T log-sum-exps
+  // and the first keys), one such buffer per layer kept (one with checkpointing). Workspace may
+  // differ too: the backends' attention scratch differs.
   const MemoryReport cpu_memory = cpu_model.accountant.report();
   const MemoryReport gpu_memory = gpu_model.accountant.report();
-  for (MemoryKind kind : {MemoryKind::kParameters, MemoryKind::kGradients, MemoryKind::kActivations,
-                          MemoryKind::kOptimizerState}) {
+  for (MemoryKind kind :
+       {MemoryKind::kParameters, MemoryKind::kGradients, MemoryKind::kOptimizerState}) {
     EXPECT_EQ(gpu_memory.peak(kind), cpu_memory.peak(kind)) << memory_kind_name(kind);
   }
+  const AttentionShape attention{s.batch, s.seq_len, s.heads, s.kv_heads, s.head_dim,
+                                 s.sliding_window};
+  const int64_t layers_kept = s.checkpointing ? 1 : s.layers;
+  const int64_t saved_difference =
+      layers_kept * static_cast<int64_t>(sizeof(float)) *
+      (backend_for(Device::cpu()).attention_saved_floats(attention) -
+       backend_for(gpu).attention_saved_floats(attention));
+  EXPECT_EQ(static_cast<int64_t>(gpu_memory.peak(MemoryKind::kActivations)),
+            static_cast<int64_t>(cpu_memory.peak(MemoryKind::kActivations)) - saved_difference)
+      << "activations, beside attention's saved state";
 }
 
 const Shape kShapes[] = {
