@@ -210,13 +210,12 @@ TEST_P(GpuModelTest, LogitsLossAndEveryGradientMatchTheCpu) {
        {MemoryKind::kParameters, MemoryKind::kGradients, MemoryKind::kOptimizerState}) {
     EXPECT_EQ(gpu_memory.peak(kind), cpu_memory.peak(kind)) << memory_kind_name(kind);
   }
-  const AttentionShape attention{s.batch, s.seq_len, s.heads, s.kv_heads, s.head_dim,
-                                 s.sliding_window};
+  const AttentionShape attention{s.batch,    s.seq_len,  s.heads,
+                                 s.kv_heads, s.head_dim, s.sliding_window};
   const int64_t layers_kept = s.checkpointing ? 1 : s.layers;
-  const int64_t saved_difference =
-      layers_kept * static_cast<int64_t>(sizeof(float)) *
-      (backend_for(Device::cpu()).attention_saved_floats(attention) -
-       backend_for(gpu).attention_saved_floats(attention));
+  const int64_t saved_difference = layers_kept * static_cast<int64_t>(sizeof(float)) *
+                                   (backend_for(Device::cpu()).attention_saved_floats(attention) -
+                                    backend_for(gpu).attention_saved_floats(attention));
   EXPECT_EQ(static_cast<int64_t>(gpu_memory.peak(MemoryKind::kActivations)),
             static_cast<int64_t>(cpu_memory.peak(MemoryKind::kActivations)) - saved_difference)
       << "activations, beside attention's saved state";
