@@ -9,6 +9,8 @@
 namespace lomo {
 
 // What one decoder layer's backward needs from its forward (all kActivations).
+// h1, attn_out, h2 and act are only ever inputs of products: they are stored in the backend's
+// product dtype (bf16 under bf16 products, half the bytes), see operand_output().
 struct LlamaModel::LayerActivations {
   Buffer h1, rstd1;      // input RMSNorm output and its 1/rms
   Buffer q, k, v;        // projections, q and k after rotary embedding
@@ -32,6 +34,10 @@ struct LlamaModel::Activations {
   Buffer logits_chunk;  // kWorkspace: one chunk of rows' logits, then their gradient
   // kWorkspace: attention's scratch, for forward (recomputed under checkpointing too) and backward.
   Buffer attention_scratch;
+  // The dtype h1, attn_out, h2 and act are stored in (Backend::product_dtype() when allocated),
+  // and, when narrower than fp32, the kWorkspace fp32 buffer their producers write into first.
+  DType operand_dtype = DType::kF32;
+  Buffer operand_staging;
   double loss_sum = 0.0;
   int64_t counted_tokens = 0;
 };
@@ -108,6 +114,22 @@ TypedInput LlamaModel::activation_operand(const float* values, int64_t count,
   return TypedInput(scratch.data(), product);
 }
 
+float* LlamaModel::operand_output(Buffer& stored) {
+  return activations_->operand_dtype == DType::kF32 ? f32(stored)
+                                                    : f32(activations_->operand_staging);
+}
+
+void LlamaModel::store_operand(Buffer& stored, int64_t count) {
+  const DType dtype = activations_->operand_dtype;
+  if (dtype != DType::kF32) {
+    backend_.convert_from_f32(stored.data(), dtype, f32(activations_->operand_staging), count);
+  }
+}
+
+TypedInput LlamaModel::stored_operand(const Buffer& stored) const {
+  return TypedInput(stored.data(), activations_->operand_dtype);
+}
+
 void LlamaModel::validate(const TokenBatch& batch) const {
   const LlamaConfig& config = weights_.config();
   if (batch.batch_size <= 0 || batch.seq_len <= 0) {
@@ -167,7 +189,9 @@ void LlamaModel::validate(const TokenBatch& batch) const {
 }
 
 void LlamaModel::prepare_forward_buffers(int64_t batch_size, int64_t seq_len) {
-  if (activations_ && activations_->batch_size == batch_size && activations_->seq_len == seq_len) {
+  const DType operand_dtype = backend_.product_dtype();
+  if (activations_ && activations_->batch_size == batch_size && activations_->seq_len == seq_len &&
+      activations_->operand_dtype == operand_dtype) {
     return;
   }
   workspace_.reset();  // sized for the old shape
@@ -183,26 +207,35 @@ void LlamaModel::prepare_forward_buffers(int64_t batch_size, int64_t seq_len) {
     return float_buffer(accountant_, MemoryKind::kActivations, floats);
   };
 
+  auto operand_activation = [&](size_t count) {
+    return Buffer(accountant_, MemoryKind::kActivations, count * dtype_size(operand_dtype));
+  };
+
   auto acts = std::make_unique<Activations>();
   acts->batch_size = batch_size;
   acts->seq_len = seq_len;
+  acts->operand_dtype = operand_dtype;
   acts->residual = activation((static_cast<size_t>(c.num_hidden_layers) + 1) * rows * hidden);
   const int64_t layer_sets = options_.activation_checkpointing ? 1 : c.num_hidden_layers;
   acts->layers.resize(static_cast<size_t>(layer_sets));
   for (LayerActivations& layer : acts->layers) {
-    layer.h1 = activation(rows * hidden);
+    layer.h1 = operand_activation(rows * hidden);
     layer.rstd1 = activation(rows);
     layer.q = activation(rows * q_width);
     layer.k = activation(rows * kv_width);
     layer.v = activation(rows * kv_width);
     layer.attention = activation(static_cast<size_t>(backend_.attention_saved_floats(attention)));
-    layer.attn_out = activation(rows * q_width);
+    layer.attn_out = operand_activation(rows * q_width);
     layer.x_mid = activation(rows * hidden);
-    layer.h2 = activation(rows * hidden);
+    layer.h2 = operand_activation(rows * hidden);
     layer.rstd2 = activation(rows);
     layer.gate = activation(rows * inter);
     layer.up = activation(rows * inter);
-    layer.act = activation(rows * inter);
+    layer.act = operand_activation(rows * inter);
+  }
+  if (operand_dtype != DType::kF32) {
+    acts->operand_staging = float_buffer(accountant_, MemoryKind::kWorkspace,
+                                         rows * std::max({hidden, q_width, inter}));
   }
   acts->final_normed = activation(rows * hidden);
   acts->final_rstd = activation(rows);
@@ -433,9 +466,10 @@ void LlamaModel::layer_forward(int64_t l, const float* x_in, LayerActivations& a
   const float eps = static_cast<float>(c.rms_norm_eps);
   const int32_t* positions = activations_->device_positions.as<int32_t>();
 
-  backend_.rmsnorm_forward(f32(a.h1), f32(a.rstd1), x_in, weight_f32(*w.input_norm), rows, hidden,
-                           eps);
-  const TypedInput h1 = activation_operand(f32(a.h1), rows * hidden, OperandSlot::kInput);
+  backend_.rmsnorm_forward(operand_output(a.h1), f32(a.rstd1), x_in, weight_f32(*w.input_norm),
+                           rows, hidden, eps);
+  store_operand(a.h1, rows * hidden);
+  const TypedInput h1 = stored_operand(a.h1);
   backend_.matmul_forward(f32(a.q), h1, weight_operand(*w.q_proj), rows, q_width, hidden,
                           /*accumulate=*/false);
   backend_.matmul_forward(f32(a.k), h1, weight_operand(*w.k_proj), rows, kv_width, hidden,
@@ -448,30 +482,32 @@ void LlamaModel::layer_forward(int64_t l, const float* x_in, LayerActivations& a
   backend_.rope_forward(f32(a.q), positions, rope_table_, rows, c.num_attention_heads);
   backend_.rope_forward(f32(a.k), positions, rope_table_, rows, c.num_key_value_heads);
   backend_.attention_forward(
-      f32(a.attn_out), f32(a.attention), f32(activations_->attention_scratch), f32(a.q), f32(a.k),
-      f32(a.v),
+      operand_output(a.attn_out), f32(a.attention), f32(activations_->attention_scratch), f32(a.q),
+      f32(a.k), f32(a.v),
       activations_->first_key.empty() ? nullptr : activations_->device_first_key.as<int32_t>(),
       attention_shape(activations_->batch_size, activations_->seq_len));
+  store_operand(a.attn_out, rows * q_width);
   backend_.copy(f32(a.x_mid), x_in, static_cast<size_t>(rows * hidden) * sizeof(float));
-  backend_.matmul_forward(f32(a.x_mid),
-                          activation_operand(f32(a.attn_out), rows * q_width, OperandSlot::kInput),
-                          weight_operand(*w.o_proj), rows, hidden, q_width, /*accumulate=*/true);
+  backend_.matmul_forward(f32(a.x_mid), stored_operand(a.attn_out), weight_operand(*w.o_proj), rows,
+                          hidden, q_width, /*accumulate=*/true);
   add_bias(f32(a.x_mid), w.o_bias, rows);
 
-  backend_.rmsnorm_forward(f32(a.h2), f32(a.rstd2), f32(a.x_mid),
+  backend_.rmsnorm_forward(operand_output(a.h2), f32(a.rstd2), f32(a.x_mid),
                            weight_f32(*w.post_attention_norm), rows, hidden, eps);
-  const TypedInput h2 = activation_operand(f32(a.h2), rows * hidden, OperandSlot::kInput);
+  store_operand(a.h2, rows * hidden);
+  const TypedInput h2 = stored_operand(a.h2);
   backend_.matmul_forward(f32(a.gate), h2, weight_operand(*w.gate_proj), rows, inter, hidden,
                           /*accumulate=*/false);
   backend_.matmul_forward(f32(a.up), h2, weight_operand(*w.up_proj), rows, inter, hidden,
                           /*accumulate=*/false);
   add_bias(f32(a.gate), w.gate_bias, rows);
   add_bias(f32(a.up), w.up_bias, rows);
-  backend_.swiglu_forward(f32(a.act), f32(a.gate), f32(a.up), rows * inter);
+  backend_.swiglu_forward(operand_output(a.act), f32(a.gate), f32(a.up), rows * inter);
+  store_operand(a.act, rows * inter);
   if (x_out == nullptr) return;
   backend_.copy(x_out, f32(a.x_mid), static_cast<size_t>(rows * hidden) * sizeof(float));
-  backend_.matmul_forward(x_out, activation_operand(f32(a.act), rows * inter, OperandSlot::kInput),
-                          weight_operand(*w.down_proj), rows, hidden, inter, /*accumulate=*/true);
+  backend_.matmul_forward(x_out, stored_operand(a.act), weight_operand(*w.down_proj), rows, hidden,
+                          inter, /*accumulate=*/true);
   add_bias(x_out, w.down_bias, rows);
 }
 
@@ -593,21 +629,18 @@ void LlamaModel::layer_backward(int64_t l, GradientSink& sink, const float* x_in
   const auto output_gradient = [&](const float* dy, int64_t width) {
     return activation_operand(dy, rows * width, OperandSlot::kOutputGradient);
   };
-  const auto input = [&](const float* x, int64_t width) {
-    return activation_operand(x, rows * width, OperandSlot::kInput);
-  };
 
   // MLP.
   const TypedInput d_down = output_gradient(d_residual, hidden);
   backend_.matmul_backward_input(f32(ws.d_act), d_down, weight_operand(*w.down_proj), rows, hidden,
                                  inter, /*accumulate=*/false);
-  backend_.matmul_backward_weight(gradient, d_down, input(f32(a.act), inter), rows, hidden, inter,
+  backend_.matmul_backward_weight(gradient, d_down, stored_operand(a.act), rows, hidden, inter,
                                   /*accumulate=*/false);
   deliver(sink, *w.down_proj, gradient);
   deliver_bias(sink, w.down_bias, d_residual, rows);
   backend_.swiglu_backward(f32(ws.d_gate), f32(ws.d_up), f32(ws.d_act), f32(a.gate), f32(a.up),
                            rows * inter);
-  const TypedInput h2 = input(f32(a.h2), hidden);
+  const TypedInput h2 = stored_operand(a.h2);
   const TypedInput d_gate = output_gradient(f32(ws.d_gate), inter);
   backend_.matmul_backward_input(d_normed, d_gate, weight_operand(*w.gate_proj), rows, inter,
                                  hidden, /*accumulate=*/false);
@@ -629,8 +662,8 @@ void LlamaModel::layer_backward(int64_t l, GradientSink& sink, const float* x_in
   const TypedInput d_o = output_gradient(d_residual, hidden);
   backend_.matmul_backward_input(f32(ws.d_attn_out), d_o, weight_operand(*w.o_proj), rows, hidden,
                                  q_width, /*accumulate=*/false);
-  backend_.matmul_backward_weight(gradient, d_o, input(f32(a.attn_out), q_width), rows, hidden,
-                                  q_width, /*accumulate=*/false);
+  backend_.matmul_backward_weight(gradient, d_o, stored_operand(a.attn_out), rows, hidden, q_width,
+                                  /*accumulate=*/false);
   deliver(sink, *w.o_proj, gradient);
   deliver_bias(sink, w.o_bias, d_residual, rows);
   backend_.attention_backward(f32(ws.dq), f32(ws.dk), f32(ws.dv),
@@ -639,7 +672,7 @@ void LlamaModel::layer_backward(int64_t l, GradientSink& sink, const float* x_in
                               attention_shape(activations_->batch_size, activations_->seq_len));
   backend_.rope_backward(f32(ws.dq), positions, rope_table_, rows, c.num_attention_heads);
   backend_.rope_backward(f32(ws.dk), positions, rope_table_, rows, c.num_key_value_heads);
-  const TypedInput h1 = input(f32(a.h1), hidden);
+  const TypedInput h1 = stored_operand(a.h1);
   const TypedInput dq = output_gradient(f32(ws.dq), q_width);
   backend_.matmul_backward_input(d_normed, dq, weight_operand(*w.q_proj), rows, q_width, hidden,
                                  /*accumulate=*/false);

@@ -122,6 +122,14 @@ class LlamaModel {
   TypedInput weight_operand(const Parameter& parameter) const;
   // `count` fp32 activations as a product operand: themselves, or narrowed into `slot`.
   TypedInput activation_operand(const float* values, int64_t count, OperandSlot slot) const;
+  // A layer activation that is only a product input (h1, attn_out, h2, act) is stored in the
+  // product dtype: its producer writes fp32 into operand_output(stored), store_operand narrows
+  // that into `stored` (nothing to do for fp32 products), and stored_operand is the product's
+  // operand, in forward and in backward alike (the same bf16 values: bit-identical results to
+  // narrowing again, with half the memory and no narrowing in backward).
+  float* operand_output(Buffer& stored);
+  void store_operand(Buffer& stored, int64_t count);
+  TypedInput stored_operand(const Buffer& stored) const;
   AttentionShape attention_shape(int64_t batch_size, int64_t seq_len) const;
   void ensure_rope_table(int64_t max_position);
   // Copies the batch's token ids, targets, positions (and first keys) to the backend's memory.
