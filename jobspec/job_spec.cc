@@ -549,10 +549,12 @@ JobSpec read_spec(Context& context, const YAML::Node& root) {
   Section output = top.section("output", {"dir"});
   output.read("dir", spec.output.dir);
 
-  Section resources = top.section("resources", {"world_size", "device", "max_restarts", "retries"});
+  Section resources = top.section("resources", {"world_size", "device", "max_restarts", "retries",
+                                                "collective_timeout_seconds"});
   resources.read("world_size", spec.resources.world_size);
   resources.read("device", spec.resources.device);
   read_max_restarts(resources, spec.resources);
+  resources.read("collective_timeout_seconds", spec.resources.collective_timeout_seconds);
   return spec;
 }
 
@@ -760,6 +762,12 @@ void validate(Context& c, const JobSpec& spec) {
   at_least(c, "resources.world_size", r.world_size, 1);
   one_of(c, "resources.device", r.device, {"cpu", "cuda"});
   at_least(c, "resources.max_restarts", r.max_restarts, 0);
+  at_least(c, "resources.collective_timeout_seconds", r.collective_timeout_seconds, 1);
+  if (r.collective_timeout_seconds > kMaxCollectiveTimeoutSeconds) {
+    c.report("resources.collective_timeout_seconds",
+             "must be <= " + std::to_string(kMaxCollectiveTimeoutSeconds) + " (a day), got " +
+                 std::to_string(r.collective_timeout_seconds));
+  }
 }
 
 // yaml-cpp may throw from node access in ways its API does not document; every such exception
@@ -963,6 +971,8 @@ YAML::Node to_node(const JobSpec& spec, bool tag_strings = false) {
   root["resources"]["world_size"] = std::to_string(spec.resources.world_size);
   root["resources"]["device"] = text(spec.resources.device);
   root["resources"]["max_restarts"] = std::to_string(spec.resources.max_restarts);
+  root["resources"]["collective_timeout_seconds"] =
+      std::to_string(spec.resources.collective_timeout_seconds);
   return root;
 }
 

@@ -164,6 +164,9 @@ struct OutputSpec {
   bool operator==(const OutputSpec&) const = default;
 };
 
+// resources.collective_timeout_seconds at most: a day.
+inline constexpr int64_t kMaxCollectiveTimeoutSeconds = 86400;
+
 struct ResourcesSpec {
   int64_t world_size = 1;
   // cpu | cuda: each rank on a GPU of its own (a worker daemon's --device N), its gradients
@@ -173,6 +176,13 @@ struct ResourcesSpec {
   // (a crash, a lost worker, a collective timeout) before the job fails; each new attempt resumes
   // from the last committed checkpoint. `retries` is read as its former name.
   int64_t max_restarts = 3;
+  // Bounds every collective of a gang (gradient all-reduce, loss totals, stop votes): a rank whose
+  // peer stopped answering fails after this many seconds, naming the peer, and the gang restarts.
+  // It must exceed the longest pause one rank takes alone (rank 0 scores multiple-choice
+  // evaluations and writes checkpoints while its peers wait in the next collective). The
+  // rendezvous is bounded by the larger of this and 10 minutes: ranks start minutes apart when
+  // each first fetches the checkpoint to resume from.
+  int64_t collective_timeout_seconds = 600;
 
   bool operator==(const ResourcesSpec&) const = default;
 };

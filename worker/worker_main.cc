@@ -595,7 +595,7 @@ std::unique_ptr<lomo::Communicator> connect_through_coordinator(
   store_options.worker_id = args.worker_id;
   store_options.job_id = args.job_id;
   store_options.attempt = args.attempt;
-  store_options.timeout = options.timeout;
+  store_options.timeout = options.rendezvous_timeout;
   store_options.stop_requested = &g_stop_requested;
   lomo::CoordinatorStore store(store_options);
   options.prefix = "job/" + args.job_id + "/attempt/" + std::to_string(args.attempt);
@@ -620,10 +620,11 @@ std::unique_ptr<lomo::Communicator> connect_rank(const TrainArgs& args, const lo
   lomo::GlooCommunicatorOptions options;
   options.rank = *args.rank;
   options.world_size = *args.world_size;
-  // Bounds the rendezvous and each collective: rank 0 scores multiple-choice evaluations alone
-  // while the others wait in the next one, and the ranks of a gang start minutes apart when
-  // each first fetches the checkpoint to resume from.
-  options.timeout = std::chrono::minutes(10);
+  // resources.collective_timeout_seconds (jobspec/job_spec.h says why the rendezvous gets at
+  // least 10 minutes).
+  options.timeout = std::chrono::seconds(spec.resources.collective_timeout_seconds);
+  options.rendezvous_timeout =
+      std::max<std::chrono::milliseconds>(options.timeout, std::chrono::minutes(10));
   if (!args.coordinator.empty()) return connect_through_coordinator(args, spec, options);
   gloo::rendezvous::FileStore store(args.rendezvous);
   options.prefix = "standalone/" + std::to_string(::getppid());

@@ -165,6 +165,10 @@ INVALID = [
      "data.packing"),
     ("DeviceUnknown", with_sections(resources={"device": "tpu"}), "resources.device"),
     ("MaxRestartsNegative", with_sections(resources={"max_restarts": -1}), "resources.max_restarts"),
+    ("CollectiveTimeoutZero", with_sections(resources={"collective_timeout_seconds": 0}),
+     "resources.collective_timeout_seconds"),
+    ("CollectiveTimeoutOverADay", with_sections(resources={"collective_timeout_seconds": 86401}),
+     "resources.collective_timeout_seconds"),
     ("RetriesAndMaxRestartsTogether", with_sections(resources={"retries": 1, "max_restarts": 2}),
      "resources.retries"),
 ]

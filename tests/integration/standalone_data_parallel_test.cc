@@ -102,8 +102,11 @@ class LaunchFailureTest : public StandaloneDataParallelTest {
         {"output.dir=" + output("run").string(), "resources.world_size=2"});
   }
   std::vector<std::string> argv() const {
-    return {kWorker.string(),       "train", job_file_.string(), "--nproc", "2", "--protocol-file",
-            protocol_file_.string()};
+    std::vector<std::string> args{
+        kWorker.string(),       "train", job_file_.string(), "--nproc", "2", "--protocol-file",
+        protocol_file_.string()};
+    args.insert(args.end(), extra_args_.begin(), extra_args_.end());
+    return args;
   }
   // Starts the launcher; returns once rank 0 has logged `steps` training steps (fails the test
   // if it does not within 20 s).
@@ -131,6 +134,7 @@ class LaunchFailureTest : public StandaloneDataParallelTest {
   fs::path job_file_ = dir_.path() / "run.yaml";
   fs::path protocol_file_ = dir_.path() / "protocol.jsonl";
   fs::path log_ = dir_.path() / "launcher.log";
+  std::vector<std::string> extra_args_;  // appended to argv()
 };
 
 // /proc/<pid>/cmdline with its NULs as spaces; "" once the process is gone.
@@ -511,6 +515,35 @@ TEST_F(LaunchFailureTest, AKilledRankFailsTheLaunchQuicklyAndLeavesNoRankRunning
 
   EXPECT_THAT(processes_mentioning(rendezvous), IsEmpty()) << "a rank outlived the launcher";
   EXPECT_FALSE(fs::exists(rendezvous));
+}
+
+// resources.collective_timeout_seconds is what bounds a collective: a rank that stops answering
+// (SIGSTOP: its connections stay open, so nothing but the clock can tell) fails its peer's next
+// collective after 3 s, naming the rank and the timeout, instead of after the default 10 minutes.
+TEST_F(LaunchFailureTest, ACollectiveWaitsForAStoppedRankOnlyAsLongAsTheSpecSays) {
+  extra_args_ = {"--set", "resources.collective_timeout_seconds=3"};
+  std::unique_ptr<ChildProcess> launcher = start_and_wait_for_steps(2);
+  ASSERT_TRUE(launcher->running());
+  pid_t rank_one = 0;
+  for (const pid_t pid : children(launcher->pid())) {
+    if (command_line(pid).find("--rank 1 ") != std::string::npos) rank_one = pid;
+  }
+  ASSERT_NE(rank_one, 0);
+  const auto stopped_at = std::chrono::steady_clock::now();
+  ASSERT_EQ(::kill(rank_one, SIGSTOP), 0);
+  const std::optional<ExitStatus> status = launcher->wait_for(seconds(60));
+  if (!status) ::kill(rank_one, SIGKILL);
+  ASSERT_TRUE(status.has_value()) << "the launcher still runs 60 s after rank 1 was stopped:\n"
+                                  << read_file(log_);
+  const std::string log = read_file(log_);
+  // 3 s of timeout, then the launcher's grace for the other rank and its SIGTERM/SIGKILL of the
+  // stopped one: far below the 10-minute default either way.
+  EXPECT_LT(std::chrono::steady_clock::now() - stopped_at, seconds(45)) << log;
+  EXPECT_EQ(status->code, trainer_protocol::kExitFailed) << log;
+  const trainer_protocol::Outcome ended = outcome();
+  EXPECT_EQ(ended.status, trainer_protocol::Status::kFailed);
+  EXPECT_THAT(ended.reason, HasSubstr("rank 1")) << ended.reason;
+  EXPECT_THAT(ended.reason, HasSubstr("within 3000 ms")) << ended.reason;
 }
 
 // Ctrl-C reaches the launcher alone (its ranks have their own process groups); it forwards it,

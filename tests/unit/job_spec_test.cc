@@ -241,6 +241,20 @@ TEST(JobSpecTest, AbsentFieldsTakeTheDeclaredDefaults) {
   EXPECT_EQ(spec.data.token_dtype, "uint16");
   EXPECT_EQ(spec.data.on_bad_record, "fail");
   EXPECT_EQ(spec.resources.max_restarts, 3);
+  EXPECT_EQ(spec.resources.collective_timeout_seconds, 600);
+}
+
+TEST(JobSpecTest, CollectiveTimeoutRoundTripsAndStaysWithinASecondAndADay) {
+  const JobSpec spec = parse_job_spec(
+      with_sections({{"resources", "{collective_timeout_seconds: 45}"}}), "job.yaml");
+  EXPECT_EQ(spec.resources.collective_timeout_seconds, 45);
+  EXPECT_THAT(job_spec_to_yaml(spec), HasSubstr("  collective_timeout_seconds: 45\n"));
+  EXPECT_EQ(parse_job_spec(job_spec_to_yaml(spec), "canonical.yaml"), spec);
+  EXPECT_THAT(parse_error(with_sections({{"resources", "{collective_timeout_seconds: 0}"}})).what(),
+              HasSubstr("resources.collective_timeout_seconds: must be >= 1, got 0"));
+  EXPECT_THAT(
+      parse_error(with_sections({{"resources", "{collective_timeout_seconds: 86401}"}})).what(),
+      HasSubstr("resources.collective_timeout_seconds: must be <= 86400 (a day), got 86401"));
 }
 
 // Every canonical spec stored before restarts existed says "retries: 0": such a job must still

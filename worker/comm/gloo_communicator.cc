@@ -214,9 +214,11 @@ class GlooCommunicator::Impl {
       attr.hostname = options_.hostname;
       device_ = gloo::transport::tcp::CreateDevice(attr);
       context_ = std::make_shared<gloo::rendezvous::Context>(options_.rank, options_.world_size);
-      context_->setTimeout(options_.timeout);
+      context_->setTimeout(options_.rendezvous_timeout.count() > 0 ? options_.rendezvous_timeout
+                                                                   : options_.timeout);
       gloo::rendezvous::PrefixStore prefixed(options_.prefix, store);
       context_->connectFullMesh(prefixed, device_);
+      context_->setTimeout(options_.timeout);
     } catch (const std::exception& error) {
       throw CommunicatorError("rendezvous", std::nullopt,
                               "rank " + std::to_string(options_.rank) + " of " +

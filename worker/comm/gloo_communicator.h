@@ -49,8 +49,9 @@ struct GlooCommunicatorOptions {
   std::string prefix;
   // Address this rank binds and advertises to its peers for the data path.
   std::string hostname = "127.0.0.1";
-  // Bounds the rendezvous and every collective.
+  // Bounds every collective, and the rendezvous too unless rendezvous_timeout is set (> 0).
   std::chrono::milliseconds timeout = std::chrono::seconds(60);
+  std::chrono::milliseconds rendezvous_timeout{0};
 };
 
 class GlooCommunicator final : public Communicator {
