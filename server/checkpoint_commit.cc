@@ -1,6 +1,7 @@
 #include "server/checkpoint_commit.h"
 
 #include <filesystem>
+#include <map>
 #include <system_error>
 
 #include "common/log.h"
@@ -91,9 +92,13 @@ void CheckpointCommit::apply_retention_locked(const std::string& job_id) {
   try {
     const std::vector<v1::CheckpointInfo> checkpoints = state_.store.list_checkpoints(job_id);
     if (checkpoints.size() <= static_cast<size_t>(keep)) return;
-    // Oldest step first: all but the last `keep` go.
+    const std::string best = state_.options.keep_best_checkpoint
+                                 ? best_checkpoint_locked(job_id, checkpoints)
+                                 : std::string();
+    // Oldest step first: all but the last `keep` go (and the best, when asked to keep it).
     for (size_t i = 0; i + keep < checkpoints.size(); ++i) {
       const v1::CheckpointInfo& old = checkpoints[i];
+      if (old.checkpoint_id() == best) continue;
       state_.store.delete_checkpoint(old.checkpoint_id());
       // Files go once the deletion is durable: a power cut before it must not leave a record
       // whose files are gone (a directory without a record is removed at startup instead).
@@ -105,12 +110,30 @@ void CheckpointCommit::apply_retention_locked(const std::string& job_id) {
           },
           "deletion of checkpoint " + old.checkpoint_id());
       log_line("job " + job_id + ": checkpoint " + old.checkpoint_id() +
-               " deleted (keeping the newest " + std::to_string(keep) + ")");
+               " deleted (keeping the newest " + std::to_string(keep) +
+               (best.empty() ? "" : " and the best by eval loss, " + best) + ")");
     }
   } catch (const StoreError& error) {
     // The new checkpoint is committed either way; the old ones wait for the next commit.
     log_line("error: job " + job_id + ": retention of old checkpoints: " + error.what());
   }
+}
+
+std::string CheckpointCommit::best_checkpoint_locked(
+    const std::string& job_id, const std::vector<v1::CheckpointInfo>& checkpoints) {
+  const std::map<int64_t, double> losses = state_.store.eval_losses(job_id);
+  std::string best;
+  double best_loss = 0.0;
+  for (const v1::CheckpointInfo& checkpoint : checkpoints) {
+    const auto it = losses.find(checkpoint.step());
+    // No eval at its step, or a NaN one: no claim to be the best. Ties keep the earlier step.
+    if (it == losses.end() || !(it->second == it->second)) continue;
+    if (best.empty() || it->second < best_loss) {
+      best = checkpoint.checkpoint_id();
+      best_loss = it->second;
+    }
+  }
+  return best;
 }
 
 std::string CheckpointCommit::record_locked(const VerifiedUpload& upload) {

@@ -10,6 +10,7 @@
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "lomo/v1/workers.pb.h"
 #include "server/coordinator_state.h"
@@ -44,7 +45,13 @@ class CheckpointCommit {
   // between leaves a directory without a record, which CheckpointStore::recover removes). The
   // newest is always kept, and a new attempt resumes from the newest at its start; a newer commit
   // means the attempt that resumed from an older one has moved past it. Requires mu.
+  // With options.keep_best_checkpoint the checkpoint with the lowest eval loss at its step is
+  // kept too, however old.
   void apply_retention_locked(const std::string& job_id);
+  // The id of the checkpoint among `checkpoints` whose step has the lowest eval loss, or "" when
+  // none was evaluated at its step. Requires mu.
+  std::string best_checkpoint_locked(const std::string& job_id,
+                                     const std::vector<v1::CheckpointInfo>& checkpoints);
   // Sends the CheckpointAck: at once for a rejection, after the durability sync for a commit.
   void acknowledge(const std::shared_ptr<WorkerConnection>& connection,
                    const v1::CheckpointChunk& chunk, const std::string& error,

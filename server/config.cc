@@ -17,6 +17,7 @@ const char* const kCoordinatorUsage =
     "                        [--data-dir DIR] [--heartbeat-timeout SECONDS]\n"
     "                        [--heartbeat-interval-ms MS] [--threads N] [--ready-file PATH]\n"
     "                        [--log-format text|json] [--keep-checkpoints K]\n"
+    "                        [--keep-best-checkpoint]\n"
     "                        [--assigned-timeout SECONDS] [--cancel-timeout SECONDS]\n"
     "                        [--reattach-window SECONDS] [--tokens-file PATH] [--insecure]\n"
     "                        [--max-queued-jobs-per-user N] [--init]\n"
@@ -135,6 +136,8 @@ CoordinatorConfig parse_config(const std::string& yaml_text, const std::string& 
       config.log_format = scalar<std::string>(value, source, key);
     } else if (key == "keep_checkpoints") {
       config.keep_checkpoints = scalar<int>(value, source, key);
+    } else if (key == "keep_best_checkpoint") {
+      config.keep_best_checkpoint = scalar<bool>(value, source, key);
     } else if (key == "assigned_timeout_seconds") {
       config.assigned_timeout_seconds = scalar<double>(value, source, key);
     } else if (key == "cancel_timeout_seconds") {
@@ -150,6 +153,7 @@ CoordinatorConfig parse_config(const std::string& yaml_text, const std::string& 
                                   "unknown key (expected listen, data_dir, heartbeat_interval_ms, "
                                   "heartbeat_timeout_seconds, threads, http_threads, "
                                   "shutdown_grace_seconds, log_format, keep_checkpoints, "
+                                  "keep_best_checkpoint, "
                                   "assigned_timeout_seconds, cancel_timeout_seconds, "
                                   "reattach_window_seconds, auth, tls)"));
     }
@@ -238,6 +242,8 @@ void apply_flag(const std::string& flag, const std::string& value, CoordinatorCo
     config->threads = static_cast<int>(flag_int(flag, value));
   } else if (flag == "--keep-checkpoints") {
     config->keep_checkpoints = static_cast<int>(flag_int(flag, value));
+  } else if (flag == "--keep-best-checkpoint") {
+    config->keep_best_checkpoint = value == "true";
   } else if (flag == "--assigned-timeout") {
     config->assigned_timeout_seconds = flag_double(flag, value);
   } else if (flag == "--cancel-timeout") {
@@ -273,7 +279,7 @@ CoordinatorConfig config_from_command_line(const std::vector<std::string>& args,
   *help = false;
   try {
     FlagRules rules;
-    rules.switches = {"--insecure", "--init"};
+    rules.switches = {"--insecure", "--init", "--keep-best-checkpoint"};
     const ParsedFlags parsed = parse_flags(args, rules);
     if (parsed.help) {
       *help = true;

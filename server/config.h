@@ -11,6 +11,7 @@
 //   shutdown_grace_seconds: 5   # SIGTERM: how long calls in flight may take to finish
 //   log_format: text            # or json: one JSON object per log line
 //   keep_checkpoints: 3         # committed checkpoints kept per job (newest); 0 keeps all
+//   keep_best_checkpoint: false # also keep the checkpoint with the lowest eval loss at its step
 //   assigned_timeout_seconds: 600 # ASSIGNED without any rank reporting RUNNING: a transient
 //   failure cancel_timeout_seconds: 300 # a cancel no worker confirms: CANCELLED, saying so
 //   reattach_window_seconds: 30 # a worker whose stream broke may take this long to come back
@@ -35,8 +36,9 @@ struct CoordinatorConfig {
   int threads = 8;
   int http_threads = 16;
   double shutdown_grace_seconds = 5.0;
-  std::string log_format = "text";  // common/log.h: text or json
-  int keep_checkpoints = 3;         // committed checkpoints kept per job, newest first; 0: all
+  std::string log_format = "text";    // common/log.h: text or json
+  int keep_checkpoints = 3;           // committed checkpoints kept per job, newest first; 0: all
+  bool keep_best_checkpoint = false;  // and the one with the lowest eval loss at its step
   // Operational timeouts (JobLifecycle::check_timeouts). The assignment's includes the workers'
   // fetch of the checkpoint to resume from, which precedes RUNNING: hence minutes.
   double assigned_timeout_seconds = 600;

@@ -351,6 +351,7 @@ int run(const CoordinatorConfig& config) {
   Metrics metrics;
   CoordinatorOptions options{config.heartbeat_timeout_seconds, config.heartbeat_interval_ms,
                              config.keep_checkpoints};
+  options.keep_best_checkpoint = config.keep_best_checkpoint;
   options.assigned_timeout_seconds = config.assigned_timeout_seconds;
   options.cancel_timeout_seconds = config.cancel_timeout_seconds;
   options.reattach_window_seconds = config.reattach_window_seconds;

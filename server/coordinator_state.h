@@ -51,6 +51,8 @@ struct CoordinatorOptions {
   // Committed checkpoints kept per job, newest first; older ones are deleted after a commit
   // (0: keep all). CheckpointCommit::apply_retention_locked.
   int keep_checkpoints = 3;
+  // Also keep the checkpoint whose step has the lowest eval loss (an EvalResult at that step).
+  bool keep_best_checkpoint = false;
   // An ASSIGNED job none of whose ranks reports RUNNING fails (transient) after this; a cancel no
   // rank confirms ends CANCELLED after this (JobLifecycle::check_timeouts).
   double assigned_timeout_seconds = 600;

@@ -861,6 +861,24 @@ std::vector<v1::CheckpointInfo> Store::list_checkpoints(const std::string& job_i
   });
 }
 
+std::map<int64_t, double> Store::eval_losses(const std::string& job_id) const {
+  return guarded(this, "reading eval results of job " + job_id, [&] {
+    ReaderLease reader = lease_reader();
+    auto select = reader->prepare(
+        "SELECT event FROM job_events WHERE job_id = ? AND kind = 'eval' ORDER BY sequence");
+    select->bind(1, job_id);
+    std::map<int64_t, double> losses;
+    while (select->step()) {
+      v1::JobEvent event;
+      if (!event.ParseFromString(select->column_blob(0)) || !event.has_eval()) {
+        throw StoreError("job " + job_id + ": a stored eval event does not parse");
+      }
+      losses[event.eval().step()] = event.eval().loss();
+    }
+    return losses;
+  });
+}
+
 std::optional<StoredCheckpoint> Store::get_checkpoint(const std::string& checkpoint_id) const {
   return guarded(
       this, "reading checkpoint " + checkpoint_id, [&]() -> std::optional<StoredCheckpoint> {

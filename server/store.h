@@ -139,6 +139,8 @@ class Store {
                                          int limit) const;
   // Committed checkpoints of one job, oldest step first.
   std::vector<v1::CheckpointInfo> list_checkpoints(const std::string& job_id) const;
+  // The job's eval losses by step (EvalResult events; a later one for the same step wins).
+  std::map<int64_t, double> eval_losses(const std::string& job_id) const;
   std::optional<StoredCheckpoint> get_checkpoint(const std::string& checkpoint_id) const;
   std::vector<std::string> all_checkpoint_ids() const;
   std::map<v1::JobState, int64_t> count_jobs_by_state() const;

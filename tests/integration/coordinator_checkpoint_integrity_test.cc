@@ -141,6 +141,37 @@ TEST_F(CheckpointIntegrityTest, RetentionKeepsTheNewestCheckpointsOfAJobAndDelet
   EXPECT_EQ(commits, 4);
 }
 
+// --keep-best-checkpoint: beside the newest K, the checkpoint whose step has the lowest eval loss
+// stays, however old; a checkpoint without an eval at its step never counts as the best.
+class BestCheckpointRetentionTest : public CheckpointIntegrityTest {
+ protected:
+  void SetUp() override {
+    ProcessOptions options(dir_.path() / "data");
+    options.extra_args = {"--keep-checkpoints", std::to_string(kKeepCheckpoints),
+                          "--keep-best-checkpoint"};
+    coordinator_ = std::make_unique<CoordinatorProcess>(options);
+    jobs_ = coordinator_->jobs();
+  }
+};
+
+TEST_F(BestCheckpointRetentionTest, TheLowestEvalLossIsKeptBesideTheNewest) {
+  const std::string job = running_job("best");
+  // Evals at 10, 20 (the best: 1.0) and 40; none at 30 or 50.
+  const std::map<int64_t, double> evals{{10, 2.0}, {20, 1.0}, {40, 1.7}};
+  for (int64_t step : {10, 20, 30, 40, 50}) {
+    if (const auto eval = evals.find(step); eval != evals.end()) {
+      ASSERT_TRUE(worker_->send_eval(job, 1, step, eval->second));
+    }
+    const auto ack = worker_->upload_checkpoint(job, 1, step, kFiles);
+    ASSERT_TRUE(ack.has_value());
+    ASSERT_TRUE(ack->committed()) << ack->error();
+  }
+  EXPECT_EQ(listed_steps(job), (std::vector<int64_t>{20, 40, 50}));
+  EXPECT_TRUE(wait_until([&] { return stored_entries(job).size() == 3; }, seconds(10)));
+  EXPECT_THAT(coordinator_->log(),
+              HasSubstr("and the best by eval loss, " + job + "/step-00000020"));
+}
+
 TEST_F(CheckpointIntegrityTest,
        AFailedDownloadLeavesNothingAtTheDestinationAndASuccessfulOneIsWhole) {
   const std::string job = running_job("download");

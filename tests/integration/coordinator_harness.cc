@@ -8,6 +8,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cmath>
 #include <cstring>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -310,6 +311,18 @@ bool TestWorker::send_metrics(const std::string& job_id, int64_t attempt, int64_
   metrics->set_learning_rate(1e-3);
   metrics->set_tokens_per_second(tokens_per_second);
   events->add_events()->mutable_log()->set_text("step " + std::to_string(step));
+  return send(message);
+}
+
+bool TestWorker::send_eval(const std::string& job_id, int64_t attempt, int64_t step, double loss) {
+  v1::WorkerMessage message;
+  v1::JobEvents* events = message.mutable_events();
+  events->set_job_id(job_id);
+  events->set_attempt(attempt);
+  v1::EvalResult* eval = events->add_events()->mutable_eval();
+  eval->set_step(step);
+  eval->set_loss(loss);
+  eval->set_perplexity(std::exp(loss));
   return send(message);
 }
 

@@ -117,6 +117,8 @@ class TestWorker {
   bool report(const v1::JobStatusUpdate& status);
   bool send_metrics(const std::string& job_id, int64_t attempt, int64_t step, double loss,
                     double tokens_per_second);
+  // An EvalResult at `step`, as the trainer reports an evaluation.
+  bool send_eval(const std::string& job_id, int64_t attempt, int64_t step, double loss);
   // Sends `files` (path → bytes) in chunks of `chunk_bytes`, then the commit with a manifest of
   // `files` (as the daemon does), and waits for the ack. `corrupt_path`, if set, has one byte
   // flipped in its data but not in its SHA-256. `manifest_files`, if set, is what the manifest

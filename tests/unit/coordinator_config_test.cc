@@ -77,6 +77,14 @@ TEST(CoordinatorConfig, KeepCheckpointsDefaultsToThreeAndZeroKeepsAll) {
   EXPECT_EQ(config_from_command_line({"--keep-checkpoints", "5"}, &help).keep_checkpoints, 5);
 }
 
+TEST(CoordinatorConfig, KeepBestCheckpointIsOffUnlessTheFileOrTheSwitchTurnsItOn) {
+  EXPECT_FALSE(parse_config("", "c.yaml").keep_best_checkpoint);
+  EXPECT_TRUE(parse_config("keep_best_checkpoint: true", "c.yaml").keep_best_checkpoint);
+  bool help = false;
+  EXPECT_TRUE(config_from_command_line({"--keep-best-checkpoint"}, &help).keep_best_checkpoint);
+  EXPECT_FALSE(config_from_command_line({}, &help).keep_best_checkpoint);
+}
+
 TEST(CoordinatorConfig, CommandLineOverridesTheFile) {
   char pattern[] = "/tmp/lomo-config-test-XXXXXX";
   ASSERT_NE(mkdtemp(pattern), nullptr);
