@@ -530,7 +530,7 @@ void Store::note_failure(int sqlite_code, const std::string& error) const {
   if (notify) notify(corruption());
 }
 
-void Store::set_on_corruption(std::function<void(const std::string&)> on_corruption) {
+void Store::set_on_corruption(const std::function<void(const std::string&)>& on_corruption) {
   std::string found;
   {
     std::lock_guard lock(corruption_mu_);

@@ -170,7 +170,7 @@ class Store {
   void note_failure(int sqlite_code, const std::string& error) const;
   // Called once, with corruption(), when corruption is first found (at once if it was already);
   // nullptr stops the calls. Runs on the thread of the failed operation and must not block.
-  void set_on_corruption(std::function<void(const std::string&)> on_corruption);
+  void set_on_corruption(const std::function<void(const std::string&)>& on_corruption);
 
  private:
   class ReaderLease;

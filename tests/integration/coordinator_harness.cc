@@ -281,7 +281,7 @@ bool TestWorker::report_permanent_failure(const std::string& job_id, int64_t att
 }
 
 bool TestWorker::report(const v1::JobStatusUpdate& status) {
-  const std::string job_id = status.job_id();
+  const std::string& job_id = status.job_id();
   const int64_t attempt = status.attempt();
   const v1::JobState state = status.state();
   v1::WorkerMessage message;
