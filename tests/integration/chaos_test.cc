@@ -220,7 +220,12 @@ class ChaosTest : public ::testing::Test {
   }
 
   std::string job_yaml(const std::vector<std::string>& extra) const {
-    std::vector<std::string> overrides{"resources.world_size=2", "training.log_every=1"};
+    // Steps of 16 × 256 tokens (8 rows per rank): ~8× the tiny job's default work, so that a
+    // coordinator outage of up to 3 s covers fewer steps than a fault's slot (kSteps). With the
+    // default 4 × 128 a fast machine trained 50 steps during a 2.3 s outage, the job ended before
+    // its last faults, and CI failed (seed 1).
+    std::vector<std::string> overrides{"resources.world_size=2", "training.log_every=1",
+                                       "training.batch_size=16", "data.max_length=256"};
     overrides.insert(overrides.end(), extra.begin(), extra.end());
     return tiny_job_yaml(kSourceDir, model_, kSteps, kCheckpointEvery, overrides);
   }
