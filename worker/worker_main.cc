@@ -539,30 +539,17 @@ std::filesystem::path sibling_program(const std::string& name) {
 // The NCCL ranks meet through the same store under the same prefix; collectives start after the
 // CUDA backend's queued work (set_input_stream), so the trainer never synchronises for them.
 std::unique_ptr<lomo::Communicator> with_nccl(std::unique_ptr<lomo::Communicator> host,
+                                              const lomo::JobSpec& spec,
                                               const lomo::GlooCommunicatorOptions& options,
                                               gloo::rendezvous::Store& store) {
-  std::optional<lomo::Device> gpu;
-  for (lomo::Device device : lomo::available_backends()) {
-    if (!device.is_cpu()) {
-      gpu = device;
-      break;
-    }
-  }
-  if (!gpu) {
-    const char* visible = std::getenv("CUDA_VISIBLE_DEVICES");
-    throw lomo::JobSpecError("job", "resources.device",
-                             "cuda, but this rank finds no usable CUDA device "
-                             "(CUDA_VISIBLE_DEVICES=" +
-                                 std::string(visible != nullptr ? visible : "unset") + ")");
-  }
+  const lomo::Device gpu = lomo::training_device(spec);  // the trainer's device, or it throws
   lomo::NcclCommunicatorOptions nccl;
   nccl.rank = options.rank;
   nccl.world_size = options.world_size;
-  nccl.device = gpu->index;
+  nccl.device = gpu.index;
   nccl.timeout = options.timeout;
   std::unique_ptr<lomo::NcclCommunicator> device = lomo::connect_nccl(nccl, store, options.prefix);
-  device->set_input_stream(
-      dynamic_cast<lomo::cuda::CudaBackend&>(lomo::backend_for(*gpu)).stream());
+  device->set_input_stream(dynamic_cast<lomo::cuda::CudaBackend&>(lomo::backend_for(gpu)).stream());
   return std::make_unique<lomo::DeviceAwareCommunicator>(std::move(host), std::move(device));
 }
 #endif
@@ -577,7 +564,7 @@ std::unique_ptr<lomo::Communicator> connect_over(const lomo::JobSpec& spec,
   // --world-size 1 to run this path on a single GPU).
   if (spec.resources.device != "cuda") return host;
 #ifdef LOMO_WORKER_HAVE_NCCL
-  return with_nccl(std::move(host), options, store);
+  return with_nccl(std::move(host), spec, options, store);
 #else
   throw std::runtime_error(
       "resources.device cuda with world_size " + std::to_string(options.world_size) +

@@ -323,6 +323,8 @@ LlamaWeights load_weights(const JobSpec& spec, const fs::path& model_dir,
   return weights;
 }
 
+}  // namespace
+
 // The device this rank computes on: the CPU, or for `resources.device: cuda` the first GPU this
 // process sees (a worker daemon started with --device N shows its child only GPU N, and
 // `train --nproc N` each rank its own GPU, through CUDA_VISIBLE_DEVICES). Throws JobSpecError when
@@ -338,6 +340,8 @@ Device training_device(const JobSpec& spec) {
                          std::string(visible != nullptr ? visible : "unset") +
                          "; a build without the CUDA backend finds none either)");
 }
+
+namespace {
 
 // Refuses a checkpoint whose files differ from its manifest: resuming from corrupted weights or
 // optimizer state would silently train something else. A checkpoint without a manifest (written

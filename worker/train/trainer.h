@@ -99,6 +99,10 @@ std::optional<std::filesystem::path> latest_checkpoint(const std::filesystem::pa
 // fp16 activations could overflow where bf16 ones cannot). bf16 on the CPU needs `cpu_bf16`
 // (AVX512-BF16 or AMX-BF16, cpu::bf16_matmul_supported()): without it, throws a JobSpecError naming
 // precision.matmul; every GPU the CUDA backend runs on multiplies bf16.
+// The device a rank of `spec` computes on: the CPU, or for `resources.device: cuda` the first GPU
+// this process sees. Throws JobSpecError naming resources.device when there is none.
+Device training_device(const JobSpec& spec);
+
 Backend::MatmulPrecision matmul_precision_for(const JobSpec& spec, DType storage, Device device,
                                               bool cpu_bf16);
 
