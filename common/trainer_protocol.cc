@@ -144,11 +144,13 @@ ordered_json to_json(const Checkpoint& r) {
 }
 
 ordered_json to_json(const Outcome& r) {
-  return {{"type", "outcome"},
-          {"status", status_name(r.status)},
-          {"reason", r.reason},
-          {"steps_done", r.steps_done},
-          {"total_steps", r.total_steps}};
+  ordered_json record = {{"type", "outcome"},
+                         {"status", status_name(r.status)},
+                         {"reason", r.reason},
+                         {"steps_done", r.steps_done},
+                         {"total_steps", r.total_steps}};
+  if (r.peer_rank) record["peer_rank"] = *r.peer_rank;
+  return record;
 }
 
 Started read_started(const LineReader& in) {
@@ -205,6 +207,7 @@ Outcome read_outcome(const LineReader& in) {
   r.reason = in.text("reason");
   r.steps_done = in.integer("steps_done");
   r.total_steps = in.integer("total_steps");
+  if (in.has("peer_rank")) r.peer_rank = in.integer("peer_rank");
   return r;
 }
 

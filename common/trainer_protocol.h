@@ -25,6 +25,7 @@
 //    "accuracy":0.75,"examples":4}               (accuracy/examples: multiple-choice eval only)
 //   {"v":1,"type":"checkpoint","step":20,"dir":"/…/out/checkpoints/step-00000020"}
 //   {"v":1,"type":"outcome","status":"succeeded","reason":"","steps_done":20,"total_steps":20}
+//   (a failure that a collective with a peer caused adds "peer_rank":1)
 // A run writes one "started" first and one "outcome" last (none if it crashed or was killed).
 // Non-finite numbers (an fp16 overflow's grad_norm) are written as the strings "inf", "-inf" and
 // "nan"; JSON has no literal for them.
@@ -121,6 +122,9 @@ struct Outcome {
   std::string reason;  // the error for a failure; empty on success
   int64_t steps_done = 0;
   int64_t total_steps = 0;
+  // A failure caused by a collective with this peer rank (CommunicatorError::peer()): the peer's
+  // own end is the likely cause. Written as "peer_rank" only when set (added within version 1).
+  std::optional<int64_t> peer_rank = std::nullopt;
   bool operator==(const Outcome&) const = default;
 };
 

@@ -488,6 +488,7 @@ lomo::v1::JobStatusUpdate JobRunner::outcome_of_report(const ExitStatus& exit, b
     status.set_permanent(result == protocol::Status::kBadSpec ||
                          result == protocol::Status::kBadData ||
                          result == protocol::Status::kNonFinite);
+    if (outcome_->peer_rank) status.set_peer_rank(static_cast<int32_t>(*outcome_->peer_rank));
     return status;
   }
   if (!uploaded) {

@@ -80,6 +80,18 @@ struct ActiveJob {
   // was assigned and when its cancel was requested, for the operational timeouts.
   Clock::time_point assigned_at{};
   Clock::time_point cancel_requested_at{};
+  // A rank that failed because its collective with `peer` failed (JobStatusUpdate.peer_rank): the
+  // attempt waits until `deadline` for the peer's own report, the likely cause, and otherwise ends
+  // with `reason`. In memory only (a restarted coordinator has the rank's end in rank_states and
+  // ends the attempt by the other rules). `attempt` 0: none.
+  struct PeerFailure {
+    int64_t attempt = 0;
+    int rank = 0;
+    int peer = 0;
+    std::string reason;  // "rank R (worker W): what it said"
+    Clock::time_point deadline{};
+  };
+  PeerFailure peer_failure;
 
   // The rank `worker_id` runs in the current attempt, or -1.
   int rank_of(const std::string& worker_id) const;

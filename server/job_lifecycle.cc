@@ -144,12 +144,33 @@ std::string without_attempt_dirs(const std::string& reason) {
   return text.append(reason, copied);
 }
 
+// `reason` with every "(worker W)" written as "(worker)": a gang's attempts name their ranks'
+// workers, and a restarted gang may run on other workers, while the same rank failing the same
+// way at the same step is the same cause on any of them.
+std::string without_worker_names(const std::string& reason) {
+  static constexpr std::string_view kMarker = "(worker ";
+  std::string text;
+  size_t copied = 0;
+  for (size_t at = reason.find(kMarker); at != std::string::npos;
+       at = reason.find(kMarker, copied)) {
+    const size_t close = reason.find(')', at);
+    if (close == std::string::npos) break;
+    text.append(reason, copied, at - copied).append("(worker)");
+    copied = close + 1;
+  }
+  return text.append(reason, copied);
+}
+
+std::string comparable_reason(const std::string& reason) {
+  return without_worker_names(without_attempt_dirs(reason));
+}
+
 // The attempt failed as the restarted one before it did (same reason, same step): a cause that
 // a new attempt would meet a third time.
 bool repeats(const v1::JobAttempt* previous, const v1::JobAttempt& entry) {
   return previous != nullptr && previous->restarted() &&
          previous->state() == v1::JOB_STATE_FAILED &&
-         without_attempt_dirs(previous->reason()) == without_attempt_dirs(entry.reason()) &&
+         comparable_reason(previous->reason()) == comparable_reason(entry.reason()) &&
          previous->step() == entry.step();
 }
 
@@ -442,7 +463,65 @@ void JobLifecycle::check_timeouts() {
   if (ended) dispatch_locked();
 }
 
+bool JobLifecycle::hold_for_peer_locked(ActiveJob& active, int rank, const std::string& who,
+                                        const v1::JobStatusUpdate& message) {
+  const JobRecord& record = active.record;
+  const int peer = message.has_peer_rank() ? message.peer_rank() : -1;
+  const auto& states = record.rank_states;
+  if (active.world_size <= 1 || message.state() != v1::JOB_STATE_FAILED || peer < 0 ||
+      peer == rank || static_cast<size_t>(peer) >= states.size() ||
+      static_cast<size_t>(rank) >= states.size() || message.permanent() || message.preempted() ||
+      record.cancel_requested || !is_attempt_running(record.job.state()) ||
+      is_terminal(states[static_cast<size_t>(peer)])) {
+    return false;
+  }
+  const std::string reason = who + ": " + message.reason();
+  const bool first = active.peer_failure.attempt != record.job.attempt();
+  JobRecord updated = record;
+  updated.rank_states[static_cast<size_t>(rank)] = v1::JOB_STATE_FAILED;
+  const std::string wait = first ? "; the attempt waits up to " +
+                                       std::to_string(kPeerReportGrace.count()) + " s for rank " +
+                                       std::to_string(peer) + "'s own report, the likely cause"
+                                 : "";
+  if (!commit_locked(active, std::move(updated), "", {log_event(reason + wait)}).ok()) {
+    return true;  // not recorded: the rank's end stays unknown, as a lost report would
+  }
+  if (first) {
+    active.peer_failure = {record.job.attempt(), rank, peer, reason,
+                           Clock::now() + kPeerReportGrace};
+  }
+  return true;
+}
+
+// The held peer failure of `active` (hold_for_peer_locked), once its grace has passed: the
+// attempt ends with it, naming the peer that did not report.
+void JobLifecycle::end_held_peer_failure_locked(ActiveJob& active, Clock::time_point now) {
+  const ActiveJob::PeerFailure& held = active.peer_failure;
+  const JobRecord& record = active.record;
+  if (held.attempt != record.job.attempt() || now < held.deadline) return;
+  std::string peer_worker;
+  for (const v1::RankAssignment& assignment : record.job.assignments()) {
+    if (assignment.rank() == held.peer) peer_worker = assignment.worker_id();
+  }
+  const auto worker = state_.workers.find(peer_worker);
+  const bool connected = worker != state_.workers.end() && worker->second.connection != nullptr;
+  // The cause first (the silent peer), then the symptom the held rank reported.
+  const std::string what = "rank " + std::to_string(held.peer) + " (worker " + peer_worker +
+                           "): no report of its own within " +
+                           std::to_string(kPeerReportGrace.count()) + " s" +
+                           (connected ? "" : ", its worker is disconnected") + "; " + held.reason;
+  JobRecord updated = record;
+  const std::string why = end_job_by_rank(updated, v1::JOB_STATE_FAILED, what);
+  // On a store error the next check tries again.
+  (void)commit_locked(active, std::move(updated), why);
+}
+
 void JobLifecycle::check_timeouts_locked(ActiveJob& active, Clock::time_point now) {
+  if (active.peer_failure.attempt == active.record.job.attempt() &&
+      !active.record.cancel_requested) {
+    end_held_peer_failure_locked(active, now);
+    return;
+  }
   const JobRecord& record = active.record;
   // A job restored at startup has no times yet: its timeouts count from here.
   Clock::time_point& since =

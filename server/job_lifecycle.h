@@ -34,18 +34,32 @@
 // within CoordinatorOptions::assigned_timeout_seconds fails (transient: restarted within budget);
 // a cancel not confirmed within cancel_timeout_seconds ends the job CANCELLED, the reason naming
 // the workers that did not confirm (they are still told to stop and get no job until they do).
+//
+// Cause, not symptom: when a gang's rank dies, its peers' collectives fail at once, and their
+// reports ("collective all_reduce failed (peer rank 0)") can reach the coordinator before the dead
+// rank's own. A report naming a peer that still runs (JobStatusUpdate.peer_rank) therefore only
+// records that rank's end; the attempt ends with the peer's report when it comes within
+// kPeerReportGrace, else with the held one, naming the silent peer. So attempts record what
+// failed, and a deterministic failure repeats with the same reason (the early stop can see it).
 #pragma once
 
 #include <grpcpp/support/status.h>
 
+#include <chrono>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "lomo/v1/jobs.pb.h"
+#include "lomo/v1/workers.pb.h"
 #include "server/coordinator_state.h"
 
 namespace lomo::server {
+
+// How long a gang's attempt waits for the report of the rank another rank's failed collective
+// points at (hold_for_peer_locked). A killed trainer's daemon reports within milliseconds; a lost
+// daemon never does, and its job then restarts this much later.
+inline constexpr std::chrono::seconds kPeerReportGrace{5};
 
 // The one rule for how a rank's end ends its job, whichever way it ended (the rank failed,
 // stopped, or its worker is gone): with a cancel pending the job is CANCELLED, `what` (what the
@@ -78,6 +92,13 @@ class JobLifecycle {
   grpc::Status commit_locked(ActiveJob& active, JobRecord updated, const std::string& reason,
                              std::vector<v1::JobEvent> extra = {}, bool permanent_failure = false,
                              bool preempted = false);
+  // A gang's rank failed because its collective with another rank failed (message.peer_rank)
+  // while that peer still runs: the rank's end is recorded and the attempt waits up to
+  // kPeerReportGrace for the peer's own report (the cause, which then ends the attempt) before it
+  // ends with this one (check_timeouts). True when the update was taken that way; `who` names the
+  // rank ("rank R (worker W)"). Requires mu.
+  bool hold_for_peer_locked(ActiveJob& active, int rank, const std::string& who,
+                            const v1::JobStatusUpdate& message);
   // Ends an assigned or running job one of whose workers is gone (end_job_by_rank with FAILED and
   // `reason`, prefixed with the rank in a gang). A worker whose job has already ended just becomes
   // free. Requires mu.
@@ -120,6 +141,8 @@ class JobLifecycle {
                                     bool preempted) const;
   // Ends `active` if one of its operational timeouts has passed. Requires mu.
   void check_timeouts_locked(ActiveJob& active, Clock::time_point now);
+  // Ends `active`'s attempt with its held peer failure once kPeerReportGrace has passed.
+  void end_held_peer_failure_locked(ActiveJob& active, Clock::time_point now);
   // The state-change bookkeeping after a commit: metrics, log line, scheduler, hub.
   void after_commit_locked(ActiveJob& active, JobRecord updated, v1::JobState before,
                            const std::string& reason);

@@ -259,6 +259,13 @@ void WorkerRegistry::on_status(const std::shared_ptr<WorkerConnection>& connecti
   worker->confirmed_on = connection->id();
   ActiveJob& active = state_.active.at(message.job_id());
   const int rank = active.rank_of(worker->id);
+  if (lifecycle_.hold_for_peer_locked(active, rank, rank_text(rank, worker->id), message)) {
+    // This rank is done while the attempt waits for the peer it points at: its worker is free.
+    if (message.draining()) worker->unsettled = true;
+    state_.release_worker_locked(*worker);
+    lifecycle_.dispatch_locked();
+    return;
+  }
   JobRecord updated = active.record;
   std::string reason;
   std::vector<v1::JobEvent> events;

@@ -63,6 +63,7 @@
 #include "common/trainer_protocol.h"
 #include "common/version.h"
 #include "jobspec/job_spec.h"
+#include "worker/comm/communicator.h"
 #include "worker/comm/fault_injection.h"
 #include "worker/engine/checkpoint_io.h"
 #include "worker/generate/generate_command.h"
@@ -413,8 +414,9 @@ class RunReporter {
   }
 
   // The last record: how the run ended, with the progress seen so far.
-  void outcome(protocol::Status status, const std::string& reason) {
-    send(protocol::Outcome{status, reason, steps_done_, total_steps_});
+  void outcome(protocol::Status status, const std::string& reason,
+               std::optional<int64_t> peer_rank = std::nullopt) {
+    send(protocol::Outcome{status, reason, steps_done_, total_steps_, peer_rank});
   }
 
  private:
@@ -513,7 +515,11 @@ int fail(const std::exception& e, const std::string& who, RunReporter* reporter)
   std::fflush(stdout);
   std::cerr << who << ": " << e.what() << "\n";
   const protocol::Status status = status_of_error(e);
-  if (reporter != nullptr) reporter->outcome(status, e.what());
+  // A collective that failed with a known peer: the peer's own end is the likely cause, and the
+  // coordinator waits for it before it blames this rank (JobStatusUpdate.peer_rank).
+  std::optional<int64_t> peer_rank;
+  if (const auto* lost = dynamic_cast<const lomo::CommunicatorError*>(&e)) peer_rank = lost->peer();
+  if (reporter != nullptr) reporter->outcome(status, e.what(), peer_rank);
   return protocol::exit_code_for(status);
 }
 

@@ -4,9 +4,13 @@
 // of a worker (a drain; a new daemon takes its place) and kill -9 + restart of the coordinator on
 // the same data directory and port. The job must SUCCEED with exactly the bytes of the weights and
 // optimizer state of an uninterrupted run of the same spec, no committed checkpoint may be lost
-// (only retention may retire the oldest), and no fault may cost more steps than the checkpoint
-// interval (two intervals for a daemon's kill -9: the checkpoint it had written but not uploaded
-// is lost with it).
+// (only retention may retire the oldest; every new attempt resumes from a checkpoint at least as
+// new as the newest committed before its fault), and no fault may cost more steps than the
+// checkpoint interval (two intervals for a daemon's kill -9: the checkpoint it had written but not
+// uploaded is lost with it). The workers train on while the coordinator is away and their
+// checkpoints become durable only once they have re-attached and uploaded them, so the first
+// worker fault after a coordinator outage waits until the job has caught up (docs/ARCHITECTURE.md,
+// "Failure model": a machine lost before that loses what only its disk held).
 //
 // LOMO_CHAOS_SEED picks the schedule (default 1); LOMO_CHAOS_FAULTS the kinds it draws from
 // (comma-separated: trainer,daemon,drain,coordinator; default all); LOMO_CHAOS_COUNT how many
@@ -262,6 +266,10 @@ class ChaosTest : public ::testing::Test {
         if (step <= last_step_) {
           // A new attempt resumed at step - 1: everything from there to max_step_ is done again.
           recomputed_.push_back({last_fault_, max_step_ - (step - 1)});
+          EXPECT_GE(step - 1, committed_before_fault_)
+              << "the attempt after a " << name_of(last_fault_) << " fault resumed at step "
+              << step - 1 << ", older than checkpoint " << committed_before_fault_
+              << " that was committed before the fault";
           std::cerr << "chaos: resumed at step " << step - 1 << " after step " << max_step_ << " ("
                     << recomputed_.back().second << " recomputed; newest commit seen "
                     << (committed_.empty() ? 0 : *committed_.rbegin()) << ")\n";
@@ -339,8 +347,12 @@ class ChaosTest : public ::testing::Test {
   int64_t last_step_ = 0;  // of the latest metrics event
   int64_t max_step_ = 0;
   Fault last_fault_ = Fault::kTrainer;
-  int64_t attempt_ended_by_fault_ = 0;                 // the attempt the last worker fault hit
-  std::vector<std::pair<Fault, int64_t>> recomputed_;  // after the fault injected last
+  int64_t committed_before_fault_ = 0;  // the newest commit seen when the last fault was injected
+  int64_t commit_at_outage_ = -1;  // the newest commit when the coordinator was killed; -1: none
+                                   // since the job caught up again
+  int64_t attempt_ended_by_fault_ = 0;                  // the attempt the last worker fault hit
+  std::vector<std::pair<Fault, int64_t>> recomputed_;   // after the fault injected last
+  std::map<int64_t, ScheduledFault> fault_of_attempt_;  // the worker fault that ended an attempt
   std::set<int64_t> committed_;
 };
 
@@ -376,12 +388,30 @@ TEST_F(ChaosTest, AJobHitBySeededFaultsEndsWithTheUninterruptedRunsWeights) {
         // two faults could land on one attempt when recovery let the job run past both steps
         // (seed 1 once injected a trainer fault at step 59 and a daemon fault at 60 together).
         const bool new_attempt = job.attempt() > attempt_ended_by_fault_;
+        // After a coordinator outage the workers hold checkpoints only on their disks until they
+        // have re-attached and uploaded them: a worker fault waits until the newest commit is
+        // within one interval of the step reached, and is newer than the outage (so it came from
+        // a re-attached worker, not from before). Seeds 12 and 17-19 once killed a daemon 15 ms
+        // after it re-attached and lost the 20-50 steps trained during the outage.
+        const int64_t newest_commit = committed_.empty() ? 0 : *committed_.rbegin();
+        if (commit_at_outage_ >= 0 && newest_commit > commit_at_outage_ &&
+            max_step_ - newest_commit <= kCheckpointEvery) {
+          commit_at_outage_ = -1;
+        }
+        const bool worker_fault =
+            next < schedule.size() && schedule[next].kind != Fault::kCoordinator;
+        const bool caught_up = !worker_fault || commit_at_outage_ < 0;
         if (next < schedule.size() && max_step_ >= schedule[next].step && new_attempt &&
-            job.state() == lomo::v1::JOB_STATE_RUNNING) {
+            caught_up && job.state() == lomo::v1::JOB_STATE_RUNNING) {
+          committed_before_fault_ = newest_commit;
           // No target yet (the new attempt's trainer is still starting): tried again next poll.
           if (!inject(id, schedule[next])) return false;
           last_fault_ = schedule[next].kind;
-          if (last_fault_ != Fault::kCoordinator) attempt_ended_by_fault_ = job.attempt();
+          if (last_fault_ != Fault::kCoordinator) {
+            attempt_ended_by_fault_ = job.attempt();
+            fault_of_attempt_[job.attempt()] = schedule[next];
+          }
+          if (last_fault_ == Fault::kCoordinator) commit_at_outage_ = newest_commit;
           std::cerr << "chaos: fault " << name_of(schedule[next].kind) << " rank "
                     << schedule[next].rank << " at step " << max_step_ << ", newest commit "
                     << (committed_.empty() ? 0 : *committed_.rbegin()) << ": injected\n";
@@ -405,6 +435,16 @@ TEST_F(ChaosTest, AJobHitBySeededFaultsEndsWithTheUninterruptedRunsWeights) {
               << (attempt.preempted() ? " preempted" : "") << ": " << attempt.reason() << "\n";
     restarts += attempt.restarted() ? 1 : 0;
     preempted += attempt.preempted() ? 1 : 0;
+    // The attempt records the rank the fault hit, not a peer whose collective failed with it.
+    const auto fault = fault_of_attempt_.find(attempt.attempt());
+    if (fault == fault_of_attempt_.end()) continue;
+    const std::string rank = "rank " + std::to_string(fault->second.rank) + " (worker ";
+    if (fault->second.kind == Fault::kTrainer || fault->second.kind == Fault::kDaemon) {
+      EXPECT_THAT(attempt.reason(), ::testing::StartsWith(rank)) << "attempt " << attempt.attempt();
+    }
+    if (fault->second.kind == Fault::kTrainer) {
+      EXPECT_THAT(attempt.reason(), ::testing::HasSubstr("SIGKILL"));
+    }
   }
   int64_t recomputed_total = 0;
   for (const auto& [kind, r] : recomputed_) recomputed_total += r;

@@ -7,6 +7,8 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <chrono>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -261,6 +263,113 @@ TEST_F(CoordinatorJobRestartTest, AGangWhoseRankLosesItsWorkerIsRestartedWhole) 
   const v1::Job done = wait_for_state(*jobs_, id, v1::JOB_STATE_SUCCEEDED, seconds(10));
   ASSERT_EQ(done.attempts_size(), 2);
   EXPECT_EQ(done.attempts(1).state(), v1::JOB_STATE_SUCCEEDED);
+}
+
+// The status a rank's daemon sends when its trainer's collective with `peer` failed.
+v1::JobStatusUpdate peer_failure(const std::string& id, int64_t attempt, int peer) {
+  v1::JobStatusUpdate status;
+  status.set_job_id(id);
+  status.set_attempt(attempt);
+  status.set_state(v1::JOB_STATE_FAILED);
+  status.set_reason(
+      "training process exited with code 1: collective all_reduce failed (peer rank " +
+      std::to_string(peer) + "): Connection closed by peer [127.0.0.1]:41234");
+  status.set_peer_rank(peer);
+  return status;
+}
+
+// A killed rank's peers fail at once in their collectives, and their reports may arrive first: the
+// attempt waits for the killed rank's own report and records the cause, not the symptom (the chaos
+// test once saw every crash recorded as its peer's "collective all_reduce failed").
+TEST_F(CoordinatorJobRestartTest, ARankThatLostItsPeerWaitsForThePeersReportWhichNamesTheCause) {
+  auto a = worker("w-a");
+  auto b = worker("w-b");
+  const std::string id = submit_ok(with_restarts(gang_request("cause", 2), 3));
+  assignment_of(*a);
+  assignment_of(*b);
+  ASSERT_TRUE(a->report(id, 1, v1::JOB_STATE_RUNNING));
+  ASSERT_TRUE(b->report(id, 1, v1::JOB_STATE_RUNNING));
+  ASSERT_TRUE(b->report(peer_failure(id, 1, 0)));
+  ASSERT_TRUE(wait_until(
+      [&] {
+        for (const v1::JobEvent& event : all_events(*jobs_, id)) {
+          if (event.has_log() && event.log().text().find("rank 1 (worker w-b): training process "
+                                                         "exited with code 1") == 0) {
+            return true;
+          }
+        }
+        return false;
+      },
+      seconds(10)))
+      << "rank 1's end is recorded while the attempt waits";
+  EXPECT_EQ(job_now(id).state(), v1::JOB_STATE_RUNNING) << "the attempt waits for rank 0";
+  ASSERT_TRUE(a->report(id, 1, v1::JOB_STATE_FAILED, "training process killed by SIGKILL"));
+  const v1::Job queued = wait_for_state(*jobs_, id, v1::JOB_STATE_QUEUED, seconds(10));
+  ASSERT_EQ(queued.attempts_size(), 1);
+  EXPECT_EQ(queued.attempts(0).reason(), "rank 0 (worker w-a): training process killed by SIGKILL");
+  std::string logs;
+  for (const v1::JobEvent& event : all_events(*jobs_, id)) {
+    if (event.has_log()) logs += event.log().text() + "\n";
+  }
+  EXPECT_THAT(logs, HasSubstr("(peer rank 0): Connection closed by peer [127.0.0.1]:41234; the "
+                              "attempt waits up to 5 s for rank 0's own report, the likely "
+                              "cause\n"));
+}
+
+// A peer that never reports (its daemon died with it) does not hold the attempt beyond the grace:
+// it ends with the report it has, naming the silent peer.
+TEST_F(CoordinatorJobRestartTest, APeerFailureWhosePeerNeverReportsEndsTheAttemptAfterTheGrace) {
+  auto a = worker("w-a");
+  auto b = worker("w-b");
+  const std::string id = submit_ok(with_restarts(gang_request("silent", 2), 3));
+  assignment_of(*a);
+  assignment_of(*b);
+  ASSERT_TRUE(a->report(id, 1, v1::JOB_STATE_RUNNING));
+  ASSERT_TRUE(b->report(id, 1, v1::JOB_STATE_RUNNING));
+  const auto reported = std::chrono::steady_clock::now();
+  ASSERT_TRUE(b->report(peer_failure(id, 1, 0)));
+  ASSERT_TRUE(a->next_of(v1::CoordinatorMessage::kCancel, seconds(20)).has_value())
+      << "rank 0 is told to stop once the attempt ends";
+  EXPECT_GE(std::chrono::steady_clock::now() - reported, milliseconds(4500))
+      << "the attempt waited for rank 0's report";
+  const v1::Job queued = job_now(id);
+  EXPECT_EQ(queued.state(), v1::JOB_STATE_QUEUED);
+  ASSERT_EQ(queued.attempts_size(), 1);
+  EXPECT_EQ(queued.attempts(0).reason(),
+            "rank 0 (worker w-a): no report of its own within 5 s; rank 1 (worker w-b): " +
+                peer_failure(id, 1, 0).reason());
+}
+
+// A gang restarted on other workers that fails at the same step with the same rank's same reason
+// meets the same cause: the worker names in the reasons do not hide the repeat.
+TEST_F(CoordinatorJobRestartTest, TheSameGangFailureOnOtherWorkersStillStopsTheJobEarly) {
+  auto a = worker("w-a");
+  auto b = worker("w-b");
+  const std::string id = submit_ok(with_restarts(gang_request("repeats", 2), 3));
+  assignment_of(*a);
+  assignment_of(*b);
+  ASSERT_TRUE(a->report(id, 1, v1::JOB_STATE_RUNNING));
+  ASSERT_TRUE(a->report(id, 1, v1::JOB_STATE_FAILED, "out of memory at step 0"));
+  ASSERT_TRUE(b->next_of(v1::CoordinatorMessage::kCancel, seconds(20)).has_value());
+  ASSERT_TRUE(b->report(id, 1, v1::JOB_STATE_CANCELLED, "cancelled"));
+  // w-a goes away and w-c takes its place: attempt 2 runs rank 0 on another worker than w-a.
+  a->disconnect();
+  auto c = worker("w-c");
+  std::map<int, TestWorker*> ranks;
+  for (TestWorker* w : {b.get(), c.get()}) {
+    const v1::Assignment next = assignment_of(*w);
+    ASSERT_EQ(next.attempt(), 2);
+    ranks[next.rank()] = w;
+  }
+  ASSERT_EQ(ranks.size(), 2u);
+  const std::string rank0_worker = ranks[0] == b.get() ? "w-b" : "w-c";
+  ASSERT_TRUE(ranks[0]->report(id, 2, v1::JOB_STATE_RUNNING));
+  ASSERT_TRUE(ranks[0]->report(id, 2, v1::JOB_STATE_FAILED, "out of memory at step 0"));
+  const v1::Job failed = wait_for_state(*jobs_, id, v1::JOB_STATE_FAILED, seconds(10));
+  EXPECT_EQ(failed.failure_reason(), "rank 0 (worker " + rank0_worker +
+                                         "): out of memory at step 0 (failed the same way at step "
+                                         "0 in attempts 1 and 2; not restarted again, after 1 "
+                                         "restart)");
 }
 
 // Rank 0 may still hold checkpoints its trainer wrote before a peer failed (uploads wait while the

@@ -663,6 +663,13 @@ TEST(JobRunnerProtocolTest, OnlyABadSpecBadDataOrNonFiniteOutcomeIsAPermanentFai
     EXPECT_EQ(status.state(), lomo::v1::JOB_STATE_FAILED) << protocol::status_name(c.status);
     EXPECT_EQ(status.permanent(), c.permanent) << protocol::status_name(c.status);
   }
+  // A failed collective names the peer it lost: the coordinator waits for that rank's report.
+  const auto lost_peer = run_attempt(
+      report(protocol::Started{20, 0, ""}) +
+      report(protocol::Outcome{protocol::Status::kFailed, "peer gone", 3, 20, 1}) + "exit 1\n");
+  EXPECT_FALSE(lost_peer.permanent());
+  ASSERT_TRUE(lost_peer.has_peer_rank());
+  EXPECT_EQ(lost_peer.peer_rank(), 1);
   // A child that dies without an outcome (killed, crashed) may well succeed next time.
   const auto killed = run_attempt(report(protocol::Started{20, 0, ""}) + "kill -9 $$\n");
   EXPECT_EQ(killed.state(), lomo::v1::JOB_STATE_FAILED);
