@@ -22,13 +22,6 @@ using std::chrono::milliseconds;
 using std::chrono::seconds;
 using ::testing::HasSubstr;
 
-v1::SubmitJobRequest with_restarts(v1::SubmitJobRequest request, int max_restarts) {
-  auto& fields = *request.mutable_spec()->mutable_fields();
-  (*fields["resources"].mutable_struct_value()->mutable_fields())["max_restarts"].set_number_value(
-      max_restarts);
-  return request;
-}
-
 v1::WorkerMessage draining_heartbeat() {
   v1::WorkerMessage message;
   message.mutable_heartbeat()->set_draining(true);
@@ -60,43 +53,6 @@ class CoordinatorDrainTest : public CoordinatorTest {
     options.extra_args = extra_args_;
     coordinator_ = std::make_unique<CoordinatorProcess>(options);
     jobs_ = coordinator_->jobs();
-  }
-
-  std::string submit_ok(const v1::SubmitJobRequest& request) {
-    v1::Job job;
-    const grpc::Status status = submit(*jobs_, request, &job);
-    EXPECT_TRUE(status.ok()) << status.error_message();
-    return job.id();
-  }
-
-  std::unique_ptr<TestWorker> worker(const std::string& id) {
-    auto w = std::make_unique<TestWorker>(coordinator_->channel());
-    w->register_as(id);
-    w->start_heartbeats(milliseconds(200));
-    return w;
-  }
-
-  v1::Assignment assignment_of(TestWorker& w) {
-    const auto assignment = w.next_assignment(seconds(20));
-    EXPECT_TRUE(assignment.has_value()) << "no assignment";
-    if (!assignment) return {};
-    w.set_current(assignment->job_id(), assignment->attempt());
-    return *assignment;
-  }
-
-  v1::Job job_now(const std::string& job_id) {
-    v1::Job job;
-    EXPECT_TRUE(get(*jobs_, job_id, &job).ok());
-    return job;
-  }
-
-  std::string log_texts(const std::string& job_id) {
-    std::string text;
-    for (const v1::JobEvent& event : all_events(*jobs_, job_id)) {
-      if (event.has_log()) text += event.log().text() + "\n";
-      if (event.has_state_change()) text += event.state_change().reason() + "\n";
-    }
-    return text;
   }
 
   std::vector<int64_t> committed_steps(const std::string& job_id) {
@@ -145,8 +101,8 @@ TEST_F(CoordinatorDrainTest, APreemptedAttemptIsQueuedAgainAtOnceWithoutUsingThe
   EXPECT_TRUE(queued.attempts(0).preempted());
   EXPECT_FALSE(queued.attempts(0).restarted());
   EXPECT_EQ(queued.attempts(0).state(), v1::JOB_STATE_FAILED);
-  EXPECT_THAT(log_texts(id), HasSubstr("queued again after attempt 1 was preempted on worker w1: "
-                                       "interrupted: the worker was shut down (preempted)"));
+  EXPECT_THAT(history(id), HasSubstr("queued again after attempt 1 was preempted on worker w1: "
+                                     "interrupted: the worker was shut down (preempted)"));
   // A draining worker gets no new job, though it is connected and runs nothing.
   for (int i = 0; i < 5; ++i) {
     ASSERT_TRUE(w1->send(draining_heartbeat()));
@@ -186,7 +142,7 @@ TEST_F(CoordinatorDrainTest, AGangPreemptedOnRankOneWaitsForRankZerosCheckpointT
   ASSERT_TRUE(w1->send(draining_heartbeat()));
   ASSERT_TRUE(w1->report(preempted(id, 1, true)));
   ASSERT_TRUE(wait_until_text(
-      [&] { return log_texts(id); },
+      [&] { return history(id); },
       "the attempt ends when rank 0 (worker g0) has uploaded its last checkpoint", seconds(10)));
   EXPECT_EQ(job_now(id).state(), v1::JOB_STATE_RUNNING) << "the attempt ended before rank 0";
 
@@ -223,7 +179,7 @@ TEST_F(CoordinatorDrainTest, CancellingAGangKeepsTheCheckpointRankZeroWritesWhen
   ASSERT_TRUE(w0->next_of(v1::CoordinatorMessage::kCancel, seconds(10)).has_value());
   // Rank 1 (which writes no checkpoint) confirms first; rank 0 is still writing its own.
   ASSERT_TRUE(w1->report(id, 1, v1::JOB_STATE_CANCELLED, "cancelled"));
-  ASSERT_TRUE(wait_until_text([&] { return log_texts(id); },
+  ASSERT_TRUE(wait_until_text([&] { return history(id); },
                               "a rank stopped for the cancel; the attempt ends when rank 0 "
                               "(worker c0) has uploaded",
                               seconds(10)));
@@ -269,7 +225,7 @@ TEST_F(CoordinatorTimeoutTest, ACancelNoWorkerConfirmsEndsCancelledAfterTheTimeo
   ASSERT_TRUE(w->next_of(v1::CoordinatorMessage::kCancel, seconds(10)).has_value());
   // The worker keeps heartbeating the attempt and never confirms.
   const v1::Job done = wait_for_state(*jobs_, id, v1::JOB_STATE_CANCELLED, seconds(20));
-  EXPECT_THAT(log_texts(id),
+  EXPECT_THAT(history(id),
               HasSubstr("cancelled by request; worker deaf did not confirm the cancellation "
                         "within 2.0 s"));
   // Still running the attempt, the worker gets no other job.

@@ -28,45 +28,6 @@ class CoordinatorGangTest : public CoordinatorTest {
  protected:
   CoordinatorGangTest() : CoordinatorTest(kHeartbeatTimeout) {}
 
-  v1::Job submit_ok(const v1::SubmitJobRequest& request) {
-    v1::Job job;
-    const grpc::Status status = submit(*jobs_, request, &job);
-    EXPECT_TRUE(status.ok()) << status.error_message();
-    return job;
-  }
-
-  std::unique_ptr<TestWorker> worker(const std::string& id) {
-    auto w = std::make_unique<TestWorker>(coordinator_->channel());
-    w->register_as(id);
-    w->start_heartbeats(milliseconds(200));
-    return w;
-  }
-
-  // The assignment `w` receives; it heartbeats it from then on, as a daemon would.
-  v1::Assignment assignment_of(TestWorker& w) {
-    const auto assignment = w.next_assignment(seconds(10));
-    EXPECT_TRUE(assignment.has_value()) << "no assignment";
-    if (!assignment) return {};
-    w.set_current(assignment->job_id(), assignment->attempt());
-    return *assignment;
-  }
-
-  // Every log line and state-change reason of the job, one per line.
-  std::string history(const std::string& job_id) {
-    std::string text;
-    for (const v1::JobEvent& event : all_events(*jobs_, job_id)) {
-      if (event.has_log()) text += event.log().text() + "\n";
-      if (event.has_state_change()) text += event.state_change().reason() + "\n";
-    }
-    return text;
-  }
-
-  v1::Job job_now(const std::string& job_id) {
-    v1::Job job;
-    EXPECT_TRUE(get(*jobs_, job_id, &job).ok());
-    return job;
-  }
-
   // FetchCheckpoint as `worker_id`: the status and the step the first message names (0: none).
   grpc::Status fetch(const std::string& worker_id, const std::string& job_id, int64_t attempt,
                      int64_t* step) {
@@ -98,7 +59,7 @@ std::vector<std::pair<int, std::string>> ranks_of(const v1::Job& job) {
 TEST_F(CoordinatorGangTest, TwoRanksRunOneJobAndOnlyRankZeroReportsProgressAndCheckpoints) {
   auto a = worker("w-a");  // idle longest: rank 0
   auto b = worker("w-b");
-  const v1::Job submitted = submit_ok(gang_request("pair", 2));
+  const v1::Job submitted = submit_job_ok(gang_request("pair", 2));
   const std::string& id = submitted.id();
   const v1::Assignment first = assignment_of(*a);
   const v1::Assignment second = assignment_of(*b);
@@ -153,7 +114,7 @@ TEST_F(CoordinatorGangTest, TwoRanksRunOneJobAndOnlyRankZeroReportsProgressAndCh
 
   // Rank 1 finishes first: the job runs on, and rank 1's worker is free for other work.
   ASSERT_TRUE(b->report(id, 1, v1::JOB_STATE_SUCCEEDED));
-  const v1::Job single = submit_ok(submit_request("after rank 1"));
+  const v1::Job single = submit_job_ok(submit_request("after rank 1"));
   const v1::Assignment next = assignment_of(*b);
   EXPECT_EQ(next.job_id(), single.id());
   EXPECT_EQ(next.world_size(), 1);
@@ -170,9 +131,9 @@ TEST_F(CoordinatorGangTest, GangsWaitWithAReasonAndTwoGangsOnThreeWorkersRunInOr
   auto w1 = worker("w1");
   auto w2 = worker("w2");
   auto w3 = worker("w3");
-  const std::string first = submit_ok(gang_request("first", 2)).id();
-  const std::string second = submit_ok(gang_request("second", 2)).id();
-  const std::string small = submit_ok(submit_request("small")).id();
+  const std::string first = submit_ok(gang_request("first", 2));
+  const std::string second = submit_ok(gang_request("second", 2));
+  const std::string small = submit_ok(submit_request("small"));
   EXPECT_EQ(assignment_of(*w1).rank(), 0);
   EXPECT_EQ(assignment_of(*w2).rank(), 1);
 
@@ -219,7 +180,7 @@ TEST_F(CoordinatorGangTest, GangsWaitWithAReasonAndTwoGangsOnThreeWorkersRunInOr
 TEST_F(CoordinatorGangTest, ARankFailingFailsTheJobAndTheOtherRankIsCancelledButStaysBusy) {
   auto a = worker("w-a");
   auto b = worker("w-b");
-  const std::string id = submit_ok(gang_request("fails", 2)).id();
+  const std::string id = submit_ok(gang_request("fails", 2));
   assignment_of(*a);
   assignment_of(*b);
   ASSERT_TRUE(a->report(id, 1, v1::JOB_STATE_RUNNING));
@@ -233,8 +194,8 @@ TEST_F(CoordinatorGangTest, ARankFailingFailsTheJobAndTheOtherRankIsCancelledBut
   EXPECT_EQ(cancel->cancel().attempt(), 1);
 
   // w-b reported its end and is free; w-a is busy until it confirms.
-  const std::string next1 = submit_ok(submit_request("next-1")).id();
-  const std::string next2 = submit_ok(submit_request("next-2")).id();
+  const std::string next1 = submit_ok(submit_request("next-1"));
+  const std::string next2 = submit_ok(submit_request("next-2"));
   EXPECT_EQ(assignment_of(*b).job_id(), next1);
   EXPECT_EQ(job_now(next2).wait_reason(), "waiting for 1 idle cpu worker, 0 idle");
   EXPECT_FALSE(a->next_assignment(milliseconds(300)).has_value());
@@ -248,7 +209,7 @@ TEST_F(CoordinatorGangTest, ARankFailingFailsTheJobAndTheOtherRankIsCancelledBut
 TEST_F(CoordinatorGangTest, ARankWhoseWorkerDiesFailsTheJob) {
   auto a = worker("w-a");
   auto b = worker("w-b");
-  const std::string id = submit_ok(gang_request("loses a rank", 2)).id();
+  const std::string id = submit_ok(gang_request("loses a rank", 2));
   assignment_of(*a);
   assignment_of(*b);
   ASSERT_TRUE(a->report(id, 1, v1::JOB_STATE_RUNNING));
@@ -261,7 +222,7 @@ TEST_F(CoordinatorGangTest, ARankWhoseWorkerDiesFailsTheJob) {
 TEST_F(CoordinatorGangTest, CancellingAGangCancelsEveryRank) {
   auto a = worker("w-a");
   auto b = worker("w-b");
-  const std::string id = submit_ok(gang_request("cancelled", 2)).id();
+  const std::string id = submit_ok(gang_request("cancelled", 2));
   assignment_of(*a);
   assignment_of(*b);
   ASSERT_TRUE(cancel(*jobs_, id, nullptr).ok());
@@ -287,7 +248,7 @@ TEST_F(CoordinatorGangTest, CancellingAGangCancelsEveryRank) {
 TEST_F(CoordinatorGangTest, CancellingAGangEndsCancelledEvenWhenARankFailsWhileStopping) {
   auto a = worker("w-a");
   auto b = worker("w-b");
-  const std::string id = submit_ok(gang_request("cancel-then-fail", 2)).id();
+  const std::string id = submit_ok(gang_request("cancel-then-fail", 2));
   assignment_of(*a);
   assignment_of(*b);
   ASSERT_TRUE(a->report(id, 1, v1::JOB_STATE_RUNNING));
@@ -307,7 +268,7 @@ TEST_F(CoordinatorGangTest, CancellingAGangEndsCancelledEvenWhenARankFailsWhileS
 TEST_F(CoordinatorGangTest, ALateRankEndIsRecordedEvenAfterItsHeartbeatFreedTheWorker) {
   auto a = worker("w-a");
   auto b = worker("w-b");
-  const std::string id = submit_ok(gang_request("late end", 2)).id();
+  const std::string id = submit_ok(gang_request("late end", 2));
   assignment_of(*a);
   assignment_of(*b);
   ASSERT_TRUE(a->report(id, 1, v1::JOB_STATE_RUNNING));
@@ -332,8 +293,8 @@ TEST_F(CoordinatorGangTest, ALateRankEndIsRecordedEvenAfterItsHeartbeatFreedTheW
   EXPECT_EQ(job_now(id).state(), v1::JOB_STATE_FAILED) << "a late rank changes nothing";
   // Both workers are free: two jobs go to them.
   a->start_heartbeats(milliseconds(200));
-  const std::string next1 = submit_ok(submit_request("next-1")).id();
-  const std::string next2 = submit_ok(submit_request("next-2")).id();
+  const std::string next1 = submit_ok(submit_request("next-1"));
+  const std::string next2 = submit_ok(submit_request("next-2"));
   const std::string got_a = assignment_of(*a).job_id();
   const std::string got_b = assignment_of(*b).job_id();
   EXPECT_TRUE((got_a == next1 && got_b == next2) || (got_a == next2 && got_b == next1))
@@ -343,7 +304,7 @@ TEST_F(CoordinatorGangTest, ALateRankEndIsRecordedEvenAfterItsHeartbeatFreedTheW
 TEST_F(CoordinatorGangTest, RanksMeetThroughTheRendezvousOfTheirAttemptOnly) {
   auto a = worker("w-a");
   auto b = worker("w-b");
-  const std::string id = submit_ok(gang_request("meets", 2)).id();
+  const std::string id = submit_ok(gang_request("meets", 2));
   assignment_of(*a);
   assignment_of(*b);
   // Connected only now: an idle outsider present at submission could be given a rank itself.

@@ -26,55 +26,9 @@ using ::testing::StartsWith;
 
 constexpr double kHeartbeatTimeout = 2.0;
 
-// A job with a restart budget (the harness's jobs have none).
-v1::SubmitJobRequest with_restarts(v1::SubmitJobRequest request, int max_restarts) {
-  auto& fields = *request.mutable_spec()->mutable_fields();
-  (*fields["resources"].mutable_struct_value()->mutable_fields())["max_restarts"].set_number_value(
-      max_restarts);
-  return request;
-}
-
 class CoordinatorJobRestartTest : public CoordinatorTest {
  protected:
   CoordinatorJobRestartTest() : CoordinatorTest(kHeartbeatTimeout) {}
-
-  std::string submit_ok(const v1::SubmitJobRequest& request) {
-    v1::Job job;
-    const grpc::Status status = submit(*jobs_, request, &job);
-    EXPECT_TRUE(status.ok()) << status.error_message();
-    return job.id();
-  }
-
-  std::unique_ptr<TestWorker> worker(const std::string& id) {
-    auto w = std::make_unique<TestWorker>(coordinator_->channel());
-    w->register_as(id);
-    w->start_heartbeats(milliseconds(200));
-    return w;
-  }
-
-  // The assignment `w` receives (within the longest backoff a test uses); it heartbeats it from
-  // then on, as a daemon would.
-  v1::Assignment assignment_of(TestWorker& w) {
-    const auto assignment = w.next_assignment(seconds(20));
-    EXPECT_TRUE(assignment.has_value()) << "no assignment";
-    if (!assignment) return {};
-    w.set_current(assignment->job_id(), assignment->attempt());
-    return *assignment;
-  }
-
-  v1::Job job_now(const std::string& job_id) {
-    v1::Job job;
-    EXPECT_TRUE(get(*jobs_, job_id, &job).ok());
-    return job;
-  }
-
-  std::string state_changes(const std::string& job_id) {
-    std::string text;
-    for (const v1::JobEvent& event : all_events(*jobs_, job_id)) {
-      if (event.has_state_change()) text += event.state_change().reason() + "\n";
-    }
-    return text;
-  }
 
   // Runs attempt `attempt` on `w` and fails it with `reason`.
   void fail_attempt(TestWorker& w, const std::string& id, int64_t attempt,
@@ -307,13 +261,10 @@ TEST_F(CoordinatorJobRestartTest, ARankThatLostItsPeerWaitsForThePeersReportWhic
   const v1::Job queued = wait_for_state(*jobs_, id, v1::JOB_STATE_QUEUED, seconds(10));
   ASSERT_EQ(queued.attempts_size(), 1);
   EXPECT_EQ(queued.attempts(0).reason(), "rank 0 (worker w-a): training process killed by SIGKILL");
-  std::string logs;
-  for (const v1::JobEvent& event : all_events(*jobs_, id)) {
-    if (event.has_log()) logs += event.log().text() + "\n";
-  }
-  EXPECT_THAT(logs, HasSubstr("(peer rank 0): Connection closed by peer [127.0.0.1]:41234; the "
-                              "attempt waits up to 5 s for rank 0's own report, the likely "
-                              "cause\n"));
+  EXPECT_THAT(history(id),
+              HasSubstr("(peer rank 0): Connection closed by peer [127.0.0.1]:41234; the "
+                        "attempt waits up to 5 s for rank 0's own report, the likely "
+                        "cause\n"));
 }
 
 // A peer that never reports (its daemon died with it) does not hold the attempt beyond the grace:
