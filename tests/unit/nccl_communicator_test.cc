@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "kernels/cuda/cuda_check.h"
+#include "tests/unit/rank_threads.h"
 #include "worker/comm/device_aware_communicator.h"
 #include "worker/comm/in_process_communicator.h"
 #include "worker/comm/local_communicator.h"
@@ -39,6 +40,8 @@
 
 namespace lomo {
 namespace {
+
+using comm_test::elapsed_since;
 
 using std::chrono::milliseconds;
 using Clock = std::chrono::steady_clock;
@@ -56,39 +59,9 @@ constexpr milliseconds kAbortSlack = std::chrono::seconds(10);
 // A rank thread still running after this has hung (longer than every timeout above).
 constexpr auto kRankBound = std::chrono::seconds(150);
 
-milliseconds elapsed_since(Clock::time_point start) {
-  return std::chrono::duration_cast<milliseconds>(Clock::now() - start);
-}
-
-// Runs body(rank) on one thread per rank and joins them. An exception a rank did not expect fails
-// the test naming the rank. A hung rank cannot be cancelled, so after kRankBound the binary aborts
-// with a message instead of hanging until ctest's timeout.
+// One thread per rank (tests/unit/rank_threads.h), aborting after kRankBound.
 void run_ranks(int world_size, const std::function<void(int rank)>& body) {
-  std::mutex mutex;
-  std::condition_variable finished_changed;
-  int finished = 0;
-  std::vector<std::thread> threads;
-  for (int r = 0; r < world_size; ++r) {
-    threads.emplace_back([&, r] {
-      try {
-        body(r);
-      } catch (const std::exception& error) {
-        ADD_FAILURE() << "rank " << r << " threw: " << error.what();
-      }
-      std::lock_guard lock(mutex);
-      ++finished;
-      finished_changed.notify_all();
-    });
-  }
-  std::unique_lock lock(mutex);
-  if (!finished_changed.wait_for(lock, kRankBound, [&] { return finished == world_size; })) {
-    std::fprintf(stderr, "%d of %d ranks still running after %lld s: a collective hung\n",
-                 world_size - finished, world_size,
-                 static_cast<long long>(std::chrono::seconds(kRankBound).count()));
-    std::abort();
-  }
-  lock.unlock();
-  for (auto& thread : threads) thread.join();
+  comm_test::run_rank_threads(world_size, kRankBound, body);
 }
 
 // `count` Ts in memory of `device` (plain cudaMalloc/cudaMemcpy).
