@@ -108,7 +108,9 @@ TEST_P(BpeParityTest, EveryVectorEncodesToTheLibrarysIdsAndDecodesBack) {
 INSTANTIATE_TEST_SUITE_P(Styles, BpeParityTest,
                          ::testing::Values("llama3_style", "gpt2_style", "qwen2_style",
                                            "o200k_style", "normalized_style", "behaviors_style",
-                                           "byte_fallback_style"));
+                                           "byte_fallback_style", "sp_legacy_style",
+                                           "metaspace_first_style", "metaspace_always_style",
+                                           "metaspace_never_style"));
 
 TEST(BpeTokenizerTest, SpecialTokenIdsComeFromTokenizerConfig) {
   // llama3_style: strings; gpt2_style: {"content": ...} objects; qwen2_style: null BOS.

@@ -53,6 +53,9 @@ class BpeTokenizer final : public Tokenizer {
   std::string decode(std::span<const int32_t> ids) const override;
   int64_t vocab_size() const override;
   std::optional<int32_t> token_to_id(std::string_view token) const override;
+  // True for a vocabulary of text pieces whose normalizer has a Prepend step or whose Metaspace
+  // prepends (scheme "always" or "first": encode() is always the start of its text).
+  bool adds_dummy_prefix() const override;
 
   // The token's text as tokenizer.json spells it (byte-level characters: "Ġthe" for " the").
   std::optional<std::string> id_to_token(int32_t id) const;

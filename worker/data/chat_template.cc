@@ -4,7 +4,6 @@
 #include <stdexcept>
 #include <utility>
 
-#include "worker/data/sentencepiece_tokenizer.h"
 #include "worker/data/unicode_text.h"
 
 namespace lomo {
@@ -80,7 +79,7 @@ ChatFormatter::ChatFormatter(ChatTemplate chat_template, const Tokenizer& tokeni
     }
     special_.push_back(*id);
   }
-  sentencepiece_ = dynamic_cast<const SentencePieceTokenizer*>(&tokenizer) != nullptr;
+  dummy_prefix_ = tokenizer.adds_dummy_prefix();
 }
 
 TokenSample ChatFormatter::format(std::span<const ChatMessage> messages,
@@ -140,7 +139,7 @@ TokenSample ChatFormatter::format(std::span<const ChatMessage> messages,
           out.text(prompt, false);
         } else {
           // SentencePiece's dummy prefix already supplies the space after [/INST].
-          std::string answer = sentencepiece_ ? "" : " ";
+          std::string answer = dummy_prefix_ ? "" : " ";
           answer += content;
           answer += " ";
           out.text(answer, true);

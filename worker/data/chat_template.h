@@ -29,9 +29,10 @@
 //     with [sys] = "<<SYS>>\n" system* "\n<</SYS>>\n\n" in the first turn when the conversation
 //     starts with a system message, * meaning whitespace-stripped, and <s>, </s> the tokens of
 //     those names. An optional leading system message, then user and assistant alternating,
-//     starting with user. Trainable: the answer text and </s>. With a SentencePiece tokenizer the
-//     answer's leading space is left to SentencePiece's dummy prefix (encoding "answer " gives
-//     "▁answer ▁", as Meta's joint encoding does); other tokenizers encode " answer ".
+//     starting with user. Trainable: the answer text and </s>. With a tokenizer that adds a dummy
+//     prefix (SentencePiece, and SentencePiece-style tokenizer.json: Tokenizer::adds_dummy_prefix)
+//     the answer's leading space is left to it (encoding "answer " gives "▁answer ▁", as Meta's
+//     joint encoding does); other tokenizers encode " answer ".
 //
 // Alpaca (Stanford Alpaca's prompts; "input" absent or empty selects the second):
 //     BOS? "Below is an instruction that describes a task, paired with an input that provides
@@ -139,7 +140,7 @@ class ChatFormatter {
   ChatTemplate template_;
   const Tokenizer& tokenizer_;
   std::vector<int32_t> special_;  // the template's tokens, in the order the .cc lists them
-  bool sentencepiece_ = false;
+  bool dummy_prefix_ = false;  // Tokenizer::adds_dummy_prefix
 };
 
 // The Stanford Alpaca prompt for an instruction and an optional input ("" for none).

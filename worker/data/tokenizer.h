@@ -54,6 +54,11 @@ class Tokenizer {
   // The id of a token given by its text, e.g. "<|eot_id|>" or "</s>"; nullopt if there is none.
   virtual std::optional<int32_t> token_to_id(std::string_view token) const = 0;
 
+  // Whether encode() marks the start of every text as the start of a word, as SentencePiece's
+  // dummy prefix does: "answer" then encodes like " answer" would, so a caller that needs a
+  // space before a piece it encodes on its own (the llama-2 chat template) leaves it out.
+  virtual bool adds_dummy_prefix() const { return false; }
+
   std::optional<int32_t> bos_id() const { return special_ids_.bos; }
   std::optional<int32_t> eos_id() const { return special_ids_.eos; }
   std::optional<int32_t> pad_id() const { return special_ids_.pad; }
