@@ -1,8 +1,9 @@
 // Tokenizers loaded from a model directory: text to token ids and back.
 //
-// Two implementations sit behind one interface: byte-level BPE from a Hugging Face
-// tokenizer.json (LLaMA-3, Qwen2, GPT-2 style; bpe_tokenizer.h) and SentencePiece from
-// tokenizer.model (LLaMA-1/2, Mistral; sentencepiece_tokenizer.h).
+// Two implementations sit behind one interface: BPE from a Hugging Face tokenizer.json
+// (byte-level: LLaMA-3, Qwen2, GPT-2 style; SentencePiece-style conversions: Llama 2, Mistral,
+// TinyLlama; bpe_tokenizer.h) and SentencePiece from tokenizer.model (LLaMA-1/2, Mistral;
+// sentencepiece_tokenizer.h).
 #pragma once
 
 #include <cstdint>
@@ -78,10 +79,10 @@ class Tokenizer {
   std::optional<ModelChatTemplate> chat_template_;
 };
 
-// Loads the tokenizer of a Hugging Face model directory: tokenizer.json (byte-level BPE) when
-// present, else tokenizer.model (SentencePiece); where both are present and tokenizer.json is not
-// byte-level (Llama 2 and Mistral directories hold tokenizer.model and a SentencePiece-style
-// conversion of it), tokenizer.model. Special token ids come, in this order of
+// Loads the tokenizer of a Hugging Face model directory: tokenizer.json when present (as
+// transformers does), else tokenizer.model (SentencePiece). Where both are present and lomo
+// refuses a tokenizer.json that is not byte-level BPE (a SentencePiece-style conversion with a
+// feature lomo lacks), tokenizer.model. Special token ids come, in this order of
 // precedence, from tokenizer_config.json (bos_token / eos_token / pad_token: a token string or an
 // object with "content"; null means none), config.json (bos_token_id / eos_token_id /
 // pad_token_id: an integer or a list of integers, of which the first counts; negative means none,
