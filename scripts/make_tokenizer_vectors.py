@@ -586,9 +586,10 @@ def sp_legacy_style():
 
 def metaspace_first_style():
     """Newer conversions (Llama with legacy=False, Mistral v0.3, TinyLlama): no normalizer,
-    Metaspace prepending only where the text starts, no split (merges cross words here), the
-    Llama 2 decoder, and a non-special added token."""
-    spec = train_text_pieces(800, 150, split=False)
+    Metaspace prepending only where the text starts, no split, the Llama 2 decoder, and a
+    non-special added token. 600 tokens: tests/data/generation/sp_chat runs it with the
+    qwen2_text model (603 embedding rows)."""
+    spec = train_text_pieces(600, 150, split=True)
     tok = with_pipeline(spec, None, metaspace("first", False), LLAMA2_DECODER,
                         LLAMA2_POST_PROCESSOR)
     tok.add_tokens([AddedToken("<think>", special=False, normalized=True)])
@@ -617,7 +618,8 @@ def metaspace_never_style():
     """A Sequence: digits split off, then Metaspace that never prepends but splits; a decoder
     that replaces runs of "▁" by a regex after the byte fallback, and no Strip (Strip's stop
     panics in the library on an empty text)."""
-    spec = train_text_pieces(700, 150, split=True)
+    # Trained without split: here merges may cross the "▁" between words.
+    spec = train_text_pieces(700, 150, split=False)
     pre_tokenizer = {"type": "Sequence", "pretokenizers": [
         {"type": "Split", "pattern": {"Regex": "\\p{N}"}, "behavior": "Isolated",
          "invert": False},

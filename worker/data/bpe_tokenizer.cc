@@ -805,11 +805,14 @@ struct Scratch {
       return a.rank != b.rank ? a.rank > b.rank : a.pos > b.pos;
     }
   };
-  // A pre-tokenized piece; at_start: it begins where the whole text begins (the library: its
-  // offset in the original text is 0), which is where Metaspace's "first" scheme prepends.
+  // Where a pre-tokenized piece begins, for prepending: where the whole text begins (the library:
+  // offset 0 in the original text; Metaspace's "first" scheme prepends only there), where a
+  // section between added tokens begins (a Prepend normalizer prepends there too), in the middle
+  // of a section where a continuation begins (nothing is prepended), or elsewhere (after a split).
+  enum class Start { kText, kSection, kContinuation, kOther };
   struct Piece {
     std::string_view text;
-    bool at_start;
+    Start start;
   };
   std::vector<Symbol> symbols;
   std::priority_queue<Merge, std::vector<Merge>, LaterMerge> queue;
@@ -824,23 +827,30 @@ struct Scratch {
 
 class Encoder {
  public:
-  Encoder(const BpeTokenizer::Model& model, std::vector<int32_t>& ids) : model_(model), ids_(ids) {}
+  using Start = Scratch::Start;
+
+  // `start`: where the text's first section begins (kText for an ordinary encode; see
+  // Tokenizer::encode_continuation for the others).
+  Encoder(const BpeTokenizer::Model& model, std::vector<int32_t>& ids, Start start)
+      : model_(model), ids_(ids), start_(start) {}
 
   void encode(std::string_view text) {
     if (text.empty()) return;
     // Added tokens come out first: those matched on the raw text, then, in each gap normalized
     // on its own, those matched on normalized text.
     split_added(text, model_.raw_matcher, [this, text](std::string_view gap) {
-      const bool gap_at_start = gap.data() == text.data();
-      const auto rest = [this, gap_at_start](std::string_view whole) {
-        return [this, gap_at_start, whole](std::string_view segment) {
-          encode_segment(segment, gap_at_start && segment.data() == whole.data());
+      const bool first_gap = gap.data() == text.data();
+      const Start gap_start = first_gap ? start_ : Start::kSection;
+      const bool section_start = gap_start != Start::kContinuation;
+      const auto rest = [this, gap_start](std::string_view whole) {
+        return [this, gap_start, whole](std::string_view segment) {
+          encode_segment(segment, segment.data() == whole.data() ? gap_start : Start::kSection);
         };
       };
       if (model_.normalizer.empty()) {
         split_added(gap, model_.normalized_matcher, rest(gap));
       } else {
-        const std::string normalized = normalize(model_.normalizer, gap);
+        const std::string normalized = normalize(model_.normalizer, gap, section_start);
         split_added(normalized, model_.normalized_matcher, rest(normalized));
       }
     });
@@ -908,9 +918,9 @@ class Encoder {
     return at;
   }
 
-  void encode_segment(std::string_view segment, bool at_start) {
+  void encode_segment(std::string_view segment, Scratch::Start start) {
     std::vector<Scratch::Piece>& pieces = scratch_.pieces;
-    pieces.assign(1, {segment, at_start});
+    pieces.assign(1, {segment, start});
     const size_t splitting_steps = model_.pre_tokenizer.size() - (model_.byte_level ? 1 : 0);
     for (size_t s = 0; s < splitting_steps; ++s) {
       scratch_.next_pieces.clear();
@@ -974,8 +984,9 @@ class Encoder {
     }
   }
 
-  static bool starts(const Scratch::Piece& piece, size_t offset) {
-    return piece.at_start && offset == 0;
+  // Where the part of `piece` from `offset` on begins.
+  static Scratch::Start starts(const Scratch::Piece& piece, size_t offset) {
+    return offset == 0 ? piece.start : Scratch::Start::kOther;
   }
 
   // Spaces become the replacement character, which is prepended as the scheme says, and with
@@ -984,8 +995,9 @@ class Encoder {
                  std::vector<Scratch::Piece>& out) {
     const std::string_view mark = step.replacement;
     std::string& text = scratch_.rewritten.emplace_back();
-    const bool prepend = step.prepend == PrependScheme::kAlways ||
-                         (step.prepend == PrependScheme::kFirst && piece.at_start);
+    const bool prepend =
+        (step.prepend == PrependScheme::kAlways && piece.start != Scratch::Start::kContinuation) ||
+        (step.prepend == PrependScheme::kFirst && piece.start == Scratch::Start::kText);
     if (prepend && !piece.text.starts_with(' ') && !piece.text.starts_with(mark)) text = mark;
     for (const char ch : piece.text) {
       if (ch == ' ') {
@@ -995,7 +1007,7 @@ class Encoder {
       }
     }
     if (!step.split) {
-      out.push_back({text, piece.at_start});
+      out.push_back({text, piece.start});
       return;
     }
     // A mark cannot be found inside another: UTF-8 characters never overlap.
@@ -1198,6 +1210,7 @@ class Encoder {
   const BpeTokenizer::Model& model_;
   std::vector<int32_t>& ids_;
   Scratch scratch_;
+  Start start_;
   int32_t pending_unk_ = -1;  // an unknown token not yet added, so that fuse_unk can grow it
   uint32_t pending_length_ = 0;
 };
@@ -1219,7 +1232,18 @@ std::unique_ptr<BpeTokenizer> BpeTokenizer::load(const std::filesystem::path& pa
 std::vector<int32_t> BpeTokenizer::encode(std::string_view text) const {
   std::vector<int32_t> ids;
   ids.reserve(text.size() / 3 + 1);
-  Encoder(*model_, ids).encode(text);
+  Encoder(*model_, ids, Encoder::Start::kText).encode(text);
+  return ids;
+}
+
+std::vector<int32_t> BpeTokenizer::encode_continuation(std::string_view text,
+                                                       int32_t previous_id) const {
+  std::vector<int32_t> ids;
+  ids.reserve(text.size() / 3 + 1);
+  // After an added token a new section starts, which is not the start of the whole text.
+  const auto start = model_->added_by_id.contains(previous_id) ? Encoder::Start::kSection
+                                                               : Encoder::Start::kContinuation;
+  Encoder(*model_, ids, start).encode(text);
   return ids;
 }
 

@@ -50,6 +50,8 @@ class BpeTokenizer final : public Tokenizer {
 
   // Throws only std::length_error, for a single pre-tokenized word over 2 GB.
   std::vector<int32_t> encode(std::string_view text) const override;
+  std::vector<int32_t> encode_continuation(std::string_view text,
+                                           int32_t previous_id) const override;
   std::string decode(std::span<const int32_t> ids) const override;
   int64_t vocab_size() const override;
   std::optional<int32_t> token_to_id(std::string_view token) const override;

@@ -53,8 +53,17 @@ void SampleBuilder::token(int32_t id, bool response) {
 }
 
 void SampleBuilder::text(std::string_view text, bool response) {
+  if (!text.empty()) append(tokenizer_.encode(text), response);
+}
+
+void SampleBuilder::continuation(std::string_view text, bool response) {
   if (text.empty()) return;
-  const std::vector<int32_t> ids = tokenizer_.encode(text);
+  append(sample_.ids.empty() ? tokenizer_.encode(text)
+                             : tokenizer_.encode_continuation(text, sample_.ids.back()),
+         response);
+}
+
+void SampleBuilder::append(const std::vector<int32_t>& ids, bool response) {
   sample_.ids.insert(sample_.ids.end(), ids.begin(), ids.end());
   sample_.trainable.insert(sample_.trainable.end(), ids.size(),
                            response || train_on_prompt_ ? 1 : 0);
@@ -219,13 +228,21 @@ TokenSample JinjaChatFormatter::format(std::span<const ChatMessage> messages,
     throw RecordError("messages", error.what());
   }
   SampleBuilder out(tokenizer_, train_on_prompt);
+  const auto piece = [&out, &full](size_t begin, size_t end, bool trainable) {
+    const std::string_view text = std::string_view(full).substr(begin, end - begin);
+    if (begin == 0) {
+      out.text(text, trainable);
+    } else {
+      out.continuation(text, trainable);
+    }
+  };
   size_t at = 0;
   for (const auto& [begin, end] : spans) {
-    out.text(std::string_view(full).substr(at, begin - at), false);
-    out.text(std::string_view(full).substr(begin, end - begin), true);
+    piece(at, begin, false);
+    piece(begin, end, true);
     at = end;
   }
-  out.text(std::string_view(full).substr(at), false);
+  piece(at, full.size(), false);
   return out.take();
 }
 

@@ -76,11 +76,16 @@ class SampleBuilder {
 
   void token(int32_t id, bool response);
   void text(std::string_view text, bool response);
+  // Text that continues the text of the sample's tokens so far in one rendered string
+  // (Tokenizer::encode_continuation): no dummy prefix where the whole string has none.
+  void continuation(std::string_view text, bool response);
   void bos();  // the tokenizer's BOS, if any (never trainable unless train_on_prompt)
   void eos();  // the tokenizer's EOS, if any (trainable: it ends a response)
   TokenSample take() { return std::move(sample_); }
 
  private:
+  void append(const std::vector<int32_t>& ids, bool response);
+
   const Tokenizer& tokenizer_;
   bool train_on_prompt_;
   TokenSample sample_;
@@ -95,8 +100,10 @@ class SampleBuilder {
 // template whose renderings are not prefixes of each other there (one that moves content
 // between turns) is refused for that record rather than guessed at. The rendered text is
 // encoded span by span, as the built-in templates encode their pieces, so a template's special
-// tokens become their ids by the tokenizer's added-token matching (BPE tokenizers; a
-// SentencePiece tokenizer encodes "<s>" as text).
+// tokens become their ids by the tokenizer's added-token matching (BPE tokenizers, including
+// SentencePiece-style tokenizer.json; a SentencePiece tokenizer.model encodes "<s>" as text).
+// Spans after the first are encoded as continuations (Tokenizer::encode_continuation), so a
+// SentencePiece-style tokenizer.json puts no "▁" at their start that the whole text lacks.
 class JinjaChatFormatter {
  public:
   // Throws std::invalid_argument naming the file and the position of a template error.

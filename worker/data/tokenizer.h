@@ -44,6 +44,19 @@ class Tokenizer {
   // valid UTF-8 is accepted; see the implementation for how its bytes are treated.
   virtual std::vector<int32_t> encode(std::string_view text) const = 0;
 
+  // encode() for text that continues a text whose last token was `previous_id`, as when a
+  // template renders one text and its pieces are encoded one by one: the pieces then give the ids
+  // the whole would (as far as no merge crosses from one piece into the next). What matters is
+  // the dummy prefix (adds_dummy_prefix): none before the first added token of `text` when
+  // `previous_id` is not an added token (the text goes on inside a section of the whole), and
+  // none from a scheme that prefixes only where the whole text starts. By default encode(): right
+  // for tokenizers without a dummy prefix. SentencePiece keeps its prefix (libsentencepiece has
+  // no such mode); its tokenizer.json conversion, which transformers uses, implements this.
+  virtual std::vector<int32_t> encode_continuation(std::string_view text,
+                                                   int32_t /*previous_id*/) const {
+    return encode(text);
+  }
+
   // The text of `ids`, special tokens included (for logs and samples). Ids with no token
   // (negative, >= vocab_size(), or unused) contribute nothing; byte sequences that do not form
   // UTF-8 become U+FFFD, so the result is always valid UTF-8.
