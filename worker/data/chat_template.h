@@ -153,7 +153,4 @@ class ChatFormatter {
 // The Stanford Alpaca prompt for an instruction and an optional input ("" for none).
 std::string alpaca_prompt(std::string_view instruction, std::string_view input);
 
-// `text` without leading and trailing Unicode white space (Python's str.strip, Jinja's trim).
-std::string_view strip_white_space(std::string_view text);
-
 }  // namespace lomo
