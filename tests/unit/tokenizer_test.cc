@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -156,6 +157,19 @@ TEST(BpeTokenizerTest, InvalidUtf8IsEncodedByteByByteAndDecodedAsReplacementChar
   const std::vector<int32_t> ids = tokenizer->encode("a\xff\xfe b\xe2\x82");
   EXPECT_FALSE(ids.empty());
   EXPECT_EQ(tokenizer->decode(ids), "a\xEF\xBF\xBD\xEF\xBF\xBD b\xEF\xBF\xBD");
+}
+
+TEST(BpeTokenizerTest, InvalidUtf8InSentencePieceStyleTextBecomesByteTokens) {
+  // Each ill-formed byte is a character of its own with no piece: its <0xXX> token. ByteFallback
+  // decodes a run of byte tokens that is not UTF-8 as one U+FFFD per byte, as the library does.
+  const auto tokenizer = load_tokenizer(kTokenizerData / "sp_legacy_style");
+  const std::vector<int32_t> ids = tokenizer->encode("a\xff\xe2\x82 b");
+  const int32_t ff = tokenizer->token_to_id("<0xFF>").value();
+  const int32_t e2 = tokenizer->token_to_id("<0xE2>").value();
+  const int32_t x82 = tokenizer->token_to_id("<0x82>").value();
+  const std::vector<int32_t> bytes = {ff, e2, x82};
+  EXPECT_NE(std::search(ids.begin(), ids.end(), bytes.begin(), bytes.end()), ids.end());
+  EXPECT_EQ(tokenizer->decode(ids), "a\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD b");
 }
 
 TEST(BpeTokenizerTest, ConcurrentEncodesAgree) {
