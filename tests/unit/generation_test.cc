@@ -340,10 +340,10 @@ TEST(GenerateCommand, ChatModeRendersTheModelsOwnTemplateAsTransformersDoes) {
   EXPECT_EQ(nlohmann::json::parse(named_auto.out)["promptTokens"], first["prompt_ids"]);
 }
 
-// The same with a SentencePiece-style tokenizer.json alone (tests/data/generation/sp_chat: Metaspace,
-// byte fallback, Mistral's template): the prompt as transformers renders and tokenizes it ("<s>" a
-// token, not text), its greedy continuation, and the text as tokenizers decodes it (byte tokens
-// joined, U+FFFD for bytes that are not UTF-8).
+// The same with a SentencePiece-style tokenizer.json alone (tests/data/generation/sp_chat:
+// Metaspace, byte fallback, Mistral's template): the prompt as transformers renders and tokenizes
+// it ("<s>" a token, not text), its greedy continuation, and the text as tokenizers decodes it
+// (byte tokens joined, U+FFFD for bytes that are not UTF-8).
 TEST(GenerateCommand, ChatModeWithASentencePieceStyleTokenizerMatchesTransformers) {
   expect_chat_runs_as_transformers(kData / "generation" / "qwen2_text",
                                    kData / "generation" / "sp_chat");

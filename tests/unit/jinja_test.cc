@@ -259,9 +259,10 @@ TEST(ModelChatTemplateTest, SentencePieceStylePiecesEncodeAsTheWholeRendering) {
   const json messages = json::parse(R"([{"role": "user", "content": "Hi there"},
       {"role": "assistant", "content": "Hello! I'm here."}, {"role": "user", "content": "2+2?"},
       {"role": "assistant", "content": "4"}])");
-  const std::string rendered = render(
-      source, {{"messages", messages}, {"bos_token", "<s>"}, {"eos_token", "</s>"},
-               {"add_generation_prompt", false}});
+  const std::string rendered = render(source, {{"messages", messages},
+                                               {"bos_token", "<s>"},
+                                               {"eos_token", "</s>"},
+                                               {"add_generation_prompt", false}});
   for (const char* style : {"sp_legacy_style", "metaspace_first_style", "metaspace_always_style",
                             "metaspace_never_style"}) {
     const ModelDir dir(source, style);

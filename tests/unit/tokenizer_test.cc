@@ -583,8 +583,8 @@ TEST_F(MalformedTokenizerJsonTest, PreTokenizerMustEndInByteLevel) {
               AllOf(HasSubstr("pre_tokenizer.type"), HasSubstr("BertPreTokenizer")));
   spec = base();
   spec["pre_tokenizer"] = {{"type", "Metaspace"}, {"replacement", "▁"}};
-  EXPECT_THAT(rejection(spec), AllOf(HasSubstr("decoder.type"), HasSubstr("pre_tokenizer"),
-                                     HasSubstr("ByteLevel")));
+  EXPECT_THAT(rejection(spec),
+              AllOf(HasSubstr("decoder.type"), HasSubstr("pre_tokenizer"), HasSubstr("ByteLevel")));
   spec = base();
   const json metaspace = {{"type", "Metaspace"}, {"replacement", "▁"}};
   spec["pre_tokenizer"]["pretokenizers"].insert(spec["pre_tokenizer"]["pretokenizers"].begin(),
@@ -619,15 +619,21 @@ TEST_F(MalformedTokenizerJsonTest, UnsupportedSentencePieceStyleFeaturesAreNamed
        },
        "pre_tokenizer.add_prefix_space"},
       {[](json& s) { s["pre_tokenizer"]["split"] = "yes"; }, "pre_tokenizer.split"},
-      {[](json& s) { s["decoder"] = {{"type", "ByteLevel"}}; }, "decoder.type"},
+      {[](json& s) {
+         s["decoder"] = {{"type", "ByteLevel"}};
+       },
+       "decoder.type"},
       {[](json& s) { s["decoder"] = nullptr; }, "decoder"},
-      {[](json& s) { s["decoder"]["decoders"][1] = {{"type", "CTC"}}; },
+      {[](json& s) {
+         s["decoder"]["decoders"][1] = {{"type", "CTC"}};
+       },
        "decoder.decoders[1].type"},
-      {[](json& s) { s["decoder"]["decoders"][3]["content"] = ""; },
-       "decoder.decoders[3].content"},
+      {[](json& s) { s["decoder"]["decoders"][3]["content"] = ""; }, "decoder.decoders[3].content"},
       {[](json& s) { s["decoder"]["decoders"][3]["start"] = -1; }, "decoder.decoders[3].start"},
       {[](json& s) { s["decoder"]["decoders"][3].erase("stop"); }, "decoder.decoders[3].stop"},
-      {[](json& s) { s["decoder"]["decoders"][0]["pattern"] = {{"Regex", "(▁"}}; },
+      {[](json& s) {
+         s["decoder"]["decoders"][0]["pattern"] = {{"Regex", "(▁"}};
+       },
        "decoder.decoders[0].pattern.Regex"},
       {[](json& s) { s["decoder"]["decoders"] = "Fuse"; }, "decoder.decoders"},
       {[](json& s) {

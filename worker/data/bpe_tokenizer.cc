@@ -650,7 +650,8 @@ class Parser {
     DecoderStep parsed;
     if (type == "Sequence") {
       const json& steps = required(step, "decoders", field + ".decoders");
-      if (!steps.is_array()) fail(field + ".decoders", "expected an array, found " + type_of(steps));
+      if (!steps.is_array())
+        fail(field + ".decoders", "expected an array, found " + type_of(steps));
       for (size_t i = 0; i < steps.size(); ++i) {
         parse_decoder_step(steps[i], field + ".decoders[" + std::to_string(i) + "]", out);
       }
@@ -697,7 +698,8 @@ class Parser {
       if (step.kind == NormalizerStep::Kind::kPrepend) return true;
     }
     for (const PreTokenizerStep& step : model.pre_tokenizer) {
-      if (step.kind == PreTokenizerStep::Kind::kMetaspace && step.prepend != PrependScheme::kNever) {
+      if (step.kind == PreTokenizerStep::Kind::kMetaspace &&
+          step.prepend != PrependScheme::kNever) {
         return true;
       }
     }

@@ -147,7 +147,7 @@ class ChatFormatter {
   ChatTemplate template_;
   const Tokenizer& tokenizer_;
   std::vector<int32_t> special_;  // the template's tokens, in the order the .cc lists them
-  bool dummy_prefix_ = false;  // Tokenizer::adds_dummy_prefix
+  bool dummy_prefix_ = false;     // Tokenizer::adds_dummy_prefix
 };
 
 // The Stanford Alpaca prompt for an instruction and an optional input ("" for none).
