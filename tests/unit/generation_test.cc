@@ -299,7 +299,7 @@ TEST(GenerateCommand, TextPromptsMatchTransformersAndTokenizers) {
 // the tokenizer directory's expected.json and compares with transformers' runs there.
 nlohmann::json expect_chat_runs_as_transformers(const fs::path& model, const fs::path& tokenizer) {
   std::ifstream in(tokenizer / "expected.json");
-  const nlohmann::json expected = nlohmann::json::parse(in);
+  nlohmann::json expected = nlohmann::json::parse(in);
   EXPECT_EQ(expected["runs"].size(), 2u);
   for (const nlohmann::json& run : expected["runs"]) {
     std::vector<std::string> args = {"--model", model.string(), "--tokenizer", tokenizer.string(),

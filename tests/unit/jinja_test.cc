@@ -297,7 +297,7 @@ TEST(ModelChatTemplateTest, TemplateErrorsAreRecordErrorsAndBadTemplatesNameThei
   const ModelDir broken("{% for m in messages %}");
   const std::unique_ptr<Tokenizer> b = load_tokenizer(broken.path());
   try {
-    RecordParser(*b, {DataFormat::kChat, std::nullopt, false});
+    [[maybe_unused]] const RecordParser parser(*b, {DataFormat::kChat, std::nullopt, false});
     ADD_FAILURE() << "a broken template";
   } catch (const std::invalid_argument& error) {
     EXPECT_THAT(error.what(), AllOf(HasSubstr("tokenizer_config.json chat_template:1:"),
@@ -307,7 +307,7 @@ TEST(ModelChatTemplateTest, TemplateErrorsAreRecordErrorsAndBadTemplatesNameThei
   const std::unique_ptr<Tokenizer> n = load_tokenizer(none.path());
   EXPECT_FALSE(n->chat_template().has_value());
   try {
-    RecordParser(*n, {DataFormat::kChat, std::nullopt, false});
+    [[maybe_unused]] const RecordParser parser(*n, {DataFormat::kChat, std::nullopt, false});
     ADD_FAILURE() << "auto without a template";
   } catch (const std::invalid_argument& error) {
     EXPECT_THAT(error.what(), HasSubstr("has no chat_template"));

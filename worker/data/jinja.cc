@@ -252,7 +252,8 @@ void to_json(const Value& v, std::optional<int> indent, int depth, bool sort_key
   const auto newline = [&](int level) {
     if (!indent) return;
     out += '\n';
-    out.append(static_cast<size_t>(*indent * level), ' ');
+    // Python indents by ' ' * indent: nothing for a negative indent.
+    out.append(static_cast<size_t>(std::max(*indent, 0)) * static_cast<size_t>(level), ' ');
   };
   switch (v.kind) {
     case Value::Kind::kNone:

@@ -86,7 +86,8 @@ void byte_fallback(Tokens& tokens) {
 void fuse(Tokens& tokens) {
   std::string joined;
   for (const std::string& token : tokens) joined += token;
-  tokens.assign(1, std::move(joined));
+  tokens.clear();
+  tokens.push_back(std::move(joined));
 }
 
 // Up to step.start leading and step.stop trailing `content` characters removed from each token.
