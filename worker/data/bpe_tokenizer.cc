@@ -650,8 +650,9 @@ class Parser {
     DecoderStep parsed;
     if (type == "Sequence") {
       const json& steps = required(step, "decoders", field + ".decoders");
-      if (!steps.is_array())
+      if (!steps.is_array()) {
         fail(field + ".decoders", "expected an array, found " + type_of(steps));
+      }
       for (size_t i = 0; i < steps.size(); ++i) {
         parse_decoder_step(steps[i], field + ".decoders[" + std::to_string(i) + "]", out);
       }
