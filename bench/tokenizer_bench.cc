@@ -1,4 +1,5 @@
-// Encode throughput of both tokenizers on one thread, over a few MB of generated mixed text
+// Encode throughput of both tokenizers (tokenizer.json BPE, byte-level or SentencePiece-style;
+// SentencePiece tokenizer.model) on one thread, over a few MB of generated mixed text
 // (English-like prose, other scripts, numbers, code, whitespace runs) cut into documents the way
 // a data pipeline hands them over. Prints figures; asserts nothing.
 //
@@ -151,7 +152,7 @@ int main(int argc, char** argv) {
     const auto bpe = lomo::load_tokenizer(args.bpe_dir);
     std::printf("load %s: %.3f s\n", args.bpe_dir.c_str(),
                 std::chrono::duration<double>(Clock::now() - start).count());
-    bench("byte-level BPE", *bpe, documents, total_bytes);
+    bench("tokenizer.json", *bpe, documents, total_bytes);
     start = Clock::now();
     const auto sp = lomo::SentencePieceTokenizer::load(args.sp_model);
     std::printf("load %s: %.3f s\n", args.sp_model.c_str(),

@@ -24,6 +24,13 @@ Qwen2.5 chat_template (tests/data/chat_templates/qwen2_5.jinja), and expected.js
 (an optional system message and a user message) the prompt transformers' apply_chat_template
 renders (add_generation_prompt=True) as text and ids, and the greedy continuation of the
 qwen2_text model. `--chat-only` writes just this directory (the random models stay as they are).
+
+And tests/data/generation/sp_chat/: the SentencePiece-style tests/data/tokenizers/
+metaspace_first_style tokenizer (Metaspace, byte fallback; 601 tokens, so the qwen2_text model can
+run it) with the Mistral chat_template (tests/data/chat_templates/mistral.jinja), and expected.json:
+the same kind of chat runs (greedy stops at the model's eos or the template's </s>, as lomo's chat
+mode does), and one training conversation with the ids transformers' apply_chat_template
+(tokenize=True) gives it. `--sp-chat-only` writes just this directory.
 """
 
 import json
@@ -107,42 +114,83 @@ def text_model():
 CHATS = [("", "hello world"), ("be brief", "The quick brown fox")]
 
 
-def chat_fixture():
-    source = ROOT / "tests" / "data" / "tokenizers" / "qwen2_style"
-    model_dir = OUT.parent / "qwen2_text"
-    out = OUT.parent / "qwen2_chat"
+def chat_fixture_dir(style, template, name):
+    """tests/data/generation/<name>: the tokenizer of tests/data/tokenizers/<style> with the chat
+    template of tests/data/chat_templates/<template>, loaded by transformers."""
+    source = ROOT / "tests" / "data" / "tokenizers" / style
+    out = OUT.parent / name
     out.mkdir(parents=True, exist_ok=True)
     shutil.copy(source / "tokenizer.json", out / "tokenizer.json")
     config = json.loads((source / "tokenizer_config.json").read_text())
     config["chat_template"] = (ROOT / "tests" / "data" / "chat_templates" /
-                               "qwen2_5.jinja").read_text(encoding="utf-8")
+                               template).read_text(encoding="utf-8")
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1) + "\n")
-    tok = transformers.AutoTokenizer.from_pretrained(out)
+    return out, transformers.AutoTokenizer.from_pretrained(out)
+
+
+def chat_runs(out, tok, stop_token=None):
+    """Each chat of CHATS rendered with the generation prompt, tokenized, and continued greedily
+    by the qwen2_text model (stopping also at `stop_token`, as lomo's chat mode does); the
+    expected.json to write, without its "runs" written yet."""
+    model_dir = OUT.parent / "qwen2_text"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
                                                  attn_implementation="eager")
     model.eval()
     own = GenerationConfig.from_pretrained(model_dir)
     own.do_sample = False
     own.max_new_tokens = TEXT_MAX_NEW_TOKENS
+    if stop_token is not None:
+        own.eos_token_id = [own.eos_token_id, tok.convert_tokens_to_ids(stop_token)]
+    library = tokenizers.Tokenizer.from_file(str(out / "tokenizer.json"))
     runs = []
     for system, user in CHATS:
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": user}]
         text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         ids = tok(text, add_special_tokens=False)["input_ids"]
+        # transformers' tokenizer class may rebuild the pipeline: it must be the file's here.
+        assert ids == library.encode(text, add_special_tokens=False).ids
         new = greedy(model, ids, own)
         runs.append({"system": system, "prompt": user, "prompt_text": text, "prompt_ids": ids,
                      "tokens": new, "text": tok.decode(new, skip_special_tokens=False)})
-        print("qwen2_chat", repr(text[-40:]), new[:8])
-    expected = {"transformers_version": transformers.__version__,
-                "tokenizers_version": tokenizers.__version__, "max_new_tokens": TEXT_MAX_NEW_TOKENS,
-                "eos_token_id": own.eos_token_id, "runs": runs}
+        print(out.name, repr(text[-40:]), new[:8])
+    return {"transformers_version": transformers.__version__,
+            "tokenizers_version": tokenizers.__version__, "max_new_tokens": TEXT_MAX_NEW_TOKENS,
+            "eos_token_id": own.eos_token_id, "runs": runs}
+
+
+def chat_fixture():
+    out, tok = chat_fixture_dir("qwen2_style", "qwen2_5.jinja", "qwen2_chat")
+    expected = chat_runs(out, tok)
+    (out / "expected.json").write_text(json.dumps(expected, indent=1) + "\n")
+
+
+SP_CONVERSATION = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Hi there"},
+    {"role": "assistant", "content": "Hello! I'm here."},
+    {"role": "user", "content": "2+2? 中文😀"},
+    {"role": "assistant", "content": "4, of course"},
+]
+
+
+def sp_chat_fixture():
+    out, tok = chat_fixture_dir("metaspace_first_style", "mistral.jinja", "sp_chat")
+    expected = chat_runs(out, tok, stop_token="</s>")
+    training = tok.apply_chat_template(SP_CONVERSATION, tokenize=False)
+    training_ids = tok.apply_chat_template(SP_CONVERSATION, tokenize=True, return_dict=False)
+    library = tokenizers.Tokenizer.from_file(str(out / "tokenizer.json"))
+    assert training_ids == library.encode(training, add_special_tokens=False).ids
+    expected["training"] = {"messages": SP_CONVERSATION, "text": training, "ids": training_ids}
     (out / "expected.json").write_text(json.dumps(expected, indent=1) + "\n")
 
 
 def main():
     if sys.argv[1:] == ["--chat-only"]:
         chat_fixture()
+        return
+    if sys.argv[1:] == ["--sp-chat-only"]:
+        sp_chat_fixture()
         return
     result = {"transformers_version": transformers.__version__,
               "torch_version": torch.__version__, "max_new_tokens": MAX_NEW_TOKENS,
@@ -171,6 +219,7 @@ def main():
     print("wrote", OUT)
     text_model()
     chat_fixture()
+    sp_chat_fixture()
 
 
 if __name__ == "__main__":

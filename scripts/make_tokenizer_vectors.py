@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
-"""Builds the byte-level BPE test tokenizers and their parity vectors with Hugging Face
-`tokenizers`, the reference lomo's C++ BPE (worker/data/bpe_tokenizer.cc) must agree with.
+"""Builds the BPE test tokenizers and their parity vectors with Hugging Face `tokenizers`, the
+reference lomo's C++ BPE (worker/data/bpe_tokenizer.cc) must agree with.
 
-Writes, for each style (llama3_style, gpt2_style, qwen2_style, and o200k_style, normalized_style,
-behaviors_style, byte_fallback_style for tokenizer.json features beyond the three classic ones):
+Writes, for each style (byte-level: llama3_style, gpt2_style, qwen2_style, and o200k_style,
+normalized_style, behaviors_style, byte_fallback_style for tokenizer.json features beyond the three
+classic ones; SentencePiece-style, vocabularies of text pieces with byte fallback, as Hugging Face
+converts Llama 2 / Mistral / TinyLlama tokenizers: sp_legacy_style, metaspace_first_style,
+metaspace_always_style, metaspace_never_style):
     tests/data/tokenizers/<style>/tokenizer.json         trained here on a small multilingual text
     tests/data/tokenizers/<style>/tokenizer_config.json  BOS/EOS/pad as a model directory has them
     tests/data/tokenizers/<style>/vectors.json           [{text, ids[, decoded]}] from tokenizers
@@ -14,6 +17,7 @@ Run once with the repository's virtual environment and commit the output:
 Training and encoding are deterministic, so a re-run with the same `tokenizers` version
 reproduces the files.
 """
+import collections
 import json
 import pathlib
 import random
@@ -487,6 +491,147 @@ def byte_fallback_style():
     save_style("byte_fallback_style", tok, {"bos_token": None, "eos_token": "</s>"}, texts)
 
 
+# ---------------------------------------------------------------------------------------------
+# SentencePiece-style tokenizers: the vocabulary holds text pieces ("▁the"), ids 0-2 are <unk>,
+# <s>, </s> and 3-258 the byte-fallback tokens <0x00>..<0xFF>, as in Llama 2's tokenizer.json.
+
+METASPACE = "\u2581"
+SP_SPECIALS = ["<unk>", "<s>", "</s>"]
+BYTE_TOKENS = ["<0x%02X>" % b for b in range(256)]
+LLAMA2_NORMALIZER = {"type": "Sequence", "normalizers": [
+    {"type": "Prepend", "prepend": METASPACE},
+    {"type": "Replace", "pattern": {"String": " "}, "content": METASPACE}]}
+LLAMA2_DECODER = {"type": "Sequence", "decoders": [
+    {"type": "Replace", "pattern": {"String": METASPACE}, "content": " "},
+    {"type": "ByteFallback"}, {"type": "Fuse"},
+    {"type": "Strip", "content": " ", "start": 1, "stop": 0}]}
+LLAMA2_POST_PROCESSOR = {"type": "TemplateProcessing",
+                         "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+                                    {"Sequence": {"id": "A", "type_id": 0}}],
+                         "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+                                  {"Sequence": {"id": "A", "type_id": 0}},
+                                  {"SpecialToken": {"id": "<s>", "type_id": 1}},
+                                  {"Sequence": {"id": "B", "type_id": 1}}],
+                         "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}}
+
+
+def metaspace(prepend_scheme, split):
+    return {"type": "Metaspace", "replacement": METASPACE, "prepend_scheme": prepend_scheme,
+            "split": split}
+
+
+def train_text_pieces(vocab_size, limit_alphabet, split):
+    """A BPE over text pieces with byte_fallback, trained through Metaspace (split: merges stay
+    inside words, as SentencePiece's; not split: merges may cross the "▁" between words). Only
+    <unk>, <s> and </s> stay added tokens; the byte tokens are plain vocabulary. limit_alphabet
+    leaves rare characters (most CJK, emoji) to the byte fallback."""
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=METASPACE, prepend_scheme="always",
+                                                 split=split)
+    # The alphabet chosen here, not by limit_alphabet alone, which breaks ties between equally
+    # frequent characters differently from run to run.
+    counts = collections.Counter("".join(training_lines()).replace(" ", METASPACE))
+    alphabet = sorted(counts, key=lambda c: (-counts[c], c))[:limit_alphabet]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=1,
+                                  initial_alphabet=alphabet, limit_alphabet=len(alphabet),
+                                  special_tokens=SP_SPECIALS + BYTE_TOKENS, show_progress=False)
+    tok.train_from_iterator(training_lines(), trainer=trainer)
+    spec = json.loads(tok.to_str())
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] in SP_SPECIALS]
+    for token in spec["added_tokens"]:
+        token["normalized"] = False
+    return spec
+
+
+def with_pipeline(spec, normalizer, pre_tokenizer, decoder, post_processor=None):
+    spec = json.loads(json.dumps(spec))
+    spec["normalizer"] = normalizer
+    spec["pre_tokenizer"] = pre_tokenizer
+    spec["decoder"] = decoder
+    spec["post_processor"] = post_processor
+    return Tokenizer.from_str(json.dumps(spec))
+
+
+# Spaces and "▁" where SentencePiece-style tokenizers treat them specially, and text around the
+# special tokens (whether "▁" is prepended after one depends on the style).
+SPACE_TEXTS = [
+    " ", "  ", "   x", "x   ", " x ", "a  b", "\u2581", "\u2581x", "x\u2581", " \u2581 ", "\u2581\u2581a",
+    "Hello", " Hello", "  Hello", "Hello ", "Hello  world  ", "\tHello", "\nHello", "\n Hello",
+    "<s>", "<s>Hello", "<s> Hello", "<s>  Hello", "Hello</s>", "Hello </s>", "<s></s>", "<s> </s>",
+    "a<s>b</s>c", " <s> ", "<unk>", "x<unk>y", "<s>[INST] What's 2+2? [/INST] 4 </s>",
+    "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello! </s><s>[INST] Bye [/INST]",
+    "<0x41>", "<0xE4><0xB8>", "中文😀", " 中", "😀 ", "Ω≈ç√∫", "é", "\U0001F600\U0001F600",
+]
+
+
+def sp_style_texts(seed, extra_specials=()):
+    return (COMMON_TEXTS + SPACE_TEXTS + special_texts(SP_SPECIALS[1:]) +
+            random_texts(random.Random(seed), SP_SPECIALS + list(extra_specials) + [" ", METASPACE],
+                         150))
+
+
+def sp_config():
+    return {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None,
+            "add_bos_token": True, "tokenizer_class": "LlamaTokenizer"}
+
+
+def sp_legacy_style():
+    """Llama 2 / Mistral v0.1 as Hugging Face converts them: normalizer Prepend("▁") and
+    Replace(" ", "▁"), no pre-tokenizer (the model sees each section between added tokens
+    whole), the Replace/ByteFallback/Fuse/Strip decoder."""
+    spec = train_text_pieces(800, 150, split=True)
+    tok = with_pipeline(spec, LLAMA2_NORMALIZER, None, LLAMA2_DECODER, LLAMA2_POST_PROCESSOR)
+    save_style("sp_legacy_style", tok, sp_config(), sp_style_texts(11))
+
+
+def metaspace_first_style():
+    """Newer conversions (Llama with legacy=False, Mistral v0.3, TinyLlama): no normalizer,
+    Metaspace prepending only where the text starts, no split, the Llama 2 decoder, and a
+    non-special added token. 600 tokens: tests/data/generation/sp_chat runs it with the
+    qwen2_text model (603 embedding rows)."""
+    spec = train_text_pieces(600, 150, split=True)
+    tok = with_pipeline(spec, None, metaspace("first", False), LLAMA2_DECODER,
+                        LLAMA2_POST_PROCESSOR)
+    tok.add_tokens([AddedToken("<think>", special=False, normalized=True)])
+    texts = sp_style_texts(12, ["<think>"]) + ["<think>x</think>", " <think> y", "<think>"]
+    save_style("metaspace_first_style", tok, sp_config(), texts)
+
+
+def metaspace_always_style():
+    """Metaspace prepending to every section, split into words, the Metaspace decoder (which
+    leaves byte tokens as they are spelled), ignore_merges with whole words no merge makes, and
+    no <0x9F> token: characters whose UTF-8 has that byte (most emoji) become one fused <unk>."""
+    spec = train_text_pieces(700, 120, split=True)
+    vocab = spec["model"]["vocab"]
+    for word in [METASPACE + "zzqx", "qqqq", METASPACE + "Hello"]:
+        vocab.setdefault(word, len(vocab))
+    missing = vocab.pop("<0x9F>")
+    vocab["<0x9F>-retired"] = missing  # keeps the ids dense
+    spec["model"]["ignore_merges"] = True
+    tok = with_pipeline(spec, None, metaspace("always", True), metaspace("always", True))
+    texts = sp_style_texts(13) + [" zzqx", "zzqx", "zzqxy", "qqqq", "qqqqq", "😀x😀😀",
+                                  "\u2581Hello Hello"]
+    save_style("metaspace_always_style", tok, sp_config(), texts)
+
+
+def metaspace_never_style():
+    """A Sequence: digits split off, then Metaspace that never prepends but splits; a decoder
+    that replaces runs of "▁" by a regex after the byte fallback, and no Strip (Strip's stop
+    panics in the library on an empty text)."""
+    # Trained without split: here merges may cross the "▁" between words.
+    spec = train_text_pieces(700, 150, split=False)
+    pre_tokenizer = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "\\p{N}"}, "behavior": "Isolated",
+         "invert": False},
+        metaspace("never", True)]}
+    decoder = {"type": "Sequence", "decoders": [
+        {"type": "ByteFallback"},
+        {"type": "Replace", "pattern": {"Regex": METASPACE + "+"}, "content": " "},
+        {"type": "Fuse"}]}
+    tok = with_pipeline(spec, None, pre_tokenizer, decoder)
+    save_style("metaspace_never_style", tok, sp_config(), sp_style_texts(14))
+
+
 def fuzz_seeds():
     """Small tokenizer.json inputs for the fuzz target: tiny vocabularies (the byte alphabet and
     a few merges) in each supported shape, and broken variants of them."""
@@ -528,6 +673,9 @@ def fuzz_seeds():
         lambda s: s["model"]["merges"].append(["zz", "top"]))
     seeds["valid_byte_fallback.json"] = variant(
         lambda s: s["model"].__setitem__("byte_fallback", True))
+    tiny_pieces = train_text_pieces(300, 30, split=True)
+    seeds["valid_metaspace.json"] = json.loads(
+        with_pipeline(tiny_pieces, None, metaspace("first", True), LLAMA2_DECODER).to_str())
     for name, spec in seeds.items():
         write_json(FUZZ_CORPUS / name, spec)
     # Two malformed-JSON inputs, and vocab/merges with unusual entries.
@@ -552,6 +700,10 @@ def main():
     normalized_style()
     behaviors_style()
     byte_fallback_style()
+    sp_legacy_style()
+    metaspace_first_style()
+    metaspace_always_style()
+    metaspace_never_style()
     fuzz_seeds()
 
 

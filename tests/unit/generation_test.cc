@@ -295,12 +295,12 @@ TEST(GenerateCommand, TextPromptsMatchTransformersAndTokenizers) {
 // tokenizer with Qwen2.5's chat_template; expected.json has the prompt transformers'
 // apply_chat_template(add_generation_prompt=True) renders and tokenizes, and the qwen2_text
 // model's greedy continuation of it (scripts/make_generation_fixtures.py).
-TEST(GenerateCommand, ChatModeRendersTheModelsOwnTemplateAsTransformersDoes) {
-  const fs::path model = kData / "generation" / "qwen2_text";
-  const fs::path tokenizer = kData / "generation" / "qwen2_chat";
+// Runs `lomo-worker generate --chat` with `tokenizer` on the qwen2_text model for each chat of
+// the tokenizer directory's expected.json and compares with transformers' runs there.
+nlohmann::json expect_chat_runs_as_transformers(const fs::path& model, const fs::path& tokenizer) {
   std::ifstream in(tokenizer / "expected.json");
-  const nlohmann::json expected = nlohmann::json::parse(in);
-  ASSERT_EQ(expected["runs"].size(), 2u);
+  nlohmann::json expected = nlohmann::json::parse(in);
+  EXPECT_EQ(expected["runs"].size(), 2u);
   for (const nlohmann::json& run : expected["runs"]) {
     std::vector<std::string> args = {"--model", model.string(), "--tokenizer", tokenizer.string(),
                                      "--chat",  "--prompt",     run["prompt"], "--max-new-tokens",
@@ -309,13 +309,22 @@ TEST(GenerateCommand, ChatModeRendersTheModelsOwnTemplateAsTransformersDoes) {
       args.insert(args.end(), {"--system", run["system"]});
     }
     const CommandResult r = run_generate(args);
-    ASSERT_EQ(r.code, 0) << r.err;
+    EXPECT_EQ(r.code, 0) << r.err;
+    if (r.code != 0) continue;
     EXPECT_EQ(r.err, "") << "the template is there: no fallback note";
     const nlohmann::json json = nlohmann::json::parse(r.out);
     EXPECT_EQ(json["promptTokens"], run["prompt_ids"]) << run["prompt_text"];
     EXPECT_EQ(json["tokens"], run["tokens"]) << run["prompt"];
     EXPECT_EQ(json["text"], run["text"]) << run["prompt"];
   }
+  return expected;
+}
+
+TEST(GenerateCommand, ChatModeRendersTheModelsOwnTemplateAsTransformersDoes) {
+  const fs::path model = kData / "generation" / "qwen2_text";
+  const fs::path tokenizer = kData / "generation" / "qwen2_chat";
+  const nlohmann::json expected = expect_chat_runs_as_transformers(model, tokenizer);
+  ASSERT_EQ(expected["runs"].size(), 2u);
   // Qwen2.5's template adds its default system message; the built-in chatml one, named, does not.
   const nlohmann::json& first = expected["runs"][0];
   const CommandResult builtin = run_generate(
@@ -329,6 +338,15 @@ TEST(GenerateCommand, ChatModeRendersTheModelsOwnTemplateAsTransformersDoes) {
        "auto", "--prompt", first["prompt"], "--max-new-tokens", "1", "--json"});
   ASSERT_EQ(named_auto.code, 0) << named_auto.err;
   EXPECT_EQ(nlohmann::json::parse(named_auto.out)["promptTokens"], first["prompt_ids"]);
+}
+
+// The same with a SentencePiece-style tokenizer.json alone (tests/data/generation/sp_chat:
+// Metaspace, byte fallback, Mistral's template): the prompt as transformers renders and tokenizes
+// it ("<s>" a token, not text), its greedy continuation, and the text as tokenizers decodes it
+// (byte tokens joined, U+FFFD for bytes that are not UTF-8).
+TEST(GenerateCommand, ChatModeWithASentencePieceStyleTokenizerMatchesTransformers) {
+  expect_chat_runs_as_transformers(kData / "generation" / "qwen2_text",
+                                   kData / "generation" / "sp_chat");
 }
 
 // Without a chat_template the built-in template that fits the tokens is used, and said.

@@ -172,16 +172,17 @@ constexpr const char* kConversation =
                      {"role": "user", "content": "2+2?"},
                      {"role": "assistant", "content": "4"}]})";
 
-// A model directory: the llama3_style tokenizer, its tokenizer_config.json given `template`.
+// A model directory: a test tokenizer (llama3_style unless named), its tokenizer_config.json
+// given `template`.
 class ModelDir {
  public:
-  explicit ModelDir(const std::string& chat_template) {
+  explicit ModelDir(const std::string& chat_template, const std::string& style = "llama3_style") {
     path_ = fs::temp_directory_path() /
             ("lomo_jinja_test_" + std::to_string(::getpid()) + "_" + std::to_string(next_++));
     fs::create_directories(path_);
-    fs::copy_file(kTokenizers / "llama3_style" / "tokenizer.json", path_ / "tokenizer.json");
+    fs::copy_file(kTokenizers / style / "tokenizer.json", path_ / "tokenizer.json");
     nlohmann::json config =
-        nlohmann::json::parse(read_text(kTokenizers / "llama3_style" / "tokenizer_config.json"));
+        nlohmann::json::parse(read_text(kTokenizers / style / "tokenizer_config.json"));
     if (!chat_template.empty()) config["chat_template"] = chat_template;
     std::ofstream(path_ / "tokenizer_config.json") << config.dump();
   }
@@ -232,6 +233,47 @@ TEST(ModelChatTemplateTest, MasksCoverExactlyWhatEachAssistantTurnAdds) {
   EXPECT_EQ(trainable_text(all, *t), t->decode(sample.ids));
 }
 
+// tests/data/generation/sp_chat: a SentencePiece-style tokenizer.json (Metaspace "first", byte
+// fallback) with Mistral's template, and the ids transformers' apply_chat_template(tokenize=True)
+// gives a conversation (scripts/make_generation_fixtures.py).
+TEST(ModelChatTemplateTest, SentencePieceStyleTokenizerGivesTransformersIdsAndAssistantMasks) {
+  const fs::path dir = fs::path(LOMO_TEST_DATA_DIR) / "generation" / "sp_chat";
+  const json expected = json::parse(read_text(dir / "expected.json"))["training"];
+  const std::unique_ptr<Tokenizer> t = load_tokenizer(dir);
+  ASSERT_TRUE(t->chat_template().has_value());
+  const TokenSample sample = RecordParser(*t, {DataFormat::kChat, std::nullopt, false})
+                                 .sample(json{{"messages", expected["messages"]}}.dump());
+  EXPECT_EQ(sample.ids, expected["ids"].get<std::vector<int32_t>>());
+  EXPECT_EQ(t->decode(sample.ids), expected["text"]);
+  // Mistral's template gives each answer as " " + content + eos_token; the decoder drops the
+  // first space of what it decodes.
+  EXPECT_EQ(trainable_text(sample, *t), "Hello! I'm here.</s> 4, of course</s>");
+}
+
+// Pieces of one rendering encode as the whole does, even where an answer follows "[/INST]"
+// without a space (Mistral v0.3's layout): no "▁" of a dummy prefix at the start of a piece.
+TEST(ModelChatTemplateTest, SentencePieceStylePiecesEncodeAsTheWholeRendering) {
+  const std::string source =
+      "{{ bos_token }}{% for m in messages %}{% if m.role == 'user' %}[INST]{{ m.content }}"
+      "[/INST]{% else %}{{ m.content + eos_token }}{% endif %}{% endfor %}";
+  const json messages = json::parse(R"([{"role": "user", "content": "Hi there"},
+      {"role": "assistant", "content": "Hello! I'm here."}, {"role": "user", "content": "2+2?"},
+      {"role": "assistant", "content": "4"}])");
+  const std::string rendered = render(source, {{"messages", messages},
+                                               {"bos_token", "<s>"},
+                                               {"eos_token", "</s>"},
+                                               {"add_generation_prompt", false}});
+  for (const char* style : {"sp_legacy_style", "metaspace_first_style", "metaspace_always_style",
+                            "metaspace_never_style"}) {
+    const ModelDir dir(source, style);
+    const std::unique_ptr<Tokenizer> t = load_tokenizer(dir.path());
+    const TokenSample sample = RecordParser(*t, {DataFormat::kChat, std::nullopt, false})
+                                   .sample(json{{"messages", messages}}.dump());
+    EXPECT_EQ(sample.ids, t->encode(rendered)) << style;
+    EXPECT_EQ(t->decode(sample.ids), t->decode(t->encode(rendered))) << style;
+  }
+}
+
 TEST(ModelChatTemplateTest, TemplateErrorsAreRecordErrorsAndBadTemplatesNameTheirFile) {
   const ModelDir gemma(read_text(kTemplates / "gemma.jinja"));
   const std::unique_ptr<Tokenizer> t = load_tokenizer(gemma.path());
@@ -255,7 +297,7 @@ TEST(ModelChatTemplateTest, TemplateErrorsAreRecordErrorsAndBadTemplatesNameThei
   const ModelDir broken("{% for m in messages %}");
   const std::unique_ptr<Tokenizer> b = load_tokenizer(broken.path());
   try {
-    RecordParser(*b, {DataFormat::kChat, std::nullopt, false});
+    [[maybe_unused]] const RecordParser parser(*b, {DataFormat::kChat, std::nullopt, false});
     ADD_FAILURE() << "a broken template";
   } catch (const std::invalid_argument& error) {
     EXPECT_THAT(error.what(), AllOf(HasSubstr("tokenizer_config.json chat_template:1:"),
@@ -265,7 +307,7 @@ TEST(ModelChatTemplateTest, TemplateErrorsAreRecordErrorsAndBadTemplatesNameThei
   const std::unique_ptr<Tokenizer> n = load_tokenizer(none.path());
   EXPECT_FALSE(n->chat_template().has_value());
   try {
-    RecordParser(*n, {DataFormat::kChat, std::nullopt, false});
+    [[maybe_unused]] const RecordParser parser(*n, {DataFormat::kChat, std::nullopt, false});
     ADD_FAILURE() << "auto without a template";
   } catch (const std::invalid_argument& error) {
     EXPECT_THAT(error.what(), HasSubstr("has no chat_template"));

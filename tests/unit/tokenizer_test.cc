@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -108,7 +109,9 @@ TEST_P(BpeParityTest, EveryVectorEncodesToTheLibrarysIdsAndDecodesBack) {
 INSTANTIATE_TEST_SUITE_P(Styles, BpeParityTest,
                          ::testing::Values("llama3_style", "gpt2_style", "qwen2_style",
                                            "o200k_style", "normalized_style", "behaviors_style",
-                                           "byte_fallback_style"));
+                                           "byte_fallback_style", "sp_legacy_style",
+                                           "metaspace_first_style", "metaspace_always_style",
+                                           "metaspace_never_style"));
 
 TEST(BpeTokenizerTest, SpecialTokenIdsComeFromTokenizerConfig) {
   // llama3_style: strings; gpt2_style: {"content": ...} objects; qwen2_style: null BOS.
@@ -154,6 +157,19 @@ TEST(BpeTokenizerTest, InvalidUtf8IsEncodedByteByByteAndDecodedAsReplacementChar
   const std::vector<int32_t> ids = tokenizer->encode("a\xff\xfe b\xe2\x82");
   EXPECT_FALSE(ids.empty());
   EXPECT_EQ(tokenizer->decode(ids), "a\xEF\xBF\xBD\xEF\xBF\xBD b\xEF\xBF\xBD");
+}
+
+TEST(BpeTokenizerTest, InvalidUtf8InSentencePieceStyleTextBecomesByteTokens) {
+  // Each ill-formed byte is a character of its own with no piece: its <0xXX> token. ByteFallback
+  // decodes a run of byte tokens that is not UTF-8 as one U+FFFD per byte, as the library does.
+  const auto tokenizer = load_tokenizer(kTokenizerData / "sp_legacy_style");
+  const std::vector<int32_t> ids = tokenizer->encode("a\xff\xe2\x82 b");
+  const int32_t ff = tokenizer->token_to_id("<0xFF>").value();
+  const int32_t e2 = tokenizer->token_to_id("<0xE2>").value();
+  const int32_t x82 = tokenizer->token_to_id("<0x82>").value();
+  const std::vector<int32_t> bytes = {ff, e2, x82};
+  EXPECT_NE(std::search(ids.begin(), ids.end(), bytes.begin(), bytes.end()), ids.end());
+  EXPECT_EQ(tokenizer->decode(ids), "a\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD b");
 }
 
 TEST(BpeTokenizerTest, ConcurrentEncodesAgree) {
@@ -353,20 +369,68 @@ TEST(LoadTokenizerTest, PicksTokenizerModelWithoutTokenizerJsonAndReadsItsConfig
   EXPECT_EQ(tokenizer->pad_id(), 0);
 }
 
-TEST(LoadTokenizerTest, PrefersTokenizerModelOverASentencePieceStyleTokenizerJson) {
-  // What Hugging Face's Llama 2 directories hold beside tokenizer.model (abridged).
+TEST(LoadTokenizerTest, TokenizerJsonWinsOverTokenizerModelAsInTransformers) {
+  // A SentencePiece-style conversion (what Hugging Face's Llama 2 directories hold beside
+  // tokenizer.model) is used, as transformers 5 uses it: the 800-token test vocabulary, not
+  // Llama 2's 32,000.
   TempDir dir;
   fs::create_symlink(fs::absolute(kLlama2Model), dir.path() / "tokenizer.model");
-  write_text(dir.path() / "tokenizer.json", R"({"version": "1.0", "normalizer": {"type":
-      "Sequence", "normalizers": [{"type": "Prepend", "prepend": "▁"}]}, "pre_tokenizer": null,
-      "model": {"type": "BPE", "byte_fallback": true, "vocab": {}, "merges": []},
-      "decoder": {"type": "Sequence", "decoders": []}})");
-  EXPECT_EQ(load_tokenizer(dir.path())->encode("Hello"), std::vector<int32_t>{15043});
+  fs::copy_file(kTokenizerData / "sp_legacy_style" / "tokenizer.json",
+                dir.path() / "tokenizer.json");
+  EXPECT_EQ(load_tokenizer(dir.path())->vocab_size(), 800);
 
-  // A byte-level tokenizer.json wins over a tokenizer.model beside it.
+  // So is a byte-level one.
   fs::copy_file(kTokenizerData / "llama3_style" / "tokenizer.json", dir.path() / "tokenizer.json",
                 fs::copy_options::overwrite_existing);
   EXPECT_EQ(load_tokenizer(dir.path())->vocab_size(), 1008);
+}
+
+TEST(LoadTokenizerTest, ASentencePieceStyleTokenizerJsonLomoRefusesFallsBackToTokenizerModel) {
+  TempDir dir;
+  fs::create_symlink(fs::absolute(kLlama2Model), dir.path() / "tokenizer.model");
+  json spec = json::parse(read_text(kTokenizerData / "sp_legacy_style" / "tokenizer.json"));
+  spec["normalizer"] = {{"type", "BertNormalizer"}};
+  write_text(dir.path() / "tokenizer.json", spec.dump());
+  EXPECT_EQ(load_tokenizer(dir.path())->encode("Hello"), std::vector<int32_t>{15043});
+  // Without tokenizer.model the refusal is the error.
+  fs::remove(dir.path() / "tokenizer.model");
+  EXPECT_THAT(error_of<std::invalid_argument>([&] { load_tokenizer(dir.path()); }),
+              AllOf(HasSubstr("tokenizer.json"), HasSubstr("normalizer.type")));
+}
+
+TEST(LoadTokenizerTest, ABrokenByteLevelTokenizerJsonIsAnErrorEvenBesideTokenizerModel) {
+  TempDir dir;
+  fs::create_symlink(fs::absolute(kLlama2Model), dir.path() / "tokenizer.model");
+  json spec = json::parse(read_text(kTokenizerData / "llama3_style" / "tokenizer.json"));
+  spec["normalizer"] = {{"type", "BertNormalizer"}};
+  write_text(dir.path() / "tokenizer.json", spec.dump());
+  EXPECT_THAT(error_of<std::invalid_argument>([&] { load_tokenizer(dir.path()); }),
+              AllOf(HasSubstr("tokenizer.json"), HasSubstr("normalizer.type")));
+}
+
+TEST(LoadTokenizerTest, ASentencePieceStyleTokenizerJsonAloneLoadsWithItsSpecialTokens) {
+  const auto tokenizer = load_tokenizer(kTokenizerData / "sp_legacy_style");
+  EXPECT_EQ(tokenizer->bos_id(), 1);
+  EXPECT_EQ(tokenizer->eos_id(), 2);
+  EXPECT_EQ(tokenizer->pad_id(), std::nullopt);
+  EXPECT_EQ(tokenizer->token_to_id("<0x0A>"), 13);
+  // "<s>" in the text is the token, and "▁" is prepended after it in this (legacy) style.
+  const std::vector<int32_t> ids = tokenizer->encode("<s>Hello");
+  ASSERT_GE(ids.size(), 2u);
+  EXPECT_EQ(ids[0], 1);
+  EXPECT_EQ(tokenizer->decode(ids), "<s> Hello");
+}
+
+TEST(LoadTokenizerTest, DummyPrefixIsKnownFromTheTokenizerJson) {
+  // Prepend normalizer (legacy) or a Metaspace that prepends: every text starts a word.
+  EXPECT_TRUE(load_tokenizer(kTokenizerData / "sp_legacy_style")->adds_dummy_prefix());
+  EXPECT_TRUE(load_tokenizer(kTokenizerData / "metaspace_first_style")->adds_dummy_prefix());
+  EXPECT_TRUE(load_tokenizer(kTokenizerData / "metaspace_always_style")->adds_dummy_prefix());
+  EXPECT_FALSE(load_tokenizer(kTokenizerData / "metaspace_never_style")->adds_dummy_prefix());
+  // A byte-level tokenizer has none, even with a Prepend normalizer (normalized_style).
+  EXPECT_FALSE(load_tokenizer(kTokenizerData / "llama3_style")->adds_dummy_prefix());
+  EXPECT_FALSE(load_tokenizer(kTokenizerData / "normalized_style")->adds_dummy_prefix());
+  EXPECT_TRUE(SentencePieceTokenizer::load(kLlama2Model)->adds_dummy_prefix());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -511,9 +575,21 @@ TEST_F(MalformedTokenizerJsonTest, BadSplitPatternsAndBehaviorsAreNamed) {
 }
 
 TEST_F(MalformedTokenizerJsonTest, PreTokenizerMustEndInByteLevel) {
+  // Without a ByteLevel step the vocabulary is one of text pieces, which the ByteLevel decoder
+  // cannot decode.
   json spec = base();
-  spec["pre_tokenizer"] = {{"type", "Metaspace"}};
-  EXPECT_THAT(rejection(spec), AllOf(HasSubstr("pre_tokenizer.type"), HasSubstr("Metaspace")));
+  spec["pre_tokenizer"] = {{"type", "BertPreTokenizer"}};
+  EXPECT_THAT(rejection(spec),
+              AllOf(HasSubstr("pre_tokenizer.type"), HasSubstr("BertPreTokenizer")));
+  spec = base();
+  spec["pre_tokenizer"] = {{"type", "Metaspace"}, {"replacement", "▁"}};
+  EXPECT_THAT(rejection(spec),
+              AllOf(HasSubstr("decoder.type"), HasSubstr("pre_tokenizer"), HasSubstr("ByteLevel")));
+  spec = base();
+  const json metaspace = {{"type", "Metaspace"}, {"replacement", "▁"}};
+  spec["pre_tokenizer"]["pretokenizers"].insert(spec["pre_tokenizer"]["pretokenizers"].begin(),
+                                                metaspace);
+  EXPECT_THAT(rejection(spec), AllOf(HasSubstr("pre_tokenizer"), HasSubstr("Metaspace")));
   spec = base();
   spec["pre_tokenizer"] = spec["pre_tokenizer"]["pretokenizers"][0];
   EXPECT_THAT(rejection(spec), AllOf(HasSubstr("pre_tokenizer"), HasSubstr("ByteLevel")));
@@ -523,6 +599,54 @@ TEST_F(MalformedTokenizerJsonTest, PreTokenizerMustEndInByteLevel) {
   spec = base();
   spec["pre_tokenizer"] = nullptr;
   EXPECT_THAT(rejection(spec), HasSubstr("pre_tokenizer"));
+}
+
+// The same for a SentencePiece-style tokenizer.json (metaspace_first_style: Metaspace
+// pre-tokenizer, the Replace/ByteFallback/Fuse/Strip decoder).
+TEST_F(MalformedTokenizerJsonTest, UnsupportedSentencePieceStyleFeaturesAreNamed) {
+  const json sp_base =
+      json::parse(read_text(kTokenizerData / "metaspace_first_style" / "tokenizer.json"));
+  EXPECT_NO_THROW(BpeTokenizer::from_json(sp_base.dump(), "sp_base"));
+  const std::vector<std::pair<std::function<void(json&)>, std::string>> cases = {
+      {[](json& s) { s["pre_tokenizer"]["replacement"] = "ab"; }, "pre_tokenizer.replacement"},
+      {[](json& s) { s["pre_tokenizer"].erase("replacement"); }, "pre_tokenizer.replacement"},
+      {[](json& s) { s["pre_tokenizer"]["prepend_scheme"] = "sometimes"; },
+       "pre_tokenizer.prepend_scheme"},
+      // As in the library: add_prefix_space false needs prepend_scheme "never".
+      {[](json& s) {
+         s["pre_tokenizer"].erase("prepend_scheme");
+         s["pre_tokenizer"]["add_prefix_space"] = false;
+       },
+       "pre_tokenizer.add_prefix_space"},
+      {[](json& s) { s["pre_tokenizer"]["split"] = "yes"; }, "pre_tokenizer.split"},
+      {[](json& s) {
+         s["decoder"] = {{"type", "ByteLevel"}};
+       },
+       "decoder.type"},
+      {[](json& s) { s["decoder"] = nullptr; }, "decoder"},
+      {[](json& s) {
+         s["decoder"]["decoders"][1] = {{"type", "CTC"}};
+       },
+       "decoder.decoders[1].type"},
+      {[](json& s) { s["decoder"]["decoders"][3]["content"] = ""; }, "decoder.decoders[3].content"},
+      {[](json& s) { s["decoder"]["decoders"][3]["start"] = -1; }, "decoder.decoders[3].start"},
+      {[](json& s) { s["decoder"]["decoders"][3].erase("stop"); }, "decoder.decoders[3].stop"},
+      {[](json& s) {
+         s["decoder"]["decoders"][0]["pattern"] = {{"Regex", "(▁"}};
+       },
+       "decoder.decoders[0].pattern.Regex"},
+      {[](json& s) { s["decoder"]["decoders"] = "Fuse"; }, "decoder.decoders"},
+      {[](json& s) {
+         s["decoder"] = {{"type", "Metaspace"}, {"replacement", "▁"}, {"prepend_scheme", "x"}};
+       },
+       "decoder.prepend_scheme"},
+  };
+  for (const auto& [change, field] : cases) {
+    json spec = sp_base;
+    change(spec);
+    EXPECT_THAT(rejection(spec), AllOf(HasSubstr("dir/tokenizer.json: "), HasSubstr(field)))
+        << field;
+  }
 }
 
 TEST_F(MalformedTokenizerJsonTest, MergeReferencingAnUnknownTokenIsNamed) {

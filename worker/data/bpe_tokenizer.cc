@@ -2,10 +2,12 @@
 
 #include <algorithm>
 #include <array>
+#include <deque>
 #include <functional>
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <queue>
+#include <span>
 #include <stdexcept>
 #include <unordered_map>
 #include <utility>
@@ -13,6 +15,7 @@
 #include "common/read_file.h"
 #include "worker/data/normalizer.h"
 #include "worker/data/split_pattern.h"
+#include "worker/data/token_decoder.h"
 #include "worker/data/unicode_text.h"
 
 namespace lomo {
@@ -58,6 +61,12 @@ std::optional<std::string> byte_level_decode(std::string_view token) {
     at += c.length;
   }
   return bytes;
+}
+
+// A byte-fallback token: "<0xC3>" (the library's format!("<{:#04X}>")).
+std::string hex_byte_token(uint8_t byte) {
+  static constexpr char kHex[] = "0123456789ABCDEF";
+  return std::string("<0x") + kHex[byte >> 4] + kHex[byte & 15] + ">";
 }
 
 // Hash maps keyed by std::string that string_views can look up without a copy.
@@ -130,16 +139,23 @@ struct AddedToken {
 // What a Split step does with the matches of its pattern (SplitDelimiterBehavior).
 enum class SplitBehavior { kRemoved, kIsolated, kMergedWithPrevious, kMergedWithNext, kContiguous };
 
-// One step of the pre-tokenizer: a Split by a regex (Whitespace is one too), WhitespaceSplit, or
-// the final ByteLevel.
+// When Metaspace puts its replacement character in front of a piece that does not start with
+// one: always, only where the text starts (not after an added token), or never.
+enum class PrependScheme { kAlways, kFirst, kNever };
+
+// One step of the pre-tokenizer: a Split by a regex (Whitespace is one too), WhitespaceSplit,
+// Metaspace, or the final ByteLevel.
 struct PreTokenizerStep {
-  enum class Kind { kSplit, kWhitespaceSplit, kByteLevel };
+  enum class Kind { kSplit, kWhitespaceSplit, kMetaspace, kByteLevel };
   Kind kind = Kind::kByteLevel;
   std::shared_ptr<const TokenizerRegex> regex;  // kSplit
   SplitBehavior behavior = SplitBehavior::kIsolated;
   bool invert = false;
   bool add_prefix_space = false;  // ByteLevel only
   bool use_regex = false;         // ByteLevel only: also split by the GPT-2 pattern
+  std::string replacement;        // Metaspace only: the character that stands for a space
+  PrependScheme prepend = PrependScheme::kAlways;  // Metaspace only
+  bool split = true;  // Metaspace only: each replacement character starts a new piece
 };
 
 struct MergeRule {
@@ -154,6 +170,10 @@ uint64_t pair_key(int32_t left, int32_t right) {
 }  // namespace
 
 struct BpeTokenizer::Model {
+  // Byte-level BPE (the pre-tokenizer ends in ByteLevel): tokens spell bytes in byte-level
+  // characters. Otherwise tokens are text pieces (SentencePiece style: "▁the"), a character
+  // without a token falls back to the "<0xXX>" tokens of its UTF-8 bytes, and `decoder` decodes.
+  bool byte_level = true;
   // The model vocabulary by token text (byte-level characters).
   StringMap vocab;
   // The model vocabulary by raw bytes, for tokens made only of byte-level characters: pre-tokenized
@@ -169,6 +189,11 @@ struct BpeTokenizer::Model {
   // after ByteLevel a character stands for one byte); empty when any of them is missing too.
   bool byte_fallback = false;
   std::array<std::vector<int32_t>, 256> fallback_ids;
+  std::array<int32_t, 256> hex_byte_ids{};  // text pieces: the "<0xXX>" token of each byte, or -1
+  std::vector<DecoderStep> decoder;         // text pieces
+  // Text pieces: every encode() starts its text with a word-start marker (a Prepend normalizer,
+  // or Metaspace prepending), as SentencePiece's dummy prefix does.
+  bool adds_dummy_prefix = false;
 
   std::vector<NormalizerStep> normalizer;
   std::vector<PreTokenizerStep> pre_tokenizer;
@@ -210,9 +235,15 @@ class Parser {
     if (const json* normalizer = member(root, "normalizer"); normalizer && !normalizer->is_null()) {
       parse_normalizer(*normalizer, "normalizer", *model);
     }
+    // The pre-tokenizer first: whether it ends in ByteLevel decides how the vocabulary reads.
+    if (const json* pre = member(root, "pre_tokenizer"); pre && !pre->is_null()) {
+      parse_pre_tokenizer(*pre, *model);
+    } else {
+      model->byte_level = false;  // the model sees each normalized section whole
+    }
     parse_model(required(root, "model", "model"), *model);
-    parse_pre_tokenizer(required(root, "pre_tokenizer", "pre_tokenizer"), *model);
-    parse_decoder(required(root, "decoder", "decoder"));
+    parse_decoder(required(root, "decoder", "decoder"), *model);
+    model->adds_dummy_prefix = !model->byte_level && adds_dummy_prefix(*model);
     if (const json* added = member(root, "added_tokens"); added && !added->is_null()) {
       parse_added_tokens(*added, *model);
     }
@@ -306,7 +337,7 @@ class Parser {
     for (const char* key : {"continuing_subword_prefix", "end_of_word_suffix"}) {
       const std::string field = std::string("model.") + key;
       if (!optional_string(model_json, key, field).value_or("").empty()) {
-        fail(field, "not supported by lomo's byte-level BPE");
+        fail(field, "not supported by lomo's BPE");
       }
     }
     model.fuse_unk = optional_bool(model_json, "fuse_unk", "model.fuse_unk").value_or(false);
@@ -326,11 +357,16 @@ class Parser {
                                 std::to_string(id));
       }
       model.vocab_size = std::max<int64_t>(model.vocab_size, int64_t{id} + 1);
+      if (!model.byte_level) continue;
       if (std::optional<std::string> bytes = byte_level_decode(token)) {
         model.vocab_by_bytes.emplace(std::move(*bytes), id);
       }
     }
-    for (int b = 0; b < 256; ++b) {
+    for (int b = 0; b < 256 && !model.byte_level; ++b) {
+      const auto it = model.vocab.find(hex_byte_token(static_cast<uint8_t>(b)));
+      model.hex_byte_ids[static_cast<size_t>(b)] = it == model.vocab.end() ? -1 : it->second;
+    }
+    for (int b = 0; b < 256 && model.byte_level; ++b) {
       const auto it = model.vocab_by_bytes.find(std::string(1, static_cast<char>(b)));
       model.byte_ids[static_cast<size_t>(b)] = it == model.vocab_by_bytes.end() ? -1 : it->second;
       if (model.byte_fallback) {
@@ -352,17 +388,14 @@ class Parser {
     parse_merges(required(model_json, "merges", "model.merges"), model);
   }
 
-  // The "<0xXX>" tokens (format "<{:#04X}>" in the library) of the UTF-8 bytes of byte b's
-  // byte-level character, or nothing when one is missing.
+  // The "<0xXX>" tokens of the UTF-8 bytes of byte b's byte-level character, or nothing when one
+  // is missing.
   static std::vector<int32_t> fallback_tokens(const BpeTokenizer::Model& model, uint8_t b) {
     std::string character;
     append_utf8(kByteLevel.char_of_byte[b], character);
     std::vector<int32_t> ids;
     for (const char ch : character) {
-      static constexpr char kHex[] = "0123456789ABCDEF";
-      const auto byte = static_cast<uint8_t>(ch);
-      const std::string token = std::string("<0x") + kHex[byte >> 4] + kHex[byte & 15] + ">";
-      const auto it = model.vocab.find(token);
+      const auto it = model.vocab.find(hex_byte_token(static_cast<uint8_t>(ch)));
       if (it == model.vocab.end()) return {};
       ids.push_back(it->second);
     }
@@ -469,9 +502,7 @@ class Parser {
 
   void parse_pre_tokenizer(const json& pre_tokenizer, BpeTokenizer::Model& model) const {
     if (!pre_tokenizer.is_object()) {
-      fail("pre_tokenizer",
-           "expected a ByteLevel pre-tokenizer (or a Sequence ending in one), found " +
-               type_of(pre_tokenizer));
+      fail("pre_tokenizer", "expected an object or null, found " + type_of(pre_tokenizer));
     }
     const std::string type = required_string(pre_tokenizer, "type", "pre_tokenizer.type");
     if (type == "Sequence") {
@@ -486,23 +517,60 @@ class Parser {
     } else {
       model.pre_tokenizer.push_back(parse_pre_tokenizer_step(pre_tokenizer, "pre_tokenizer"));
     }
-    // Byte-level BPE needs the ByteLevel step exactly once, last: before it, splits see the text;
-    // after it they would see byte-level characters.
-    for (size_t i = 0; i < model.pre_tokenizer.size(); ++i) {
-      const bool is_byte_level = model.pre_tokenizer[i].kind == PreTokenizerStep::Kind::kByteLevel;
-      const bool is_last = i + 1 == model.pre_tokenizer.size();
-      if (is_byte_level != is_last) {
+    // Byte-level BPE has the ByteLevel step once, last: before it, splits see the text; after it
+    // they would see byte-level characters. Without one the vocabulary holds text pieces, which
+    // Metaspace (spaces as "▁") serves and ByteLevel does not mix with.
+    using Kind = PreTokenizerStep::Kind;
+    const auto& steps = model.pre_tokenizer;
+    model.byte_level = !steps.empty() && steps.back().kind == Kind::kByteLevel;
+    for (size_t i = 0; i < steps.size(); ++i) {
+      if (steps[i].kind == Kind::kByteLevel && i + 1 != steps.size()) {
         fail("pre_tokenizer",
              "lomo supports Split, Whitespace and WhitespaceSplit steps followed by one ByteLevel "
              "step, last");
       }
+      if (steps[i].kind == Kind::kMetaspace && model.byte_level) {
+        fail("pre_tokenizer", "Metaspace and ByteLevel in one pre-tokenizer are not supported");
+      }
     }
-    if (model.pre_tokenizer.empty()) {
-      fail("pre_tokenizer", "an empty Sequence has no ByteLevel step");
-    }
-    if (model.pre_tokenizer.back().use_regex) {
+    if (model.byte_level && steps.back().use_regex) {
       model.gpt2_regex = std::make_shared<const TokenizerRegex>(kGpt2SplitPattern);
     }
+  }
+
+  // Metaspace as the library reads it, for the pre-tokenizer and the decoder alike: prepend_scheme
+  // defaults to "always", split to true, and the legacy add_prefix_space: false must come with
+  // prepend_scheme "never" (the library refuses it otherwise, even without a prepend_scheme).
+  void parse_metaspace(const json& step, const std::string& field, PreTokenizerStep& out) const {
+    out.kind = PreTokenizerStep::Kind::kMetaspace;
+    out.replacement = one_character(step, "replacement", field + ".replacement");
+    const std::string scheme =
+        optional_string(step, "prepend_scheme", field + ".prepend_scheme").value_or("always");
+    static const std::unordered_map<std::string, PrependScheme> kSchemes = {
+        {"always", PrependScheme::kAlways},
+        {"first", PrependScheme::kFirst},
+        {"never", PrependScheme::kNever}};
+    const auto it = kSchemes.find(scheme);
+    if (it == kSchemes.end()) {
+      fail(field + ".prepend_scheme",
+           "unknown prepend_scheme \"" + scheme + "\" (expected always, first or never)");
+    }
+    out.prepend = it->second;
+    if (optional_bool(step, "add_prefix_space", field + ".add_prefix_space") == false &&
+        out.prepend != PrependScheme::kNever) {
+      fail(field + ".add_prefix_space",
+           "false contradicts prepend_scheme \"" + scheme + "\" (write prepend_scheme \"never\")");
+    }
+    out.split = optional_bool(step, "split", field + ".split").value_or(true);
+  }
+
+  // A string of exactly one character (a Rust char in the library).
+  std::string one_character(const json& object, const char* key, const std::string& field) const {
+    std::string value = required_string(object, key, field);
+    if (value.empty() || decode_utf8(value, 0).length != value.size()) {
+      fail(field, "expected one character, found \"" + value + "\"");
+    }
+    return value;
   }
 
   PreTokenizerStep parse_pre_tokenizer_step(const json& step, const std::string& field) const {
@@ -521,6 +589,10 @@ class Parser {
       out.kind = PreTokenizerStep::Kind::kWhitespaceSplit;
       return out;
     }
+    if (type == "Metaspace") {
+      parse_metaspace(step, field, out);
+      return out;
+    }
     if (type == "Whitespace") {
       // The library's definition: the matches of \w+|[^\w\s]+, everything else removed.
       out.kind = PreTokenizerStep::Kind::kSplit;
@@ -531,8 +603,8 @@ class Parser {
     }
     if (type != "Split") {
       fail(field + ".type", "unsupported pre-tokenizer \"" + type +
-                                "\" (lomo supports ByteLevel, or a Sequence of Split, Whitespace "
-                                "and WhitespaceSplit steps and ByteLevel)");
+                                "\" (lomo supports ByteLevel, Metaspace, Split, Whitespace, "
+                                "WhitespaceSplit and a Sequence of them)");
     }
     out.kind = PreTokenizerStep::Kind::kSplit;
     out.regex = parse_pattern(step, field);
@@ -552,14 +624,87 @@ class Parser {
     return out;
   }
 
-  void parse_decoder(const json& decoder) const {
-    if (!decoder.is_object()) {
-      fail("decoder", "expected a ByteLevel decoder, found " + type_of(decoder));
-    }
+  // Byte-level BPE decodes with ByteLevel only; text pieces with the steps of token_decoder.h.
+  void parse_decoder(const json& decoder, BpeTokenizer::Model& model) const {
+    if (!decoder.is_object()) fail("decoder", "expected an object, found " + type_of(decoder));
     const std::string type = required_string(decoder, "type", "decoder.type");
-    if (type != "ByteLevel") {
-      fail("decoder.type", "unsupported decoder \"" + type + "\" (lomo supports ByteLevel)");
+    if (model.byte_level) {
+      if (type != "ByteLevel") {
+        fail("decoder.type", "unsupported decoder \"" + type +
+                                 "\" (with a ByteLevel pre-tokenizer lomo supports ByteLevel)");
+      }
+      return;
     }
+    if (type == "ByteLevel") {
+      fail("decoder.type",
+           "the ByteLevel decoder needs a ByteLevel pre-tokenizer, and pre_tokenizer has none");
+    }
+    parse_decoder_step(decoder, "decoder", model.decoder);
+  }
+
+  void parse_decoder_step(const json& step, const std::string& field,
+                          std::vector<DecoderStep>& out) const {
+    if (!step.is_object()) fail(field, "expected an object, found " + type_of(step));
+    const std::string type = required_string(step, "type", field + ".type");
+    using Kind = DecoderStep::Kind;
+    DecoderStep parsed;
+    if (type == "Sequence") {
+      const json& steps = required(step, "decoders", field + ".decoders");
+      if (!steps.is_array()) {
+        fail(field + ".decoders", "expected an array, found " + type_of(steps));
+      }
+      for (size_t i = 0; i < steps.size(); ++i) {
+        parse_decoder_step(steps[i], field + ".decoders[" + std::to_string(i) + "]", out);
+      }
+      return;
+    }
+    if (type == "Replace") {
+      parsed.kind = Kind::kReplace;
+      parsed.pattern = parse_pattern(step, field);
+      parsed.content = required_string(step, "content", field + ".content");
+    } else if (type == "ByteFallback") {
+      parsed.kind = Kind::kByteFallback;
+    } else if (type == "Fuse") {
+      parsed.kind = Kind::kFuse;
+    } else if (type == "Strip") {
+      parsed.kind = Kind::kStrip;
+      parsed.content = one_character(step, "content", field + ".content");
+      parsed.start = count(step, "start", field + ".start");
+      parsed.stop = count(step, "stop", field + ".stop");
+    } else if (type == "Metaspace") {
+      PreTokenizerStep metaspace;
+      parse_metaspace(step, field, metaspace);
+      parsed.kind = Kind::kMetaspace;
+      parsed.content = metaspace.replacement;
+      parsed.first_token_unprefixed = metaspace.prepend != PrependScheme::kNever;
+    } else {
+      fail(field + ".type", "unsupported decoder \"" + type +
+                                "\" (without a ByteLevel pre-tokenizer lomo supports Replace, "
+                                "ByteFallback, Fuse, Strip, Metaspace and a Sequence of them)");
+    }
+    out.push_back(std::move(parsed));
+  }
+
+  // A required integer >= 0.
+  size_t count(const json& object, const char* key, const std::string& field) const {
+    const json& value = required(object, key, field);
+    if (!value.is_number_unsigned()) fail(field, "expected an integer >= 0, found " + value.dump());
+    return value.get<size_t>();
+  }
+
+  // Whether each encoded text starts with a word-start marker: a Prepend normalizer, or a
+  // Metaspace that prepends.
+  static bool adds_dummy_prefix(const BpeTokenizer::Model& model) {
+    for (const NormalizerStep& step : model.normalizer) {
+      if (step.kind == NormalizerStep::Kind::kPrepend) return true;
+    }
+    for (const PreTokenizerStep& step : model.pre_tokenizer) {
+      if (step.kind == PreTokenizerStep::Kind::kMetaspace &&
+          step.prepend != PrependScheme::kNever) {
+        return true;
+      }
+    }
+    return false;
   }
 
   // Ids as the tokenizers library assigns them when it loads the file (AddedVocabulary::
@@ -631,6 +776,7 @@ class Parser {
     }
     // The ByteLevel decoder turns a token into bytes when all its characters are byte-level
     // ones, and keeps its UTF-8 text otherwise.
+    if (!model.byte_level) return;
     model.bytes_of_id.reserve(model.token_of_id.size());
     for (const auto& [id, token] : model.token_of_id) {
       model.bytes_of_id.emplace(id, byte_level_decode(token).value_or(token));
@@ -662,10 +808,20 @@ struct Scratch {
       return a.rank != b.rank ? a.rank > b.rank : a.pos > b.pos;
     }
   };
+  // Where a pre-tokenized piece begins, for prepending: where the whole text begins (the library:
+  // offset 0 in the original text; Metaspace's "first" scheme prepends only there), where a
+  // section between added tokens begins (a Prepend normalizer prepends there too), in the middle
+  // of a section where a continuation begins (nothing is prepended), or elsewhere (after a split).
+  enum class Start { kText, kSection, kContinuation, kOther };
+  struct Piece {
+    std::string_view text;
+    Start start;
+  };
   std::vector<Symbol> symbols;
   std::priority_queue<Merge, std::vector<Merge>, LaterMerge> queue;
-  std::vector<std::string_view> pieces;
-  std::vector<std::string_view> next_pieces;
+  std::vector<Piece> pieces;
+  std::vector<Piece> next_pieces;
+  std::deque<std::string> rewritten;  // Metaspace's pieces: stable while `pieces` views them
   std::vector<std::string_view> words;
   std::string prefixed;
   std::vector<ByteRange> matches;
@@ -674,19 +830,31 @@ struct Scratch {
 
 class Encoder {
  public:
-  Encoder(const BpeTokenizer::Model& model, std::vector<int32_t>& ids) : model_(model), ids_(ids) {}
+  using Start = Scratch::Start;
+
+  // `start`: where the text's first section begins (kText for an ordinary encode; see
+  // Tokenizer::encode_continuation for the others).
+  Encoder(const BpeTokenizer::Model& model, std::vector<int32_t>& ids, Start start)
+      : model_(model), ids_(ids), start_(start) {}
 
   void encode(std::string_view text) {
     if (text.empty()) return;
     // Added tokens come out first: those matched on the raw text, then, in each gap normalized
     // on its own, those matched on normalized text.
-    split_added(text, model_.raw_matcher, [this](std::string_view gap) {
-      const auto rest = [this](std::string_view segment) { encode_segment(segment); };
+    split_added(text, model_.raw_matcher, [this, text](std::string_view gap) {
+      const bool first_gap = gap.data() == text.data();
+      const Start gap_start = first_gap ? start_ : Start::kSection;
+      const bool section_start = gap_start != Start::kContinuation;
+      const auto rest = [this, gap_start](std::string_view whole) {
+        return [this, gap_start, whole](std::string_view segment) {
+          encode_segment(segment, segment.data() == whole.data() ? gap_start : Start::kSection);
+        };
+      };
       if (model_.normalizer.empty()) {
-        split_added(gap, model_.normalized_matcher, rest);
+        split_added(gap, model_.normalized_matcher, rest(gap));
       } else {
-        const std::string normalized = normalize(model_.normalizer, gap);
-        split_added(normalized, model_.normalized_matcher, rest);
+        const std::string normalized = normalize(model_.normalizer, gap, section_start);
+        split_added(normalized, model_.normalized_matcher, rest(normalized));
       }
     });
   }
@@ -753,19 +921,25 @@ class Encoder {
     return at;
   }
 
-  void encode_segment(std::string_view segment) {
-    std::vector<std::string_view>& pieces = scratch_.pieces;
-    pieces.assign(1, segment);
-    const PreTokenizerStep& byte_level = model_.pre_tokenizer.back();
-    for (size_t s = 0; s + 1 < model_.pre_tokenizer.size(); ++s) {
+  void encode_segment(std::string_view segment, Scratch::Start start) {
+    std::vector<Scratch::Piece>& pieces = scratch_.pieces;
+    pieces.assign(1, {segment, start});
+    const size_t splitting_steps = model_.pre_tokenizer.size() - (model_.byte_level ? 1 : 0);
+    for (size_t s = 0; s < splitting_steps; ++s) {
       scratch_.next_pieces.clear();
-      for (const std::string_view piece : pieces) {
+      for (const Scratch::Piece& piece : pieces) {
         pre_tokenize(model_.pre_tokenizer[s], piece, scratch_.next_pieces);
       }
       pieces.swap(scratch_.next_pieces);
     }
-    for (const std::string_view piece : pieces) {
-      std::string_view text = piece;
+    if (!model_.byte_level) {
+      for (const Scratch::Piece& piece : pieces) encode_word(piece.text);
+      scratch_.rewritten.clear();
+      return;
+    }
+    const PreTokenizerStep& byte_level = model_.pre_tokenizer.back();
+    for (const Scratch::Piece& piece : pieces) {
+      std::string_view text = piece.text;
       if (byte_level.add_prefix_space && text.front() != ' ') {
         scratch_.prefixed.assign(1, ' ');
         scratch_.prefixed.append(text);
@@ -781,13 +955,18 @@ class Encoder {
     }
   }
 
-  // Appends the non-empty pieces `step` makes of `text` (the library drops empty ones).
-  void pre_tokenize(const PreTokenizerStep& step, std::string_view text,
-                    std::vector<std::string_view>& out) {
+  // Appends the non-empty pieces `step` makes of `piece` (the library drops empty ones).
+  void pre_tokenize(const PreTokenizerStep& step, const Scratch::Piece& piece,
+                    std::vector<Scratch::Piece>& out) {
     if (step.kind == PreTokenizerStep::Kind::kWhitespaceSplit) {
-      split_on_white_space(text, out);
+      split_on_white_space(piece, out);
       return;
     }
+    if (step.kind == PreTokenizerStep::Kind::kMetaspace) {
+      metaspace(step, piece, out);
+      return;
+    }
+    const std::string_view text = piece.text;
     step.regex->find_all(text, scratch_.matches);
     // Pattern::find_matches: the matches and the gaps between them, in order.
     auto& parts = scratch_.parts;
@@ -802,9 +981,45 @@ class Encoder {
     apply_behavior(step.behavior, parts);
     for (const auto& [range, remove] : parts) {
       if (!remove && range.first != range.second) {
-        out.push_back(text.substr(range.first, range.second - range.first));
+        out.push_back(
+            {text.substr(range.first, range.second - range.first), starts(piece, range.first)});
       }
     }
+  }
+
+  // Where the part of `piece` from `offset` on begins.
+  static Scratch::Start starts(const Scratch::Piece& piece, size_t offset) {
+    return offset == 0 ? piece.start : Scratch::Start::kOther;
+  }
+
+  // Spaces become the replacement character, which is prepended as the scheme says, and with
+  // split each replacement character starts a new piece (MergedWithNext).
+  void metaspace(const PreTokenizerStep& step, const Scratch::Piece& piece,
+                 std::vector<Scratch::Piece>& out) {
+    const std::string_view mark = step.replacement;
+    std::string& text = scratch_.rewritten.emplace_back();
+    const bool prepend =
+        (step.prepend == PrependScheme::kAlways && piece.start != Scratch::Start::kContinuation) ||
+        (step.prepend == PrependScheme::kFirst && piece.start == Scratch::Start::kText);
+    if (prepend && !piece.text.starts_with(' ') && !piece.text.starts_with(mark)) text = mark;
+    for (const char ch : piece.text) {
+      if (ch == ' ') {
+        text += mark;
+      } else {
+        text += ch;
+      }
+    }
+    if (!step.split) {
+      out.push_back({text, piece.start});
+      return;
+    }
+    // A mark cannot be found inside another: UTF-8 characters never overlap.
+    size_t begin = 0;
+    for (size_t at = text.find(mark, 1); at != std::string::npos; at = text.find(mark, at + 1)) {
+      out.push_back({std::string_view(text).substr(begin, at - begin), starts(piece, begin)});
+      begin = at;
+    }
+    out.push_back({std::string_view(text).substr(begin), starts(piece, begin)});
   }
 
   // NormalizedString::split: each part is (range, is_match) on entry and (range, remove) after.
@@ -838,17 +1053,18 @@ class Encoder {
     parts.swap(merged);
   }
 
-  static void split_on_white_space(std::string_view text, std::vector<std::string_view>& out) {
+  static void split_on_white_space(const Scratch::Piece& piece, std::vector<Scratch::Piece>& out) {
+    const std::string_view text = piece.text;
     size_t word = 0;
     for (size_t at = 0; at < text.size();) {
       const Utf8Char c = decode_utf8(text, at);
       if (is_white_space(c.code_point)) {
-        if (word < at) out.push_back(text.substr(word, at - word));
+        if (word < at) out.push_back({text.substr(word, at - word), starts(piece, word)});
         word = at + c.length;
       }
       at += c.length;
     }
-    if (word < text.size()) out.push_back(text.substr(word));
+    if (word < text.size()) out.push_back({text.substr(word), starts(piece, word)});
   }
 
   // The Isolated split: every match and every gap a piece.
@@ -864,55 +1080,93 @@ class Encoder {
     if (previous < text.size()) out.push_back(text.substr(previous));
   }
 
-  // BPE over the bytes of one pre-tokenized word (BPE::merge_word and Word::merge_all).
+  // BPE over one pre-tokenized word (BPE::merge_word and Word::merge_all): its bytes in
+  // byte-level BPE, its characters otherwise.
   void encode_word(std::string_view word) {
-    if (model_.ignore_merges || word.size() == 1) {
+    if (model_.ignore_merges || (model_.byte_level && word.size() == 1)) {
       // A single byte gains nothing from merging; with ignore_merges a whole word in the
       // vocabulary is taken as it is.
-      if (const auto it = model_.vocab_by_bytes.find(word); it != model_.vocab_by_bytes.end()) {
+      const StringMap& whole = model_.byte_level ? model_.vocab_by_bytes : model_.vocab;
+      if (const auto it = whole.find(word); it != whole.end()) {
         ids_.push_back(it->second);
         return;
       }
     }
     if (word.size() > static_cast<size_t>(std::numeric_limits<int32_t>::max())) {
       // Symbols are linked by int32 indices; no real text has a 2 GB word.
-      throw std::length_error("byte-level BPE: a pre-tokenized word of " +
-                              std::to_string(word.size()) + " bytes is too long");
+      throw std::length_error("BPE: a pre-tokenized word of " + std::to_string(word.size()) +
+                              " bytes is too long");
     }
-    auto& symbols = scratch_.symbols;
-    symbols.clear();
-    const auto add = [&symbols](int32_t id, uint32_t length) {
-      const auto index = static_cast<int32_t>(symbols.size());
-      if (!symbols.empty()) symbols.back().next = index;
-      symbols.push_back({id, index - 1, -1, length});
-    };
-    // Bytes without a token become the unknown token (consecutive ones fused into one with
-    // fuse_unk), or are dropped when the model has none.
-    int32_t pending_unk = -1;  // an unknown token not yet added, so that fuse_unk can grow it
-    uint32_t pending_length = 0;
-    for (const char ch : word) {
-      const int32_t id = model_.byte_ids[static_cast<uint8_t>(ch)];
-      const std::vector<int32_t>& fallback = model_.fallback_ids[static_cast<uint8_t>(ch)];
-      if (id >= 0) {
-        if (pending_unk >= 0) add(pending_unk, pending_length);
-        pending_unk = -1;
-        add(id, 1);
-      } else if (!fallback.empty()) {
-        // As in the library, an unknown token still pending stays pending (it comes out after
-        // these, and fuse_unk may still grow it).
-        for (const int32_t byte_id : fallback) add(byte_id, 1);
-      } else if (model_.unk_id) {
-        if (pending_unk >= 0 && model_.fuse_unk) {
-          pending_length += 1;
-        } else {
-          if (pending_unk >= 0) add(pending_unk, pending_length);
-          pending_unk = *model_.unk_id;
-          pending_length = 1;
+    scratch_.symbols.clear();
+    pending_unk_ = -1;
+    if (model_.byte_level) {
+      for (const char ch : word) {
+        const auto byte = static_cast<uint8_t>(ch);
+        add_unit(model_.byte_ids[byte], model_.fallback_ids[byte], 1);
+      }
+    } else {
+      add_characters(word);
+    }
+    if (pending_unk_ >= 0) add_symbol(pending_unk_, pending_length_);
+    merge_and_emit();
+  }
+
+  // Each character's token, else the "<0xXX>" tokens of its bytes. An ill-formed byte is a
+  // character of its own, which only the byte fallback can have a token for.
+  void add_characters(std::string_view word) {
+    std::array<int32_t, 4> fallback{};
+    for (size_t at = 0; at < word.size();) {
+      const uint32_t length = decode_utf8(word, at).length;
+      const auto it = model_.vocab.find(word.substr(at, length));
+      size_t fallback_count = 0;
+      if (it == model_.vocab.end() && model_.byte_fallback) {
+        while (fallback_count < length) {
+          const int32_t id = model_.hex_byte_ids[static_cast<uint8_t>(word[at + fallback_count])];
+          if (id < 0) {
+            fallback_count = 0;
+            break;
+          }
+          fallback[fallback_count++] = id;
         }
       }
+      add_unit(it == model_.vocab.end() ? -1 : it->second,
+               std::span<const int32_t>(fallback.data(), fallback_count), length);
+      at += length;
     }
-    if (pending_unk >= 0) add(pending_unk, pending_length);
+  }
 
+  // One unit of a word: its token `id` (-1 for none), else its byte-fallback tokens, else the
+  // unknown token (consecutive ones fused into one with fuse_unk), else nothing.
+  void add_unit(int32_t id, std::span<const int32_t> fallback, uint32_t length) {
+    if (id >= 0) {
+      if (pending_unk_ >= 0) add_symbol(pending_unk_, pending_length_);
+      pending_unk_ = -1;
+      add_symbol(id, length);
+    } else if (!fallback.empty()) {
+      // As in the library, an unknown token still pending stays pending (it comes out after
+      // these, and fuse_unk may still grow it).
+      for (const int32_t byte_id : fallback) add_symbol(byte_id, 1);
+    } else if (model_.unk_id) {
+      if (pending_unk_ >= 0 && model_.fuse_unk) {
+        pending_length_ += length;
+      } else {
+        if (pending_unk_ >= 0) add_symbol(pending_unk_, pending_length_);
+        pending_unk_ = *model_.unk_id;
+        pending_length_ = length;
+      }
+    }
+  }
+
+  void add_symbol(int32_t id, uint32_t length) {
+    auto& symbols = scratch_.symbols;
+    const auto index = static_cast<int32_t>(symbols.size());
+    if (!symbols.empty()) symbols.back().next = index;
+    symbols.push_back({id, index - 1, -1, length});
+  }
+
+  // Applies the merges, lowest rank first, and emits the symbols left.
+  void merge_and_emit() {
+    auto& symbols = scratch_.symbols;
     auto& queue = scratch_.queue;
     const auto rule = [this](int32_t left, int32_t right) -> const MergeRule* {
       const auto it = model_.merges.find(pair_key(left, right));
@@ -959,6 +1213,9 @@ class Encoder {
   const BpeTokenizer::Model& model_;
   std::vector<int32_t>& ids_;
   Scratch scratch_;
+  Start start_;
+  int32_t pending_unk_ = -1;  // an unknown token not yet added, so that fuse_unk can grow it
+  uint32_t pending_length_ = 0;
 };
 
 }  // namespace
@@ -978,11 +1235,31 @@ std::unique_ptr<BpeTokenizer> BpeTokenizer::load(const std::filesystem::path& pa
 std::vector<int32_t> BpeTokenizer::encode(std::string_view text) const {
   std::vector<int32_t> ids;
   ids.reserve(text.size() / 3 + 1);
-  Encoder(*model_, ids).encode(text);
+  Encoder(*model_, ids, Encoder::Start::kText).encode(text);
+  return ids;
+}
+
+std::vector<int32_t> BpeTokenizer::encode_continuation(std::string_view text,
+                                                       int32_t previous_id) const {
+  std::vector<int32_t> ids;
+  ids.reserve(text.size() / 3 + 1);
+  // After an added token a new section starts, which is not the start of the whole text.
+  const auto start = model_->added_by_id.contains(previous_id) ? Encoder::Start::kSection
+                                                               : Encoder::Start::kContinuation;
+  Encoder(*model_, ids, start).encode(text);
   return ids;
 }
 
 std::string BpeTokenizer::decode(std::span<const int32_t> ids) const {
+  if (!model_->byte_level) {
+    std::vector<std::string> tokens;
+    tokens.reserve(ids.size());
+    for (const int32_t id : ids) {
+      const auto it = model_->token_of_id.find(id);
+      if (it != model_->token_of_id.end()) tokens.push_back(it->second);
+    }
+    return decode_tokens(model_->decoder, std::move(tokens));
+  }
   std::string bytes;
   for (const int32_t id : ids) {
     const auto it = model_->bytes_of_id.find(id);
@@ -992,6 +1269,8 @@ std::string BpeTokenizer::decode(std::span<const int32_t> ids) const {
 }
 
 int64_t BpeTokenizer::vocab_size() const { return model_->vocab_size; }
+
+bool BpeTokenizer::adds_dummy_prefix() const { return model_->adds_dummy_prefix; }
 
 std::optional<int32_t> BpeTokenizer::token_to_id(std::string_view token) const {
   if (const auto it = model_->added_by_content.find(token); it != model_->added_by_content.end()) {

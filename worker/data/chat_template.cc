@@ -4,7 +4,6 @@
 #include <stdexcept>
 #include <utility>
 
-#include "worker/data/sentencepiece_tokenizer.h"
 #include "worker/data/unicode_text.h"
 
 namespace lomo {
@@ -54,8 +53,17 @@ void SampleBuilder::token(int32_t id, bool response) {
 }
 
 void SampleBuilder::text(std::string_view text, bool response) {
+  if (!text.empty()) append(tokenizer_.encode(text), response);
+}
+
+void SampleBuilder::continuation(std::string_view text, bool response) {
   if (text.empty()) return;
-  const std::vector<int32_t> ids = tokenizer_.encode(text);
+  append(sample_.ids.empty() ? tokenizer_.encode(text)
+                             : tokenizer_.encode_continuation(text, sample_.ids.back()),
+         response);
+}
+
+void SampleBuilder::append(const std::vector<int32_t>& ids, bool response) {
   sample_.ids.insert(sample_.ids.end(), ids.begin(), ids.end());
   sample_.trainable.insert(sample_.trainable.end(), ids.size(),
                            response || train_on_prompt_ ? 1 : 0);
@@ -80,7 +88,7 @@ ChatFormatter::ChatFormatter(ChatTemplate chat_template, const Tokenizer& tokeni
     }
     special_.push_back(*id);
   }
-  sentencepiece_ = dynamic_cast<const SentencePieceTokenizer*>(&tokenizer) != nullptr;
+  dummy_prefix_ = tokenizer.adds_dummy_prefix();
 }
 
 TokenSample ChatFormatter::format(std::span<const ChatMessage> messages,
@@ -140,7 +148,7 @@ TokenSample ChatFormatter::format(std::span<const ChatMessage> messages,
           out.text(prompt, false);
         } else {
           // SentencePiece's dummy prefix already supplies the space after [/INST].
-          std::string answer = sentencepiece_ ? "" : " ";
+          std::string answer = dummy_prefix_ ? "" : " ";
           answer += content;
           answer += " ";
           out.text(answer, true);
@@ -220,13 +228,21 @@ TokenSample JinjaChatFormatter::format(std::span<const ChatMessage> messages,
     throw RecordError("messages", error.what());
   }
   SampleBuilder out(tokenizer_, train_on_prompt);
+  const auto piece = [&out, &full](size_t begin, size_t end, bool trainable) {
+    const std::string_view text = std::string_view(full).substr(begin, end - begin);
+    if (begin == 0) {
+      out.text(text, trainable);
+    } else {
+      out.continuation(text, trainable);
+    }
+  };
   size_t at = 0;
   for (const auto& [begin, end] : spans) {
-    out.text(std::string_view(full).substr(at, begin - at), false);
-    out.text(std::string_view(full).substr(begin, end - begin), true);
+    piece(at, begin, false);
+    piece(begin, end, true);
     at = end;
   }
-  out.text(std::string_view(full).substr(at), false);
+  piece(at, full.size(), false);
   return out.take();
 }
 
@@ -237,24 +253,6 @@ std::vector<int32_t> JinjaChatFormatter::generation_prompt(
   } catch (const jinja::TemplateError& error) {
     throw std::invalid_argument(error.what());
   }
-}
-
-std::string_view strip_white_space(std::string_view text) {
-  size_t begin = 0;
-  while (begin < text.size()) {
-    const Utf8Char c = decode_utf8(text, begin);
-    if (!is_white_space(c.code_point)) break;
-    begin += c.length;
-  }
-  // From the end: find the last character that is not white space by scanning forward, since
-  // UTF-8 cannot be decoded backwards without re-synchronising.
-  size_t end = begin;
-  for (size_t at = begin; at < text.size();) {
-    const Utf8Char c = decode_utf8(text, at);
-    at += c.length;
-    if (!is_white_space(c.code_point)) end = at;
-  }
-  return text.substr(begin, end - begin);
 }
 
 }  // namespace lomo

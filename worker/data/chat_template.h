@@ -29,9 +29,10 @@
 //     with [sys] = "<<SYS>>\n" system* "\n<</SYS>>\n\n" in the first turn when the conversation
 //     starts with a system message, * meaning whitespace-stripped, and <s>, </s> the tokens of
 //     those names. An optional leading system message, then user and assistant alternating,
-//     starting with user. Trainable: the answer text and </s>. With a SentencePiece tokenizer the
-//     answer's leading space is left to SentencePiece's dummy prefix (encoding "answer " gives
-//     "▁answer ▁", as Meta's joint encoding does); other tokenizers encode " answer ".
+//     starting with user. Trainable: the answer text and </s>. With a tokenizer that adds a dummy
+//     prefix (SentencePiece, and SentencePiece-style tokenizer.json: Tokenizer::adds_dummy_prefix)
+//     the answer's leading space is left to it (encoding "answer " gives "▁answer ▁", as Meta's
+//     joint encoding does); other tokenizers encode " answer ".
 //
 // Alpaca (Stanford Alpaca's prompts; "input" absent or empty selects the second):
 //     BOS? "Below is an instruction that describes a task, paired with an input that provides
@@ -75,11 +76,16 @@ class SampleBuilder {
 
   void token(int32_t id, bool response);
   void text(std::string_view text, bool response);
+  // Text that continues the text of the sample's tokens so far in one rendered string
+  // (Tokenizer::encode_continuation): no dummy prefix where the whole string has none.
+  void continuation(std::string_view text, bool response);
   void bos();  // the tokenizer's BOS, if any (never trainable unless train_on_prompt)
   void eos();  // the tokenizer's EOS, if any (trainable: it ends a response)
   TokenSample take() { return std::move(sample_); }
 
  private:
+  void append(const std::vector<int32_t>& ids, bool response);
+
   const Tokenizer& tokenizer_;
   bool train_on_prompt_;
   TokenSample sample_;
@@ -94,8 +100,10 @@ class SampleBuilder {
 // template whose renderings are not prefixes of each other there (one that moves content
 // between turns) is refused for that record rather than guessed at. The rendered text is
 // encoded span by span, as the built-in templates encode their pieces, so a template's special
-// tokens become their ids by the tokenizer's added-token matching (BPE tokenizers; a
-// SentencePiece tokenizer encodes "<s>" as text).
+// tokens become their ids by the tokenizer's added-token matching (BPE tokenizers, including
+// SentencePiece-style tokenizer.json; a SentencePiece tokenizer.model encodes "<s>" as text).
+// Spans after the first are encoded as continuations (Tokenizer::encode_continuation), so a
+// SentencePiece-style tokenizer.json puts no "▁" at their start that the whole text lacks.
 class JinjaChatFormatter {
  public:
   // Throws std::invalid_argument naming the file and the position of a template error.
@@ -139,13 +147,10 @@ class ChatFormatter {
   ChatTemplate template_;
   const Tokenizer& tokenizer_;
   std::vector<int32_t> special_;  // the template's tokens, in the order the .cc lists them
-  bool sentencepiece_ = false;
+  bool dummy_prefix_ = false;     // Tokenizer::adds_dummy_prefix
 };
 
 // The Stanford Alpaca prompt for an instruction and an optional input ("" for none).
 std::string alpaca_prompt(std::string_view instruction, std::string_view input);
-
-// `text` without leading and trailing Unicode white space (Python's str.strip, Jinja's trim).
-std::string_view strip_white_space(std::string_view text);
 
 }  // namespace lomo

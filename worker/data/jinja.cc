@@ -252,7 +252,8 @@ void to_json(const Value& v, std::optional<int> indent, int depth, bool sort_key
   const auto newline = [&](int level) {
     if (!indent) return;
     out += '\n';
-    out.append(static_cast<size_t>(*indent * level), ' ');
+    // Python indents by ' ' * indent: nothing for a negative indent.
+    out.append(static_cast<size_t>(std::max(*indent, 0)) * static_cast<size_t>(level), ' ');
   };
   switch (v.kind) {
     case Value::Kind::kNone:
@@ -1530,7 +1531,7 @@ class Renderer {
     const std::string chars =
         !args.empty() && args[0].kind == Value::Kind::kString ? args[0].s : "";
     if (chars.empty()) {
-      const std::string_view core = strip_white_space_view(s);
+      const std::string_view core = strip_white_space(s);
       if (core.empty()) return "";  // all white space, whichever side is stripped
       const size_t begin = left ? static_cast<size_t>(core.data() - s.data()) : 0;
       const size_t end =
@@ -1546,22 +1547,6 @@ class Renderer {
       while (end > begin && chars.find(s[end - 1]) != std::string::npos) --end;
     }
     return s.substr(begin, end - begin);
-  }
-
-  static std::string_view strip_white_space_view(std::string_view text) {
-    size_t begin = 0;
-    while (begin < text.size()) {
-      const Utf8Char c = decode_utf8(text, begin);
-      if (!is_white_space(c.code_point)) break;
-      begin += c.length;
-    }
-    size_t end = begin;
-    for (size_t at = begin; at < text.size();) {
-      const Utf8Char c = decode_utf8(text, at);
-      at += c.length;
-      if (!is_white_space(c.code_point)) end = at;
-    }
-    return text.substr(begin, end - begin);
   }
 
   // Python's str.upper()/lower(), per code point (simple case mapping).

@@ -98,9 +98,13 @@ std::string apply_step(const NormalizerStep& step, std::string_view text) {
 
 }  // namespace
 
-std::string normalize(const std::vector<NormalizerStep>& steps, std::string_view text) {
+std::string normalize(const std::vector<NormalizerStep>& steps, std::string_view text,
+                      bool section_start) {
   std::string current(text);
-  for (const NormalizerStep& step : steps) current = apply_step(step, current);
+  for (const NormalizerStep& step : steps) {
+    if (step.kind == Kind::kPrepend && !section_start) continue;
+    current = apply_step(step, current);
+  }
   return current;
 }
 

@@ -21,7 +21,9 @@ struct NormalizerStep {
 };
 
 // The steps in order. Text that is not well-formed UTF-8 is normalized run by run between the
-// ill-formed bytes, which pass through unchanged.
-std::string normalize(const std::vector<NormalizerStep>& steps, std::string_view text);
+// ill-formed bytes, which pass through unchanged. Without `section_start` (the text continues a
+// section begun in text encoded before it) Prepend steps do nothing.
+std::string normalize(const std::vector<NormalizerStep>& steps, std::string_view text,
+                      bool section_start = true);
 
 }  // namespace lomo

@@ -41,6 +41,8 @@ class SentencePieceTokenizer final : public Tokenizer {
   std::string decode(std::span<const int32_t> ids) const override;
   int64_t vocab_size() const override;
   std::optional<int32_t> token_to_id(std::string_view token) const override;
+  // True: lomo's SentencePiece models (Llama 1/2, Mistral) all prepend "▁" (add_dummy_prefix).
+  bool adds_dummy_prefix() const override { return true; }
 
  private:
   explicit SentencePieceTokenizer(std::unique_ptr<sentencepiece::SentencePieceProcessor> processor,

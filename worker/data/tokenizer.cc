@@ -94,8 +94,8 @@ void apply_config_token(const json& config, const char* key, const std::filesyst
 }
 
 // Whether tokenizer.json text describes byte-level BPE: its pre-tokenizer is ByteLevel or a
-// Sequence with a ByteLevel step. Invalid JSON counts as byte-level, so that the BPE loader
-// reports it.
+// Sequence with a ByteLevel step. Invalid JSON counts as byte-level, so that its error is
+// reported rather than passed over for tokenizer.model.
 bool describes_byte_level_bpe(const std::string& tokenizer_json) {
   const json spec = json::parse(tokenizer_json, nullptr, /*allow_exceptions=*/false);
   if (!spec.is_object()) return true;
@@ -199,24 +199,25 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::filesystem::path& model_dir
   const bool has_json = std::filesystem::exists(json_path, error);
   const bool has_model = std::filesystem::exists(model_path, error);
   std::unique_ptr<Tokenizer> tokenizer;
-  if (has_json && !has_model) {
-    tokenizer = BpeTokenizer::load(json_path);
-  } else if (has_json) {
-    // Hugging Face ships Llama 2 and Mistral with both files, the tokenizer.json being a
-    // conversion of tokenizer.model to SentencePiece-style BPE (Metaspace, byte_fallback) that
-    // lomo does not implement: the original is the one to use then.
+  if (has_json) {
+    // tokenizer.json wins, as in transformers (from 5.0 every tokenizer runs on the tokenizers
+    // library, which reads tokenizer.json when the directory has one). For Llama 2 and Mistral
+    // that is the SentencePiece-style conversion of tokenizer.model: the same ids for ordinary
+    // text, but "<s>" and "</s>" in the text (as chat templates render them) are their tokens,
+    // not characters. Only such a conversion that lomo cannot read falls back to tokenizer.model,
+    // as every non-byte-level tokenizer.json did before lomo read them.
     const std::string text = read_file(json_path);
-    if (describes_byte_level_bpe(text)) {
+    try {
       tokenizer = BpeTokenizer::from_json(text, json_path.string());
-    } else {
+    } catch (const std::invalid_argument&) {
+      if (!has_model || describes_byte_level_bpe(text)) throw;
       tokenizer = SentencePieceTokenizer::load(model_path);
     }
   } else if (has_model) {
     tokenizer = SentencePieceTokenizer::load(model_path);
   } else {
     throw std::runtime_error(model_dir.string() +
-                             ": no tokenizer.json (byte-level BPE) or tokenizer.model "
-                             "(SentencePiece)");
+                             ": no tokenizer.json (BPE) or tokenizer.model (SentencePiece)");
   }
   tokenizer->set_special_token_ids(read_special_token_ids(model_dir, *tokenizer));
   tokenizer->set_chat_template(read_chat_template(model_dir));

@@ -1,8 +1,9 @@
 // Tokenizers loaded from a model directory: text to token ids and back.
 //
-// Two implementations sit behind one interface: byte-level BPE from a Hugging Face
-// tokenizer.json (LLaMA-3, Qwen2, GPT-2 style; bpe_tokenizer.h) and SentencePiece from
-// tokenizer.model (LLaMA-1/2, Mistral; sentencepiece_tokenizer.h).
+// Two implementations sit behind one interface: BPE from a Hugging Face tokenizer.json
+// (byte-level: LLaMA-3, Qwen2, GPT-2 style; SentencePiece-style conversions: Llama 2, Mistral,
+// TinyLlama; bpe_tokenizer.h) and SentencePiece from tokenizer.model (LLaMA-1/2, Mistral;
+// sentencepiece_tokenizer.h).
 #pragma once
 
 #include <cstdint>
@@ -43,6 +44,19 @@ class Tokenizer {
   // valid UTF-8 is accepted; see the implementation for how its bytes are treated.
   virtual std::vector<int32_t> encode(std::string_view text) const = 0;
 
+  // encode() for text that continues a text whose last token was `previous_id`, as when a
+  // template renders one text and its pieces are encoded one by one: the pieces then give the ids
+  // the whole would (as far as no merge crosses from one piece into the next). What matters is
+  // the dummy prefix (adds_dummy_prefix): none before the first added token of `text` when
+  // `previous_id` is not an added token (the text goes on inside a section of the whole), and
+  // none from a scheme that prefixes only where the whole text starts. By default encode(): right
+  // for tokenizers without a dummy prefix. SentencePiece keeps its prefix (libsentencepiece has
+  // no such mode); its tokenizer.json conversion, which transformers uses, implements this.
+  virtual std::vector<int32_t> encode_continuation(std::string_view text,
+                                                   int32_t /*previous_id*/) const {
+    return encode(text);
+  }
+
   // The text of `ids`, special tokens included (for logs and samples). Ids with no token
   // (negative, >= vocab_size(), or unused) contribute nothing; byte sequences that do not form
   // UTF-8 become U+FFFD, so the result is always valid UTF-8.
@@ -53,6 +67,11 @@ class Tokenizer {
 
   // The id of a token given by its text, e.g. "<|eot_id|>" or "</s>"; nullopt if there is none.
   virtual std::optional<int32_t> token_to_id(std::string_view token) const = 0;
+
+  // Whether encode() marks the start of every text as the start of a word, as SentencePiece's
+  // dummy prefix does: "answer" then encodes like " answer" would, so a caller that needs a
+  // space before a piece it encodes on its own (the llama-2 chat template) leaves it out.
+  virtual bool adds_dummy_prefix() const { return false; }
 
   std::optional<int32_t> bos_id() const { return special_ids_.bos; }
   std::optional<int32_t> eos_id() const { return special_ids_.eos; }
@@ -73,10 +92,10 @@ class Tokenizer {
   std::optional<ModelChatTemplate> chat_template_;
 };
 
-// Loads the tokenizer of a Hugging Face model directory: tokenizer.json (byte-level BPE) when
-// present, else tokenizer.model (SentencePiece); where both are present and tokenizer.json is not
-// byte-level (Llama 2 and Mistral directories hold tokenizer.model and a SentencePiece-style
-// conversion of it), tokenizer.model. Special token ids come, in this order of
+// Loads the tokenizer of a Hugging Face model directory: tokenizer.json when present (as
+// transformers does), else tokenizer.model (SentencePiece). Where both are present and lomo
+// refuses a tokenizer.json that is not byte-level BPE (a SentencePiece-style conversion with a
+// feature lomo lacks), tokenizer.model. Special token ids come, in this order of
 // precedence, from tokenizer_config.json (bos_token / eos_token / pad_token: a token string or an
 // object with "content"; null means none), config.json (bos_token_id / eos_token_id /
 // pad_token_id: an integer or a list of integers, of which the first counts; negative means none,

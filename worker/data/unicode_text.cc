@@ -108,4 +108,22 @@ std::string utf8_lossy(std::string_view bytes) {
   return out;
 }
 
+std::string_view strip_white_space(std::string_view text) {
+  size_t begin = 0;
+  while (begin < text.size()) {
+    const Utf8Char c = decode_utf8(text, begin);
+    if (!is_white_space(c.code_point)) break;
+    begin += c.length;
+  }
+  // From the end: find the last character that is not white space by scanning forward, since
+  // UTF-8 cannot be decoded backwards without re-synchronising.
+  size_t end = begin;
+  for (size_t at = begin; at < text.size();) {
+    const Utf8Char c = decode_utf8(text, at);
+    at += c.length;
+    if (!is_white_space(c.code_point)) end = at;
+  }
+  return text.substr(begin, end - begin);
+}
+
 }  // namespace lomo

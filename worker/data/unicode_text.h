@@ -27,6 +27,10 @@ Utf8Char decode_utf8(std::string_view text, size_t at);
 // Unicode's White_Space property (what Rust's char::is_whitespace and regex \s accept).
 bool is_white_space(uint32_t code_point);
 
+// `text` without leading and trailing Unicode white space (Python's str.strip, Jinja's trim);
+// ill-formed bytes are not white space.
+std::string_view strip_white_space(std::string_view text);
+
 // Appends the UTF-8 encoding of a code point (<= U+10FFFF, not a surrogate).
 void append_utf8(uint32_t code_point, std::string& out);
 
