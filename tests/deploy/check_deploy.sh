@@ -2,7 +2,8 @@
 # Offline checks of deploy/ (issue 13, CI). One check per ctest test:
 #   manifests   render every overlay with `kubectl kustomize`, validate it against the Kubernetes
 #               schema (kubernetes-validate, strict, in a venv made under the build directory)
-#               and lint it and deploy/ with yamllint
+#               and lint it and deploy/ with yamllint; check the references between its objects
+#               (tests/deploy/manifest_references.py: selectors, ports, volumes, the ServiceMonitor)
 #   units       systemd-analyze verify on deploy/systemd (binaries mapped to the build dir)
 #   prometheus  promtool check config / check rules / test rules on deploy/prometheus
 # usage: check_deploy.sh CHECK BUILD_DIR SOURCE_DIR   (exit 77: skipped, with the reason printed)
@@ -46,6 +47,9 @@ check_manifests() {
   deploy_scratch "$build" deploy-manifests
   local validate status=0 overlay name
   validate=$(validator) || exit $?
+  # The venv's Python has PyYAML (kubernetes-validate needs it) for the cross-reference check.
+  references=("$(dirname "$validate")/python" "$source_dir/tests/deploy/manifest_references.py")
+  "${references[@]}" --self-test || status=1
   yamllint -s -c "$deploy/.yamllint" "$deploy" || status=1
   for overlay in "$deploy"/k8s/overlays/*/; do
     name=$(basename "$overlay")
@@ -55,8 +59,10 @@ check_manifests() {
     # Kinds the schema does not know (the ServiceMonitor CRD) are warnings; --strict rejects any
     # field the schema lacks.
     "$validate" --strict --quiet -k "$kubernetes_version" "$scratch/$name.yaml" || status=1
+    # What no schema sees: selectors that select nothing, ports and volumes named but not there.
+    "${references[@]}" "$scratch/$name.yaml" || status=1
   done
-  [ "$status" -eq 0 ] && echo "PASS: every overlay renders, validates and lints"
+  [ "$status" -eq 0 ] && echo "PASS: every overlay renders, validates, lints and its references resolve"
   return "$status"
 }
 
