@@ -250,6 +250,33 @@ TEST(ModelChatTemplateTest, SentencePieceStyleTokenizerGivesTransformersIdsAndAs
   EXPECT_EQ(trainable_text(sample, *t), "Hello! I'm here.</s> 4, of course</s>");
 }
 
+// A directory with only tokenizer.model (SentencePiece) and a tokenizer_config.json holding
+// Mistral's template: the ids transformers' apply_chat_template gives (tests/data/llama2_tokenizer/
+// special_text_vectors.json): "<s>" and "</s>" the template writes are BOS and EOS, and no piece
+// after the first gains a dummy-prefix "▁".
+TEST(ModelChatTemplateTest, ATokenizerModelGivesTransformersIdsForTheModelsTemplate) {
+  const fs::path data(LOMO_TEST_DATA_DIR);
+  const json vectors =
+      json::parse(read_text(data / "llama2_tokenizer" / "special_text_vectors.json"));
+  const fs::path dir =
+      fs::temp_directory_path() / ("lomo_jinja_test_spm_" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  fs::copy_file(data / "llama2_tokenizer" / "tokenizer.model", dir / "tokenizer.model",
+                fs::copy_options::overwrite_existing);
+  fs::copy_file(data / "generation" / "sp_chat" / "tokenizer_config.json",
+                dir / "tokenizer_config.json", fs::copy_options::overwrite_existing);
+  const std::unique_ptr<Tokenizer> t = load_tokenizer(dir);
+  ASSERT_TRUE(t->chat_template().has_value());
+  ASSERT_FALSE(vectors["chats"].empty());
+  for (const json& chat : vectors["chats"]) {
+    const TokenSample sample = RecordParser(*t, {DataFormat::kChat, std::nullopt, false})
+                                   .sample(json{{"messages", chat["messages"]}}.dump());
+    EXPECT_EQ(sample.ids, chat["ids"].get<std::vector<int32_t>>()) << chat["text"];
+    EXPECT_EQ(sample.ids, t->encode(chat["text"].get<std::string>())) << chat["text"];
+  }
+  fs::remove_all(dir);
+}
+
 // Pieces of one rendering encode as the whole does, even where an answer follows "[/INST]"
 // without a space (Mistral v0.3's layout): no "▁" of a dummy prefix at the start of a piece.
 TEST(ModelChatTemplateTest, SentencePieceStylePiecesEncodeAsTheWholeRendering) {

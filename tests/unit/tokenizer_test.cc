@@ -334,12 +334,35 @@ TEST_F(SentencePieceTest, EncodesLikeTheSentencePieceLibrary) {
       {"😀", {29871, 243, 162, 155, 131}},  // byte fallback
       {"  two\n\nlines\ttab", {259, 1023, 13, 13, 9012, 12, 3891}},
       {"12345", {29871, 29896, 29906, 29941, 29946, 29945}},
-      {"<s>", {529, 29879, 29958}},  // not special in text
       {"", {}},
   };
   for (const auto& [text, ids] : cases) {
     EXPECT_EQ(tokenizer_->encode(text), ids) << escaped(text);
     EXPECT_EQ(tokenizer_->decode(ids), text) << escaped(text);
+  }
+}
+
+// tests/data/llama2_tokenizer/special_text_vectors.json (scripts/make_sentencepiece_vectors.py):
+// what transformers' tokenizer for a directory holding only this tokenizer.model gives texts with
+// "<s>", "</s>" and "<unk>" in them (the tokens, and no dummy prefix after one), and what the
+// sentencepiece library gives with add_dummy_prefix off (encode_continuation).
+TEST_F(SentencePieceTest, SpecialPiecesInATextAreTokensAndContinuationsHaveNoDummyPrefix) {
+  const json vectors =
+      json::parse(read_text(kLlama2Model.parent_path() / "special_text_vectors.json"));
+  ASSERT_FALSE(vectors["texts"].empty());
+  for (const json& c : vectors["texts"]) {
+    EXPECT_EQ(tokenizer_->encode(c["text"].get<std::string>()),
+              c["ids"].get<std::vector<int32_t>>())
+        << c["text"];
+  }
+  ASSERT_FALSE(vectors["continuations"].empty());
+  for (const json& c : vectors["continuations"]) {
+    // The previous token does not matter: SentencePiece prefixes only where the whole text starts.
+    for (const int32_t previous : {15043, 1}) {
+      EXPECT_EQ(tokenizer_->encode_continuation(c["text"].get<std::string>(), previous),
+                c["ids"].get<std::vector<int32_t>>())
+          << c["text"];
+    }
   }
 }
 

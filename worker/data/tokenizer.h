@@ -50,8 +50,8 @@ class Tokenizer {
   // the dummy prefix (adds_dummy_prefix): none before the first added token of `text` when
   // `previous_id` is not an added token (the text goes on inside a section of the whole), and
   // none from a scheme that prefixes only where the whole text starts. By default encode(): right
-  // for tokenizers without a dummy prefix. SentencePiece keeps its prefix (libsentencepiece has
-  // no such mode); its tokenizer.json conversion, which transformers uses, implements this.
+  // for tokenizers without a dummy prefix. SentencePiece (tokenizer.model) and its tokenizer.json
+  // conversion implement it.
   virtual std::vector<int32_t> encode_continuation(std::string_view text,
                                                    int32_t /*previous_id*/) const {
     return encode(text);
