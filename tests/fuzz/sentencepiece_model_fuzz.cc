@@ -13,20 +13,8 @@
 #include <string_view>
 #include <vector>
 
+#include "tests/fuzz/tokenizer_fuzz_checks.h"
 #include "worker/data/sentencepiece_tokenizer.h"
-#include "worker/data/unicode_text.h"
-
-namespace {
-
-void check_ids(const lomo::SentencePieceTokenizer& tokenizer, const std::vector<int32_t>& ids) {
-  for (const int32_t id : ids) {
-    if (id < 0 || id >= tokenizer.vocab_size()) __builtin_trap();
-  }
-  const std::string decoded = tokenizer.decode(ids);
-  if (lomo::utf8_lossy(decoded) != decoded) __builtin_trap();  // not valid UTF-8
-}
-
-}  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const std::string_view input(reinterpret_cast<const char*>(data), size);
@@ -36,10 +24,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   } catch (const std::invalid_argument&) {
     return -1;  // the documented rejection
   }
-  for (const std::string_view text :
-       {std::string_view("<s> [INST] Hello, world!</s><unk><ctl> x <u>中文 😀\n\n  y"), input}) {
-    check_ids(*tokenizer, tokenizer->encode(text));
-    check_ids(*tokenizer, tokenizer->encode_continuation(text, 1));
+  for (const std::string_view text : {lomo::fuzz::kFuzzText, input}) {
+    lomo::fuzz::check_ids(*tokenizer, tokenizer->encode(text));
+    lomo::fuzz::check_ids(*tokenizer, tokenizer->encode_continuation(text, 1));
   }
   return 0;
 }
