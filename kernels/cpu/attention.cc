@@ -75,8 +75,10 @@ void softmax_rows(float* tile, float* lse, const int32_t* first, const Block& bl
     float* row = tile + r * block.keys;
     const Span a = attended(block, r, first, window);
     float max_score = -std::numeric_limits<float>::infinity();
+    // A comparison, not std::fmax: GCC 12 calls libm's fmaxf in the loop's scalar remainder, a
+    // sixth of the forward pass at T = 256. NaN scores are skipped either way.
 #pragma omp simd reduction(max : max_score)
-    for (int64_t j = a.lo; j <= a.hi; ++j) max_score = std::fmax(max_score, row[j]);
+    for (int64_t j = a.lo; j <= a.hi; ++j) max_score = row[j] > max_score ? row[j] : max_score;
     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
     for (int64_t j = a.lo; j <= a.hi; ++j) {
@@ -92,31 +94,28 @@ void softmax_rows(float* tile, float* lse, const int32_t* first, const Block& bl
   }
 }
 
-// Scores → probabilities exp(S − lse) on each row's attended columns, 0 elsewhere, in place.
-void probability_rows(float* tile, const float* lse, const int32_t* first, const Block& block,
-                      int64_t window) {
+// The softmax backward of a block: scores S → probabilities P = exp(S − lse) and dP → dS =
+// P∘(dP − Σ_j P·dP), in place, both 0 outside the attended columns. A block holds whole rows, so
+// the sum is exact. One pass makes P and its dot product with dP.
+void softmax_backward_rows(float* probs, float* ds, const float* lse, const int32_t* first,
+                           const Block& block, int64_t window) {
   for (int64_t r = 0; r < block.queries; ++r) {
-    float* row = tile + r * block.keys;
+    float* p = probs + r * block.keys;
+    float* row = ds + r * block.keys;
     const Span a = attended(block, r, first, window);
     const float row_lse = lse[block.query_begin + r];
-    std::fill(row, row + a.lo, 0.0f);
-#pragma omp simd
-    for (int64_t j = a.lo; j <= a.hi; ++j) row[j] = fast_exp(row[j] - row_lse);
-    std::fill(row + a.hi + 1, row + block.keys, 0.0f);
-  }
-}
-
-// dP → dS = P∘(dP − Σ_j P·dP) in place; a block holds whole rows, so the sum is exact. P is 0
-// outside the attended columns, so dS is 0 there too.
-void softmax_backward_rows(float* ds, const float* probs, const Block& block) {
-  for (int64_t r = 0; r < block.queries; ++r) {
-    const float* p = probs + r * block.keys;
-    float* row = ds + r * block.keys;
     float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-    for (int64_t j = 0; j < block.keys; ++j) dot += p[j] * row[j];
+    for (int64_t j = a.lo; j <= a.hi; ++j) {
+      p[j] = fast_exp(p[j] - row_lse);
+      dot += p[j] * row[j];
+    }
 #pragma omp simd
-    for (int64_t j = 0; j < block.keys; ++j) row[j] = p[j] * (row[j] - dot);
+    for (int64_t j = a.lo; j <= a.hi; ++j) row[j] = p[j] * (row[j] - dot);
+    for (float* x : {p, row}) {
+      std::fill(x, x + a.lo, 0.0f);
+      std::fill(x + a.hi + 1, x + block.keys, 0.0f);
+    }
   }
 }
 
@@ -179,16 +178,15 @@ void backward_head(float* dq, float* dk, float* dv, Tiles tiles, const float* do
     const Block block = block_at(s, first, i0, block_rows);
     const int64_t q_rows = view.q_offset + i0 * view.q_stride;
     const int64_t kv_rows = view.kv_offset + block.key_begin * view.kv_stride;
-    // P recomputed from the saved log-sum-exps; dv += Pᵀ·dO.
+    // S = scale·Q·Kᵀ and dP = dO·Vᵀ; then P from the saved log-sum-exps and dS.
     gemm(false, true, block.queries, block.keys, s.head_dim, x.scale, x.q + q_rows, view.q_stride,
          x.k + kv_rows, view.kv_stride, 0.0f, tiles.probs, block.keys);
-    probability_rows(tiles.probs, lse, first, block, s.sliding_window);
-    gemm(true, false, block.keys, s.head_dim, block.queries, 1.0f, tiles.probs, block.keys,
-         dout + q_rows, view.q_stride, 1.0f, dv + kv_rows, view.kv_stride);
-    // dP = dO·Vᵀ, dS = P∘(dP − rowsum(P∘dP)); dq = scale·dS·K; dk += scale·dSᵀ·Q.
     gemm(false, true, block.queries, block.keys, s.head_dim, 1.0f, dout + q_rows, view.q_stride,
          x.v + kv_rows, view.kv_stride, 0.0f, tiles.ds, block.keys);
-    softmax_backward_rows(tiles.ds, tiles.probs, block);
+    softmax_backward_rows(tiles.probs, tiles.ds, lse, first, block, s.sliding_window);
+    // dv += Pᵀ·dO; dq = scale·dS·K; dk += scale·dSᵀ·Q.
+    gemm(true, false, block.keys, s.head_dim, block.queries, 1.0f, tiles.probs, block.keys,
+         dout + q_rows, view.q_stride, 1.0f, dv + kv_rows, view.kv_stride);
     gemm(false, false, block.queries, s.head_dim, block.keys, x.scale, tiles.ds, block.keys,
          x.k + kv_rows, view.kv_stride, 0.0f, dq + q_rows, view.q_stride);
     gemm(true, false, block.keys, s.head_dim, block.queries, x.scale, tiles.ds, block.keys,
