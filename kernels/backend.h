@@ -100,10 +100,12 @@ class Backend {
                              int64_t rows, int64_t num_heads) = 0;
 
   // ---- Causal grouped-query attention (kernels/cpu/attention.h has the layouts) ----------------
-  // What forward saves for backward is the backend's own (the CPU: the probabilities
-  // [B, heads, T, T]; CUDA: each row's log-sum-exp and each query's first key, O(B·heads·T)), so
-  // only the same backend reads it. The caller allocates `saved` and `scratch` with these sizes
-  // (memory stays countable); one scratch serves both passes and holds nothing between calls.
+  // What forward saves for backward is the backend's own, so only the same backend reads it; both
+  // save each row's log-sum-exp and each query's first key, O(B·heads·T), and recompute the
+  // probabilities in backward (the CPU in 64-query blocks, scratch two such tiles per thread;
+  // CUDA in chunks, kernels/cuda/attention_plan.h). The caller allocates `saved` and `scratch` with
+  // these sizes (memory stays countable); one scratch serves both passes and holds nothing between
+  // calls.
   virtual int64_t attention_saved_floats(const AttentionShape& shape) = 0;
   virtual int64_t attention_scratch_floats(const AttentionShape& shape) = 0;
   // first_key: null, or [batch·seq_len] first attendable key position of each query (packing).

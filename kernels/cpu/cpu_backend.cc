@@ -133,16 +133,15 @@ void CpuBackend::rope_backward(float* dx, const int32_t* positions, const RopeTa
 
 // The probabilities are what the CPU kernels save; its forward needs no scratch.
 int64_t CpuBackend::attention_saved_floats(const AttentionShape& shape) {
-  return shape.batch * shape.num_heads * shape.seq_len * shape.seq_len;
+  return cpu::attention_saved_floats(shape);
 }
 int64_t CpuBackend::attention_scratch_floats(const AttentionShape& shape) {
-  return cpu::attention_backward_scratch_floats(shape);
+  return cpu::attention_scratch_floats(shape);
 }
 void CpuBackend::attention_forward(float* out, float* saved, float* scratch, const float* q,
                                    const float* k, const float* v, const int32_t* first_key,
                                    const AttentionShape& shape) {
-  (void)scratch;
-  cpu::attention_forward(out, saved, q, k, v, first_key, shape);
+  cpu::attention_forward(out, saved, scratch, q, k, v, first_key, shape);
 }
 void CpuBackend::attention_backward(float* dq, float* dk, float* dv, float* scratch,
                                     const float* dout, const float* saved, const float* q,

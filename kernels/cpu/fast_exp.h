@@ -1,8 +1,10 @@
 // exp(x) for fp32 written so that GCC vectorises it inside `#pragma omp simd` loops, which a libm
 // call prevents (and so do std::floor and std::fmin/fmax with GCC 12 here: hence the integer
-// rounding and std::clamp). Cody-Waite reduction x = n·ln2 + r, |r| ≤ ln2/2, then the Cephes expf
-// polynomial: within 2 ulp of expf over [-87, 88]. Below −87.3 it returns ~1e-38 instead of a
-// subnormal or 0, which no softmax or sigmoid here can tell apart; NaN stays NaN.
+// rounding and std::clamp). GCC 12 vectorises it only in files compiled with -fno-trapping-math
+// (kernels/CMakeLists.txt says which); elsewhere those loops stay scalar. Cody-Waite reduction x =
+// n·ln2 + r, |r| ≤ ln2/2, then the Cephes expf polynomial: within 2 ulp of expf over [-87, 88].
+// Below −87.3 it returns ~1e-38 instead of a subnormal or 0, which no softmax or sigmoid here can
+// tell apart; NaN stays NaN.
 #pragma once
 
 #include <algorithm>

@@ -201,9 +201,9 @@ TEST_P(GpuModelTest, LogitsLossAndEveryGradientMatchTheCpu) {
               s.name.c_str(), want.forward.loss, got.forward.loss, logits, worst_gradient);
 
   // Same buffers on both devices, so the memory claims carry over, except what attention saves for
-  // backward, which is each backend's own (the CPU: B·H·T·T probabilities; CUDA: B·H·T log-sum-exps
-  // and the first keys), one such buffer per layer kept (one with checkpointing). Workspace may
-  // differ too: the backends' attention scratch differs.
+  // backward, which is each backend's own (today both save B·H·T log-sum-exps and the first keys,
+  // so the difference is 0), one such buffer per layer kept (one with checkpointing). Workspace may
+  // differ: the backends' attention scratch differs.
   const MemoryReport cpu_memory = cpu_model.accountant.report();
   const MemoryReport gpu_memory = gpu_model.accountant.report();
   for (MemoryKind kind :

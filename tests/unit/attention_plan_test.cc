@@ -168,6 +168,12 @@ double relative_error(const std::vector<float>& got, const std::vector<float>& w
   return error / scale;
 }
 
+// fp32 tolerance 1e-5 of the largest |value|: both sides are fp32 with sums of ≤ 200 keys or
+// ≤ 33 head_dim terms; both recompute P = exp(S − lse) in backward, the plan's host rows with
+// std::exp and the CPU with a 2-ulp exp over its own 64-query blocks, a few ulp apart; measured
+// below ~1e-6.
+constexpr double kTolerance = 1e-5;
+
 struct Errors {
   double out = 0, dq = 0, dk = 0, dv = 0;
 };
@@ -183,13 +189,14 @@ Errors compare_with_cpu(const AttentionShape& s, int64_t chunk_rows,
   const auto dout = random_values(q_floats, seed + 3, 1.0f);
   const int32_t* first = first_key.empty() ? nullptr : first_key.data();
 
-  std::vector<float> want_out(q_floats), probs(static_cast<size_t>(s.batch * s.num_heads) *
-                                               static_cast<size_t>(s.seq_len * s.seq_len));
+  std::vector<float> want_out(q_floats),
+      cpu_saved(static_cast<size_t>(cpu::attention_saved_floats(s)));
   std::vector<float> want_dq(q_floats), want_dk(kv_floats), want_dv(kv_floats);
-  std::vector<float> cpu_scratch(static_cast<size_t>(cpu::attention_backward_scratch_floats(s)));
-  cpu::attention_forward(want_out.data(), probs.data(), q.data(), k.data(), v.data(), first, s);
+  std::vector<float> cpu_scratch(static_cast<size_t>(cpu::attention_scratch_floats(s)));
+  cpu::attention_forward(want_out.data(), cpu_saved.data(), cpu_scratch.data(), q.data(), k.data(),
+                         v.data(), first, s);
   cpu::attention_backward(want_dq.data(), want_dk.data(), want_dv.data(), cpu_scratch.data(),
-                          dout.data(), probs.data(), q.data(), k.data(), v.data(), s);
+                          dout.data(), cpu_saved.data(), q.data(), k.data(), v.data(), s);
 
   // Outputs start as NaN (the plan must write every element), scratch too (must not matter).
   const float nan = std::numeric_limits<float>::quiet_NaN();
@@ -209,6 +216,17 @@ Errors compare_with_cpu(const AttentionShape& s, int64_t chunk_rows,
                  q.data(), k.data(), v.data(), s, chunk_rows);
   EXPECT_EQ(std::memcmp(saved.data(), saved_after_forward.data(), saved.size() * sizeof(float)), 0)
       << "backward changed saved";
+  // Both backends save the same thing: log-sum-exps (as close as the outputs) and first keys.
+  const size_t lse_floats = static_cast<size_t>(s.batch * s.num_heads * s.seq_len);
+  EXPECT_EQ(cpu_saved.size(), saved.size()) << "saved sizes differ";
+  EXPECT_LE(relative_error(std::vector<float>(saved.begin(), saved.begin() + lse_floats),
+                           std::vector<float>(cpu_saved.begin(), cpu_saved.begin() + lse_floats)),
+            kTolerance)
+      << "log-sum-exps differ";
+  EXPECT_EQ(std::memcmp(saved.data() + lse_floats, cpu_saved.data() + lse_floats,
+                        (saved.size() - lse_floats) * sizeof(float)),
+            0)
+      << "first keys differ";
   return Errors{relative_error(out, want_out), relative_error(dq, want_dq),
                 relative_error(dk, want_dk), relative_error(dv, want_dv)};
 }
@@ -223,11 +241,6 @@ std::vector<int32_t> packed(const AttentionShape& s, int64_t length) {
   }
   return first;
 }
-
-// fp32 tolerance 1e-5 of the largest |value|: both sides are fp32 with sums of ≤ 200 keys or
-// ≤ 33 head_dim terms; the plan recomputes P = exp(S − lse) instead of keeping the softmax and
-// the CPU uses a 2-ulp exp, a few ulp apart; measured below ~1e-6.
-constexpr double kTolerance = 1e-5;
 
 TEST(AttentionPlan, ChunkedPlanMatchesTheCpuBackendOverChunksGroupsPackingAndWindows) {
   struct Case {
