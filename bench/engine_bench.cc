@@ -2,7 +2,7 @@
 // against this machine's own sgemm rate. Prints figures; asserts nothing (see docs/PERFORMANCE.md).
 //
 //   engine_bench [--steps N] [--batch B] [--seq T] [--layers L] [--checkpointing off|on|both]
-//                [--precision fp32|bf16]
+//                [--precision fp32|bf16] [--profile-ops on]
 //   --steps 0 prints the GEMM rates only (bench/side_by_side.py reads its rooflines from them).
 #include <omp.h>
 
@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/profiling_backend.h"
 #include "bench/reference_workload.h"
 #include "kernels/backend.h"
 #include "kernels/cpu/gemm_dispatch.h"
@@ -60,6 +61,7 @@ struct Args {
   std::string precision = "fp32";      // fp32 | bf16 (Backend::MatmulPrecision of the model step)
   int steps = 3;
   int64_t batch = 4, seq = 256, layers = 8;
+  bool profile_ops = false;  // --profile-ops on: the step's time by op family
 };
 
 Args parse_args(int argc, char** argv) {
@@ -79,6 +81,8 @@ Args parse_args(int argc, char** argv) {
       args.seq = value;
     else if (flag == "--layers")
       args.layers = value;
+    else if (flag == "--profile-ops")
+      args.profile_ops = std::string(argv[i + 1]) == "on";
     else {
       std::fprintf(stderr, "unknown flag %s\n", flag.c_str());
       std::exit(2);
@@ -133,13 +137,19 @@ int main(int argc, char** argv) {
     lomo::MemoryAccountant accountant;
     lomo::LlamaWeights weights(config, lomo::DType::kF32, accountant);
     weights.init_random(1, 0.02f);
-    lomo::LlamaModel model(weights, accountant, {checkpointing});
+    // With --profile-ops on, every model call is timed by op family (the CPU backend has nothing
+    // to synchronise, so the split costs only the clock reads).
+    lomo::Backend& backend = lomo::backend_for(lomo::Device::cpu());
+    lomo::ProfilingBackend profiler(backend);
+    lomo::LlamaModel model(args.profile_ops ? static_cast<lomo::Backend&>(profiler) : backend,
+                           weights, accountant, {checkpointing});
     const lomo::TokenBatch batch =
         lomo::bench::random_batch(args.batch, args.seq, config.vocab_size);
 
     SquaredNormSink sink;
     model.forward(batch);  // warm-up: first touch of every buffer
     model.backward(sink);
+    profiler.reset();
     double forward_seconds = 0.0, total_seconds = 0.0, loss = 0.0;
     for (int step = 0; step < args.steps; ++step) {
       const auto start = Clock::now();
@@ -175,6 +185,7 @@ int main(int argc, char** argv) {
         executed_flops / 1e9, executed_flops / per_step / 1e9,
         100.0 * executed_flops / per_step / 1e9 / square);
     std::printf("peak memory by kind:\n%s", accountant.report().to_string().c_str());
+    if (args.profile_ops) profiler.print(total_seconds);
   }
   return 0;
 }
