@@ -86,7 +86,6 @@ struct ActiveJob {
   // ends the attempt by the other rules). `attempt` 0: none.
   struct PeerFailure {
     int64_t attempt = 0;
-    int rank = 0;
     int peer = 0;
     std::string reason;  // "rank R (worker W): what it said"
     Clock::time_point deadline{};

@@ -487,8 +487,7 @@ bool JobLifecycle::hold_for_peer_locked(ActiveJob& active, int rank, const std::
     return true;  // not recorded: the rank's end stays unknown, as a lost report would
   }
   if (first) {
-    active.peer_failure = {record.job.attempt(), rank, peer, reason,
-                           Clock::now() + kPeerReportGrace};
+    active.peer_failure = {record.job.attempt(), peer, reason, Clock::now() + kPeerReportGrace};
   }
   return true;
 }

@@ -259,9 +259,10 @@ void WorkerRegistry::on_status(const std::shared_ptr<WorkerConnection>& connecti
   worker->confirmed_on = connection->id();
   ActiveJob& active = state_.active.at(message.job_id());
   const int rank = active.rank_of(worker->id);
+  // A worker shutting down takes no new job: never idle again on this stream.
+  if (message.draining()) worker->unsettled = true;
   if (lifecycle_.hold_for_peer_locked(active, rank, rank_text(rank, worker->id), message)) {
     // This rank is done while the attempt waits for the peer it points at: its worker is free.
-    if (message.draining()) worker->unsettled = true;
     state_.release_worker_locked(*worker);
     lifecycle_.dispatch_locked();
     return;
@@ -280,8 +281,6 @@ void WorkerRegistry::on_status(const std::shared_ptr<WorkerConnection>& connecti
   const bool job_ends = is_terminal(updated.job.state());
   const bool permanent = message.state() == v1::JOB_STATE_FAILED && message.permanent();
   const bool preempted = message.state() == v1::JOB_STATE_FAILED && message.preempted();
-  // A worker shutting down takes no new job: never idle again on this stream.
-  if (message.draining()) worker->unsettled = true;
   if (!lifecycle_
            .commit_locked(active, std::move(updated), reason, std::move(events), permanent,
                           preempted)

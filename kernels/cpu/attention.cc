@@ -21,6 +21,9 @@ constexpr int64_t kBlock = 64;
 // Row-major views of one head: rows of this sequence, the head's columns, the tensor's row stride.
 struct HeadView {
   int64_t q_offset, kv_offset, q_stride, kv_stride;
+  // Element offsets of query row i (in q, dq, out, dout) and key row j (in k, v, dk, dv).
+  int64_t q_row(int64_t i) const { return q_offset + i * q_stride; }
+  int64_t kv_row(int64_t j) const { return kv_offset + j * kv_stride; }
 };
 
 HeadView head_view(const AttentionShape& s, int64_t b, int64_t h) {
@@ -156,8 +159,8 @@ void forward_head(float* out, float* lse, float* tile, const int32_t* first, con
   const int64_t block_rows = attention_block_rows(s);
   for (int64_t i0 = 0; i0 < s.seq_len; i0 += block_rows) {
     const Block block = block_at(s, first, i0, block_rows);
-    const int64_t q_rows = view.q_offset + i0 * view.q_stride;
-    const int64_t kv_rows = view.kv_offset + block.key_begin * view.kv_stride;
+    const int64_t q_rows = view.q_row(i0);
+    const int64_t kv_rows = view.kv_row(block.key_begin);
     gemm(false, true, block.queries, block.keys, s.head_dim, x.scale, x.q + q_rows, view.q_stride,
          x.k + kv_rows, view.kv_stride, 0.0f, tile, block.keys);
     softmax_rows(tile, lse, first, block, s.sliding_window);
@@ -175,8 +178,8 @@ void backward_head(float* dq, float* dk, float* dv, Tiles tiles, const float* do
   const int64_t block_rows = attention_block_rows(s);
   for (int64_t i0 = 0; i0 < s.seq_len; i0 += block_rows) {
     const Block block = block_at(s, first, i0, block_rows);
-    const int64_t q_rows = view.q_offset + i0 * view.q_stride;
-    const int64_t kv_rows = view.kv_offset + block.key_begin * view.kv_stride;
+    const int64_t q_rows = view.q_row(i0);
+    const int64_t kv_rows = view.kv_row(block.key_begin);
     // S = scale·Q·Kᵀ and dP = dO·Vᵀ; then P from the saved log-sum-exps and dS.
     gemm(false, true, block.queries, block.keys, s.head_dim, x.scale, x.q + q_rows, view.q_stride,
          x.k + kv_rows, view.kv_stride, 0.0f, tiles.probs, block.keys);
