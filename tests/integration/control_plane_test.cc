@@ -198,8 +198,15 @@ TEST_F(ControlPlaneTest, SubmittedJobSucceedsAndItsDownloadedCheckpointIsTheWork
 
   ASSERT_EQ(lomoctl({"checkpoints", id, "--output", "json"}, &output), 0) << output;
   const auto checkpoints = nlohmann::json::parse(output)["checkpoints"];
-  ASSERT_EQ(checkpoints.size(), 2u);  // steps 10 and 20
-  const std::string final_id = checkpoints[1]["checkpointId"];
+  // Steps 10 and 20, or 20 alone: a checkpoint written while the one before it still waits to be
+  // uploaded replaces it (daemon/checkpoint_uploader.h), and on a fast machine the tiny job writes
+  // step 20 within milliseconds of step 10 (a fresh-clone CI run listed only step 20).
+  ASSERT_GE(checkpoints.size(), 1u);
+  ASSERT_LE(checkpoints.size(), 2u);
+  if (checkpoints.size() == 2) {
+    EXPECT_EQ(checkpoints[0]["checkpointId"], id + "/step-00000010");
+  }
+  const std::string final_id = checkpoints.back()["checkpointId"];
   EXPECT_EQ(final_id, id + "/step-00000020");
 
   const fs::path downloaded = dir() / "downloaded";
